@@ -1,0 +1,449 @@
+//! The memory cgroup as the agent sees it: a hierarchy rooted at a directory passed in
+//! (never a hard-coded `/sys/fs/cgroup`), cgroups named by their path below that root,
+//! and one [`Controller`] trait with an implementation per cgroup version.
+//!
+//! A cgroup that vanishes while being read is a normal outcome: reads return `Ok(None)`,
+//! writes fail with an error whose [`CgroupError::is_gone`] is true.
+
+pub mod parse;
+pub mod v1;
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use nix::sys::eventfd::EventFd;
+use serde::{Deserialize, Serialize};
+
+pub use parse::OomControl;
+
+/// Which cgroup version a hierarchy is; detected from the filesystem, never the path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    V1,
+    V2,
+}
+
+/// Errors of the cgroup filesystem layer. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("reading {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("writing {value:?} to {path}: {source}")]
+    Write {
+        path: PathBuf,
+        value: String,
+        source: io::Error,
+    },
+    #[error("{path}: cannot parse {what} from {content:?}")]
+    Parse {
+        path: PathBuf,
+        what: &'static str,
+        content: String,
+    },
+    #[error("{path}: not a memory cgroup hierarchy (filesystem magic {magic:#x})")]
+    NotCgroupFs { path: PathBuf, magic: i64 },
+    #[error("{path}: cgroup v2 hierarchies are not supported yet")]
+    V2Unsupported { path: PathBuf },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+fn io_is_gone(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENODEV)
+}
+
+impl CgroupError {
+    /// The cgroup (or its file) disappeared: a normal outcome, not a failure.
+    pub fn is_gone(&self) -> bool {
+        match self {
+            CgroupError::Read { source, .. }
+            | CgroupError::Write { source, .. }
+            | CgroupError::Io { source, .. } => io_is_gone(source),
+            _ => false,
+        }
+    }
+
+    /// The kernel refused a write because it cannot be honoured now (v1: lowering a
+    /// limit below current usage gives EBUSY).
+    pub fn is_busy(&self) -> bool {
+        matches!(self, CgroupError::Write { source, .. } if source.raw_os_error() == Some(libc::EBUSY))
+    }
+}
+
+pub type Result<T> = std::result::Result<T, CgroupError>;
+
+/// A cgroup named by its path below the hierarchy root, always with a leading `/`
+/// (the root itself is `/`), the same form as `/proc/PID/cgroup` and the policy globs.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct CgroupPath(String);
+
+impl CgroupPath {
+    pub fn root() -> CgroupPath {
+        CgroupPath("/".to_string())
+    }
+
+    /// Normalises `s`: leading `/` added, duplicate and trailing slashes removed.
+    pub fn new(s: &str) -> CgroupPath {
+        let segs: Vec<&str> = s.split('/').filter(|p| !p.is_empty() && *p != ".").collect();
+        CgroupPath(format!("/{}", segs.join("/")))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_root(&self) -> bool {
+        self.0 == "/"
+    }
+
+    /// The path segments, empty for the root.
+    pub fn segments(&self) -> impl Iterator<Item = &str> {
+        self.0.split('/').filter(|s| !s.is_empty())
+    }
+
+    pub fn parent(&self) -> Option<CgroupPath> {
+        if self.is_root() {
+            return None;
+        }
+        let idx = self.0.rfind('/').unwrap_or(0);
+        Some(if idx == 0 {
+            CgroupPath::root()
+        } else {
+            CgroupPath(self.0[..idx].to_string())
+        })
+    }
+
+    pub fn join(&self, name: &str) -> CgroupPath {
+        if self.is_root() {
+            CgroupPath::new(name)
+        } else {
+            CgroupPath::new(&format!("{}/{}", self.0, name))
+        }
+    }
+
+    /// True if `self` is `other` or below it.
+    pub fn is_within(&self, other: &CgroupPath) -> bool {
+        other.is_root()
+            || self.0 == other.0
+            || (self.0.starts_with(&other.0) && self.0.as_bytes().get(other.0.len()) == Some(&b'/'))
+    }
+
+    /// The path relative to the root, without the leading `/` ("" for the root).
+    pub fn relative(&self) -> &str {
+        &self.0[1..]
+    }
+}
+
+impl fmt::Display for CgroupPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A mounted memory cgroup hierarchy (or a subtree of one) that the agent manages.
+#[derive(Debug, Clone)]
+pub struct Hierarchy {
+    root: PathBuf,
+    kind: Kind,
+    /// Where `root` sits in the hierarchy as /proc/PID/cgroup names it ("" = the top).
+    prefix: String,
+}
+
+impl Hierarchy {
+    /// Opens a real hierarchy: the kind comes from the statfs magic (as the kernel tells
+    /// it), the prefix from `<proc_root>/self/mountinfo`.
+    pub fn detect(root: &Path, proc_root: &Path) -> Result<Hierarchy> {
+        let root = root.canonicalize().map_err(|source| CgroupError::Io {
+            path: root.to_path_buf(),
+            source,
+        })?;
+        let magic = crate::sys::fs_magic(&root).map_err(|source| CgroupError::Io {
+            path: root.clone(),
+            source,
+        })?;
+        let kind = match magic {
+            crate::sys::CGROUP_SUPER_MAGIC => Kind::V1,
+            crate::sys::CGROUP2_SUPER_MAGIC => Kind::V2,
+            _ => return Err(CgroupError::NotCgroupFs { path: root, magic }),
+        };
+        if kind == Kind::V1 && !root.join("memory.oom_control").exists() {
+            return Err(CgroupError::NotCgroupFs { path: root, magic });
+        }
+        let mountinfo_path = proc_root.join("self/mountinfo");
+        let mountinfo =
+            std::fs::read_to_string(&mountinfo_path).map_err(|source| CgroupError::Read {
+                path: mountinfo_path.clone(),
+                source,
+            })?;
+        let prefix = hierarchy_prefix(&mountinfo, &root).unwrap_or_default();
+        Ok(Hierarchy { root, kind, prefix })
+    }
+
+    /// A hierarchy on any directory, of a stated kind: for unit tests on a TempDir.
+    pub fn fake(root: &Path, kind: Kind) -> Hierarchy {
+        Hierarchy {
+            root: root.to_path_buf(),
+            kind,
+            prefix: String::new(),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// The directory of a cgroup.
+    pub fn dir(&self, cg: &CgroupPath) -> PathBuf {
+        self.root.join(cg.relative())
+    }
+
+    /// The path /proc/PID/cgroup shows for a cgroup of this hierarchy.
+    pub fn proc_path(&self, cg: &CgroupPath) -> String {
+        if self.prefix.is_empty() {
+            cg.to_string()
+        } else if cg.is_root() {
+            self.prefix.clone()
+        } else {
+            format!("{}{}", self.prefix, cg)
+        }
+    }
+
+    /// The cgroup for a /proc/PID/cgroup path, if it lies in this hierarchy.
+    pub fn from_proc_path(&self, p: &str) -> Option<CgroupPath> {
+        let p = CgroupPath::new(p);
+        let prefix = CgroupPath::new(&self.prefix);
+        if !p.is_within(&prefix) {
+            return None;
+        }
+        Some(CgroupPath::new(&p.as_str()[prefix.as_str().len()..]))
+    }
+
+    /// Every cgroup at or below `from`, parents before children. Directories that vanish
+    /// during the walk are skipped.
+    pub fn walk(&self, from: &CgroupPath) -> Vec<CgroupPath> {
+        let mut out = Vec::new();
+        let mut stack = vec![from.clone()];
+        while let Some(cg) = stack.pop() {
+            let Ok(rd) = std::fs::read_dir(self.dir(&cg)) else {
+                continue;
+            };
+            let mut children: Vec<CgroupPath> = rd
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
+                .filter_map(|e| e.file_name().to_str().map(|n| cg.join(n)))
+                .collect();
+            children.sort();
+            out.push(cg);
+            stack.extend(children.into_iter().rev());
+        }
+        out
+    }
+
+    pub fn exists(&self, cg: &CgroupPath) -> bool {
+        self.dir(cg).is_dir()
+    }
+}
+
+/// Finds the mount holding `root` in mountinfo text and returns root's path inside the
+/// hierarchy (the mount's own root plus the part of `root` below the mount point).
+fn hierarchy_prefix(mountinfo: &str, root: &Path) -> Option<String> {
+    let root_s = root.to_str()?;
+    let mut best: Option<(usize, String)> = None;
+    for line in mountinfo.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let sep = fields.iter().position(|f| *f == "-")?;
+        let (mnt_root, mnt_point) = (fields.get(3)?, fields.get(4)?);
+        let fstype = fields.get(sep + 1)?;
+        let super_opts = fields.get(sep + 3).copied().unwrap_or("");
+        let is_memcg = (*fstype == "cgroup" && super_opts.split(',').any(|o| o == "memory"))
+            || *fstype == "cgroup2";
+        if !is_memcg {
+            continue;
+        }
+        let below = if root_s == *mnt_point {
+            ""
+        } else if let Some(rest) = root_s.strip_prefix(&format!("{mnt_point}/")) {
+            rest
+        } else {
+            continue;
+        };
+        if best.as_ref().is_some_and(|(len, _)| *len >= mnt_point.len()) {
+            continue;
+        }
+        let joined = CgroupPath::new(&format!("{mnt_root}/{below}"));
+        let prefix = if joined.is_root() {
+            String::new()
+        } else {
+            joined.to_string()
+        };
+        best = Some((mnt_point.len(), prefix));
+    }
+    best.map(|(_, p)| p)
+}
+
+/// Memory limits of a cgroup: the memory limit and, on v1 with swap accounting, the
+/// memory+swap limit (`None` when the file does not exist).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    pub memory: u64,
+    pub memsw: Option<u64>,
+}
+
+/// What the agent does to a memory cgroup, whatever its version. Reads return `Ok(None)`
+/// when the cgroup is gone.
+pub trait Controller: Send + Sync {
+    fn hierarchy(&self) -> &Hierarchy;
+    /// OOM state; v1 reads `memory.oom_control`.
+    fn oom_state(&self, cg: &CgroupPath) -> Result<Option<OomControl>>;
+    fn limits(&self, cg: &CgroupPath) -> Result<Option<Limits>>;
+    fn usage(&self, cg: &CgroupPath) -> Result<Option<u64>>;
+    /// Sets limits in the order the kernel accepts (v1: memsw above memory always).
+    fn set_limits(&self, cg: &CgroupPath, from: Limits, to: Limits) -> Result<()>;
+    /// Reclaims what the kernel can; returns usage before and after.
+    fn reclaim(&self, cg: &CgroupPath) -> Result<(u64, u64)>;
+    /// Processes directly in `cg` (not its descendants).
+    fn procs(&self, cg: &CgroupPath) -> Result<Option<Vec<i32>>>;
+    /// `memory.stat` as key -> value.
+    fn stat(&self, cg: &CgroupPath) -> Result<Option<std::collections::BTreeMap<String, u64>>>;
+    /// An eventfd that becomes readable when the cgroup enters OOM (or is removed).
+    fn register_oom(&self, cg: &CgroupPath) -> Result<EventFd>;
+}
+
+/// Opens the controller for a detected hierarchy.
+pub fn open(h: Hierarchy) -> Result<Box<dyn Controller>> {
+    match h.kind() {
+        Kind::V1 => Ok(Box::new(v1::V1::new(h))),
+        Kind::V2 => Err(CgroupError::V2Unsupported {
+            path: h.root().to_path_buf(),
+        }),
+    }
+}
+
+/// Reads a whole control file; `Ok(None)` if the cgroup is gone.
+pub(crate) fn read_file(path: &Path) -> Result<Option<String>> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if io_is_gone(&e) => Ok(None),
+        Err(source) => Err(CgroupError::Read {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Writes a value to a control file in one write(2), never creating it.
+pub(crate) fn write_file(path: &Path, value: &str) -> Result<()> {
+    use std::io::Write;
+    let err = |source| CgroupError::Write {
+        path: path.to_path_buf(),
+        value: value.to_string(),
+        source,
+    };
+    // O_TRUNC matters only for the plain files of unit tests; cgroupfs ignores it.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .map_err(err)?;
+    f.write_all(value.as_bytes()).map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cgroup_path_normalises_and_navigates() {
+        let p = CgroupPath::new("docker//abc/");
+        assert_eq!(p.as_str(), "/docker/abc");
+        assert_eq!(p.parent().unwrap().as_str(), "/docker");
+        assert_eq!(p.parent().unwrap().parent().unwrap(), CgroupPath::root());
+        assert_eq!(CgroupPath::root().parent(), None);
+        assert_eq!(CgroupPath::root().join("a").as_str(), "/a");
+        assert_eq!(p.join("x").as_str(), "/docker/abc/x");
+        assert_eq!(p.relative(), "docker/abc");
+        assert_eq!(p.segments().collect::<Vec<_>>(), vec!["docker", "abc"]);
+    }
+
+    #[test]
+    fn is_within_respects_segment_boundaries() {
+        let a = CgroupPath::new("/a/b");
+        assert!(a.is_within(&CgroupPath::new("/a")));
+        assert!(a.is_within(&a));
+        assert!(a.is_within(&CgroupPath::root()));
+        assert!(!CgroupPath::new("/a/bc").is_within(&a));
+        assert!(!CgroupPath::new("/a").is_within(&a));
+    }
+
+    #[test]
+    fn prefix_from_mountinfo() {
+        let mi = "\
+30 25 0:26 / /sys/fs/cgroup/memory rw,relatime shared:10 - cgroup cgroup rw,memory
+31 25 0:27 / /sys/fs/cgroup/cpu rw,relatime shared:11 - cgroup cgroup rw,cpu
+";
+        let p = |r: &str| hierarchy_prefix(mi, Path::new(r));
+        assert_eq!(p("/sys/fs/cgroup/memory").as_deref(), Some(""));
+        assert_eq!(p("/sys/fs/cgroup/memory/a/b").as_deref(), Some("/a/b"));
+        assert_eq!(p("/sys/fs/cgroup/memoryx"), None);
+        // A container that sees only its own subtree mounted at the usual place.
+        let mi2 = "40 25 0:26 /docker/abc /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n";
+        assert_eq!(
+            hierarchy_prefix(mi2, Path::new("/sys/fs/cgroup/memory")).as_deref(),
+            Some("/docker/abc")
+        );
+    }
+
+    #[test]
+    fn proc_paths_round_trip_with_prefix() {
+        let h = Hierarchy {
+            root: PathBuf::from("/x"),
+            kind: Kind::V1,
+            prefix: "/pa/b".into(),
+        };
+        let cg = CgroupPath::new("/c");
+        assert_eq!(h.proc_path(&cg), "/pa/b/c");
+        assert_eq!(h.from_proc_path("/pa/b/c"), Some(cg));
+        assert_eq!(h.from_proc_path("/pa/b"), Some(CgroupPath::root()));
+        assert_eq!(h.from_proc_path("/pa/bc"), None);
+    }
+
+    #[test]
+    fn walk_lists_parents_before_children() {
+        let t = tempfile::tempdir().unwrap();
+        for d in ["a/x", "a/y", "b"] {
+            std::fs::create_dir_all(t.path().join(d)).unwrap();
+        }
+        std::fs::write(t.path().join("a/memory.limit_in_bytes"), "1").unwrap();
+        let h = Hierarchy::fake(t.path(), Kind::V1);
+        let all: Vec<String> = h
+            .walk(&CgroupPath::root())
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        assert_eq!(all, vec!["/", "/a", "/a/x", "/a/y", "/b"]);
+        assert_eq!(h.walk(&CgroupPath::new("/missing")).len(), 0);
+    }
+
+    #[test]
+    fn errors_classify_gone_and_busy() {
+        let gone = CgroupError::Read {
+            path: "/x".into(),
+            source: io::Error::from_raw_os_error(libc::ENODEV),
+        };
+        assert!(gone.is_gone());
+        let busy = CgroupError::Write {
+            path: "/x".into(),
+            value: "1".into(),
+            source: io::Error::from_raw_os_error(libc::EBUSY),
+        };
+        assert!(busy.is_busy() && !busy.is_gone());
+        assert!(busy.to_string().contains("\"1\""));
+    }
+}

@@ -1,0 +1,209 @@
+//! cgroup v1 memory controller: `memory.oom_control`, `memory.limit_in_bytes` and
+//! `memory.memsw.limit_in_bytes` (memory must stay <= memsw: raise memsw first, lower
+//! memory first), `memory.force_empty`, and OOM eventfds via `cgroup.event_control`.
+
+use std::collections::BTreeMap;
+use std::os::fd::AsRawFd;
+
+use nix::sys::eventfd::{EfdFlags, EventFd};
+
+use super::{parse, read_file, write_file, CgroupError, CgroupPath, Controller, Hierarchy};
+use super::{Limits, OomControl, Result};
+
+pub struct V1 {
+    h: Hierarchy,
+}
+
+impl V1 {
+    pub fn new(h: Hierarchy) -> V1 {
+        V1 { h }
+    }
+
+    fn read_parsed<T>(
+        &self,
+        cg: &CgroupPath,
+        file: &str,
+        what: &'static str,
+        parse: impl Fn(&str) -> Option<T>,
+    ) -> Result<Option<T>> {
+        let path = self.h.dir(cg).join(file);
+        let Some(s) = read_file(&path)? else {
+            return Ok(None);
+        };
+        parse(&s).map(Some).ok_or(CgroupError::Parse {
+            path,
+            what,
+            content: s.chars().take(200).collect(),
+        })
+    }
+
+    fn write(&self, cg: &CgroupPath, file: &str, value: &str) -> Result<()> {
+        write_file(&self.h.dir(cg).join(file), value)
+    }
+}
+
+fn limit_value(v: u64) -> String {
+    if parse::is_unlimited(v) {
+        "-1".to_string()
+    } else {
+        v.to_string()
+    }
+}
+
+impl Controller for V1 {
+    fn hierarchy(&self) -> &Hierarchy {
+        &self.h
+    }
+
+    fn oom_state(&self, cg: &CgroupPath) -> Result<Option<OomControl>> {
+        self.read_parsed(cg, "memory.oom_control", "oom_control", parse::oom_control)
+    }
+
+    fn limits(&self, cg: &CgroupPath) -> Result<Option<Limits>> {
+        let Some(memory) = self.read_parsed(cg, "memory.limit_in_bytes", "limit", parse::bytes)?
+        else {
+            return Ok(None);
+        };
+        // Without swap accounting the memsw files do not exist at all.
+        let memsw_file = self.h.dir(cg).join("memory.memsw.limit_in_bytes");
+        let memsw = if memsw_file.exists() {
+            self.read_parsed(cg, "memory.memsw.limit_in_bytes", "limit", parse::bytes)?
+        } else {
+            None
+        };
+        Ok(Some(Limits { memory, memsw }))
+    }
+
+    fn usage(&self, cg: &CgroupPath) -> Result<Option<u64>> {
+        self.read_parsed(cg, "memory.usage_in_bytes", "usage", parse::bytes)
+    }
+
+    fn set_limits(&self, cg: &CgroupPath, from: Limits, to: Limits) -> Result<()> {
+        let mem = limit_value(to.memory);
+        match to.memsw {
+            Some(sw) if from.memsw.is_some_and(|old| sw >= old) => {
+                self.write(cg, "memory.memsw.limit_in_bytes", &limit_value(sw))?;
+                self.write(cg, "memory.limit_in_bytes", &mem)
+            }
+            Some(sw) => {
+                self.write(cg, "memory.limit_in_bytes", &mem)?;
+                self.write(cg, "memory.memsw.limit_in_bytes", &limit_value(sw))
+            }
+            None => self.write(cg, "memory.limit_in_bytes", &mem),
+        }
+    }
+
+    fn reclaim(&self, cg: &CgroupPath) -> Result<(u64, u64)> {
+        let before = self.usage(cg)?.unwrap_or(0);
+        self.write(cg, "memory.force_empty", "0")?;
+        let after = self.usage(cg)?.unwrap_or(0);
+        Ok((before, after))
+    }
+
+    fn procs(&self, cg: &CgroupPath) -> Result<Option<Vec<i32>>> {
+        self.read_parsed(cg, "cgroup.procs", "pids", parse::pids)
+    }
+
+    fn stat(&self, cg: &CgroupPath) -> Result<Option<BTreeMap<String, u64>>> {
+        self.read_parsed(cg, "memory.stat", "memory.stat", parse::flat_keyed)
+    }
+
+    fn register_oom(&self, cg: &CgroupPath) -> Result<EventFd> {
+        let dir = self.h.dir(cg);
+        let control = dir.join("memory.oom_control");
+        let efd = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+            .map_err(|e| CgroupError::Io {
+                path: control.clone(),
+                source: e.into(),
+            })?;
+        // The kernel keeps its own reference to the eventfd; the control file may close.
+        let ocf = std::fs::File::open(&control).map_err(|source| CgroupError::Read {
+            path: control.clone(),
+            source,
+        })?;
+        let line = format!("{} {}", efd.as_raw_fd(), ocf.as_raw_fd());
+        write_file(&dir.join("cgroup.event_control"), &line)?;
+        Ok(efd)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cgroup::Kind;
+
+    fn fake() -> (tempfile::TempDir, V1) {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("app");
+        std::fs::create_dir(&d).unwrap();
+        std::fs::write(d.join("memory.oom_control"), "oom_kill_disable 1\nunder_oom 1\n").unwrap();
+        std::fs::write(d.join("memory.limit_in_bytes"), "67108864\n").unwrap();
+        std::fs::write(d.join("memory.usage_in_bytes"), "67100000\n").unwrap();
+        std::fs::write(d.join("cgroup.procs"), "10\n11\n").unwrap();
+        let v = V1::new(Hierarchy::fake(t.path(), Kind::V1));
+        (t, v)
+    }
+
+    #[test]
+    fn reads_state_limits_usage_procs() {
+        let (_t, v) = fake();
+        let cg = CgroupPath::new("/app");
+        let oc = v.oom_state(&cg).unwrap().unwrap();
+        assert!(oc.oom_kill_disable && oc.under_oom);
+        let l = v.limits(&cg).unwrap().unwrap();
+        assert_eq!(l, Limits { memory: 64 << 20, memsw: None });
+        assert_eq!(v.usage(&cg).unwrap(), Some(67100000));
+        assert_eq!(v.procs(&cg).unwrap(), Some(vec![10, 11]));
+    }
+
+    #[test]
+    fn missing_cgroup_reads_none() {
+        let (_t, v) = fake();
+        let gone = CgroupPath::new("/gone");
+        assert!(v.oom_state(&gone).unwrap().is_none());
+        assert!(v.limits(&gone).unwrap().is_none());
+        assert!(v.usage(&gone).unwrap().is_none());
+    }
+
+    #[test]
+    fn bad_content_is_a_parse_error_naming_the_file() {
+        let (t, v) = fake();
+        std::fs::write(t.path().join("app/memory.limit_in_bytes"), "lots\n").unwrap();
+        let err = v.limits(&CgroupPath::new("/app")).unwrap_err();
+        assert!(err.to_string().contains("memory.limit_in_bytes"), "{err}");
+    }
+
+    #[test]
+    fn memsw_written_first_when_raising_and_last_when_lowering() {
+        let (t, v) = fake();
+        let d = t.path().join("app");
+        std::fs::write(d.join("memory.memsw.limit_in_bytes"), "67108864\n").unwrap();
+        let cg = CgroupPath::new("/app");
+        let old = v.limits(&cg).unwrap().unwrap();
+        assert_eq!(old.memsw, Some(64 << 20));
+        // Make the memory file read-only: the write that comes second must not happen
+        // if the first failed, so we can observe the order.
+        let mem = d.join("memory.limit_in_bytes");
+        let sw = d.join("memory.memsw.limit_in_bytes");
+        let up = Limits { memory: 80 << 20, memsw: Some(80 << 20) };
+        v.set_limits(&cg, old, up).unwrap();
+        assert_eq!(std::fs::read_to_string(&mem).unwrap(), (80u64 << 20).to_string());
+        assert_eq!(std::fs::read_to_string(&sw).unwrap(), (80u64 << 20).to_string());
+        // Lowering: remove the memsw file so its write fails; memory must already be
+        // written by then.
+        std::fs::remove_file(&sw).unwrap();
+        let err = v.set_limits(&cg, up, old).unwrap_err();
+        assert!(err.is_gone());
+        assert_eq!(std::fs::read_to_string(&mem).unwrap(), (64u64 << 20).to_string());
+        // Raising with memsw missing: memsw first, so memory stays untouched.
+        let err = v.set_limits(&cg, old, up).unwrap_err();
+        assert!(err.is_gone());
+        assert_eq!(std::fs::read_to_string(&mem).unwrap(), (64u64 << 20).to_string());
+    }
+
+    #[test]
+    fn unlimited_is_written_as_minus_one() {
+        assert_eq!(limit_value(9223372036854771712), "-1");
+        assert_eq!(limit_value(4096), "4096");
+    }
+}

@@ -1,0 +1,7 @@
+//! oomwake: a userspace OOM handler for memory cgroups whose kernel OOM killer is
+//! disabled. Data flows one way: kernel event ([`watch`]) -> episode ([`episode`]) ->
+//! policy steps ([`policy`]) -> actions ([`action`]) -> audit log ([`audit`]).
+
+pub mod cgroup;
+pub mod policy;
+pub mod sys;

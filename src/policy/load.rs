@@ -1,0 +1,637 @@
+//! Loading policy files: TOML with `deny_unknown_fields`, every value checked where it
+//! is parsed so that errors carry `FILE:LINE:COL`, then per-action checks (a key that
+//! does not belong to the step's action, a missing required key) pointed at the key.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use regex::Regex;
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::glob::Glob;
+use super::units::{Amount, Dur, Percent, Size};
+use super::{Action, Ceiling, Match, Mode, Policy, PolicySet, Raise, Step, VictimOrder, VictimSpec};
+
+pub const EMBEDDED_DEFAULT: &str = include_str!("default.toml");
+
+const DEFAULT_SETTLE: Duration = Duration::from_millis(500);
+const DEFAULT_HOLD: Duration = Duration::from_secs(60);
+const DEFAULT_RESTORE_BELOW: f64 = 0.9;
+const DEFAULT_RESTORE_AFTER: Duration = Duration::from_secs(5);
+const DEFAULT_GRACE: Duration = Duration::from_secs(5);
+const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a policy (or the set) could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{file}:{line}:{col}: {msg}")]
+    Invalid {
+        file: String,
+        line: usize,
+        col: usize,
+        msg: String,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    name: Option<Spanned<String>>,
+    mode: Option<Mode>,
+    priority: Option<i64>,
+    #[serde(rename = "match")]
+    matcher: Spanned<RawMatch>,
+    #[serde(rename = "step", default)]
+    steps: Vec<Spanned<RawStep>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMatch {
+    cgroup: Option<Vec<Glob>>,
+    container_name: Option<Vec<Glob>>,
+    label: Option<BTreeMap<String, String>>,
+    image: Option<Vec<Glob>>,
+    require_oom_kill_disable: Option<bool>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
+#[serde(rename_all = "snake_case")]
+enum ActionKind {
+    Reclaim,
+    RaiseLimit,
+    Signal,
+    Kill,
+    KillAll,
+    Exec,
+    DropCaches,
+}
+
+impl ActionKind {
+    fn name(self) -> &'static str {
+        match self {
+            ActionKind::Reclaim => "reclaim",
+            ActionKind::RaiseLimit => "raise_limit",
+            ActionKind::Signal => "signal",
+            ActionKind::Kill => "kill",
+            ActionKind::KillAll => "kill_all",
+            ActionKind::Exec => "exec",
+            ActionKind::DropCaches => "drop_caches",
+        }
+    }
+
+    /// Keys a step of this action may carry besides `action` and `settle`.
+    fn keys(self) -> &'static [&'static str] {
+        match self {
+            ActionKind::Reclaim | ActionKind::KillAll => &[],
+            ActionKind::RaiseLimit => &[
+                "by",
+                "max_limit",
+                "max_extra",
+                "hold",
+                "restore_below",
+                "restore_after",
+            ],
+            ActionKind::Signal => &["signal", "victim", "prefer", "avoid", "grace"],
+            ActionKind::Kill => &["victim", "prefer", "avoid"],
+            ActionKind::Exec => &["command", "timeout"],
+            ActionKind::DropCaches => &["level"],
+        }
+    }
+}
+
+/// A compiled regex; a bad one fails at its position in the file.
+struct Re(Regex);
+
+impl<'de> Deserialize<'de> for Re {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Regex::new(&s)
+            .map(Re)
+            .map_err(|e| de::Error::custom(format!("invalid regex {s:?}: {e}")))
+    }
+}
+
+/// A signal name: "SIGTERM" or "TERM".
+struct Sig(i32);
+
+impl<'de> Deserialize<'de> for Sig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_signal(&s).map(Sig).map_err(de::Error::custom)
+    }
+}
+
+pub fn parse_signal(s: &str) -> Result<i32, String> {
+    let full = if s.starts_with("SIG") {
+        s.to_string()
+    } else {
+        format!("SIG{s}")
+    };
+    full.parse::<nix::sys::signal::Signal>()
+        .map(|sig| sig as i32)
+        .map_err(|_| format!("unknown signal {s:?} (use a name such as \"SIGTERM\")"))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStep {
+    action: Spanned<ActionKind>,
+    settle: Option<Dur>,
+    by: Option<Spanned<Amount>>,
+    max_limit: Option<Spanned<Size>>,
+    max_extra: Option<Spanned<Amount>>,
+    hold: Option<Spanned<Dur>>,
+    restore_below: Option<Spanned<Percent>>,
+    restore_after: Option<Spanned<Dur>>,
+    signal: Option<Spanned<Sig>>,
+    victim: Option<Spanned<VictimOrder>>,
+    prefer: Option<Spanned<Vec<Re>>>,
+    avoid: Option<Spanned<Vec<Re>>>,
+    grace: Option<Spanned<Dur>>,
+    command: Option<Spanned<Vec<String>>>,
+    timeout: Option<Spanned<Dur>>,
+    level: Option<Spanned<i64>>,
+}
+
+impl RawStep {
+    /// The span of each optional key that is present.
+    fn present(&self) -> Vec<(&'static str, Range<usize>)> {
+        let mut v = Vec::new();
+        macro_rules! key {
+            ($($f:ident),*) => {$(
+                if let Some(x) = &self.$f {
+                    v.push((stringify!($f), x.span()));
+                }
+            )*};
+        }
+        key!(
+            by,
+            max_limit,
+            max_extra,
+            hold,
+            restore_below,
+            restore_after,
+            signal,
+            victim,
+            prefer,
+            avoid,
+            grace,
+            command,
+            timeout,
+            level
+        );
+        v
+    }
+}
+
+/// Line and column (1-based, in characters) of a byte offset.
+fn position(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let col = before[line_start..].chars().count() + 1;
+    (line, col)
+}
+
+struct Ctx<'a> {
+    text: &'a str,
+    file: &'a str,
+}
+
+impl Ctx<'_> {
+    fn err(&self, span: Option<Range<usize>>, msg: impl Into<String>) -> LoadError {
+        let (line, col) = span.map(|s| position(self.text, s.start)).unwrap_or((1, 1));
+        LoadError::Invalid {
+            file: self.file.to_string(),
+            line,
+            col,
+            msg: msg.into(),
+        }
+    }
+}
+
+/// Parses one policy from TOML text; `file` names it in errors. The name defaults to
+/// the file stem.
+pub fn load_str(text: &str, file: &str) -> Result<Policy, LoadError> {
+    let ctx = Ctx { text, file };
+    let raw: RawPolicy = toml::from_str(text).map_err(|e| ctx.err(e.span(), e.message().trim()))?;
+    let name = match &raw.name {
+        Some(n) if n.get_ref().trim().is_empty() => {
+            return Err(ctx.err(Some(n.span()), "policy name must not be empty"))
+        }
+        Some(n) => n.get_ref().clone(),
+        None => Path::new(file)
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or(file)
+            .to_string(),
+    };
+    let m = raw.matcher.get_ref();
+    let matcher = Match {
+        cgroup: m.cgroup.clone().unwrap_or_default(),
+        container_name: m.container_name.clone().unwrap_or_default(),
+        label: m.label.clone().unwrap_or_default(),
+        image: m.image.clone().unwrap_or_default(),
+        require_oom_kill_disable: m.require_oom_kill_disable.unwrap_or(true),
+    };
+    if matcher.cgroup.is_empty() && !matcher.needs_container() {
+        return Err(ctx.err(
+            Some(raw.matcher.span()),
+            "[match] needs at least one of cgroup, container_name, label, image",
+        ));
+    }
+    if raw.steps.is_empty() {
+        return Err(ctx.err(None, "a policy needs at least one [[step]]"));
+    }
+    let steps = raw
+        .steps
+        .iter()
+        .map(|s| build_step(&ctx, s.get_ref()))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Policy {
+        name,
+        mode: raw.mode.unwrap_or(Mode::Enforce),
+        priority: raw.priority.unwrap_or(0),
+        matcher,
+        steps,
+        source: file.to_string(),
+    })
+}
+
+fn build_step(ctx: &Ctx, s: &RawStep) -> Result<Step, LoadError> {
+    let kind = *s.action.get_ref();
+    let allowed = kind.keys();
+    for (key, span) in s.present() {
+        if !allowed.contains(&key) {
+            return Err(ctx.err(
+                Some(span),
+                format!("key `{key}` does not apply to action `{}`", kind.name()),
+            ));
+        }
+    }
+    let required = |present: bool, key: &str| {
+        if present {
+            Ok(())
+        } else {
+            Err(ctx.err(
+                Some(s.action.span()),
+                format!("action `{}` needs `{key}`", kind.name()),
+            ))
+        }
+    };
+    let victim = || VictimSpec {
+        order: s
+            .victim
+            .as_ref()
+            .map(|v| *v.get_ref())
+            .unwrap_or(VictimOrder::LargestRss),
+        prefer: regexes(&s.prefer),
+        avoid: regexes(&s.avoid),
+    };
+    let action = match kind {
+        ActionKind::Reclaim => Action::Reclaim,
+        ActionKind::KillAll => Action::KillAll,
+        ActionKind::RaiseLimit => {
+            required(s.by.is_some(), "by")?;
+            let ceiling = match (&s.max_limit, &s.max_extra) {
+                (Some(l), None) => Ceiling::MaxLimit(l.get_ref().0),
+                (None, Some(e)) => Ceiling::MaxExtra(*e.get_ref()),
+                (Some(_), Some(e)) => {
+                    return Err(ctx.err(
+                        Some(e.span()),
+                        "give either `max_limit` or `max_extra`, not both",
+                    ))
+                }
+                (None, None) => {
+                    return Err(ctx.err(
+                        Some(s.action.span()),
+                        "action `raise_limit` needs a ceiling: `max_limit` or `max_extra`",
+                    ))
+                }
+            };
+            let by = s.by.as_ref().map(|b| *b.get_ref()).unwrap_or(Amount::Bytes(0));
+            if by.of(1 << 30) == 0 {
+                let span = s.by.as_ref().map(|b| b.span());
+                return Err(ctx.err(span, "`by` must be greater than zero"));
+            }
+            let restore_below = s
+                .restore_below
+                .as_ref()
+                .map(|p| p.get_ref().0)
+                .unwrap_or(DEFAULT_RESTORE_BELOW);
+            if restore_below > 1.0 {
+                let span = s.restore_below.as_ref().map(|p| p.span());
+                return Err(ctx.err(span, "`restore_below` is a share of the original limit: at most 100%"));
+            }
+            Action::RaiseLimit(Raise {
+                by,
+                ceiling,
+                hold: dur(&s.hold).unwrap_or(DEFAULT_HOLD),
+                restore_below,
+                restore_after: dur(&s.restore_after).unwrap_or(DEFAULT_RESTORE_AFTER),
+            })
+        }
+        ActionKind::Signal => Action::Signal {
+            signal: s
+                .signal
+                .as_ref()
+                .map(|x| x.get_ref().0)
+                .unwrap_or(libc::SIGTERM),
+            victim: victim(),
+            grace: dur(&s.grace).unwrap_or(DEFAULT_GRACE),
+        },
+        ActionKind::Kill => Action::Kill { victim: victim() },
+        ActionKind::Exec => {
+            required(s.command.is_some(), "command")?;
+            let command = s.command.as_ref().map(|c| c.get_ref().clone()).unwrap_or_default();
+            if command.first().is_none_or(|c| c.is_empty()) {
+                let span = s.command.as_ref().map(|c| c.span());
+                return Err(ctx.err(span, "`command` needs a program: [\"/path/to/prog\", \"arg\", ...]"));
+            }
+            Action::Exec {
+                command,
+                timeout: dur(&s.timeout).unwrap_or(DEFAULT_EXEC_TIMEOUT),
+            }
+        }
+        ActionKind::DropCaches => {
+            let level = s.level.as_ref().map(|l| *l.get_ref()).unwrap_or(1);
+            let level = u8::try_from(level).ok().filter(|l| (1..=3).contains(l)).ok_or_else(|| {
+                ctx.err(s.level.as_ref().map(|l| l.span()), "`level` must be 1, 2 or 3")
+            })?;
+            Action::DropCaches { level }
+        }
+    };
+    Ok(Step {
+        action,
+        settle: s.settle.map(|d| d.0).unwrap_or(DEFAULT_SETTLE),
+    })
+}
+
+fn dur(d: &Option<Spanned<Dur>>) -> Option<Duration> {
+    d.as_ref().map(|d| d.get_ref().0)
+}
+
+fn regexes(r: &Option<Spanned<Vec<Re>>>) -> Vec<Regex> {
+    r.as_ref()
+        .map(|v| v.get_ref().iter().map(|r| r.0.clone()).collect())
+        .unwrap_or_default()
+}
+
+/// Loads the given files as one set; names must be unique across it. All errors are
+/// returned, not only the first.
+pub fn load_files(files: &[PathBuf]) -> Result<PolicySet, Vec<LoadError>> {
+    let mut policies = Vec::new();
+    let mut errors = Vec::new();
+    let mut seen: HashMap<String, String> = HashMap::new();
+    for path in files {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(source) => {
+                errors.push(LoadError::Io {
+                    path: path.clone(),
+                    source,
+                });
+                continue;
+            }
+        };
+        let file = path.display().to_string();
+        match load_str(&text, &file) {
+            Ok(p) => {
+                if let Some(first) = seen.get(&p.name) {
+                    let span = name_span(&text);
+                    errors.push(Ctx { text: &text, file: &file }.err(
+                        span,
+                        format!("policy name {:?} is already used by {first}", p.name),
+                    ));
+                } else {
+                    seen.insert(p.name.clone(), file);
+                    policies.push(p);
+                }
+            }
+            Err(e) => errors.push(e),
+        }
+    }
+    if errors.is_empty() {
+        Ok(PolicySet::new(policies, false))
+    } else {
+        Err(errors)
+    }
+}
+
+fn name_span(text: &str) -> Option<Range<usize>> {
+    #[derive(Deserialize)]
+    struct NameOnly {
+        name: Option<Spanned<String>>,
+    }
+    toml::from_str::<NameOnly>(text).ok()?.name.map(|n| n.span())
+}
+
+/// Loads every `*.toml` in `dir` (sorted by file name). A missing or empty directory
+/// gives the embedded default.
+pub fn load_dir(dir: &Path) -> Result<PolicySet, Vec<LoadError>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(PolicySet::embedded_default())
+        }
+        Err(source) => {
+            return Err(vec![LoadError::Io {
+                path: dir.to_path_buf(),
+                source,
+            }])
+        }
+    };
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Ok(PolicySet::embedded_default());
+    }
+    load_files(&files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        load_str(text, "p.toml").unwrap_err().to_string()
+    }
+
+    const HEAD: &str = "[match]\ncgroup = [\"/docker/*\"]\n";
+
+    #[test]
+    fn full_policy_parses() {
+        let text = r#"
+name = "go-api"
+mode = "audit"
+priority = 10
+[match]
+cgroup = ["/docker/*", "/system.slice/docker-*.scope"]
+[[step]]
+action = "reclaim"
+settle = "200ms"
+[[step]]
+action = "raise_limit"
+by = "25%"
+max_limit = "1GiB"
+hold = "2m"
+restore_below = "90%"
+[[step]]
+action = "signal"
+signal = "SIGTERM"
+victim = "largest_rss"
+prefer = ["^worker"]
+avoid = ["^nginx: master"]
+grace = "10s"
+[[step]]
+action = "kill"
+victim = "newest"
+[[step]]
+action = "kill_all"
+[[step]]
+action = "exec"
+command = ["/usr/local/bin/page-oncall", "--severity", "high"]
+timeout = "5s"
+[[step]]
+action = "drop_caches"
+level = 1
+"#;
+        let p = load_str(text, "go-api.toml").unwrap();
+        assert_eq!(p.name, "go-api");
+        assert_eq!(p.mode, Mode::Audit);
+        assert_eq!(p.priority, 10);
+        assert_eq!(p.steps.len(), 7);
+        assert_eq!(p.steps[0].settle, Duration::from_millis(200));
+        assert_eq!(p.steps[1].settle, DEFAULT_SETTLE);
+        match &p.steps[1].action {
+            Action::RaiseLimit(r) => {
+                assert_eq!(r.by, Amount::Percent(0.25));
+                assert_eq!(r.ceiling_for(64 << 20), 1 << 30);
+                assert_eq!(r.hold, Duration::from_secs(120));
+                assert_eq!(r.restore_after, DEFAULT_RESTORE_AFTER);
+            }
+            other => panic!("{other:?}"),
+        }
+        match &p.steps[2].action {
+            Action::Signal { signal, victim, grace } => {
+                assert_eq!(*signal, libc::SIGTERM);
+                assert!(victim.prefer[0].is_match("worker-1"));
+                assert!(victim.avoid[0].is_match("nginx: master process"));
+                assert_eq!(*grace, Duration::from_secs(10));
+            }
+            other => panic!("{other:?}"),
+        }
+        match &p.steps[3].action {
+            Action::Kill { victim } => assert_eq!(victim.order, VictimOrder::Newest),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn name_defaults_to_file_stem() {
+        let p = load_str(&format!("{HEAD}[[step]]\naction='reclaim'\n"), "/etc/x/cache.toml").unwrap();
+        assert_eq!(p.name, "cache");
+    }
+
+    #[test]
+    fn unknown_top_level_key_has_position() {
+        let e = err(&format!("nmae = 'x'\n{HEAD}[[step]]\naction='reclaim'\n"));
+        assert!(e.starts_with("p.toml:1:1: "), "{e}");
+        assert!(e.contains("unknown field `nmae`"), "{e}");
+    }
+
+    #[test]
+    fn unknown_action_has_position() {
+        let e = err(&format!("{HEAD}[[step]]\naction = \"explode\"\n"));
+        assert!(e.starts_with("p.toml:4:10: "), "{e}");
+        assert!(e.contains("explode"), "{e}");
+    }
+
+    #[test]
+    fn bad_regex_size_duration_signal_have_positions() {
+        let e = err(&format!("{HEAD}[[step]]\naction = \"kill\"\nprefer = [\"(unclosed\"]\n"));
+        assert!(e.starts_with("p.toml:5:"), "{e}");
+        assert!(e.contains("invalid regex"), "{e}");
+        let e = err(&format!("{HEAD}[[step]]\naction = \"raise_limit\"\nby = \"10%\"\nmax_limit = \"12XB\"\n"));
+        assert!(e.starts_with("p.toml:6:13: "), "{e}");
+        assert!(e.contains("unknown unit"), "{e}");
+        let e = err(&format!("{HEAD}[[step]]\naction = \"reclaim\"\nsettle = \"5 days\"\n"));
+        assert!(e.starts_with("p.toml:5:"), "{e}");
+        let e = err(&format!("{HEAD}[[step]]\naction = \"signal\"\nsignal = \"SIGNOPE\"\n"));
+        assert!(e.starts_with("p.toml:5:"), "{e}");
+        assert!(e.contains("unknown signal"), "{e}");
+    }
+
+    #[test]
+    fn key_of_another_action_is_rejected_at_the_key() {
+        let e = err(&format!("{HEAD}[[step]]\naction = \"reclaim\"\ngrace = \"1s\"\n"));
+        assert!(e.starts_with("p.toml:5:9: "), "{e}");
+        assert!(e.contains("`grace` does not apply to action `reclaim`"), "{e}");
+    }
+
+    #[test]
+    fn required_keys() {
+        let e = err(&format!("{HEAD}[[step]]\naction = \"raise_limit\"\nmax_extra = \"25%\"\n"));
+        assert!(e.contains("needs `by`"), "{e}");
+        let e = err(&format!("{HEAD}[[step]]\naction = \"raise_limit\"\nby = \"25%\"\n"));
+        assert!(e.contains("needs a ceiling"), "{e}");
+        let e = err(&format!("{HEAD}[[step]]\naction = \"exec\"\n"));
+        assert!(e.contains("needs `command`"), "{e}");
+        let e = err(&format!("{HEAD}[[step]]\naction = \"drop_caches\"\nlevel = 4\n"));
+        assert!(e.contains("1, 2 or 3"), "{e}");
+    }
+
+    #[test]
+    fn match_and_steps_required() {
+        let e = err("[match]\n[[step]]\naction='reclaim'\n");
+        assert!(e.contains("at least one of cgroup"), "{e}");
+        assert!(err(HEAD).contains("at least one [[step]]"));
+        assert!(err("[[step]]\naction='reclaim'\n").contains("match"));
+    }
+
+    #[test]
+    fn toml_syntax_error_has_position() {
+        let e = err("name = \n");
+        assert!(e.starts_with("p.toml:1:"), "{e}");
+    }
+
+    #[test]
+    fn dir_loading_sorted_unique_and_default_when_empty() {
+        let t = tempfile::tempdir().unwrap();
+        assert!(load_dir(t.path()).unwrap().is_embedded_default());
+        assert!(load_dir(&t.path().join("missing")).unwrap().is_embedded_default());
+        let body = format!("{HEAD}[[step]]\naction='reclaim'\n");
+        std::fs::write(t.path().join("b.toml"), format!("name='same'\n{body}")).unwrap();
+        std::fs::write(t.path().join("a.toml"), &body).unwrap();
+        std::fs::write(t.path().join("notes.txt"), "ignored").unwrap();
+        let set = load_dir(t.path()).unwrap();
+        let names: Vec<_> = set.policies().iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["a", "same"]);
+        std::fs::write(t.path().join("c.toml"), format!("name='same'\n{body}")).unwrap();
+        let errs = load_dir(t.path()).unwrap_err();
+        assert_eq!(errs.len(), 1);
+        let e = errs[0].to_string();
+        assert!(e.contains("c.toml:1:6: ") && e.contains("already used"), "{e}");
+    }
+
+    #[test]
+    fn position_counts_characters() {
+        assert_eq!(position("ab\ncé d", 7), (2, 4));
+        assert_eq!(position("", 0), (1, 1));
+    }
+}

@@ -1,0 +1,339 @@
+//! Policies: what to do when a cgroup stalls. The model here is what the rest of the
+//! agent consumes; [`load`] turns TOML files into it with FILE:LINE:COL errors, and
+//! [`PolicySet::select`] picks the policy for a cgroup (highest priority wins).
+
+pub mod glob;
+pub mod load;
+pub mod units;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+
+use crate::cgroup::CgroupPath;
+pub use glob::Glob;
+pub use load::{load_dir, load_files, load_str, LoadError};
+pub use units::Amount;
+
+/// Enforce acts; audit only logs what it would do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Enforce,
+    Audit,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Audit => "audit",
+        }
+    }
+}
+
+/// One workload's policy.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub name: String,
+    pub mode: Mode,
+    pub priority: i64,
+    pub matcher: Match,
+    pub steps: Vec<Step>,
+    /// The file it came from, or `<embedded default>`.
+    pub source: String,
+}
+
+/// Container metadata a policy may match on (filled in by a metadata provider; absent
+/// when none is configured).
+#[derive(Debug, Clone, Default)]
+pub struct ContainerInfo {
+    pub name: String,
+    pub image: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// All given keys must match.
+#[derive(Debug, Clone, Default)]
+pub struct Match {
+    pub cgroup: Vec<Glob>,
+    pub container_name: Vec<Glob>,
+    pub label: BTreeMap<String, String>,
+    pub image: Vec<Glob>,
+    /// v1: handle only cgroups with `oom_kill_disable 1` (default true).
+    pub require_oom_kill_disable: bool,
+}
+
+impl Match {
+    /// True if the policy's keys need container metadata to be evaluated.
+    pub fn needs_container(&self) -> bool {
+        !self.container_name.is_empty() || !self.label.is_empty() || !self.image.is_empty()
+    }
+
+    pub fn matches(&self, cg: &CgroupPath, container: Option<&ContainerInfo>) -> bool {
+        if !self.cgroup.is_empty() && !self.cgroup.iter().any(|g| g.matches(cg.as_str())) {
+            return false;
+        }
+        if !self.needs_container() {
+            return true;
+        }
+        let Some(c) = container else {
+            return false;
+        };
+        (self.container_name.is_empty()
+            || self.container_name.iter().any(|g| g.matches_name(&c.name)))
+            && (self.image.is_empty() || self.image.iter().any(|g| g.matches_name(&c.image)))
+            && self.label.iter().all(|(k, v)| c.labels.get(k) == Some(v))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub action: Action,
+    /// After the action, wait at most this long for recovery before the next step.
+    pub settle: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub enum Action {
+    Reclaim,
+    RaiseLimit(Raise),
+    Signal {
+        signal: i32,
+        victim: VictimSpec,
+        grace: Duration,
+    },
+    Kill {
+        victim: VictimSpec,
+    },
+    KillAll,
+    Exec {
+        command: Vec<String>,
+        timeout: Duration,
+    },
+    DropCaches {
+        level: u8,
+    },
+}
+
+impl Action {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Action::Reclaim => "reclaim",
+            Action::RaiseLimit(_) => "raise_limit",
+            Action::Signal { .. } => "signal",
+            Action::Kill { .. } => "kill",
+            Action::KillAll => "kill_all",
+            Action::Exec { .. } => "exec",
+            Action::DropCaches { .. } => "drop_caches",
+        }
+    }
+}
+
+/// Temporary headroom: raise, then give back.
+#[derive(Debug, Clone)]
+pub struct Raise {
+    pub by: Amount,
+    pub ceiling: Ceiling,
+    pub hold: Duration,
+    /// Fraction of the original limit usage must stay below to give the loan back early.
+    pub restore_below: f64,
+    pub restore_after: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub enum Ceiling {
+    MaxLimit(u64),
+    MaxExtra(Amount),
+}
+
+impl Raise {
+    /// The highest limit this step may set, given the limit before the first raise.
+    pub fn ceiling_for(&self, original: u64) -> u64 {
+        match &self.ceiling {
+            Ceiling::MaxLimit(m) => *m,
+            Ceiling::MaxExtra(a) => original.saturating_add(a.of(original)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VictimOrder {
+    LargestRss,
+    HighestOomScore,
+    Newest,
+    Oldest,
+}
+
+#[derive(Debug, Clone)]
+pub struct VictimSpec {
+    pub order: VictimOrder,
+    pub prefer: Vec<Regex>,
+    pub avoid: Vec<Regex>,
+}
+
+/// The loaded policies, in file-name order.
+#[derive(Debug, Clone)]
+pub struct PolicySet {
+    policies: Vec<Arc<Policy>>,
+    embedded: bool,
+}
+
+impl PolicySet {
+    pub fn new(policies: Vec<Policy>, embedded: bool) -> PolicySet {
+        PolicySet {
+            policies: policies.into_iter().map(Arc::new).collect(),
+            embedded,
+        }
+    }
+
+    /// The embedded default policy alone.
+    pub fn embedded_default() -> PolicySet {
+        let p = load_str(load::EMBEDDED_DEFAULT, "<embedded default>")
+            .expect("the embedded default policy is valid (checked by a unit test)");
+        PolicySet::new(vec![p], true)
+    }
+
+    pub fn is_embedded_default(&self) -> bool {
+        self.embedded
+    }
+
+    pub fn policies(&self) -> &[Arc<Policy>] {
+        &self.policies
+    }
+
+    /// Forces every policy into audit mode (`--dry-run`).
+    pub fn all_audit(self) -> PolicySet {
+        let policies = self
+            .policies
+            .iter()
+            .map(|p| {
+                let mut q = Policy::clone(p);
+                q.mode = Mode::Audit;
+                Arc::new(q)
+            })
+            .collect();
+        PolicySet {
+            policies,
+            embedded: self.embedded,
+        }
+    }
+
+    /// The policy for `cg`: among those whose match keys hold (and, where required,
+    /// with `oom_kill_disable` set), the one with the highest priority; on a tie the
+    /// first in file-name order.
+    pub fn select(
+        &self,
+        cg: &CgroupPath,
+        kill_disabled: bool,
+        container: Option<&ContainerInfo>,
+    ) -> Option<&Arc<Policy>> {
+        let mut best: Option<&Arc<Policy>> = None;
+        for p in &self.policies {
+            if p.matcher.require_oom_kill_disable && !kill_disabled {
+                continue;
+            }
+            if !p.matcher.matches(cg, container) {
+                continue;
+            }
+            if best.is_none_or(|b| p.priority > b.priority) {
+                best = Some(p);
+            }
+        }
+        best
+    }
+
+    /// True if some policy could apply to `cg` once `oom_kill_disable` is set: such a
+    /// cgroup is a candidate the sweep keeps an eye on.
+    pub fn could_match(&self, cg: &CgroupPath, container: Option<&ContainerInfo>) -> bool {
+        self.policies
+            .iter()
+            .any(|p| p.matcher.matches(cg, container))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(text: &str) -> Policy {
+        load_str(text, "t.toml").unwrap()
+    }
+
+    #[test]
+    fn embedded_default_is_valid_and_matches_everything() {
+        let set = PolicySet::embedded_default();
+        assert!(set.is_embedded_default());
+        let p = set.select(&CgroupPath::new("/docker/abc"), true, None).unwrap();
+        let names: Vec<_> = p.steps.iter().map(|s| s.action.name()).collect();
+        assert_eq!(names, ["reclaim", "raise_limit", "signal", "kill"]);
+        assert_eq!(p.mode, Mode::Enforce);
+        // v1: a cgroup the kernel may still OOM-kill is not ours.
+        assert!(set.select(&CgroupPath::new("/docker/abc"), false, None).is_none());
+    }
+
+    #[test]
+    fn highest_priority_wins_and_ties_go_to_file_order() {
+        let a = policy("name='a'\npriority=1\n[match]\ncgroup=['/docker/*']\n[[step]]\naction='reclaim'\n");
+        let b = policy("name='b'\npriority=5\n[match]\ncgroup=['/docker/api-*']\n[[step]]\naction='reclaim'\n");
+        let c = policy("name='c'\npriority=5\n[match]\ncgroup=['**']\n[[step]]\naction='reclaim'\n");
+        let set = PolicySet::new(vec![a, b, c], false);
+        let sel = |p: &str| set.select(&CgroupPath::new(p), true, None).map(|p| p.name.clone());
+        assert_eq!(sel("/docker/api-1").as_deref(), Some("b"));
+        assert_eq!(sel("/docker/web").as_deref(), Some("c"));
+        assert_eq!(sel("/other").as_deref(), Some("c"));
+    }
+
+    #[test]
+    fn require_oom_kill_disable_can_be_turned_off() {
+        let p = policy("[match]\ncgroup=['/x']\nrequire_oom_kill_disable=false\n[[step]]\naction='kill_all'\n");
+        let set = PolicySet::new(vec![p], false);
+        assert!(set.select(&CgroupPath::new("/x"), false, None).is_some());
+    }
+
+    #[test]
+    fn container_keys_need_metadata() {
+        let p = policy("[match]\ncontainer_name=['api-*']\nlabel={tier='api'}\n[[step]]\naction='reclaim'\n");
+        let cg = CgroupPath::new("/docker/abc");
+        assert!(!p.matcher.matches(&cg, None));
+        let mut c = ContainerInfo {
+            name: "api-1".into(),
+            ..Default::default()
+        };
+        assert!(!p.matcher.matches(&cg, Some(&c)));
+        c.labels.insert("tier".into(), "api".into());
+        assert!(p.matcher.matches(&cg, Some(&c)));
+        c.name = "web-1".into();
+        assert!(!p.matcher.matches(&cg, Some(&c)));
+    }
+
+    #[test]
+    fn dry_run_turns_every_policy_to_audit() {
+        let set = PolicySet::embedded_default().all_audit();
+        let p = &set.policies()[0];
+        assert_eq!(p.mode, Mode::Audit);
+        assert_eq!(p.steps.len(), 4);
+        assert!(p.matcher.matches(&CgroupPath::new("/a"), None));
+    }
+
+    #[test]
+    fn ceiling_by_max_extra_and_max_limit() {
+        let r = Raise {
+            by: Amount::Percent(0.1),
+            ceiling: Ceiling::MaxExtra(Amount::Percent(0.25)),
+            hold: Duration::from_secs(1),
+            restore_below: 0.9,
+            restore_after: Duration::from_secs(1),
+        };
+        assert_eq!(r.ceiling_for(64 << 20), 80 << 20);
+        let r2 = Raise {
+            ceiling: Ceiling::MaxLimit(1 << 30),
+            ..r
+        };
+        assert_eq!(r2.ceiling_for(64 << 20), 1 << 30);
+    }
+}

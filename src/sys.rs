@@ -1,0 +1,181 @@
+//! The agent's only `unsafe`: thin wrappers over the Linux syscalls that neither std nor
+//! nix expose in the shape we need (pidfds, process_mrelease, mlockall, statfs magic).
+//!
+//! Everything here returns `io::Result` and owns its file descriptors, so callers never
+//! see a raw fd or errno.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::time::Duration;
+
+/// x86_64 and aarch64 share the asm-generic numbers for these (added in 5.3 / 5.1 / 5.15).
+const SYS_PIDFD_OPEN: libc::c_long = 434;
+const SYS_PIDFD_SEND_SIGNAL: libc::c_long = 424;
+const SYS_PROCESS_MRELEASE: libc::c_long = 448;
+
+/// A process handle that cannot be confused with a later process reusing the PID.
+#[derive(Debug)]
+pub struct PidFd {
+    fd: OwnedFd,
+    pid: i32,
+}
+
+impl PidFd {
+    /// Opens a pidfd for `pid`. `ESRCH` (gone already) comes back as `ErrorKind::NotFound`.
+    pub fn open(pid: i32) -> io::Result<PidFd> {
+        // SAFETY: pidfd_open takes a pid and flags by value and returns a new fd or -1;
+        // no memory is shared with the kernel.
+        let ret = unsafe { libc::syscall(SYS_PIDFD_OPEN, pid, 0) };
+        if ret < 0 {
+            return Err(map_esrch(io::Error::last_os_error()));
+        }
+        let raw = i32::try_from(ret).map_err(|_| io::Error::other("pidfd out of range"))?;
+        // SAFETY: the kernel just returned `raw` as a fresh fd that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        Ok(PidFd { fd, pid })
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Sends `sig` through the pidfd: it reaches this process or nobody.
+    pub fn send_signal(&self, sig: i32) -> io::Result<()> {
+        // SAFETY: fd is a live pidfd owned by self; info is NULL (the kernel fills in a
+        // default siginfo), flags 0.
+        let ret = unsafe {
+            libc::syscall(
+                SYS_PIDFD_SEND_SIGNAL,
+                self.fd.as_raw_fd(),
+                sig,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if ret < 0 {
+            return Err(map_esrch(io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    /// Frees the memory of a process that has SIGKILL pending, without waiting for it to
+    /// be scheduled (5.15+). The kernel refuses processes without a pending SIGKILL.
+    pub fn process_mrelease(&self) -> io::Result<()> {
+        // SAFETY: fd is a live pidfd owned by self; flags must be 0.
+        let ret = unsafe { libc::syscall(SYS_PROCESS_MRELEASE, self.fd.as_raw_fd(), 0) };
+        if ret < 0 {
+            return Err(map_esrch(io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the process to exit (a pidfd polls readable on exit).
+    /// Returns true if it exited.
+    pub fn wait_exit(&self, timeout: Duration) -> io::Result<bool> {
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        loop {
+            // SAFETY: pfd is a valid, initialised pollfd on our stack and nfds is 1.
+            let ret = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if ret < 0 {
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(err);
+            }
+            return Ok(ret > 0);
+        }
+    }
+}
+
+fn map_esrch(err: io::Error) -> io::Error {
+    if err.raw_os_error() == Some(libc::ESRCH) {
+        io::Error::new(io::ErrorKind::NotFound, "no such process")
+    } else {
+        err
+    }
+}
+
+/// Locks the agent's pages in memory so that it is never itself stalled by reclaim
+/// while rescuing others (lmkd and earlyoom do the same).
+pub fn mlockall() -> io::Result<()> {
+    // SAFETY: mlockall takes flags by value and touches no user memory.
+    let ret = unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The `f_type` magic of the filesystem holding `path` (statfs(2)).
+pub fn fs_magic(path: &Path) -> io::Result<i64> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+    let mut buf = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: c is a valid NUL-terminated string and buf points to writable storage of
+    // the right size for one statfs struct.
+    let ret = unsafe { libc::statfs(c.as_ptr(), buf.as_mut_ptr()) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: statfs returned 0, so it initialised the whole struct.
+    let st = unsafe { buf.assume_init() };
+    #[allow(clippy::unnecessary_cast)]
+    Ok(st.f_type as i64)
+}
+
+/// Clock ticks per second, to turn /proc/PID/stat start times into durations.
+pub fn clock_ticks() -> u64 {
+    // SAFETY: sysconf only reads a configuration value.
+    let ret = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(ret).ok().filter(|&t| t > 0).unwrap_or(100)
+}
+
+/// The PID of the calling process.
+pub fn getpid() -> i32 {
+    std::process::id() as i32
+}
+
+pub const CGROUP_SUPER_MAGIC: i64 = 0x0027_e0eb;
+pub const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pidfd_of_self_opens_and_exited_child_reports_exit() {
+        let me = PidFd::open(getpid()).expect("pidfd_open self");
+        assert_eq!(me.pid(), getpid());
+        assert!(!me.wait_exit(Duration::from_millis(1)).unwrap());
+
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let pfd = PidFd::open(child.id() as i32).unwrap();
+        pfd.send_signal(libc::SIGKILL).unwrap();
+        assert!(pfd.wait_exit(Duration::from_secs(5)).unwrap());
+        let status = child.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+    }
+
+    #[test]
+    fn pidfd_open_of_missing_pid_is_not_found() {
+        // PIDs above pid_max (4194304 at most) never exist.
+        let err = PidFd::open(i32::MAX).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn fs_magic_of_proc() {
+        const PROC_SUPER_MAGIC: i64 = 0x9fa0;
+        assert_eq!(fs_magic(Path::new("/proc")).unwrap(), PROC_SUPER_MAGIC);
+    }
+}
