@@ -5,3 +5,6 @@
 pub mod cgroup;
 pub mod policy;
 pub mod sys;
+pub mod audit;
+pub mod journal;
+pub mod victim;
