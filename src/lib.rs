@@ -8,3 +8,4 @@ pub mod sys;
 pub mod audit;
 pub mod journal;
 pub mod victim;
+pub mod action;

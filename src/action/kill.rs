@@ -1,0 +1,210 @@
+//! Signalling processes without races: choose a victim from `/proc`, open a pidfd,
+//! re-check that the process behind it is the one chosen (same start time) and is still
+//! in the cgroup's subtree, then signal through the pidfd. After SIGKILL,
+//! `process_mrelease` frees the victim's memory without waiting for it to run.
+
+use std::time::{Duration, Instant};
+
+use super::{Env, Outcome, Report, StepCtx};
+use crate::cgroup::{parse, CgroupPath};
+use crate::policy::VictimSpec;
+use crate::sys::PidFd;
+use crate::victim::{self, Task};
+
+/// How long to wait for a SIGKILLed process to be gone before the settle wait.
+const KILL_WAIT: Duration = Duration::from_secs(2);
+
+fn signal_name(sig: i32) -> String {
+    nix::sys::signal::Signal::try_from(sig)
+        .map(|s| s.as_str().to_string())
+        .unwrap_or_else(|_| sig.to_string())
+}
+
+/// Opens a pidfd for `task` and confirms it still is that task, inside `within`.
+/// `Ok(None)`: it exited, its PID was reused, or it moved out.
+pub fn verified_pidfd(env: &Env, task: &Task, within: &CgroupPath) -> Result<Option<PidFd>, String> {
+    let pfd = match PidFd::open(task.pid) {
+        Ok(p) => p,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("pidfd_open({}): {e}", task.pid)),
+    };
+    if victim::start_ticks(&env.proc_root, task.pid) != Some(task.start_ticks) {
+        return Ok(None);
+    }
+    let path = env.proc_root.join(task.pid.to_string()).join("cgroup");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(None);
+    };
+    let Some(cg) = parse::proc_memory_cgroup(&text)
+        .and_then(|p| env.ctl.hierarchy().from_proc_path(&p))
+    else {
+        return Ok(None);
+    };
+    if !cg.is_within(within) {
+        return Ok(None);
+    }
+    Ok(Some(pfd))
+}
+
+fn victim_fields(r: Report, t: &Task, sig: i32) -> Report {
+    r.with("pid", t.pid)
+        .with("comm", t.comm.clone())
+        .with("rss_bytes", t.rss_bytes)
+        .with("signal", signal_name(sig))
+        .with("victim_cgroup", t.cgroup.to_string())
+}
+
+/// Sends `sig` to the best victim of the subtree; with `grace`, waits up to that long
+/// for it to exit (or for the cgroup to recover).
+pub fn signal_victim(
+    env: &Env,
+    ctx: &StepCtx,
+    spec: &VictimSpec,
+    sig: i32,
+    grace: Option<Duration>,
+) -> Report {
+    let tasks = victim::candidates(env.ctl.as_ref(), &env.proc_root, ctx.cgroup, env.self_pid);
+    let ranked = victim::rank(&tasks, spec);
+    let Some(first) = ranked.first() else {
+        return Report::skipped("no candidate process in the cgroup");
+    };
+    if ctx.audit {
+        return victim_fields(Report::new(Outcome::Would), first, sig);
+    }
+    // The first choice may have exited between reading /proc and opening the pidfd;
+    // fall back to the next in order rather than to nobody.
+    for t in ranked.iter().take(4) {
+        let pfd = match verified_pidfd(env, t, ctx.cgroup) {
+            Ok(Some(p)) => p,
+            Ok(None) => continue,
+            Err(e) => return victim_fields(Report::failed(e), t, sig),
+        };
+        if let Err(e) = pfd.send_signal(sig) {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                continue;
+            }
+            return victim_fields(Report::failed(format!("pidfd_send_signal: {e}")), t, sig);
+        }
+        let mut rep = victim_fields(Report::new(Outcome::Done), t, sig);
+        if sig == libc::SIGKILL {
+            match pfd.process_mrelease() {
+                Ok(()) => rep = rep.with("mreleased", true),
+                Err(e) => {
+                    log::debug!("process_mrelease({}): {e}", t.pid);
+                    rep = rep.with("mreleased", false);
+                }
+            }
+        }
+        let wait = grace.unwrap_or(KILL_WAIT);
+        let start = Instant::now();
+        let exited = wait_exit(&pfd, wait, ctx.still_stuck);
+        rep = rep
+            .with("exited", exited)
+            .with("waited_ms", start.elapsed().as_millis() as u64);
+        return rep;
+    }
+    Report::skipped("every candidate exited or left the cgroup before it could be signalled")
+}
+
+/// Waits for the process to exit, in short slices so that a recovery ends the wait.
+fn wait_exit(pfd: &PidFd, total: Duration, still_stuck: &dyn Fn() -> bool) -> bool {
+    let deadline = Instant::now() + total;
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            return false;
+        }
+        let slice = (deadline - now).min(Duration::from_millis(10));
+        match pfd.wait_exit(slice) {
+            Ok(true) => return true,
+            Ok(false) => {}
+            Err(_) => return false,
+        }
+        if !still_stuck() {
+            return false;
+        }
+    }
+}
+
+/// SIGKILLs every task in the subtree (never pid 1 nor the agent), in rounds, until it
+/// is empty or five rounds have passed (tasks may fork meanwhile).
+pub fn kill_all(env: &Env, ctx: &StepCtx) -> Report {
+    let h = env.ctl.hierarchy();
+    let list = || -> Vec<Task> {
+        h.walk(ctx.cgroup)
+            .iter()
+            .flat_map(|cg| {
+                env.ctl
+                    .procs(cg)
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|&p| p > 1 && p != env.self_pid)
+                    .filter_map(|p| victim::read_task(&env.proc_root, p, cg))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let first = list();
+    if first.is_empty() {
+        return Report::skipped("no process in the cgroup");
+    }
+    if ctx.audit {
+        let pids: Vec<i32> = first.iter().map(|t| t.pid).collect();
+        return Report::new(Outcome::Would).with("pids", pids).with("signal", "SIGKILL");
+    }
+    let mut killed = Vec::new();
+    let mut errors = Vec::new();
+    let mut pidfds = Vec::new();
+    let mut tasks = first;
+    for _round in 0..5 {
+        if tasks.is_empty() {
+            break;
+        }
+        for t in &tasks {
+            match verified_pidfd(env, t, ctx.cgroup) {
+                Ok(Some(pfd)) => match pfd.send_signal(libc::SIGKILL) {
+                    Ok(()) => {
+                        let _ = pfd.process_mrelease();
+                        killed.push(t.pid);
+                        pidfds.push(pfd);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => errors.push(format!("{}: {e}", t.pid)),
+                },
+                Ok(None) => {}
+                Err(e) => errors.push(e),
+            }
+        }
+        // Let the killed go before looking for stragglers (forked children).
+        let deadline = Instant::now() + KILL_WAIT;
+        for p in &pidfds {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let _ = p.wait_exit(left);
+        }
+        tasks = list()
+            .into_iter()
+            .filter(|t| !killed.contains(&t.pid))
+            .collect();
+    }
+    let mut rep = if errors.is_empty() {
+        Report::new(Outcome::Done)
+    } else {
+        Report::failed(errors.join("; "))
+    };
+    rep = rep.with("pids", killed).with("signal", "SIGKILL");
+    rep
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signal_names() {
+        assert_eq!(signal_name(libc::SIGTERM), "SIGTERM");
+        assert_eq!(signal_name(libc::SIGKILL), "SIGKILL");
+        assert_eq!(signal_name(999), "999");
+    }
+}

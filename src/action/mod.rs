@@ -1,0 +1,146 @@
+//! Actions: what a policy step does to a cgroup. Each returns a [`Report`] that the
+//! episode turns into one `action` audit line; in audit mode each computes the full
+//! decision (victim, new limit) and changes nothing.
+
+pub mod exec;
+pub mod kill;
+pub mod raise;
+pub mod reclaim;
+
+use std::path::PathBuf;
+
+use serde_json::{Map, Value};
+
+use crate::cgroup::{CgroupPath, Controller};
+use crate::policy::{Action, Policy};
+pub use raise::LoanBook;
+
+/// What actions need from the agent: the cgroup controller, `/proc`, the loans.
+pub struct Env {
+    pub ctl: Box<dyn Controller>,
+    pub proc_root: PathBuf,
+    pub self_pid: i32,
+    pub loans: LoanBook,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Done,
+    Would,
+    Failed,
+    Skipped,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Done => "done",
+            Outcome::Would => "would",
+            Outcome::Failed => "failed",
+            Outcome::Skipped => "skipped",
+        }
+    }
+}
+
+/// The result of one step's action.
+#[derive(Debug)]
+pub struct Report {
+    pub outcome: Outcome,
+    /// Per-action audit fields (old_limit, pid, exit_code, ...).
+    pub fields: Map<String, Value>,
+    pub error: Option<String>,
+    /// False when waiting for recovery is pointless (nothing changed).
+    pub settle: bool,
+}
+
+impl Report {
+    pub fn new(outcome: Outcome) -> Report {
+        Report {
+            outcome,
+            fields: Map::new(),
+            error: None,
+            settle: outcome == Outcome::Done,
+        }
+    }
+
+    pub fn failed(error: impl ToString) -> Report {
+        let mut r = Report::new(Outcome::Failed);
+        r.error = Some(error.to_string());
+        r
+    }
+
+    pub fn skipped(why: impl ToString) -> Report {
+        let mut r = Report::new(Outcome::Skipped);
+        r.error = Some(why.to_string());
+        r
+    }
+
+    pub fn with(mut self, key: &str, v: impl Into<Value>) -> Report {
+        self.fields.insert(key.to_string(), v.into());
+        self
+    }
+}
+
+/// Which step of which episode an action runs for.
+pub struct StepCtx<'a> {
+    pub cgroup: &'a CgroupPath,
+    pub policy: &'a Policy,
+    pub episode: u64,
+    pub step: usize,
+    pub audit: bool,
+    /// Resumed after a hold expired: no further raises.
+    pub resuming: bool,
+    /// True while the cgroup still needs help; long waits end early when it turns false.
+    pub still_stuck: &'a dyn Fn() -> bool,
+}
+
+/// Runs one action.
+pub fn perform(env: &Env, ctx: &StepCtx, action: &Action) -> Report {
+    match action {
+        Action::Reclaim => reclaim::reclaim(env, ctx),
+        Action::DropCaches { level } => reclaim::drop_caches(env, ctx, *level),
+        Action::RaiseLimit(r) => raise_step(env, ctx, r),
+        Action::Signal {
+            signal,
+            victim,
+            grace,
+        } => kill::signal_victim(env, ctx, victim, *signal, Some(*grace)),
+        Action::Kill { victim } => kill::signal_victim(env, ctx, victim, libc::SIGKILL, None),
+        Action::KillAll => kill::kill_all(env, ctx),
+        Action::Exec { command, timeout } => exec::run(env, ctx, command, *timeout),
+    }
+}
+
+fn raise_step(env: &Env, ctx: &StepCtx, r: &crate::policy::Raise) -> Report {
+    if ctx.resuming {
+        return Report::skipped("resuming after the hold expired: no further raise");
+    }
+    let res = env.loans.lend(
+        env.ctl.as_ref(),
+        ctx.cgroup,
+        &ctx.policy.name,
+        r,
+        ctx.episode,
+        ctx.step + 1,
+        ctx.audit,
+    );
+    match res {
+        Ok(raise::Lend::Raised { old, new }) => Report::new(Outcome::Done)
+            .with("old_limit", old)
+            .with("new_limit", new),
+        Ok(raise::Lend::Would { old, new }) => Report::new(Outcome::Would)
+            .with("old_limit", old)
+            .with("new_limit", new),
+        Ok(raise::Lend::AtCeiling { limit, ceiling }) => {
+            let mut rep = Report::skipped(format!("limit {limit} is already at the ceiling {ceiling}"))
+                .with("old_limit", limit)
+                .with("new_limit", limit);
+            // In audit mode the decision is still "would do nothing".
+            if ctx.audit {
+                rep.outcome = Outcome::Skipped;
+            }
+            rep
+        }
+        Err(e) => Report::failed(e),
+    }
+}

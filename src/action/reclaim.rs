@@ -1,0 +1,84 @@
+//! Reclaim: v1 `memory.force_empty` (reclaims what it can, tasks stay), and the
+//! host-wide `drop_caches`.
+
+use super::{Env, Outcome, Report, StepCtx};
+
+pub fn reclaim(env: &Env, ctx: &StepCtx) -> Report {
+    if ctx.audit {
+        let usage = env.ctl.usage(ctx.cgroup).ok().flatten().unwrap_or(0);
+        let cache = env
+            .ctl
+            .stat(ctx.cgroup)
+            .ok()
+            .flatten()
+            .and_then(|s| s.get("total_cache").or(s.get("file")).copied());
+        let mut r = Report::new(Outcome::Would).with("usage_bytes", usage);
+        if let Some(c) = cache {
+            r = r.with("reclaimable_cache_bytes", c);
+        }
+        return r;
+    }
+    match env.ctl.reclaim(ctx.cgroup) {
+        Ok((before, after)) => {
+            let freed = before.saturating_sub(after);
+            let mut r = Report::new(Outcome::Done).with("freed_bytes", freed);
+            // Nothing freed: nothing can have woken the sleepers, skip the wait.
+            r.settle = freed > 0;
+            r
+        }
+        Err(e) => Report::failed(e),
+    }
+}
+
+pub fn drop_caches(env: &Env, ctx: &StepCtx, level: u8) -> Report {
+    if ctx.audit {
+        return Report::new(Outcome::Would).with("level", level);
+    }
+    let path = env.proc_root.join("sys/vm/drop_caches");
+    match std::fs::write(&path, level.to_string()) {
+        Ok(()) => Report::new(Outcome::Done).with("level", level),
+        Err(e) => Report::failed(format!("{}: {e}", path.display())).with("level", level),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::action::LoanBook;
+    use crate::cgroup::{v1::V1, CgroupPath, Hierarchy, Kind};
+    use crate::policy::PolicySet;
+
+    #[test]
+    fn drop_caches_writes_level_under_proc_root() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(t.path().join("proc/sys/vm")).unwrap();
+        std::fs::write(t.path().join("proc/sys/vm/drop_caches"), "").unwrap();
+        let env = Env {
+            ctl: Box::new(V1::new(Hierarchy::fake(t.path(), Kind::V1))),
+            proc_root: t.path().join("proc"),
+            self_pid: 0,
+            loans: LoanBook::new(None),
+        };
+        let set = PolicySet::embedded_default();
+        let cg = CgroupPath::new("/x");
+        let ctx = StepCtx {
+            cgroup: &cg,
+            policy: &set.policies()[0],
+            episode: 1,
+            step: 0,
+            audit: false,
+            resuming: false,
+            still_stuck: &|| true,
+        };
+        let r = drop_caches(&env, &ctx, 3);
+        assert_eq!(r.outcome, Outcome::Done);
+        assert_eq!(
+            std::fs::read_to_string(t.path().join("proc/sys/vm/drop_caches")).unwrap(),
+            "3"
+        );
+        let ctx = StepCtx { audit: true, ..ctx };
+        std::fs::write(t.path().join("proc/sys/vm/drop_caches"), "").unwrap();
+        assert_eq!(drop_caches(&env, &ctx, 1).outcome, Outcome::Would);
+        assert_eq!(std::fs::read_to_string(t.path().join("proc/sys/vm/drop_caches")).unwrap(), "");
+    }
+}
