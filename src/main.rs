@@ -1,1 +1,274 @@
-fn main() {}
+//! The `oomwake` command line: run, check, explain, status, demo.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use oomwake::agent::{self, Status};
+use oomwake::cgroup::CgroupPath;
+use oomwake::config::{self, Config};
+use oomwake::policy;
+
+#[derive(Parser)]
+#[command(name = "oomwake", version, about = "Userspace OOM handler for memory cgroups with the kernel OOM killer disabled")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Watch the hierarchy and resolve OOM stalls by policy (root).
+    Run {
+        #[arg(long, default_value = config::DEFAULT_CONFIG)]
+        config: PathBuf,
+        #[arg(long)]
+        policies: Option<PathBuf>,
+        #[arg(long)]
+        cgroup_root: Option<PathBuf>,
+        /// Every policy in audit mode: log decisions, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        audit_log: Option<PathBuf>,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Serve Prometheus metrics on ADDR:PORT (a bare port binds loopback).
+        #[arg(long)]
+        metrics: Option<String>,
+    },
+    /// Validate policy files: exit 0 ok, 1 invalid, 2 usage.
+    Check {
+        #[arg(long, conflicts_with = "files")]
+        policies: Option<PathBuf>,
+        files: Vec<PathBuf>,
+    },
+    /// Which policy matches CGROUP (path below the root) and what it would do now.
+    Explain {
+        #[arg(long, default_value = config::DEFAULT_POLICIES)]
+        policies: PathBuf,
+        #[arg(long)]
+        cgroup_root: Option<PathBuf>,
+        cgroup: String,
+    },
+    /// What the running agent watches and holds.
+    Status {
+        #[arg(long, default_value = config::DEFAULT_STATE)]
+        state_dir: PathBuf,
+        /// Print the raw status JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Self-contained show of a stall and its rescue (root, cgroup v1).
+    Demo {
+        #[arg(long)]
+        cgroup_root: Option<PathBuf>,
+    },
+    /// The memory hog used by the demo.
+    #[command(name = "__hog", hide = true)]
+    Hog {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Run {
+            config,
+            policies,
+            cgroup_root,
+            dry_run,
+            audit_log,
+            state_dir,
+            metrics,
+        } => {
+            let build = move || -> Result<Config, String> {
+                let mut cfg = Config::load(&config)?;
+                if let Some(p) = &policies {
+                    cfg.policies = p.clone();
+                }
+                if let Some(r) = &cgroup_root {
+                    cfg.cgroup_root = r.clone();
+                }
+                if let Some(a) = &audit_log {
+                    cfg.audit_log = Some(a.clone());
+                }
+                if let Some(s) = &state_dir {
+                    cfg.state_dir = s.clone();
+                }
+                if let Some(m) = &metrics {
+                    cfg.metrics = Some(config::parse_addr(m)?);
+                }
+                cfg.dry_run |= dry_run;
+                Ok(cfg)
+            };
+            let cfg = match build() {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(1);
+                }
+            };
+            let set = match agent::load_policies(&cfg) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("{e}");
+                    eprintln!("oomwake: invalid policies, not starting");
+                    return ExitCode::from(1);
+                }
+            };
+            if set.is_embedded_default() {
+                log::info!(
+                    "no policy file in {}: using the embedded default",
+                    cfg.policies.display()
+                );
+            }
+            // SIGHUP: re-read the config for its policies path and dry-run flag.
+            let reload = Box::new(move || build().and_then(|c| agent::load_policies(&c)));
+            match agent::run(cfg, set, reload) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("oomwake: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Cmd::Check { policies, files } => {
+            let res = if files.is_empty() {
+                let dir = policies.unwrap_or_else(|| config::DEFAULT_POLICIES.into());
+                policy::load_dir(&dir)
+            } else {
+                policy::load_files(&files)
+            };
+            match res {
+                Ok(set) => {
+                    if set.is_embedded_default() {
+                        println!("no policy files found: the embedded default applies");
+                    }
+                    for p in set.policies() {
+                        let steps: Vec<&str> = p.steps.iter().map(|s| s.action.name()).collect();
+                        println!(
+                            "ok: {} ({}, priority {}, {}): {}",
+                            p.name,
+                            p.source,
+                            p.priority,
+                            p.mode.as_str(),
+                            steps.join(" -> ")
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(errs) => {
+                    for e in errs {
+                        eprintln!("{e}");
+                    }
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Cmd::Explain {
+            policies,
+            cgroup_root,
+            cgroup,
+        } => {
+            let set = match policy::load_dir(&policies) {
+                Ok(s) => s,
+                Err(errs) => {
+                    for e in errs {
+                        eprintln!("{e}");
+                    }
+                    return ExitCode::from(1);
+                }
+            };
+            let root = cgroup_root.unwrap_or_else(|| Config::default().cgroup_root);
+            let out = oomwake::explain::explain(
+                &set,
+                &root,
+                std::path::Path::new("/proc"),
+                &CgroupPath::new(&cgroup),
+            );
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Cmd::Status { state_dir, json } => status(&state_dir, json),
+        Cmd::Demo { cgroup_root } => {
+            let root = cgroup_root.unwrap_or_else(|| Config::default().cgroup_root);
+            match oomwake::demo::run(&root) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("oomwake demo: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Cmd::Hog { args } => match oomwake::hog::parse_args(&args).and_then(|a| oomwake::hog::run(&a)) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("hog: {e}");
+                ExitCode::from(1)
+            }
+        },
+    }
+}
+
+fn status(state_dir: &std::path::Path, json: bool) -> ExitCode {
+    let path = state_dir.join("status.json");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("{}: {e} (is the agent running with --state-dir {}?)", path.display(), state_dir.display());
+            return ExitCode::from(1);
+        }
+    };
+    if json {
+        print!("{text}");
+        return ExitCode::SUCCESS;
+    }
+    let st: Status = match serde_json::from_str(&text) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{}: {e}", path.display());
+            return ExitCode::from(1);
+        }
+    };
+    let alive = st.running && std::path::Path::new(&format!("/proc/{}", st.pid)).exists();
+    if alive {
+        println!("oomwake running (pid {}), status of {}", st.pid, st.updated);
+    } else {
+        println!("oomwake not running (last status {}, pid {})", st.updated, st.pid);
+    }
+    println!(
+        "hierarchy: {}{}",
+        st.cgroup_root.display(),
+        if st.dry_run { " (dry run)" } else { "" }
+    );
+    println!("policies: {}", st.policies.join(", "));
+    println!("watched cgroups: {}", st.watched.len());
+    for w in &st.watched {
+        println!("  {}  [{}]", w.cgroup, w.policy);
+    }
+    if !st.episodes_running.is_empty() {
+        println!("episodes running:");
+        for c in &st.episodes_running {
+            println!("  {c}");
+        }
+    }
+    println!("lent limits: {}", st.loans.len());
+    for l in &st.loans {
+        println!(
+            "  {}  {} -> {} bytes (policy {}, episode {})",
+            l.cgroup, l.original.memory, l.lent.memory, l.policy, l.episode
+        );
+    }
+    if alive {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    }
+}

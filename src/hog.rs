@@ -1,0 +1,143 @@
+//! A memory hog for tests, benchmarks and `oomwake demo`: joins a cgroup, touches pages
+//! one by one at a controlled rate and reports the longest gap between two touches (the
+//! stall it saw). It is a workload simulator, not part of the agent's decision path.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+const PAGE: usize = 4096;
+
+#[derive(Debug, Clone)]
+pub struct HogArgs {
+    /// Cgroup directory to join first (writes our PID to its cgroup.procs).
+    pub join: Option<PathBuf>,
+    pub touch_bytes: usize,
+    /// Pause between page touches (0 = as fast as possible).
+    pub interval: Duration,
+    /// Sleep this long after touching everything, memory still held.
+    pub hold: Duration,
+    /// Free the memory after the hold, then sleep `after_free`.
+    pub after_free: Option<Duration>,
+    /// Appears in the command line so policies can prefer or avoid this process.
+    pub tag: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct HogReport {
+    pub pid: u32,
+    pub tag: String,
+    pub touched_bytes: usize,
+    pub longest_stall_us: u64,
+    pub longest_stall_at_bytes: usize,
+    pub elapsed_ms: u64,
+}
+
+/// Parses hog arguments: `--join DIR --touch SIZE --interval DUR --hold DUR
+/// --free-after DUR --tag NAME`.
+pub fn parse_args(args: &[String]) -> Result<HogArgs, String> {
+    let mut a = HogArgs {
+        join: None,
+        touch_bytes: 16 << 20,
+        interval: Duration::ZERO,
+        hold: Duration::ZERO,
+        after_free: None,
+        tag: "hog".into(),
+    };
+    let mut it = args.iter();
+    while let Some(k) = it.next() {
+        let mut v = || it.next().cloned().ok_or(format!("{k} needs a value"));
+        match k.as_str() {
+            "--join" => a.join = Some(PathBuf::from(v()?)),
+            "--touch" => a.touch_bytes = crate::policy::units::parse_size(&v()?)? as usize,
+            "--interval" => a.interval = crate::policy::units::parse_duration(&v()?)?,
+            "--hold" => a.hold = crate::policy::units::parse_duration(&v()?)?,
+            "--free-after" => a.after_free = Some(crate::policy::units::parse_duration(&v()?)?),
+            "--tag" => a.tag = v()?,
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    Ok(a)
+}
+
+/// Runs the hog; prints one JSON report line on stdout after touching everything.
+pub fn run(a: &HogArgs) -> Result<HogReport, String> {
+    if let Some(dir) = &a.join {
+        let procs = dir.join("cgroup.procs");
+        std::fs::write(&procs, std::process::id().to_string())
+            .map_err(|e| format!("joining {}: {e}", procs.display()))?;
+    }
+    let start = Instant::now();
+    // Zeroed allocation of this size is a fresh anonymous mapping: every first write
+    // to a page faults and charges the cgroup, which is what we want to observe.
+    let mut buf = vec![0u8; a.touch_bytes];
+    let mut longest = Duration::ZERO;
+    let mut longest_at = 0;
+    let mut prev = Instant::now();
+    let mut off = 0;
+    while off < buf.len() {
+        buf[off] = 1;
+        std::hint::black_box(&buf[off]);
+        let now = Instant::now();
+        let gap = now - prev;
+        if gap > longest {
+            longest = gap;
+            longest_at = off;
+        }
+        if !a.interval.is_zero() {
+            std::thread::sleep(a.interval);
+        }
+        prev = Instant::now();
+        off += PAGE;
+    }
+    let report = HogReport {
+        pid: std::process::id(),
+        tag: a.tag.clone(),
+        touched_bytes: buf.len(),
+        longest_stall_us: longest.as_micros() as u64,
+        longest_stall_at_bytes: longest_at,
+        elapsed_ms: start.elapsed().as_millis() as u64,
+    };
+    let line = serde_json::to_string(&report).map_err(|e| e.to_string())?;
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+    std::thread::sleep(a.hold);
+    if let Some(after) = a.after_free {
+        drop(buf);
+        std::thread::sleep(after);
+    } else {
+        std::hint::black_box(&buf);
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn args_parse() {
+        let v: Vec<String> = ["--touch", "8M", "--tag", "victim", "--hold", "1s", "--free-after", "2s"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let a = parse_args(&v).unwrap();
+        assert_eq!(a.touch_bytes, 8 << 20);
+        assert_eq!(a.tag, "victim");
+        assert_eq!(a.hold, Duration::from_secs(1));
+        assert_eq!(a.after_free, Some(Duration::from_secs(2)));
+        assert!(parse_args(&["--bogus".to_string()]).is_err());
+        assert!(parse_args(&["--touch".to_string()]).is_err());
+    }
+
+    #[test]
+    fn touches_and_reports_without_a_cgroup() {
+        let a = parse_args(&["--touch".into(), "1M".into()]).unwrap();
+        let r = run(&a).unwrap();
+        assert_eq!(r.touched_bytes, 1 << 20);
+        assert!(r.longest_stall_at_bytes < 1 << 20);
+    }
+}

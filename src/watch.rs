@@ -1,0 +1,540 @@
+//! The one event loop: OOM eventfds of every watched cgroup, inotify on every directory
+//! of the hierarchy (cgroups come and go), signals (SIGHUP reload, SIGTERM/SIGINT stop)
+//! and timers (the safety sweep, the rescan) in a single epoll. No thread per cgroup.
+//!
+//! The loop only notices and dispatches; episodes run on workers.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::eventfd::EventFd;
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
+
+use crate::agent::{Shared, Status, WatchedStatus};
+use crate::audit::Record;
+use crate::cgroup::CgroupPath;
+use crate::config::Config;
+use crate::policy::{Policy, PolicySet};
+
+const TOKEN_INOTIFY: u64 = 1;
+const TOKEN_HUP: u64 = 2;
+const TOKEN_TERM: u64 = 3;
+const FIRST_CGROUP_TOKEN: u64 = 16;
+
+struct Watched {
+    efd: Option<EventFd>,
+    token: u64,
+    policy: Arc<Policy>,
+}
+
+pub struct Watcher {
+    shared: Arc<Shared>,
+    epoll: Epoll,
+    inotify: Inotify,
+    hup: UnixStream,
+    term: UnixStream,
+    dirs: HashMap<WatchDescriptor, CgroupPath>,
+    dir_wds: HashMap<CgroupPath, WatchDescriptor>,
+    /// Cgroups some policy could match; `Some` once watched.
+    candidates: BTreeMap<CgroupPath, Option<Watched>>,
+    tokens: HashMap<u64, CgroupPath>,
+    next_token: u64,
+    events: bool,
+    sweep_every: Duration,
+    rescan_every: Duration,
+    reload: Box<dyn Fn() -> Result<PolicySet, String> + Send>,
+    state_dir: std::path::PathBuf,
+    cgroup_root: std::path::PathBuf,
+    dry_run: bool,
+    status_dirty: bool,
+}
+
+fn io_err(e: nix::Error) -> std::io::Error {
+    std::io::Error::from(e)
+}
+
+impl Watcher {
+    pub fn new(
+        shared: Arc<Shared>,
+        cfg: &Config,
+        reload: Box<dyn Fn() -> Result<PolicySet, String> + Send>,
+    ) -> std::io::Result<Watcher> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io_err)?;
+        let inotify =
+            Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK).map_err(io_err)?;
+        epoll
+            .add(inotify.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_INOTIFY))
+            .map_err(io_err)?;
+        let (hup, hup_w) = UnixStream::pair()?;
+        let (term, term_w) = UnixStream::pair()?;
+        hup.set_nonblocking(true)?;
+        term.set_nonblocking(true)?;
+        signal_hook::low_level::pipe::register(libc::SIGHUP, hup_w)?;
+        let term_w2 = term_w.try_clone()?;
+        signal_hook::low_level::pipe::register(libc::SIGTERM, term_w)?;
+        signal_hook::low_level::pipe::register(libc::SIGINT, term_w2)?;
+        epoll
+            .add(&hup, EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_HUP))
+            .map_err(io_err)?;
+        epoll
+            .add(&term, EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_TERM))
+            .map_err(io_err)?;
+        let mut w = Watcher {
+            shared,
+            epoll,
+            inotify,
+            hup,
+            term,
+            dirs: HashMap::new(),
+            dir_wds: HashMap::new(),
+            candidates: BTreeMap::new(),
+            tokens: HashMap::new(),
+            next_token: FIRST_CGROUP_TOKEN,
+            events: cfg.events,
+            sweep_every: cfg.sweep_interval,
+            rescan_every: cfg.rescan_interval,
+            reload,
+            state_dir: cfg.state_dir.clone(),
+            cgroup_root: cfg.cgroup_root.clone(),
+            dry_run: cfg.dry_run,
+            status_dirty: true,
+        };
+        w.discover(&CgroupPath::root());
+        w.write_status(true);
+        Ok(w)
+    }
+
+    /// Runs until SIGTERM or SIGINT.
+    pub fn run(&mut self) -> anyhow::Result<()> {
+        let mut events = vec![EpollEvent::empty(); 64];
+        let mut next_sweep = Instant::now() + self.sweep_every;
+        let mut next_rescan = Instant::now() + self.rescan_every;
+        loop {
+            let now = Instant::now();
+            let wait = next_sweep.min(next_rescan).saturating_duration_since(now);
+            let timeout = EpollTimeout::try_from(wait).unwrap_or(EpollTimeout::NONE);
+            let n = match self.epoll.wait(&mut events, timeout) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EINTR) => 0,
+                Err(e) => return Err(anyhow::anyhow!("epoll_wait: {e}")),
+            };
+            let detected = Instant::now();
+            for ev in &events[..n] {
+                match ev.data() {
+                    TOKEN_INOTIFY => self.on_inotify(),
+                    TOKEN_HUP => {
+                        drain(&mut self.hup);
+                        self.on_reload();
+                    }
+                    TOKEN_TERM => {
+                        drain(&mut self.term);
+                        log::info!("stopping");
+                        return Ok(());
+                    }
+                    token => self.on_eventfd(token, detected),
+                }
+            }
+            let now = Instant::now();
+            if now >= next_rescan {
+                self.rescan();
+                next_rescan = now + self.rescan_every;
+            }
+            if now >= next_sweep {
+                self.sweep();
+                next_sweep = now + self.sweep_every;
+            }
+        }
+    }
+
+    fn on_eventfd(&mut self, token: u64, detected: Instant) {
+        let Some(cg) = self.tokens.get(&token).cloned() else {
+            return;
+        };
+        if let Some(Some(w)) = self.candidates.get(&cg) {
+            if let Some(efd) = &w.efd {
+                // Nonblocking: WouldBlock just means another wakeup consumed it.
+                let _ = efd.read();
+            }
+        }
+        let ctl = self.shared.env.ctl.as_ref();
+        // The kernel also signals the eventfd when the cgroup is removed.
+        match ctl.oom_state(&cg) {
+            Ok(Some(st)) if st.under_oom => self.trigger(&cg, detected),
+            Ok(Some(_)) => {}
+            Ok(None) => self.forget_subtree(&cg, "removed"),
+            Err(e) => log::warn!("{cg}: {e}"),
+        }
+    }
+
+    /// The stall belongs to the highest cgroup still under OOM: the kernel marks the
+    /// whole subtree of the cgroup whose limit was hit.
+    fn trigger(&mut self, cg: &CgroupPath, detected: Instant) {
+        let ctl = self.shared.env.ctl.as_ref();
+        let mut top = cg.clone();
+        let mut top_state = None;
+        while let Some(parent) = top.parent() {
+            match ctl.oom_state(&parent) {
+                Ok(Some(st)) if st.under_oom => {
+                    top = parent;
+                    top_state = Some(st);
+                }
+                _ => break,
+            }
+        }
+        let own = match self.candidates.get(cg) {
+            Some(Some(w)) => w.policy.clone(),
+            _ => return,
+        };
+        let policy = if &top == cg {
+            own
+        } else {
+            let kill_disabled = top_state.is_some_and(|s| s.oom_kill_disable);
+            match self.shared.policies().select(&top, kill_disabled, None) {
+                Some(p) => p.clone(),
+                None => {
+                    log::debug!("{top}: OOM reached {cg}; no policy of its own, using {}", own.name);
+                    own
+                }
+            }
+        };
+        if let Some(id) = self.shared.dispatcher.trigger(&top, policy, detected) {
+            log::debug!("{top}: episode {id} started (event on {cg})");
+        }
+    }
+
+    fn on_inotify(&mut self) {
+        loop {
+            let evs = match self.inotify.read_events() {
+                Ok(e) => e,
+                Err(nix::errno::Errno::EAGAIN) => return,
+                Err(e) => {
+                    log::warn!("inotify read: {e}");
+                    return;
+                }
+            };
+            if evs.is_empty() {
+                return;
+            }
+            for ev in evs {
+                if ev.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
+                    log::warn!("inotify queue overflow: rescanning the hierarchy");
+                    self.rescan();
+                    continue;
+                }
+                if ev.mask.contains(AddWatchFlags::IN_IGNORED) {
+                    if let Some(cg) = self.dirs.remove(&ev.wd) {
+                        self.dir_wds.remove(&cg);
+                    }
+                    continue;
+                }
+                if !ev.mask.contains(AddWatchFlags::IN_ISDIR) {
+                    continue;
+                }
+                let (Some(parent), Some(name)) = (self.dirs.get(&ev.wd).cloned(), ev.name) else {
+                    continue;
+                };
+                let Some(name) = name.to_str() else { continue };
+                let cg = parent.join(name);
+                if ev.mask.contains(AddWatchFlags::IN_CREATE) {
+                    self.discover(&cg);
+                } else if ev.mask.contains(AddWatchFlags::IN_DELETE) {
+                    self.forget_subtree(&cg, "removed");
+                }
+            }
+        }
+    }
+
+    /// Adds `from` and everything below it: inotify watches, candidates, OOM watches.
+    fn discover(&mut self, from: &CgroupPath) {
+        let policies = self.shared.policies();
+        for cg in self.shared.env.ctl.hierarchy().walk(from) {
+            if !self.dir_wds.contains_key(&cg) {
+                let dir = self.shared.env.ctl.hierarchy().dir(&cg);
+                let flags = AddWatchFlags::IN_CREATE
+                    | AddWatchFlags::IN_DELETE
+                    | AddWatchFlags::IN_ONLYDIR;
+                match self.inotify.add_watch(&dir, flags) {
+                    Ok(wd) => {
+                        self.dirs.insert(wd, cg.clone());
+                        self.dir_wds.insert(cg.clone(), wd);
+                    }
+                    Err(e) => log::debug!("inotify on {}: {e}", dir.display()),
+                }
+            }
+            if policies.could_match(&cg, None) && !self.candidates.contains_key(&cg) {
+                self.candidates.insert(cg.clone(), None);
+                self.evaluate(&cg, &policies);
+            }
+        }
+    }
+
+    /// Decides whether a candidate is watched, and under which policy. Returns
+    /// the cgroup's current under_oom.
+    fn evaluate(&mut self, cg: &CgroupPath, policies: &PolicySet) -> bool {
+        let st = match self.shared.env.ctl.oom_state(cg) {
+            Ok(Some(st)) => st,
+            Ok(None) => {
+                self.forget_subtree(cg, "removed");
+                return false;
+            }
+            Err(e) => {
+                log::warn!("{cg}: {e}");
+                return false;
+            }
+        };
+        let want = policies.select(cg, st.oom_kill_disable, None).cloned();
+        let current = self
+            .candidates
+            .get(cg)
+            .and_then(|w| w.as_ref().map(|w| w.policy.clone()));
+        match (current, want) {
+            (None, Some(p)) => self.watch(cg, p),
+            (Some(_), None) => {
+                let why = if st.oom_kill_disable {
+                    "no policy matches"
+                } else {
+                    "oom_kill_disable cleared"
+                };
+                self.unwatch(cg, why);
+            }
+            (Some(old), Some(new)) if old.name != new.name => {
+                self.unwatch(cg, "reload");
+                self.watch(cg, new);
+            }
+            (Some(_), Some(new)) => {
+                if let Some(Some(w)) = self.candidates.get_mut(cg) {
+                    w.policy = new;
+                }
+            }
+            (None, None) => {}
+        }
+        st.under_oom
+    }
+
+    fn watch(&mut self, cg: &CgroupPath, policy: Arc<Policy>) {
+        let token = self.next_token;
+        self.next_token += 1;
+        let efd = if self.events {
+            match self.shared.env.ctl.register_oom(cg) {
+                Ok(efd) => {
+                    if let Err(e) = self
+                        .epoll
+                        .add(efd.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, token))
+                    {
+                        log::error!("{cg}: epoll add: {e}");
+                        return;
+                    }
+                    Some(efd)
+                }
+                Err(e) if e.is_gone() => return,
+                Err(e) => {
+                    log::error!("{cg}: cannot register for OOM events: {e}; the sweep still covers it");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        self.tokens.insert(token, cg.clone());
+        self.shared
+            .audit
+            .log(Record::new("watch", cg).with("policy", policy.name.clone()));
+        self.candidates.insert(
+            cg.clone(),
+            Some(Watched {
+                efd,
+                token,
+                policy,
+            }),
+        );
+        self.status_dirty = true;
+        self.update_watched_metric();
+    }
+
+    fn unwatch(&mut self, cg: &CgroupPath, reason: &str) {
+        let Some(Some(w)) = self.candidates.get_mut(cg).map(Option::take) else {
+            return;
+        };
+        if let Some(efd) = &w.efd {
+            let _ = self.epoll.delete(efd.as_fd());
+        }
+        self.tokens.remove(&w.token);
+        self.shared.audit.log(
+            Record::new("unwatch", cg)
+                .with("policy", w.policy.name.clone())
+                .with("reason", reason),
+        );
+        self.status_dirty = true;
+        self.update_watched_metric();
+    }
+
+    fn forget_subtree(&mut self, top: &CgroupPath, reason: &str) {
+        let gone: Vec<CgroupPath> = self
+            .candidates
+            .keys()
+            .filter(|c| c.is_within(top))
+            .cloned()
+            .collect();
+        for cg in gone {
+            self.unwatch(&cg, reason);
+            self.candidates.remove(&cg);
+            self.shared.dispatcher.forget(&cg);
+        }
+        let dirs: Vec<CgroupPath> = self
+            .dir_wds
+            .keys()
+            .filter(|c| c.is_within(top))
+            .cloned()
+            .collect();
+        for cg in dirs {
+            if let Some(wd) = self.dir_wds.remove(&cg) {
+                self.dirs.remove(&wd);
+                // Already gone with the directory in the usual case.
+                let _ = self.inotify.rm_watch(wd);
+            }
+        }
+    }
+
+    fn update_watched_metric(&self) {
+        let n = self.candidates.values().filter(|w| w.is_some()).count();
+        self.shared.metrics.set_watched(n);
+    }
+
+    /// The safety sweep: picks up OOMs no eventfd reported (and starts while already
+    /// stuck), oom_kill_disable flips, and the end of audited stalls.
+    fn sweep(&mut self) {
+        let policies = self.shared.policies();
+        let now = Instant::now();
+        let cgs: Vec<CgroupPath> = self.candidates.keys().cloned().collect();
+        for cg in cgs {
+            let under = self.evaluate(&cg, &policies);
+            let watched = matches!(self.candidates.get(&cg), Some(Some(_)));
+            if watched && under {
+                self.trigger(&cg, now);
+            } else if !under {
+                self.shared.dispatcher.clear_held(&cg);
+            }
+        }
+        if self.status_dirty {
+            self.write_status(true);
+        }
+    }
+
+    /// Walks the whole hierarchy: catches what inotify could not report (cgroups
+    /// created through another mount, queue overflows).
+    fn rescan(&mut self) {
+        let all = self.shared.env.ctl.hierarchy().walk(&CgroupPath::root());
+        let present: std::collections::HashSet<&CgroupPath> = all.iter().collect();
+        let stale: Vec<CgroupPath> = self
+            .dir_wds
+            .keys()
+            .filter(|c| !present.contains(c))
+            .cloned()
+            .collect();
+        for cg in stale {
+            self.forget_subtree(&cg, "removed");
+        }
+        let new: Vec<CgroupPath> = all
+            .iter()
+            .filter(|c| !self.dir_wds.contains_key(*c))
+            .cloned()
+            .collect();
+        for cg in new {
+            self.discover(&cg);
+        }
+    }
+
+    fn on_reload(&mut self) {
+        match (self.reload)() {
+            Ok(set) => {
+                log::info!("reloaded: {} polic{}", set.policies().len(), if set.policies().len() == 1 { "y" } else { "ies" });
+                *self
+                    .shared
+                    .policies
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner()) = Arc::new(set);
+                if let Err(e) = self.shared.audit.reopen() {
+                    log::error!("reopening the audit log: {e}");
+                }
+                let policies = self.shared.policies();
+                let known: Vec<CgroupPath> = self.dir_wds.keys().cloned().collect();
+                for cg in known {
+                    let could = policies.could_match(&cg, None);
+                    match (self.candidates.contains_key(&cg), could) {
+                        (true, false) => {
+                            self.unwatch(&cg, "reload");
+                            self.candidates.remove(&cg);
+                        }
+                        (false, true) => {
+                            self.candidates.insert(cg.clone(), None);
+                            self.evaluate(&cg, &policies);
+                        }
+                        (true, true) => {
+                            self.evaluate(&cg, &policies);
+                        }
+                        (false, false) => {}
+                    }
+                }
+                self.write_status(true);
+            }
+            Err(e) => log::error!("reload refused, keeping the current policies:\n{e}"),
+        }
+    }
+
+    /// Writes `<state_dir>/status.json` for `oomwake status`.
+    pub fn write_status(&mut self, running: bool) {
+        let status = Status {
+            pid: crate::sys::getpid(),
+            running,
+            updated: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            cgroup_root: self.cgroup_root.clone(),
+            policies: self
+                .shared
+                .policies()
+                .policies()
+                .iter()
+                .map(|p| p.name.clone())
+                .collect(),
+            dry_run: self.dry_run,
+            watched: self
+                .candidates
+                .iter()
+                .filter_map(|(cg, w)| {
+                    w.as_ref().map(|w| WatchedStatus {
+                        cgroup: cg.clone(),
+                        policy: w.policy.name.clone(),
+                    })
+                })
+                .collect(),
+            episodes_running: self.shared.dispatcher.running(),
+            loans: self.shared.env.loans.records(),
+        };
+        let path = self.state_dir.join("status.json");
+        let tmp = self.state_dir.join("status.json.tmp");
+        let body = match serde_json::to_vec_pretty(&status) {
+            Ok(b) => b,
+            Err(e) => {
+                log::warn!("status: {e}");
+                return;
+            }
+        };
+        if let Err(e) = std::fs::write(&tmp, body).and_then(|_| std::fs::rename(&tmp, &path)) {
+            log::warn!("{}: {e}", path.display());
+        }
+        self.status_dirty = false;
+    }
+}
+
+fn drain(s: &mut UnixStream) {
+    let mut buf = [0u8; 64];
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+    }
+}
