@@ -1,1 +1,11 @@
+//! Integration tests. `cli` runs anywhere; `stalls`, `loans` and `episodes` need root
+//! and the cgroup v1 memory hierarchy, and drive real processes into real OOM stalls.
 
+// Test helpers panic on setup failures by design: a broken fixture is a failed test.
+#![allow(clippy::unwrap_used)]
+
+mod cli;
+mod common;
+mod episodes;
+mod loans;
+mod stalls;

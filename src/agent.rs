@@ -136,7 +136,11 @@ pub fn run(
         shared.env.ctl.hierarchy().root().display(),
         shared.env.ctl.hierarchy().kind(),
         shared.policies().policies().len(),
-        if shared.policies().policies().len() == 1 { "y" } else { "ies" },
+        if shared.policies().policies().len() == 1 {
+            "y"
+        } else {
+            "ies"
+        },
         if cfg.dry_run { " (dry run)" } else { "" }
     );
 
@@ -216,7 +220,11 @@ fn keeper(shared: Arc<Shared>, every: Duration) {
         if shared.stop.load(Ordering::SeqCst) {
             break;
         }
-        for ev in shared.env.loans.tick(shared.env.ctl.as_ref(), Instant::now()) {
+        for ev in shared
+            .env
+            .loans
+            .tick(shared.env.ctl.as_ref(), Instant::now())
+        {
             match ev {
                 TickEvent::Restored {
                     cgroup,
@@ -236,11 +244,7 @@ fn keeper(shared: Arc<Shared>, every: Duration) {
                     step,
                 } => {
                     let set = shared.policies();
-                    let p = set
-                        .policies()
-                        .iter()
-                        .find(|p| p.name == policy)
-                        .cloned();
+                    let p = set.policies().iter().find(|p| p.name == policy).cloned();
                     match p {
                         Some(p) if step < p.steps.len() => {
                             shared.dispatcher.resume(&cgroup, p, episode, step);

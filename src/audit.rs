@@ -119,7 +119,11 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let path = t.path().join("audit.jsonl");
         let a = Audit::file(&path).unwrap();
-        a.log(Record::new("oom", &CgroupPath::new("/docker/x")).with("episode", 7).with("policy", "p"));
+        a.log(
+            Record::new("oom", &CgroupPath::new("/docker/x"))
+                .with("episode", 7)
+                .with("policy", "p"),
+        );
         a.log(Record::new("resolved", &CgroupPath::new("/docker/x")).with("stalled_ms", 1.5));
         let text = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<&str> = text.lines().collect();

@@ -86,8 +86,9 @@ pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     if let Ok(port) = s.parse::<u16>() {
         return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
     }
-    s.parse()
-        .map_err(|_| format!("invalid metrics address {s:?}: expected ADDR:PORT, e.g. 127.0.0.1:9717"))
+    s.parse().map_err(|_| {
+        format!("invalid metrics address {s:?}: expected ADDR:PORT, e.g. 127.0.0.1:9717")
+    })
 }
 
 impl Config {
@@ -132,7 +133,10 @@ impl Config {
             metrics,
             dry_run: raw.dry_run.unwrap_or(false),
             sweep_interval: raw.sweep_interval.map(|x| x.0).unwrap_or(d.sweep_interval),
-            rescan_interval: raw.rescan_interval.map(|x| x.0).unwrap_or(d.rescan_interval),
+            rescan_interval: raw
+                .rescan_interval
+                .map(|x| x.0)
+                .unwrap_or(d.rescan_interval),
             restore_check_interval: raw
                 .restore_check_interval
                 .map(|x| x.0)
@@ -158,7 +162,11 @@ mod tests {
 
     #[test]
     fn values_and_errors() {
-        let c = Config::parse("sweep_interval = \"250ms\"\nworkers = 2\nmetrics = \"9717\"\n", "c.toml").unwrap();
+        let c = Config::parse(
+            "sweep_interval = \"250ms\"\nworkers = 2\nmetrics = \"9717\"\n",
+            "c.toml",
+        )
+        .unwrap();
         assert_eq!(c.sweep_interval, Duration::from_millis(250));
         assert_eq!(c.workers, 2);
         assert_eq!(c.metrics.unwrap().to_string(), "127.0.0.1:9717");

@@ -56,7 +56,8 @@ pub fn run(cgroup_root: &Path) -> anyhow::Result<()> {
     let parent = cgroup_root.join(own.trim_start_matches('/'));
     let dir = parent.join(format!("oomwake-demo-{pid}"));
     let tmp = std::env::temp_dir().join(format!("oomwake-demo-{pid}"));
-    std::fs::create_dir(&dir).with_context(|| format!("creating {} (are you root?)", dir.display()))?;
+    std::fs::create_dir(&dir)
+        .with_context(|| format!("creating {} (are you root?)", dir.display()))?;
     let mut s = Scratch {
         dir: dir.clone(),
         tmp: tmp.clone(),
@@ -66,7 +67,10 @@ pub fn run(cgroup_root: &Path) -> anyhow::Result<()> {
     std::fs::write(dir.join("memory.limit_in_bytes"), LIMIT.to_string())?;
     std::fs::write(dir.join("memory.oom_control"), "1")?;
     let rel = format!("{}/oomwake-demo-{pid}", own.trim_end_matches('/'));
-    println!("1. Created {} with a 32 MiB limit and oom_kill_disable 1.", dir.display());
+    println!(
+        "1. Created {} with a 32 MiB limit and oom_kill_disable 1.",
+        dir.display()
+    );
 
     let exe = std::env::current_exe()?;
     let mut hog = Command::new(&exe)

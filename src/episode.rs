@@ -151,7 +151,10 @@ impl Dispatcher {
                 None
             }
             End::Unresolved { .. } => {
-                active.insert(job.cgroup.clone(), Active::Cooldown(Instant::now() + self.cooldown));
+                active.insert(
+                    job.cgroup.clone(),
+                    Active::Cooldown(Instant::now() + self.cooldown),
+                );
                 None
             }
             End::Resolved { .. } => retrigger,
@@ -200,7 +203,9 @@ pub fn worker(shared: Arc<Shared>, rx: crossbeam_channel::Receiver<Job>) {
                 .flatten()
                 .is_some_and(|s| s.under_oom);
             if stuck {
-                shared.dispatcher.trigger(&job.cgroup, job.policy.clone(), at);
+                shared
+                    .dispatcher
+                    .trigger(&job.cgroup, job.policy.clone(), at);
             }
         }
     }
@@ -355,7 +360,10 @@ pub fn run(shared: &Shared, job: &Job) -> End {
                 .with("episode", job.episode)
                 .with("policy", policy.name.clone())
                 .with("stalled_ms", ms(*stalled))
-                .with("by_step", by.map(|(i, _)| Value::from(i)).unwrap_or(Value::Null));
+                .with(
+                    "by_step",
+                    by.map(|(i, _)| Value::from(i)).unwrap_or(Value::Null),
+                );
             if let Some((_, a)) = by {
                 rec.set("by_action", a);
             }

@@ -93,7 +93,15 @@ pub fn explain(
         self_pid: crate::sys::getpid(),
         loans: LoanBook::new(None),
     };
-    let _ = writeln!(o, "if it stalled now ({}):", if p.mode == Mode::Audit { "audit: log only" } else { "enforce" });
+    let _ = writeln!(
+        o,
+        "if it stalled now ({}):",
+        if p.mode == Mode::Audit {
+            "audit: log only"
+        } else {
+            "enforce"
+        }
+    );
     for (i, step) in p.steps.iter().enumerate() {
         let ctx = StepCtx {
             cgroup: cg,
@@ -125,7 +133,12 @@ mod tests {
     fn explains_policy_without_a_hierarchy() {
         let t = tempfile::tempdir().unwrap();
         let set = PolicySet::embedded_default();
-        let out = explain(&set, t.path(), Path::new("/proc"), &CgroupPath::new("/docker/x"));
+        let out = explain(
+            &set,
+            t.path(),
+            Path::new("/proc"),
+            &CgroupPath::new("/docker/x"),
+        );
         assert!(out.contains("policy: embedded-default"), "{out}");
         assert!(out.contains("step 1: raise_limit"), "{out}");
         assert!(out.contains("showing the policy match only"), "{out}");

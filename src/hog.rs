@@ -23,6 +23,9 @@ pub struct HogArgs {
     pub after_free: Option<Duration>,
     /// Appears in the command line so policies can prefer or avoid this process.
     pub tag: String,
+    /// Before touching anonymous memory, write (and fsync) a file of this size:
+    /// clean page cache charged to the cgroup, which reclaim can free.
+    pub write_file: Option<(PathBuf, usize)>,
 }
 
 #[derive(Debug, Serialize)]
@@ -36,7 +39,7 @@ pub struct HogReport {
 }
 
 /// Parses hog arguments: `--join DIR --touch SIZE --interval DUR --hold DUR
-/// --free-after DUR --tag NAME`.
+/// --free-after DUR --tag NAME --write-file PATH:SIZE`.
 pub fn parse_args(args: &[String]) -> Result<HogArgs, String> {
     let mut a = HogArgs {
         join: None,
@@ -45,6 +48,7 @@ pub fn parse_args(args: &[String]) -> Result<HogArgs, String> {
         hold: Duration::ZERO,
         after_free: None,
         tag: "hog".into(),
+        write_file: None,
     };
     let mut it = args.iter();
     while let Some(k) = it.next() {
@@ -56,6 +60,14 @@ pub fn parse_args(args: &[String]) -> Result<HogArgs, String> {
             "--hold" => a.hold = crate::policy::units::parse_duration(&v()?)?,
             "--free-after" => a.after_free = Some(crate::policy::units::parse_duration(&v()?)?),
             "--tag" => a.tag = v()?,
+            "--write-file" => {
+                let spec = v()?;
+                let (path, size) = spec
+                    .rsplit_once(':')
+                    .ok_or(format!("--write-file wants PATH:SIZE, got {spec:?}"))?;
+                let size = crate::policy::units::parse_size(size)? as usize;
+                a.write_file = Some((PathBuf::from(path), size));
+            }
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -68,6 +80,19 @@ pub fn run(a: &HogArgs) -> Result<HogReport, String> {
         let procs = dir.join("cgroup.procs");
         std::fs::write(&procs, std::process::id().to_string())
             .map_err(|e| format!("joining {}: {e}", procs.display()))?;
+    }
+    if let Some((path, size)) = &a.write_file {
+        let mut f = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let chunk = vec![0x5au8; 1 << 20];
+        let mut left = *size;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            f.write_all(&chunk[..n])
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            left -= n;
+        }
+        f.sync_all()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
     }
     let start = Instant::now();
     // Zeroed allocation of this size is a fresh anonymous mapping: every first write
@@ -120,10 +145,19 @@ mod tests {
 
     #[test]
     fn args_parse() {
-        let v: Vec<String> = ["--touch", "8M", "--tag", "victim", "--hold", "1s", "--free-after", "2s"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let v: Vec<String> = [
+            "--touch",
+            "8M",
+            "--tag",
+            "victim",
+            "--hold",
+            "1s",
+            "--free-after",
+            "2s",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         let a = parse_args(&v).unwrap();
         assert_eq!(a.touch_bytes, 8 << 20);
         assert_eq!(a.tag, "victim");

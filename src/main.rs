@@ -11,7 +11,11 @@ use oomwake::config::{self, Config};
 use oomwake::policy;
 
 #[derive(Parser)]
-#[command(name = "oomwake", version, about = "Userspace OOM handler for memory cgroups with the kernel OOM killer disabled")]
+#[command(
+    name = "oomwake",
+    version,
+    about = "Userspace OOM handler for memory cgroups with the kernel OOM killer disabled"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -161,6 +165,13 @@ fn main() -> ExitCode {
                             p.mode.as_str(),
                             steps.join(" -> ")
                         );
+                        if p.matcher.needs_container() {
+                            eprintln!(
+                                "warning: {}: matches on container_name/label/image, which need container \
+                                 metadata this version does not read yet: the policy matches nothing",
+                                p.source
+                            );
+                        }
                     }
                     ExitCode::SUCCESS
                 }
@@ -207,13 +218,15 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Hog { args } => match oomwake::hog::parse_args(&args).and_then(|a| oomwake::hog::run(&a)) {
-            Ok(_) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("hog: {e}");
-                ExitCode::from(1)
+        Cmd::Hog { args } => {
+            match oomwake::hog::parse_args(&args).and_then(|a| oomwake::hog::run(&a)) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("hog: {e}");
+                    ExitCode::from(1)
+                }
             }
-        },
+        }
     }
 }
 
@@ -222,7 +235,11 @@ fn status(state_dir: &std::path::Path, json: bool) -> ExitCode {
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("{}: {e} (is the agent running with --state-dir {}?)", path.display(), state_dir.display());
+            eprintln!(
+                "{}: {e} (is the agent running with --state-dir {}?)",
+                path.display(),
+                state_dir.display()
+            );
             return ExitCode::from(1);
         }
     };
@@ -241,7 +258,10 @@ fn status(state_dir: &std::path::Path, json: bool) -> ExitCode {
     if alive {
         println!("oomwake running (pid {}), status of {}", st.pid, st.updated);
     } else {
-        println!("oomwake not running (last status {}, pid {})", st.updated, st.pid);
+        println!(
+            "oomwake not running (last status {}, pid {})",
+            st.updated, st.pid
+        );
     }
     println!(
         "hierarchy: {}{}",

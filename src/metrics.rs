@@ -29,11 +29,16 @@ pub struct Metrics {
 }
 
 fn bump<K: Ord>(m: &Mutex<BTreeMap<K, u64>>, k: K) {
-    *m.lock().unwrap_or_else(|p| p.into_inner()).entry(k).or_insert(0) += 1;
+    *m.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(k)
+        .or_insert(0) += 1;
 }
 
 fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 impl Metrics {
@@ -70,15 +75,31 @@ impl Metrics {
         let mut o = String::new();
         o.push_str("# HELP oomwake_watched_cgroups Cgroups with an OOM notification registered.\n");
         o.push_str("# TYPE oomwake_watched_cgroups gauge\n");
-        o.push_str(&format!("oomwake_watched_cgroups {}\n", self.watched.load(Ordering::Relaxed)));
+        o.push_str(&format!(
+            "oomwake_watched_cgroups {}\n",
+            self.watched.load(Ordering::Relaxed)
+        ));
         o.push_str("# HELP oomwake_oom_events_total OOM episodes started, by policy.\n");
         o.push_str("# TYPE oomwake_oom_events_total counter\n");
-        for (p, n) in self.oom_events.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            o.push_str(&format!("oomwake_oom_events_total{{policy=\"{}\"}} {n}\n", escape(p)));
+        for (p, n) in self
+            .oom_events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            o.push_str(&format!(
+                "oomwake_oom_events_total{{policy=\"{}\"}} {n}\n",
+                escape(p)
+            ));
         }
         o.push_str("# HELP oomwake_actions_total Policy steps run, by action and outcome.\n");
         o.push_str("# TYPE oomwake_actions_total counter\n");
-        for ((a, out), n) in self.actions.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        for ((a, out), n) in self
+            .actions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
             o.push_str(&format!(
                 "oomwake_actions_total{{action=\"{}\",outcome=\"{}\"}} {n}\n",
                 escape(a),
@@ -90,9 +111,15 @@ impl Metrics {
         {
             let h = self.stall.lock().unwrap_or_else(|p| p.into_inner());
             for (i, b) in BUCKETS.iter().enumerate() {
-                o.push_str(&format!("oomwake_stall_seconds_bucket{{le=\"{b}\"}} {}\n", h.counts[i]));
+                o.push_str(&format!(
+                    "oomwake_stall_seconds_bucket{{le=\"{b}\"}} {}\n",
+                    h.counts[i]
+                ));
             }
-            o.push_str(&format!("oomwake_stall_seconds_bucket{{le=\"+Inf\"}} {}\n", h.count));
+            o.push_str(&format!(
+                "oomwake_stall_seconds_bucket{{le=\"+Inf\"}} {}\n",
+                h.count
+            ));
             o.push_str(&format!("oomwake_stall_seconds_sum {}\n", h.sum));
             o.push_str(&format!("oomwake_stall_seconds_count {}\n", h.count));
         }
@@ -101,8 +128,16 @@ impl Metrics {
         o.push_str(&format!("oomwake_raised_bytes {raised_bytes}\n"));
         o.push_str("# HELP oomwake_unresolved_total Episodes that ended unresolved, by policy.\n");
         o.push_str("# TYPE oomwake_unresolved_total counter\n");
-        for (p, n) in self.unresolved.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            o.push_str(&format!("oomwake_unresolved_total{{policy=\"{}\"}} {n}\n", escape(p)));
+        for (p, n) in self
+            .unresolved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            o.push_str(&format!(
+                "oomwake_unresolved_total{{policy=\"{}\"}} {n}\n",
+                escape(p)
+            ));
         }
         o
     }
@@ -177,7 +212,8 @@ mod tests {
         let addr = l.local_addr().unwrap();
         serve(l, Arc::new(|| "oomwake_watched_cgroups 0\n".to_string()));
         let mut s = std::net::TcpStream::connect(addr).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
         let mut resp = String::new();
         s.read_to_string(&mut resp).unwrap();
         assert!(resp.starts_with("HTTP/1.1 200 OK"), "{resp}");

@@ -157,7 +157,10 @@ mod tests {
         assert_eq!(me.pid(), getpid());
         assert!(!me.wait_exit(Duration::from_millis(1)).unwrap());
 
-        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
         let pfd = PidFd::open(child.id() as i32).unwrap();
         pfd.send_signal(libc::SIGKILL).unwrap();
         assert!(pfd.wait_exit(Duration::from_secs(5)).unwrap());

@@ -76,7 +76,12 @@ pub fn read_task(proc_root: &Path, pid: i32, cgroup: &CgroupPath) -> Option<Task
 }
 
 /// Every task in `top` and its descendants that may be chosen as a victim.
-pub fn candidates(ctl: &dyn Controller, proc_root: &Path, top: &CgroupPath, self_pid: i32) -> Vec<Task> {
+pub fn candidates(
+    ctl: &dyn Controller,
+    proc_root: &Path,
+    top: &CgroupPath,
+    self_pid: i32,
+) -> Vec<Task> {
     let mut out = Vec::new();
     for cg in ctl.hierarchy().walk(top) {
         let Ok(Some(pids)) = ctl.procs(&cg) else {
@@ -93,7 +98,8 @@ pub fn candidates(ctl: &dyn Controller, proc_root: &Path, top: &CgroupPath, self
 }
 
 fn matches_any(res: &[regex::Regex], t: &Task) -> bool {
-    res.iter().any(|r| r.is_match(&t.comm) || r.is_match(&t.cmdline))
+    res.iter()
+        .any(|r| r.is_match(&t.comm) || r.is_match(&t.cmdline))
 }
 
 /// Orders tasks best victim first: preferred before others, avoided only after every
@@ -193,7 +199,10 @@ mod tests {
 
     #[test]
     fn status_rss() {
-        assert_eq!(parse_status_rss("Name:\tx\nVmRSS:\t  2048 kB\n"), Some(2 << 20));
+        assert_eq!(
+            parse_status_rss("Name:\tx\nVmRSS:\t  2048 kB\n"),
+            Some(2 << 20)
+        );
         assert_eq!(parse_status_rss("Name:\tkthreadd\n"), None);
     }
 

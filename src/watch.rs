@@ -68,7 +68,10 @@ impl Watcher {
         let inotify =
             Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK).map_err(io_err)?;
         epoll
-            .add(inotify.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_INOTIFY))
+            .add(
+                inotify.as_fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_INOTIFY),
+            )
             .map_err(io_err)?;
         let (hup, hup_w) = UnixStream::pair()?;
         let (term, term_w) = UnixStream::pair()?;
@@ -197,7 +200,10 @@ impl Watcher {
             match self.shared.policies().select(&top, kill_disabled, None) {
                 Some(p) => p.clone(),
                 None => {
-                    log::debug!("{top}: OOM reached {cg}; no policy of its own, using {}", own.name);
+                    log::debug!(
+                        "{top}: OOM reached {cg}; no policy of its own, using {}",
+                        own.name
+                    );
                     own
                 }
             }
@@ -255,9 +261,8 @@ impl Watcher {
         for cg in self.shared.env.ctl.hierarchy().walk(from) {
             if !self.dir_wds.contains_key(&cg) {
                 let dir = self.shared.env.ctl.hierarchy().dir(&cg);
-                let flags = AddWatchFlags::IN_CREATE
-                    | AddWatchFlags::IN_DELETE
-                    | AddWatchFlags::IN_ONLYDIR;
+                let flags =
+                    AddWatchFlags::IN_CREATE | AddWatchFlags::IN_DELETE | AddWatchFlags::IN_ONLYDIR;
                 match self.inotify.add_watch(&dir, flags) {
                     Ok(wd) => {
                         self.dirs.insert(wd, cg.clone());
@@ -333,7 +338,9 @@ impl Watcher {
                 }
                 Err(e) if e.is_gone() => return,
                 Err(e) => {
-                    log::error!("{cg}: cannot register for OOM events: {e}; the sweep still covers it");
+                    log::error!(
+                        "{cg}: cannot register for OOM events: {e}; the sweep still covers it"
+                    );
                     None
                 }
             }
@@ -344,14 +351,8 @@ impl Watcher {
         self.shared
             .audit
             .log(Record::new("watch", cg).with("policy", policy.name.clone()));
-        self.candidates.insert(
-            cg.clone(),
-            Some(Watched {
-                efd,
-                token,
-                policy,
-            }),
-        );
+        self.candidates
+            .insert(cg.clone(), Some(Watched { efd, token, policy }));
         self.status_dirty = true;
         self.update_watched_metric();
     }
@@ -452,7 +453,15 @@ impl Watcher {
     fn on_reload(&mut self) {
         match (self.reload)() {
             Ok(set) => {
-                log::info!("reloaded: {} polic{}", set.policies().len(), if set.policies().len() == 1 { "y" } else { "ies" });
+                log::info!(
+                    "reloaded: {} polic{}",
+                    set.policies().len(),
+                    if set.policies().len() == 1 {
+                        "y"
+                    } else {
+                        "ies"
+                    }
+                );
                 *self
                     .shared
                     .policies

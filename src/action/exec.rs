@@ -26,9 +26,7 @@ pub fn run(env: &Env, ctx: &StepCtx, command: &[String], timeout: Duration) -> R
         .env("OOMWAKE_MODE", if ctx.audit { "audit" } else { "enforce" });
     let mut child = match cmd.spawn() {
         Ok(c) => c,
-        Err(e) => {
-            return Report::failed(format!("{prog}: {e}")).with("command", command.to_vec())
-        }
+        Err(e) => return Report::failed(format!("{prog}: {e}")).with("command", command.to_vec()),
     };
     let deadline = Instant::now() + timeout;
     let status = loop {
@@ -98,7 +96,10 @@ mod tests {
             resuming: false,
             still_stuck: &|| true,
         };
-        let script = format!("echo $OOMWAKE_CGROUP $OOMWAKE_POLICY $OOMWAKE_EPISODE > {}; exit 3", out.display());
+        let script = format!(
+            "echo $OOMWAKE_CGROUP $OOMWAKE_POLICY $OOMWAKE_EPISODE > {}; exit 3",
+            out.display()
+        );
         let cmd = vec!["/bin/sh".to_string(), "-c".to_string(), script];
         let r = run(&env, &ctx, &cmd, Duration::from_secs(10));
         assert_eq!(r.outcome, Outcome::Failed);
@@ -135,6 +136,9 @@ mod tests {
         assert!(r.error.unwrap().contains("timed out"));
         assert!(start.elapsed() < Duration::from_secs(10));
         let missing = vec!["/nonexistent/prog".to_string()];
-        assert_eq!(run(&env, &ctx, &missing, Duration::from_secs(1)).outcome, Outcome::Failed);
+        assert_eq!(
+            run(&env, &ctx, &missing, Duration::from_secs(1)).outcome,
+            Outcome::Failed
+        );
     }
 }

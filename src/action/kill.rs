@@ -22,7 +22,11 @@ fn signal_name(sig: i32) -> String {
 
 /// Opens a pidfd for `task` and confirms it still is that task, inside `within`.
 /// `Ok(None)`: it exited, its PID was reused, or it moved out.
-pub fn verified_pidfd(env: &Env, task: &Task, within: &CgroupPath) -> Result<Option<PidFd>, String> {
+pub fn verified_pidfd(
+    env: &Env,
+    task: &Task,
+    within: &CgroupPath,
+) -> Result<Option<PidFd>, String> {
     let pfd = match PidFd::open(task.pid) {
         Ok(p) => p,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -35,8 +39,8 @@ pub fn verified_pidfd(env: &Env, task: &Task, within: &CgroupPath) -> Result<Opt
     let Ok(text) = std::fs::read_to_string(&path) else {
         return Ok(None);
     };
-    let Some(cg) = parse::proc_memory_cgroup(&text)
-        .and_then(|p| env.ctl.hierarchy().from_proc_path(&p))
+    let Some(cg) =
+        parse::proc_memory_cgroup(&text).and_then(|p| env.ctl.hierarchy().from_proc_path(&p))
     else {
         return Ok(None);
     };
@@ -152,7 +156,9 @@ pub fn kill_all(env: &Env, ctx: &StepCtx) -> Report {
     }
     if ctx.audit {
         let pids: Vec<i32> = first.iter().map(|t| t.pid).collect();
-        return Report::new(Outcome::Would).with("pids", pids).with("signal", "SIGKILL");
+        return Report::new(Outcome::Would)
+            .with("pids", pids)
+            .with("signal", "SIGKILL");
     }
     let mut killed = Vec::new();
     let mut errors = Vec::new();

@@ -24,21 +24,35 @@ pub enum LoanError {
 /// What a raise did (or would do).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lend {
-    Raised { old: u64, new: u64 },
-    Would { old: u64, new: u64 },
+    Raised {
+        old: u64,
+        new: u64,
+    },
+    Would {
+        old: u64,
+        new: u64,
+    },
     /// Already at the policy's ceiling (or unlimited): nothing to lend.
-    AtCeiling { limit: u64, ceiling: u64 },
+    AtCeiling {
+        limit: u64,
+        ceiling: u64,
+    },
 }
 
 /// What giving a loan back did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Restore {
-    Restored { old: u64, new: u64 },
+    Restored {
+        old: u64,
+        new: u64,
+    },
     /// Usage is still above the original limit (v1 refuses with EBUSY).
     Busy,
     Gone,
     /// Somebody else changed the limit since the agent lent it: theirs stands.
-    ChangedExternally { current: u64 },
+    ChangedExternally {
+        current: u64,
+    },
     NoLoan,
 }
 
@@ -78,7 +92,8 @@ impl Loan {
     fn from_record(rec: LoanRecord, now: Instant) -> Loan {
         let wall_now = unix_ms();
         let left = Duration::from_millis(rec.hold_until_unix_ms.saturating_sub(wall_now));
-        let hold = Duration::from_millis(rec.hold_until_unix_ms.saturating_sub(rec.started_unix_ms));
+        let hold =
+            Duration::from_millis(rec.hold_until_unix_ms.saturating_sub(rec.started_unix_ms));
         Loan {
             hold,
             hold_until: now + left,
@@ -174,7 +189,10 @@ impl LoanBook {
             });
         }
         let ceiling = raise.ceiling_for(original.memory);
-        let new = cur.memory.saturating_add(raise.by.of(cur.memory)).min(ceiling);
+        let new = cur
+            .memory
+            .saturating_add(raise.by.of(cur.memory))
+            .min(ceiling);
         // Limits are in pages; keep the value page-aligned so the kernel stores what we
         // journal.
         let new = new & !4095;
@@ -197,10 +215,7 @@ impl LoanBook {
                 s.saturating_add(new - cur.memory)
             }
         });
-        let lent = Limits {
-            memory: new,
-            memsw,
-        };
+        let lent = Limits { memory: new, memsw };
         let now = Instant::now();
         let wall = unix_ms();
         let previous = loans.remove(cg);
@@ -322,7 +337,9 @@ impl LoanBook {
                 match ctl.usage(&cg) {
                     Ok(Some(u)) if u < loan.rec.restore_below_bytes => {
                         let since = *loan.below_since.get_or_insert(now);
-                        if now.duration_since(since) < Duration::from_millis(loan.rec.restore_after_ms) {
+                        if now.duration_since(since)
+                            < Duration::from_millis(loan.rec.restore_after_ms)
+                        {
                             continue;
                         }
                         "usage_below"
@@ -373,7 +390,10 @@ impl LoanBook {
     }
 
     /// Tries to give every loan back (shutdown, startup); returns what happened per cgroup.
-    pub fn restore_all(&self, ctl: &dyn Controller) -> Vec<(CgroupPath, Result<Restore, LoanError>)> {
+    pub fn restore_all(
+        &self,
+        ctl: &dyn Controller,
+    ) -> Vec<(CgroupPath, Result<Restore, LoanError>)> {
         let mut loans = self.lock();
         let keys: Vec<CgroupPath> = loans.keys().cloned().collect();
         keys.into_iter()
@@ -467,13 +487,31 @@ mod tests {
         let book = LoanBook::new(Some(Journal::open(t.path()).unwrap()));
         let r = raise(Duration::from_secs(60));
         let l1 = book.lend(&f.ctl, &f.cg, "p", &r, 1, 2, false).unwrap();
-        assert_eq!(l1, Lend::Raised { old: 64 * MIB, new: 80 * MIB });
+        assert_eq!(
+            l1,
+            Lend::Raised {
+                old: 64 * MIB,
+                new: 80 * MIB
+            }
+        );
         assert_eq!(f.limit(), 80 * MIB);
         assert_eq!(f.memsw(), 80 * MIB);
         let l2 = book.lend(&f.ctl, &f.cg, "p", &r, 2, 2, false).unwrap();
-        assert_eq!(l2, Lend::Raised { old: 80 * MIB, new: 96 * MIB });
+        assert_eq!(
+            l2,
+            Lend::Raised {
+                old: 80 * MIB,
+                new: 96 * MIB
+            }
+        );
         let l3 = book.lend(&f.ctl, &f.cg, "p", &r, 3, 2, false).unwrap();
-        assert_eq!(l3, Lend::AtCeiling { limit: 96 * MIB, ceiling: 96 * MIB });
+        assert_eq!(
+            l3,
+            Lend::AtCeiling {
+                limit: 96 * MIB,
+                ceiling: 96 * MIB
+            }
+        );
         // Journal holds the original of the first raise.
         let recs = Journal::open(t.path()).unwrap().load().unwrap();
         assert_eq!(recs.len(), 1);
@@ -481,7 +519,13 @@ mod tests {
         assert_eq!(recs[0].lent.memory, 96 * MIB);
         assert_eq!(book.lent_bytes(), 32 * MIB);
         let r = book.restore(&f.ctl, &f.cg).unwrap();
-        assert_eq!(r, Restore::Restored { old: 96 * MIB, new: 64 * MIB });
+        assert_eq!(
+            r,
+            Restore::Restored {
+                old: 96 * MIB,
+                new: 64 * MIB
+            }
+        );
         assert_eq!(f.limit(), 64 * MIB);
         assert_eq!(f.memsw(), 64 * MIB);
         assert!(Journal::open(t.path()).unwrap().load().unwrap().is_empty());
@@ -492,9 +536,23 @@ mod tests {
         let f = fake(64 * MIB, 64 * MIB);
         let book = LoanBook::new(None);
         let l = book
-            .lend(&f.ctl, &f.cg, "p", &raise(Duration::from_secs(1)), 1, 2, true)
+            .lend(
+                &f.ctl,
+                &f.cg,
+                "p",
+                &raise(Duration::from_secs(1)),
+                1,
+                2,
+                true,
+            )
             .unwrap();
-        assert_eq!(l, Lend::Would { old: 64 * MIB, new: 80 * MIB });
+        assert_eq!(
+            l,
+            Lend::Would {
+                old: 64 * MIB,
+                new: 80 * MIB
+            }
+        );
         assert_eq!(f.limit(), 64 * MIB);
         assert!(!book.has_loan(&f.cg));
     }
@@ -503,8 +561,16 @@ mod tests {
     fn early_restore_needs_usage_below_threshold() {
         let f = fake(64 * MIB, 64 * MIB);
         let book = LoanBook::new(None);
-        book.lend(&f.ctl, &f.cg, "p", &raise(Duration::from_secs(60)), 1, 2, false)
-            .unwrap();
+        book.lend(
+            &f.ctl,
+            &f.cg,
+            "p",
+            &raise(Duration::from_secs(60)),
+            1,
+            2,
+            false,
+        )
+        .unwrap();
         let now = Instant::now();
         assert!(book.tick(&f.ctl, now).is_empty());
         assert_eq!(f.limit(), 80 * MIB);
@@ -543,13 +609,38 @@ mod tests {
     fn hold_expiry_restores_and_external_change_is_respected() {
         let f = fake(64 * MIB, 70 * MIB);
         let book = LoanBook::new(None);
-        book.lend(&f.ctl, &f.cg, "p", &raise(Duration::from_millis(0)), 1, 2, false)
-            .unwrap();
+        book.lend(
+            &f.ctl,
+            &f.cg,
+            "p",
+            &raise(Duration::from_millis(0)),
+            1,
+            2,
+            false,
+        )
+        .unwrap();
         let ev = book.tick(&f.ctl, Instant::now() + Duration::from_millis(1));
-        assert!(matches!(&ev[..], [TickEvent::Restored { reason: "hold_expired", .. }]), "{ev:?}");
+        assert!(
+            matches!(
+                &ev[..],
+                [TickEvent::Restored {
+                    reason: "hold_expired",
+                    ..
+                }]
+            ),
+            "{ev:?}"
+        );
 
-        book.lend(&f.ctl, &f.cg, "p", &raise(Duration::from_secs(60)), 2, 2, false)
-            .unwrap();
+        book.lend(
+            &f.ctl,
+            &f.cg,
+            "p",
+            &raise(Duration::from_secs(60)),
+            2,
+            2,
+            false,
+        )
+        .unwrap();
         std::fs::write(f.dir.join("memory.limit_in_bytes"), (200 * MIB).to_string()).unwrap();
         assert_eq!(
             book.restore(&f.ctl, &f.cg).unwrap(),
@@ -562,8 +653,16 @@ mod tests {
     fn gone_cgroup_drops_the_loan() {
         let f = fake(64 * MIB, 64 * MIB);
         let book = LoanBook::new(None);
-        book.lend(&f.ctl, &f.cg, "p", &raise(Duration::from_secs(60)), 1, 2, false)
-            .unwrap();
+        book.lend(
+            &f.ctl,
+            &f.cg,
+            "p",
+            &raise(Duration::from_secs(60)),
+            1,
+            2,
+            false,
+        )
+        .unwrap();
         std::fs::remove_dir_all(&f.dir).unwrap();
         assert_eq!(book.restore(&f.ctl, &f.cg).unwrap(), Restore::Gone);
         assert!(!book.has_loan(&f.cg));
@@ -573,8 +672,16 @@ mod tests {
     fn adopted_records_keep_their_remaining_hold() {
         let f = fake(64 * MIB, 70 * MIB);
         let book = LoanBook::new(None);
-        book.lend(&f.ctl, &f.cg, "p", &raise(Duration::from_secs(3600)), 1, 2, false)
-            .unwrap();
+        book.lend(
+            &f.ctl,
+            &f.cg,
+            "p",
+            &raise(Duration::from_secs(3600)),
+            1,
+            2,
+            false,
+        )
+        .unwrap();
         let recs = book.records();
         let book2 = LoanBook::new(None);
         book2.adopt(recs);

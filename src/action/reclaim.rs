@@ -79,6 +79,9 @@ mod tests {
         let ctx = StepCtx { audit: true, ..ctx };
         std::fs::write(t.path().join("proc/sys/vm/drop_caches"), "").unwrap();
         assert_eq!(drop_caches(&env, &ctx, 1).outcome, Outcome::Would);
-        assert_eq!(std::fs::read_to_string(t.path().join("proc/sys/vm/drop_caches")).unwrap(), "");
+        assert_eq!(
+            std::fs::read_to_string(t.path().join("proc/sys/vm/drop_caches")).unwrap(),
+            ""
+        );
     }
 }

@@ -87,7 +87,10 @@ impl CgroupPath {
 
     /// Normalises `s`: leading `/` added, duplicate and trailing slashes removed.
     pub fn new(s: &str) -> CgroupPath {
-        let segs: Vec<&str> = s.split('/').filter(|p| !p.is_empty() && *p != ".").collect();
+        let segs: Vec<&str> = s
+            .split('/')
+            .filter(|p| !p.is_empty() && *p != ".")
+            .collect();
         CgroupPath(format!("/{}", segs.join("/")))
     }
 
@@ -274,7 +277,10 @@ fn hierarchy_prefix(mountinfo: &str, root: &Path) -> Option<String> {
         } else {
             continue;
         };
-        if best.as_ref().is_some_and(|(len, _)| *len >= mnt_point.len()) {
+        if best
+            .as_ref()
+            .is_some_and(|(len, _)| *len >= mnt_point.len())
+        {
             continue;
         }
         let joined = CgroupPath::new(&format!("{mnt_root}/{below}"));

@@ -158,7 +158,10 @@ mod tests {
         let v1 = "9:name=systemd:/\n4:memory:/docker/abc\n1:cpu,cpuacct:/docker/abc\n0::/\n";
         assert_eq!(proc_memory_cgroup(v1).as_deref(), Some("/docker/abc"));
         let v2 = "0::/system.slice/x.service\n";
-        assert_eq!(proc_memory_cgroup(v2).as_deref(), Some("/system.slice/x.service"));
+        assert_eq!(
+            proc_memory_cgroup(v2).as_deref(),
+            Some("/system.slice/x.service")
+        );
         assert_eq!(proc_memory_cgroup(""), None);
     }
 }

@@ -136,7 +136,11 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let d = t.path().join("app");
         std::fs::create_dir(&d).unwrap();
-        std::fs::write(d.join("memory.oom_control"), "oom_kill_disable 1\nunder_oom 1\n").unwrap();
+        std::fs::write(
+            d.join("memory.oom_control"),
+            "oom_kill_disable 1\nunder_oom 1\n",
+        )
+        .unwrap();
         std::fs::write(d.join("memory.limit_in_bytes"), "67108864\n").unwrap();
         std::fs::write(d.join("memory.usage_in_bytes"), "67100000\n").unwrap();
         std::fs::write(d.join("cgroup.procs"), "10\n11\n").unwrap();
@@ -151,7 +155,13 @@ mod tests {
         let oc = v.oom_state(&cg).unwrap().unwrap();
         assert!(oc.oom_kill_disable && oc.under_oom);
         let l = v.limits(&cg).unwrap().unwrap();
-        assert_eq!(l, Limits { memory: 64 << 20, memsw: None });
+        assert_eq!(
+            l,
+            Limits {
+                memory: 64 << 20,
+                memsw: None
+            }
+        );
         assert_eq!(v.usage(&cg).unwrap(), Some(67100000));
         assert_eq!(v.procs(&cg).unwrap(), Some(vec![10, 11]));
     }
@@ -185,20 +195,35 @@ mod tests {
         // if the first failed, so we can observe the order.
         let mem = d.join("memory.limit_in_bytes");
         let sw = d.join("memory.memsw.limit_in_bytes");
-        let up = Limits { memory: 80 << 20, memsw: Some(80 << 20) };
+        let up = Limits {
+            memory: 80 << 20,
+            memsw: Some(80 << 20),
+        };
         v.set_limits(&cg, old, up).unwrap();
-        assert_eq!(std::fs::read_to_string(&mem).unwrap(), (80u64 << 20).to_string());
-        assert_eq!(std::fs::read_to_string(&sw).unwrap(), (80u64 << 20).to_string());
+        assert_eq!(
+            std::fs::read_to_string(&mem).unwrap(),
+            (80u64 << 20).to_string()
+        );
+        assert_eq!(
+            std::fs::read_to_string(&sw).unwrap(),
+            (80u64 << 20).to_string()
+        );
         // Lowering: remove the memsw file so its write fails; memory must already be
         // written by then.
         std::fs::remove_file(&sw).unwrap();
         let err = v.set_limits(&cg, up, old).unwrap_err();
         assert!(err.is_gone());
-        assert_eq!(std::fs::read_to_string(&mem).unwrap(), (64u64 << 20).to_string());
+        assert_eq!(
+            std::fs::read_to_string(&mem).unwrap(),
+            (64u64 << 20).to_string()
+        );
         // Raising with memsw missing: memsw first, so memory stays untouched.
         let err = v.set_limits(&cg, old, up).unwrap_err();
         assert!(err.is_gone());
-        assert_eq!(std::fs::read_to_string(&mem).unwrap(), (64u64 << 20).to_string());
+        assert_eq!(
+            std::fs::read_to_string(&mem).unwrap(),
+            (64u64 << 20).to_string()
+        );
     }
 
     #[test]

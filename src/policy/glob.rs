@@ -23,7 +23,10 @@ impl Glob {
             .filter(|s| !s.is_empty())
             .map(str::to_string)
             .collect();
-        if let Some(bad) = segments.iter().find(|s| s.contains("**") && s.as_str() != "**") {
+        if let Some(bad) = segments
+            .iter()
+            .find(|s| s.contains("**") && s.as_str() != "**")
+        {
             return Err(format!(
                 "invalid glob {text:?}: `**` must be a whole path segment (got {bad:?})"
             ));
@@ -118,8 +121,14 @@ mod tests {
         assert!(m("/docker/*", "/docker/abc"));
         assert!(!m("/docker/*", "/docker/abc/def"));
         assert!(!m("/docker/*", "/docker"));
-        assert!(m("/system.slice/docker-*.scope", "/system.slice/docker-12ab.scope"));
-        assert!(!m("/system.slice/docker-*.scope", "/system.slice/docker-12ab.service"));
+        assert!(m(
+            "/system.slice/docker-*.scope",
+            "/system.slice/docker-12ab.scope"
+        ));
+        assert!(!m(
+            "/system.slice/docker-*.scope",
+            "/system.slice/docker-12ab.service"
+        ));
     }
 
     #[test]
@@ -149,7 +158,9 @@ mod tests {
 
     #[test]
     fn double_star_inside_segment_is_rejected() {
-        assert!(Glob::new("/a**b").unwrap_err().contains("whole path segment"));
+        assert!(Glob::new("/a**b")
+            .unwrap_err()
+            .contains("whole path segment"));
         assert!(Glob::new("").is_err());
     }
 }

@@ -14,7 +14,9 @@ use toml::Spanned;
 
 use super::glob::Glob;
 use super::units::{Amount, Dur, Percent, Size};
-use super::{Action, Ceiling, Match, Mode, Policy, PolicySet, Raise, Step, VictimOrder, VictimSpec};
+use super::{
+    Action, Ceiling, Match, Mode, Policy, PolicySet, Raise, Step, VictimOrder, VictimSpec,
+};
 
 pub const EMBEDDED_DEFAULT: &str = include_str!("default.toml");
 
@@ -320,7 +322,10 @@ fn build_step(ctx: &Ctx, s: &RawStep) -> Result<Step, LoadError> {
                     ))
                 }
             };
-            let by = s.by.as_ref().map(|b| *b.get_ref()).unwrap_or(Amount::Bytes(0));
+            let by =
+                s.by.as_ref()
+                    .map(|b| *b.get_ref())
+                    .unwrap_or(Amount::Bytes(0));
             if by.of(1 << 30) == 0 {
                 let span = s.by.as_ref().map(|b| b.span());
                 return Err(ctx.err(span, "`by` must be greater than zero"));
@@ -332,7 +337,10 @@ fn build_step(ctx: &Ctx, s: &RawStep) -> Result<Step, LoadError> {
                 .unwrap_or(DEFAULT_RESTORE_BELOW);
             if restore_below > 1.0 {
                 let span = s.restore_below.as_ref().map(|p| p.span());
-                return Err(ctx.err(span, "`restore_below` is a share of the original limit: at most 100%"));
+                return Err(ctx.err(
+                    span,
+                    "`restore_below` is a share of the original limit: at most 100%",
+                ));
             }
             Action::RaiseLimit(Raise {
                 by,
@@ -354,10 +362,17 @@ fn build_step(ctx: &Ctx, s: &RawStep) -> Result<Step, LoadError> {
         ActionKind::Kill => Action::Kill { victim: victim() },
         ActionKind::Exec => {
             required(s.command.is_some(), "command")?;
-            let command = s.command.as_ref().map(|c| c.get_ref().clone()).unwrap_or_default();
+            let command = s
+                .command
+                .as_ref()
+                .map(|c| c.get_ref().clone())
+                .unwrap_or_default();
             if command.first().is_none_or(|c| c.is_empty()) {
                 let span = s.command.as_ref().map(|c| c.span());
-                return Err(ctx.err(span, "`command` needs a program: [\"/path/to/prog\", \"arg\", ...]"));
+                return Err(ctx.err(
+                    span,
+                    "`command` needs a program: [\"/path/to/prog\", \"arg\", ...]",
+                ));
             }
             Action::Exec {
                 command,
@@ -366,9 +381,15 @@ fn build_step(ctx: &Ctx, s: &RawStep) -> Result<Step, LoadError> {
         }
         ActionKind::DropCaches => {
             let level = s.level.as_ref().map(|l| *l.get_ref()).unwrap_or(1);
-            let level = u8::try_from(level).ok().filter(|l| (1..=3).contains(l)).ok_or_else(|| {
-                ctx.err(s.level.as_ref().map(|l| l.span()), "`level` must be 1, 2 or 3")
-            })?;
+            let level = u8::try_from(level)
+                .ok()
+                .filter(|l| (1..=3).contains(l))
+                .ok_or_else(|| {
+                    ctx.err(
+                        s.level.as_ref().map(|l| l.span()),
+                        "`level` must be 1, 2 or 3",
+                    )
+                })?;
             Action::DropCaches { level }
         }
     };
@@ -410,10 +431,16 @@ pub fn load_files(files: &[PathBuf]) -> Result<PolicySet, Vec<LoadError>> {
             Ok(p) => {
                 if let Some(first) = seen.get(&p.name) {
                     let span = name_span(&text);
-                    errors.push(Ctx { text: &text, file: &file }.err(
-                        span,
-                        format!("policy name {:?} is already used by {first}", p.name),
-                    ));
+                    errors.push(
+                        Ctx {
+                            text: &text,
+                            file: &file,
+                        }
+                        .err(
+                            span,
+                            format!("policy name {:?} is already used by {first}", p.name),
+                        ),
+                    );
                 } else {
                     seen.insert(p.name.clone(), file);
                     policies.push(p);
@@ -434,7 +461,10 @@ fn name_span(text: &str) -> Option<Range<usize>> {
     struct NameOnly {
         name: Option<Spanned<String>>,
     }
-    toml::from_str::<NameOnly>(text).ok()?.name.map(|n| n.span())
+    toml::from_str::<NameOnly>(text)
+        .ok()?
+        .name
+        .map(|n| n.span())
 }
 
 /// Loads every `*.toml` in `dir` (sorted by file name). A missing or empty directory
@@ -528,7 +558,11 @@ level = 1
             other => panic!("{other:?}"),
         }
         match &p.steps[2].action {
-            Action::Signal { signal, victim, grace } => {
+            Action::Signal {
+                signal,
+                victim,
+                grace,
+            } => {
                 assert_eq!(*signal, libc::SIGTERM);
                 assert!(victim.prefer[0].is_match("worker-1"));
                 assert!(victim.avoid[0].is_match("nginx: master process"));
@@ -544,7 +578,11 @@ level = 1
 
     #[test]
     fn name_defaults_to_file_stem() {
-        let p = load_str(&format!("{HEAD}[[step]]\naction='reclaim'\n"), "/etc/x/cache.toml").unwrap();
+        let p = load_str(
+            &format!("{HEAD}[[step]]\naction='reclaim'\n"),
+            "/etc/x/cache.toml",
+        )
+        .unwrap();
         assert_eq!(p.name, "cache");
     }
 
@@ -564,35 +602,54 @@ level = 1
 
     #[test]
     fn bad_regex_size_duration_signal_have_positions() {
-        let e = err(&format!("{HEAD}[[step]]\naction = \"kill\"\nprefer = [\"(unclosed\"]\n"));
+        let e = err(&format!(
+            "{HEAD}[[step]]\naction = \"kill\"\nprefer = [\"(unclosed\"]\n"
+        ));
         assert!(e.starts_with("p.toml:5:"), "{e}");
         assert!(e.contains("invalid regex"), "{e}");
-        let e = err(&format!("{HEAD}[[step]]\naction = \"raise_limit\"\nby = \"10%\"\nmax_limit = \"12XB\"\n"));
+        let e = err(&format!(
+            "{HEAD}[[step]]\naction = \"raise_limit\"\nby = \"10%\"\nmax_limit = \"12XB\"\n"
+        ));
         assert!(e.starts_with("p.toml:6:13: "), "{e}");
         assert!(e.contains("unknown unit"), "{e}");
-        let e = err(&format!("{HEAD}[[step]]\naction = \"reclaim\"\nsettle = \"5 days\"\n"));
+        let e = err(&format!(
+            "{HEAD}[[step]]\naction = \"reclaim\"\nsettle = \"5 days\"\n"
+        ));
         assert!(e.starts_with("p.toml:5:"), "{e}");
-        let e = err(&format!("{HEAD}[[step]]\naction = \"signal\"\nsignal = \"SIGNOPE\"\n"));
+        let e = err(&format!(
+            "{HEAD}[[step]]\naction = \"signal\"\nsignal = \"SIGNOPE\"\n"
+        ));
         assert!(e.starts_with("p.toml:5:"), "{e}");
         assert!(e.contains("unknown signal"), "{e}");
     }
 
     #[test]
     fn key_of_another_action_is_rejected_at_the_key() {
-        let e = err(&format!("{HEAD}[[step]]\naction = \"reclaim\"\ngrace = \"1s\"\n"));
+        let e = err(&format!(
+            "{HEAD}[[step]]\naction = \"reclaim\"\ngrace = \"1s\"\n"
+        ));
         assert!(e.starts_with("p.toml:5:9: "), "{e}");
-        assert!(e.contains("`grace` does not apply to action `reclaim`"), "{e}");
+        assert!(
+            e.contains("`grace` does not apply to action `reclaim`"),
+            "{e}"
+        );
     }
 
     #[test]
     fn required_keys() {
-        let e = err(&format!("{HEAD}[[step]]\naction = \"raise_limit\"\nmax_extra = \"25%\"\n"));
+        let e = err(&format!(
+            "{HEAD}[[step]]\naction = \"raise_limit\"\nmax_extra = \"25%\"\n"
+        ));
         assert!(e.contains("needs `by`"), "{e}");
-        let e = err(&format!("{HEAD}[[step]]\naction = \"raise_limit\"\nby = \"25%\"\n"));
+        let e = err(&format!(
+            "{HEAD}[[step]]\naction = \"raise_limit\"\nby = \"25%\"\n"
+        ));
         assert!(e.contains("needs a ceiling"), "{e}");
         let e = err(&format!("{HEAD}[[step]]\naction = \"exec\"\n"));
         assert!(e.contains("needs `command`"), "{e}");
-        let e = err(&format!("{HEAD}[[step]]\naction = \"drop_caches\"\nlevel = 4\n"));
+        let e = err(&format!(
+            "{HEAD}[[step]]\naction = \"drop_caches\"\nlevel = 4\n"
+        ));
         assert!(e.contains("1, 2 or 3"), "{e}");
     }
 
@@ -614,7 +671,9 @@ level = 1
     fn dir_loading_sorted_unique_and_default_when_empty() {
         let t = tempfile::tempdir().unwrap();
         assert!(load_dir(t.path()).unwrap().is_embedded_default());
-        assert!(load_dir(&t.path().join("missing")).unwrap().is_embedded_default());
+        assert!(load_dir(&t.path().join("missing"))
+            .unwrap()
+            .is_embedded_default());
         let body = format!("{HEAD}[[step]]\naction='reclaim'\n");
         std::fs::write(t.path().join("b.toml"), format!("name='same'\n{body}")).unwrap();
         std::fs::write(t.path().join("a.toml"), &body).unwrap();
@@ -626,7 +685,10 @@ level = 1
         let errs = load_dir(t.path()).unwrap_err();
         assert_eq!(errs.len(), 1);
         let e = errs[0].to_string();
-        assert!(e.contains("c.toml:1:6: ") && e.contains("already used"), "{e}");
+        assert!(
+            e.contains("c.toml:1:6: ") && e.contains("already used"),
+            "{e}"
+        );
     }
 
     #[test]

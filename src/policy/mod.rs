@@ -268,21 +268,33 @@ mod tests {
     fn embedded_default_is_valid_and_matches_everything() {
         let set = PolicySet::embedded_default();
         assert!(set.is_embedded_default());
-        let p = set.select(&CgroupPath::new("/docker/abc"), true, None).unwrap();
+        let p = set
+            .select(&CgroupPath::new("/docker/abc"), true, None)
+            .unwrap();
         let names: Vec<_> = p.steps.iter().map(|s| s.action.name()).collect();
         assert_eq!(names, ["reclaim", "raise_limit", "signal", "kill"]);
         assert_eq!(p.mode, Mode::Enforce);
         // v1: a cgroup the kernel may still OOM-kill is not ours.
-        assert!(set.select(&CgroupPath::new("/docker/abc"), false, None).is_none());
+        assert!(set
+            .select(&CgroupPath::new("/docker/abc"), false, None)
+            .is_none());
     }
 
     #[test]
     fn highest_priority_wins_and_ties_go_to_file_order() {
-        let a = policy("name='a'\npriority=1\n[match]\ncgroup=['/docker/*']\n[[step]]\naction='reclaim'\n");
-        let b = policy("name='b'\npriority=5\n[match]\ncgroup=['/docker/api-*']\n[[step]]\naction='reclaim'\n");
-        let c = policy("name='c'\npriority=5\n[match]\ncgroup=['**']\n[[step]]\naction='reclaim'\n");
+        let a = policy(
+            "name='a'\npriority=1\n[match]\ncgroup=['/docker/*']\n[[step]]\naction='reclaim'\n",
+        );
+        let b = policy(
+            "name='b'\npriority=5\n[match]\ncgroup=['/docker/api-*']\n[[step]]\naction='reclaim'\n",
+        );
+        let c =
+            policy("name='c'\npriority=5\n[match]\ncgroup=['**']\n[[step]]\naction='reclaim'\n");
         let set = PolicySet::new(vec![a, b, c], false);
-        let sel = |p: &str| set.select(&CgroupPath::new(p), true, None).map(|p| p.name.clone());
+        let sel = |p: &str| {
+            set.select(&CgroupPath::new(p), true, None)
+                .map(|p| p.name.clone())
+        };
         assert_eq!(sel("/docker/api-1").as_deref(), Some("b"));
         assert_eq!(sel("/docker/web").as_deref(), Some("c"));
         assert_eq!(sel("/other").as_deref(), Some("c"));
@@ -290,14 +302,18 @@ mod tests {
 
     #[test]
     fn require_oom_kill_disable_can_be_turned_off() {
-        let p = policy("[match]\ncgroup=['/x']\nrequire_oom_kill_disable=false\n[[step]]\naction='kill_all'\n");
+        let p = policy(
+            "[match]\ncgroup=['/x']\nrequire_oom_kill_disable=false\n[[step]]\naction='kill_all'\n",
+        );
         let set = PolicySet::new(vec![p], false);
         assert!(set.select(&CgroupPath::new("/x"), false, None).is_some());
     }
 
     #[test]
     fn container_keys_need_metadata() {
-        let p = policy("[match]\ncontainer_name=['api-*']\nlabel={tier='api'}\n[[step]]\naction='reclaim'\n");
+        let p = policy(
+            "[match]\ncontainer_name=['api-*']\nlabel={tier='api'}\n[[step]]\naction='reclaim'\n",
+        );
         let cg = CgroupPath::new("/docker/abc");
         assert!(!p.matcher.matches(&cg, None));
         let mut c = ContainerInfo {

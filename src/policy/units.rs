@@ -22,15 +22,13 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "M" | "MiB" => 1 << 20,
         "G" | "GiB" => 1 << 30,
         "T" | "TiB" => 1 << 40,
-        other => {
-            return Err(format!(
-                "invalid size {s:?}: unknown unit {other:?} (use B, KiB, MiB, GiB, TiB or K, M, G, T)"
-            ))
-        }
+        other => return Err(format!(
+            "invalid size {s:?}: unknown unit {other:?} (use B, KiB, MiB, GiB, TiB or K, M, G, T)"
+        )),
     };
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid size {s:?}: expected a number followed by a unit, e.g. \"64MiB\""))?;
+    let n: f64 = num.parse().map_err(|_| {
+        format!("invalid size {s:?}: expected a number followed by a unit, e.g. \"64MiB\"")
+    })?;
     let bytes = n * mult as f64;
     if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
         return Err(format!("invalid size {s:?}: out of range"));
@@ -45,18 +43,26 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}: expected a number followed by ms, s, m or h"))?;
+    let n: f64 = num.parse().map_err(|_| {
+        format!("invalid duration {s:?}: expected a number followed by ms, s, m or h")
+    })?;
     let secs = match unit.trim() {
         "ms" => n / 1000.0,
         "s" => n,
         "m" => n * 60.0,
         "h" => n * 3600.0,
-        "" => return Err(format!("invalid duration {s:?}: missing unit (ms, s, m or h)")),
-        other => return Err(format!("invalid duration {s:?}: unknown unit {other:?} (use ms, s, m or h)")),
+        "" => {
+            return Err(format!(
+                "invalid duration {s:?}: missing unit (ms, s, m or h)"
+            ))
+        }
+        other => {
+            return Err(format!(
+                "invalid duration {s:?}: unknown unit {other:?} (use ms, s, m or h)"
+            ))
+        }
     };
-    if !secs.is_finite() || secs < 0.0 || secs > 365.0 * 86400.0 {
+    if !secs.is_finite() || !(0.0..=365.0 * 86400.0).contains(&secs) {
         return Err(format!("invalid duration {s:?}: out of range"));
     }
     Ok(Duration::from_secs_f64(secs))
@@ -128,7 +134,11 @@ impl<'de, T, F: Fn(&str) -> Result<T, String>> de::Visitor<'de> for StrVisitor<F
 
 impl<'de> Deserialize<'de> for Size {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(StrVisitor(|s: &str| parse_size(s).map(Size), "a size such as \"64MiB\"", true))
+        d.deserialize_any(StrVisitor(
+            |s: &str| parse_size(s).map(Size),
+            "a size such as \"64MiB\"",
+            true,
+        ))
     }
 }
 
@@ -147,7 +157,9 @@ impl<'de> Deserialize<'de> for Percent {
         d.deserialize_any(StrVisitor(
             |s: &str| {
                 parse_percent(s)
-                    .unwrap_or_else(|| Err(format!("invalid percentage {s:?}: expected e.g. \"90%\"")))
+                    .unwrap_or_else(|| {
+                        Err(format!("invalid percentage {s:?}: expected e.g. \"90%\""))
+                    })
                     .map(Percent)
             },
             "a percentage such as \"90%\"",
@@ -158,7 +170,11 @@ impl<'de> Deserialize<'de> for Percent {
 
 impl<'de> Deserialize<'de> for Amount {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(StrVisitor(parse_amount, "a percentage (\"25%\") or a size (\"64MiB\")", true))
+        d.deserialize_any(StrVisitor(
+            parse_amount,
+            "a percentage (\"25%\") or a size (\"64MiB\")",
+            true,
+        ))
     }
 }
 

@@ -1,0 +1,414 @@
+//! Helpers for root-only tests on the real cgroup v1 hierarchy: scratch cgroups below
+//! our own memory cgroup (removed on drop, with the processes we started in them), the
+//! hog, and an agent process with its own policies, state and audit log.
+//!
+//! A test whose prerequisites are missing prints "skipped: <why>" and returns, unless
+//! OOMWAKE_REQUIRE_ROOT_TESTS=1 (set by CI), where a missing prerequisite fails it.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const MIB: u64 = 1 << 20;
+pub const MEMROOT: &str = "/sys/fs/cgroup/memory";
+
+pub fn oomwake_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_oomwake")
+}
+
+pub fn hog_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_oomwake-hog")
+}
+
+/// Our own memory cgroup, relative to the mount ("/process_api/..." here).
+pub fn own_cgroup() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    oomwake::cgroup::parse::proc_memory_cgroup(&text)
+}
+
+/// Checks root + a writable v1 memory hierarchy. `None` means: skip (already reported).
+pub fn require_v1(test: &str) -> Option<()> {
+    let why = if !nix::unistd::geteuid().is_root() {
+        Some("needs root".to_string())
+    } else if !Path::new(MEMROOT).join("memory.oom_control").exists() {
+        Some(format!("{MEMROOT} is not a cgroup v1 memory hierarchy"))
+    } else if own_cgroup().is_none() {
+        Some("no memory line in /proc/self/cgroup".to_string())
+    } else {
+        None
+    };
+    match why {
+        None => Some(()),
+        Some(w) if std::env::var("OOMWAKE_REQUIRE_ROOT_TESTS").as_deref() == Ok("1") => {
+            panic!("{test}: prerequisite missing and OOMWAKE_REQUIRE_ROOT_TESTS=1: {w}")
+        }
+        Some(w) => {
+            eprintln!("{test}: skipped: {w}");
+            None
+        }
+    }
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A scratch cgroup tree; everything in it is ours.
+pub struct Scratch {
+    /// Path relative to the mount, with a leading '/'.
+    pub rel: String,
+    pub dir: PathBuf,
+    children: Vec<Child>,
+}
+
+impl Scratch {
+    pub fn new(name: &str) -> Scratch {
+        let own = own_cgroup().expect("own memory cgroup");
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let leaf = format!("oomwake-it-{}-{n}-{name}", std::process::id());
+        let rel = format!("{}/{leaf}", own.trim_end_matches('/'));
+        let dir = Path::new(MEMROOT).join(rel.trim_start_matches('/'));
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        Scratch {
+            rel,
+            dir,
+            children: Vec::new(),
+        }
+    }
+
+    /// Creates (or configures) the cgroup `sub` ("" = the scratch root itself).
+    pub fn cgroup(&self, sub: &str, limit: Option<u64>, kill_disable: bool) -> Cg {
+        let dir = if sub.is_empty() {
+            self.dir.clone()
+        } else {
+            self.dir.join(sub)
+        };
+        if !dir.exists() {
+            std::fs::create_dir_all(&dir).unwrap();
+        }
+        if let Some(l) = limit {
+            write(&dir.join("memory.limit_in_bytes"), &l.to_string());
+        }
+        if kill_disable {
+            write(&dir.join("memory.oom_control"), "1");
+        }
+        let rel = if sub.is_empty() {
+            self.rel.clone()
+        } else {
+            format!("{}/{sub}", self.rel)
+        };
+        Cg { rel, dir }
+    }
+
+    /// Starts a hog in `cg`; it is killed when the scratch tree goes.
+    pub fn hog(&mut self, cg: &Cg, args: &[&str]) -> Hog {
+        let mut child = Command::new(hog_bin())
+            .arg("--join")
+            .arg(&cg.dir)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn hog");
+        let pid = child.id() as i32;
+        let out = child.stdout.take().expect("hog stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            if BufReader::new(out).read_line(&mut line).is_ok() && !line.is_empty() {
+                let _ = tx.send(line);
+            }
+        });
+        self.children.push(child);
+        // Wait until it has joined, so the next hog starts after it.
+        wait_until(Duration::from_secs(5), || {
+            read(&cg.dir.join("cgroup.procs"))
+                .lines()
+                .any(|l| l.trim() == pid.to_string())
+                || !Path::new(&format!("/proc/{pid}")).exists()
+        });
+        Hog { pid, report: rx }
+    }
+
+    /// Kills one of our hogs now (by its Child handle: our own child, PID not reused).
+    pub fn kill_hog(&mut self, pid: i32) {
+        for c in &mut self.children {
+            if c.id() as i32 == pid {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+
+    /// True if the hog has not exited (reaps it if it has).
+    pub fn alive(&mut self, pid: i32) -> bool {
+        self.children
+            .iter_mut()
+            .find(|c| c.id() as i32 == pid)
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// How the hog ended: Some(signal) if killed by a signal.
+    pub fn exit_signal(&mut self, pid: i32) -> Option<i32> {
+        use std::os::unix::process::ExitStatusExt;
+        let c = self.children.iter_mut().find(|c| c.id() as i32 == pid)?;
+        let st = c.wait().ok()?;
+        st.signal()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Deepest first.
+        let mut dirs: Vec<PathBuf> = walk(&self.dir);
+        dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+        for d in dirs {
+            for _ in 0..100 {
+                match std::fs::remove_dir(&d) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        }
+    }
+}
+
+fn walk(d: &Path) -> Vec<PathBuf> {
+    let mut out = vec![d.to_path_buf()];
+    if let Ok(rd) = std::fs::read_dir(d) {
+        for e in rd.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                out.extend(walk(&e.path()));
+            }
+        }
+    }
+    out
+}
+
+pub struct Cg {
+    pub rel: String,
+    pub dir: PathBuf,
+}
+
+impl Cg {
+    pub fn under_oom(&self) -> bool {
+        read(&self.dir.join("memory.oom_control")).contains("under_oom 1")
+    }
+    pub fn limit(&self) -> u64 {
+        read(&self.dir.join("memory.limit_in_bytes"))
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    }
+    pub fn usage(&self) -> u64 {
+        read(&self.dir.join("memory.usage_in_bytes"))
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    }
+    pub fn procs(&self) -> Vec<i32> {
+        read(&self.dir.join("cgroup.procs"))
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+    /// Waits until the cgroup is stuck and `pid` sleeps in the memcg OOM wait.
+    pub fn wait_stuck(&self, pid: i32) {
+        let ok = wait_until(Duration::from_secs(20), || {
+            self.under_oom() && wchan(pid) == "mem_cgroup_oom_synchronize"
+        });
+        assert!(
+            ok,
+            "{} never got stuck (under_oom {}, wchan {:?})",
+            self.rel,
+            self.under_oom(),
+            wchan(pid)
+        );
+    }
+}
+
+pub struct Hog {
+    pub pid: i32,
+    report: mpsc::Receiver<String>,
+}
+
+impl Hog {
+    /// The hog's report, once it has touched all its pages.
+    pub fn report(&self, timeout: Duration) -> Option<Value> {
+        let line = self.report.recv_timeout(timeout).ok()?;
+        serde_json::from_str(line.trim()).ok()
+    }
+}
+
+pub fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}
+
+pub fn write(p: &Path, v: &str) {
+    std::fs::write(p, v).unwrap_or_else(|e| panic!("write {v:?} to {}: {e}", p.display()));
+}
+
+pub fn wchan(pid: i32) -> String {
+    read(Path::new(&format!("/proc/{pid}/wchan")))
+}
+
+pub fn proc_state(pid: i32) -> String {
+    let s = read(Path::new(&format!("/proc/{pid}/stat")));
+    s.rsplit(')')
+        .next()
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or("")
+        .to_string()
+}
+
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    f()
+}
+
+/// An agent process with its own temporary policies dir, state dir and audit log.
+pub struct Agent {
+    pub child: Child,
+    pub tmp: tempfile::TempDir,
+}
+
+impl Agent {
+    /// Writes `policies` (file name, text) and starts `oomwake run` with `extra` args.
+    pub fn start(policies: &[(&str, &str)], extra: &[&str]) -> Agent {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir(tmp.path().join("policies")).unwrap();
+        for (name, text) in policies {
+            std::fs::write(tmp.path().join("policies").join(name), text).unwrap();
+        }
+        Agent::start_in(tmp, extra)
+    }
+
+    /// Starts an agent on an existing directory (policies/, state/ inside it).
+    pub fn start_in(tmp: tempfile::TempDir, extra: &[&str]) -> Agent {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(tmp.path().join("agent.log"))
+            .unwrap();
+        let child = Command::new(oomwake_bin())
+            .arg("run")
+            .arg("--config")
+            .arg(tmp.path().join("oomwake.toml"))
+            .arg("--cgroup-root")
+            .arg(MEMROOT)
+            .arg("--policies")
+            .arg(tmp.path().join("policies"))
+            .arg("--state-dir")
+            .arg(tmp.path().join("state"))
+            .arg("--audit-log")
+            .arg(tmp.path().join("audit.jsonl"))
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn oomwake");
+        Agent { child, tmp }
+    }
+
+    pub fn audit(&self) -> Vec<Value> {
+        read(&self.tmp.path().join("audit.jsonl"))
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    pub fn log(&self) -> String {
+        read(&self.tmp.path().join("agent.log"))
+    }
+
+    /// Audit lines of `event` for `cgroup`.
+    pub fn events(&self, event: &str, cgroup: &str) -> Vec<Value> {
+        self.audit()
+            .into_iter()
+            .filter(|v| v["event"] == event && v["cgroup"] == cgroup)
+            .collect()
+    }
+
+    /// Waits for an audit line matching `pred`.
+    pub fn wait_for(&self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Option<Value> {
+        let mut found = None;
+        wait_until(timeout, || {
+            found = self.audit().into_iter().find(|v| pred(v));
+            found.is_some()
+        });
+        found
+    }
+
+    /// Waits for `event` on `cgroup`, failing the test (with the agent's log) if it
+    /// does not come.
+    pub fn expect(&self, event: &str, cgroup: &str, timeout: Duration) -> Value {
+        self.wait_for(timeout, |v| v["event"] == event && v["cgroup"] == cgroup)
+            .unwrap_or_else(|| {
+                panic!(
+                    "no {event} event for {cgroup} within {timeout:?}\naudit:\n{}\nlog:\n{}",
+                    read(&self.tmp.path().join("audit.jsonl")),
+                    self.log()
+                )
+            })
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig);
+    }
+
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGTERM and wait (bounded) for a clean exit; returns the exit status.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        None
+    }
+
+    /// Kills the agent with SIGKILL (a crash) and takes its directory for a restart.
+    pub fn crash(mut self) -> tempfile::TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let tmp = tempfile::tempdir().unwrap();
+        std::mem::replace(&mut self.tmp, tmp)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.stop();
+        }
+    }
+}
+
+/// A policy for exactly `cgroup`: `head` holds top-level keys, `steps` the [[step]]s.
+pub fn policy(name: &str, cgroup: &str, head: &str, steps: &str) -> String {
+    format!("name = \"{name}\"\n{head}\n[match]\ncgroup = [\"{cgroup}\"]\n\n{steps}\n")
+}
