@@ -5,7 +5,7 @@ fn main() {
     let a = match oomwake::hog::parse_args(&args) {
         Ok(a) => a,
         Err(e) => {
-            eprintln!("oomwake-hog: {e}\nusage: oomwake-hog [--join CGROUP_DIR] [--touch SIZE] [--interval DUR] [--hold DUR] [--free-after DUR] [--tag NAME] [--write-file PATH:SIZE]");
+            eprintln!("oomwake-hog: {e}\nusage: oomwake-hog [--join CGROUP_DIR] [--touch SIZE] [--interval DUR] [--hold DUR] [--free-after DUR] [--tag NAME] [--write-file PATH:SIZE] [--barrier PATH:SIZE]");
             std::process::exit(2);
         }
     };

@@ -294,6 +294,7 @@ pub fn run(shared: &Shared, job: &Job) -> End {
     };
 
     let mut last_step: Option<usize> = None;
+    let mut first_action_at: Option<Instant> = None;
     let end = 'steps: {
         for (i, step) in policy.steps.iter().enumerate().skip(job.start_step) {
             match check() {
@@ -312,6 +313,7 @@ pub fn run(shared: &Shared, job: &Job) -> End {
                 still_stuck: &still_stuck,
             };
             let report = action::perform(&shared.env, &ctx, &step.action);
+            first_action_at.get_or_insert_with(Instant::now);
             let name = step.action.name();
             shared.metrics.action(name, report.outcome.as_str());
             let mut rec = Record::new("action", cg)
@@ -366,6 +368,9 @@ pub fn run(shared: &Shared, job: &Job) -> End {
                 );
             if let Some((_, a)) = by {
                 rec.set("by_action", a);
+            }
+            if let Some(t) = first_action_at {
+                rec.set("first_action_ms", ms(t.saturating_duration_since(job.detected)));
             }
             shared.audit.log(rec);
         }

@@ -26,6 +26,10 @@ pub struct HogArgs {
     /// Before touching anonymous memory, write (and fsync) a file of this size:
     /// clean page cache charged to the cgroup, which reclaim can free.
     pub write_file: Option<(PathBuf, usize)>,
+    /// After touching this many bytes, wait until the file exists, then go on: lets a
+    /// benchmark make many hogs hit their limits at the same moment. The wait is not
+    /// counted as a stall.
+    pub barrier: Option<(PathBuf, usize)>,
 }
 
 #[derive(Debug, Serialize)]
@@ -39,7 +43,7 @@ pub struct HogReport {
 }
 
 /// Parses hog arguments: `--join DIR --touch SIZE --interval DUR --hold DUR
-/// --free-after DUR --tag NAME --write-file PATH:SIZE`.
+/// --free-after DUR --tag NAME --write-file PATH:SIZE --barrier PATH:SIZE`.
 pub fn parse_args(args: &[String]) -> Result<HogArgs, String> {
     let mut a = HogArgs {
         join: None,
@@ -49,6 +53,7 @@ pub fn parse_args(args: &[String]) -> Result<HogArgs, String> {
         after_free: None,
         tag: "hog".into(),
         write_file: None,
+        barrier: None,
     };
     let mut it = args.iter();
     while let Some(k) = it.next() {
@@ -60,6 +65,14 @@ pub fn parse_args(args: &[String]) -> Result<HogArgs, String> {
             "--hold" => a.hold = crate::policy::units::parse_duration(&v()?)?,
             "--free-after" => a.after_free = Some(crate::policy::units::parse_duration(&v()?)?),
             "--tag" => a.tag = v()?,
+            "--barrier" => {
+                let spec = v()?;
+                let (path, size) = spec
+                    .rsplit_once(':')
+                    .ok_or(format!("--barrier wants PATH:SIZE, got {spec:?}"))?;
+                let size = crate::policy::units::parse_size(size)? as usize;
+                a.barrier = Some((PathBuf::from(path), size));
+            }
             "--write-file" => {
                 let spec = v()?;
                 let (path, size) = spec
@@ -103,6 +116,15 @@ pub fn run(a: &HogArgs) -> Result<HogReport, String> {
     let mut prev = Instant::now();
     let mut off = 0;
     while off < buf.len() {
+        if let Some((path, at)) = &a.barrier {
+            if off == *at - (*at % PAGE) {
+                while !path.exists() {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                longest = Duration::ZERO;
+                prev = Instant::now();
+            }
+        }
         buf[off] = 1;
         std::hint::black_box(&buf[off]);
         let now = Instant::now();

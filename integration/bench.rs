@@ -1,0 +1,722 @@
+//! `oomwake-bench`: how fast oomwake ends a stall, how it scales and what it costs, on
+//! real cgroups (root, cgroup v1). Run it with `integration/bench.sh [--short]`.
+//!
+//! Every stall figure is the longest gap the hog saw between two page touches, with
+//! oomwake side by side with the floor (a minimal eventfd -> write-limit loop, in this
+//! file) and a 1 s polling baseline (oomwake with events off and a 1 s sweep). Scratch
+//! cgroups live below the bench's own memory cgroup and are removed at the end.
+//! Prints a table, writes JSON (stable keys, sorted) and an SVG plot. No assertions:
+//! targets are reported, not enforced.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const MIB: u64 = 1 << 20;
+const MEMROOT: &str = "/sys/fs/cgroup/memory";
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("floor") {
+        floor(&args[1..]);
+        return;
+    }
+    let short = args.iter().any(|a| a == "--short");
+    let out = args
+        .iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from);
+    if !nix::unistd::geteuid().is_root() || !Path::new(MEMROOT).join("memory.oom_control").exists() {
+        eprintln!("oomwake-bench: skipped: needs root and the cgroup v1 memory hierarchy at {MEMROOT}");
+        return;
+    }
+    let mut b = Bench::new(short);
+    let results = b.run_all();
+    drop(b);
+    print_table(&results);
+    if let Some(path) = out {
+        let text = serde_json::to_string_pretty(&results).unwrap_or_default();
+        std::fs::write(&path, text + "\n").unwrap_or_else(|e| eprintln!("{}: {e}", path.display()));
+        let svg = path.with_extension("svg");
+        std::fs::write(&svg, plot(&results)).unwrap_or_else(|e| eprintln!("{}: {e}", svg.display()));
+        eprintln!("wrote {} and {}", path.display(), svg.display());
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// The floor: register an eventfd per cgroup, and on each wake write a higher limit.
+
+fn floor(dirs: &[String]) {
+    use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+    use nix::sys::eventfd::{EfdFlags, EventFd};
+    let epoll = Epoll::new(EpollCreateFlags::empty()).expect("epoll");
+    let mut cgs = Vec::new();
+    for (i, d) in dirs.iter().enumerate() {
+        let dir = PathBuf::from(d);
+        let efd = EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK).expect("eventfd");
+        let oc = std::fs::File::open(dir.join("memory.oom_control")).expect("oom_control");
+        std::fs::write(
+            dir.join("cgroup.event_control"),
+            format!("{} {}", efd.as_raw_fd(), oc.as_raw_fd()),
+        )
+        .expect("event_control");
+        epoll
+            .add(&efd, EpollEvent::new(EpollFlags::EPOLLIN, i as u64))
+            .expect("epoll add");
+        let limit: u64 = std::fs::read_to_string(dir.join("memory.limit_in_bytes"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(32 * MIB);
+        cgs.push((dir, efd, limit, limit * 2));
+    }
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    let mut evs = vec![EpollEvent::empty(); 64];
+    loop {
+        let n = epoll.wait(&mut evs, EpollTimeout::NONE).unwrap_or(0);
+        for ev in &evs[..n] {
+            let (dir, efd, limit, max) = &mut cgs[ev.data() as usize];
+            let _ = efd.read();
+            let new = (*limit + *limit / 2).min(*max);
+            if new > *limit && std::fs::write(dir.join("memory.limit_in_bytes"), new.to_string()).is_ok() {
+                *limit = new;
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Floor,
+    Oomwake,
+    Polling,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Floor => "floor",
+            Mode::Oomwake => "oomwake",
+            Mode::Polling => "polling_1s",
+        }
+    }
+}
+
+struct Bench {
+    short: bool,
+    base: PathBuf,
+    base_rel: String,
+    tmp: PathBuf,
+    oomwake: PathBuf,
+    hog: PathBuf,
+    me: PathBuf,
+    seq: u32,
+}
+
+struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command) -> Proc {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        let out = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Proc { child, lines: rx }
+    }
+    fn line(&self, timeout: Duration) -> Option<String> {
+        self.lines.recv_timeout(timeout).ok()
+    }
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+    fn term(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.kill();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.kill();
+        }
+    }
+}
+
+struct Agent {
+    proc: Proc,
+    audit: PathBuf,
+    mode: Mode,
+}
+
+impl Agent {
+    fn audit(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.audit)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+    fn count(&self, event: &str) -> usize {
+        let needle = format!("\"event\":\"{event}\"");
+        std::fs::read_to_string(&self.audit)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(&needle))
+            .count()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // A clean stop: oomwake gives its loans back before the cgroups are removed.
+        self.proc.term();
+    }
+}
+
+fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    f()
+}
+
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}
+
+/// min / median / p99 / max (nearest rank) of values in ms.
+fn summary(v: &[f64]) -> Value {
+    if v.is_empty() {
+        return json!({"n": 0});
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let rank = |q: f64| s[((q * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1];
+    let r3 = |x: f64| (x * 1000.0).round() / 1000.0;
+    json!({
+        "n": s.len(),
+        "min_ms": r3(s[0]),
+        "median_ms": r3(rank(0.5)),
+        "p99_ms": r3(rank(0.99)),
+        "max_ms": r3(s[s.len() - 1]),
+    })
+}
+
+impl Bench {
+    fn new(short: bool) -> Bench {
+        let own = oomwake::cgroup::parse::proc_memory_cgroup(&read(Path::new("/proc/self/cgroup")))
+            .expect("own memory cgroup");
+        let leaf = format!("oomwake-bench-{}", std::process::id());
+        let base_rel = format!("{}/{leaf}", own.trim_end_matches('/'));
+        let base = Path::new(MEMROOT).join(base_rel.trim_start_matches('/'));
+        std::fs::create_dir(&base).expect("create the scratch cgroup");
+        let me = std::env::current_exe().expect("current_exe");
+        let dir = me.parent().expect("exe dir").to_path_buf();
+        let (oomwake, hog) = (dir.join("oomwake"), dir.join("oomwake-hog"));
+        assert!(
+            oomwake.exists() && hog.exists(),
+            "build the binaries first: cargo build --release (or use integration/bench.sh)"
+        );
+        let tmp = std::env::temp_dir().join(leaf);
+        std::fs::create_dir_all(&tmp).expect("tmp dir");
+        Bench {
+            short,
+            base,
+            base_rel,
+            tmp,
+            oomwake,
+            hog,
+            me,
+            seq: 0,
+        }
+    }
+
+    /// A new cgroup `name` below the scratch root.
+    fn cgroup(&self, name: &str, limit: Option<u64>, okd: bool) -> (PathBuf, String) {
+        let dir = self.base.join(name);
+        std::fs::create_dir_all(&dir).expect("mkdir cgroup");
+        if let Some(l) = limit {
+            std::fs::write(dir.join("memory.limit_in_bytes"), l.to_string()).expect("limit");
+        }
+        if okd {
+            std::fs::write(dir.join("memory.oom_control"), "1").expect("oom_control");
+        }
+        (dir, format!("{}/{name}", self.base_rel))
+    }
+
+    fn remove(&self, name: &str) {
+        let dir = self.base.join(name);
+        let mut dirs = vec![];
+        let mut stack = vec![dir];
+        while let Some(d) = stack.pop() {
+            if let Ok(rd) = std::fs::read_dir(&d) {
+                for e in rd.flatten() {
+                    if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                        stack.push(e.path());
+                    }
+                }
+            }
+            dirs.push(d);
+        }
+        for d in dirs.iter().rev() {
+            for _ in 0..100 {
+                match std::fs::remove_dir(d) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }
+    }
+
+    fn hog(&self, dir: &Path, args: &[&str]) -> Proc {
+        let mut c = Command::new(&self.hog);
+        c.arg("--join").arg(dir).args(args);
+        Proc::spawn(c)
+    }
+
+    /// Starts an agent of `mode` for the cgroups matching `glob` (oomwake) or for
+    /// `dirs` (floor), and waits until it watches `expect` cgroups.
+    fn agent(&mut self, mode: Mode, glob: &str, steps: &str, dirs: &[PathBuf], expect: usize) -> Agent {
+        self.seq += 1;
+        let d = self.tmp.join(format!("agent-{}", self.seq));
+        std::fs::create_dir_all(d.join("policies")).expect("agent dir");
+        let audit = d.join("audit.jsonl");
+        let proc = match mode {
+            Mode::Floor => {
+                let mut c = Command::new(&self.me);
+                c.arg("floor").args(dirs);
+                let p = Proc::spawn(c);
+                assert_eq!(p.line(Duration::from_secs(30)).as_deref(), Some("ready"), "floor did not start");
+                p
+            }
+            Mode::Oomwake | Mode::Polling => {
+                let policy = format!("name = \"bench\"\n[match]\ncgroup = [\"{glob}\"]\n\n{steps}\n");
+                std::fs::write(d.join("policies/bench.toml"), policy).expect("policy");
+                let cfg = if mode == Mode::Polling {
+                    "events = false\nsweep_interval = \"1s\"\n"
+                } else {
+                    ""
+                };
+                std::fs::write(d.join("oomwake.toml"), cfg).expect("config");
+                let mut c = Command::new(&self.oomwake);
+                c.arg("run")
+                    .arg("--config")
+                    .arg(d.join("oomwake.toml"))
+                    .arg("--cgroup-root")
+                    .arg(MEMROOT)
+                    .arg("--policies")
+                    .arg(d.join("policies"))
+                    .arg("--state-dir")
+                    .arg(d.join("state"))
+                    .arg("--audit-log")
+                    .arg(&audit)
+                    .env("RUST_LOG", "warn");
+                Proc::spawn(c)
+            }
+        };
+        let a = Agent { proc, audit, mode };
+        if mode != Mode::Floor {
+            let ok = wait_until(Duration::from_secs(60), || a.count("watch") >= expect);
+            assert!(ok, "agent watched {} of {expect} cgroups", a.count("watch"));
+        }
+        a
+    }
+
+    fn run_all(&mut self) -> Value {
+        let mut r = BTreeMap::new();
+        r.insert("machine".to_string(), machine());
+        r.insert("mode".to_string(), json!(if self.short { "short" } else { "full" }));
+        r.insert("raise_limit".to_string(), self.raise_stall());
+        r.insert("kill".to_string(), self.kill_stall());
+        r.insert("reclaim_then_raise".to_string(), self.reclaim_then_raise());
+        r.insert("scale".to_string(), self.scale());
+        r.insert("footprint".to_string(), self.footprint());
+        json!(r)
+    }
+
+    const RAISE: &'static str = "[[step]]\naction = \"raise_limit\"\nby = \"50%\"\nmax_extra = \"100%\"\nhold = \"10m\"\n";
+
+    /// One cgroup, limit 32 MiB, a hog that wants 40 MiB: the stall it sees at the limit.
+    fn raise_stall(&mut self) -> Value {
+        let runs = if self.short { 5 } else { 20 };
+        let mut out = BTreeMap::new();
+        for mode in [Mode::Floor, Mode::Oomwake, Mode::Polling] {
+            let set = format!("raise-{}", mode.name());
+            let mut dirs = Vec::new();
+            for i in 0..runs {
+                dirs.push(self.cgroup(&format!("{set}/r{i}"), Some(32 * MIB), true).0);
+            }
+            let glob = format!("{}/{set}/*", self.base_rel);
+            let agent = self.agent(mode, &glob, Self::RAISE, &dirs, runs);
+            let mut stalls = Vec::new();
+            for d in &dirs {
+                let mut h = self.hog(d, &["--touch", "40M"]);
+                match h.line(Duration::from_secs(15)).and_then(|l| serde_json::from_str::<Value>(&l).ok()) {
+                    Some(v) => stalls.push(v["longest_stall_us"].as_f64().unwrap_or(0.0) / 1000.0),
+                    None => eprintln!("{}: a hog did not finish", mode.name()),
+                }
+                h.kill();
+            }
+            let mut entry = json!({"stall": summary(&stalls), "samples_ms": stalls});
+            if mode != Mode::Floor {
+                let audit = agent.audit();
+                let resolved: Vec<&Value> = audit.iter().filter(|v| v["event"] == "resolved").collect();
+                let detect_to_recovered: Vec<f64> =
+                    resolved.iter().filter_map(|v| v["stalled_ms"].as_f64()).collect();
+                let detect_to_action: Vec<f64> =
+                    resolved.iter().filter_map(|v| v["first_action_ms"].as_f64()).collect();
+                entry["agent_detect_to_action"] = summary(&detect_to_action);
+                entry["agent_detect_to_recovered"] = summary(&detect_to_recovered);
+            }
+            eprintln!("raise_limit {}: {}", agent.mode.name(), entry["stall"]);
+            drop(agent);
+            self.remove(&set);
+            out.insert(mode.name().to_string(), entry);
+        }
+        json!(out)
+    }
+
+    /// Limit 48 MiB: a 36 MiB process and a second one that gets stuck; the policy kills
+    /// the largest. The figure is the stall the survivor saw.
+    fn kill_stall(&mut self) -> Value {
+        let runs = if self.short { 3 } else { 10 };
+        let steps = "[[step]]\naction = \"kill\"\nvictim = \"largest_rss\"\n";
+        let mut out = BTreeMap::new();
+        for mode in [Mode::Oomwake, Mode::Polling] {
+            let set = format!("kill-{}", mode.name());
+            let mut dirs = Vec::new();
+            for i in 0..runs {
+                dirs.push(self.cgroup(&format!("{set}/r{i}"), Some(48 * MIB), true).0);
+            }
+            let glob = format!("{}/{set}/*", self.base_rel);
+            let agent = self.agent(mode, &glob, steps, &dirs, runs);
+            let mut stalls = Vec::new();
+            for d in &dirs {
+                let mut big = self.hog(d, &["--touch", "36M", "--hold", "60s"]);
+                if big.line(Duration::from_secs(10)).is_none() {
+                    eprintln!("kill: the big hog did not start");
+                    continue;
+                }
+                let mut small = self.hog(d, &["--touch", "16M"]);
+                match small.line(Duration::from_secs(15)).and_then(|l| serde_json::from_str::<Value>(&l).ok()) {
+                    Some(v) => stalls.push(v["longest_stall_us"].as_f64().unwrap_or(0.0) / 1000.0),
+                    None => eprintln!("kill {}: the survivor did not finish", mode.name()),
+                }
+                small.kill();
+                big.kill();
+            }
+            let entry = json!({"stall": summary(&stalls), "samples_ms": stalls});
+            eprintln!("kill {}: {}", mode.name(), entry["stall"]);
+            drop(agent);
+            self.remove(&set);
+            out.insert(mode.name().to_string(), entry);
+        }
+        json!(out)
+    }
+
+    /// The embedded default's first two steps on an anonymous-memory stall: reclaim
+    /// (which finds nothing: the kernel already reclaimed before declaring OOM) then raise.
+    fn reclaim_then_raise(&mut self) -> Value {
+        let runs = if self.short { 3 } else { 10 };
+        let steps = format!("[[step]]\naction = \"reclaim\"\n{}", Self::RAISE);
+        let set = "reclaim";
+        let mut dirs = Vec::new();
+        for i in 0..runs {
+            dirs.push(self.cgroup(&format!("{set}/r{i}"), Some(32 * MIB), true).0);
+        }
+        let glob = format!("{}/{set}/*", self.base_rel);
+        let agent = self.agent(Mode::Oomwake, &glob, &steps, &dirs, runs);
+        let mut stalls = Vec::new();
+        for d in &dirs {
+            let mut h = self.hog(d, &["--touch", "40M"]);
+            if let Some(v) = h.line(Duration::from_secs(15)).and_then(|l| serde_json::from_str::<Value>(&l).ok()) {
+                stalls.push(v["longest_stall_us"].as_f64().unwrap_or(0.0) / 1000.0);
+            }
+            h.kill();
+        }
+        let freed: Vec<u64> = agent
+            .audit()
+            .iter()
+            .filter(|v| v["event"] == "action" && v["action"] == "reclaim")
+            .filter_map(|v| v["freed_bytes"].as_u64())
+            .collect();
+        drop(agent);
+        self.remove(set);
+        let entry = json!({"stall": summary(&stalls), "reclaim_freed_bytes": freed});
+        eprintln!("reclaim_then_raise: {}", entry["stall"]);
+        entry
+    }
+
+    /// N watched cgroups, K of them hitting their limits at the same moment (a barrier
+    /// file releases K hogs waiting just below their limits).
+    fn scale(&mut self) -> Value {
+        let ns: &[usize] = if self.short { &[1, 10, 100] } else { &[1, 10, 100, 500] };
+        let ks: &[usize] = if self.short { &[1, 10] } else { &[1, 10, 50] };
+        let mut out = Vec::new();
+        for &n in ns {
+            for mode in [Mode::Oomwake, Mode::Floor] {
+                let set = format!("scale-{}-{n}", mode.name());
+                let need: usize = ks.iter().filter(|&&k| k <= n).sum::<usize>().max(1);
+                let total = n.max(need);
+                let mut dirs = Vec::new();
+                for i in 0..total {
+                    dirs.push(self.cgroup(&format!("{set}/c{i:04}"), Some(32 * MIB), true).0);
+                }
+                let glob = format!("{}/{set}/*", self.base_rel);
+                let t0 = Instant::now();
+                let agent = self.agent(mode, &glob, Self::RAISE, &dirs, total);
+                let startup_ms = t0.elapsed().as_secs_f64() * 1000.0;
+                let mut next = 0;
+                for &k in ks.iter().filter(|&&k| k <= n) {
+                    let barrier = self.tmp.join(format!("barrier-{set}-{k}"));
+                    let spec = format!("{}:{}", barrier.display(), 31 * MIB);
+                    let mut hogs: Vec<Proc> = dirs[next..next + k]
+                        .iter()
+                        .map(|d| self.hog(d, &["--touch", "40M", "--barrier", &spec, "--hold", "30s"]))
+                        .collect();
+                    next += k;
+                    // Let every hog reach the barrier (31 MiB touched), then release them.
+                    std::thread::sleep(Duration::from_millis(300 + 20 * k as u64));
+                    std::fs::write(&barrier, "go").expect("barrier");
+                    let mut stalls = Vec::new();
+                    for h in &hogs {
+                        if let Some(v) = h.line(Duration::from_secs(30)).and_then(|l| serde_json::from_str::<Value>(&l).ok()) {
+                            stalls.push(v["longest_stall_us"].as_f64().unwrap_or(0.0) / 1000.0);
+                        }
+                    }
+                    for h in &mut hogs {
+                        h.kill();
+                    }
+                    let row = json!({
+                        "agent": mode.name(),
+                        "watched": total,
+                        "stuck_at_once": k,
+                        "resolved": stalls.len(),
+                        "startup_ms": (startup_ms * 10.0).round() / 10.0,
+                        "stall": summary(&stalls),
+                    });
+                    eprintln!("scale {} N={total} K={k}: resolved {}/{k} {}", mode.name(), stalls.len(), row["stall"]);
+                    out.push(row);
+                }
+                drop(agent);
+                self.remove(&set);
+            }
+        }
+        json!(out)
+    }
+
+    /// The agent's RSS, fds and idle CPU with many watched cgroups.
+    fn footprint(&mut self) -> Value {
+        let n = if self.short { 200 } else { 1000 };
+        let idle = Duration::from_secs(if self.short { 5 } else { 60 });
+        let set = "footprint";
+        let mut dirs = Vec::new();
+        for i in 0..n {
+            dirs.push(self.cgroup(&format!("{set}/c{i:04}"), None, true).0);
+        }
+        let glob = format!("{}/{set}/*", self.base_rel);
+        let t0 = Instant::now();
+        let agent = self.agent(Mode::Oomwake, &glob, Self::RAISE, &dirs, n);
+        let startup_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        let pid = agent.proc.child.id();
+        let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+        // Let start-up settle before measuring the idle cost.
+        std::thread::sleep(Duration::from_millis(500));
+        let cpu = |p: &Path| -> u64 {
+            let s = read(&p.join("stat"));
+            let f: Vec<&str> = s.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+            f.get(11).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
+                + f.get(12).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
+        };
+        let c0 = cpu(&proc_dir);
+        let w0 = Instant::now();
+        std::thread::sleep(idle);
+        let ticks = cpu(&proc_dir) - c0;
+        let wall = w0.elapsed().as_secs_f64();
+        let hz = 100.0;
+        let rss_kib: u64 = read(&proc_dir.join("status"))
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0);
+        let fds = std::fs::read_dir(proc_dir.join("fd")).map(|d| d.count()).unwrap_or(0);
+        let row = json!({
+            "watched": n,
+            "startup_ms": (startup_ms * 10.0).round() / 10.0,
+            "rss_mib": (rss_kib as f64 / 1024.0 * 10.0).round() / 10.0,
+            "fds": fds,
+            "idle_seconds": wall.round(),
+            "idle_cpu_percent_of_one_core": ((ticks as f64 / hz) / wall * 100.0 * 1000.0).round() / 1000.0,
+        });
+        eprintln!("footprint: {row}");
+        drop(agent);
+        self.remove(set);
+        row
+    }
+}
+
+impl Drop for Bench {
+    fn drop(&mut self) {
+        let base = self.base.clone();
+        let mut stack = vec![base];
+        let mut dirs = vec![];
+        while let Some(d) = stack.pop() {
+            if let Ok(rd) = std::fs::read_dir(&d) {
+                for e in rd.flatten() {
+                    if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                        stack.push(e.path());
+                    }
+                }
+            }
+            dirs.push(d);
+        }
+        for d in dirs.iter().rev() {
+            for _ in 0..100 {
+                if std::fs::remove_dir(d).is_ok() || !d.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.tmp);
+    }
+}
+
+fn machine() -> Value {
+    let cpu = read(Path::new("/proc/cpuinfo"))
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    let kernel = read(Path::new("/proc/sys/kernel/osrelease")).trim().to_string();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    json!({"cpu": cpu, "cores": cores, "kernel": kernel})
+}
+
+fn fmt(v: &Value) -> String {
+    match v.as_f64() {
+        Some(x) => format!("{x:.3}"),
+        None => "-".into(),
+    }
+}
+
+fn print_table(r: &Value) {
+    println!("\nstall seen by the workload (ms): min / median / p99 / max");
+    for (scenario, modes) in [("raise_limit", &r["raise_limit"]), ("kill", &r["kill"])] {
+        if let Some(m) = modes.as_object() {
+            for (mode, e) in m {
+                let s = &e["stall"];
+                println!(
+                    "  {scenario:<12} {mode:<11} n={:<3} {} / {} / {} / {}",
+                    s["n"], fmt(&s["min_ms"]), fmt(&s["median_ms"]), fmt(&s["p99_ms"]), fmt(&s["max_ms"])
+                );
+            }
+        }
+    }
+    let s = &r["reclaim_then_raise"]["stall"];
+    println!(
+        "  {:<12} {:<11} n={:<3} {} / {} / {} / {}",
+        "reclaim+raise", "oomwake", s["n"], fmt(&s["min_ms"]), fmt(&s["median_ms"]), fmt(&s["p99_ms"]), fmt(&s["max_ms"])
+    );
+    let floor = r["raise_limit"]["floor"]["stall"]["median_ms"].as_f64();
+    let poll = r["raise_limit"]["polling_1s"]["stall"]["median_ms"].as_f64();
+    if let (Some(f), Some(o), Some(p)) = (floor, r["raise_limit"]["oomwake"]["stall"]["median_ms"].as_f64(), poll) {
+        println!("  raise_limit median: oomwake/floor = {:.2}x, polling/oomwake = {:.0}x", o / f, p / o);
+    }
+    let a = &r["raise_limit"]["oomwake"]["agent_detect_to_action"];
+    let b = &r["raise_limit"]["oomwake"]["agent_detect_to_recovered"];
+    println!(
+        "agent side (ms, median / p99): event -> limit written {} / {}; event -> under_oom 0 {} / {}",
+        fmt(&a["median_ms"]), fmt(&a["p99_ms"]), fmt(&b["median_ms"]), fmt(&b["p99_ms"])
+    );
+    println!("\nscale: agent, watched, stuck at once -> resolved, p99 stall ms, start-up ms");
+    if let Some(rows) = r["scale"].as_array() {
+        for row in rows {
+            println!(
+                "  {:<8} N={:<4} K={:<3} -> {}/{} resolved, p99 {} ms, max {} ms, start-up {} ms",
+                row["agent"].as_str().unwrap_or(""),
+                row["watched"], row["stuck_at_once"], row["resolved"], row["stuck_at_once"],
+                fmt(&row["stall"]["p99_ms"]), fmt(&row["stall"]["max_ms"]), fmt(&row["startup_ms"])
+            );
+        }
+    }
+    let f = &r["footprint"];
+    println!(
+        "\nfootprint with {} watched: RSS {} MiB, {} fds, start-up {} ms, idle CPU {}% of a core over {} s",
+        f["watched"], f["rss_mib"], f["fds"], f["startup_ms"], f["idle_cpu_percent_of_one_core"], f["idle_seconds"]
+    );
+}
+
+/// Stall distributions of raise_limit, one row per agent, log-scaled x axis (ms).
+fn plot(r: &Value) -> String {
+    let (w, h, left, right) = (760.0, 300.0, 120.0, 730.0);
+    let xmin: f64 = 0.1f64.log10();
+    let xmax: f64 = 2000f64.log10();
+    let x = |ms: f64| left + (ms.max(0.1).log10() - xmin) / (xmax - xmin) * (right - left);
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"14\">Longest stall seen by the workload, raise_limit (ms, log scale)</text>\n",
+        w / 2.0
+    );
+    for tick in [0.1, 1.0, 10.0, 100.0, 1000.0] {
+        let tx = x(tick);
+        s += &format!("<line x1=\"{tx}\" y1=\"40\" x2=\"{tx}\" y2=\"250\" stroke=\"#ddd\"/>\n<text x=\"{tx}\" y=\"268\" text-anchor=\"middle\">{tick}</text>\n");
+    }
+    let rows = [("floor", "#2a7"), ("oomwake", "#27c"), ("polling_1s", "#c52")];
+    for (i, (name, color)) in rows.iter().enumerate() {
+        let y = 80.0 + i as f64 * 70.0;
+        s += &format!("<text x=\"10\" y=\"{}\">{name}</text>\n", y + 4.0);
+        if let Some(samples) = r["raise_limit"][name]["samples_ms"].as_array() {
+            for (j, v) in samples.iter().filter_map(|v| v.as_f64()).enumerate() {
+                let jitter = ((j * 7) % 11) as f64 - 5.0;
+                s += &format!("<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"{color}\" fill-opacity=\"0.6\"/>\n", x(v), y + jitter * 2.0);
+            }
+            if let Some(m) = r["raise_limit"][name]["stall"]["median_ms"].as_f64() {
+                let mx = x(m);
+                s += &format!("<line x1=\"{mx}\" y1=\"{}\" x2=\"{mx}\" y2=\"{}\" stroke=\"black\" stroke-width=\"2\"/>\n", y - 18.0, y + 18.0);
+            }
+        }
+    }
+    s += &format!("<text x=\"{}\" y=\"292\" text-anchor=\"middle\">dots: runs; bar: median</text>\n</svg>\n", w / 2.0);
+    s
+}
