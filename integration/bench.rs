@@ -33,11 +33,20 @@ fn main() {
         .position(|a| a == "--out")
         .and_then(|i| args.get(i + 1))
         .map(PathBuf::from);
-    if !nix::unistd::geteuid().is_root() || !Path::new(MEMROOT).join("memory.oom_control").exists() {
-        eprintln!("oomwake-bench: skipped: needs root and the cgroup v1 memory hierarchy at {MEMROOT}");
+    if !nix::unistd::geteuid().is_root() || !Path::new(MEMROOT).join("memory.oom_control").exists()
+    {
+        eprintln!(
+            "oomwake-bench: skipped: needs root and the cgroup v1 memory hierarchy at {MEMROOT}"
+        );
         return;
     }
+    let only: Option<String> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
     let mut b = Bench::new(short);
+    b.only = only;
     let results = b.run_all();
     drop(b);
     print_table(&results);
@@ -45,7 +54,8 @@ fn main() {
         let text = serde_json::to_string_pretty(&results).unwrap_or_default();
         std::fs::write(&path, text + "\n").unwrap_or_else(|e| eprintln!("{}: {e}", path.display()));
         let svg = path.with_extension("svg");
-        std::fs::write(&svg, plot(&results)).unwrap_or_else(|e| eprintln!("{}: {e}", svg.display()));
+        std::fs::write(&svg, plot(&results))
+            .unwrap_or_else(|e| eprintln!("{}: {e}", svg.display()));
         eprintln!("wrote {} and {}", path.display(), svg.display());
     }
 }
@@ -85,7 +95,9 @@ fn floor(dirs: &[String]) {
             let (dir, efd, limit, max) = &mut cgs[ev.data() as usize];
             let _ = efd.read();
             let new = (*limit + *limit / 2).min(*max);
-            if new > *limit && std::fs::write(dir.join("memory.limit_in_bytes"), new.to_string()).is_ok() {
+            if new > *limit
+                && std::fs::write(dir.join("memory.limit_in_bytes"), new.to_string()).is_ok()
+            {
                 *limit = new;
             }
         }
@@ -120,6 +132,8 @@ struct Bench {
     hog: PathBuf,
     me: PathBuf,
     seq: u32,
+    /// Run only this scenario (`--only raise_limit`), for profiling.
+    only: Option<String>,
 }
 
 struct Proc {
@@ -266,6 +280,7 @@ impl Bench {
             hog,
             me,
             seq: 0,
+            only: None,
         }
     }
 
@@ -315,7 +330,14 @@ impl Bench {
 
     /// Starts an agent of `mode` for the cgroups matching `glob` (oomwake) or for
     /// `dirs` (floor), and waits until it watches `expect` cgroups.
-    fn agent(&mut self, mode: Mode, glob: &str, steps: &str, dirs: &[PathBuf], expect: usize) -> Agent {
+    fn agent(
+        &mut self,
+        mode: Mode,
+        glob: &str,
+        steps: &str,
+        dirs: &[PathBuf],
+        expect: usize,
+    ) -> Agent {
         self.seq += 1;
         let d = self.tmp.join(format!("agent-{}", self.seq));
         std::fs::create_dir_all(d.join("policies")).expect("agent dir");
@@ -325,11 +347,16 @@ impl Bench {
                 let mut c = Command::new(&self.me);
                 c.arg("floor").args(dirs);
                 let p = Proc::spawn(c);
-                assert_eq!(p.line(Duration::from_secs(30)).as_deref(), Some("ready"), "floor did not start");
+                assert_eq!(
+                    p.line(Duration::from_secs(30)).as_deref(),
+                    Some("ready"),
+                    "floor did not start"
+                );
                 p
             }
             Mode::Oomwake | Mode::Polling => {
-                let policy = format!("name = \"bench\"\n[match]\ncgroup = [\"{glob}\"]\n\n{steps}\n");
+                let policy =
+                    format!("name = \"bench\"\n[match]\ncgroup = [\"{glob}\"]\n\n{steps}\n");
                 std::fs::write(d.join("policies/bench.toml"), policy).expect("policy");
                 let cfg = if mode == Mode::Polling {
                     "events = false\nsweep_interval = \"1s\"\n"
@@ -364,16 +391,29 @@ impl Bench {
     fn run_all(&mut self) -> Value {
         let mut r = BTreeMap::new();
         r.insert("machine".to_string(), machine());
-        r.insert("mode".to_string(), json!(if self.short { "short" } else { "full" }));
-        r.insert("raise_limit".to_string(), self.raise_stall());
-        r.insert("kill".to_string(), self.kill_stall());
-        r.insert("reclaim_then_raise".to_string(), self.reclaim_then_raise());
-        r.insert("scale".to_string(), self.scale());
-        r.insert("footprint".to_string(), self.footprint());
+        r.insert(
+            "mode".to_string(),
+            json!(if self.short { "short" } else { "full" }),
+        );
+        type Scenario = fn(&mut Bench) -> Value;
+        let all: [(&str, Scenario); 5] = [
+            ("raise_limit", Bench::raise_stall),
+            ("kill", Bench::kill_stall),
+            ("reclaim_then_raise", Bench::reclaim_then_raise),
+            ("scale", Bench::scale),
+            ("footprint", Bench::footprint),
+        ];
+        for (name, f) in all {
+            if self.only.as_deref().is_none_or(|o| o == name) {
+                let v = f(self);
+                r.insert(name.to_string(), v);
+            }
+        }
         json!(r)
     }
 
-    const RAISE: &'static str = "[[step]]\naction = \"raise_limit\"\nby = \"50%\"\nmax_extra = \"100%\"\nhold = \"10m\"\n";
+    const RAISE: &'static str =
+        "[[step]]\naction = \"raise_limit\"\nby = \"50%\"\nmax_extra = \"100%\"\nhold = \"10m\"\n";
 
     /// One cgroup, limit 32 MiB, a hog that wants 40 MiB: the stall it sees at the limit.
     fn raise_stall(&mut self) -> Value {
@@ -390,7 +430,10 @@ impl Bench {
             let mut stalls = Vec::new();
             for d in &dirs {
                 let mut h = self.hog(d, &["--touch", "40M"]);
-                match h.line(Duration::from_secs(15)).and_then(|l| serde_json::from_str::<Value>(&l).ok()) {
+                match h
+                    .line(Duration::from_secs(15))
+                    .and_then(|l| serde_json::from_str::<Value>(&l).ok())
+                {
                     Some(v) => stalls.push(v["longest_stall_us"].as_f64().unwrap_or(0.0) / 1000.0),
                     None => eprintln!("{}: a hog did not finish", mode.name()),
                 }
@@ -399,11 +442,16 @@ impl Bench {
             let mut entry = json!({"stall": summary(&stalls), "samples_ms": stalls});
             if mode != Mode::Floor {
                 let audit = agent.audit();
-                let resolved: Vec<&Value> = audit.iter().filter(|v| v["event"] == "resolved").collect();
-                let detect_to_recovered: Vec<f64> =
-                    resolved.iter().filter_map(|v| v["stalled_ms"].as_f64()).collect();
-                let detect_to_action: Vec<f64> =
-                    resolved.iter().filter_map(|v| v["first_action_ms"].as_f64()).collect();
+                let resolved: Vec<&Value> =
+                    audit.iter().filter(|v| v["event"] == "resolved").collect();
+                let detect_to_recovered: Vec<f64> = resolved
+                    .iter()
+                    .filter_map(|v| v["stalled_ms"].as_f64())
+                    .collect();
+                let detect_to_action: Vec<f64> = resolved
+                    .iter()
+                    .filter_map(|v| v["first_action_ms"].as_f64())
+                    .collect();
                 entry["agent_detect_to_action"] = summary(&detect_to_action);
                 entry["agent_detect_to_recovered"] = summary(&detect_to_recovered);
             }
@@ -437,7 +485,10 @@ impl Bench {
                     continue;
                 }
                 let mut small = self.hog(d, &["--touch", "16M"]);
-                match small.line(Duration::from_secs(15)).and_then(|l| serde_json::from_str::<Value>(&l).ok()) {
+                match small
+                    .line(Duration::from_secs(15))
+                    .and_then(|l| serde_json::from_str::<Value>(&l).ok())
+                {
                     Some(v) => stalls.push(v["longest_stall_us"].as_f64().unwrap_or(0.0) / 1000.0),
                     None => eprintln!("kill {}: the survivor did not finish", mode.name()),
                 }
@@ -468,7 +519,10 @@ impl Bench {
         let mut stalls = Vec::new();
         for d in &dirs {
             let mut h = self.hog(d, &["--touch", "40M"]);
-            if let Some(v) = h.line(Duration::from_secs(15)).and_then(|l| serde_json::from_str::<Value>(&l).ok()) {
+            if let Some(v) = h
+                .line(Duration::from_secs(15))
+                .and_then(|l| serde_json::from_str::<Value>(&l).ok())
+            {
                 stalls.push(v["longest_stall_us"].as_f64().unwrap_or(0.0) / 1000.0);
             }
             h.kill();
@@ -489,7 +543,11 @@ impl Bench {
     /// N watched cgroups, K of them hitting their limits at the same moment (a barrier
     /// file releases K hogs waiting just below their limits).
     fn scale(&mut self) -> Value {
-        let ns: &[usize] = if self.short { &[1, 10, 100] } else { &[1, 10, 100, 500] };
+        let ns: &[usize] = if self.short {
+            &[1, 10, 100]
+        } else {
+            &[1, 10, 100, 500]
+        };
         let ks: &[usize] = if self.short { &[1, 10] } else { &[1, 10, 50] };
         let mut out = Vec::new();
         for &n in ns {
@@ -499,7 +557,10 @@ impl Bench {
                 let total = n.max(need);
                 let mut dirs = Vec::new();
                 for i in 0..total {
-                    dirs.push(self.cgroup(&format!("{set}/c{i:04}"), Some(32 * MIB), true).0);
+                    dirs.push(
+                        self.cgroup(&format!("{set}/c{i:04}"), Some(32 * MIB), true)
+                            .0,
+                    );
                 }
                 let glob = format!("{}/{set}/*", self.base_rel);
                 let t0 = Instant::now();
@@ -511,7 +572,9 @@ impl Bench {
                     let spec = format!("{}:{}", barrier.display(), 31 * MIB);
                     let mut hogs: Vec<Proc> = dirs[next..next + k]
                         .iter()
-                        .map(|d| self.hog(d, &["--touch", "40M", "--barrier", &spec, "--hold", "30s"]))
+                        .map(|d| {
+                            self.hog(d, &["--touch", "40M", "--barrier", &spec, "--hold", "30s"])
+                        })
                         .collect();
                     next += k;
                     // Let every hog reach the barrier (31 MiB touched), then release them.
@@ -519,7 +582,10 @@ impl Bench {
                     std::fs::write(&barrier, "go").expect("barrier");
                     let mut stalls = Vec::new();
                     for h in &hogs {
-                        if let Some(v) = h.line(Duration::from_secs(30)).and_then(|l| serde_json::from_str::<Value>(&l).ok()) {
+                        if let Some(v) = h
+                            .line(Duration::from_secs(30))
+                            .and_then(|l| serde_json::from_str::<Value>(&l).ok())
+                        {
                             stalls.push(v["longest_stall_us"].as_f64().unwrap_or(0.0) / 1000.0);
                         }
                     }
@@ -534,7 +600,12 @@ impl Bench {
                         "startup_ms": (startup_ms * 10.0).round() / 10.0,
                         "stall": summary(&stalls),
                     });
-                    eprintln!("scale {} N={total} K={k}: resolved {}/{k} {}", mode.name(), stalls.len(), row["stall"]);
+                    eprintln!(
+                        "scale {} N={total} K={k}: resolved {}/{k} {}",
+                        mode.name(),
+                        stalls.len(),
+                        row["stall"]
+                    );
                     out.push(row);
                 }
                 drop(agent);
@@ -563,7 +634,12 @@ impl Bench {
         std::thread::sleep(Duration::from_millis(500));
         let cpu = |p: &Path| -> u64 {
             let s = read(&p.join("stat"));
-            let f: Vec<&str> = s.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+            let f: Vec<&str> = s
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .collect();
             f.get(11).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
                 + f.get(12).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
         };
@@ -578,7 +654,9 @@ impl Bench {
             .find(|l| l.starts_with("VmRSS:"))
             .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
             .unwrap_or(0);
-        let fds = std::fs::read_dir(proc_dir.join("fd")).map(|d| d.count()).unwrap_or(0);
+        let fds = std::fs::read_dir(proc_dir.join("fd"))
+            .map(|d| d.count())
+            .unwrap_or(0);
         let row = json!({
             "watched": n,
             "startup_ms": (startup_ms * 10.0).round() / 10.0,
@@ -629,8 +707,12 @@ fn machine() -> Value {
         .unwrap_or("")
         .trim()
         .to_string();
-    let kernel = read(Path::new("/proc/sys/kernel/osrelease")).trim().to_string();
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let kernel = read(Path::new("/proc/sys/kernel/osrelease"))
+        .trim()
+        .to_string();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     json!({"cpu": cpu, "cores": cores, "kernel": kernel})
 }
 
@@ -649,7 +731,11 @@ fn print_table(r: &Value) {
                 let s = &e["stall"];
                 println!(
                     "  {scenario:<12} {mode:<11} n={:<3} {} / {} / {} / {}",
-                    s["n"], fmt(&s["min_ms"]), fmt(&s["median_ms"]), fmt(&s["p99_ms"]), fmt(&s["max_ms"])
+                    s["n"],
+                    fmt(&s["min_ms"]),
+                    fmt(&s["median_ms"]),
+                    fmt(&s["p99_ms"]),
+                    fmt(&s["max_ms"])
                 );
             }
         }
@@ -657,12 +743,26 @@ fn print_table(r: &Value) {
     let s = &r["reclaim_then_raise"]["stall"];
     println!(
         "  {:<12} {:<11} n={:<3} {} / {} / {} / {}",
-        "reclaim+raise", "oomwake", s["n"], fmt(&s["min_ms"]), fmt(&s["median_ms"]), fmt(&s["p99_ms"]), fmt(&s["max_ms"])
+        "reclaim+raise",
+        "oomwake",
+        s["n"],
+        fmt(&s["min_ms"]),
+        fmt(&s["median_ms"]),
+        fmt(&s["p99_ms"]),
+        fmt(&s["max_ms"])
     );
     let floor = r["raise_limit"]["floor"]["stall"]["median_ms"].as_f64();
     let poll = r["raise_limit"]["polling_1s"]["stall"]["median_ms"].as_f64();
-    if let (Some(f), Some(o), Some(p)) = (floor, r["raise_limit"]["oomwake"]["stall"]["median_ms"].as_f64(), poll) {
-        println!("  raise_limit median: oomwake/floor = {:.2}x, polling/oomwake = {:.0}x", o / f, p / o);
+    if let (Some(f), Some(o), Some(p)) = (
+        floor,
+        r["raise_limit"]["oomwake"]["stall"]["median_ms"].as_f64(),
+        poll,
+    ) {
+        println!(
+            "  raise_limit median: oomwake/floor = {:.2}x, polling/oomwake = {:.0}x",
+            o / f,
+            p / o
+        );
     }
     let a = &r["raise_limit"]["oomwake"]["agent_detect_to_action"];
     let b = &r["raise_limit"]["oomwake"]["agent_detect_to_recovered"];
@@ -676,8 +776,13 @@ fn print_table(r: &Value) {
             println!(
                 "  {:<8} N={:<4} K={:<3} -> {}/{} resolved, p99 {} ms, max {} ms, start-up {} ms",
                 row["agent"].as_str().unwrap_or(""),
-                row["watched"], row["stuck_at_once"], row["resolved"], row["stuck_at_once"],
-                fmt(&row["stall"]["p99_ms"]), fmt(&row["stall"]["max_ms"]), fmt(&row["startup_ms"])
+                row["watched"],
+                row["stuck_at_once"],
+                row["resolved"],
+                row["stuck_at_once"],
+                fmt(&row["stall"]["p99_ms"]),
+                fmt(&row["stall"]["max_ms"]),
+                fmt(&row["startup_ms"])
             );
         }
     }
@@ -702,7 +807,11 @@ fn plot(r: &Value) -> String {
         let tx = x(tick);
         s += &format!("<line x1=\"{tx}\" y1=\"40\" x2=\"{tx}\" y2=\"250\" stroke=\"#ddd\"/>\n<text x=\"{tx}\" y=\"268\" text-anchor=\"middle\">{tick}</text>\n");
     }
-    let rows = [("floor", "#2a7"), ("oomwake", "#27c"), ("polling_1s", "#c52")];
+    let rows = [
+        ("floor", "#2a7"),
+        ("oomwake", "#27c"),
+        ("polling_1s", "#c52"),
+    ];
     for (i, (name, color)) in rows.iter().enumerate() {
         let y = 80.0 + i as f64 * 70.0;
         s += &format!("<text x=\"10\" y=\"{}\">{name}</text>\n", y + 4.0);
@@ -717,6 +826,9 @@ fn plot(r: &Value) -> String {
             }
         }
     }
-    s += &format!("<text x=\"{}\" y=\"292\" text-anchor=\"middle\">dots: runs; bar: median</text>\n</svg>\n", w / 2.0);
+    s += &format!(
+        "<text x=\"{}\" y=\"292\" text-anchor=\"middle\">dots: runs; bar: median</text>\n</svg>\n",
+        w / 2.0
+    );
     s
 }

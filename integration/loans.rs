@@ -85,7 +85,7 @@ fn crash_then_restart_readopts_and_restores_the_loan() {
         48 * MIB,
         "the lent limit stays while nobody holds it"
     );
-    let journal = read(&dir.path().join("state/loans.json"));
+    let journal = journal_text(dir.path());
     assert!(
         journal.contains(&cg.rel) && journal.contains(&(32 * MIB).to_string()),
         "{journal}"
@@ -130,7 +130,11 @@ fn sigterm_gives_loans_back_where_usage_allows() {
     let restore = agent.expect("restore", &cg.rel, Duration::from_secs(1));
     assert_eq!(restore["reason"], "shutdown");
     assert_eq!(cg.limit(), 32 * MIB);
-    assert!(read(&agent.tmp.path().join("state/loans.json")).contains("\"loans\": []"));
+    let status = read(&agent.tmp.path().join("state/status.json"));
+    assert!(
+        status.contains("\"loans\": []") && status.contains("\"running\": false"),
+        "{status}"
+    );
 }
 
 #[test]
@@ -156,6 +160,6 @@ fn sigterm_with_usage_too_high_keeps_the_loan_journaled() {
         agent.log()
     );
     assert_eq!(cg.limit(), 48 * MIB);
-    assert!(read(&agent.tmp.path().join("state/loans.json")).contains(&cg.rel));
+    assert!(agent.journal().contains(&cg.rel));
     assert!(s.alive(hog.pid), "shutdown never kills");
 }

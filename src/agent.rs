@@ -103,6 +103,8 @@ pub fn run(
         stop: AtomicBool::new(false),
     });
     recover_loans(&shared, recs);
+    // Start from a fresh snapshot and an empty log.
+    shared.env.loans.compact();
 
     let mut threads = Vec::new();
     for i in 0..cfg.workers {
@@ -266,11 +268,21 @@ fn keeper(shared: Arc<Shared>, every: Duration) {
 }
 
 /// The agent must not be stalled or killed itself: lock memory, shield from the kernel
-/// OOM killer (best effort; both need privileges).
+/// OOM killer (best effort; both need privileges); and it needs a descriptor per cgroup.
 fn protect_self(cfg: &Config) {
     if cfg.mlock {
         if let Err(e) = crate::sys::mlockall() {
             log::warn!("mlockall failed ({e}); the agent may be slowed by reclaim");
+        }
+    }
+    // One eventfd per watched cgroup: a host with thousands of cgroups needs more than
+    // the usual soft limit of 1024 descriptors.
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                log::warn!("cannot raise the open-file limit from {soft} to {hard}: {e}");
+            }
         }
     }
     let adj = cfg.proc_root.join("self/oom_score_adj");

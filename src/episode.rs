@@ -221,35 +221,21 @@ pub fn run(shared: &Shared, job: &Job) -> End {
     let audit_mode = policy.mode == Mode::Audit;
     let cg = &job.cgroup;
     let ctl = shared.env.ctl.as_ref();
-    if !job.resume {
-        shared.metrics.oom_event(&policy.name);
-        let mut rec = Record::new("oom", cg)
+    // The `oom` line is written before the first action (a long first step must not hide
+    // the episode from the log), with under_oom from the first re-check.
+    let mut pending_oom = Some(if job.resume {
+        Record::new("oom", cg)
             .with("policy", policy.name.clone())
-            .with("episode", job.episode);
-        match ctl.oom_state(cg) {
-            Ok(Some(st)) => {
-                rec.set("under_oom", u8::from(st.under_oom));
-                rec.set("oom_kill_disable", u8::from(st.oom_kill_disable));
-            }
-            _ => rec.set("under_oom", Value::Null),
-        }
-        if let Ok(Some(u)) = ctl.usage(cg) {
-            rec.set("usage_bytes", u);
-        }
-        if let Ok(Some(l)) = ctl.limits(cg) {
-            rec.set("limit_bytes", l.memory);
-        }
-        shared.audit.log(rec);
+            .with("episode", job.episode)
+            .with("resumed", true)
+            .with("reason", "hold expired with usage above the original limit")
+            .with("start_step", job.start_step)
     } else {
-        shared.audit.log(
-            Record::new("oom", cg)
-                .with("policy", policy.name.clone())
-                .with("episode", job.episode)
-                .with("resumed", true)
-                .with("reason", "hold expired with usage above the original limit")
-                .with("start_step", job.start_step),
-        );
-    }
+        shared.metrics.oom_event(&policy.name);
+        Record::new("oom", cg)
+            .with("policy", policy.name.clone())
+            .with("episode", job.episode)
+    });
 
     // For an OOM: stuck while under_oom. For a resume: stuck until the loan could be
     // given back (usage fits the original limit again).
@@ -297,7 +283,14 @@ pub fn run(shared: &Shared, job: &Job) -> End {
     let mut first_action_at: Option<Instant> = None;
     let end = 'steps: {
         for (i, step) in policy.steps.iter().enumerate().skip(job.start_step) {
-            match check() {
+            let state = check();
+            if let (Some(rec), false) = (pending_oom.as_mut(), job.resume) {
+                rec.set("under_oom", u8::from(state == State::Stuck));
+            }
+            if let Some(oom) = pending_oom.take() {
+                shared.audit.log(oom);
+            }
+            match state {
                 State::Gone => break 'steps gone(),
                 State::Recovered(at) if !audit_mode => break 'steps resolved(job, last_step, at),
                 _ => {}
@@ -314,6 +307,8 @@ pub fn run(shared: &Shared, job: &Job) -> End {
             };
             let report = action::perform(&shared.env, &ctx, &step.action);
             first_action_at.get_or_insert_with(Instant::now);
+            // A raise leaves the journal unsynced so the limit is written sooner.
+            shared.env.loans.sync();
             let name = step.action.name();
             shared.metrics.action(name, report.outcome.as_str());
             let mut rec = Record::new("action", cg)
@@ -354,6 +349,9 @@ pub fn run(shared: &Shared, job: &Job) -> End {
         }
     };
 
+    if let Some(oom) = pending_oom.take() {
+        shared.audit.log(oom);
+    }
     match &end {
         End::Resolved { by_step, stalled } => {
             shared.metrics.stall(*stalled);
@@ -370,7 +368,10 @@ pub fn run(shared: &Shared, job: &Job) -> End {
                 rec.set("by_action", a);
             }
             if let Some(t) = first_action_at {
-                rec.set("first_action_ms", ms(t.saturating_duration_since(job.detected)));
+                rec.set(
+                    "first_action_ms",
+                    ms(t.saturating_duration_since(job.detected)),
+                );
             }
             shared.audit.log(rec);
         }

@@ -250,6 +250,11 @@ impl Hog {
     }
 }
 
+/// Snapshot and log of the journal in an agent directory.
+pub fn journal_text(dir: &Path) -> String {
+    read(&dir.join("state/loans.json")) + &read(&dir.join("state/loans.log"))
+}
+
 pub fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_default()
 }
@@ -331,6 +336,11 @@ impl Agent {
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
+    }
+
+    /// The journal of lent limits as a restarted agent would read it: snapshot + log.
+    pub fn journal(&self) -> String {
+        journal_text(self.tmp.path())
     }
 
     pub fn log(&self) -> String {

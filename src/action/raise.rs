@@ -1,9 +1,10 @@
 //! Loans of headroom (`raise_limit`) and their return. One loan per cgroup: a new OOM
 //! while a loan is out raises further (up to the policy's ceiling), and giving it back
-//! always restores the limit the cgroup had before the *first* raise. Every change is
-//! journaled before the cgroup file is written.
+//! always restores the limit the cgroup had before the *first* raise. Every raise is
+//! journaled (atomic rename) before the cgroup file is written, and fsynced after.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -116,6 +117,8 @@ fn unix_ms() -> u64 {
 pub struct LoanBook {
     loans: Mutex<BTreeMap<CgroupPath, Loan>>,
     journal: Option<Journal>,
+    /// The journal has appends not yet fsynced (see [`LoanBook::sync`]).
+    unsynced: AtomicBool,
 }
 
 impl LoanBook {
@@ -124,6 +127,7 @@ impl LoanBook {
         LoanBook {
             loans: Mutex::new(BTreeMap::new()),
             journal,
+            unsynced: AtomicBool::new(false),
         }
     }
 
@@ -131,10 +135,63 @@ impl LoanBook {
         self.loans.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn persist(&self, loans: &BTreeMap<CgroupPath, Loan>) -> Result<(), JournalError> {
+    /// Records a new or changed loan (visible at once, durable after `sync`).
+    fn journal_put(&self, rec: &LoanRecord) -> Result<(), JournalError> {
         match &self.journal {
-            Some(j) => j.save(&loans.values().map(|l| l.rec.clone()).collect::<Vec<_>>()),
+            Some(j) => {
+                j.put(rec)?;
+                self.unsynced.store(true, Ordering::SeqCst);
+                Ok(())
+            }
             None => Ok(()),
+        }
+    }
+
+    /// Records the end of a loan and flushes (off the OOM path). Runs with the loans
+    /// locked, so it never compacts.
+    fn journal_remove(&self, cg: &CgroupPath) -> Result<(), JournalError> {
+        if let Some(j) = &self.journal {
+            j.remove(cg)?;
+            self.unsynced.store(true, Ordering::SeqCst);
+        }
+        self.flush();
+        Ok(())
+    }
+
+    /// fsyncs the journal's pending appends.
+    fn flush(&self) {
+        if let Some(j) = &self.journal {
+            if self.unsynced.swap(false, Ordering::SeqCst) {
+                if let Err(e) = j.sync() {
+                    self.unsynced.store(true, Ordering::SeqCst);
+                    log::warn!("{e}; will retry");
+                }
+            }
+        }
+    }
+
+    /// Flushes what a raise appended to the journal without fsync, and compacts a long
+    /// log. Called after the rescue (after each step, and by the keeper), never between
+    /// the OOM and the limit write.
+    pub fn sync(&self) {
+        self.flush();
+        if self
+            .journal
+            .as_ref()
+            .is_some_and(|j| j.log_len() > COMPACT_AT)
+        {
+            self.compact();
+        }
+    }
+
+    /// Rewrites the journal as one snapshot of the current loans.
+    pub fn compact(&self) {
+        if let Some(j) = &self.journal {
+            let loans = self.lock();
+            let recs: Vec<LoanRecord> = loans.values().map(|l| l.rec.clone()).collect();
+            if let Err(e) = j.save(&recs) {
+                log::warn!("compacting the journal: {e}");
+            }
         }
     }
 
@@ -177,7 +234,7 @@ impl LoanBook {
                     cur.memory
                 );
                 loans.remove(cg);
-                self.persist(&loans)?;
+                self.journal_remove(cg)?;
             }
         }
         let existing = loans.get(cg);
@@ -245,16 +302,20 @@ impl LoanBook {
                 below_since: None,
             },
         };
-        let old_rec = loan.rec.clone();
+        let rec = loan.rec.clone();
         loans.insert(cg.clone(), loan);
-        // Journal first: if we crash right after the write, the next start knows.
-        if let Err(e) = self.persist(&loans) {
-            undo(&mut loans, cg, &old_rec, cur);
+        // Journal first: if we crash right after the cgroup write, the next start knows.
+        // The fsync waits until the workload has its headroom (LoanBook::sync).
+        if let Err(e) = self.journal_put(&rec) {
+            undo(&mut loans, cg, &rec, cur);
             return Err(e.into());
         }
         if let Err(e) = ctl.set_limits(cg, cur, lent) {
-            undo(&mut loans, cg, &old_rec, cur);
-            let _ = self.persist(&loans);
+            undo(&mut loans, cg, &rec, cur);
+            let _ = match loans.get(cg) {
+                Some(l) => self.journal_put(&l.rec.clone()),
+                None => self.journal_remove(cg),
+            };
             return Err(e.into());
         }
         Ok(Lend::Raised {
@@ -282,12 +343,12 @@ impl LoanBook {
         let lent = loan.rec.lent;
         let Some(cur) = ctl.limits(cg)? else {
             loans.remove(cg);
-            self.persist(loans)?;
+            self.journal_remove(cg)?;
             return Ok(Restore::Gone);
         };
         if cur.memory != lent.memory {
             loans.remove(cg);
-            self.persist(loans)?;
+            self.journal_remove(cg)?;
             return Ok(Restore::ChangedExternally {
                 current: cur.memory,
             });
@@ -297,13 +358,13 @@ impl LoanBook {
             Err(e) if e.is_busy() => return Ok(Restore::Busy),
             Err(e) if e.is_gone() => {
                 loans.remove(cg);
-                self.persist(loans)?;
+                self.journal_remove(cg)?;
                 return Ok(Restore::Gone);
             }
             Err(e) => return Err(e.into()),
         }
         loans.remove(cg);
-        self.persist(loans)?;
+        self.journal_remove(cg)?;
         Ok(Restore::Restored {
             old: cur.memory,
             new: original.memory,
@@ -323,6 +384,7 @@ impl LoanBook {
     /// `restore_below` for `restore_after`, at hold expiry at the latest; ask for the
     /// episode to resume when the hold expired and the workload does not fit.
     pub fn tick(&self, ctl: &dyn Controller, now: Instant) -> Vec<TickEvent> {
+        self.sync();
         let mut events = Vec::new();
         let mut loans = self.lock();
         let keys: Vec<CgroupPath> = loans.keys().cloned().collect();
@@ -409,6 +471,9 @@ impl LoanBook {
         self.lock().get(cg).map(|l| l.rec.original)
     }
 }
+
+/// Compact the log once it passes this size (a few hundred operations).
+const COMPACT_AT: u64 = 64 * 1024;
 
 fn undo(loans: &mut BTreeMap<CgroupPath, Loan>, cg: &CgroupPath, rec: &LoanRecord, cur: Limits) {
     // A first raise that failed leaves no loan; an extension goes back to what was lent.

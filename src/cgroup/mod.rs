@@ -332,16 +332,34 @@ pub fn open(h: Hierarchy) -> Result<Box<dyn Controller>> {
     }
 }
 
-/// Reads a whole control file; `Ok(None)` if the cgroup is gone.
+/// Reads a whole control file; `Ok(None)` if the cgroup is gone. Control files are
+/// small: open, read into a stack buffer, close (no stat for a size hint: this runs on
+/// the OOM path).
 pub(crate) fn read_file(path: &Path) -> Result<Option<String>> {
-    match std::fs::read_to_string(path) {
-        Ok(s) => Ok(Some(s)),
-        Err(e) if io_is_gone(&e) => Ok(None),
-        Err(source) => Err(CgroupError::Read {
-            path: path.to_path_buf(),
-            source,
-        }),
+    use std::io::Read;
+    let err = |source| CgroupError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if io_is_gone(&e) => return Ok(None),
+        Err(e) => return Err(err(e)),
+    };
+    let mut buf = [0u8; 512];
+    let mut out = Vec::new();
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if io_is_gone(&e) => return Ok(None),
+            Err(e) => return Err(err(e)),
+        }
     }
+    String::from_utf8(out)
+        .map(Some)
+        .map_err(|e| err(io::Error::new(io::ErrorKind::InvalidData, e)))
 }
 
 /// Writes a value to a control file in one write(2), never creating it.

@@ -64,13 +64,9 @@ impl Controller for V1 {
         else {
             return Ok(None);
         };
-        // Without swap accounting the memsw files do not exist at all.
-        let memsw_file = self.h.dir(cg).join("memory.memsw.limit_in_bytes");
-        let memsw = if memsw_file.exists() {
-            self.read_parsed(cg, "memory.memsw.limit_in_bytes", "limit", parse::bytes)?
-        } else {
-            None
-        };
+        // Without swap accounting the memsw files do not exist at all: read as None,
+        // like a vanished cgroup, which the memory read above has already ruled out.
+        let memsw = self.read_parsed(cg, "memory.memsw.limit_in_bytes", "limit", parse::bytes)?;
         Ok(Some(Limits { memory, memsw }))
     }
 
@@ -80,7 +76,9 @@ impl Controller for V1 {
 
     fn set_limits(&self, cg: &CgroupPath, from: Limits, to: Limits) -> Result<()> {
         let mem = limit_value(to.memory);
-        match to.memsw {
+        // An unchanged memsw limit (typically unlimited) needs no write.
+        let to_memsw = to.memsw.filter(|&sw| Some(sw) != from.memsw);
+        match to_memsw {
             Some(sw) if from.memsw.is_some_and(|old| sw >= old) => {
                 self.write(cg, "memory.memsw.limit_in_bytes", &limit_value(sw))?;
                 self.write(cg, "memory.limit_in_bytes", &mem)

@@ -22,9 +22,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "M" | "MiB" => 1 << 20,
         "G" | "GiB" => 1 << 30,
         "T" | "TiB" => 1 << 40,
-        other => return Err(format!(
+        other => {
+            return Err(format!(
             "invalid size {s:?}: unknown unit {other:?} (use B, KiB, MiB, GiB, TiB or K, M, G, T)"
-        )),
+        ))
+        }
     };
     let n: f64 = num.parse().map_err(|_| {
         format!("invalid size {s:?}: expected a number followed by a unit, e.g. \"64MiB\"")
