@@ -17,7 +17,7 @@ use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 
 use crate::agent::{Shared, Status, WatchedStatus};
 use crate::audit::Record;
-use crate::cgroup::CgroupPath;
+use crate::cgroup::{CgroupPath, OomControl, OomProbe};
 use crate::config::Config;
 use crate::policy::{Policy, PolicySet};
 
@@ -25,6 +25,11 @@ const TOKEN_INOTIFY: u64 = 1;
 const TOKEN_HUP: u64 = 2;
 const TOKEN_TERM: u64 = 3;
 const FIRST_CGROUP_TOKEN: u64 = 16;
+
+struct Probe {
+    file: Option<OomProbe>,
+    kill_disabled: Option<bool>,
+}
 
 struct Watched {
     efd: Option<EventFd>,
@@ -42,6 +47,9 @@ pub struct Watcher {
     dir_wds: HashMap<CgroupPath, WatchDescriptor>,
     /// Cgroups some policy could match; `Some` once watched.
     candidates: BTreeMap<CgroupPath, Option<Watched>>,
+    /// Sweep state per candidate: an open oom_control and the last oom_kill_disable
+    /// seen (None: re-select the policy on the next sweep).
+    probes: HashMap<CgroupPath, Probe>,
     tokens: HashMap<u64, CgroupPath>,
     next_token: u64,
     events: bool,
@@ -52,6 +60,7 @@ pub struct Watcher {
     cgroup_root: std::path::PathBuf,
     dry_run: bool,
     status_dirty: bool,
+    status_sig: (u64, usize),
 }
 
 fn io_err(e: nix::Error) -> std::io::Error {
@@ -96,6 +105,7 @@ impl Watcher {
             dirs: HashMap::new(),
             dir_wds: HashMap::new(),
             candidates: BTreeMap::new(),
+            probes: HashMap::new(),
             tokens: HashMap::new(),
             next_token: FIRST_CGROUP_TOKEN,
             events: cfg.events,
@@ -106,6 +116,7 @@ impl Watcher {
             cgroup_root: cfg.cgroup_root.clone(),
             dry_run: cfg.dry_run,
             status_dirty: true,
+            status_sig: (0, 0),
         };
         w.discover(&CgroupPath::root());
         w.write_status(true);
@@ -292,6 +303,15 @@ impl Watcher {
                 return false;
             }
         };
+        self.apply(cg, st, policies);
+        st.under_oom
+    }
+
+    /// Watches, unwatches or re-assigns `cg` given its OOM state.
+    fn apply(&mut self, cg: &CgroupPath, st: OomControl, policies: &PolicySet) {
+        if let Some(p) = self.probes.get_mut(cg) {
+            p.kill_disabled = Some(st.oom_kill_disable);
+        }
         let want = policies.select(cg, st.oom_kill_disable, None).cloned();
         let current = self
             .candidates
@@ -318,7 +338,6 @@ impl Watcher {
             }
             (None, None) => {}
         }
-        st.under_oom
     }
 
     fn watch(&mut self, cg: &CgroupPath, policy: Arc<Policy>) {
@@ -384,6 +403,7 @@ impl Watcher {
         for cg in gone {
             self.unwatch(&cg, reason);
             self.candidates.remove(&cg);
+            self.probes.remove(&cg);
             self.shared.dispatcher.forget(&cg);
         }
         let dirs: Vec<CgroupPath> = self
@@ -413,17 +433,70 @@ impl Watcher {
         let now = Instant::now();
         let cgs: Vec<CgroupPath> = self.candidates.keys().cloned().collect();
         for cg in cgs {
-            let under = self.evaluate(&cg, &policies);
+            let Some(st) = self.probe(&cg) else {
+                continue;
+            };
+            // The policy choice depends only on oom_kill_disable (and the policy set,
+            // which a reload marks stale): re-select only when it changed.
+            let known = self.probes.get(&cg).and_then(|p| p.kill_disabled);
+            if known != Some(st.oom_kill_disable) {
+                self.apply(&cg, st, &policies);
+            }
             let watched = matches!(self.candidates.get(&cg), Some(Some(_)));
-            if watched && under {
+            if watched && st.under_oom {
                 self.trigger(&cg, now);
-            } else if !under {
+            } else if !st.under_oom {
                 self.shared.dispatcher.clear_held(&cg);
             }
         }
-        if self.status_dirty {
+        let sig = self.status_signature();
+        if self.status_dirty || sig != self.status_sig {
+            self.status_sig = sig;
             self.write_status(true);
         }
+    }
+
+    /// Reads a candidate's OOM state through its kept-open probe (one pread).
+    /// `None` if it is gone (then forgotten) or unreadable (logged).
+    fn probe(&mut self, cg: &CgroupPath) -> Option<OomControl> {
+        let entry = self.probes.entry(cg.clone()).or_insert(Probe {
+            file: None,
+            kill_disabled: None,
+        });
+        if entry.file.is_none() {
+            match self.shared.env.ctl.oom_probe(cg) {
+                Ok(Some(f)) => entry.file = Some(f),
+                Ok(None) => {
+                    self.forget_subtree(cg, "removed");
+                    return None;
+                }
+                Err(e) => {
+                    log::warn!("{cg}: {e}");
+                    return None;
+                }
+            }
+        }
+        let res = entry.file.as_ref().map(|f| f.read());
+        match res {
+            Some(Ok(Some(st))) => Some(st),
+            Some(Ok(None)) => {
+                self.forget_subtree(cg, "removed");
+                None
+            }
+            Some(Err(e)) => {
+                log::warn!("{cg}: {e}");
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Changes `oomwake status` should show: loans and running episodes.
+    fn status_signature(&self) -> (u64, usize) {
+        (
+            self.shared.env.loans.generation(),
+            self.shared.dispatcher.running().len(),
+        )
     }
 
     /// Walks the whole hierarchy: catches what inotify could not report (cgroups
@@ -478,6 +551,7 @@ impl Watcher {
                         (true, false) => {
                             self.unwatch(&cg, "reload");
                             self.candidates.remove(&cg);
+                            self.probes.remove(&cg);
                         }
                         (false, true) => {
                             self.candidates.insert(cg.clone(), None);

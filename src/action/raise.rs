@@ -119,6 +119,8 @@ pub struct LoanBook {
     journal: Option<Journal>,
     /// The journal has appends not yet fsynced (see [`LoanBook::sync`]).
     unsynced: AtomicBool,
+    /// Bumped on every change of a loan (journaled), so readers can tell change cheaply.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl LoanBook {
@@ -128,6 +130,7 @@ impl LoanBook {
             loans: Mutex::new(BTreeMap::new()),
             journal,
             unsynced: AtomicBool::new(false),
+            generation: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -137,6 +140,7 @@ impl LoanBook {
 
     /// Records a new or changed loan (visible at once, durable after `sync`).
     fn journal_put(&self, rec: &LoanRecord) -> Result<(), JournalError> {
+        self.generation.fetch_add(1, Ordering::Relaxed);
         match &self.journal {
             Some(j) => {
                 j.put(rec)?;
@@ -150,6 +154,7 @@ impl LoanBook {
     /// Records the end of a loan and flushes (off the OOM path). Runs with the loans
     /// locked, so it never compacts.
     fn journal_remove(&self, cg: &CgroupPath) -> Result<(), JournalError> {
+        self.generation.fetch_add(1, Ordering::Relaxed);
         if let Some(j) = &self.journal {
             j.remove(cg)?;
             self.unsynced.store(true, Ordering::SeqCst);
@@ -193,6 +198,11 @@ impl LoanBook {
                 log::warn!("compacting the journal: {e}");
             }
         }
+    }
+
+    /// Changes whenever a loan is made, extended or ended.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
     }
 
     /// The outstanding loans as records (for status and metrics).

@@ -320,6 +320,54 @@ pub trait Controller: Send + Sync {
     fn stat(&self, cg: &CgroupPath) -> Result<Option<std::collections::BTreeMap<String, u64>>>;
     /// An eventfd that becomes readable when the cgroup enters OOM (or is removed).
     fn register_oom(&self, cg: &CgroupPath) -> Result<EventFd>;
+    /// A handle that re-reads the OOM state with one pread(2): for the safety sweep,
+    /// which reads every watched cgroup every second. `Ok(None)` if the cgroup is gone.
+    fn oom_probe(&self, cg: &CgroupPath) -> Result<Option<OomProbe>>;
+}
+
+/// An open control file that is re-read from offset 0 (kernfs regenerates the content
+/// on every read at offset 0), saving the open and close of every read.
+pub struct OomProbe {
+    file: std::fs::File,
+    path: PathBuf,
+    parse: fn(&str) -> Option<OomControl>,
+}
+
+impl OomProbe {
+    pub fn open(path: PathBuf, parse: fn(&str) -> Option<OomControl>) -> Result<Option<OomProbe>> {
+        match std::fs::File::open(&path) {
+            Ok(file) => Ok(Some(OomProbe { file, path, parse })),
+            Err(e) if io_is_gone(&e) => Ok(None),
+            Err(source) => Err(CgroupError::Read { path, source }),
+        }
+    }
+
+    /// The current state; `Ok(None)` once the cgroup is gone.
+    pub fn read(&self) -> Result<Option<OomControl>> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = [0u8; 256];
+        let n = loop {
+            match self.file.read_at(&mut buf, 0) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if io_is_gone(&e) => return Ok(None),
+                Err(source) => {
+                    return Err(CgroupError::Read {
+                        path: self.path.clone(),
+                        source,
+                    })
+                }
+            }
+        };
+        let text = String::from_utf8_lossy(&buf[..n]);
+        (self.parse)(&text)
+            .map(Some)
+            .ok_or_else(|| CgroupError::Parse {
+                path: self.path.clone(),
+                what: "oom state",
+                content: text.chars().take(200).collect(),
+            })
+    }
 }
 
 /// Opens the controller for a detected hierarchy.

@@ -8,7 +8,7 @@ use std::os::fd::AsRawFd;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use super::{parse, read_file, write_file, CgroupError, CgroupPath, Controller, Hierarchy};
-use super::{Limits, OomControl, Result};
+use super::{Limits, OomControl, OomProbe, Result};
 
 pub struct V1 {
     h: Hierarchy,
@@ -106,6 +106,13 @@ impl Controller for V1 {
         self.read_parsed(cg, "memory.stat", "memory.stat", parse::flat_keyed)
     }
 
+    fn oom_probe(&self, cg: &CgroupPath) -> Result<Option<OomProbe>> {
+        OomProbe::open(
+            self.h.dir(cg).join("memory.oom_control"),
+            parse::oom_control,
+        )
+    }
+
     fn register_oom(&self, cg: &CgroupPath) -> Result<EventFd> {
         let dir = self.h.dir(cg);
         let control = dir.join("memory.oom_control");
@@ -162,6 +169,21 @@ mod tests {
         );
         assert_eq!(v.usage(&cg).unwrap(), Some(67100000));
         assert_eq!(v.procs(&cg).unwrap(), Some(vec![10, 11]));
+    }
+
+    #[test]
+    fn probe_rereads_the_current_content() {
+        let (t, v) = fake();
+        let cg = CgroupPath::new("/app");
+        let probe = v.oom_probe(&cg).unwrap().unwrap();
+        assert!(probe.read().unwrap().unwrap().under_oom);
+        std::fs::write(
+            t.path().join("app/memory.oom_control"),
+            "oom_kill_disable 1\nunder_oom 0\n",
+        )
+        .unwrap();
+        assert!(!probe.read().unwrap().unwrap().under_oom);
+        assert!(v.oom_probe(&CgroupPath::new("/gone")).unwrap().is_none());
     }
 
     #[test]
