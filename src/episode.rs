@@ -283,7 +283,13 @@ pub fn run(shared: &Shared, job: &Job) -> End {
     let mut first_action_at: Option<Instant> = None;
     let end = 'steps: {
         for (i, step) in policy.steps.iter().enumerate().skip(job.start_step) {
-            let state = check();
+            // Before the first step of an OOM episode the dispatcher has just read
+            // under_oom 1; reading it again would only delay the rescue.
+            let state = if i == 0 && !job.resume {
+                State::Stuck
+            } else {
+                check()
+            };
             if let (Some(rec), false) = (pending_oom.as_mut(), job.resume) {
                 rec.set("under_oom", u8::from(state == State::Stuck));
             }

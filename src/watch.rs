@@ -175,13 +175,10 @@ impl Watcher {
                 let _ = efd.read();
             }
         }
-        let ctl = self.shared.env.ctl.as_ref();
-        // The kernel also signals the eventfd when the cgroup is removed.
-        match ctl.oom_state(&cg) {
-            Ok(Some(st)) if st.under_oom => self.trigger(&cg, detected),
-            Ok(Some(_)) => {}
-            Ok(None) => self.forget_subtree(&cg, "removed"),
-            Err(e) => log::warn!("{cg}: {e}"),
+        // The kernel also signals the eventfd when the cgroup is removed: the probe then
+        // reads "gone" and forgets it.
+        if self.probe(&cg).is_some_and(|st| st.under_oom) {
+            self.trigger(&cg, detected);
         }
     }
 
