@@ -298,28 +298,7 @@ impl Bench {
     }
 
     fn remove(&self, name: &str) {
-        let dir = self.base.join(name);
-        let mut dirs = vec![];
-        let mut stack = vec![dir];
-        while let Some(d) = stack.pop() {
-            if let Ok(rd) = std::fs::read_dir(&d) {
-                for e in rd.flatten() {
-                    if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                        stack.push(e.path());
-                    }
-                }
-            }
-            dirs.push(d);
-        }
-        for d in dirs.iter().rev() {
-            for _ in 0..100 {
-                match std::fs::remove_dir(d) {
-                    Ok(()) => break,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
-                }
-            }
-        }
+        oomwake::cgroup::remove_tree(&self.base.join(name), Duration::from_secs(2));
     }
 
     fn hog(&self, dir: &Path, args: &[&str]) -> Proc {
@@ -674,27 +653,7 @@ impl Bench {
 
 impl Drop for Bench {
     fn drop(&mut self) {
-        let base = self.base.clone();
-        let mut stack = vec![base];
-        let mut dirs = vec![];
-        while let Some(d) = stack.pop() {
-            if let Ok(rd) = std::fs::read_dir(&d) {
-                for e in rd.flatten() {
-                    if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                        stack.push(e.path());
-                    }
-                }
-            }
-            dirs.push(d);
-        }
-        for d in dirs.iter().rev() {
-            for _ in 0..100 {
-                if std::fs::remove_dir(d).is_ok() || !d.exists() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
+        oomwake::cgroup::remove_tree(&self.base, Duration::from_secs(2));
         let _ = std::fs::remove_dir_all(&self.tmp);
     }
 }

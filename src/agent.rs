@@ -97,7 +97,7 @@ pub fn run(
         },
         audit,
         metrics: Metrics::default(),
-        dispatcher: Dispatcher::new(tx, cfg.sweep_interval),
+        dispatcher: Dispatcher::new(tx, cfg.sweep_interval, cfg.workers, cfg.max_workers),
         policies: RwLock::new(Arc::new(policies)),
         settle_poll: cfg.settle_poll,
         stop: AtomicBool::new(false),
@@ -106,16 +106,24 @@ pub fn run(
     // Start from a fresh snapshot and an empty log.
     shared.env.loans.compact();
 
-    let mut threads = Vec::new();
-    for i in 0..cfg.workers {
-        let (s, r) = (shared.clone(), rx.clone());
-        threads.push(
+    {
+        let weak = Arc::downgrade(&shared);
+        let seq = std::sync::atomic::AtomicUsize::new(0);
+        shared.dispatcher.start_workers(Box::new(move || {
+            let Some(s) = weak.upgrade() else {
+                return false;
+            };
+            let r = rx.clone();
+            let i = seq.fetch_add(1, Ordering::Relaxed);
             std::thread::Builder::new()
                 .name(format!("episode-{i}"))
-                .spawn(move || episode::worker(s, r))?,
-        );
+                // Episodes need little stack; many idle workers should cost little.
+                .stack_size(256 * 1024)
+                .spawn(move || episode::worker(s, r))
+                .map_err(|e| log::error!("cannot start an episode worker: {e}"))
+                .is_ok()
+        }));
     }
-    drop(rx);
     let keeper = {
         let s = shared.clone();
         let every = cfg.restore_check_interval;

@@ -30,7 +30,10 @@ pub struct Config {
     pub restore_check_interval: Duration,
     /// How often an episode re-checks for recovery while settling.
     pub settle_poll: Duration,
+    /// Episode worker threads kept ready; more are started when all are busy (each
+    /// episode may wait out a settle or a grace period), up to `max_workers`.
     pub workers: usize,
+    pub max_workers: usize,
     /// Register OOM eventfds. Off = sweep only (a polling baseline for benchmarks).
     pub events: bool,
     pub mlock: bool,
@@ -55,7 +58,8 @@ impl Default for Config {
             rescan_interval: Duration::from_secs(30),
             restore_check_interval: Duration::from_millis(200),
             settle_poll: Duration::from_millis(1),
-            workers: 8,
+            workers: 16,
+            max_workers: 256,
             events: true,
             mlock: true,
         }
@@ -77,6 +81,7 @@ struct RawConfig {
     restore_check_interval: Option<Dur>,
     settle_poll: Option<Dur>,
     workers: Option<usize>,
+    max_workers: Option<usize>,
     events: Option<bool>,
     mlock: Option<bool>,
 }
@@ -143,6 +148,7 @@ impl Config {
                 .unwrap_or(d.restore_check_interval),
             settle_poll: raw.settle_poll.map(|x| x.0).unwrap_or(d.settle_poll),
             workers,
+            max_workers: raw.max_workers.unwrap_or(d.max_workers).max(workers),
             events: raw.events.unwrap_or(true),
             mlock: raw.mlock.unwrap_or(true),
         })

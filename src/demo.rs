@@ -28,13 +28,7 @@ impl Drop for Scratch {
             let _ = c.kill();
             let _ = c.wait();
         }
-        for _ in 0..50 {
-            match std::fs::remove_dir(&self.dir) {
-                Ok(()) => break,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-                Err(_) => std::thread::sleep(Duration::from_millis(100)),
-            }
-        }
+        crate::cgroup::remove_tree(&self.dir, Duration::from_secs(5));
         let _ = std::fs::remove_dir_all(&self.tmp);
     }
 }

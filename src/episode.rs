@@ -4,8 +4,8 @@
 //! one at a time and that an OOM arriving meanwhile is not lost.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
@@ -60,22 +60,86 @@ enum Active {
     Cooldown(Instant),
 }
 
-/// Hands episodes to workers, at most one per cgroup.
+/// Hands episodes to workers, at most one per cgroup. The pool is elastic: when every
+/// worker is busy (settling, or in a grace period) a new one is started, up to a
+/// maximum, so that a burst of stalls never queues behind slow episodes; workers idle
+/// for a minute above the minimum exit.
 pub struct Dispatcher {
     active: Mutex<HashMap<CgroupPath, Active>>,
     tx: Sender<Job>,
     next_id: AtomicU64,
     cooldown: Duration,
+    pool: Pool,
 }
 
+struct Pool {
+    min: usize,
+    max: usize,
+    total: AtomicUsize,
+    idle: AtomicUsize,
+    spawn: OnceLock<Box<dyn Fn() -> bool + Send + Sync>>,
+}
+
+const WORKER_IDLE_EXIT: Duration = Duration::from_secs(60);
+
 impl Dispatcher {
-    pub fn new(tx: Sender<Job>, cooldown: Duration) -> Dispatcher {
+    pub fn new(
+        tx: Sender<Job>,
+        cooldown: Duration,
+        min_workers: usize,
+        max_workers: usize,
+    ) -> Dispatcher {
         Dispatcher {
             active: Mutex::new(HashMap::new()),
             tx,
             next_id: AtomicU64::new(1),
             cooldown,
+            pool: Pool {
+                min: min_workers.max(1),
+                max: max_workers.max(min_workers).max(1),
+                total: AtomicUsize::new(0),
+                idle: AtomicUsize::new(0),
+                spawn: OnceLock::new(),
+            },
         }
+    }
+
+    /// Sets how a worker thread is started (returns false if it could not be), and
+    /// starts the minimum number.
+    pub fn start_workers(&self, spawn: Box<dyn Fn() -> bool + Send + Sync>) {
+        if self.pool.spawn.set(spawn).is_err() {
+            return;
+        }
+        for _ in 0..self.pool.min {
+            self.add_worker();
+        }
+    }
+
+    fn add_worker(&self) {
+        let Some(spawn) = self.pool.spawn.get() else {
+            return;
+        };
+        if self.pool.total.fetch_add(1, Ordering::SeqCst) >= self.pool.max {
+            self.pool.total.fetch_sub(1, Ordering::SeqCst);
+            return;
+        }
+        self.pool.idle.fetch_add(1, Ordering::SeqCst);
+        if !spawn() {
+            self.pool.total.fetch_sub(1, Ordering::SeqCst);
+            self.pool.idle.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// After queueing a job: make sure some worker is free to take it.
+    fn ensure_worker(&self) {
+        if self.pool.idle.load(Ordering::SeqCst) < self.tx.len() + 1 {
+            self.add_worker();
+        }
+    }
+
+    /// Worker threads now (for status and tests).
+    pub fn workers(&self) -> usize {
+        self.pool.total.load(Ordering::SeqCst)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CgroupPath, Active>> {
@@ -110,6 +174,7 @@ impl Dispatcher {
             active.remove(cg);
             return None;
         }
+        self.ensure_worker();
         Some(id)
     }
 
@@ -132,6 +197,7 @@ impl Dispatcher {
             active.remove(cg);
             return false;
         }
+        self.ensure_worker();
         true
     }
 
@@ -189,9 +255,29 @@ impl Dispatcher {
     }
 }
 
-/// A worker: runs episodes until the channel closes.
+/// A worker: runs episodes until the channel closes, or until it has been idle for a
+/// while and the pool is above its minimum. Started idle (counted by `add_worker`).
 pub fn worker(shared: Arc<Shared>, rx: crossbeam_channel::Receiver<Job>) {
-    for job in rx {
+    let pool = &shared.dispatcher.pool;
+    loop {
+        let job = match rx.recv_timeout(WORKER_IDLE_EXIT) {
+            Ok(job) => job,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                let total = pool.total.load(Ordering::SeqCst);
+                if total > pool.min
+                    && pool
+                        .total
+                        .compare_exchange(total, total - 1, Ordering::SeqCst, Ordering::SeqCst)
+                        .is_ok()
+                {
+                    pool.idle.fetch_sub(1, Ordering::SeqCst);
+                    return;
+                }
+                continue;
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+        };
+        pool.idle.fetch_sub(1, Ordering::SeqCst);
         let end = run(&shared, &job);
         if let Some(at) = shared.dispatcher.finish(&job, &end) {
             // Another OOM arrived while this episode ran: still stuck now?
@@ -208,6 +294,7 @@ pub fn worker(shared: Arc<Shared>, rx: crossbeam_channel::Receiver<Job>) {
                     .trigger(&job.cgroup, job.policy.clone(), at);
             }
         }
+        pool.idle.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -407,11 +494,14 @@ fn resolved(job: &Job, by_step: Option<usize>, at: Instant) -> End {
     }
 }
 
-/// Polls for recovery for at most `limit`: fine-grained at first (most recoveries
-/// happen within a millisecond of the action), coarser later.
+/// Polls for recovery for at most `limit`, first every `poll`, then backing off
+/// (doubling up to 16 ms): most recoveries show within a millisecond of the action, and
+/// when many cgroups settle at once, tight polling would take the CPU the woken
+/// workloads need.
 fn settle(check: &dyn Fn() -> State, limit: Duration, poll: Duration) -> State {
+    const MAX_POLL: Duration = Duration::from_millis(16);
     let start = Instant::now();
-    let mut n = 0u32;
+    let mut step = poll;
     loop {
         let st = check();
         if st != State::Stuck {
@@ -421,9 +511,109 @@ fn settle(check: &dyn Fn() -> State, limit: Duration, poll: Duration) -> State {
         if elapsed >= limit {
             return State::Stuck;
         }
-        // 100 polls at `poll`, then ten times slower.
-        let step = if n < 100 { poll } else { poll * 10 };
-        n += 1;
         std::thread::sleep(step.min(limit - elapsed));
+        step = (step * 2).min(MAX_POLL.max(poll));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::PolicySet;
+
+    fn dispatcher(
+        min: usize,
+        max: usize,
+    ) -> (
+        Dispatcher,
+        crossbeam_channel::Receiver<Job>,
+        Arc<AtomicUsize>,
+    ) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let d = Dispatcher::new(tx, Duration::from_millis(50), min, max);
+        let spawned = Arc::new(AtomicUsize::new(0));
+        let s = spawned.clone();
+        d.start_workers(Box::new(move || {
+            s.fetch_add(1, Ordering::SeqCst);
+            true
+        }));
+        (d, rx, spawned)
+    }
+
+    #[test]
+    fn one_episode_per_cgroup_and_an_oom_meanwhile_is_kept() {
+        let (d, rx, _) = dispatcher(1, 1);
+        let p = PolicySet::embedded_default().policies()[0].clone();
+        let a = CgroupPath::new("/a");
+        let t0 = Instant::now();
+        let id = d.trigger(&a, p.clone(), t0).unwrap();
+        assert_eq!(d.trigger(&a, p.clone(), t0), None);
+        assert_eq!(d.running(), vec![a.clone()]);
+        let job = rx.try_recv().unwrap();
+        assert_eq!((job.episode, job.start_step, job.resume), (id, 0, false));
+        assert!(rx.try_recv().is_err());
+        let end = End::Resolved {
+            by_step: Some(0),
+            stalled: Duration::from_millis(1),
+        };
+        // The OOM seen while running comes back for the worker to re-check.
+        assert_eq!(d.finish(&job, &end), Some(t0));
+        assert!(d.running().is_empty());
+        assert!(d.trigger(&a, p, t0).unwrap() > id);
+    }
+
+    #[test]
+    fn audit_stall_is_held_until_it_ends_and_unresolved_cools_down() {
+        let (d, rx, _) = dispatcher(1, 1);
+        let set = PolicySet::embedded_default().all_audit();
+        let audit = set.policies()[0].clone();
+        let a = CgroupPath::new("/a");
+        d.trigger(&a, audit.clone(), Instant::now()).unwrap();
+        let job = rx.try_recv().unwrap();
+        let un = End::Unresolved {
+            reason: "audit mode".into(),
+        };
+        assert_eq!(d.finish(&job, &un), None);
+        assert_eq!(d.trigger(&a, audit.clone(), Instant::now()), None, "held");
+        d.clear_held(&a);
+        assert!(d.trigger(&a, audit, Instant::now()).is_some());
+        assert_eq!(rx.try_recv().unwrap().cgroup, a);
+
+        let enforce = PolicySet::embedded_default().policies()[0].clone();
+        let b = CgroupPath::new("/b");
+        d.trigger(&b, enforce.clone(), Instant::now()).unwrap();
+        let job = rx.try_recv().unwrap();
+        assert_eq!(job.cgroup, b);
+        d.finish(
+            &job,
+            &End::Unresolved {
+                reason: "all steps done".into(),
+            },
+        );
+        assert_eq!(
+            d.trigger(&b, enforce.clone(), Instant::now()),
+            None,
+            "cooling down"
+        );
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(d.trigger(&b, enforce, Instant::now()).is_some());
+    }
+
+    #[test]
+    fn pool_grows_when_busy_up_to_its_maximum() {
+        let (d, _rx, spawned) = dispatcher(2, 5);
+        assert_eq!(spawned.load(Ordering::SeqCst), 2);
+        let p = PolicySet::embedded_default().policies()[0].clone();
+        // Nobody takes the jobs (no real workers): each trigger finds no idle worker
+        // for the queued work and asks for one more, up to the maximum.
+        for i in 0..10 {
+            d.trigger(
+                &CgroupPath::new(&format!("/c{i}")),
+                p.clone(),
+                Instant::now(),
+            );
+        }
+        assert_eq!(d.workers(), 5);
+        assert_eq!(spawned.load(Ordering::SeqCst), 5);
     }
 }

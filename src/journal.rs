@@ -66,6 +66,9 @@ pub struct Journal {
     snapshot: PathBuf,
     log_path: PathBuf,
     log: Mutex<File>,
+    /// A second descriptor of the log for fsync, so that a flush in progress (about a
+    /// millisecond) never holds up an append, i.e. a raise.
+    sync_fd: File,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> JournalError {
@@ -83,11 +86,13 @@ impl Journal {
             .append(true)
             .open(&log_path)
             .map_err(io_err(&log_path))?;
+        let sync_fd = log.try_clone().map_err(io_err(&log_path))?;
         Ok(Journal {
             dir: state_dir.to_path_buf(),
             snapshot: state_dir.join("loans.json"),
             log_path,
             log: Mutex::new(log),
+            sync_fd,
         })
     }
 
@@ -164,16 +169,14 @@ impl Journal {
         })
     }
 
-    /// Flushes the log to disk.
+    /// Flushes the log to disk (without blocking appends).
     pub fn sync(&self) -> Result<(), JournalError> {
-        let f = self.log.lock().unwrap_or_else(|p| p.into_inner());
-        f.sync_data().map_err(io_err(&self.log_path))
+        self.sync_fd.sync_data().map_err(io_err(&self.log_path))
     }
 
     /// Size of the log, to decide when to compact.
     pub fn log_len(&self) -> u64 {
-        let f = self.log.lock().unwrap_or_else(|p| p.into_inner());
-        f.metadata().map(|m| m.len()).unwrap_or(0)
+        self.sync_fd.metadata().map(|m| m.len()).unwrap_or(0)
     }
 
     /// Replaces the snapshot with `loans` (temporary file, fsync, rename, fsync of the

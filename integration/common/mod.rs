@@ -168,31 +168,8 @@ impl Drop for Scratch {
             let _ = c.kill();
             let _ = c.wait();
         }
-        // Deepest first.
-        let mut dirs: Vec<PathBuf> = walk(&self.dir);
-        dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
-        for d in dirs {
-            for _ in 0..100 {
-                match std::fs::remove_dir(&d) {
-                    Ok(()) => break,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
-                }
-            }
-        }
+        oomwake::cgroup::remove_tree(&self.dir, Duration::from_secs(5));
     }
-}
-
-fn walk(d: &Path) -> Vec<PathBuf> {
-    let mut out = vec![d.to_path_buf()];
-    if let Ok(rd) = std::fs::read_dir(d) {
-        for e in rd.flatten() {
-            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                out.extend(walk(&e.path()));
-            }
-        }
-    }
-    out
 }
 
 pub struct Cg {

@@ -66,38 +66,23 @@ pub fn run(env: &Env, ctx: &StepCtx, command: &[String], timeout: Duration) -> R
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::action::LoanBook;
-    use crate::cgroup::{v1::V1, CgroupPath, Hierarchy, Kind};
-    use crate::policy::PolicySet;
+    use std::path::Path;
 
-    fn env(t: &tempfile::TempDir) -> Env {
-        Env {
-            ctl: Box::new(V1::new(Hierarchy::fake(t.path(), Kind::V1))),
-            proc_root: "/proc".into(),
-            self_pid: 0,
-            loans: LoanBook::new(None),
-        }
-    }
+    use super::*;
+    use crate::action::testing;
+    use crate::cgroup::CgroupPath;
+    use crate::policy::PolicySet;
 
     #[test]
     fn runs_with_env_and_reports_exit_code() {
         let t = tempfile::tempdir().unwrap();
-        let env = env(&t);
+        let env = testing::env(t.path(), Path::new("/proc"));
         let set = PolicySet::embedded_default();
         let cg = CgroupPath::new("/docker/x");
+        let ctx = testing::ctx(&cg, &set.policies()[0], false);
         let out = t.path().join("out");
-        let ctx = StepCtx {
-            cgroup: &cg,
-            policy: &set.policies()[0],
-            episode: 42,
-            step: 3,
-            audit: false,
-            resuming: false,
-            still_stuck: &|| true,
-        };
         let script = format!(
-            "echo $OOMWAKE_CGROUP $OOMWAKE_POLICY $OOMWAKE_EPISODE > {}; exit 3",
+            "echo $OOMWAKE_CGROUP $OOMWAKE_POLICY $OOMWAKE_EPISODE $OOMWAKE_STEP > {}; exit 3",
             out.display()
         );
         let cmd = vec!["/bin/sh".to_string(), "-c".to_string(), script];
@@ -106,29 +91,30 @@ mod tests {
         assert_eq!(r.fields["exit_code"], 3);
         assert_eq!(
             std::fs::read_to_string(&out).unwrap().trim(),
-            "/docker/x embedded-default 42"
+            "/docker/x embedded-default 42 3"
         );
-        let ok = vec!["/bin/true".to_string()];
-        let r = run(&env, &ctx, &ok, Duration::from_secs(10));
+        let r = run(
+            &env,
+            &ctx,
+            &["/bin/true".to_string()],
+            Duration::from_secs(10),
+        );
         assert_eq!(r.outcome, Outcome::Done);
         assert_eq!(r.fields["exit_code"], 0);
+        let audit = testing::ctx(&cg, &set.policies()[0], true);
+        assert_eq!(
+            run(&env, &audit, &cmd, Duration::from_secs(1)).outcome,
+            Outcome::Would
+        );
     }
 
     #[test]
     fn timeout_kills_the_command() {
         let t = tempfile::tempdir().unwrap();
-        let env = env(&t);
+        let env = testing::env(t.path(), Path::new("/proc"));
         let set = PolicySet::embedded_default();
         let cg = CgroupPath::new("/x");
-        let ctx = StepCtx {
-            cgroup: &cg,
-            policy: &set.policies()[0],
-            episode: 1,
-            step: 0,
-            audit: false,
-            resuming: false,
-            still_stuck: &|| true,
-        };
+        let ctx = testing::ctx(&cg, &set.policies()[0], false);
         let start = Instant::now();
         let cmd = vec!["/bin/sleep".to_string(), "30".to_string()];
         let r = run(&env, &ctx, &cmd, Duration::from_millis(200));

@@ -145,3 +145,39 @@ fn raise_step(env: &Env, ctx: &StepCtx, r: &crate::policy::Raise) -> Report {
         Err(e) => Report::failed(e),
     }
 }
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! Fixtures for action unit tests: an Env on a TempDir hierarchy, a StepCtx.
+
+    use std::path::Path;
+
+    use super::{Env, LoanBook, StepCtx};
+    use crate::cgroup::{v1::V1, CgroupPath, Hierarchy, Kind};
+    use crate::policy::Policy;
+
+    pub fn env(cgroup_root: &Path, proc_root: &Path) -> Env {
+        Env {
+            ctl: Box::new(V1::new(Hierarchy::fake(cgroup_root, Kind::V1))),
+            proc_root: proc_root.to_path_buf(),
+            self_pid: 0,
+            loans: LoanBook::new(None),
+        }
+    }
+
+    fn always() -> bool {
+        true
+    }
+
+    pub fn ctx<'a>(cgroup: &'a CgroupPath, policy: &'a Policy, audit: bool) -> StepCtx<'a> {
+        StepCtx {
+            cgroup,
+            policy,
+            episode: 42,
+            step: 3,
+            audit,
+            resuming: false,
+            still_stuck: &always,
+        }
+    }
+}

@@ -44,44 +44,25 @@ pub fn drop_caches(env: &Env, ctx: &StepCtx, level: u8) -> Report {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::action::LoanBook;
-    use crate::cgroup::{v1::V1, CgroupPath, Hierarchy, Kind};
+    use crate::action::testing;
+    use crate::cgroup::CgroupPath;
     use crate::policy::PolicySet;
 
     #[test]
     fn drop_caches_writes_level_under_proc_root() {
         let t = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(t.path().join("proc/sys/vm")).unwrap();
-        std::fs::write(t.path().join("proc/sys/vm/drop_caches"), "").unwrap();
-        let env = Env {
-            ctl: Box::new(V1::new(Hierarchy::fake(t.path(), Kind::V1))),
-            proc_root: t.path().join("proc"),
-            self_pid: 0,
-            loans: LoanBook::new(None),
-        };
+        let knob = t.path().join("proc/sys/vm/drop_caches");
+        std::fs::create_dir_all(knob.parent().unwrap()).unwrap();
+        std::fs::write(&knob, "").unwrap();
+        let env = testing::env(t.path(), &t.path().join("proc"));
         let set = PolicySet::embedded_default();
         let cg = CgroupPath::new("/x");
-        let ctx = StepCtx {
-            cgroup: &cg,
-            policy: &set.policies()[0],
-            episode: 1,
-            step: 0,
-            audit: false,
-            resuming: false,
-            still_stuck: &|| true,
-        };
-        let r = drop_caches(&env, &ctx, 3);
+        let r = drop_caches(&env, &testing::ctx(&cg, &set.policies()[0], false), 3);
         assert_eq!(r.outcome, Outcome::Done);
-        assert_eq!(
-            std::fs::read_to_string(t.path().join("proc/sys/vm/drop_caches")).unwrap(),
-            "3"
-        );
-        let ctx = StepCtx { audit: true, ..ctx };
-        std::fs::write(t.path().join("proc/sys/vm/drop_caches"), "").unwrap();
-        assert_eq!(drop_caches(&env, &ctx, 1).outcome, Outcome::Would);
-        assert_eq!(
-            std::fs::read_to_string(t.path().join("proc/sys/vm/drop_caches")).unwrap(),
-            ""
-        );
+        assert_eq!(std::fs::read_to_string(&knob).unwrap(), "3");
+        std::fs::write(&knob, "").unwrap();
+        let r = drop_caches(&env, &testing::ctx(&cg, &set.policies()[0], true), 1);
+        assert_eq!(r.outcome, Outcome::Would);
+        assert_eq!(std::fs::read_to_string(&knob).unwrap(), "");
     }
 }

@@ -254,6 +254,43 @@ impl Hierarchy {
     }
 }
 
+/// Removes a cgroup directory and every cgroup below it, deepest first (cgroupfs takes
+/// rmdir only). A cgroup whose last task is still exiting refuses with EBUSY for a
+/// moment, so each rmdir is retried for up to `patience`. Returns false if something
+/// is left.
+pub fn remove_tree(dir: &Path, patience: std::time::Duration) -> bool {
+    let mut dirs = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        if let Ok(rd) = std::fs::read_dir(&d) {
+            stack.extend(
+                rd.flatten()
+                    .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
+                    .map(|e| e.path()),
+            );
+        }
+        dirs.push(d);
+    }
+    let mut all_gone = true;
+    for d in dirs.iter().rev() {
+        let deadline = std::time::Instant::now() + patience;
+        loop {
+            match std::fs::remove_dir(d) {
+                Ok(()) => break,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                Err(_) => {
+                    all_gone = false;
+                    break;
+                }
+            }
+        }
+    }
+    all_gone
+}
+
 /// Finds the mount holding `root` in mountinfo text and returns root's path inside the
 /// hierarchy (the mount's own root plus the part of `root` below the mount point).
 fn hierarchy_prefix(mountinfo: &str, root: &Path) -> Option<String> {
@@ -501,6 +538,21 @@ mod tests {
             .collect();
         assert_eq!(all, vec!["/", "/a", "/a/x", "/a/y", "/b"]);
         assert_eq!(h.walk(&CgroupPath::new("/missing")).len(), 0);
+    }
+
+    #[test]
+    fn remove_tree_removes_deepest_first() {
+        let t = tempfile::tempdir().unwrap();
+        let top = t.path().join("top");
+        std::fs::create_dir_all(top.join("a/b")).unwrap();
+        std::fs::create_dir_all(top.join("c")).unwrap();
+        assert!(remove_tree(&top, std::time::Duration::from_millis(100)));
+        assert!(!top.exists());
+        assert!(remove_tree(&top, std::time::Duration::ZERO));
+        // A regular file (not possible in cgroupfs) cannot be removed by rmdir.
+        std::fs::create_dir_all(&top).unwrap();
+        std::fs::write(top.join("f"), "").unwrap();
+        assert!(!remove_tree(&top, std::time::Duration::from_millis(50)));
     }
 
     #[test]
