@@ -128,6 +128,15 @@ pub fn run(cgroup_root: &Path) -> anyhow::Result<()> {
         "5. The hog finished: {} bytes touched; its longest stall was {} ms (the time it spent stuck, mostly before the agent started).",
         report["touched_bytes"], report["longest_stall_us"].as_u64().unwrap_or(0) as f64 / 1000.0
     );
+    // The hog may finish before the agent has written an episode's last line.
+    let settled = |t: &str| {
+        let count = |e: &str| t.matches(&format!("\"event\":\"{e}\"")).count();
+        count("oom") == count("resolved") + count("unresolved")
+    };
+    let t1 = Instant::now();
+    while !settled(&read(&audit)) && t1.elapsed() < Duration::from_secs(3) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     println!("   The agent's audit log:");
     for l in read(&audit).lines() {
         println!("   {l}");
