@@ -132,15 +132,9 @@ fn raise_step(env: &Env, ctx: &StepCtx, r: &crate::policy::Raise) -> Report {
             .with("old_limit", old)
             .with("new_limit", new),
         Ok(raise::Lend::AtCeiling { limit, ceiling }) => {
-            let mut rep =
-                Report::skipped(format!("limit {limit} is already at the ceiling {ceiling}"))
-                    .with("old_limit", limit)
-                    .with("new_limit", limit);
-            // In audit mode the decision is still "would do nothing".
-            if ctx.audit {
-                rep.outcome = Outcome::Skipped;
-            }
-            rep
+            Report::skipped(format!("limit {limit} is already at the ceiling {ceiling}"))
+                .with("old_limit", limit)
+                .with("new_limit", limit)
         }
         Err(e) => Report::failed(e),
     }
