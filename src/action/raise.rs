@@ -555,13 +555,19 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
+    /// A raise of `f`'s cgroup for episode `episode` that must succeed.
+    fn lend(book: &LoanBook, f: &Fake, r: Raise, episode: u64) -> Lend {
+        book.lend(&f.ctl, &f.cg, "p", &r, episode, 2, false)
+            .unwrap()
+    }
+
     #[test]
     fn extensions_stop_at_ceiling_and_restore_returns_the_first_original() {
         let f = fake(64 * MIB, 64 * MIB);
         let t = tempfile::tempdir().unwrap();
         let book = LoanBook::new(Some(Journal::open(t.path()).unwrap()));
         let r = raise(Duration::from_secs(60));
-        let l1 = book.lend(&f.ctl, &f.cg, "p", &r, 1, 2, false).unwrap();
+        let l1 = lend(&book, &f, r.clone(), 1);
         assert_eq!(
             l1,
             Lend::Raised {
@@ -571,7 +577,7 @@ mod tests {
         );
         assert_eq!(f.limit(), 80 * MIB);
         assert_eq!(f.memsw(), 80 * MIB);
-        let l2 = book.lend(&f.ctl, &f.cg, "p", &r, 2, 2, false).unwrap();
+        let l2 = lend(&book, &f, r.clone(), 2);
         assert_eq!(
             l2,
             Lend::Raised {
@@ -579,7 +585,7 @@ mod tests {
                 new: 96 * MIB
             }
         );
-        let l3 = book.lend(&f.ctl, &f.cg, "p", &r, 3, 2, false).unwrap();
+        let l3 = lend(&book, &f, r.clone(), 3);
         assert_eq!(
             l3,
             Lend::AtCeiling {
@@ -636,16 +642,7 @@ mod tests {
     fn early_restore_needs_usage_below_threshold() {
         let f = fake(64 * MIB, 64 * MIB);
         let book = LoanBook::new(None);
-        book.lend(
-            &f.ctl,
-            &f.cg,
-            "p",
-            &raise(Duration::from_secs(60)),
-            1,
-            2,
-            false,
-        )
-        .unwrap();
+        lend(&book, &f, raise(Duration::from_secs(60)), 1);
         let now = Instant::now();
         assert!(book.tick(&f.ctl, now).is_empty());
         assert_eq!(f.limit(), 80 * MIB);
@@ -669,7 +666,7 @@ mod tests {
         let book = LoanBook::new(None);
         let mut r = raise(Duration::from_secs(60));
         r.restore_after = Duration::from_secs(5);
-        book.lend(&f.ctl, &f.cg, "p", &r, 1, 2, false).unwrap();
+        lend(&book, &f, r, 1);
         let t0 = Instant::now();
         assert!(book.tick(&f.ctl, t0).is_empty());
         f.set_usage(70 * MIB);
@@ -684,16 +681,7 @@ mod tests {
     fn hold_expiry_restores_and_external_change_is_respected() {
         let f = fake(64 * MIB, 70 * MIB);
         let book = LoanBook::new(None);
-        book.lend(
-            &f.ctl,
-            &f.cg,
-            "p",
-            &raise(Duration::from_millis(0)),
-            1,
-            2,
-            false,
-        )
-        .unwrap();
+        lend(&book, &f, raise(Duration::from_millis(0)), 1);
         let ev = book.tick(&f.ctl, Instant::now() + Duration::from_millis(1));
         assert!(
             matches!(
@@ -706,16 +694,7 @@ mod tests {
             "{ev:?}"
         );
 
-        book.lend(
-            &f.ctl,
-            &f.cg,
-            "p",
-            &raise(Duration::from_secs(60)),
-            2,
-            2,
-            false,
-        )
-        .unwrap();
+        lend(&book, &f, raise(Duration::from_secs(60)), 2);
         std::fs::write(f.dir.join("memory.limit_in_bytes"), (200 * MIB).to_string()).unwrap();
         assert_eq!(
             book.restore(&f.ctl, &f.cg).unwrap(),
@@ -728,16 +707,7 @@ mod tests {
     fn gone_cgroup_drops_the_loan() {
         let f = fake(64 * MIB, 64 * MIB);
         let book = LoanBook::new(None);
-        book.lend(
-            &f.ctl,
-            &f.cg,
-            "p",
-            &raise(Duration::from_secs(60)),
-            1,
-            2,
-            false,
-        )
-        .unwrap();
+        lend(&book, &f, raise(Duration::from_secs(60)), 1);
         std::fs::remove_dir_all(&f.dir).unwrap();
         assert_eq!(book.restore(&f.ctl, &f.cg).unwrap(), Restore::Gone);
         assert!(!book.has_loan(&f.cg));
@@ -747,16 +717,7 @@ mod tests {
     fn adopted_records_keep_their_remaining_hold() {
         let f = fake(64 * MIB, 70 * MIB);
         let book = LoanBook::new(None);
-        book.lend(
-            &f.ctl,
-            &f.cg,
-            "p",
-            &raise(Duration::from_secs(3600)),
-            1,
-            2,
-            false,
-        )
-        .unwrap();
+        lend(&book, &f, raise(Duration::from_secs(3600)), 1);
         let recs = book.records();
         let book2 = LoanBook::new(None);
         book2.adopt(recs);
