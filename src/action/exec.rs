@@ -28,6 +28,15 @@ pub fn run(env: &Env, ctx: &StepCtx, command: &[String], timeout: Duration) -> R
         Ok(c) => c,
         Err(e) => return Report::failed(format!("{prog}: {e}")).with("command", command.to_vec()),
     };
+    // The agent shields itself with oom_score_adj -1000, which children inherit; a hook
+    // must not be unkillable. (Raising the value needs no privilege.)
+    let adj = env
+        .proc_root
+        .join(child.id().to_string())
+        .join("oom_score_adj");
+    if let Err(e) = std::fs::write(&adj, "0") {
+        log::debug!("{}: {e}", adj.display());
+    }
     let deadline = Instant::now() + timeout;
     let status = loop {
         match child.try_wait() {
