@@ -7,5 +7,6 @@
 mod cli;
 mod common;
 mod episodes;
+mod golang;
 mod loans;
 mod stalls;

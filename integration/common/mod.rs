@@ -135,6 +135,28 @@ impl Scratch {
         Hog { pid, report: rx }
     }
 
+    /// Starts any program (it must join the cgroup itself); its stdout lines arrive on
+    /// the returned channel. It is killed when the scratch tree goes.
+    pub fn spawn(&mut self, mut cmd: Command) -> (i32, mpsc::Receiver<String>) {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn");
+        let pid = child.id() as i32;
+        let out = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        self.children.push(child);
+        (pid, rx)
+    }
+
     /// Kills one of our hogs now (by its Child handle: our own child, PID not reused).
     pub fn kill_hog(&mut self, pid: i32) {
         for c in &mut self.children {
@@ -242,6 +264,16 @@ pub fn write(p: &Path, v: &str) {
 
 pub fn wchan(pid: i32) -> String {
     read(Path::new(&format!("/proc/{pid}/wchan")))
+}
+
+/// True if some thread of `pid` sleeps in the memcg OOM wait.
+pub fn any_thread_in_oom_wait(pid: i32) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|rd| {
+            rd.flatten()
+                .any(|t| read(&t.path().join("wchan")) == "mem_cgroup_oom_synchronize")
+        })
+        .unwrap_or(false)
 }
 
 pub fn proc_state(pid: i32) -> String {
