@@ -227,12 +227,15 @@ impl Dispatcher {
         }
     }
 
-    /// The sweep saw the cgroup out of OOM: a later stall is a new episode.
+    /// The sweep saw `cg` out of OOM: a later stall there is a new episode. The kernel
+    /// marks a whole subtree under OOM, so an audited stall held at an ancestor (a pod
+    /// cgroup no policy watches itself) has ended too.
     pub fn clear_held(&self, cg: &CgroupPath) {
         let mut active = self.lock();
-        if matches!(active.get(cg), Some(Active::AuditHeld)) {
-            active.remove(cg);
+        if active.is_empty() {
+            return;
         }
+        active.retain(|held, a| !(matches!(a, Active::AuditHeld) && cg.is_within(held)));
     }
 
     pub fn forget(&self, cg: &CgroupPath) {
@@ -575,7 +578,8 @@ mod tests {
         };
         assert_eq!(d.finish(&job, &un), None);
         assert_eq!(d.trigger(&a, audit.clone(), Instant::now()), None, "held");
-        d.clear_held(&a);
+        // Out of OOM below it: the stall at /a is over too.
+        d.clear_held(&CgroupPath::new("/a/child"));
         assert!(d.trigger(&a, audit, Instant::now()).is_some());
         assert_eq!(rx.try_recv().unwrap().cgroup, a);
 
