@@ -26,9 +26,15 @@ const TOKEN_HUP: u64 = 2;
 const TOKEN_TERM: u64 = 3;
 const FIRST_CGROUP_TOKEN: u64 = 16;
 
-struct Probe {
-    file: Option<OomProbe>,
+/// A cgroup some policy could match: the agent keeps its oom_control open for the
+/// sweep, remembers the oom_kill_disable it last chose a policy for, and, once a policy
+/// applies, watches it.
+#[derive(Default)]
+struct Candidate {
+    probe: Option<OomProbe>,
+    /// None: choose the policy again on the next read.
     kill_disabled: Option<bool>,
+    watched: Option<Watched>,
 }
 
 struct Watched {
@@ -45,11 +51,7 @@ pub struct Watcher {
     term: UnixStream,
     dirs: HashMap<WatchDescriptor, CgroupPath>,
     dir_wds: HashMap<CgroupPath, WatchDescriptor>,
-    /// Cgroups some policy could match; `Some` once watched.
-    candidates: BTreeMap<CgroupPath, Option<Watched>>,
-    /// Sweep state per candidate: an open oom_control and the last oom_kill_disable
-    /// seen (None: re-select the policy on the next sweep).
-    probes: HashMap<CgroupPath, Probe>,
+    candidates: BTreeMap<CgroupPath, Candidate>,
     tokens: HashMap<u64, CgroupPath>,
     next_token: u64,
     events: bool,
@@ -105,7 +107,6 @@ impl Watcher {
             dirs: HashMap::new(),
             dir_wds: HashMap::new(),
             candidates: BTreeMap::new(),
-            probes: HashMap::new(),
             tokens: HashMap::new(),
             next_token: FIRST_CGROUP_TOKEN,
             events: cfg.events,
@@ -169,7 +170,7 @@ impl Watcher {
         let Some(cg) = self.tokens.get(&token).cloned() else {
             return;
         };
-        if let Some(Some(w)) = self.candidates.get(&cg) {
+        if let Some(w) = self.watched(&cg) {
             if let Some(efd) = &w.efd {
                 // Nonblocking: WouldBlock just means another wakeup consumed it.
                 let _ = efd.read();
@@ -197,9 +198,8 @@ impl Watcher {
                 _ => break,
             }
         }
-        let own = match self.candidates.get(cg) {
-            Some(Some(w)) => w.policy.clone(),
-            _ => return,
+        let Some(own) = self.watched(cg).map(|w| w.policy.clone()) else {
+            return;
         };
         let policy = if &top == cg {
             own
@@ -280,40 +280,31 @@ impl Watcher {
                 }
             }
             if policies.could_match(&cg, None) && !self.candidates.contains_key(&cg) {
-                self.candidates.insert(cg.clone(), None);
+                self.candidates.insert(cg.clone(), Candidate::default());
                 self.evaluate(&cg, &policies);
             }
         }
     }
 
-    /// Decides whether a candidate is watched, and under which policy. Returns
-    /// the cgroup's current under_oom.
-    fn evaluate(&mut self, cg: &CgroupPath, policies: &PolicySet) -> bool {
-        let st = match self.shared.env.ctl.oom_state(cg) {
-            Ok(Some(st)) => st,
-            Ok(None) => {
-                self.forget_subtree(cg, "removed");
-                return false;
-            }
-            Err(e) => {
-                log::warn!("{cg}: {e}");
-                return false;
-            }
-        };
-        self.apply(cg, st, policies);
-        st.under_oom
+    fn watched(&self, cg: &CgroupPath) -> Option<&Watched> {
+        self.candidates.get(cg).and_then(|c| c.watched.as_ref())
+    }
+
+    /// Decides whether a candidate is watched, and under which policy.
+    fn evaluate(&mut self, cg: &CgroupPath, policies: &PolicySet) {
+        if let Some(st) = self.probe(cg) {
+            self.apply(cg, st, policies);
+        }
     }
 
     /// Watches, unwatches or re-assigns `cg` given its OOM state.
     fn apply(&mut self, cg: &CgroupPath, st: OomControl, policies: &PolicySet) {
-        if let Some(p) = self.probes.get_mut(cg) {
-            p.kill_disabled = Some(st.oom_kill_disable);
-        }
+        let Some(c) = self.candidates.get_mut(cg) else {
+            return;
+        };
+        c.kill_disabled = Some(st.oom_kill_disable);
+        let current = c.watched.as_ref().map(|w| w.policy.clone());
         let want = policies.select(cg, st.oom_kill_disable, None).cloned();
-        let current = self
-            .candidates
-            .get(cg)
-            .and_then(|w| w.as_ref().map(|w| w.policy.clone()));
         match (current, want) {
             (None, Some(p)) => self.watch(cg, p),
             (Some(_), None) => {
@@ -329,7 +320,7 @@ impl Watcher {
                 self.watch(cg, new);
             }
             (Some(_), Some(new)) => {
-                if let Some(Some(w)) = self.candidates.get_mut(cg) {
+                if let Some(w) = self.candidates.get_mut(cg).and_then(|c| c.watched.as_mut()) {
                     w.policy = new;
                 }
             }
@@ -367,14 +358,14 @@ impl Watcher {
         self.shared
             .audit
             .log(Record::new("watch", cg).with("policy", policy.name.clone()));
-        self.candidates
-            .insert(cg.clone(), Some(Watched { efd, token, policy }));
+        self.candidates.entry(cg.clone()).or_default().watched =
+            Some(Watched { efd, token, policy });
         self.status_dirty = true;
         self.update_watched_metric();
     }
 
     fn unwatch(&mut self, cg: &CgroupPath, reason: &str) {
-        let Some(Some(w)) = self.candidates.get_mut(cg).map(Option::take) else {
+        let Some(w) = self.candidates.get_mut(cg).and_then(|c| c.watched.take()) else {
             return;
         };
         if let Some(efd) = &w.efd {
@@ -400,7 +391,6 @@ impl Watcher {
         for cg in gone {
             self.unwatch(&cg, reason);
             self.candidates.remove(&cg);
-            self.probes.remove(&cg);
             self.shared.dispatcher.forget(&cg);
         }
         let dirs: Vec<CgroupPath> = self
@@ -419,7 +409,11 @@ impl Watcher {
     }
 
     fn update_watched_metric(&self) {
-        let n = self.candidates.values().filter(|w| w.is_some()).count();
+        let n = self
+            .candidates
+            .values()
+            .filter(|c| c.watched.is_some())
+            .count();
         self.shared.metrics.set_watched(n);
     }
 
@@ -435,11 +429,11 @@ impl Watcher {
             };
             // The policy choice depends only on oom_kill_disable (and the policy set,
             // which a reload marks stale): re-select only when it changed.
-            let known = self.probes.get(&cg).and_then(|p| p.kill_disabled);
+            let known = self.candidates.get(&cg).and_then(|c| c.kill_disabled);
             if known != Some(st.oom_kill_disable) {
                 self.apply(&cg, st, &policies);
             }
-            let watched = matches!(self.candidates.get(&cg), Some(Some(_)));
+            let watched = self.watched(&cg).is_some();
             if watched && st.under_oom {
                 self.trigger(&cg, now);
             } else if !st.under_oom {
@@ -456,13 +450,10 @@ impl Watcher {
     /// Reads a candidate's OOM state through its kept-open probe (one pread).
     /// `None` if it is gone (then forgotten) or unreadable (logged).
     fn probe(&mut self, cg: &CgroupPath) -> Option<OomControl> {
-        let entry = self.probes.entry(cg.clone()).or_insert(Probe {
-            file: None,
-            kill_disabled: None,
-        });
-        if entry.file.is_none() {
+        let entry = self.candidates.get_mut(cg)?;
+        if entry.probe.is_none() {
             match self.shared.env.ctl.oom_probe(cg) {
-                Ok(Some(f)) => entry.file = Some(f),
+                Ok(Some(f)) => entry.probe = Some(f),
                 Ok(None) => {
                     self.forget_subtree(cg, "removed");
                     return None;
@@ -473,7 +464,7 @@ impl Watcher {
                 }
             }
         }
-        let res = entry.file.as_ref().map(|f| f.read());
+        let res = entry.probe.as_ref().map(|f| f.read());
         match res {
             Some(Ok(Some(st))) => Some(st),
             Some(Ok(None)) => {
@@ -548,10 +539,9 @@ impl Watcher {
                         (true, false) => {
                             self.unwatch(&cg, "reload");
                             self.candidates.remove(&cg);
-                            self.probes.remove(&cg);
                         }
                         (false, true) => {
-                            self.candidates.insert(cg.clone(), None);
+                            self.candidates.insert(cg.clone(), Candidate::default());
                             self.evaluate(&cg, &policies);
                         }
                         (true, true) => {
@@ -584,8 +574,8 @@ impl Watcher {
             watched: self
                 .candidates
                 .iter()
-                .filter_map(|(cg, w)| {
-                    w.as_ref().map(|w| WatchedStatus {
+                .filter_map(|(cg, c)| {
+                    c.watched.as_ref().map(|w| WatchedStatus {
                         cgroup: cg.clone(),
                         policy: w.policy.name.clone(),
                     })
