@@ -245,6 +245,14 @@ impl Dispatcher {
         }
     }
 
+    /// How many episodes run now (no allocation: the sweep asks every second).
+    pub fn running_count(&self) -> usize {
+        self.lock()
+            .values()
+            .filter(|a| matches!(a, Active::Running { .. }))
+            .count()
+    }
+
     /// Cgroups with an episode running now.
     pub fn running(&self) -> Vec<CgroupPath> {
         let mut v: Vec<CgroupPath> = self
@@ -311,20 +319,18 @@ pub fn run(shared: &Shared, job: &Job) -> End {
     let audit_mode = policy.mode == Mode::Audit;
     let cg = &job.cgroup;
     let ctl = shared.env.ctl.as_ref();
-    // The `oom` line is written before the first action (a long first step must not hide
-    // the episode from the log), with under_oom from the first re-check.
-    let mut pending_oom = Some(if job.resume {
-        Record::new("oom", cg)
-            .with("policy", policy.name.clone())
-            .with("episode", job.episode)
-            .with("resumed", true)
+    // Written before the first action: a long first step must not hide the episode.
+    // An OOM job is dispatched only after under_oom was read as 1.
+    let oom = Record::new("oom", cg)
+        .with("policy", policy.name.clone())
+        .with("episode", job.episode);
+    shared.audit.log(if job.resume {
+        oom.with("resumed", true)
             .with("reason", "hold expired with usage above the original limit")
             .with("start_step", job.start_step)
     } else {
         shared.metrics.oom_event(&policy.name);
-        Record::new("oom", cg)
-            .with("policy", policy.name.clone())
-            .with("episode", job.episode)
+        oom.with("under_oom", 1)
     });
 
     // For an OOM: stuck while under_oom. For a resume: stuck until the loan could be
@@ -380,12 +386,6 @@ pub fn run(shared: &Shared, job: &Job) -> End {
             } else {
                 check()
             };
-            if let (Some(rec), false) = (pending_oom.as_mut(), job.resume) {
-                rec.set("under_oom", u8::from(state == State::Stuck));
-            }
-            if let Some(oom) = pending_oom.take() {
-                shared.audit.log(oom);
-            }
             match state {
                 State::Gone => break 'steps gone(),
                 State::Recovered(at) if !audit_mode => break 'steps resolved(job, last_step, at),
@@ -445,9 +445,6 @@ pub fn run(shared: &Shared, job: &Job) -> End {
         }
     };
 
-    if let Some(oom) = pending_oom.take() {
-        shared.audit.log(oom);
-    }
     match &end {
         End::Resolved { by_step, stalled } => {
             shared.metrics.stall(*stalled);

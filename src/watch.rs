@@ -483,7 +483,7 @@ impl Watcher {
     fn status_signature(&self) -> (u64, usize) {
         (
             self.shared.env.loans.generation(),
-            self.shared.dispatcher.running().len(),
+            self.shared.dispatcher.running_count(),
         )
     }
 
