@@ -107,24 +107,9 @@ impl Scratch {
 
     /// Starts a hog in `cg`; it is killed when the scratch tree goes.
     pub fn hog(&mut self, cg: &Cg, args: &[&str]) -> Hog {
-        let mut child = Command::new(hog_bin())
-            .arg("--join")
-            .arg(&cg.dir)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn hog");
-        let pid = child.id() as i32;
-        let out = child.stdout.take().expect("hog stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            if BufReader::new(out).read_line(&mut line).is_ok() && !line.is_empty() {
-                let _ = tx.send(line);
-            }
-        });
-        self.children.push(child);
+        let mut cmd = Command::new(hog_bin());
+        cmd.arg("--join").arg(&cg.dir).args(args);
+        let (pid, report) = self.spawn(cmd);
         // Wait until it has joined, so the next hog starts after it.
         wait_until(Duration::from_secs(5), || {
             read(&cg.dir.join("cgroup.procs"))
@@ -132,7 +117,7 @@ impl Scratch {
                 .any(|l| l.trim() == pid.to_string())
                 || !Path::new(&format!("/proc/{pid}")).exists()
         });
-        Hog { pid, report: rx }
+        Hog { pid, report }
     }
 
     /// Starts any program (it must join the cgroup itself); its stdout lines arrive on
