@@ -72,74 +72,83 @@ impl Metrics {
 
     /// The exposition text; `raised_bytes` comes from the loan book.
     pub fn render(&self, raised_bytes: u64) -> String {
+        use std::fmt::Write;
         let mut o = String::new();
-        o.push_str("# HELP oomwake_watched_cgroups Cgroups with an OOM notification registered.\n");
-        o.push_str("# TYPE oomwake_watched_cgroups gauge\n");
-        o.push_str(&format!(
-            "oomwake_watched_cgroups {}\n",
-            self.watched.load(Ordering::Relaxed)
-        ));
-        o.push_str("# HELP oomwake_oom_events_total OOM episodes started, by policy.\n");
-        o.push_str("# TYPE oomwake_oom_events_total counter\n");
-        for (p, n) in self
-            .oom_events
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            o.push_str(&format!(
-                "oomwake_oom_events_total{{policy=\"{}\"}} {n}\n",
-                escape(p)
-            ));
-        }
-        o.push_str("# HELP oomwake_actions_total Policy steps run, by action and outcome.\n");
-        o.push_str("# TYPE oomwake_actions_total counter\n");
+        let watched = self.watched.load(Ordering::Relaxed);
+        header(
+            &mut o,
+            "oomwake_watched_cgroups",
+            "gauge",
+            "Cgroups with an OOM notification registered.",
+        );
+        let _ = writeln!(o, "oomwake_watched_cgroups {watched}");
+        header(
+            &mut o,
+            "oomwake_oom_events_total",
+            "counter",
+            "OOM episodes started, by policy.",
+        );
+        by_policy(&mut o, "oomwake_oom_events_total", &self.oom_events);
+        header(
+            &mut o,
+            "oomwake_actions_total",
+            "counter",
+            "Policy steps run, by action and outcome.",
+        );
         for ((a, out), n) in self
             .actions
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
         {
-            o.push_str(&format!(
-                "oomwake_actions_total{{action=\"{}\",outcome=\"{}\"}} {n}\n",
-                escape(a),
-                escape(out)
-            ));
+            let (a, out) = (escape(a), escape(out));
+            let _ = writeln!(
+                o,
+                "oomwake_actions_total{{action=\"{a}\",outcome=\"{out}\"}} {n}"
+            );
         }
-        o.push_str("# HELP oomwake_stall_seconds Time from OOM event to recovery.\n");
-        o.push_str("# TYPE oomwake_stall_seconds histogram\n");
+        header(
+            &mut o,
+            "oomwake_stall_seconds",
+            "histogram",
+            "Time from OOM event to recovery.",
+        );
         {
             let h = self.stall.lock().unwrap_or_else(|p| p.into_inner());
-            for (i, b) in BUCKETS.iter().enumerate() {
-                o.push_str(&format!(
-                    "oomwake_stall_seconds_bucket{{le=\"{b}\"}} {}\n",
-                    h.counts[i]
-                ));
+            for (b, c) in BUCKETS.iter().zip(h.counts) {
+                let _ = writeln!(o, "oomwake_stall_seconds_bucket{{le=\"{b}\"}} {c}");
             }
-            o.push_str(&format!(
-                "oomwake_stall_seconds_bucket{{le=\"+Inf\"}} {}\n",
-                h.count
-            ));
-            o.push_str(&format!("oomwake_stall_seconds_sum {}\n", h.sum));
-            o.push_str(&format!("oomwake_stall_seconds_count {}\n", h.count));
+            let _ = writeln!(o, "oomwake_stall_seconds_bucket{{le=\"+Inf\"}} {}", h.count);
+            let _ = writeln!(o, "oomwake_stall_seconds_sum {}", h.sum);
+            let _ = writeln!(o, "oomwake_stall_seconds_count {}", h.count);
         }
-        o.push_str("# HELP oomwake_raised_bytes Headroom currently lent by raise_limit.\n");
-        o.push_str("# TYPE oomwake_raised_bytes gauge\n");
-        o.push_str(&format!("oomwake_raised_bytes {raised_bytes}\n"));
-        o.push_str("# HELP oomwake_unresolved_total Episodes that ended unresolved, by policy.\n");
-        o.push_str("# TYPE oomwake_unresolved_total counter\n");
-        for (p, n) in self
-            .unresolved
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            o.push_str(&format!(
-                "oomwake_unresolved_total{{policy=\"{}\"}} {n}\n",
-                escape(p)
-            ));
-        }
+        header(
+            &mut o,
+            "oomwake_raised_bytes",
+            "gauge",
+            "Headroom currently lent by raise_limit.",
+        );
+        let _ = writeln!(o, "oomwake_raised_bytes {raised_bytes}");
+        header(
+            &mut o,
+            "oomwake_unresolved_total",
+            "counter",
+            "Episodes that ended unresolved, by policy.",
+        );
+        by_policy(&mut o, "oomwake_unresolved_total", &self.unresolved);
         o
+    }
+}
+
+fn header(o: &mut String, name: &str, kind: &str, help: &str) {
+    use std::fmt::Write;
+    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+fn by_policy(o: &mut String, name: &str, counts: &Mutex<BTreeMap<String, u64>>) {
+    use std::fmt::Write;
+    for (p, n) in counts.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        let _ = writeln!(o, "{name}{{policy=\"{}\"}} {n}", escape(p));
     }
 }
 
