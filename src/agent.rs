@@ -1,64 +1,25 @@
-//! Wiring: the state shared by the event loop, the episode workers and the loan keeper,
-//! and the agent's start-up (journal recovery) and shutdown (give loans back).
+//! Wiring: builds the [`Shared`] state, starts the event loop, the episode workers and
+//! the loan keeper, and runs the agent's start-up (journal recovery) and shutdown (give
+//! loans back).
 
 use std::net::TcpListener;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use serde::{Deserialize, Serialize};
 
 use crate::action::{raise::Restore, raise::TickEvent, Env, LoanBook};
 use crate::audit::{Audit, Record};
-use crate::cgroup::{self, CgroupPath, Hierarchy};
+use crate::cgroup::{self, Hierarchy};
 use crate::config::Config;
-use crate::episode::{self, Dispatcher};
+use crate::dispatcher::Dispatcher;
+use crate::episode;
 use crate::journal::{Journal, LoanRecord};
 use crate::metrics::Metrics;
 use crate::policy::PolicySet;
+use crate::shared::Shared;
 use crate::watch::Watcher;
-
-/// Everything the threads of a running agent share.
-pub struct Shared {
-    pub env: Env,
-    pub audit: Audit,
-    pub metrics: Metrics,
-    pub dispatcher: Dispatcher,
-    pub policies: RwLock<Arc<PolicySet>>,
-    pub settle_poll: Duration,
-    pub stop: AtomicBool,
-}
-
-impl Shared {
-    pub fn policies(&self) -> Arc<PolicySet> {
-        self.policies
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-}
-
-/// What `oomwake status` shows, written by the agent to `<state_dir>/status.json`.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Status {
-    pub pid: i32,
-    pub running: bool,
-    pub updated: String,
-    pub cgroup_root: PathBuf,
-    pub policies: Vec<String>,
-    pub dry_run: bool,
-    pub watched: Vec<WatchedStatus>,
-    pub episodes_running: Vec<CgroupPath>,
-    pub loans: Vec<LoanRecord>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct WatchedStatus {
-    pub cgroup: CgroupPath,
-    pub policy: String,
-}
 
 /// Loads config-driven policies (`--dry-run` turns them all to audit).
 pub fn load_policies(cfg: &Config) -> Result<PolicySet, String> {

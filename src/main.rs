@@ -5,10 +5,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use oomwake::agent::{self, Status};
+use oomwake::agent;
 use oomwake::cgroup::CgroupPath;
 use oomwake::config::{self, Config};
 use oomwake::policy;
+use oomwake::shared::Status;
 
 #[derive(Parser)]
 #[command(

@@ -15,11 +15,11 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTime
 use nix::sys::eventfd::EventFd;
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 
-use crate::agent::{Shared, Status, WatchedStatus};
 use crate::audit::Record;
 use crate::cgroup::{CgroupPath, OomControl, OomProbe};
 use crate::config::Config;
 use crate::policy::{Policy, PolicySet};
+use crate::shared::{Shared, Status, WatchedStatus};
 
 const TOKEN_INOTIFY: u64 = 1;
 const TOKEN_HUP: u64 = 2;

@@ -1,0 +1,58 @@
+//! The state shared by the event loop, the episode workers and the loan keeper, and the
+//! status record the agent publishes. It sits below [`crate::watch`], [`crate::episode`]
+//! and [`crate::agent`], which all depend on it and never on each other through it.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::action::Env;
+use crate::audit::Audit;
+use crate::cgroup::CgroupPath;
+use crate::dispatcher::Dispatcher;
+use crate::journal::LoanRecord;
+use crate::metrics::Metrics;
+use crate::policy::PolicySet;
+
+/// Everything the threads of a running agent share.
+pub struct Shared {
+    pub env: Env,
+    pub audit: Audit,
+    pub metrics: Metrics,
+    pub dispatcher: Dispatcher,
+    pub policies: RwLock<Arc<PolicySet>>,
+    pub settle_poll: Duration,
+    pub stop: AtomicBool,
+}
+
+impl Shared {
+    pub fn policies(&self) -> Arc<PolicySet> {
+        self.policies
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// What `oomwake status` shows, written by the agent to `<state_dir>/status.json`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub pid: i32,
+    pub running: bool,
+    pub updated: String,
+    pub cgroup_root: PathBuf,
+    pub policies: Vec<String>,
+    pub dry_run: bool,
+    pub watched: Vec<WatchedStatus>,
+    pub episodes_running: Vec<CgroupPath>,
+    pub loans: Vec<LoanRecord>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct WatchedStatus {
+    pub cgroup: CgroupPath,
+    pub policy: String,
+}
