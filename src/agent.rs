@@ -5,17 +5,17 @@
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use crate::action::{raise::Restore, raise::TickEvent, Env, LoanBook};
-use crate::audit::{Audit, Record};
+use crate::action::Env;
+use crate::audit::Audit;
 use crate::cgroup::{self, Hierarchy};
 use crate::config::Config;
 use crate::dispatcher::Dispatcher;
 use crate::episode;
-use crate::journal::{Journal, LoanRecord};
+use crate::journal::Journal;
+use crate::loan::{self, LoanBook};
 use crate::metrics::Metrics;
 use crate::policy::PolicySet;
 use crate::shared::Shared;
@@ -63,7 +63,7 @@ pub fn run(
         settle_poll: cfg.settle_poll,
         stop: AtomicBool::new(false),
     });
-    recover_loans(&shared, recs);
+    loan::keeper::recover(&shared, recs);
     // Start from a fresh snapshot and an empty log.
     shared.env.loans.compact();
 
@@ -90,7 +90,7 @@ pub fn run(
         let every = cfg.restore_check_interval;
         std::thread::Builder::new()
             .name("keeper".into())
-            .spawn(move || keeper(s, every))?
+            .spawn(move || loan::keeper::run(s, every))?
     };
     if let Some(addr) = cfg.metrics {
         let l = TcpListener::bind(addr).with_context(|| format!("binding metrics on {addr}"))?;
@@ -120,120 +120,12 @@ pub fn run(
 
     // Shutdown: no new episodes; give every loan back where usage allows.
     shared.stop.store(true, Ordering::SeqCst);
-    for (cg, r) in shared.env.loans.restore_all(shared.env.ctl.as_ref()) {
-        match r {
-            Ok(Restore::Restored { old, new }) => shared.audit.log(
-                Record::new("restore", &cg)
-                    .with("old_limit", old)
-                    .with("new_limit", new)
-                    .with("reason", "shutdown"),
-            ),
-            Ok(Restore::Busy) => log::warn!(
-                "{cg}: usage is still above the original limit; the loan stays in the journal and is restored at the next start"
-            ),
-            Ok(other) => log::info!("{cg}: loan dropped at shutdown: {other:?}"),
-            Err(e) => log::error!("{cg}: restoring at shutdown failed: {e}; kept in the journal"),
-        }
-    }
+    loan::keeper::restore_all(&shared);
     watcher.write_status(false);
     drop(watcher);
     let _ = keeper.join();
     // Workers may be inside a long grace; they hold no state that must be saved.
     res
-}
-
-/// At start, every journaled loan is either given back (hold expired, or the
-/// cgroup's limit no longer what we lent) or re-adopted with its remaining hold.
-fn recover_loans(shared: &Shared, recs: Vec<LoanRecord>) {
-    if recs.is_empty() {
-        return;
-    }
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
-    let (expired, live): (Vec<_>, Vec<_>) = recs
-        .into_iter()
-        .partition(|r| r.hold_until_unix_ms <= now_ms);
-    let loans = &shared.env.loans;
-    loans.adopt(live.clone());
-    loans.adopt(expired.clone());
-    for r in &live {
-        log::info!(
-            "re-adopted the loan on {} ({} -> {} bytes)",
-            r.cgroup,
-            r.original.memory,
-            r.lent.memory
-        );
-    }
-    for r in expired {
-        match loans.restore(shared.env.ctl.as_ref(), &r.cgroup) {
-            Ok(Restore::Restored { old, new }) => shared.audit.log(
-                Record::new("restore", &r.cgroup)
-                    .with("old_limit", old)
-                    .with("new_limit", new)
-                    .with("reason", "startup"),
-            ),
-            Ok(Restore::Busy) => log::warn!(
-                "{}: hold expired while the agent was down and usage is above the original limit; keeping the loan",
-                r.cgroup
-            ),
-            Ok(other) => log::info!("{}: journaled loan dropped: {other:?}", r.cgroup),
-            Err(e) => log::error!("{}: restoring journaled loan failed: {e}", r.cgroup),
-        }
-    }
-}
-
-/// The loan keeper: gives headroom back and resumes episodes whose hold expired.
-fn keeper(shared: Arc<Shared>, every: Duration) {
-    while !shared.stop.load(Ordering::SeqCst) {
-        std::thread::sleep(every);
-        if shared.stop.load(Ordering::SeqCst) {
-            break;
-        }
-        for ev in shared
-            .env
-            .loans
-            .tick(shared.env.ctl.as_ref(), Instant::now())
-        {
-            match ev {
-                TickEvent::Restored {
-                    cgroup,
-                    old,
-                    new,
-                    reason,
-                } => shared.audit.log(
-                    Record::new("restore", &cgroup)
-                        .with("old_limit", old)
-                        .with("new_limit", new)
-                        .with("reason", reason),
-                ),
-                TickEvent::Resume {
-                    cgroup,
-                    policy,
-                    episode,
-                    step,
-                } => {
-                    let set = shared.policies();
-                    let p = set.policies().iter().find(|p| p.name == policy).cloned();
-                    match p {
-                        Some(p) if step < p.steps.len() => {
-                            shared.dispatcher.resume(&cgroup, p, episode, step);
-                        }
-                        Some(_) => log::warn!(
-                            "{cgroup}: hold expired, usage above the original limit, and policy {policy} has no step after raise_limit; retrying the restore"
-                        ),
-                        None => log::warn!(
-                            "{cgroup}: hold expired but policy {policy} is gone; retrying the restore"
-                        ),
-                    }
-                }
-                TickEvent::Dropped { cgroup, why } => {
-                    log::warn!("{cgroup}: loan dropped: {why}");
-                }
-            }
-        }
-    }
 }
 
 /// The agent must not be stalled or killed itself: lock memory, shield from the kernel

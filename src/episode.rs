@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::action::{self, raise::Restore, Outcome, StepCtx};
+use crate::action::{self, Outcome, StepCtx};
 use crate::audit::Record;
 use crate::dispatcher::{End, Job};
+use crate::loan::{keeper::restore_record, Restore};
 use crate::policy::Mode;
 use crate::shared::Shared;
 
@@ -73,15 +74,12 @@ pub fn run(shared: &Shared, job: &Job) -> End {
         if job.resume {
             return match shared.env.loans.restore(ctl, cg) {
                 Ok(Restore::Restored { old, new }) => {
-                    shared.audit.log(
-                        Record::new("restore", cg)
-                            .with("old_limit", old)
-                            .with("new_limit", new)
-                            .with("reason", "hold_expired"),
-                    );
+                    shared
+                        .audit
+                        .log(restore_record(cg, old, new, "hold_expired"));
                     State::Recovered(Instant::now())
                 }
-                Ok(Restore::Busy) => State::Stuck,
+                Ok(Restore::DoesNotFit) => State::Stuck,
                 Ok(Restore::Gone) => State::Gone,
                 Ok(Restore::ChangedExternally { .. }) | Ok(Restore::NoLoan) => {
                     State::Recovered(Instant::now())

@@ -13,6 +13,7 @@ pub mod episode;
 pub mod explain;
 pub mod hog;
 pub mod journal;
+pub mod loan;
 pub mod metrics;
 pub mod policy;
 pub mod shared;

@@ -12,8 +12,8 @@ use std::path::PathBuf;
 use serde_json::{Map, Value};
 
 use crate::cgroup::{CgroupPath, Controller};
+pub use crate::loan::LoanBook;
 use crate::policy::{Action, Policy};
-pub use raise::LoanBook;
 
 /// What actions need from the agent: the cgroup controller, `/proc`, the loans.
 pub struct Env {
@@ -99,7 +99,7 @@ pub fn perform(env: &Env, ctx: &StepCtx, action: &Action) -> Report {
     match action {
         Action::Reclaim => reclaim::reclaim(env, ctx),
         Action::DropCaches { level } => reclaim::drop_caches(env, ctx, *level),
-        Action::RaiseLimit(r) => raise_step(env, ctx, r),
+        Action::RaiseLimit(r) => raise::perform(env, ctx, r),
         Action::Signal {
             signal,
             victim,
@@ -108,35 +108,6 @@ pub fn perform(env: &Env, ctx: &StepCtx, action: &Action) -> Report {
         Action::Kill { victim } => kill::signal_victim(env, ctx, victim, libc::SIGKILL, None),
         Action::KillAll => kill::kill_all(env, ctx),
         Action::Exec { command, timeout } => exec::run(env, ctx, command, *timeout),
-    }
-}
-
-fn raise_step(env: &Env, ctx: &StepCtx, r: &crate::policy::Raise) -> Report {
-    if ctx.resuming {
-        return Report::skipped("resuming after the hold expired: no further raise");
-    }
-    let res = env.loans.lend(
-        env.ctl.as_ref(),
-        ctx.cgroup,
-        &ctx.policy.name,
-        r,
-        ctx.episode,
-        ctx.step + 1,
-        ctx.audit,
-    );
-    match res {
-        Ok(raise::Lend::Raised { old, new }) => Report::new(Outcome::Done)
-            .with("old_limit", old)
-            .with("new_limit", new),
-        Ok(raise::Lend::Would { old, new }) => Report::new(Outcome::Would)
-            .with("old_limit", old)
-            .with("new_limit", new),
-        Ok(raise::Lend::AtCeiling { limit, ceiling }) => {
-            Report::skipped(format!("limit {limit} is already at the ceiling {ceiling}"))
-                .with("old_limit", limit)
-                .with("new_limit", limit)
-        }
-        Err(e) => Report::failed(e),
     }
 }
 
