@@ -6,6 +6,7 @@
 
 mod cli;
 mod common;
+mod core_paths;
 mod episodes;
 mod golang;
 mod loans;

@@ -189,6 +189,14 @@ fn main() -> ExitCode {
             cgroup_root,
             cgroup,
         } => {
+            // A path from the command line must not leave the root (`..`).
+            let cgroup = match CgroupPath::parse(&cgroup) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("oomwake explain: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             let set = match policy::load_dir(&policies) {
                 Ok(s) => s,
                 Err(errs) => {
@@ -199,12 +207,8 @@ fn main() -> ExitCode {
                 }
             };
             let root = cgroup_root.unwrap_or_else(|| Config::default().cgroup_root);
-            let out = oomwake::explain::explain(
-                &set,
-                &root,
-                std::path::Path::new("/proc"),
-                &CgroupPath::new(&cgroup),
-            );
+            let out =
+                oomwake::explain::explain(&set, &root, std::path::Path::new("/proc"), &cgroup);
             print!("{out}");
             ExitCode::SUCCESS
         }

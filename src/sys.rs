@@ -132,13 +132,6 @@ pub fn fs_magic(path: &Path) -> io::Result<i64> {
     Ok(st.f_type as i64)
 }
 
-/// Clock ticks per second, to turn /proc/PID/stat start times into durations.
-pub fn clock_ticks() -> u64 {
-    // SAFETY: sysconf only reads a configuration value.
-    let ret = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    u64::try_from(ret).ok().filter(|&t| t > 0).unwrap_or(100)
-}
-
 /// The PID of the calling process.
 pub fn getpid() -> i32 {
     std::process::id() as i32

@@ -252,7 +252,7 @@ impl Watcher {
                 let (Some(parent), Some(name)) = (self.dirs.get(&ev.wd).cloned(), ev.name) else {
                     continue;
                 };
-                let Some(name) = name.to_str() else { continue };
+                // Names are bytes: a cgroup whose name is not UTF-8 is watched too.
                 let cg = parent.join(name);
                 if ev.mask.contains(AddWatchFlags::IN_CREATE) {
                     self.discover(&cg);

@@ -300,6 +300,11 @@ impl Agent {
 
     /// Starts an agent on an existing directory (policies/, state/ inside it).
     pub fn start_in(tmp: tempfile::TempDir, extra: &[&str]) -> Agent {
+        Agent::start_in_root(tmp, Path::new(MEMROOT), extra)
+    }
+
+    /// [`Agent::start_in`] with another `--cgroup-root` (a subtree of the hierarchy).
+    pub fn start_in_root(tmp: tempfile::TempDir, root: &Path, extra: &[&str]) -> Agent {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -310,7 +315,7 @@ impl Agent {
             .arg("--config")
             .arg(tmp.path().join("oomwake.toml"))
             .arg("--cgroup-root")
-            .arg(MEMROOT)
+            .arg(root)
             .arg("--policies")
             .arg(tmp.path().join("policies"))
             .arg("--state-dir")

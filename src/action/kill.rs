@@ -36,11 +36,11 @@ pub fn verified_pidfd(
         return Ok(None);
     }
     let path = env.proc_root.join(task.pid.to_string()).join("cgroup");
-    let Ok(text) = std::fs::read_to_string(&path) else {
+    let Ok(text) = std::fs::read(&path) else {
         return Ok(None);
     };
     let Some(cg) =
-        parse::proc_memory_cgroup(&text).and_then(|p| env.ctl.hierarchy().from_proc_path(&p))
+        parse::proc_memory_cgroup_bytes(&text).and_then(|p| env.ctl.hierarchy().from_proc_path(p))
     else {
         return Ok(None);
     };

@@ -74,76 +74,240 @@ impl CgroupError {
 
 pub type Result<T> = std::result::Result<T, CgroupError>;
 
+/// A path that cannot name a cgroup below the root: it would leave it, or it holds a
+/// byte no cgroup name can contain.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("cgroup path {path:?}: a `..` segment would leave the hierarchy root")]
+    Parent { path: String },
+    #[error("cgroup path {path:?}: contains a NUL byte")]
+    Nul { path: String },
+}
+
 /// A cgroup named by its path below the hierarchy root, always with a leading `/`
 /// (the root itself is `/`), the same form as `/proc/PID/cgroup` and the policy globs.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct CgroupPath(String);
+///
+/// A cgroup name is bytes (anything but `/` and NUL), not text. The path keeps those
+/// bytes ([`CgroupPath::as_bytes`], used for every filesystem access) and a lossless text
+/// form ([`CgroupPath::as_str`], used by `Display`, JSON, the policy globs and logs):
+/// - a name that is valid UTF-8 is its own text form, with one exception below;
+/// - each byte that is not part of valid UTF-8 is written `\xHH` (lowercase hex, always
+///   80..ff);
+/// - a literal `\` that would read as such an escape (it is followed by `x` and two hex
+///   digits worth 80..ff, or `5c`) is written `\x5c`.
+///
+/// Reading the text form back ([`CgroupPath::parse`], `Deserialize`) turns `\xHH` with
+/// HH in 80..ff or 5c back into that byte and leaves everything else as it is, so
+/// `parse(p.as_str()) == p` for every path. systemd's own escapes such as `\x2d` are left
+/// alone, so unit names look as `systemctl` shows them.
+///
+/// No path ever leaves the root: a `..` segment is refused by the fallible constructors
+/// ([`CgroupPath::parse`], [`CgroupPath::from_bytes`], `Deserialize`) and dropped by the
+/// infallible ones meant for literals ([`CgroupPath::new`], [`CgroupPath::join`]).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CgroupPath {
+    raw: Vec<u8>,
+    /// `escape(raw)`, kept so that `as_str` can hand out a `&str`.
+    text: String,
+}
 
 impl CgroupPath {
     pub fn root() -> CgroupPath {
-        CgroupPath("/".to_string())
+        CgroupPath {
+            raw: b"/".to_vec(),
+            text: "/".to_string(),
+        }
     }
 
-    /// Normalises `s`: leading `/` added, duplicate and trailing slashes removed.
+    /// Parses a path in the text form (from a user, the journal, a policy): escapes are
+    /// decoded, a leading `/` is added, duplicate and trailing slashes and `.` segments
+    /// are removed. A `..` segment is an error: a path never leaves the root.
+    pub fn parse(s: &str) -> std::result::Result<CgroupPath, PathError> {
+        CgroupPath::from_bytes(&unescape(s)).map_err(|e| match e {
+            PathError::Parent { .. } => PathError::Parent {
+                path: s.to_string(),
+            },
+            PathError::Nul { .. } => PathError::Nul {
+                path: s.to_string(),
+            },
+        })
+    }
+
+    /// A path from raw bytes (a directory name, `/proc/PID/cgroup`), normalised as
+    /// [`CgroupPath::parse`] does, without decoding escapes.
+    pub fn from_bytes(b: &[u8]) -> std::result::Result<CgroupPath, PathError> {
+        let mut raw = Vec::with_capacity(b.len() + 1);
+        for seg in b.split(|&c| c == b'/') {
+            match seg {
+                b"" | b"." => {}
+                b".." => return Err(PathError::Parent { path: escape(b) }),
+                s if s.contains(&0) => return Err(PathError::Nul { path: escape(b) }),
+                s => {
+                    raw.push(b'/');
+                    raw.extend_from_slice(s);
+                }
+            }
+        }
+        Ok(CgroupPath::from_normalised(raw))
+    }
+
+    /// For literals and trusted text (tests, constants): like [`CgroupPath::parse`], but
+    /// a `..` segment (or one holding NUL) is dropped instead of refused. Anything that
+    /// comes from outside the agent goes through `parse`.
     pub fn new(s: &str) -> CgroupPath {
-        let segs: Vec<&str> = s
-            .split('/')
-            .filter(|p| !p.is_empty() && *p != ".")
-            .collect();
-        CgroupPath(format!("/{}", segs.join("/")))
+        CgroupPath::from_bytes_lenient(&unescape(s))
     }
 
+    fn from_bytes_lenient(b: &[u8]) -> CgroupPath {
+        let mut raw = Vec::with_capacity(b.len() + 1);
+        for seg in b.split(|&c| c == b'/') {
+            if seg.is_empty() || seg == b"." || seg == b".." || seg.contains(&0) {
+                continue;
+            }
+            raw.push(b'/');
+            raw.extend_from_slice(seg);
+        }
+        CgroupPath::from_normalised(raw)
+    }
+
+    /// `raw` is `/`-separated non-empty segments with a leading `/`, or empty (the root).
+    fn from_normalised(mut raw: Vec<u8>) -> CgroupPath {
+        if raw.is_empty() {
+            raw.push(b'/');
+        }
+        let text = escape(&raw);
+        CgroupPath { raw, text }
+    }
+
+    /// The lossless text form (see the type's documentation).
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.text
+    }
+
+    /// The path as the kernel names it.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.raw
     }
 
     pub fn is_root(&self) -> bool {
-        self.0 == "/"
+        self.raw == b"/"
     }
 
-    /// The path segments, empty for the root.
+    /// The path segments in the text form, empty for the root.
     pub fn segments(&self) -> impl Iterator<Item = &str> {
-        self.0.split('/').filter(|s| !s.is_empty())
+        self.text.split('/').filter(|s| !s.is_empty())
     }
 
     pub fn parent(&self) -> Option<CgroupPath> {
         if self.is_root() {
             return None;
         }
-        let idx = self.0.rfind('/').unwrap_or(0);
-        Some(if idx == 0 {
-            CgroupPath::root()
-        } else {
-            CgroupPath(self.0[..idx].to_string())
-        })
+        let idx = self.raw.iter().rposition(|&c| c == b'/').unwrap_or(0);
+        Some(CgroupPath::from_normalised(self.raw[..idx].to_vec()))
     }
 
-    pub fn join(&self, name: &str) -> CgroupPath {
-        if self.is_root() {
-            CgroupPath::new(name)
-        } else {
-            CgroupPath::new(&format!("{}/{}", self.0, name))
-        }
+    /// The cgroup `name` below this one. `name` is raw bytes (a directory entry) or
+    /// text without escapes; it may hold several segments. `..` segments are dropped.
+    pub fn join(&self, name: impl AsRef<std::ffi::OsStr>) -> CgroupPath {
+        use std::os::unix::ffi::OsStrExt;
+        let mut b = self.raw.clone();
+        b.push(b'/');
+        b.extend_from_slice(name.as_ref().as_bytes());
+        CgroupPath::from_bytes_lenient(&b)
     }
 
     /// True if `self` is `other` or below it.
     pub fn is_within(&self, other: &CgroupPath) -> bool {
         other.is_root()
-            || self.0 == other.0
-            || (self.0.starts_with(&other.0) && self.0.as_bytes().get(other.0.len()) == Some(&b'/'))
+            || self.raw == other.raw
+            || (self.raw.starts_with(&other.raw) && self.raw.get(other.raw.len()) == Some(&b'/'))
     }
 
-    /// The path relative to the root, without the leading `/` ("" for the root).
+    /// The path relative to the root in the text form, without the leading `/` ("" for
+    /// the root). For the directory, use [`Hierarchy::dir`].
     pub fn relative(&self) -> &str {
-        &self.0[1..]
+        &self.text[1..]
+    }
+
+    /// The path relative to the root as the kernel names it, for joining to a directory.
+    pub fn relative_os(&self) -> &std::ffi::OsStr {
+        use std::os::unix::ffi::OsStrExt;
+        std::ffi::OsStr::from_bytes(&self.raw[1..])
     }
 }
 
 impl fmt::Display for CgroupPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.text)
     }
+}
+
+impl fmt::Debug for CgroupPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CgroupPath({:?})", self.text)
+    }
+}
+
+impl Serialize for CgroupPath {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text)
+    }
+}
+
+impl<'de> Deserialize<'de> for CgroupPath {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        CgroupPath::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Does `b[i..]` start with an escape that [`unescape`] decodes? Returns its byte.
+fn escape_at(b: &[u8], i: usize) -> Option<u8> {
+    let hex = |c: u8| (c as char).to_digit(16);
+    match b.get(i..i + 4)? {
+        [b'\\', b'x', h, l] => {
+            let v = u8::try_from(hex(*h)? * 16 + hex(*l)?).ok()?;
+            (v >= 0x80 || v == b'\\').then_some(v)
+        }
+        _ => None,
+    }
+}
+
+/// The text form of a raw path: see [`CgroupPath`].
+fn escape(raw: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(raw.len());
+    for chunk in raw.utf8_chunks() {
+        let valid = chunk.valid();
+        for (i, c) in valid.char_indices() {
+            if c == '\\' && escape_at(valid.as_bytes(), i).is_some() {
+                out.push_str("\\x5c");
+            } else {
+                out.push(c);
+            }
+        }
+        for b in chunk.invalid() {
+            let _ = write!(out, "\\x{b:02x}");
+        }
+    }
+    out
+}
+
+/// The raw bytes of a text form: see [`CgroupPath`].
+fn unescape(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if let Some(v) = escape_at(b, i) {
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    out
 }
 
 /// A mounted memory cgroup hierarchy (or a subtree of one) that the agent manages.
@@ -151,8 +315,8 @@ impl fmt::Display for CgroupPath {
 pub struct Hierarchy {
     root: PathBuf,
     kind: Kind,
-    /// Where `root` sits in the hierarchy as /proc/PID/cgroup names it ("" = the top).
-    prefix: String,
+    /// Where `root` sits in the hierarchy as /proc/PID/cgroup names it.
+    prefix: CgroupPath,
 }
 
 impl Hierarchy {
@@ -181,7 +345,7 @@ impl Hierarchy {
                 path: mountinfo_path.clone(),
                 source,
             })?;
-        let prefix = hierarchy_prefix(&mountinfo, &root).unwrap_or_default();
+        let prefix = hierarchy_prefix(&mountinfo, &root).unwrap_or_else(CgroupPath::root);
         Ok(Hierarchy { root, kind, prefix })
     }
 
@@ -190,7 +354,7 @@ impl Hierarchy {
         Hierarchy {
             root: root.to_path_buf(),
             kind,
-            prefix: String::new(),
+            prefix: CgroupPath::root(),
         }
     }
 
@@ -204,28 +368,27 @@ impl Hierarchy {
 
     /// The directory of a cgroup.
     pub fn dir(&self, cg: &CgroupPath) -> PathBuf {
-        self.root.join(cg.relative())
+        self.root.join(cg.relative_os())
     }
 
     /// The path /proc/PID/cgroup shows for a cgroup of this hierarchy.
-    pub fn proc_path(&self, cg: &CgroupPath) -> String {
-        if self.prefix.is_empty() {
-            cg.to_string()
-        } else if cg.is_root() {
-            self.prefix.clone()
-        } else {
-            format!("{}{}", self.prefix, cg)
-        }
+    pub fn proc_path(&self, cg: &CgroupPath) -> CgroupPath {
+        self.prefix.join(cg.relative_os())
     }
 
-    /// The cgroup for a /proc/PID/cgroup path, if it lies in this hierarchy.
-    pub fn from_proc_path(&self, p: &str) -> Option<CgroupPath> {
-        let p = CgroupPath::new(p);
-        let prefix = CgroupPath::new(&self.prefix);
-        if !p.is_within(&prefix) {
+    /// The cgroup for a /proc/PID/cgroup path (raw bytes, as the kernel writes it), if it
+    /// lies in this hierarchy.
+    pub fn from_proc_path(&self, p: impl AsRef<[u8]>) -> Option<CgroupPath> {
+        let p = CgroupPath::from_bytes(p.as_ref()).ok()?;
+        if !p.is_within(&self.prefix) {
             return None;
         }
-        Some(CgroupPath::new(&p.as_str()[prefix.as_str().len()..]))
+        let rest = if self.prefix.is_root() {
+            p.as_bytes()
+        } else {
+            &p.as_bytes()[self.prefix.as_bytes().len()..]
+        };
+        CgroupPath::from_bytes(rest).ok()
     }
 
     /// Every cgroup at or below `from`, parents before children. Directories that vanish
@@ -240,17 +403,13 @@ impl Hierarchy {
             let mut children: Vec<CgroupPath> = rd
                 .filter_map(|e| e.ok())
                 .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
-                .filter_map(|e| e.file_name().to_str().map(|n| cg.join(n)))
+                .map(|e| cg.join(e.file_name()))
                 .collect();
             children.sort();
             out.push(cg);
             stack.extend(children.into_iter().rev());
         }
         out
-    }
-
-    pub fn exists(&self, cg: &CgroupPath) -> bool {
-        self.dir(cg).is_dir()
     }
 }
 
@@ -293,9 +452,9 @@ pub fn remove_tree(dir: &Path, patience: std::time::Duration) -> bool {
 
 /// Finds the mount holding `root` in mountinfo text and returns root's path inside the
 /// hierarchy (the mount's own root plus the part of `root` below the mount point).
-fn hierarchy_prefix(mountinfo: &str, root: &Path) -> Option<String> {
+fn hierarchy_prefix(mountinfo: &str, root: &Path) -> Option<CgroupPath> {
     let root_s = root.to_str()?;
-    let mut best: Option<(usize, String)> = None;
+    let mut best: Option<(usize, CgroupPath)> = None;
     for line in mountinfo.lines() {
         let fields: Vec<&str> = line.split(' ').collect();
         let sep = fields.iter().position(|f| *f == "-")?;
@@ -320,13 +479,10 @@ fn hierarchy_prefix(mountinfo: &str, root: &Path) -> Option<String> {
         {
             continue;
         }
-        let joined = CgroupPath::new(&format!("{mnt_root}/{below}"));
-        let prefix = if joined.is_root() {
-            String::new()
-        } else {
-            joined.to_string()
+        let Ok(joined) = CgroupPath::parse(&format!("{mnt_root}/{below}")) else {
+            continue;
         };
-        best = Some((mnt_point.len(), prefix));
+        best = Some((mnt_point.len(), joined));
     }
     best.map(|(_, p)| p)
 }
@@ -482,6 +638,91 @@ mod tests {
     }
 
     #[test]
+    fn non_utf8_names_keep_their_bytes_and_escape_losslessly() {
+        let bad = CgroupPath::from_bytes(b"/a/bad\xff/x").unwrap();
+        assert_eq!(bad.as_bytes(), b"/a/bad\xff/x");
+        assert_eq!(bad.as_str(), "/a/bad\\xff/x");
+        assert_eq!(bad.segments().collect::<Vec<_>>(), ["a", "bad\\xff", "x"]);
+        assert_eq!(bad.parent().unwrap().as_bytes(), b"/a/bad\xff");
+        assert!(bad.is_within(&CgroupPath::from_bytes(b"/a/bad\xff").unwrap()));
+        assert!(!bad.is_within(&CgroupPath::new("/a/bad")));
+        assert_eq!(CgroupPath::parse(bad.as_str()).unwrap(), bad);
+        let h = Hierarchy::fake(Path::new("/r"), Kind::V1);
+        use std::os::unix::ffi::OsStrExt;
+        assert_eq!(h.dir(&bad).as_os_str().as_bytes(), b"/r/a/bad\xff/x");
+        // JSON round trip: the journal and status read what the audit log writes.
+        let json = serde_json::to_string(&bad).unwrap();
+        assert_eq!(json, r#""/a/bad\\xff/x""#);
+        assert_eq!(serde_json::from_str::<CgroupPath>(&json).unwrap(), bad);
+    }
+
+    #[test]
+    fn text_form_round_trips_every_byte_pattern() {
+        // Valid UTF-8 names (systemd escapes included) are their own text form.
+        for s in [
+            "/system.slice/serial\\x2dgetty.slice",
+            "/caf\u{e9}",
+            "/a\\b",
+            "/\\x4",
+        ] {
+            assert_eq!(CgroupPath::new(s).as_str(), s);
+        }
+        // A literal backslash that would read as an escape is escaped itself.
+        let lit = CgroupPath::from_bytes(b"/n\\xff\\x5c").unwrap();
+        assert_eq!(lit.as_str(), "/n\\x5cxff\\x5cx5c");
+        let cases: [&[u8]; 7] = [
+            b"/\xff",
+            b"/\\\xff",
+            b"/\\x\xff",
+            b"/\\xf\xff",
+            b"/\xe2\x82A",
+            b"/ok\xc3\xa9/\xc3",
+            b"/\\x80\\X80\\x5C",
+        ];
+        for raw in cases {
+            let p = CgroupPath::from_bytes(raw).unwrap();
+            assert_eq!(p.as_bytes(), raw);
+            assert_eq!(CgroupPath::parse(p.as_str()).unwrap(), p, "{p:?}");
+        }
+        // Every byte in every position.
+        for b in 1..=255u8 {
+            if b == b'/' {
+                continue;
+            }
+            let raw = [b'/', b'a', b, b'\\', b'x', b, b'z'];
+            let p = CgroupPath::from_bytes(&raw).unwrap();
+            assert_eq!(CgroupPath::parse(p.as_str()).unwrap().as_bytes(), raw);
+        }
+    }
+
+    #[test]
+    fn paths_never_leave_the_root() {
+        for s in ["/..", "/../../etc", "a/../b", "/a/..", ".."] {
+            assert!(
+                matches!(CgroupPath::parse(s), Err(PathError::Parent { .. })),
+                "{s}"
+            );
+            let lenient = CgroupPath::new(s);
+            assert!(!lenient.segments().any(|x| x == ".."), "{s} -> {lenient}");
+        }
+        assert!(CgroupPath::from_bytes(b"/a/../b").is_err());
+        assert!(matches!(
+            CgroupPath::from_bytes(b"/a\0b"),
+            Err(PathError::Nul { .. })
+        ));
+        assert_eq!(CgroupPath::root().join("../x").as_str(), "/x");
+        // The journal and other JSON input go through the same check.
+        let err = serde_json::from_str::<CgroupPath>(r#""/../../etc""#).unwrap_err();
+        assert!(
+            err.to_string().contains("leave the hierarchy root"),
+            "{err}"
+        );
+        // `..` hidden as escapes is decoded first, then refused.
+        assert!(CgroupPath::parse("/./a/.").is_ok());
+        assert_eq!(CgroupPath::parse("/./a/.").unwrap().as_str(), "/a");
+    }
+
+    #[test]
     fn is_within_respects_segment_boundaries() {
         let a = CgroupPath::new("/a/b");
         assert!(a.is_within(&CgroupPath::new("/a")));
@@ -497,15 +738,15 @@ mod tests {
 30 25 0:26 / /sys/fs/cgroup/memory rw,relatime shared:10 - cgroup cgroup rw,memory
 31 25 0:27 / /sys/fs/cgroup/cpu rw,relatime shared:11 - cgroup cgroup rw,cpu
 ";
-        let p = |r: &str| hierarchy_prefix(mi, Path::new(r));
-        assert_eq!(p("/sys/fs/cgroup/memory").as_deref(), Some(""));
+        let p = |r: &str| hierarchy_prefix(mi, Path::new(r)).map(|p| p.to_string());
+        assert_eq!(p("/sys/fs/cgroup/memory").as_deref(), Some("/"));
         assert_eq!(p("/sys/fs/cgroup/memory/a/b").as_deref(), Some("/a/b"));
         assert_eq!(p("/sys/fs/cgroup/memoryx"), None);
         // A container that sees only its own subtree mounted at the usual place.
         let mi2 = "40 25 0:26 /docker/abc /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n";
         assert_eq!(
-            hierarchy_prefix(mi2, Path::new("/sys/fs/cgroup/memory")).as_deref(),
-            Some("/docker/abc")
+            hierarchy_prefix(mi2, Path::new("/sys/fs/cgroup/memory")),
+            Some(CgroupPath::new("/docker/abc"))
         );
     }
 
@@ -514,10 +755,17 @@ mod tests {
         let h = Hierarchy {
             root: PathBuf::from("/x"),
             kind: Kind::V1,
-            prefix: "/pa/b".into(),
+            prefix: CgroupPath::new("/pa/b"),
         };
         let cg = CgroupPath::new("/c");
-        assert_eq!(h.proc_path(&cg), "/pa/b/c");
+        assert_eq!(h.proc_path(&cg).as_str(), "/pa/b/c");
+        assert_eq!(h.proc_path(&CgroupPath::root()).as_str(), "/pa/b");
+        assert_eq!(
+            h.from_proc_path(b"/pa/b/c\xff")
+                .map(|c| c.as_bytes().to_vec()),
+            Some(b"/c\xff".to_vec())
+        );
+        assert_eq!(h.from_proc_path("/pa/b/../../etc"), None);
         assert_eq!(h.from_proc_path("/pa/b/c"), Some(cg));
         assert_eq!(h.from_proc_path("/pa/b"), Some(CgroupPath::root()));
         assert_eq!(h.from_proc_path("/pa/bc"), None);
@@ -538,6 +786,31 @@ mod tests {
             .collect();
         assert_eq!(all, vec!["/", "/a", "/a/x", "/a/y", "/b"]);
         assert_eq!(h.walk(&CgroupPath::new("/missing")).len(), 0);
+    }
+
+    #[test]
+    fn walk_keeps_names_that_are_not_utf8() {
+        use std::os::unix::ffi::OsStrExt;
+        let t = tempfile::tempdir().unwrap();
+        let bad = std::ffi::OsStr::from_bytes(b"bad\xff");
+        std::fs::create_dir_all(t.path().join(bad).join("below")).unwrap();
+        let h = Hierarchy::fake(t.path(), Kind::V1);
+        let all: Vec<Vec<u8>> = h
+            .walk(&CgroupPath::root())
+            .iter()
+            .map(|c| c.as_bytes().to_vec())
+            .collect();
+        assert_eq!(
+            all,
+            vec![
+                b"/".to_vec(),
+                b"/bad\xff".to_vec(),
+                b"/bad\xff/below".to_vec()
+            ]
+        );
+        assert!(h
+            .dir(&CgroupPath::parse("/bad\\xff/below").unwrap())
+            .is_dir());
     }
 
     #[test]

@@ -77,20 +77,28 @@ pub fn pids(s: &str) -> Option<Vec<i32>> {
 }
 
 /// The memory cgroup path of a process from `/proc/PID/cgroup`: the v1 line whose
-/// controller list includes `memory`, or else the v2 `0::` line.
+/// controller list includes `memory`, or else the v2 `0::` line. Text only: a path that
+/// is not UTF-8 comes back with U+FFFD in it; use [`proc_memory_cgroup_bytes`] where the
+/// path is acted on.
 pub fn proc_memory_cgroup(s: &str) -> Option<String> {
+    proc_memory_cgroup_bytes(s.as_bytes()).map(|p| String::from_utf8_lossy(p).into_owned())
+}
+
+/// [`proc_memory_cgroup`] on the raw bytes of `/proc/PID/cgroup`: cgroup names are bytes,
+/// not text.
+pub fn proc_memory_cgroup_bytes(s: &[u8]) -> Option<&[u8]> {
     let mut unified = None;
-    for line in s.lines() {
-        let mut parts = line.splitn(3, ':');
+    for line in s.split(|&c| c == b'\n') {
+        let mut parts = line.splitn(3, |&c| c == b':');
         let (Some(_id), Some(ctrls), Some(path)) = (parts.next(), parts.next(), parts.next())
         else {
             continue;
         };
-        if ctrls.split(',').any(|c| c == "memory") {
-            return Some(path.to_string());
+        if ctrls.split(|&c| c == b',').any(|c| c == b"memory") {
+            return Some(path);
         }
         if ctrls.is_empty() {
-            unified = Some(path.to_string());
+            unified = Some(path);
         }
     }
     unified
@@ -163,5 +171,7 @@ mod tests {
             Some("/system.slice/x.service")
         );
         assert_eq!(proc_memory_cgroup(""), None);
+        let raw = b"5:memory:/docker/bad\xff\n0::/\n";
+        assert_eq!(proc_memory_cgroup_bytes(raw), Some(&b"/docker/bad\xff"[..]));
     }
 }
