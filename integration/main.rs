@@ -7,6 +7,7 @@
 mod cli;
 mod common;
 mod core_paths;
+mod core_stderr;
 mod episodes;
 mod golang;
 mod loans;

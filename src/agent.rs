@@ -125,6 +125,11 @@ pub fn run(
     drop(watcher);
     let _ = keeper.join();
     // Workers may be inside a long grace; they hold no state that must be saved.
+    // The audit lines of the shutdown (restores) are written before the process exits,
+    // unless the sink does not move (a pipe nobody reads): then exit anyway.
+    if !shared.audit.flush(crate::audit::DRAIN_TIMEOUT) {
+        log::warn!("the audit log did not drain at shutdown; lines may be lost");
+    }
     res
 }
 

@@ -79,9 +79,15 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_timestamp_millis()
-        .init();
+    // Log records go through the audit module's stderr queue (never blocking), so they
+    // are written out before the process exits.
+    oomwake::audit::init_logger();
+    let code = cli_main();
+    oomwake::audit::flush_stderr(oomwake::audit::DRAIN_TIMEOUT);
+    code
+}
+
+fn cli_main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Run {
@@ -120,6 +126,9 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
+            // With the audit log on stderr (the default), log records share the stream
+            // as JSON lines.
+            oomwake::audit::set_json_logs(cfg.audit_log.is_none());
             let set = match agent::load_policies(&cfg) {
                 Ok(s) => s,
                 Err(e) => {
@@ -139,7 +148,7 @@ fn main() -> ExitCode {
             match agent::run(cfg, set, reload) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("oomwake: {e:#}");
+                    oomwake::audit::fatal(&format!("{e:#}"));
                     ExitCode::from(1)
                 }
             }
