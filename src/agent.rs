@@ -40,10 +40,17 @@ pub fn run(
 ) -> anyhow::Result<()> {
     let h = Hierarchy::detect(&cfg.cgroup_root, &cfg.proc_root)?;
     let ctl = cgroup::open(h)?;
-    let journal = Journal::open(&cfg.state_dir)?;
-    let recs = journal
-        .load()
-        .with_context(|| "cannot read the journal of lent limits; refusing to start")?;
+    loan::fault::init();
+    // A dry run reads the journal and never writes it (nor any cgroup).
+    let journal = if cfg.dry_run {
+        std::fs::create_dir_all(&cfg.state_dir)
+            .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
+        Journal::read_only(&cfg.state_dir)
+    } else {
+        Journal::open(&cfg.state_dir)?
+    };
+    // A damaged journal is moved aside and reported, never a reason not to start.
+    let found = journal.recover()?;
     let audit = match &cfg.audit_log {
         Some(p) => Audit::file(p)?,
         None => Audit::stderr(),
@@ -63,9 +70,7 @@ pub fn run(
         settle_poll: cfg.settle_poll,
         stop: AtomicBool::new(false),
     });
-    loan::keeper::recover(&shared, recs);
-    // Start from a fresh snapshot and an empty log.
-    shared.env.loans.compact();
+    loan::keeper::recover(&shared, found);
 
     {
         let weak = Arc::downgrade(&shared);

@@ -10,7 +10,7 @@ use serde_json::Value;
 use crate::action::{self, Outcome, StepCtx};
 use crate::audit::Record;
 use crate::dispatcher::{End, Job};
-use crate::loan::{keeper::restore_record, Restore};
+use crate::loan::keeper::{give_back_resumed, Returned};
 use crate::policy::Mode;
 use crate::shared::Shared;
 
@@ -72,22 +72,10 @@ pub fn run(shared: &Shared, job: &Job) -> End {
     // given back (usage fits the original limit again).
     let check = || -> State {
         if job.resume {
-            return match shared.env.loans.restore(ctl, cg) {
-                Ok(Restore::Restored { old, new }) => {
-                    shared
-                        .audit
-                        .log(restore_record(cg, old, new, "hold_expired"));
-                    State::Recovered(Instant::now())
-                }
-                Ok(Restore::DoesNotFit) => State::Stuck,
-                Ok(Restore::Gone) => State::Gone,
-                Ok(Restore::ChangedExternally { .. }) | Ok(Restore::NoLoan) => {
-                    State::Recovered(Instant::now())
-                }
-                Err(e) => {
-                    log::warn!("{cg}: restore failed: {e}");
-                    State::Stuck
-                }
+            return match give_back_resumed(shared, cg) {
+                Returned::Yes => State::Recovered(Instant::now()),
+                Returned::NotYet => State::Stuck,
+                Returned::Gone => State::Gone,
             };
         }
         match ctl.oom_state(cg) {

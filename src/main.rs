@@ -300,9 +300,20 @@ fn status(state_dir: &std::path::Path, json: bool) -> ExitCode {
             l.cgroup, l.original.memory, l.lent.memory, l.policy, l.episode
         );
     }
-    if alive {
-        ExitCode::SUCCESS
-    } else {
+    for d in &st.journal_damage {
+        let moved = d.moved_to.as_ref().map(|p| p.display().to_string());
+        println!(
+            "JOURNAL DAMAGED at start: {} ({}); moved to {}",
+            d.file.display(),
+            d.error,
+            moved.as_deref().unwrap_or("nowhere (dry run)")
+        );
+    }
+    if !alive {
         ExitCode::from(3)
+    } else if !st.journal_damage.is_empty() {
+        ExitCode::from(4)
+    } else {
+        ExitCode::SUCCESS
     }
 }

@@ -13,7 +13,7 @@ use crate::action::Env;
 use crate::audit::Audit;
 use crate::cgroup::CgroupPath;
 use crate::dispatcher::Dispatcher;
-use crate::journal::LoanRecord;
+use crate::journal::{Damage, LoanRecord};
 use crate::metrics::Metrics;
 use crate::policy::PolicySet;
 
@@ -49,6 +49,9 @@ pub struct Status {
     pub watched: Vec<WatchedStatus>,
     pub episodes_running: Vec<CgroupPath>,
     pub loans: Vec<LoanRecord>,
+    /// Journal files found damaged at start (moved aside; `oomwake status` exits 4).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub journal_damage: Vec<Damage>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

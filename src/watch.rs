@@ -583,6 +583,7 @@ impl Watcher {
                 .collect(),
             episodes_running: self.shared.dispatcher.running(),
             loans: self.shared.env.loans.records(),
+            journal_damage: self.shared.env.loans.journal_damage(),
         };
         let path = self.state_dir.join("status.json");
         let tmp = self.state_dir.join("status.json.tmp");

@@ -1,15 +1,20 @@
 //! The agent-facing side of loans: recovery of journaled loans at start, the keeper
 //! thread that gives headroom back (and resumes episodes whose hold expired), the
 //! restores at shutdown, and the one builder of the `restore` audit line.
+//!
+//! In a dry run (`--dry-run`) nothing here writes: loans found in the journal are kept
+//! as they are, in the journal and in the cgroups, and the audit log says what would be
+//! given back (`restore` with `outcome` "would").
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{unix_ms, Restore, TickEvent};
+use super::{resume_step, GivenUp, Restore, TickEvent};
 use crate::audit::Record;
 use crate::cgroup::CgroupPath;
-use crate::journal::LoanRecord;
+use crate::journal::Recovered;
+use crate::policy::Mode;
 use crate::shared::Shared;
 
 /// The `restore` audit line: a loan given back.
@@ -20,40 +25,140 @@ pub fn restore_record(cg: &CgroupPath, old: u64, new: u64, reason: &str) -> Reco
         .with("reason", reason)
 }
 
-/// At start, every journaled loan is either given back (hold expired, or the
-/// cgroup's limit no longer what we lent) or re-adopted with its remaining hold.
-pub fn recover(shared: &Shared, recs: Vec<LoanRecord>) {
-    if recs.is_empty() {
-        return;
+fn given_up_record(g: &GivenUp) -> Record {
+    Record::new("loan_given_up", &g.cgroup)
+        .with("original_limit", g.original)
+        .with("lent_limit", g.lent)
+        .with(
+            "current_limit",
+            g.current
+                .map(serde_json::Value::from)
+                .unwrap_or(serde_json::Value::Null),
+        )
+        .with("reason", g.why)
+}
+
+/// Audits the loans the book gave up since the last call.
+fn audit_given_up(shared: &Shared) {
+    for g in shared.env.loans.take_given_up() {
+        shared.audit.log(given_up_record(&g));
     }
-    let now_ms = unix_ms();
-    let (expired, live): (Vec<_>, Vec<_>) = recs
-        .into_iter()
-        .partition(|r| r.hold_until_unix_ms <= now_ms);
+}
+
+/// At start: reports a damaged journal loudly (log, audit line, status), then checks
+/// every journaled loan against the kernel: given back when its hold expired (and the
+/// workload fits) or a restore got half way, re-adopted with its remaining hold
+/// otherwise. Ends with a fresh snapshot of what is left.
+pub fn recover(shared: &Shared, found: Recovered) {
     let loans = &shared.env.loans;
-    loans.adopt(live.clone());
-    loans.adopt(expired.clone());
-    for r in &live {
-        log::info!(
-            "re-adopted the loan on {} ({} -> {} bytes)",
-            r.cgroup,
-            r.original.memory,
-            r.lent.memory
+    for d in &found.damage {
+        log::error!(
+            "the journal of lent limits {} is damaged ({}); {} unreadable part(s) left out, {}; starting with what could be read",
+            d.file.display(),
+            d.error,
+            d.skipped,
+            match &d.moved_to {
+                Some(p) => format!("the file is moved to {}", p.display()),
+                None => "the file is left as it is (dry run)".to_string(),
+            }
+        );
+        shared.audit.log(
+            Record::new("journal_corrupt", &CgroupPath::root())
+                .with("file", d.file.display().to_string())
+                .with(
+                    "moved_to",
+                    d.moved_to
+                        .as_ref()
+                        .map(|p| serde_json::Value::from(p.display().to_string()))
+                        .unwrap_or(serde_json::Value::Null),
+                )
+                .with("error", d.error.clone())
+                .with("skipped", d.skipped)
+                .with("loans_recovered", found.loans.len()),
         );
     }
-    for r in expired {
-        match loans.restore(shared.env.ctl.as_ref(), &r.cgroup) {
+    loans.set_journal_damage(found.damage);
+    let ctl = shared.env.ctl.as_ref();
+    let cgroups: Vec<CgroupPath> = found.loans.iter().map(|r| r.cgroup.clone()).collect();
+    loans.adopt(found.loans);
+    let now = Instant::now();
+    for cg in cgroups {
+        if loans.is_read_only() {
+            let what = match loans.restore(ctl, &cg) {
+                Ok(Restore::Would { old, new }) => {
+                    let rec = restore_record(&cg, old, new, "startup")
+                        .with("mode", "audit")
+                        .with("outcome", "would");
+                    shared.audit.log(rec);
+                    "would give it back; dry run: kept as it is"
+                }
+                _ => "dry run: kept as it is",
+            };
+            log::info!("{cg}: journaled loan found; {what}");
+            continue;
+        }
+        if !loans.reconcile(ctl, &cg) {
+            continue;
+        }
+        if !loans.hold_expired(&cg, now) && !loans.restore_in_flight(&cg) {
+            if let Some(o) = loans.original(&cg) {
+                log::info!(
+                    "re-adopted the loan on {cg} (original limit {} bytes)",
+                    o.memory
+                );
+            }
+            continue;
+        }
+        match loans.restore(ctl, &cg) {
             Ok(Restore::Restored { old, new }) => {
                 shared
                     .audit
-                    .log(restore_record(&r.cgroup, old, new, "startup"))
+                    .log(restore_record(&cg, old, new, "startup"))
             }
-            Ok(Restore::DoesNotFit) => log::warn!(
-                "{}: hold expired while the agent was down and usage is above the original limit; keeping the loan",
-                r.cgroup
+            Ok(Restore::DoesNotFit) | Ok(Restore::MemoryOnly { .. }) => log::warn!(
+                "{cg}: hold expired while the agent was down and usage does not fit the original limit; keeping the loan (the keeper resumes its episode)"
             ),
-            Ok(other) => log::info!("{}: journaled loan dropped: {other:?}", r.cgroup),
-            Err(e) => log::error!("{}: restoring journaled loan failed: {e}", r.cgroup),
+            Ok(other) => log::info!("{cg}: journaled loan: {other:?}"),
+            Err(e) => log::error!("{cg}: restoring journaled loan failed: {e}"),
+        }
+    }
+    audit_given_up(shared);
+    // Start from a fresh snapshot and an empty log.
+    loans.compact();
+}
+
+/// What a resumed episode learns from trying to give the loan back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Returned {
+    /// Given back (or nothing left to give back): the episode is over.
+    Yes,
+    /// The workload does not fit under the original limit yet.
+    NotYet,
+    Gone,
+}
+
+/// The check of an episode resumed at hold expiry: gives the loan back once usage fits
+/// (below `restore_below` of the original), and says so in the audit log.
+pub fn give_back_resumed(shared: &Shared, cg: &CgroupPath) -> Returned {
+    let r = shared.env.loans.restore(shared.env.ctl.as_ref(), cg);
+    audit_given_up(shared);
+    match r {
+        Ok(Restore::Restored { old, new }) => {
+            shared
+                .audit
+                .log(restore_record(cg, old, new, "hold_expired"));
+            Returned::Yes
+        }
+        // Memory is back (the workload fits); the keeper finishes memsw.
+        Ok(Restore::MemoryOnly { .. }) => Returned::Yes,
+        Ok(Restore::DoesNotFit) => Returned::NotYet,
+        Ok(Restore::Gone) => Returned::Gone,
+        Ok(Restore::GivenUp { .. }) | Ok(Restore::NoLoan) | Ok(Restore::Would { .. }) => {
+            Returned::Yes
+        }
+        Err(e) => {
+            log::warn!("{cg}: restore failed: {e}");
+            Returned::NotYet
         }
     }
 }
@@ -82,42 +187,74 @@ pub fn run(shared: Arc<Shared>, every: Duration) {
                     policy,
                     episode,
                     step,
-                } => {
-                    let set = shared.policies();
-                    let p = set.policies().iter().find(|p| p.name == policy).cloned();
-                    match p {
-                        Some(p) if step < p.steps.len() => {
-                            shared.dispatcher.resume(&cgroup, p, episode, step);
-                        }
-                        Some(_) => log::warn!(
-                            "{cgroup}: hold expired, usage above the original limit, and policy {policy} has no step after raise_limit; retrying the restore"
-                        ),
-                        None => log::warn!(
-                            "{cgroup}: hold expired but policy {policy} is gone; retrying the restore"
-                        ),
-                    }
-                }
-                TickEvent::GivenUp { cgroup, why } => {
-                    log::warn!("{cgroup}: loan dropped: {why}");
-                }
+                } => resume(&shared, &cgroup, &policy, episode, step),
+                TickEvent::GivenUp(g) => shared.audit.log(given_up_record(&g)),
             }
         }
     }
 }
 
+/// Resumes the episode of a loan whose hold expired with a workload that does not fit.
+/// The loan belongs to the cgroup, not to a policy name: the policy is the one that
+/// matches the cgroup now (a reload may have renamed, changed or removed the one that
+/// lent), and the step the one after its `raise_limit`. With no such policy or step, or
+/// an audit-mode policy, the keeper gives the loan back as soon as the workload fits.
+fn resume(shared: &Shared, cg: &CgroupPath, lent_by: &str, episode: u64, journaled: usize) {
+    let set = shared.policies();
+    let kill_disabled = shared
+        .env
+        .ctl
+        .oom_state(cg)
+        .ok()
+        .flatten()
+        .is_none_or(|s| s.oom_kill_disable);
+    let Some(p) = set.select(cg, kill_disabled, None).cloned() else {
+        log::warn!(
+            "{cg}: hold expired, usage does not fit the original limit, and no policy matches the cgroup any more (it was {lent_by}); the loan is given back once the workload fits"
+        );
+        return;
+    };
+    if p.mode == Mode::Audit {
+        log::warn!(
+            "{cg}: hold expired, usage does not fit the original limit; policy {} is in audit mode, so no step runs; the loan is given back once the workload fits",
+            p.name
+        );
+        return;
+    }
+    let Some(step) = resume_step(&p, journaled) else {
+        log::warn!(
+            "{cg}: hold expired, usage does not fit the original limit, and policy {} has no step after raise_limit; the loan is given back once the workload fits",
+            p.name
+        );
+        return;
+    };
+    if p.name != lent_by || step != journaled {
+        log::info!(
+            "{cg}: resuming with policy {} at step {step} (the loan was made by {lent_by}, to resume at step {journaled})",
+            p.name
+        );
+    }
+    shared.dispatcher.resume(cg, p, episode, step);
+}
+
 /// At shutdown: gives every loan back where usage allows; what does not fit stays in
-/// the journal for the next start.
+/// the journal for the next start. A dry run gives nothing back.
 pub fn restore_all(shared: &Shared) {
+    if shared.env.loans.is_read_only() {
+        return;
+    }
     for (cg, r) in shared.env.loans.restore_all(shared.env.ctl.as_ref()) {
         match r {
             Ok(Restore::Restored { old, new }) => {
                 shared.audit.log(restore_record(&cg, old, new, "shutdown"))
             }
-            Ok(Restore::DoesNotFit) => log::warn!(
-                "{cg}: usage is still above the original limit; the loan stays in the journal and is restored at the next start"
+            Ok(Restore::DoesNotFit) | Ok(Restore::MemoryOnly { .. }) => log::warn!(
+                "{cg}: usage does not fit the original limit; the loan stays in the journal and is restored at the next start"
             ),
-            Ok(other) => log::info!("{cg}: loan dropped at shutdown: {other:?}"),
+            Ok(other) => log::info!("{cg}: loan at shutdown: {other:?}"),
             Err(e) => log::error!("{cg}: restoring at shutdown failed: {e}; kept in the journal"),
         }
     }
+    audit_given_up(shared);
+    shared.env.loans.sync();
 }

@@ -1,23 +1,56 @@
 //! Loans of headroom (`raise_limit`) and everything that gives them back: the book of
-//! outstanding loans, the keeper's tick, the restores at start-up and shutdown. One loan
-//! per cgroup: a new OOM while a loan is out raises further (up to the policy's
-//! ceiling), and giving it back always restores the limit the cgroup had before the
-//! *first* raise. Every raise is journaled ([`crate::journal`]) before the cgroup file is
-//! written, and fsynced after.
+//! outstanding loans and its state machine, the keeper's tick, the restores at start-up
+//! and shutdown. One loan per cgroup: a new OOM while a loan is out raises further (up to
+//! the policy's ceiling), and giving it back always restores the limit the cgroup had
+//! before the *first* raise.
 //!
-//! [`keeper`] holds the agent-facing side: the keeper thread, recovery at start and the
-//! restores at shutdown, and the one place a `restore` audit line is built.
+//! ## The state machine
+//! Every change of a cgroup's limits takes up to two writes on v1 (memsw first when
+//! raising, memory first when lowering), and each is journaled ([`crate::journal`])
+//! before its first write, with the original limits, the target and the step reached:
+//!
+//! ```text
+//! (none) --lend: journal change{from,to,begun}--> writes --read back--> lent (no change)
+//! lent   --restore: journal change{from,original,begun}--> memory written
+//!        --journal change{...,memory_done}--> memsw written --journal remove--> (none)
+//! ```
+//!
+//! A crash or a refused write can leave the kernel anywhere along that path. A value is
+//! the agent's own when it is one of the values the record names (original, lent, the
+//! change's from and to) as the kernel stores them (rounded down to the kernel's page
+//! size, capped at its maximum): such a loan is finished or given back, never dropped
+//! as "changed by someone else". Only a value none of those explain is someone else's;
+//! then the loan is given up and the audit log says so (`loan_given_up`).
+//!
+//! ## Locks
+//! The book's lock covers the map of loans and the journal append that mirrors each
+//! change of it (one write(2)); nothing slow runs under it. Limit writes (a lowering
+//! makes the kernel reclaim synchronously), fsync and compaction run without it. Writes
+//! to one cgroup are serialised by a per-cgroup gate, so a lend waits at most for a
+//! restore of the same cgroup, never for another's.
+//!
+//! ## Giving back
+//! A loan is given back when usage has stayed below `restore_below` of the original
+//! limit for `restore_after`, or at `hold` expiry, and in both cases only while usage is
+//! below `restore_below` (default 90 %) of the original: lowering the limit onto a
+//! workload that just fills it would evict it down to the wall again. At hold expiry a
+//! workload that does not fit makes the keeper resume its episode at the step after
+//! `raise_limit` in the policy that matches the cgroup now.
+//!
+//! [`keeper`] holds the agent-facing side: the keeper thread, recovery at start, the
+//! restores at shutdown, and the one place the `restore` audit line is built.
 
+pub mod fault;
 pub mod keeper;
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::cgroup::{parse::is_unlimited, CgroupError, CgroupPath, Controller, Limits};
-use crate::journal::{Journal, JournalError, LoanRecord};
-use crate::policy::Raise;
+use crate::journal::{Change, ChangeStep, Damage, Journal, JournalError, LoanRecord};
+use crate::policy::{Action, Policy, Raise};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoanError {
@@ -32,6 +65,7 @@ pub enum LoanError {
 /// What a raise did (or would do).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lend {
+    /// `new` is what the kernel holds now (read back).
     Raised {
         old: u64,
         new: u64,
@@ -52,15 +86,28 @@ pub enum Lend {
 /// What giving a loan back did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Restore {
+    /// Both limits are back at the original; the loan is over.
     Restored {
         old: u64,
         new: u64,
     },
-    /// Usage is still above the original limit (v1 refuses with EBUSY); nothing changed.
+    /// Usage is not below the margin under the original limit (or the kernel refused
+    /// to lower memory with EBUSY): nothing changed, the loan stays.
     DoesNotFit,
+    /// Memory is back at the original but the kernel refused memsw (EBUSY): the journal
+    /// says so and the keeper finishes it.
+    MemoryOnly {
+        memory: u64,
+    },
+    /// Dry run: what a restore would write.
+    Would {
+        old: u64,
+        new: u64,
+    },
+    /// The cgroup is gone: so is the loan.
     Gone,
-    /// Somebody else changed the limit since the agent lent it: theirs stands.
-    ChangedExternally {
+    /// Someone else set a limit the agent never wrote: theirs stands, the loan is given up.
+    GivenUp {
         current: u64,
     },
     NoLoan,
@@ -75,16 +122,29 @@ pub enum TickEvent {
         new: u64,
         reason: &'static str,
     },
-    /// The hold expired with usage above the original limit: resume the episode at
-    /// `step` (the step after raise_limit).
+    /// The hold expired with usage not fitting the original limit: resume the episode
+    /// at the step after raise_limit (`step` is the journaled one; check it against the
+    /// current policy with [`resume_step`]).
     Resume {
         cgroup: CgroupPath,
         policy: String,
         episode: u64,
         step: usize,
     },
-    /// The loan is given up: the cgroup is gone or its limit was changed by someone else.
-    GivenUp { cgroup: CgroupPath, why: String },
+    /// A loan the agent gave up (see [`GivenUp`]).
+    GivenUp(GivenUp),
+}
+
+/// A loan given up for good: the cgroup is gone, or its limit holds a value the agent
+/// never wrote.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GivenUp {
+    pub cgroup: CgroupPath,
+    pub original: u64,
+    pub lent: u64,
+    /// The limit found (None: the cgroup is gone).
+    pub current: Option<u64>,
+    pub why: &'static str,
 }
 
 struct Loan {
@@ -94,6 +154,8 @@ struct Loan {
     expired: bool,
     next_resume: Instant,
     below_since: Option<Instant>,
+    /// Why a restore that got only half way was started (the keeper finishes it).
+    pending_reason: Option<&'static str>,
 }
 
 impl Loan {
@@ -108,6 +170,7 @@ impl Loan {
             expired: false,
             next_resume: now + left,
             below_since: None,
+            pending_reason: None,
             rec,
         }
     }
@@ -121,57 +184,220 @@ pub fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// All outstanding loans, behind one lock, mirrored in the journal.
+/// The page size the kernel reports; limits are stored in whole pages of it.
+pub fn kernel_page_size() -> u64 {
+    match nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE) {
+        Ok(Some(p)) if p > 0 && (p as u64).is_power_of_two() => p as u64,
+        _ => 4096,
+    }
+}
+
+/// The step a resumed episode starts at in `policy` (as it is now), given the step
+/// journaled when the loan was made: that step if it still follows a `raise_limit`,
+/// else the step after the policy's first `raise_limit`, else its first step (a policy
+/// that no longer lends still says what to do with the cgroup). None when that is past
+/// the last step: nothing to resume, the loan is given back once usage fits.
+pub fn resume_step(policy: &Policy, journaled: usize) -> Option<usize> {
+    let is_raise = |i: usize| {
+        policy
+            .steps
+            .get(i)
+            .is_some_and(|s| matches!(s.action, Action::RaiseLimit(_)))
+    };
+    let step = if journaled > 0 && is_raise(journaled - 1) {
+        journaled
+    } else {
+        (0..policy.steps.len())
+            .find(|&i| is_raise(i))
+            .map(|i| i + 1)
+            .unwrap_or(0)
+    };
+    (step < policy.steps.len()).then_some(step)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// All outstanding loans, mirrored in the journal.
 pub struct LoanBook {
     loans: Mutex<BTreeMap<CgroupPath, Loan>>,
+    /// One gate per cgroup being changed: serialises the writes to one cgroup.
+    gates: Mutex<HashMap<CgroupPath, Arc<Mutex<()>>>>,
     journal: Option<Journal>,
+    /// Dry run: nothing is written, to cgroups or to the journal.
+    read_only: bool,
     /// The journal has appends not yet fsynced (see [`LoanBook::sync`]).
     unsynced: AtomicBool,
     /// Bumped on every change of a loan (journaled), so readers can tell change cheaply.
-    generation: std::sync::atomic::AtomicU64,
+    generation: AtomicU64,
+    compacting: Mutex<()>,
+    page: u64,
+    given_up: Mutex<Vec<GivenUp>>,
+    damage: Mutex<Vec<Damage>>,
 }
 
+/// Compact the log once it passes this size (a few hundred operations).
+const COMPACT_AT: u64 = 64 * 1024;
+
 impl LoanBook {
-    /// A book persisted in `journal` (None: memory only, for tests).
+    /// A book persisted in `journal` (None: memory only, for tests). A read-only
+    /// journal (dry run) makes a book that never writes anything.
     pub fn new(journal: Option<Journal>) -> LoanBook {
         LoanBook {
+            read_only: journal.as_ref().is_some_and(|j| j.is_read_only()),
             loans: Mutex::new(BTreeMap::new()),
+            gates: Mutex::new(HashMap::new()),
             journal,
             unsynced: AtomicBool::new(false),
-            generation: std::sync::atomic::AtomicU64::new(0),
+            generation: AtomicU64::new(0),
+            compacting: Mutex::new(()),
+            page: kernel_page_size(),
+            given_up: Mutex::new(Vec::new()),
+            damage: Mutex::new(Vec::new()),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<CgroupPath, Loan>> {
-        self.loans.lock().unwrap_or_else(|p| p.into_inner())
+    /// The same book for a kernel with another page size (tests of 64 KiB kernels).
+    pub fn with_page_size(mut self, page: u64) -> LoanBook {
+        self.page = page.max(1);
+        self
     }
 
-    /// Records a new or changed loan (visible at once, durable after `sync`).
-    fn journal_put(&self, rec: &LoanRecord) -> Result<(), JournalError> {
-        self.generation.fetch_add(1, Ordering::Relaxed);
-        match &self.journal {
-            Some(j) => {
-                j.put(rec)?;
-                self.unsynced.store(true, Ordering::SeqCst);
-                Ok(())
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<CgroupPath, Loan>> {
+        lock(&self.loans)
+    }
+
+    /// The gate of `cg`, created on first use and dropped when the cgroup has no loan.
+    fn gate(&self, cg: &CgroupPath) -> Gate<'_> {
+        let g = lock(&self.gates)
+            .entry(cg.clone())
+            .or_insert_with(|| Arc::new(Mutex::new(())))
+            .clone();
+        Gate {
+            book: self,
+            cg: cg.clone(),
+            gate: g,
+        }
+    }
+
+    /// What the kernel stores when `v` is written: whole pages, at most its maximum.
+    fn stored(&self, v: u64) -> u64 {
+        v.min(i64::MAX as u64) / self.page * self.page
+    }
+
+    /// The highest limit the kernel stores (v1: PAGE_COUNTER_MAX pages, "unlimited").
+    fn kernel_max(&self) -> u64 {
+        self.stored(u64::MAX)
+    }
+
+    /// True when every limit in `cur` is one the agent wrote or found for this loan.
+    fn holds_ours(&self, rec: &LoanRecord, cur: Limits) -> bool {
+        let mut known = vec![rec.original, rec.lent];
+        if let Some(c) = rec.change {
+            known.push(c.from);
+            known.push(c.to);
+        }
+        let memory = known.iter().any(|l| self.stored(l.memory) == cur.memory);
+        let memsw = match cur.memsw {
+            None => true,
+            Some(sw) => known
+                .iter()
+                .any(|l| l.memsw.map(|v| self.stored(v)) == Some(sw)),
+        };
+        memory && memsw
+    }
+
+    /// Puts `rec` in the book and the journal, under the lock (one append). A new loan
+    /// starts its hold now; an existing one keeps its timers.
+    fn store(&self, rec: &LoanRecord, hold: Duration) -> Result<(), JournalError> {
+        let now = Instant::now();
+        let mut loans = self.lock();
+        let cg = rec.cgroup.clone();
+        let prev = match loans.get_mut(&cg) {
+            Some(l) => Some(std::mem::replace(&mut l.rec, rec.clone())),
+            None => {
+                loans.insert(
+                    cg.clone(),
+                    Loan {
+                        rec: rec.clone(),
+                        hold,
+                        hold_until: now + hold,
+                        expired: false,
+                        next_resume: now + hold,
+                        below_since: None,
+                        pending_reason: None,
+                    },
+                );
+                None
             }
-            None => Ok(()),
-        }
-    }
-
-    /// Records the end of a loan and flushes (off the OOM path). Runs with the loans
-    /// locked, so it never compacts.
-    fn journal_remove(&self, cg: &CgroupPath) -> Result<(), JournalError> {
+        };
         self.generation.fetch_add(1, Ordering::Relaxed);
         if let Some(j) = &self.journal {
-            j.remove(cg)?;
+            if let Err(e) = j.put(rec) {
+                match prev {
+                    Some(p) => {
+                        if let Some(l) = loans.get_mut(&cg) {
+                            l.rec = p;
+                        }
+                    }
+                    None => {
+                        loans.remove(&cg);
+                    }
+                }
+                return Err(e);
+            }
             self.unsynced.store(true, Ordering::SeqCst);
         }
-        self.flush();
         Ok(())
     }
 
-    /// fsyncs the journal's pending appends.
+    /// Ends the loan of `cg` in the book and the journal.
+    fn end(&self, cg: &CgroupPath) {
+        let mut loans = self.lock();
+        if loans.remove(cg).is_none() {
+            return;
+        }
+        self.generation.fetch_add(1, Ordering::Relaxed);
+        if let Some(j) = &self.journal {
+            match j.remove(cg) {
+                // The journal still names the loan: the next start finds the original
+                // limit in place and ends it then.
+                Err(e) => log::warn!("{cg}: {e}"),
+                Ok(()) => self.unsynced.store(true, Ordering::SeqCst),
+            }
+        }
+    }
+
+    /// Gives a loan up for good and queues the fact for the audit log.
+    fn give_up(&self, rec: &LoanRecord, current: Option<u64>, why: &'static str) {
+        log::warn!(
+            "{}: giving the loan up ({why}): original {}, lent {}, found {:?}",
+            rec.cgroup,
+            rec.original.memory,
+            rec.lent.memory,
+            current
+        );
+        self.end(&rec.cgroup);
+        lock(&self.given_up).push(GivenUp {
+            cgroup: rec.cgroup.clone(),
+            original: rec.original.memory,
+            lent: rec.lent.memory,
+            current,
+            why,
+        });
+    }
+
+    /// Loans given up since the last call (for the audit log).
+    pub fn take_given_up(&self) -> Vec<GivenUp> {
+        std::mem::take(&mut *lock(&self.given_up))
+    }
+
+    /// fsyncs the journal's pending appends (no lock held).
     fn flush(&self) {
         if let Some(j) = &self.journal {
             if self.unsynced.swap(false, Ordering::SeqCst) {
@@ -197,14 +423,28 @@ impl LoanBook {
         }
     }
 
-    /// Rewrites the journal as one snapshot of the current loans.
+    /// Rewrites the journal as one snapshot of the current loans. Only the log's
+    /// rotation (a rename) runs under the lock; the snapshot's writes and fsyncs do not.
     pub fn compact(&self) {
-        if let Some(j) = &self.journal {
+        let Some(j) = &self.journal else {
+            return;
+        };
+        if self.read_only {
+            return;
+        }
+        let Ok(_one) = self.compacting.try_lock() else {
+            return;
+        };
+        let recs: Vec<LoanRecord> = {
             let loans = self.lock();
-            let recs: Vec<LoanRecord> = loans.values().map(|l| l.rec.clone()).collect();
-            if let Err(e) = j.save(&recs) {
+            if let Err(e) = j.rotate() {
                 log::warn!("compacting the journal: {e}");
+                return;
             }
+            loans.values().map(|l| l.rec.clone()).collect()
+        };
+        if let Err(e) = j.finish_compaction(&recs) {
+            log::warn!("compacting the journal: {e}");
         }
     }
 
@@ -230,6 +470,21 @@ impl LoanBook {
             .sum()
     }
 
+    /// Original limits of an outstanding loan.
+    pub fn original(&self, cg: &CgroupPath) -> Option<Limits> {
+        self.lock().get(cg).map(|l| l.rec.original)
+    }
+
+    /// Records damage found in the journal at start (for status).
+    pub fn set_journal_damage(&self, d: Vec<Damage>) {
+        *lock(&self.damage) = d;
+    }
+
+    /// Damage found in the journal at start: shown by `oomwake status`.
+    pub fn journal_damage(&self) -> Vec<Damage> {
+        lock(&self.damage).clone()
+    }
+
     /// Raises the limit of `cg` by `raise.by`, up to its ceiling, recording the loan.
     #[allow(clippy::too_many_arguments)]
     pub fn lend(
@@ -242,39 +497,38 @@ impl LoanBook {
         resume_step: usize,
         audit_only: bool,
     ) -> Result<Lend, LoanError> {
-        let mut loans = self.lock();
+        let _gate = self.gate(cg);
+        let _held = lock(&_gate.gate);
+        let dry = audit_only || self.read_only;
         let cur = ctl.limits(cg)?.ok_or(LoanError::Gone)?;
-        if let Some(l) = loans.get(cg) {
-            if l.rec.lent.memory != cur.memory {
-                log::warn!(
-                    "{cg}: limit changed from the lent {} to {} by someone else; forgetting the old loan",
-                    l.rec.lent.memory,
-                    cur.memory
-                );
-                loans.remove(cg);
-                self.journal_remove(cg)?;
+        let existing = self.lock().get(cg).map(|l| (l.rec.clone(), l.hold));
+        let existing = match existing {
+            Some((rec, _)) if !self.holds_ours(&rec, cur) => {
+                if !dry {
+                    self.give_up(&rec, Some(cur.memory), "limit changed by someone else");
+                }
+                None
             }
-        }
-        let existing = loans.get(cg);
-        let original = existing.map(|l| l.rec.original).unwrap_or(cur);
+            other => other,
+        };
         if is_unlimited(cur.memory) {
             return Ok(Lend::Unlimited);
         }
-        let ceiling = raise.ceiling_for(original.memory);
-        let new = cur
-            .memory
-            .saturating_add(raise.by.of(cur.memory))
-            .min(ceiling);
-        // Limits are in pages; keep the value page-aligned so the kernel stores what we
-        // journal.
-        let new = new & !4095;
+        let original = existing.as_ref().map(|(r, _)| r.original).unwrap_or(cur);
+        let kmax = self.kernel_max();
+        let ceiling = self.stored(raise.ceiling_for(original.memory));
+        let new = self.stored(
+            cur.memory
+                .saturating_add(raise.by.of(cur.memory))
+                .min(ceiling),
+        );
         if new <= cur.memory {
             return Ok(Lend::AtCeiling {
                 limit: cur.memory,
                 ceiling,
             });
         }
-        if audit_only {
+        if dry {
             return Ok(Lend::Would {
                 old: cur.memory,
                 new,
@@ -284,451 +538,446 @@ impl LoanBook {
             if is_unlimited(s) {
                 s
             } else {
-                s.saturating_add(new - cur.memory)
+                s.saturating_add(new - cur.memory).min(kmax)
             }
         });
-        let lent = Limits { memory: new, memsw };
-        let now = Instant::now();
-        let wall = unix_ms();
-        let previous = loans.remove(cg);
-        let loan = match previous {
-            Some(mut l) => {
-                l.rec.lent = lent;
-                l.below_since = None;
-                l
-            }
-            None => Loan {
-                rec: LoanRecord {
+        let to = Limits { memory: new, memsw };
+        let (mut rec, hold) = match existing.clone() {
+            Some((r, hold)) => (r, hold),
+            None => {
+                let wall = unix_ms();
+                let rec = LoanRecord {
                     cgroup: cg.clone(),
                     policy: policy.to_string(),
                     episode,
                     original,
-                    lent,
+                    lent: cur,
+                    change: None,
                     started_unix_ms: wall,
-                    hold_until_unix_ms: wall + raise.hold.as_millis() as u64,
+                    hold_until_unix_ms: wall.saturating_add(raise.hold.as_millis() as u64),
                     restore_below_bytes: (original.memory as f64 * raise.restore_below) as u64,
                     restore_after_ms: raise.restore_after.as_millis() as u64,
                     resume_step,
-                },
-                hold: raise.hold,
-                hold_until: now + raise.hold,
-                expired: false,
-                next_resume: now + raise.hold,
-                below_since: None,
-            },
+                };
+                (rec, raise.hold)
+            }
         };
-        let rec = loan.rec.clone();
-        loans.insert(cg.clone(), loan);
-        // Journal first: if we crash right after the cgroup write, the next start knows.
-        // The fsync waits until the workload has its headroom (LoanBook::sync).
-        if let Err(e) = self.journal_put(&rec) {
-            undo(&mut loans, cg, &rec, cur);
-            return Err(e.into());
+        rec.change = Some(Change {
+            from: cur,
+            to,
+            step: ChangeStep::Begun,
+        });
+        // Journal first: if we crash after the cgroup write, the next start knows. The
+        // fsync waits until the workload has its headroom (LoanBook::sync).
+        self.store(&rec, hold)?;
+        if let Some(l) = self.lock().get_mut(cg) {
+            l.below_since = None;
         }
-        if let Err(e) = ctl.set_limits(cg, cur, lent) {
-            undo(&mut loans, cg, &rec, cur);
-            let _ = match loans.get(cg) {
-                Some(l) => self.journal_put(&l.rec.clone()),
-                None => self.journal_remove(cg),
-            };
-            return Err(e.into());
+        fault::point("after_journal_put");
+        let res = ctl.set_limits(cg, cur, to);
+        let after = ctl.limits(cg).ok().flatten();
+        match res {
+            Ok(()) => {
+                rec.lent = after.unwrap_or(Limits {
+                    memory: self.stored(to.memory),
+                    memsw: to.memsw.map(|v| self.stored(v)),
+                });
+                rec.change = None;
+                if let Err(e) = self.store(&rec, hold) {
+                    // The change record stays: its `to` names what the kernel holds.
+                    log::warn!("{cg}: {e}");
+                }
+                Ok(Lend::Raised {
+                    old: cur.memory,
+                    new: rec.lent.memory,
+                })
+            }
+            Err(e) => {
+                self.settle_failed_raise(ctl, rec, existing.map(|(r, _)| r), cur, after, hold);
+                Err(e.into())
+            }
         }
-        Ok(Lend::Raised {
-            old: cur.memory,
-            new,
-        })
     }
 
-    /// Gives the loan of `cg` back: the limits before the first raise.
+    /// A raise whose write failed may have written memsw and not memory: undo what
+    /// reached the kernel, or keep the loan (journaled) for the keeper to give back.
+    fn settle_failed_raise(
+        &self,
+        ctl: &dyn Controller,
+        mut rec: LoanRecord,
+        previous: Option<LoanRecord>,
+        from: Limits,
+        after: Option<Limits>,
+        hold: Duration,
+    ) {
+        let cg = rec.cgroup.clone();
+        let mut now = after;
+        if let Some(a) = after.filter(|a| *a != from) {
+            if let Err(e) = ctl.set_limits(&cg, a, from) {
+                log::warn!("{cg}: undoing a half-done raise: {e}");
+            }
+            now = ctl.limits(&cg).ok().flatten();
+        }
+        match (now, previous) {
+            (None, _) => {
+                self.give_up(&rec, None, "cgroup gone");
+            }
+            (Some(n), Some(mut p)) if n == from => {
+                p.change = None;
+                p.lent = n;
+                let _ = self.store(&p, hold).map_err(|e| log::warn!("{cg}: {e}"));
+            }
+            (Some(n), None) if n == from => self.end(&cg),
+            (Some(n), _) => {
+                rec.lent = n;
+                rec.change = None;
+                let _ = self.store(&rec, hold).map_err(|e| log::warn!("{cg}: {e}"));
+            }
+        }
+    }
+
+    /// Gives the loan of `cg` back: the limits before the first raise, memory first,
+    /// then memsw, each step journaled. Only when usage is below the loan's margin
+    /// (`restore_below` of the original), unless memory is already back.
     pub fn restore(&self, ctl: &dyn Controller, cg: &CgroupPath) -> Result<Restore, LoanError> {
-        let mut loans = self.lock();
-        self.restore_locked(ctl, cg, &mut loans)
+        self.restore_for(ctl, cg, None)
     }
 
-    fn restore_locked(
+    fn restore_for(
         &self,
         ctl: &dyn Controller,
         cg: &CgroupPath,
-        loans: &mut BTreeMap<CgroupPath, Loan>,
+        reason: Option<&'static str>,
     ) -> Result<Restore, LoanError> {
-        let Some(loan) = loans.get(cg) else {
+        let _gate = self.gate(cg);
+        let _held = lock(&_gate.gate);
+        let Some(rec) = self.lock().get(cg).map(|l| l.rec.clone()) else {
             return Ok(Restore::NoLoan);
         };
-        let original = loan.rec.original;
-        let lent = loan.rec.lent;
         let Some(cur) = ctl.limits(cg)? else {
-            loans.remove(cg);
-            self.journal_remove(cg)?;
+            if !self.read_only {
+                self.give_up(&rec, None, "cgroup gone");
+            }
             return Ok(Restore::Gone);
         };
-        if cur.memory != lent.memory {
-            loans.remove(cg);
-            self.journal_remove(cg)?;
-            return Ok(Restore::ChangedExternally {
+        let target = rec.original;
+        if self.read_only {
+            return Ok(Restore::Would {
+                old: cur.memory,
+                new: target.memory,
+            });
+        }
+        if !self.holds_ours(&rec, cur) {
+            self.give_up(&rec, Some(cur.memory), "limit changed by someone else");
+            return Ok(Restore::GivenUp {
                 current: cur.memory,
             });
         }
-        match ctl.set_limits(cg, cur, original) {
-            Ok(()) => {}
-            Err(e) if e.is_busy() => return Ok(Restore::DoesNotFit),
-            Err(e) if e.is_gone() => {
-                loans.remove(cg);
-                self.journal_remove(cg)?;
-                return Ok(Restore::Gone);
+        // A restore that got half way started from the limits it names.
+        let from = match rec.change {
+            Some(c) if c.to == target => c.from,
+            _ => cur,
+        };
+        let memory_back = cur.memory == self.stored(target.memory);
+        if !memory_back {
+            match ctl.usage(cg)? {
+                None => {
+                    self.give_up(&rec, None, "cgroup gone");
+                    return Ok(Restore::Gone);
+                }
+                Some(u) if u >= rec.restore_below_bytes => return Ok(Restore::DoesNotFit),
+                Some(_) => {}
             }
-            Err(e) => return Err(e.into()),
         }
-        loans.remove(cg);
-        self.journal_remove(cg)?;
+        let mut work = rec.clone();
+        let hold = Duration::ZERO;
+        let mut mid = cur;
+        if !memory_back {
+            work.change = Some(Change {
+                from,
+                to: target,
+                step: ChangeStep::Begun,
+            });
+            self.store(&work, hold)?;
+            let step1 = Limits {
+                memory: target.memory,
+                memsw: cur.memsw,
+            };
+            match ctl.set_limits(cg, cur, step1) {
+                Ok(()) => {}
+                Err(e) if e.is_gone() => {
+                    self.give_up(&rec, None, "cgroup gone");
+                    return Ok(Restore::Gone);
+                }
+                Err(e) => {
+                    work.change = None;
+                    self.store(&work, hold)?;
+                    return if e.is_busy() {
+                        Ok(Restore::DoesNotFit)
+                    } else {
+                        Err(e.into())
+                    };
+                }
+            }
+            fault::point("after_restore_memory");
+            let Some(m) = ctl.limits(cg)? else {
+                self.give_up(&rec, None, "cgroup gone");
+                return Ok(Restore::Gone);
+            };
+            mid = m;
+        }
+        let memsw_back = match (mid.memsw, target.memsw) {
+            (Some(now), Some(t)) => now == self.stored(t),
+            _ => true,
+        };
+        if !memsw_back {
+            work.lent = mid;
+            work.change = Some(Change {
+                from,
+                to: target,
+                step: ChangeStep::MemoryDone,
+            });
+            self.store(&work, hold)?;
+            match ctl.set_limits(cg, mid, target) {
+                Ok(()) => {}
+                Err(e) if e.is_gone() => {
+                    self.give_up(&rec, None, "cgroup gone");
+                    return Ok(Restore::Gone);
+                }
+                Err(e) => {
+                    if let Some(l) = self.lock().get_mut(cg) {
+                        l.pending_reason = l.pending_reason.or(reason);
+                    }
+                    return if e.is_busy() {
+                        Ok(Restore::MemoryOnly { memory: mid.memory })
+                    } else {
+                        Err(e.into())
+                    };
+                }
+            }
+        }
+        let done = ctl.limits(cg)?.map(|l| l.memory).unwrap_or(target.memory);
+        self.end(cg);
         Ok(Restore::Restored {
-            old: cur.memory,
-            new: original.memory,
+            old: from.memory,
+            new: done,
         })
     }
 
-    /// Re-adopts loans found in the journal at start-up.
+    /// Re-adopts loans found in the journal at start-up (in memory; nothing written).
     pub fn adopt(&self, recs: Vec<LoanRecord>) {
         let now = Instant::now();
         let mut loans = self.lock();
         for rec in recs {
             loans.insert(rec.cgroup.clone(), Loan::from_record(rec, now));
         }
+        self.generation.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// At start: checks an adopted loan against what the kernel holds. A raise that was
+    /// interrupted (journaled, then a crash before or between its writes) becomes a loan
+    /// of what the kernel holds, with the first original; a cgroup that is gone or holds
+    /// a value the agent never wrote ends the loan. Returns true when the loan stays.
+    pub fn reconcile(&self, ctl: &dyn Controller, cg: &CgroupPath) -> bool {
+        let _gate = self.gate(cg);
+        let _held = lock(&_gate.gate);
+        let Some((rec, hold)) = self.lock().get(cg).map(|l| (l.rec.clone(), l.hold)) else {
+            return false;
+        };
+        if self.read_only {
+            return true;
+        }
+        let cur = match ctl.limits(cg) {
+            Ok(Some(c)) => c,
+            Ok(None) => {
+                self.give_up(&rec, None, "cgroup gone");
+                return false;
+            }
+            Err(e) => {
+                log::warn!("{cg}: {e}");
+                return true;
+            }
+        };
+        if !self.holds_ours(&rec, cur) {
+            self.give_up(&rec, Some(cur.memory), "limit changed by someone else");
+            return false;
+        }
+        if cur == rec.original
+            || (cur.memory == self.stored(rec.original.memory)
+                && rec.original.memsw.map(|v| self.stored(v)) == cur.memsw)
+        {
+            log::info!(
+                "{cg}: the journaled loan never reached the kernel or was already given back"
+            );
+            self.end(cg);
+            return false;
+        }
+        // A change journaled as begun may have reached the kernel in part or not at all:
+        // the loan is now what the kernel holds (a half-done restore goes on from there).
+        let begun = rec.change.is_some_and(|c| c.step == ChangeStep::Begun);
+        if begun || (rec.change.is_none() && rec.lent != cur) {
+            let mut r = rec;
+            r.change = None;
+            r.lent = cur;
+            if let Err(e) = self.store(&r, hold) {
+                log::warn!("{cg}: {e}");
+            }
+        }
+        true
+    }
+
+    /// True when the loan of `cg` is in the middle of a restore (memory back, memsw
+    /// not yet): it is finished at once, whatever the usage.
+    pub fn restore_in_flight(&self, cg: &CgroupPath) -> bool {
+        self.lock().get(cg).is_some_and(|l| {
+            l.rec
+                .change
+                .is_some_and(|c| c.step == ChangeStep::MemoryDone)
+        })
+    }
+
+    /// True when the hold of `cg`'s loan is over.
+    pub fn hold_expired(&self, cg: &CgroupPath, now: Instant) -> bool {
+        self.lock()
+            .get(cg)
+            .is_some_and(|l| l.expired || now >= l.hold_until)
     }
 
     /// One pass of the keeper: give loans back early when usage has stayed below
-    /// `restore_below` for `restore_after`, at hold expiry at the latest; ask for the
-    /// episode to resume when the hold expired and the workload does not fit.
+    /// `restore_below` for `restore_after`, at hold expiry at the latest (when usage
+    /// fits); ask for the episode to resume when the hold expired and the workload does
+    /// not fit; finish restores that got half way. The book's lock is taken only to
+    /// read and update the book, never across a read or write of a cgroup.
     pub fn tick(&self, ctl: &dyn Controller, now: Instant) -> Vec<TickEvent> {
+        if self.read_only {
+            return Vec::new();
+        }
         self.sync();
+        enum Due {
+            Finish(&'static str),
+            Expired,
+            Early(u64, Duration),
+        }
+        let due: Vec<(CgroupPath, Due)> = {
+            let mut loans = self.lock();
+            loans
+                .iter_mut()
+                .filter_map(|(cg, l)| {
+                    let d = match l.rec.change {
+                        Some(c) if c.step == ChangeStep::MemoryDone => {
+                            Due::Finish(l.pending_reason.unwrap_or("hold_expired"))
+                        }
+                        // A change in flight (a raise under way): not ours to touch now.
+                        Some(_) => return None,
+                        None if l.expired || now >= l.hold_until => {
+                            l.expired = true;
+                            Due::Expired
+                        }
+                        None => Due::Early(
+                            l.rec.restore_below_bytes,
+                            Duration::from_millis(l.rec.restore_after_ms),
+                        ),
+                    };
+                    Some((cg.clone(), d))
+                })
+                .collect()
+        };
         let mut events = Vec::new();
-        let mut loans = self.lock();
-        let keys: Vec<CgroupPath> = loans.keys().cloned().collect();
-        for cg in keys {
-            let Some(loan) = loans.get_mut(&cg) else {
-                continue;
-            };
-            let reason = if loan.expired || now >= loan.hold_until {
-                loan.expired = true;
-                "hold_expired"
-            } else {
-                match ctl.usage(&cg) {
-                    Ok(Some(u)) if u < loan.rec.restore_below_bytes => {
-                        let since = *loan.below_since.get_or_insert(now);
-                        if now.duration_since(since)
-                            < Duration::from_millis(loan.rec.restore_after_ms)
-                        {
+        for (cg, d) in due {
+            let reason = match d {
+                Due::Finish(r) => r,
+                Due::Expired => "hold_expired",
+                Due::Early(below, after) => {
+                    let usage = match ctl.usage(&cg) {
+                        Ok(Some(u)) => Some(u),
+                        // Gone or unreadable: let restore tell which.
+                        _ => None,
+                    };
+                    let mut loans = self.lock();
+                    let Some(l) = loans.get_mut(&cg) else {
+                        continue;
+                    };
+                    match usage {
+                        Some(u) if u < below => {
+                            let since = *l.below_since.get_or_insert(now);
+                            if now.duration_since(since) < after {
+                                continue;
+                            }
+                        }
+                        Some(_) => {
+                            l.below_since = None;
                             continue;
                         }
-                        "usage_below"
+                        None => {}
                     }
-                    Ok(Some(_)) => {
-                        loan.below_since = None;
-                        continue;
-                    }
-                    // Gone or unreadable: let restore tell which.
-                    _ => "usage_below",
+                    "usage_below"
                 }
             };
-            match self.restore_locked(ctl, &cg, &mut loans) {
+            match self.restore_for(ctl, &cg, Some(reason)) {
                 Ok(Restore::Restored { old, new }) => events.push(TickEvent::Restored {
                     cgroup: cg,
                     old,
                     new,
                     reason,
                 }),
-                Ok(Restore::DoesNotFit) => {
-                    if let Some(loan) = loans.get_mut(&cg) {
-                        if reason == "hold_expired" && now >= loan.next_resume {
-                            loan.next_resume = now + loan.hold.max(Duration::from_secs(1));
+                Ok(Restore::DoesNotFit) | Ok(Restore::MemoryOnly { .. })
+                    if reason == "hold_expired" =>
+                {
+                    let mut loans = self.lock();
+                    if let Some(l) = loans.get_mut(&cg) {
+                        if now >= l.next_resume {
+                            l.next_resume = now + l.hold.max(Duration::from_secs(1));
                             events.push(TickEvent::Resume {
                                 cgroup: cg,
-                                policy: loan.rec.policy.clone(),
-                                episode: loan.rec.episode,
-                                step: loan.rec.resume_step,
+                                policy: l.rec.policy.clone(),
+                                episode: l.rec.episode,
+                                step: l.rec.resume_step,
                             });
                         }
                     }
                 }
-                Ok(Restore::Gone) => events.push(TickEvent::GivenUp {
-                    cgroup: cg,
-                    why: "cgroup gone".into(),
-                }),
-                Ok(Restore::ChangedExternally { current }) => events.push(TickEvent::GivenUp {
-                    cgroup: cg,
-                    why: format!("limit changed to {current} by someone else"),
-                }),
-                Ok(Restore::NoLoan) => {}
-                Err(e) => {
-                    log::warn!("{cg}: restoring lent limit failed: {e}");
-                }
+                Ok(_) => {}
+                Err(e) => log::warn!("{cg}: giving the lent limit back failed: {e}"),
             }
         }
+        events.extend(self.take_given_up().into_iter().map(TickEvent::GivenUp));
         events
     }
 
-    /// Tries to give every loan back (shutdown, startup); returns what happened per cgroup.
+    /// Tries to give every loan back (shutdown); returns what happened per cgroup.
     pub fn restore_all(
         &self,
         ctl: &dyn Controller,
     ) -> Vec<(CgroupPath, Result<Restore, LoanError>)> {
-        let mut loans = self.lock();
-        let keys: Vec<CgroupPath> = loans.keys().cloned().collect();
+        let keys: Vec<CgroupPath> = self.lock().keys().cloned().collect();
         keys.into_iter()
             .map(|cg| {
-                let r = self.restore_locked(ctl, &cg, &mut loans);
+                let r = self.restore_for(ctl, &cg, Some("shutdown"));
                 (cg, r)
             })
             .collect()
     }
-
-    /// Original limits of an outstanding loan.
-    pub fn original(&self, cg: &CgroupPath) -> Option<Limits> {
-        self.lock().get(cg).map(|l| l.rec.original)
-    }
 }
 
-/// Compact the log once it passes this size (a few hundred operations).
-const COMPACT_AT: u64 = 64 * 1024;
+/// A held reference to a cgroup's gate; drops the gate from the map when the cgroup
+/// has no loan and nobody else holds it.
+struct Gate<'a> {
+    book: &'a LoanBook,
+    cg: CgroupPath,
+    gate: Arc<Mutex<()>>,
+}
 
-fn undo(loans: &mut BTreeMap<CgroupPath, Loan>, cg: &CgroupPath, rec: &LoanRecord, cur: Limits) {
-    // A first raise that failed leaves no loan; an extension goes back to what was lent.
-    if rec.original == cur {
-        loans.remove(cg);
-    } else if let Some(l) = loans.get_mut(cg) {
-        l.rec.lent = cur;
+impl Drop for Gate<'_> {
+    fn drop(&mut self) {
+        let mut gates = lock(&self.book.gates);
+        // Ours and the map's: nobody else waits on it.
+        if Arc::strong_count(&self.gate) == 2 && !self.book.has_loan(&self.cg) {
+            gates.remove(&self.cg);
+        }
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::cgroup::{v1::V1, Hierarchy, Kind};
-    use crate::policy::{Amount, Ceiling};
-
-    struct Fake {
-        _t: tempfile::TempDir,
-        ctl: V1,
-        cg: CgroupPath,
-        dir: std::path::PathBuf,
-    }
-
-    fn fake(limit: u64, usage: u64) -> Fake {
-        let t = tempfile::tempdir().unwrap();
-        let dir = t.path().join("app");
-        std::fs::create_dir(&dir).unwrap();
-        std::fs::write(dir.join("memory.limit_in_bytes"), limit.to_string()).unwrap();
-        std::fs::write(dir.join("memory.memsw.limit_in_bytes"), limit.to_string()).unwrap();
-        std::fs::write(dir.join("memory.usage_in_bytes"), usage.to_string()).unwrap();
-        let ctl = V1::new(Hierarchy::fake(t.path(), Kind::V1));
-        Fake {
-            _t: t,
-            ctl,
-            cg: CgroupPath::new("/app"),
-            dir,
-        }
-    }
-
-    impl Fake {
-        fn limit(&self) -> u64 {
-            std::fs::read_to_string(self.dir.join("memory.limit_in_bytes"))
-                .unwrap()
-                .trim()
-                .parse()
-                .unwrap()
-        }
-        fn memsw(&self) -> u64 {
-            std::fs::read_to_string(self.dir.join("memory.memsw.limit_in_bytes"))
-                .unwrap()
-                .trim()
-                .parse()
-                .unwrap()
-        }
-        fn set_usage(&self, u: u64) {
-            std::fs::write(self.dir.join("memory.usage_in_bytes"), u.to_string()).unwrap();
-        }
-    }
-
-    fn raise(hold: Duration) -> Raise {
-        Raise {
-            by: Amount::Percent(0.25),
-            ceiling: Ceiling::MaxExtra(Amount::Percent(0.5)),
-            hold,
-            restore_below: 0.9,
-            restore_after: Duration::from_millis(0),
-        }
-    }
-
-    const MIB: u64 = 1 << 20;
-
-    /// A raise of `f`'s cgroup for episode `episode` that must succeed.
-    fn lend(book: &LoanBook, f: &Fake, r: Raise, episode: u64) -> Lend {
-        book.lend(&f.ctl, &f.cg, "p", &r, episode, 2, false)
-            .unwrap()
-    }
-
-    #[test]
-    fn extensions_stop_at_ceiling_and_restore_returns_the_first_original() {
-        let f = fake(64 * MIB, 64 * MIB);
-        let t = tempfile::tempdir().unwrap();
-        let book = LoanBook::new(Some(Journal::open(t.path()).unwrap()));
-        let r = raise(Duration::from_secs(60));
-        let l1 = lend(&book, &f, r.clone(), 1);
-        assert_eq!(
-            l1,
-            Lend::Raised {
-                old: 64 * MIB,
-                new: 80 * MIB
-            }
-        );
-        assert_eq!(f.limit(), 80 * MIB);
-        assert_eq!(f.memsw(), 80 * MIB);
-        let l2 = lend(&book, &f, r.clone(), 2);
-        assert_eq!(
-            l2,
-            Lend::Raised {
-                old: 80 * MIB,
-                new: 96 * MIB
-            }
-        );
-        let l3 = lend(&book, &f, r.clone(), 3);
-        assert_eq!(
-            l3,
-            Lend::AtCeiling {
-                limit: 96 * MIB,
-                ceiling: 96 * MIB
-            }
-        );
-        // Journal holds the original of the first raise.
-        let recs = Journal::open(t.path()).unwrap().load().unwrap();
-        assert_eq!(recs.len(), 1);
-        assert_eq!(recs[0].original.memory, 64 * MIB);
-        assert_eq!(recs[0].lent.memory, 96 * MIB);
-        assert_eq!(book.lent_bytes(), 32 * MIB);
-        let r = book.restore(&f.ctl, &f.cg).unwrap();
-        assert_eq!(
-            r,
-            Restore::Restored {
-                old: 96 * MIB,
-                new: 64 * MIB
-            }
-        );
-        assert_eq!(f.limit(), 64 * MIB);
-        assert_eq!(f.memsw(), 64 * MIB);
-        assert!(Journal::open(t.path()).unwrap().load().unwrap().is_empty());
-    }
-
-    #[test]
-    fn audit_mode_computes_but_writes_nothing() {
-        let f = fake(64 * MIB, 64 * MIB);
-        let book = LoanBook::new(None);
-        let l = book
-            .lend(
-                &f.ctl,
-                &f.cg,
-                "p",
-                &raise(Duration::from_secs(1)),
-                1,
-                2,
-                true,
-            )
-            .unwrap();
-        assert_eq!(
-            l,
-            Lend::Would {
-                old: 64 * MIB,
-                new: 80 * MIB
-            }
-        );
-        assert_eq!(f.limit(), 64 * MIB);
-        assert!(!book.has_loan(&f.cg));
-    }
-
-    #[test]
-    fn early_restore_needs_usage_below_threshold() {
-        let f = fake(64 * MIB, 64 * MIB);
-        let book = LoanBook::new(None);
-        lend(&book, &f, raise(Duration::from_secs(60)), 1);
-        let now = Instant::now();
-        assert!(book.tick(&f.ctl, now).is_empty());
-        assert_eq!(f.limit(), 80 * MIB);
-        f.set_usage(10 * MIB);
-        let ev = book.tick(&f.ctl, now);
-        assert_eq!(
-            ev,
-            vec![TickEvent::Restored {
-                cgroup: f.cg.clone(),
-                old: 80 * MIB,
-                new: 64 * MIB,
-                reason: "usage_below"
-            }]
-        );
-        assert_eq!(f.limit(), 64 * MIB);
-    }
-
-    #[test]
-    fn restore_after_requires_an_unbroken_stretch() {
-        let f = fake(64 * MIB, 10 * MIB);
-        let book = LoanBook::new(None);
-        let mut r = raise(Duration::from_secs(60));
-        r.restore_after = Duration::from_secs(5);
-        lend(&book, &f, r, 1);
-        let t0 = Instant::now();
-        assert!(book.tick(&f.ctl, t0).is_empty());
-        f.set_usage(70 * MIB);
-        assert!(book.tick(&f.ctl, t0 + Duration::from_secs(3)).is_empty());
-        f.set_usage(10 * MIB);
-        assert!(book.tick(&f.ctl, t0 + Duration::from_secs(6)).is_empty());
-        assert!(book.tick(&f.ctl, t0 + Duration::from_secs(10)).is_empty());
-        assert_eq!(book.tick(&f.ctl, t0 + Duration::from_secs(11)).len(), 1);
-    }
-
-    #[test]
-    fn hold_expiry_restores_and_external_change_is_respected() {
-        let f = fake(64 * MIB, 70 * MIB);
-        let book = LoanBook::new(None);
-        lend(&book, &f, raise(Duration::from_millis(0)), 1);
-        let ev = book.tick(&f.ctl, Instant::now() + Duration::from_millis(1));
-        assert!(
-            matches!(
-                &ev[..],
-                [TickEvent::Restored {
-                    reason: "hold_expired",
-                    ..
-                }]
-            ),
-            "{ev:?}"
-        );
-
-        lend(&book, &f, raise(Duration::from_secs(60)), 2);
-        std::fs::write(f.dir.join("memory.limit_in_bytes"), (200 * MIB).to_string()).unwrap();
-        assert_eq!(
-            book.restore(&f.ctl, &f.cg).unwrap(),
-            Restore::ChangedExternally { current: 200 * MIB }
-        );
-        assert_eq!(f.limit(), 200 * MIB);
-    }
-
-    #[test]
-    fn gone_cgroup_drops_the_loan() {
-        let f = fake(64 * MIB, 64 * MIB);
-        let book = LoanBook::new(None);
-        lend(&book, &f, raise(Duration::from_secs(60)), 1);
-        std::fs::remove_dir_all(&f.dir).unwrap();
-        assert_eq!(book.restore(&f.ctl, &f.cg).unwrap(), Restore::Gone);
-        assert!(!book.has_loan(&f.cg));
-    }
-
-    #[test]
-    fn adopted_records_keep_their_remaining_hold() {
-        let f = fake(64 * MIB, 70 * MIB);
-        let book = LoanBook::new(None);
-        lend(&book, &f, raise(Duration::from_secs(3600)), 1);
-        let recs = book.records();
-        let book2 = LoanBook::new(None);
-        book2.adopt(recs);
-        // Not expired, usage high: nothing happens.
-        assert!(book2.tick(&f.ctl, Instant::now()).is_empty());
-        assert_eq!(f.limit(), 80 * MIB);
-        assert_eq!(book2.original(&f.cg).unwrap().memory, 64 * MIB);
-    }
-}
+mod double;
+#[cfg(test)]
+mod tests;
