@@ -11,4 +11,5 @@ mod core_stderr;
 mod episodes;
 mod golang;
 mod loans;
+mod loans_failure;
 mod stalls;

@@ -305,6 +305,20 @@ impl Agent {
 
     /// [`Agent::start_in`] with another `--cgroup-root` (a subtree of the hierarchy).
     pub fn start_in_root(tmp: tempfile::TempDir, root: &Path, extra: &[&str]) -> Agent {
+        Agent::start_in_full(tmp, root, extra, &[])
+    }
+
+    /// Like [`Agent::start_in`], with extra environment variables (e.g. OOMWAKE_FAULT).
+    pub fn start_in_env(tmp: tempfile::TempDir, extra: &[&str], env: &[(&str, &str)]) -> Agent {
+        Agent::start_in_full(tmp, Path::new(MEMROOT), extra, env)
+    }
+
+    fn start_in_full(
+        tmp: tempfile::TempDir,
+        root: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agent {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -324,6 +338,7 @@ impl Agent {
             .arg(tmp.path().join("audit.jsonl"))
             .args(extra)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stderr(Stdio::from(log))
             .spawn()
             .expect("spawn oomwake");

@@ -1,0 +1,376 @@
+//! Loans under failure, on real cgroups (root, cgroup v1): a crash between the journal
+//! and the limit write, a crash between the memsw and the memory write, a damaged
+//! journal, a dry run that finds loans, a workload that does not fit at hold expiry,
+//! a reload that renames the policy that lent.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::common::*;
+
+fn no_given_up(agent: &Agent, cg: &str) {
+    let g = agent.events("loan_given_up", cg);
+    assert!(g.is_empty(), "loan given up: {g:?}\nlog:\n{}", agent.log());
+}
+
+const EXTENDING: &str = r#"
+[[step]]
+action = "raise_limit"
+by = "25%"
+max_extra = "100%"
+hold = "5m"
+restore_after = "300ms"
+"#;
+
+/// 6.5: the agent lends, extends, and is aborted between the journal append of the
+/// extension and its limit write. After a restart the loan is re-adopted with the
+/// first original and the cgroup gets its real limit back.
+#[test]
+fn extension_aborted_between_journal_and_write_gives_back_the_first_limit() {
+    let Some(()) =
+        require_v1("extension_aborted_between_journal_and_write_gives_back_the_first_limit")
+    else {
+        return;
+    };
+    let mut s = Scratch::new("abortext");
+    let cg = s.cgroup("", Some(32 * MIB), true);
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir(tmp.path().join("policies")).unwrap();
+    std::fs::write(
+        tmp.path().join("policies/p.toml"),
+        policy("ext", &cg.rel, "", EXTENDING),
+    )
+    .unwrap();
+    // The second pass (the extension) aborts right after its journal append.
+    let mut agent =
+        Agent::start_in_env(tmp, &[], &[("OOMWAKE_FAULT", "after_journal_put:abort:2")]);
+    agent.expect("watch", &cg.rel, Duration::from_secs(10));
+    let hog = s.hog(&cg, &["--touch", "44M", "--hold", "60s"]);
+    assert!(
+        wait_until(Duration::from_secs(20), || !agent.running()),
+        "the agent did not abort; log:\n{}",
+        agent.log()
+    );
+    assert!(agent.log().contains("aborting at after_journal_put"));
+    assert_eq!(cg.limit(), 40 * MIB, "the first loan stands");
+    let journal = agent.journal();
+    assert!(
+        journal.contains(&(50 * MIB).to_string()),
+        "the extension is journaled: {journal}"
+    );
+    assert!(cg.under_oom(), "the workload waits for the extension");
+    let agent = Agent::start_in(agent.crash(), &[]);
+    assert!(
+        hog.report(Duration::from_secs(20)).is_some(),
+        "the restarted agent did not rescue the workload; log:\n{}",
+        agent.log()
+    );
+    s.kill_hog(hog.pid);
+    let restore = agent.expect("restore", &cg.rel, Duration::from_secs(15));
+    assert_eq!(restore["new_limit"], 32 * MIB);
+    assert_eq!(cg.limit(), 32 * MIB);
+    no_given_up(&agent, &cg.rel);
+}
+
+/// 7.1 (on the way up) and 7.2: the agent crashed after raising memsw and before
+/// raising memory. The next start takes the half-raised memsw as its own and gives it
+/// back, instead of dropping the loan as changed by someone else.
+#[test]
+fn memsw_left_raised_by_a_crash_is_given_back_at_start() {
+    let Some(()) = require_v1("memsw_left_raised_by_a_crash_is_given_back_at_start") else {
+        return;
+    };
+    let s = Scratch::new("halfup");
+    let cg = s.cgroup("", Some(32 * MIB), true);
+    let sw = cg.dir.join("memory.memsw.limit_in_bytes");
+    if !sw.exists() {
+        eprintln!(
+            "memsw_left_raised_by_a_crash_is_given_back_at_start: skipped: no swap accounting"
+        );
+        return;
+    }
+    write(&sw, &(48 * MIB).to_string());
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tmp.path().join("policies")).unwrap();
+    std::fs::create_dir_all(tmp.path().join("state")).unwrap();
+    std::fs::write(
+        tmp.path().join("policies/p.toml"),
+        policy("up", &cg.rel, "", EXTENDING),
+    )
+    .unwrap();
+    // The raise as journaled before its writes; the hold is long over.
+    let rec = serde_json::json!({"op": "put", "loan": {
+        "cgroup": cg.rel, "policy": "up", "episode": 1,
+        "original": {"memory": 32 * MIB, "memsw": 32 * MIB},
+        "lent": {"memory": 48 * MIB, "memsw": 48 * MIB},
+        "started_unix_ms": 1, "hold_until_unix_ms": 2,
+        "restore_below_bytes": 29 * MIB, "restore_after_ms": 300, "resume_step": 1}});
+    std::fs::write(tmp.path().join("state/loans.log"), format!("{rec}\n")).unwrap();
+    let agent = Agent::start_in(tmp, &[]);
+    let restore = agent.expect("restore", &cg.rel, Duration::from_secs(10));
+    assert_eq!(restore["reason"], "startup");
+    assert_eq!(cg.limit(), 32 * MIB);
+    assert_eq!(read(&sw).trim(), (32 * MIB).to_string());
+    no_given_up(&agent, &cg.rel);
+}
+
+/// 7.6: a journal that cannot be read does not keep the agent from starting: it is
+/// moved aside, the audit log and `oomwake status` say so, and stalls are rescued.
+#[test]
+fn a_garbage_journal_is_moved_aside_and_the_agent_still_rescues() {
+    let Some(()) = require_v1("a_garbage_journal_is_moved_aside_and_the_agent_still_rescues")
+    else {
+        return;
+    };
+    let mut s = Scratch::new("garbage");
+    let cg = s.cgroup("", Some(32 * MIB), true);
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tmp.path().join("policies")).unwrap();
+    let state = tmp.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(state.join("loans.json"), "{not json at all").unwrap();
+    std::fs::write(state.join("loans.log"), b"\x00\x01garbage\n{\"op\":\n").unwrap();
+    std::fs::write(
+        tmp.path().join("policies/p.toml"),
+        policy("g", &cg.rel, "", EXTENDING),
+    )
+    .unwrap();
+    let agent = Agent::start_in(tmp, &[]);
+    let corrupt = agent
+        .wait_for(Duration::from_secs(10), |v| v["event"] == "journal_corrupt")
+        .unwrap_or_else(|| panic!("no journal_corrupt line; log:\n{}", agent.log()));
+    assert!(corrupt["moved_to"].as_str().unwrap().contains(".corrupt-"));
+    agent.expect("watch", &cg.rel, Duration::from_secs(10));
+    let hog = s.hog(&cg, &["--touch", "40M", "--hold", "30s"]);
+    assert!(
+        hog.report(Duration::from_secs(15)).is_some(),
+        "log:\n{}",
+        agent.log()
+    );
+    agent.expect("resolved", &cg.rel, Duration::from_secs(5));
+    let names: Vec<String> = std::fs::read_dir(&state)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    for f in ["loans.json.corrupt-", "loans.log.corrupt-"] {
+        assert!(names.iter().any(|n| n.starts_with(f)), "{f} in {names:?}");
+    }
+    let status = || {
+        Command::new(oomwake_bin())
+            .arg("status")
+            .arg("--state-dir")
+            .arg(&state)
+            .output()
+            .unwrap()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || status().status.code()
+            == Some(4)),
+        "{:?}",
+        status()
+    );
+    assert!(String::from_utf8_lossy(&status().stdout).contains("JOURNAL DAMAGED"));
+}
+
+/// 7.7: a dry run that finds journaled loans writes nothing: not at start, not in the
+/// keeper, not at shutdown; it says what it would give back.
+#[test]
+fn a_dry_run_keeps_journaled_loans_and_writes_nothing() {
+    let Some(()) = require_v1("a_dry_run_keeps_journaled_loans_and_writes_nothing") else {
+        return;
+    };
+    let mut s = Scratch::new("dryloan");
+    let cg = s.cgroup("", Some(32 * MIB), true);
+    let agent = Agent::start(&[("p.toml", &policy("d", &cg.rel, "", EXTENDING))], &[]);
+    agent.expect("watch", &cg.rel, Duration::from_secs(10));
+    let hog = s.hog(&cg, &["--touch", "36M", "--hold", "60s"]);
+    assert!(
+        hog.report(Duration::from_secs(15)).is_some(),
+        "log:\n{}",
+        agent.log()
+    );
+    agent.expect("resolved", &cg.rel, Duration::from_secs(5));
+    let dir = agent.crash();
+    let lent = cg.limit();
+    assert!(lent > 32 * MIB);
+    // The workload shrinks: an enforcing agent would give the loan back within a second.
+    s.kill_hog(hog.pid);
+    let journal = journal_text(dir.path());
+    let mut agent = Agent::start_in(dir, &["--dry-run"]);
+    let would = agent.expect("restore", &cg.rel, Duration::from_secs(10));
+    assert_eq!(would["outcome"], "would");
+    assert_eq!(would["new_limit"], 32 * MIB);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(cg.limit(), lent, "log:\n{}", agent.log());
+    assert!(agent.stop().is_some_and(|st| st.success()));
+    assert_eq!(cg.limit(), lent);
+    assert_eq!(agent.journal(), journal, "the dry run wrote the journal");
+}
+
+/// 7.5: at hold expiry a workload that would fit under the original limit only just
+/// (usage above `restore_below`) is not squeezed back to the wall: the episode resumes
+/// at the step after raise_limit, and the limit comes back once usage is below the
+/// margin.
+#[test]
+fn hold_expiry_below_the_limit_but_above_the_margin_resumes_instead_of_restoring() {
+    let Some(()) =
+        require_v1("hold_expiry_below_the_limit_but_above_the_margin_resumes_instead_of_restoring")
+    else {
+        return;
+    };
+    let mut s = Scratch::new("margin");
+    let cg = s.cgroup("", Some(32 * MIB), true);
+    let steps = r#"
+[[step]]
+action = "raise_limit"
+by = "50%"
+max_extra = "50%"
+hold = "3s"
+restore_below = "80%"
+
+[[step]]
+action = "kill"
+victim = "largest_rss"
+"#;
+    let agent = Agent::start(&[("p.toml", &policy("margin", &cg.rel, "", steps))], &[]);
+    agent.expect("watch", &cg.rel, Duration::from_secs(10));
+    // 27 MiB that stay, and 10 MiB that push it over the wall and are then freed.
+    let big = s.hog(&cg, &["--touch", "27M", "--hold", "60s"]);
+    assert!(big.report(Duration::from_secs(10)).is_some());
+    let burst = s.hog(
+        &cg,
+        &["--touch", "10M", "--hold", "200ms", "--free-after", "60s"],
+    );
+    assert!(
+        burst.report(Duration::from_secs(15)).is_some(),
+        "log:\n{}",
+        agent.log()
+    );
+    agent.expect("resolved", &cg.rel, Duration::from_secs(5));
+    assert!(
+        wait_until(Duration::from_secs(5), || cg.usage() < 31 * MIB),
+        "usage {}",
+        cg.usage()
+    );
+    let usage = cg.usage();
+    assert!(
+        usage > 26 * MIB,
+        "usage {usage}: the test needs it above the margin"
+    );
+    let resumed = agent
+        .wait_for(Duration::from_secs(15), |v| {
+            v["event"] == "oom" && v["resumed"] == true
+        })
+        .unwrap_or_else(|| panic!("no resumed episode; audit:\n{:?}", agent.audit()));
+    assert_eq!(resumed["start_step"], 1);
+    let restore = agent.expect("restore", &cg.rel, Duration::from_secs(15));
+    assert_eq!(restore["new_limit"], 32 * MIB);
+    let kill = agent
+        .events("action", &cg.rel)
+        .into_iter()
+        .find(|a| a["action"] == "kill")
+        .expect("kill action");
+    assert_eq!(kill["pid"], big.pid);
+    assert!(
+        restore["ts"].as_str() > kill["ts"].as_str(),
+        "restored before the workload fit: {restore} / {kill}"
+    );
+    assert_eq!(cg.limit(), 32 * MIB);
+}
+
+/// 6.7 and 7.16: a reload renames the policy that lent and puts a step before its
+/// raise_limit. At hold expiry the loan still acts: the episode resumes with the policy
+/// that matches the cgroup now, at the step after its raise_limit.
+#[test]
+fn a_loan_whose_policy_was_renamed_still_resumes_at_hold_expiry() {
+    let Some(()) = require_v1("a_loan_whose_policy_was_renamed_still_resumes_at_hold_expiry")
+    else {
+        return;
+    };
+    let mut s = Scratch::new("renamed");
+    let cg = s.cgroup("", Some(32 * MIB), true);
+    let raise_kill = r#"
+[[step]]
+action = "raise_limit"
+by = "50%"
+max_extra = "50%"
+hold = "4s"
+
+[[step]]
+action = "kill"
+victim = "largest_rss"
+"#;
+    let agent = Agent::start(
+        &[("a.toml", &policy("first", &cg.rel, "", raise_kill))],
+        &[],
+    );
+    agent.expect("watch", &cg.rel, Duration::from_secs(10));
+    let hog = s.hog(&cg, &["--touch", "40M", "--hold", "60s"]);
+    assert!(
+        hog.report(Duration::from_secs(15)).is_some(),
+        "log:\n{}",
+        agent.log()
+    );
+    agent.expect("resolved", &cg.rel, Duration::from_secs(5));
+    let pdir = agent.tmp.path().join("policies");
+    std::fs::remove_file(pdir.join("a.toml")).unwrap();
+    let renamed = format!("[[step]]\naction = \"reclaim\"\n{raise_kill}");
+    std::fs::write(pdir.join("b.toml"), policy("second", &cg.rel, "", &renamed)).unwrap();
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(5), || agent.log().contains("reloaded")),
+        "log:\n{}",
+        agent.log()
+    );
+    let resumed = agent
+        .wait_for(Duration::from_secs(15), |v| {
+            v["event"] == "oom" && v["resumed"] == true
+        })
+        .unwrap_or_else(|| panic!("no resumed episode; log:\n{}", agent.log()));
+    assert_eq!(resumed["policy"], "second");
+    assert_eq!(resumed["start_step"], 2);
+    let restore = agent.expect("restore", &cg.rel, Duration::from_secs(15));
+    assert_eq!(restore["new_limit"], 32 * MIB);
+    assert_eq!(s.exit_signal(hog.pid), Some(libc::SIGKILL));
+    assert!(Path::new(&cg.dir).exists());
+}
+
+/// 6.6 (compute side) and 7.3, on the kernel itself: a raise computed far past the
+/// kernel's maximum is clamped, recorded as the kernel read it back, and given back.
+#[test]
+fn an_absurd_raise_on_a_real_cgroup_is_clamped_and_given_back() {
+    use oomwake::cgroup::{v1::V1, CgroupPath, Hierarchy};
+    use oomwake::loan::{Lend, LoanBook, Restore};
+    use oomwake::policy::{Amount, Ceiling, Raise};
+    let Some(()) = require_v1("an_absurd_raise_on_a_real_cgroup_is_clamped_and_given_back") else {
+        return;
+    };
+    let s = Scratch::new("absurd");
+    let cg = s.cgroup("", Some(32 * MIB), true);
+    let h = Hierarchy::detect(Path::new(MEMROOT), Path::new("/proc")).unwrap();
+    let ctl = V1::new(h);
+    let path = CgroupPath::new(&cg.rel);
+    let book = LoanBook::new(None);
+    let r = Raise {
+        by: Amount::Percent(1e28),
+        ceiling: Ceiling::MaxExtra(Amount::Percent(1e28)),
+        hold: Duration::from_secs(60),
+        restore_below: 0.9,
+        restore_after: Duration::ZERO,
+    };
+    let lent = book.lend(&ctl, &path, "p", &r, 1, 1, false).unwrap();
+    let Lend::Raised { new, .. } = lent else {
+        panic!("{lent:?}");
+    };
+    assert_eq!(new, cg.limit(), "recorded as the kernel holds it");
+    assert_eq!(
+        book.restore(&ctl, &path).unwrap(),
+        Restore::Restored {
+            old: new,
+            new: 32 * MIB
+        }
+    );
+    assert_eq!(cg.limit(), 32 * MIB);
+}
