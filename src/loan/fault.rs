@@ -67,7 +67,8 @@ pub fn point(name: &str) {
     }
     match f.act {
         Act::Abort => {
-            log::error!("TEST-ONLY fault injection: aborting at {name}");
+            // Straight to stderr: the log goes through a queue that an abort never drains.
+            eprintln!("TEST-ONLY fault injection: aborting at {name}");
             std::process::abort()
         }
         Act::Pause(d) => {
