@@ -226,7 +226,13 @@ impl Journal {
                 .push(self.move_aside(&self.snapshot, e.to_string(), 1)),
         }
         for path in [&self.rotated, &self.log_path] {
-            match read_opt(path) {
+            // Lossy: bytes that are not UTF-8 spoil their line, not the whole file.
+            let text = match std::fs::read(path) {
+                Ok(b) => Ok(Some(String::from_utf8_lossy(&b).into_owned())),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(io_err(path)(e)),
+            };
+            match text {
                 Ok(None) => {}
                 Ok(Some(text)) => {
                     let (ops, bad) = parse_log(&text);
@@ -584,7 +590,10 @@ mod tests {
         j.put(&rec("/a")).unwrap();
         let log = t.path().join("loans.log");
         let good = std::fs::read_to_string(&log).unwrap();
-        std::fs::write(&log, format!("garbage\n{good}\u{0}\u{1}junk\n")).unwrap();
+        let mut bytes = b"\xff\xfe not utf-8\n".to_vec();
+        bytes.extend_from_slice(good.as_bytes());
+        bytes.extend_from_slice(b"\x00\x01junk\n");
+        std::fs::write(&log, bytes).unwrap();
         std::fs::write(t.path().join("loans.json"), "{not json").unwrap();
         assert!(j.load().is_err());
         let r = j.recover().unwrap();

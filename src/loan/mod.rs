@@ -356,6 +356,19 @@ impl LoanBook {
         Ok(())
     }
 
+    /// Records what the kernel now holds after a write: the book always follows (it
+    /// must not keep a change in flight that is over), the journal as far as it can
+    /// (its older record names the same values as the agent's own).
+    fn note(&self, rec: &LoanRecord) {
+        let cg = rec.cgroup.clone();
+        if let Err(e) = self.store(rec, Duration::ZERO) {
+            log::warn!("{cg}: {e}");
+            if let Some(l) = self.lock().get_mut(&cg) {
+                l.rec = rec.clone();
+            }
+        }
+    }
+
     /// Ends the loan of `cg` in the book and the journal.
     fn end(&self, cg: &CgroupPath) {
         let mut loans = self.lock();
@@ -583,17 +596,14 @@ impl LoanBook {
                     memsw: to.memsw.map(|v| self.stored(v)),
                 });
                 rec.change = None;
-                if let Err(e) = self.store(&rec, hold) {
-                    // The change record stays: its `to` names what the kernel holds.
-                    log::warn!("{cg}: {e}");
-                }
+                self.note(&rec);
                 Ok(Lend::Raised {
                     old: cur.memory,
                     new: rec.lent.memory,
                 })
             }
             Err(e) => {
-                self.settle_failed_raise(ctl, rec, existing.map(|(r, _)| r), cur, after, hold);
+                self.settle_failed_raise(ctl, rec, existing.map(|(r, _)| r), cur, after);
                 Err(e.into())
             }
         }
@@ -608,7 +618,6 @@ impl LoanBook {
         previous: Option<LoanRecord>,
         from: Limits,
         after: Option<Limits>,
-        hold: Duration,
     ) {
         let cg = rec.cgroup.clone();
         let mut now = after;
@@ -625,13 +634,13 @@ impl LoanBook {
             (Some(n), Some(mut p)) if n == from => {
                 p.change = None;
                 p.lent = n;
-                let _ = self.store(&p, hold).map_err(|e| log::warn!("{cg}: {e}"));
+                self.note(&p);
             }
             (Some(n), None) if n == from => self.end(&cg),
             (Some(n), _) => {
                 rec.lent = n;
                 rec.change = None;
-                let _ = self.store(&rec, hold).map_err(|e| log::warn!("{cg}: {e}"));
+                self.note(&rec);
             }
         }
     }
@@ -711,7 +720,7 @@ impl LoanBook {
                 }
                 Err(e) => {
                     work.change = None;
-                    self.store(&work, hold)?;
+                    self.note(&work);
                     return if e.is_busy() {
                         Ok(Restore::DoesNotFit)
                     } else {
@@ -737,7 +746,7 @@ impl LoanBook {
                 to: target,
                 step: ChangeStep::MemoryDone,
             });
-            self.store(&work, hold)?;
+            self.note(&work);
             match ctl.set_limits(cg, mid, target) {
                 Ok(()) => {}
                 Err(e) if e.is_gone() => {
@@ -781,7 +790,7 @@ impl LoanBook {
     pub fn reconcile(&self, ctl: &dyn Controller, cg: &CgroupPath) -> bool {
         let _gate = self.gate(cg);
         let _held = lock(&_gate.gate);
-        let Some((rec, hold)) = self.lock().get(cg).map(|l| (l.rec.clone(), l.hold)) else {
+        let Some(rec) = self.lock().get(cg).map(|l| l.rec.clone()) else {
             return false;
         };
         if self.read_only {
@@ -819,9 +828,7 @@ impl LoanBook {
             let mut r = rec;
             r.change = None;
             r.lent = cur;
-            if let Err(e) = self.store(&r, hold) {
-                log::warn!("{cg}: {e}");
-            }
+            self.note(&r);
         }
         true
     }
