@@ -33,7 +33,8 @@
 //! A loan is given back when usage has stayed below `restore_below` of the original
 //! limit for `restore_after`, or at `hold` expiry, and in both cases only while usage is
 //! below `restore_below` (default 90 %) of the original: lowering the limit onto a
-//! workload that just fills it would evict it down to the wall again. At hold expiry a
+//! workload that just fills it would evict it down to the wall again. Usage here is the
+//! working set ([`working_set`]: usage less inactive file cache). At hold expiry a
 //! workload that does not fit makes the keeper resume its episode at the step after
 //! `raise_limit` in the policy that matches the cgroup now.
 //!
@@ -213,6 +214,25 @@ pub fn resume_step(policy: &Policy, journaled: usize) -> Option<usize> {
             .unwrap_or(0)
     };
     (step < policy.steps.len()).then_some(step)
+}
+
+/// What a loan's margin is measured on: usage less the inactive file cache, which the
+/// kernel reclaims first and cheaply (the "working set" of cAdvisor and the kubelet).
+/// Cold cache must not keep a loan out, nor get a workload killed at hold expiry; a
+/// workload whose own pages fill the old limit must. `Ok(None)`: the cgroup is gone.
+pub fn working_set(ctl: &dyn Controller, cg: &CgroupPath) -> Result<Option<u64>, CgroupError> {
+    let Some(usage) = ctl.usage(cg)? else {
+        return Ok(None);
+    };
+    let inactive = match ctl.stat(cg) {
+        Ok(Some(st)) => st
+            .get("total_inactive_file")
+            .or_else(|| st.get("inactive_file"))
+            .copied()
+            .unwrap_or(0),
+        _ => 0,
+    };
+    Ok(Some(usage.saturating_sub(inactive)))
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -689,7 +709,7 @@ impl LoanBook {
         };
         let memory_back = cur.memory == self.stored(target.memory);
         if !memory_back {
-            match ctl.usage(cg)? {
+            match working_set(ctl, cg)? {
                 None => {
                     self.give_up(&rec, None, "cgroup gone");
                     return Ok(Restore::Gone);
@@ -895,7 +915,7 @@ impl LoanBook {
                 Due::Finish(r) => r,
                 Due::Expired => "hold_expired",
                 Due::Early(below, after) => {
-                    let usage = match ctl.usage(&cg) {
+                    let usage = match working_set(ctl, &cg) {
                         Ok(Some(u)) => Some(u),
                         // Gone or unreadable: let restore tell which.
                         _ => None,

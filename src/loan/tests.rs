@@ -627,3 +627,23 @@ fn resume_step_follows_the_current_policy() {
     // A journaled step past the end.
     assert_eq!(resume_step(&same, 9), Some(1));
 }
+
+/// The margin is measured on the working set: inactive file cache (reclaimed first and
+/// cheaply) does not keep a loan out.
+#[test]
+fn inactive_file_cache_does_not_count_against_the_margin() {
+    let d = Double::new(4096);
+    let cg = d.cgroup("app", 64 * MIB, None, 61 * MIB);
+    let book = LoanBook::new(None);
+    lend(&book, &d, &cg, raise(Duration::ZERO), 1);
+    std::fs::write(
+        d.root.join("app/memory.stat"),
+        format!("cache {}\ntotal_inactive_file {}\n", 30 * MIB, 20 * MIB),
+    )
+    .unwrap();
+    assert_eq!(working_set(&d, &cg).unwrap(), Some(41 * MIB));
+    assert!(matches!(
+        book.restore(&d, &cg).unwrap(),
+        Restore::Restored { new, .. } if new == 64 * MIB
+    ));
+}
