@@ -6,6 +6,7 @@
 
 mod cli;
 mod common;
+mod core_inside;
 mod core_paths;
 mod core_stderr;
 mod episodes;

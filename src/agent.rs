@@ -138,12 +138,33 @@ pub fn run(
     res
 }
 
+/// Free heap kept resident for the episode path (records, reports, /proc reads).
+const HEAP_RESERVE: usize = 8 << 20;
+
 /// The agent must not be stalled or killed itself: lock memory, shield from the kernel
 /// OOM killer (best effort; both need privileges); and it needs a descriptor per cgroup.
 fn protect_self(cfg: &Config) {
     if cfg.mlock {
-        if let Err(e) = crate::sys::mlockall() {
-            log::warn!("mlockall failed ({e}); the agent may be slowed by reclaim");
+        // Everything a rescue needs must be resident before the first stall: the agent
+        // may share the stuck cgroup, where a new page would park it in the same wait.
+        // The worker pool's minimum, the keeper and the writer threads exist already
+        // (their stacks get locked whole); the heap gets a reserve that malloc keeps
+        // (see sys::tune_malloc); the main thread's stack a reserve for the loop.
+        crate::sys::reserve_stack();
+        crate::sys::reserve_heap(HEAP_RESERVE);
+        match crate::sys::mlockall() {
+            Ok(()) => {
+                if let Some((rss, locked)) = crate::sys::memory_footprint(&cfg.proc_root) {
+                    log::info!(
+                        "memory locked: {} KiB resident, {} KiB locked",
+                        rss >> 10,
+                        locked >> 10
+                    );
+                }
+            }
+            Err(e) => log::warn!(
+                "mlockall failed ({e}); the agent may be slowed by reclaim, and stalled if it shares a stuck cgroup"
+            ),
         }
     }
     // One eventfd per watched cgroup: a host with thousands of cgroups needs more than

@@ -79,6 +79,8 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    // Before any thread exists: one malloc heap that the agent can reserve and lock.
+    oomwake::sys::tune_malloc();
     // Log records go through the audit module's stderr queue (never blocking), so they
     // are written out before the process exits.
     oomwake::audit::init_logger();

@@ -104,15 +104,70 @@ fn map_esrch(err: io::Error) -> io::Error {
     }
 }
 
-/// Locks the agent's pages in memory so that it is never itself stalled by reclaim
-/// while rescuing others (lmkd and earlyoom do the same).
+/// Locks every page of the agent in memory, now and in the future, populated (no
+/// `MCL_ONFAULT`): a page the agent touches for the first time during a rescue must not
+/// fault and charge its memory cgroup, which may be the very cgroup that is stuck (a
+/// sidecar sharing a pod's limit). Mappings created later are populated when created.
 pub fn mlockall() -> io::Result<()> {
     // SAFETY: mlockall takes flags by value and touches no user memory.
-    let ret = unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) };
+    let ret = unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) };
     if ret < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Makes malloc serve every thread from one heap that never shrinks and never maps
+/// large blocks on its own: call first thing in `main`, before any thread exists.
+/// Together with [`reserve_heap`] and [`mlockall`], an allocation during a rescue reuses
+/// locked, resident memory instead of faulting in new pages (a per-thread arena would
+/// grow by fresh mappings, a large block would be a fresh mmap, a trim would give back
+/// what the next episode needs again).
+pub fn tune_malloc() {
+    for (param, value) in [
+        (libc::M_ARENA_MAX, 1),
+        // Blocks up to 64 MiB come from the heap (the reserve), not from a new mmap.
+        (libc::M_MMAP_THRESHOLD, 64 << 20),
+        // Never give heap memory back: it is locked and will be needed again.
+        (libc::M_TRIM_THRESHOLD, i32::MAX),
+    ] {
+        // SAFETY: mallopt takes two ints by value; glibc returns 0 for a parameter it
+        // does not take, and nothing else changes.
+        let _ = unsafe { libc::mallopt(param, value) };
+    }
+}
+
+/// Grows the malloc heap by `bytes` and frees it again: with [`tune_malloc`] the memory
+/// stays in the heap as free space, and [`mlockall`] then makes it resident.
+pub fn reserve_heap(bytes: usize) {
+    // Freed at once: the block stays in the heap as free space (no trim).
+    let v = vec![0u8; bytes];
+    std::hint::black_box(&v);
+}
+
+/// Grows the calling thread's stack by 256 KiB now (the main thread's stack grows on
+/// demand; a deeper call during a rescue would fault in a new page).
+#[inline(never)]
+pub fn reserve_stack() {
+    let buf = [0u8; 256 * 1024];
+    std::hint::black_box(&buf);
+}
+
+/// Resident and locked memory of this process, in bytes (`VmRSS`, `VmLck` of
+/// `/proc/self/status`).
+pub fn memory_footprint(proc_root: &Path) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(proc_root.join("self/status")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = text.lines().find(|l| l.starts_with(name))?;
+        let kb: u64 = line[name.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kb * 1024)
+    };
+    Some((field("VmRSS:")?, field("VmLck:")?))
 }
 
 /// The `f_type` magic of the filesystem holding `path` (statfs(2)).

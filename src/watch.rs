@@ -354,6 +354,8 @@ impl Watcher {
         } else {
             None
         };
+        // Keep open what an episode here needs: no kernel allocation on the OOM path.
+        self.shared.env.ctl.prepare(cg);
         self.tokens.insert(token, cg.clone());
         self.shared
             .audit
@@ -388,6 +390,7 @@ impl Watcher {
             .filter(|c| c.is_within(top))
             .cloned()
             .collect();
+        self.shared.env.ctl.forget(top);
         for cg in gone {
             self.unwatch(&cg, reason);
             self.candidates.remove(&cg);

@@ -317,6 +317,8 @@ pub struct Hierarchy {
     kind: Kind,
     /// Where `root` sits in the hierarchy as /proc/PID/cgroup names it.
     prefix: CgroupPath,
+    /// A real cgroup filesystem (from [`Hierarchy::detect`]), not a TempDir fake.
+    live: bool,
 }
 
 impl Hierarchy {
@@ -346,7 +348,12 @@ impl Hierarchy {
                 source,
             })?;
         let prefix = hierarchy_prefix(&mountinfo, &root).unwrap_or_else(CgroupPath::root);
-        Ok(Hierarchy { root, kind, prefix })
+        Ok(Hierarchy {
+            root,
+            kind,
+            prefix,
+            live: true,
+        })
     }
 
     /// A hierarchy on any directory, of a stated kind: for unit tests on a TempDir.
@@ -355,6 +362,7 @@ impl Hierarchy {
             root: root.to_path_buf(),
             kind,
             prefix: CgroupPath::root(),
+            live: false,
         }
     }
 
@@ -364,6 +372,12 @@ impl Hierarchy {
 
     pub fn kind(&self) -> Kind {
         self.kind
+    }
+
+    /// A real cgroup filesystem, where control files can be kept open and written at
+    /// any offset (a TempDir fake holds plain files).
+    pub fn is_live(&self) -> bool {
+        self.live
     }
 
     /// The directory of a cgroup.
@@ -511,6 +525,11 @@ pub trait Controller: Send + Sync {
     fn procs(&self, cg: &CgroupPath) -> Result<Option<Vec<i32>>>;
     /// `memory.stat` as key -> value.
     fn stat(&self, cg: &CgroupPath) -> Result<Option<std::collections::BTreeMap<String, u64>>>;
+    /// Opens ahead of time what an episode on `cg` reads and writes, so that a rescue
+    /// needs no new kernel memory (the agent may share the stuck cgroup). Best effort.
+    fn prepare(&self, _cg: &CgroupPath) {}
+    /// Closes what [`Controller::prepare`] kept open for `cg` and below.
+    fn forget(&self, _cg: &CgroupPath) {}
     /// An eventfd that becomes readable when the cgroup enters OOM (or is removed).
     fn register_oom(&self, cg: &CgroupPath) -> Result<EventFd>;
     /// A handle that re-reads the OOM state with one pread(2): for the safety sweep,
@@ -756,6 +775,7 @@ mod tests {
             root: PathBuf::from("/x"),
             kind: Kind::V1,
             prefix: CgroupPath::new("/pa/b"),
+            live: false,
         };
         let cg = CgroupPath::new("/c");
         assert_eq!(h.proc_path(&cg).as_str(), "/pa/b/c");

@@ -2,21 +2,89 @@
 //! `memory.memsw.limit_in_bytes` (memory must stay <= memsw: raise memsw first, lower
 //! memory first), `memory.force_empty`, and OOM eventfds via `cgroup.event_control`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
-use super::{parse, read_file, write_file, CgroupError, CgroupPath, Controller, Hierarchy};
+use super::{
+    io_is_gone, parse, read_file, write_file, CgroupError, CgroupPath, Controller, Hierarchy,
+};
 use super::{Limits, OomControl, OomProbe, Result};
 
 pub struct V1 {
     h: Hierarchy,
+    /// Control files of watched cgroups, kept open (live hierarchies only): opening a
+    /// file allocates kernel memory charged to the agent's own cgroup, which fails with
+    /// ENOMEM when the agent shares the stuck cgroup. Opened, and read once (the kernel
+    /// keeps the read buffer with the open file), by [`Controller::prepare`].
+    open: Mutex<HashMap<PathBuf, Arc<File>>>,
 }
+
+/// The files an episode reads or writes; the writable ones are opened read-write.
+const PREPARED: [(&str, bool); 5] = [
+    ("memory.oom_control", true),
+    ("memory.limit_in_bytes", true),
+    ("memory.memsw.limit_in_bytes", true),
+    ("memory.usage_in_bytes", false),
+    ("memory.force_empty", true),
+];
 
 impl V1 {
     pub fn new(h: Hierarchy) -> V1 {
-        V1 { h }
+        V1 {
+            h,
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn cached(&self, path: &Path) -> Option<Arc<File>> {
+        if !self.h.is_live() {
+            return None;
+        }
+        let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.get(path).cloned()
+    }
+
+    fn evict(&self, path: &Path) {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.remove(path);
+    }
+
+    /// Reads a control file through its kept-open descriptor if there is one.
+    fn read_text(&self, path: &Path) -> Result<Option<String>> {
+        let Some(f) = self.cached(path) else {
+            return read_file(path);
+        };
+        let mut buf = [0u8; 512];
+        let mut out = Vec::new();
+        loop {
+            match f.read_at(&mut buf, out.len() as u64) {
+                Ok(0) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if io_is_gone(&e) => {
+                    self.evict(path);
+                    return Ok(None);
+                }
+                Err(source) => {
+                    return Err(CgroupError::Read {
+                        path: path.to_path_buf(),
+                        source,
+                    })
+                }
+            }
+        }
+        String::from_utf8(out)
+            .map(Some)
+            .map_err(|e| CgroupError::Read {
+                path: path.to_path_buf(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+            })
     }
 
     fn read_parsed<T>(
@@ -27,7 +95,7 @@ impl V1 {
         parse: impl Fn(&str) -> Option<T>,
     ) -> Result<Option<T>> {
         let path = self.h.dir(cg).join(file);
-        let Some(s) = read_file(&path)? else {
+        let Some(s) = self.read_text(&path)? else {
             return Ok(None);
         };
         parse(&s).map(Some).ok_or(CgroupError::Parse {
@@ -38,7 +106,24 @@ impl V1 {
     }
 
     fn write(&self, cg: &CgroupPath, file: &str, value: &str) -> Result<()> {
-        write_file(&self.h.dir(cg).join(file), value)
+        let path = self.h.dir(cg).join(file);
+        let Some(f) = self.cached(&path) else {
+            return write_file(&path, value);
+        };
+        // One write(2); cgroupfs takes the whole value whatever the offset.
+        match f.write_at(value.as_bytes(), 0) {
+            Ok(_) => Ok(()),
+            Err(source) => {
+                if io_is_gone(&source) {
+                    self.evict(&path);
+                }
+                Err(CgroupError::Write {
+                    path,
+                    value: value.to_string(),
+                    source,
+                })
+            }
+        }
     }
 }
 
@@ -104,6 +189,40 @@ impl Controller for V1 {
 
     fn stat(&self, cg: &CgroupPath) -> Result<Option<BTreeMap<String, u64>>> {
         self.read_parsed(cg, "memory.stat", "memory.stat", parse::flat_keyed)
+    }
+
+    fn prepare(&self, cg: &CgroupPath) {
+        if !self.h.is_live() {
+            return;
+        }
+        let dir = self.h.dir(cg);
+        for (name, writable) in PREPARED {
+            let path = dir.join(name);
+            if self.cached(&path).is_some() {
+                continue;
+            }
+            let Ok(f) = std::fs::OpenOptions::new()
+                .read(true)
+                .write(writable)
+                .open(&path)
+            else {
+                // Absent (memsw without swap accounting) or gone: opened on use.
+                continue;
+            };
+            // The first read allocates the kernel's buffer for this open file.
+            let mut buf = [0u8; 512];
+            if name != "memory.force_empty" {
+                let _ = f.read_at(&mut buf, 0);
+            }
+            let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+            open.insert(path, Arc::new(f));
+        }
+    }
+
+    fn forget(&self, cg: &CgroupPath) {
+        let dir = self.h.dir(cg);
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.retain(|p, _| !p.starts_with(&dir));
     }
 
     fn oom_probe(&self, cg: &CgroupPath) -> Result<Option<OomProbe>> {
