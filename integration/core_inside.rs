@@ -35,20 +35,18 @@ fn agent_inside_the_stuck_cgroup_is_not_parked_and_stops_on_sigterm() {
         policy("inside", &cg.rel, "", RAISE),
     )
     .unwrap();
-    let log = std::fs::File::create(tmp.path().join("agent.log")).unwrap();
     // The shell joins the cgroup, then becomes the agent: every page the agent ever
     // faults in is charged to the cgroup it watches.
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
-        .arg("echo $$ > \"$1/cgroup.procs\" && exec \"$2\" run --config \"$3/oomwake.toml\" --cgroup-root \"$4\" --policies \"$3/policies\" --state-dir \"$3/state\" --audit-log \"$3/audit.jsonl\"")
+        .arg("echo $$ > \"$1/cgroup.procs\" && exec \"$2\" run --config \"$3/oomwake.toml\" --cgroup-root \"$4\" --policies \"$3/policies\" --state-dir \"$3/state\" --audit-log \"$3/audit.jsonl\" 2>\"$3/agent.log\"")
         .arg("sh")
         .arg(&cg.dir)
         .arg(oomwake_bin())
         .arg(tmp.path())
         .arg(MEMROOT)
         .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log);
+        .stdout(Stdio::null());
     let (agent_pid, _out) = s.spawn(cmd);
     let audit = tmp.path().join("audit.jsonl");
     let logged = |event: &str| {
@@ -69,8 +67,13 @@ fn agent_inside_the_stuck_cgroup_is_not_parked_and_stops_on_sigterm() {
     let agent_usage = cg.usage();
 
     // The hog fills what is left: the cgroup, agent included, is at its wall.
-    let hog = s.hog(&cg, &["--touch", "160M", "--hold", "30s"]);
-    cg.wait_stuck(hog.pid);
+    let _hog = s.hog(&cg, &["--touch", "160M", "--hold", "30s"]);
+    // The cgroup reaches its wall (the agent may resolve it at once, when the kernel
+    // lets its journal append through).
+    let walled = wait_until(Duration::from_secs(20), || {
+        cg.under_oom() || cg.limit() > 128 * MIB
+    });
+    assert!(walled, "the hog never reached the wall");
     // The agent runs its episode in the stuck cgroup (it reads, formats and logs) and
     // its loop keeps sweeping: none of its threads may fault into the OOM wait.
     let parked = wait_until(Duration::from_secs(5), || any_thread_in_oom_wait(agent_pid));
@@ -92,7 +95,11 @@ fn agent_inside_the_stuck_cgroup_is_not_parked_and_stops_on_sigterm() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let agent_log = read(&tmp.path().join("agent.log"));
-    assert!(gone, "the agent did not stop on SIGTERM; log:\n{agent_log}");
+    assert!(
+        gone,
+        "the agent did not stop on SIGTERM; threads: {}; log:\n{agent_log}",
+        threads(agent_pid)
+    );
     let locked = agent_log
         .lines()
         .find(|l| l.contains("memory locked:"))
@@ -101,4 +108,22 @@ fn agent_inside_the_stuck_cgroup_is_not_parked_and_stops_on_sigterm() {
         "agent inside the cgroup: {locked}; cgroup usage with the agent alone {} KiB",
         agent_usage >> 10
     );
+}
+
+/// Each thread of `pid` with its wait channel, for failure messages.
+fn threads(pid: i32) -> String {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|t| {
+                    format!(
+                        "{}:{}",
+                        read(&t.path().join("comm")).trim(),
+                        read(&t.path().join("wchan"))
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default()
 }
