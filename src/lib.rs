@@ -15,6 +15,7 @@ pub mod hog;
 pub mod journal;
 pub mod loan;
 pub mod metrics;
+pub mod perm;
 pub mod policy;
 pub mod shared;
 pub mod sys;

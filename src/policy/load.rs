@@ -13,6 +13,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::glob::Glob;
+use crate::perm::{Owners, PermError};
 use super::units::{Amount, Dur, Percent, Size};
 use super::{
     Action, Ceiling, Match, Mode, Policy, PolicySet, Raise, Step, VictimOrder, VictimSpec,
@@ -27,6 +28,12 @@ const DEFAULT_RESTORE_AFTER: Duration = Duration::from_secs(5);
 const DEFAULT_GRACE: Duration = Duration::from_secs(5);
 const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The longest `settle`, `grace` or exec `timeout` accepted: the cgroup stays stalled
+/// while an episode waits, so a wait of hours is a mistake, not a policy.
+pub const MAX_WAIT: Duration = Duration::from_secs(3600);
+/// Waits above this are accepted with a warning in `check`.
+pub const LONG_WAIT: Duration = Duration::from_secs(120);
+
 /// Why a policy (or the set) could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -37,11 +44,57 @@ pub enum LoadError {
         col: usize,
         msg: String,
     },
-    #[error("{path}: {source}")]
+    /// Not `source`: the message already carries it, and a chain printer (anyhow's
+    /// `{:#}`) would print it twice.
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
+    /// Not trusted (StrictModes): owner or mode let someone else change what runs as root.
+    #[error(transparent)]
+    Insecure(#[from] PermError),
+}
+
+impl LoadError {
+    /// An error at a byte offset of `text`: `FILE:LINE:COL: msg` (1-based; the column
+    /// in characters), or `FILE:1:1` without a position.
+    pub fn at(text: &str, file: &str, span: Option<Range<usize>>, msg: impl Into<String>) -> Self {
+        let (line, col) = span.map(|s| position(text, s.start)).unwrap_or((1, 1));
+        LoadError::Invalid {
+            file: file.to_string(),
+            line,
+            col,
+            msg: msg.into(),
+        }
+    }
+
+    /// A TOML parse or deserialization error, at its position.
+    pub fn toml(text: &str, file: &str, e: &toml::de::Error) -> Self {
+        LoadError::at(text, file, e.span(), e.message().trim())
+    }
+}
+
+/// Whether files must pass the StrictModes check of [`crate::perm`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trust {
+    /// Files and directories must be root's (or the caller's) and not writable by others.
+    Strict,
+    /// `--insecure-policies`: for development only.
+    Insecure,
+}
+
+const INSECURE_HINT: &str = ", or pass --insecure-policies for development";
+
+fn check_trust(path: &Path, what: &str, trust: Trust) -> Result<(), LoadError> {
+    match trust {
+        Trust::Strict => Ok(crate::perm::check(
+            path,
+            what,
+            Owners::current(INSECURE_HINT),
+        )?),
+        Trust::Insecure => Ok(()),
+    }
 }
 
 #[derive(Deserialize)]
@@ -148,7 +201,7 @@ pub fn parse_signal(s: &str) -> Result<i32, String> {
 #[serde(deny_unknown_fields)]
 struct RawStep {
     action: Spanned<ActionKind>,
-    settle: Option<Dur>,
+    settle: Option<Spanned<Dur>>,
     by: Option<Spanned<Amount>>,
     max_limit: Option<Spanned<Size>>,
     max_extra: Option<Spanned<Amount>>,
@@ -209,25 +262,86 @@ fn position(text: &str, offset: usize) -> (usize, usize) {
 struct Ctx<'a> {
     text: &'a str,
     file: &'a str,
+    /// `FILE:LINE:COL: warning: ...` for values that load but are likely mistakes.
+    warnings: std::cell::RefCell<Vec<String>>,
 }
 
 impl Ctx<'_> {
     fn err(&self, span: Option<Range<usize>>, msg: impl Into<String>) -> LoadError {
+        LoadError::at(self.text, self.file, span, msg)
+    }
+
+    fn warn(&self, span: Option<Range<usize>>, msg: impl std::fmt::Display) {
         let (line, col) = span.map(|s| position(self.text, s.start)).unwrap_or((1, 1));
-        LoadError::Invalid {
-            file: self.file.to_string(),
-            line,
-            col,
-            msg: msg.into(),
+        self.warnings
+            .borrow_mut()
+            .push(format!("{}:{line}:{col}: warning: {msg}", self.file));
+    }
+
+    /// A wait (`settle`, `grace`, `timeout`): at most [`MAX_WAIT`], a warning above
+    /// [`LONG_WAIT`]; zero is an error where `zero_ok` is false.
+    fn wait(
+        &self,
+        d: &Option<Spanned<Dur>>,
+        key: &str,
+        zero_ok: bool,
+    ) -> Result<Option<Duration>, LoadError> {
+        let Some(d) = d else { return Ok(None) };
+        let v = d.get_ref().0;
+        if v > MAX_WAIT {
+            return Err(self.err(
+                Some(d.span()),
+                format!(
+                    "`{key}` of {} is too long: the cgroup stays stalled meanwhile (at most {})",
+                    humantime::format_duration(v),
+                    humantime::format_duration(MAX_WAIT)
+                ),
+            ));
         }
+        if v.is_zero() && !zero_ok {
+            return Err(self.err(Some(d.span()), format!("`{key}` must be greater than zero")));
+        }
+        if v > LONG_WAIT {
+            self.warn(
+                Some(d.span()),
+                format!(
+                    "`{key}` of {}: the cgroup stays stalled that long before the next step",
+                    humantime::format_duration(v)
+                ),
+            );
+        }
+        Ok(Some(v))
     }
 }
+
+/// Signals that stop or continue a process instead of ending it: a stopped task keeps
+/// its memory, so the stall never ends.
+const STOPPING: [i32; 5] = [
+    libc::SIGSTOP,
+    libc::SIGTSTP,
+    libc::SIGTTIN,
+    libc::SIGTTOU,
+    libc::SIGCONT,
+];
+/// Signals whose default action is to do nothing: they end a process only if it
+/// handles them (which some workloads do, to shed memory).
+const IGNORED_BY_DEFAULT: [i32; 3] = [libc::SIGCHLD, libc::SIGURG, libc::SIGWINCH];
 
 /// Parses one policy from TOML text; `file` names it in errors. The name defaults to
 /// the file stem.
 pub fn load_str(text: &str, file: &str) -> Result<Policy, LoadError> {
-    let ctx = Ctx { text, file };
-    let raw: RawPolicy = toml::from_str(text).map_err(|e| ctx.err(e.span(), e.message().trim()))?;
+    load_one(text, file).map(|(p, _)| p)
+}
+
+/// [`load_str`], with the warnings (`FILE:LINE:COL: warning: ...`) for values that are
+/// accepted but likely mistakes.
+pub fn load_one(text: &str, file: &str) -> Result<(Policy, Vec<String>), LoadError> {
+    let ctx = Ctx {
+        text,
+        file,
+        warnings: Default::default(),
+    };
+    let raw: RawPolicy = toml::from_str(text).map_err(|e| LoadError::toml(text, file, &e))?;
     let name = match &raw.name {
         Some(n) if n.get_ref().trim().is_empty() => {
             return Err(ctx.err(Some(n.span()), "policy name must not be empty"))
@@ -261,14 +375,15 @@ pub fn load_str(text: &str, file: &str) -> Result<Policy, LoadError> {
         .iter()
         .map(|s| build_step(&ctx, s.get_ref()))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Policy {
+    let policy = Policy {
         name,
         mode: raw.mode.unwrap_or(Mode::Enforce),
         priority: raw.priority.unwrap_or(0),
         matcher,
         steps,
         source: file.to_string(),
-    })
+    };
+    Ok((policy, ctx.warnings.into_inner()))
 }
 
 fn build_step(ctx: &Ctx, s: &RawStep) -> Result<Step, LoadError> {
@@ -307,6 +422,18 @@ fn build_step(ctx: &Ctx, s: &RawStep) -> Result<Step, LoadError> {
         ActionKind::RaiseLimit => {
             required(s.by.is_some(), "by")?;
             let ceiling = match (&s.max_limit, &s.max_extra) {
+                (Some(l), None) if l.get_ref().0 == 0 => {
+                    return Err(ctx.err(
+                        Some(l.span()),
+                        "`max_limit` of 0 can never be raised to: give the highest limit to lend up to",
+                    ))
+                }
+                (None, Some(e)) if e.get_ref().of(1 << 30) == 0 => {
+                    return Err(ctx.err(
+                        Some(e.span()),
+                        "`max_extra` of 0 leaves nothing to lend: give e.g. \"25%\"",
+                    ))
+                }
                 (Some(l), None) => Ceiling::MaxLimit(l.get_ref().0),
                 (None, Some(e)) => Ceiling::MaxExtra(*e.get_ref()),
                 (Some(_), Some(e)) => {
@@ -342,23 +469,65 @@ fn build_step(ctx: &Ctx, s: &RawStep) -> Result<Step, LoadError> {
                     "`restore_below` is a share of the original limit: at most 100%",
                 ));
             }
+            let hold = dur(&s.hold).unwrap_or(DEFAULT_HOLD);
+            if hold.is_zero() {
+                return Err(ctx.err(
+                    s.hold.as_ref().map(|h| h.span()),
+                    "`hold` must be greater than zero: the headroom would be taken back at once",
+                ));
+            }
+            let restore_after = dur(&s.restore_after).unwrap_or(DEFAULT_RESTORE_AFTER);
+            if restore_after >= hold {
+                let span = s.restore_after.as_ref().or(s.hold.as_ref()).map(|d| d.span());
+                ctx.warn(
+                    span,
+                    format!(
+                        "`restore_after` ({}) is not shorter than `hold` ({}): the loan is never given back early",
+                        humantime::format_duration(restore_after),
+                        humantime::format_duration(hold)
+                    ),
+                );
+            }
             Action::RaiseLimit(Raise {
                 by,
                 ceiling,
-                hold: dur(&s.hold).unwrap_or(DEFAULT_HOLD),
+                hold,
                 restore_below,
-                restore_after: dur(&s.restore_after).unwrap_or(DEFAULT_RESTORE_AFTER),
+                restore_after,
             })
         }
-        ActionKind::Signal => Action::Signal {
-            signal: s
+        ActionKind::Signal => {
+            let signal = s
                 .signal
                 .as_ref()
                 .map(|x| x.get_ref().0)
-                .unwrap_or(libc::SIGTERM),
-            victim: victim(),
-            grace: dur(&s.grace).unwrap_or(DEFAULT_GRACE),
-        },
+                .unwrap_or(libc::SIGTERM);
+            let span = s.signal.as_ref().map(|x| x.span());
+            if STOPPING.contains(&signal) {
+                return Err(ctx.err(
+                    span,
+                    "a stopping or continuing signal does not end the victim, and a stopped task keeps its memory: use SIGTERM, SIGINT or SIGKILL",
+                ));
+            }
+            if IGNORED_BY_DEFAULT.contains(&signal) {
+                ctx.warn(
+                    span,
+                    "this signal is ignored by default: it ends nothing unless the workload handles it",
+                );
+            }
+            let grace = ctx.wait(&s.grace, "grace", true)?;
+            if grace.is_some_and(|g| g.is_zero()) {
+                ctx.warn(
+                    s.grace.as_ref().map(|g| g.span()),
+                    "`grace` of 0: the next step starts without giving the victim time to exit",
+                );
+            }
+            Action::Signal {
+                signal,
+                victim: victim(),
+                grace: grace.unwrap_or(DEFAULT_GRACE),
+            }
+        }
         ActionKind::Kill => Action::Kill { victim: victim() },
         ActionKind::Exec => {
             required(s.command.is_some(), "command")?;
@@ -374,9 +543,21 @@ fn build_step(ctx: &Ctx, s: &RawStep) -> Result<Step, LoadError> {
                     "`command` needs a program: [\"/path/to/prog\", \"arg\", ...]",
                 ));
             }
+            if !command[0].starts_with('/') {
+                let span = s.command.as_ref().map(|c| c.span());
+                return Err(ctx.err(
+                    span,
+                    format!(
+                        "`command` must start with an absolute path, not {:?}: the agent runs it as root and does not search PATH",
+                        command[0]
+                    ),
+                ));
+            }
             Action::Exec {
                 command,
-                timeout: dur(&s.timeout).unwrap_or(DEFAULT_EXEC_TIMEOUT),
+                timeout: ctx
+                    .wait(&s.timeout, "timeout", false)?
+                    .unwrap_or(DEFAULT_EXEC_TIMEOUT),
             }
         }
         ActionKind::DropCaches => {
@@ -395,7 +576,9 @@ fn build_step(ctx: &Ctx, s: &RawStep) -> Result<Step, LoadError> {
     };
     Ok(Step {
         action,
-        settle: s.settle.map(|d| d.0).unwrap_or(DEFAULT_SETTLE),
+        settle: ctx
+            .wait(&s.settle, "settle", true)?
+            .unwrap_or(DEFAULT_SETTLE),
     })
 }
 
@@ -410,37 +593,45 @@ fn regexes(r: &Option<Spanned<Vec<Re>>>) -> Vec<Regex> {
 }
 
 /// Loads the given files as one set; names must be unique across it. All errors are
-/// returned, not only the first.
+/// returned, not only the first. Files must pass the StrictModes check.
 pub fn load_files(files: &[PathBuf]) -> Result<PolicySet, Vec<LoadError>> {
+    load_files_with(files, Trust::Strict)
+}
+
+/// [`load_files`] with an explicit [`Trust`].
+pub fn load_files_with(files: &[PathBuf], trust: Trust) -> Result<PolicySet, Vec<LoadError>> {
     let mut policies = Vec::new();
+    let mut warnings = Vec::new();
     let mut errors = Vec::new();
     let mut seen: HashMap<String, String> = HashMap::new();
     for path in files {
+        // A dangling link, a loop, a directory named *.toml or a permission problem is
+        // an error like an invalid file: skipping it could leave a weaker policy in force.
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
-            Err(source) => {
+            Err(error) => {
                 errors.push(LoadError::Io {
                     path: path.clone(),
-                    source,
+                    error,
                 });
                 continue;
             }
         };
+        if let Err(e) = check_trust(path, "a policy file", trust) {
+            errors.push(e);
+            continue;
+        }
         let file = path.display().to_string();
-        match load_str(&text, &file) {
-            Ok(p) => {
+        match load_one(&text, &file) {
+            Ok((p, w)) => {
+                warnings.extend(w);
                 if let Some(first) = seen.get(&p.name) {
-                    let span = name_span(&text);
-                    errors.push(
-                        Ctx {
-                            text: &text,
-                            file: &file,
-                        }
-                        .err(
-                            span,
-                            format!("policy name {:?} is already used by {first}", p.name),
-                        ),
-                    );
+                    errors.push(LoadError::at(
+                        &text,
+                        &file,
+                        name_span(&text),
+                        format!("policy name {:?} is already used by {first}", p.name),
+                    ));
                 } else {
                     seen.insert(p.name.clone(), file);
                     policies.push(p);
@@ -450,7 +641,7 @@ pub fn load_files(files: &[PathBuf]) -> Result<PolicySet, Vec<LoadError>> {
         }
     }
     if errors.is_empty() {
-        Ok(PolicySet::new(policies, false))
+        Ok(PolicySet::new(policies, false).with_warnings(warnings))
     } else {
         Err(errors)
     }
@@ -467,31 +658,44 @@ fn name_span(text: &str) -> Option<Range<usize>> {
         .map(|n| n.span())
 }
 
-/// Loads every `*.toml` in `dir` (sorted by file name). A missing or empty directory
-/// gives the embedded default.
+/// Loads every `*.toml` in `dir` (sorted by file name), StrictModes applied. See
+/// [`load_dir_with`].
 pub fn load_dir(dir: &Path) -> Result<PolicySet, Vec<LoadError>> {
+    load_dir_with(dir, Trust::Strict)
+}
+
+/// Loads every entry named `*.toml` in `dir`, sorted by file name. Each must be a
+/// readable policy file: an entry that cannot be read (dangling symlink, loop,
+/// permission denied, a directory) is an error, never skipped. Only a directory that
+/// does not exist or has no `*.toml` entry at all gives the embedded default.
+pub fn load_dir_with(dir: &Path, trust: Trust) -> Result<PolicySet, Vec<LoadError>> {
+    let io = |path: &Path, error| {
+        vec![LoadError::Io {
+            path: path.to_path_buf(),
+            error,
+        }]
+    };
     let entries = match std::fs::read_dir(dir) {
         Ok(rd) => rd,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Ok(PolicySet::embedded_default())
         }
-        Err(source) => {
-            return Err(vec![LoadError::Io {
-                path: dir.to_path_buf(),
-                source,
-            }])
-        }
+        Err(e) => return Err(io(dir, e)),
     };
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
-        .collect();
+    check_trust(dir, "the policies directory", trust).map_err(|e| vec![e])?;
+    let mut files: Vec<PathBuf> = Vec::new();
+    for e in entries {
+        let e = e.map_err(|e| io(dir, e))?;
+        let path = e.path();
+        if path.extension().is_some_and(|x| x == "toml") {
+            files.push(path);
+        }
+    }
     files.sort();
     if files.is_empty() {
         return Ok(PolicySet::embedded_default());
     }
-    load_files(&files)
+    load_files_with(&files, trust)
 }
 
 #[cfg(test)]

@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::cgroup::CgroupPath;
 pub use glob::Glob;
-pub use load::{load_dir, load_files, load_str, LoadError};
+pub use load::{
+    load_dir, load_dir_with, load_files, load_files_with, load_one, load_str, LoadError, Trust,
+};
 pub use units::Amount;
 
 /// Enforce acts; audit only logs what it would do.
@@ -181,6 +183,8 @@ pub struct VictimSpec {
 pub struct PolicySet {
     policies: Vec<Arc<Policy>>,
     embedded: bool,
+    /// `FILE:LINE:COL: warning: ...` for values accepted but likely mistakes.
+    warnings: Vec<String>,
 }
 
 impl PolicySet {
@@ -188,7 +192,18 @@ impl PolicySet {
         PolicySet {
             policies: policies.into_iter().map(Arc::new).collect(),
             embedded,
+            warnings: Vec::new(),
         }
+    }
+
+    pub fn with_warnings(mut self, warnings: Vec<String>) -> PolicySet {
+        self.warnings = warnings;
+        self
+    }
+
+    /// What `check` prints and the agent logs at load: accepted, but likely mistakes.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
     }
 
     /// The embedded default policy alone.
@@ -220,6 +235,7 @@ impl PolicySet {
         PolicySet {
             policies,
             embedded: self.embedded,
+            warnings: self.warnings,
         }
     }
 

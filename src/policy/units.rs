@@ -8,6 +8,15 @@ use std::time::Duration;
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
+/// The largest size a policy may name: the largest memory limit the kernel's page counter
+/// can hold (a signed long of bytes, rounded down to the page; on x86_64 this is exactly
+/// what `memory.limit_in_bytes` reads when unlimited). Anything above is not a limit.
+pub const MAX_SIZE: u64 = 0x7FFF_FFFF_FFFF_F000;
+
+/// The largest percentage a policy may name (10x): `by = "1e30%"` is a typo, not a plan,
+/// and a computed limit beyond the kernel's maximum would read back as "unlimited".
+pub const MAX_PERCENT: f64 = 1000.0;
+
 /// Parses a size: an integer or decimal followed by B, KiB, MiB, GiB, TiB or K, M, G, T
 /// (all powers of 1024). A bare integer is bytes.
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -28,14 +37,33 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         ))
         }
     };
-    let n: f64 = num.parse().map_err(|_| {
-        format!("invalid size {s:?}: expected a number followed by a unit, e.g. \"64MiB\"")
-    })?;
-    let bytes = n * mult as f64;
-    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
-        return Err(format!("invalid size {s:?}: out of range"));
+    let bad = || format!("invalid size {s:?}: expected a number followed by a unit, e.g. \"64MiB\"");
+    let too_big = || {
+        format!("invalid size {s:?}: above {MAX_SIZE} bytes, the largest limit the kernel can hold")
+    };
+    let bytes = if num.contains('.') {
+        // Decimals ("1.5G"): as a float; compare before the cast, which would saturate.
+        let n: f64 = num.parse().map_err(|_| bad())?;
+        let b = (n * mult as f64).round();
+        if !b.is_finite() || b < 0.0 {
+            return Err(bad());
+        }
+        if b >= MAX_SIZE as f64 + 1.0 {
+            return Err(too_big());
+        }
+        b as u64
+    } else {
+        let n: u64 = match num.parse() {
+            Ok(n) => n,
+            Err(e) if *e.kind() == std::num::IntErrorKind::PosOverflow => return Err(too_big()),
+            Err(_) => return Err(bad()),
+        };
+        n.checked_mul(mult).ok_or_else(too_big)?
+    };
+    if bytes > MAX_SIZE {
+        return Err(too_big());
     }
-    Ok(bytes.round() as u64)
+    Ok(bytes)
 }
 
 /// Parses a duration: a number followed by ms, s, m or h.
@@ -102,8 +130,13 @@ impl Amount {
 fn parse_percent(s: &str) -> Option<Result<f64, String>> {
     let num = s.trim().strip_suffix('%')?;
     Some(match num.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > MAX_PERCENT => Err(format!(
+            "invalid percentage {s:?}: at most {MAX_PERCENT}%"
+        )),
         Ok(v) if v.is_finite() && v >= 0.0 => Ok(v / 100.0),
-        _ => Err(format!("invalid percentage {s:?}")),
+        _ => Err(format!(
+            "invalid percentage {s:?}: expected a number from 0 to {MAX_PERCENT}, e.g. \"25%\""
+        )),
     })
 }
 
@@ -214,5 +247,21 @@ mod tests {
         assert_eq!(Amount::Percent(0.25).of(64 << 20), 16 << 20);
         assert_eq!(Amount::Bytes(5).of(100), 5);
         assert!(parse_amount("x%").is_err());
+    }
+
+    #[test]
+    fn absurd_values_are_rejected() {
+        for bad in ["1e30%", "1001%", "NaN%", "nan%", "inf%", "-inf%", "-5%", "1e400%"] {
+            assert!(parse_amount(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_amount("1000%"), Ok(Amount::Percent(10.0)));
+        for bad in ["9EiB", "8388608T", "18446744073709551615", "1e30", "NaN", "inf", "-1"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_size("9223372036854771712"), Ok(MAX_SIZE));
+        assert!(parse_size("9223372036854771713")
+            .unwrap_err()
+            .contains("largest limit"));
+        assert!(parse_size("8388607T").is_ok());
     }
 }
