@@ -23,7 +23,7 @@ use crate::watch::Watcher;
 
 /// Loads config-driven policies (`--dry-run` turns them all to audit).
 pub fn load_policies(cfg: &Config) -> Result<PolicySet, String> {
-    let set = crate::policy::load_dir(&cfg.policies).map_err(|errs| {
+    let set = crate::policy::load_dir_with(&cfg.policies, cfg.trust).map_err(|errs| {
         errs.iter()
             .map(|e| e.to_string())
             .collect::<Vec<_>>()
@@ -33,11 +33,7 @@ pub fn load_policies(cfg: &Config) -> Result<PolicySet, String> {
 }
 
 /// Runs the agent until SIGTERM/SIGINT. `reload` re-reads config and policies on SIGHUP.
-pub fn run(
-    cfg: Config,
-    policies: PolicySet,
-    reload: Box<dyn Fn() -> Result<PolicySet, String> + Send>,
-) -> anyhow::Result<()> {
+pub fn run(cfg: Config, policies: PolicySet, reload: crate::config::Reload) -> anyhow::Result<()> {
     let h = Hierarchy::detect(&cfg.cgroup_root, &cfg.proc_root)?;
     let ctl = cgroup::open(h)?;
     loan::fault::init();
@@ -179,6 +175,9 @@ fn protect_self(cfg: &Config) {
     }
     let adj = cfg.proc_root.join("self/oom_score_adj");
     if let Err(e) = std::fs::write(&adj, "-1000") {
-        log::debug!("{}: {e}", adj.display());
+        log::warn!(
+            "{}: {e}: the kernel OOM killer may choose the agent itself",
+            adj.display()
+        );
     }
 }

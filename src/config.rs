@@ -2,12 +2,15 @@
 //! merged with command-line flags (flags win).
 
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use toml::Spanned;
 
 use crate::policy::units::Dur;
+use crate::policy::{LoadError, PolicySet, Trust};
 
 pub const DEFAULT_CONFIG: &str = "/etc/oomwake/oomwake.toml";
 pub const DEFAULT_POLICIES: &str = "/etc/oomwake/policies";
@@ -37,6 +40,9 @@ pub struct Config {
     /// Register OOM eventfds. Off = sweep only (a polling baseline for benchmarks).
     pub events: bool,
     pub mlock: bool,
+    /// StrictModes for policies, config and state dir; only the command line
+    /// (`--insecure-policies`) turns it off, never the config file.
+    pub trust: Trust,
 }
 
 impl Default for Config {
@@ -62,6 +68,7 @@ impl Default for Config {
             max_workers: 256,
             events: true,
             mlock: true,
+            trust: Trust::Strict,
         }
     }
 }
@@ -74,17 +81,22 @@ struct RawConfig {
     proc_root: Option<PathBuf>,
     state_dir: Option<PathBuf>,
     audit_log: Option<PathBuf>,
-    metrics: Option<String>,
+    metrics: Option<Spanned<String>>,
     dry_run: Option<bool>,
-    sweep_interval: Option<Dur>,
-    rescan_interval: Option<Dur>,
-    restore_check_interval: Option<Dur>,
-    settle_poll: Option<Dur>,
-    workers: Option<usize>,
-    max_workers: Option<usize>,
+    sweep_interval: Option<Spanned<Dur>>,
+    rescan_interval: Option<Spanned<Dur>>,
+    restore_check_interval: Option<Spanned<Dur>>,
+    settle_poll: Option<Spanned<Dur>>,
+    workers: Option<Spanned<usize>>,
+    max_workers: Option<Spanned<usize>>,
     events: Option<bool>,
     mlock: Option<bool>,
 }
+
+/// The shortest interval accepted for a timer or poll: zero would spin a CPU.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(1);
+/// The most episode workers (threads) the config may ask for.
+pub const MAX_WORKERS: usize = 4096;
 
 /// Parses `host:port`; a bare port binds loopback.
 pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
@@ -95,6 +107,16 @@ pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
         format!("invalid metrics address {s:?}: expected ADDR:PORT, e.g. 127.0.0.1:9717")
     })
 }
+
+/// What a SIGHUP produces: the new policies and the config now in effect (live settings
+/// from the new file, restart-only ones as they were).
+pub struct Reloaded {
+    pub policies: PolicySet,
+    pub config: Config,
+}
+
+/// Re-reads config and policies on SIGHUP; an error keeps everything as it was.
+pub type Reload = Box<dyn FnMut() -> Result<Reloaded, String> + Send>;
 
 impl Config {
     /// Loads `path`; a missing file gives the defaults. Errors read `FILE:LINE:COL: msg`.
@@ -108,27 +130,33 @@ impl Config {
     }
 
     pub fn parse(text: &str, file: &str) -> Result<Config, String> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let (line, col) = e
-                .span()
-                .map(|s| {
-                    let before = &text[..s.start.min(text.len())];
-                    let line = before.matches('\n').count() + 1;
-                    let col = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
-                    (line, col)
-                })
-                .unwrap_or((1, 1));
-            format!("{file}:{line}:{col}: {}", e.message().trim())
-        })?;
+        let at = |span: Range<usize>, msg: String| {
+            LoadError::at(text, file, Some(span), msg).to_string()
+        };
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| LoadError::toml(text, file, &e).to_string())?;
         let d = Config::default();
         let metrics = match raw.metrics {
-            Some(m) => Some(parse_addr(&m).map_err(|e| format!("{file}: {e}"))?),
+            Some(m) => Some(parse_addr(m.get_ref()).map_err(|e| at(m.span(), e))?),
             None => None,
         };
-        let workers = raw.workers.unwrap_or(d.workers);
-        if workers == 0 {
-            return Err(format!("{file}: workers must be at least 1"));
-        }
+        let interval = |v: Option<Spanned<Dur>>, key: &str, default: Duration| match v {
+            Some(v) if v.get_ref().0 < MIN_INTERVAL => Err(at(
+                v.span(),
+                format!("`{key}` must be at least 1ms: a shorter interval spins a CPU"),
+            )),
+            Some(v) => Ok(v.get_ref().0),
+            None => Ok(default),
+        };
+        let count = |v: Option<Spanned<usize>>, key: &str, default: usize| match v {
+            Some(v) if !(1..=MAX_WORKERS).contains(v.get_ref()) => Err(at(
+                v.span(),
+                format!("`{key}` must be from 1 to {MAX_WORKERS}"),
+            )),
+            Some(v) => Ok(*v.get_ref()),
+            None => Ok(default),
+        };
+        let workers = count(raw.workers, "workers", d.workers)?;
         Ok(Config {
             policies: raw.policies.unwrap_or(d.policies),
             cgroup_root: raw.cgroup_root.unwrap_or(d.cgroup_root),
@@ -137,21 +165,58 @@ impl Config {
             audit_log: raw.audit_log,
             metrics,
             dry_run: raw.dry_run.unwrap_or(false),
-            sweep_interval: raw.sweep_interval.map(|x| x.0).unwrap_or(d.sweep_interval),
-            rescan_interval: raw
-                .rescan_interval
-                .map(|x| x.0)
-                .unwrap_or(d.rescan_interval),
-            restore_check_interval: raw
-                .restore_check_interval
-                .map(|x| x.0)
-                .unwrap_or(d.restore_check_interval),
-            settle_poll: raw.settle_poll.map(|x| x.0).unwrap_or(d.settle_poll),
+            sweep_interval: interval(raw.sweep_interval, "sweep_interval", d.sweep_interval)?,
+            rescan_interval: interval(raw.rescan_interval, "rescan_interval", d.rescan_interval)?,
+            restore_check_interval: interval(
+                raw.restore_check_interval,
+                "restore_check_interval",
+                d.restore_check_interval,
+            )?,
+            settle_poll: interval(raw.settle_poll, "settle_poll", d.settle_poll)?,
             workers,
-            max_workers: raw.max_workers.unwrap_or(d.max_workers).max(workers),
+            max_workers: count(raw.max_workers, "max_workers", d.max_workers)?.max(workers),
             events: raw.events.unwrap_or(true),
             mlock: raw.mlock.unwrap_or(true),
+            trust: d.trust,
         })
+    }
+
+    /// Takes what can change while running from `new` (the policies dir, dry_run, the
+    /// sweep and rescan intervals) and keeps the rest. Returns the restart-only settings
+    /// that `new` changes, as `name (running value kept)`, for a warning.
+    pub fn apply_reload(&mut self, new: &Config) -> Vec<String> {
+        self.policies = new.policies.clone();
+        self.dry_run = new.dry_run;
+        self.sweep_interval = new.sweep_interval;
+        self.rescan_interval = new.rescan_interval;
+        let mut kept = Vec::new();
+        macro_rules! restart_only {
+            ($($f:ident),*) => {$(
+                if self.$f != new.$f {
+                    kept.push(format!("{} (keeping {:?})", stringify!($f), self.$f));
+                }
+            )*};
+        }
+        restart_only!(
+            cgroup_root,
+            proc_root,
+            state_dir,
+            audit_log,
+            metrics,
+            restore_check_interval,
+            settle_poll,
+            workers,
+            max_workers,
+            events,
+            mlock,
+            trust
+        );
+        kept
+    }
+
+    /// How policy files are trusted (`--insecure-policies` turns StrictModes off).
+    pub fn insecure(&self) -> bool {
+        self.trust == Trust::Insecure
     }
 }
 
@@ -181,5 +246,50 @@ mod tests {
         let e = Config::parse("sweep_interval = \"1 fortnight\"\n", "c.toml").unwrap_err();
         assert!(e.starts_with("c.toml:1:18: "), "{e}");
         assert!(Config::parse("workers = 0\n", "c.toml").is_err());
+    }
+
+    #[test]
+    fn intervals_that_spin_and_absurd_worker_counts_are_refused_at_their_position() {
+        for key in [
+            "sweep_interval",
+            "rescan_interval",
+            "restore_check_interval",
+            "settle_poll",
+        ] {
+            let e =
+                Config::parse(&format!("events = true\n{key} = \"0ms\"\n"), "c.toml").unwrap_err();
+            let col = key.len() + 4;
+            assert!(e.starts_with(&format!("c.toml:2:{col}: ")), "{e}");
+            assert!(e.contains("at least 1ms"), "{e}");
+        }
+        let e = Config::parse("workers = 0\n", "c.toml").unwrap_err();
+        assert!(e.starts_with("c.toml:1:11: "), "{e}");
+        let e = Config::parse("max_workers = 100000\n", "c.toml").unwrap_err();
+        assert!(e.starts_with("c.toml:1:15: "), "{e}");
+        let e = Config::parse("metrics = \"nope\"\n", "c.toml").unwrap_err();
+        assert!(e.starts_with("c.toml:1:11: "), "{e}");
+    }
+
+    #[test]
+    fn reload_takes_live_settings_and_names_the_restart_only_ones() {
+        let mut running = Config::parse("", "c.toml").unwrap();
+        let new = Config::parse(
+            "policies = \"/p2\"\ndry_run = true\nsweep_interval = \"250ms\"\nstate_dir = \"/elsewhere\"\nworkers = 3\n",
+            "c.toml",
+        )
+        .unwrap();
+        let kept = running.apply_reload(&new);
+        assert_eq!(running.policies, Path::new("/p2"));
+        assert!(running.dry_run);
+        assert_eq!(running.sweep_interval, Duration::from_millis(250));
+        assert_eq!(running.state_dir, Path::new(DEFAULT_STATE));
+        assert_eq!(running.workers, Config::default().workers);
+        assert_eq!(kept.len(), 2, "{kept:?}");
+        assert!(
+            kept[0].starts_with("state_dir (keeping \"/var/lib/oomwake\")"),
+            "{kept:?}"
+        );
+        assert!(kept[1].starts_with("workers (keeping 16)"), "{kept:?}");
+        assert!(running.apply_reload(&running.clone()).is_empty());
     }
 }

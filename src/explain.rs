@@ -9,7 +9,27 @@ use crate::action::{self, Env, LoanBook, StepCtx};
 use crate::cgroup::{self, CgroupPath, Hierarchy};
 use crate::policy::{Mode, Policy, PolicySet};
 
+/// What `explain` found.
+pub struct Explanation {
+    pub text: String,
+    /// The hierarchy was read and has no such cgroup: the command fails (exit 1).
+    pub missing: bool,
+}
+
 pub fn explain(
+    policies: &PolicySet,
+    cgroup_root: &Path,
+    proc_root: &Path,
+    cg: &CgroupPath,
+) -> Explanation {
+    let text = explain_text(policies, cgroup_root, proc_root, cg);
+    let missing = Hierarchy::detect(cgroup_root, proc_root)
+        .and_then(cgroup::open)
+        .is_ok_and(|c| matches!(c.oom_state(cg), Ok(None)));
+    Explanation { text, missing }
+}
+
+fn explain_text(
     policies: &PolicySet,
     cgroup_root: &Path,
     proc_root: &Path,
@@ -133,12 +153,14 @@ mod tests {
     fn explains_policy_without_a_hierarchy() {
         let t = tempfile::tempdir().unwrap();
         let set = PolicySet::embedded_default();
-        let out = explain(
+        let e = explain(
             &set,
             t.path(),
             Path::new("/proc"),
             &CgroupPath::new("/docker/x"),
         );
+        assert!(!e.missing, "no hierarchy: nothing is known to be missing");
+        let out = e.text;
         assert!(out.contains("policy: embedded-default"), "{out}");
         assert!(out.contains("step 1: raise_limit"), "{out}");
         assert!(out.contains("showing the policy match only"), "{out}");

@@ -8,7 +8,8 @@ use clap::{Parser, Subcommand};
 use oomwake::agent;
 use oomwake::cgroup::CgroupPath;
 use oomwake::config::{self, Config};
-use oomwake::policy;
+use oomwake::perm::{self, Owners};
+use oomwake::policy::{self, PolicySet, Trust};
 use oomwake::shared::Status;
 
 #[derive(Parser)]
@@ -42,12 +43,19 @@ enum Cmd {
         /// Serve Prometheus metrics on ADDR:PORT (a bare port binds loopback).
         #[arg(long)]
         metrics: Option<String>,
+        /// Development only: load policies, config and state even when they are not
+        /// root's or are writable by group or others.
+        #[arg(long)]
+        insecure_policies: bool,
     },
     /// Validate policy files: exit 0 ok, 1 invalid, 2 usage.
     Check {
         #[arg(long, conflicts_with = "files")]
         policies: Option<PathBuf>,
         files: Vec<PathBuf>,
+        /// Development only: skip the owner and mode checks.
+        #[arg(long)]
+        insecure_policies: bool,
     },
     /// Which policy matches CGROUP (path below the root) and what it would do now.
     Explain {
@@ -55,6 +63,9 @@ enum Cmd {
         policies: PathBuf,
         #[arg(long)]
         cgroup_root: Option<PathBuf>,
+        /// Development only: skip the owner and mode checks.
+        #[arg(long)]
+        insecure_policies: bool,
         cgroup: String,
     },
     /// What the running agent watches and holds.
@@ -100,8 +111,14 @@ fn cli_main() -> ExitCode {
             audit_log,
             state_dir,
             metrics,
+            insecure_policies,
         } => {
+            let trust = trust(insecure_policies);
             let build = move || -> Result<Config, String> {
+                if trust == Trust::Strict {
+                    perm::check_existing_part(&config, "the config file", owners())
+                        .map_err(|e| e.to_string())?;
+                }
                 let mut cfg = Config::load(&config)?;
                 if let Some(p) = &policies {
                     cfg.policies = p.clone();
@@ -119,15 +136,26 @@ fn cli_main() -> ExitCode {
                     cfg.metrics = Some(config::parse_addr(m)?);
                 }
                 cfg.dry_run |= dry_run;
+                cfg.trust = trust;
                 Ok(cfg)
             };
             let cfg = match build() {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("{e}");
+                    eprintln!("oomwake: invalid config, not starting");
                     return ExitCode::from(1);
                 }
             };
+            if trust == Trust::Strict {
+                // The journal in the state dir says which limits to restore as root.
+                if let Err(e) = perm::check_existing_part(&cfg.state_dir, "the state dir", owners())
+                {
+                    eprintln!("{e}");
+                    eprintln!("oomwake: untrusted state dir, not starting");
+                    return ExitCode::from(1);
+                }
+            }
             // With the audit log on stderr (the default), log records share the stream
             // as JSON lines.
             oomwake::audit::set_json_logs(cfg.audit_log.is_none());
@@ -139,33 +167,58 @@ fn cli_main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            if set.is_embedded_default() {
-                log::info!(
-                    "no policy file in {}: using the embedded default",
-                    cfg.policies.display()
+            if trust == Trust::Insecure {
+                log::warn!(
+                    "--insecure-policies: policy files, config and state dir are trusted whatever their owner and mode"
                 );
             }
-            // SIGHUP: re-read the config for its policies path and dry-run flag.
-            let reload = Box::new(move || build().and_then(|c| agent::load_policies(&c)));
+            log_loaded(&cfg, &set);
+            // SIGHUP: re-read the config and the policies; what cannot change without a
+            // restart is kept, with a warning; any error keeps everything as it was.
+            let mut running = cfg.clone();
+            let reload: config::Reload = Box::new(move || {
+                let new = build()?;
+                let set = agent::load_policies(&new)?;
+                let kept = running.apply_reload(&new);
+                if !kept.is_empty() {
+                    log::warn!(
+                        "reload: these settings take effect only after a restart: {}",
+                        kept.join(", ")
+                    );
+                }
+                log_loaded(&running, &set);
+                Ok(config::Reloaded {
+                    policies: set,
+                    config: running.clone(),
+                })
+            });
             match agent::run(cfg, set, reload) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    oomwake::audit::fatal(&format!("{e:#}"));
+                    oomwake::audit::fatal(&error_chain(&e));
                     ExitCode::from(1)
                 }
             }
         }
-        Cmd::Check { policies, files } => {
+        Cmd::Check {
+            policies,
+            files,
+            insecure_policies,
+        } => {
+            let trust = trust(insecure_policies);
             let res = if files.is_empty() {
                 let dir = policies.unwrap_or_else(|| config::DEFAULT_POLICIES.into());
-                policy::load_dir(&dir)
+                policy::load_dir_with(&dir, trust)
             } else {
-                policy::load_files(&files)
+                policy::load_files_with(&files, trust)
             };
             match res {
                 Ok(set) => {
                     if set.is_embedded_default() {
                         println!("no policy files found: the embedded default applies");
+                    }
+                    for w in set.warnings() {
+                        eprintln!("{w}");
                     }
                     for p in set.policies() {
                         let steps: Vec<&str> = p.steps.iter().map(|s| s.action.name()).collect();
@@ -198,6 +251,7 @@ fn cli_main() -> ExitCode {
         Cmd::Explain {
             policies,
             cgroup_root,
+            insecure_policies,
             cgroup,
         } => {
             // A path from the command line must not leave the root (`..`).
@@ -208,7 +262,7 @@ fn cli_main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let set = match policy::load_dir(&policies) {
+            let set = match policy::load_dir_with(&policies, trust(insecure_policies)) {
                 Ok(s) => s,
                 Err(errs) => {
                     for e in errs {
@@ -220,7 +274,14 @@ fn cli_main() -> ExitCode {
             let root = cgroup_root.unwrap_or_else(|| Config::default().cgroup_root);
             let out =
                 oomwake::explain::explain(&set, &root, std::path::Path::new("/proc"), &cgroup);
-            print!("{out}");
+            print!("{}", out.text);
+            if out.missing {
+                eprintln!(
+                    "oomwake explain: {cgroup}: no such cgroup under {}",
+                    root.display()
+                );
+                return ExitCode::from(1);
+            }
             ExitCode::SUCCESS
         }
         Cmd::Status { state_dir, json } => status(&state_dir, json),
@@ -229,7 +290,7 @@ fn cli_main() -> ExitCode {
             match oomwake::demo::run(&root) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("oomwake demo: {e:#}");
+                    eprintln!("oomwake demo: {}", error_chain(&e));
                     ExitCode::from(1)
                 }
             }
@@ -244,6 +305,74 @@ fn cli_main() -> ExitCode {
             }
         }
     }
+}
+
+/// An error and its causes on one line. The crate's errors carry their cause in their
+/// own message (so that a log line with `{e}` is complete), which anyhow's `{:#}` would
+/// print a second time: a cause already at the end of the line is not repeated.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.is_empty() {
+            line = text;
+        } else if !line.ends_with(&text) {
+            line = format!("{line}: {text}");
+        }
+    }
+    line
+}
+
+fn trust(insecure: bool) -> Trust {
+    if insecure {
+        Trust::Insecure
+    } else {
+        Trust::Strict
+    }
+}
+
+fn owners() -> Owners {
+    Owners::current(", or pass --insecure-policies for development")
+}
+
+/// At start and on reload: where the policies came from, and their warnings.
+fn log_loaded(cfg: &Config, set: &PolicySet) {
+    if set.is_embedded_default() {
+        let why = if cfg.policies.exists() {
+            "has no *.toml file"
+        } else {
+            "does not exist"
+        };
+        log::warn!(
+            "{} {why}: the embedded default policy applies (enforce on every cgroup with oom_kill_disable: reclaim, raise_limit, SIGTERM, kill)",
+            cfg.policies.display()
+        );
+    }
+    for w in set.warnings() {
+        log::warn!("{w}");
+    }
+}
+
+/// True if `pid` is a live oomwake process: not a zombie or dead task (its status file
+/// is written by an agent that may have died without saying so), and not some other
+/// program that got the pid since.
+fn agent_alive(pid: i32) -> bool {
+    if pid <= 0 || pid as u32 == std::process::id() {
+        return false;
+    }
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // "PID (COMM) STATE ...": COMM may hold spaces and parentheses; it ends at the last ')'.
+    let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+        return false;
+    };
+    let comm = stat.get(open + 1..close).unwrap_or("");
+    let state = stat
+        .get(close + 1..)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or("");
+    comm == "oomwake" && !matches!(state, "Z" | "X" | "x" | "")
 }
 
 fn status(state_dir: &std::path::Path, json: bool) -> ExitCode {
@@ -270,7 +399,7 @@ fn status(state_dir: &std::path::Path, json: bool) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let alive = st.running && std::path::Path::new(&format!("/proc/{}", st.pid)).exists();
+    let alive = st.running && agent_alive(st.pid);
     if alive {
         println!("oomwake running (pid {}), status of {}", st.pid, st.updated);
     } else {

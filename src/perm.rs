@@ -173,15 +173,16 @@ mod tests {
         }
         let (t, dir, file) = tree();
         chmod(&file, 0o666);
-        let e = check(&file, "policy file", ROOT_ONLY).unwrap_err().to_string();
+        let e = check(&file, "policy file", ROOT_ONLY)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("writable by group or others (mode 0666)"), "{e}");
-        assert!(
-            e.contains(&format!("chmod go-w {}", file.display())),
-            "{e}"
-        );
+        assert!(e.contains(&format!("chmod go-w {}", file.display())), "{e}");
         chmod(&file, 0o644);
         chmod(&dir, 0o775);
-        let e = check(&file, "policy file", ROOT_ONLY).unwrap_err().to_string();
+        let e = check(&file, "policy file", ROOT_ONLY)
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with(&format!("{}: ", dir.display())), "{e}");
         chmod(&dir, 0o755);
         // An ancestor writable by others, even sticky, is not fine if not root's...
@@ -192,7 +193,9 @@ mod tests {
         assert!(check(&dir, "policies", ROOT_ONLY).is_err());
         chmod(&dir, 0o755);
         chmod(t.path(), 0o777);
-        let e = check(&file, "policy file", ROOT_ONLY).unwrap_err().to_string();
+        let e = check(&file, "policy file", ROOT_ONLY)
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with(&format!("{}: ", t.path().display())), "{e}");
         chmod(t.path(), 0o700);
     }
@@ -205,7 +208,9 @@ mod tests {
         }
         let (_t, _dir, file) = tree();
         std::os::unix::fs::chown(&file, Some(1234), None).unwrap();
-        let e = check(&file, "policy file", ROOT_ONLY).unwrap_err().to_string();
+        let e = check(&file, "policy file", ROOT_ONLY)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("owned by uid 1234, not root"), "{e}");
         assert!(e.contains(&format!("chown root {}", file.display())), "{e}");
         let as_1234 = Owners {
@@ -230,9 +235,14 @@ mod tests {
         chmod(&target, 0o644);
         let link = dir.join("b.toml");
         symlink(&target, &link).unwrap();
-        let e = check(&link, "policy file", ROOT_ONLY).unwrap_err().to_string();
+        let e = check(&link, "policy file", ROOT_ONLY)
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with(&format!("{}: ", open.display())), "{e}");
-        assert!(e.contains(&format!("reached through {}", link.display())), "{e}");
+        assert!(
+            e.contains(&format!("reached through {}", link.display())),
+            "{e}"
+        );
     }
 
     #[test]

@@ -57,7 +57,7 @@ pub struct Watcher {
     events: bool,
     sweep_every: Duration,
     rescan_every: Duration,
-    reload: Box<dyn Fn() -> Result<PolicySet, String> + Send>,
+    reload: crate::config::Reload,
     state_dir: std::path::PathBuf,
     cgroup_root: std::path::PathBuf,
     dry_run: bool,
@@ -73,7 +73,7 @@ impl Watcher {
     pub fn new(
         shared: Arc<Shared>,
         cfg: &Config,
-        reload: Box<dyn Fn() -> Result<PolicySet, String> + Send>,
+        reload: crate::config::Reload,
     ) -> std::io::Result<Watcher> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io_err)?;
         let inotify =
@@ -145,6 +145,9 @@ impl Watcher {
                     TOKEN_HUP => {
                         drain(&mut self.hup);
                         self.on_reload();
+                        // A shorter interval from the new config applies now.
+                        next_sweep = next_sweep.min(Instant::now() + self.sweep_every);
+                        next_rescan = next_rescan.min(Instant::now() + self.rescan_every);
                     }
                     TOKEN_TERM => {
                         drain(&mut self.term);
@@ -516,7 +519,13 @@ impl Watcher {
 
     fn on_reload(&mut self) {
         match (self.reload)() {
-            Ok(set) => {
+            Ok(crate::config::Reloaded {
+                policies: set,
+                config,
+            }) => {
+                self.sweep_every = config.sweep_interval;
+                self.rescan_every = config.rescan_interval;
+                self.dry_run = config.dry_run;
                 log::info!(
                     "reloaded: {} polic{}",
                     set.policies().len(),
@@ -555,7 +564,9 @@ impl Watcher {
                 }
                 self.write_status(true);
             }
-            Err(e) => log::error!("reload refused, keeping the current policies:\n{e}"),
+            Err(e) => {
+                log::error!("reload refused, keeping the current config and policies:\n{e}")
+            }
         }
     }
 

@@ -13,11 +13,11 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::glob::Glob;
-use crate::perm::{Owners, PermError};
 use super::units::{Amount, Dur, Percent, Size};
 use super::{
     Action, Ceiling, Match, Mode, Policy, PolicySet, Raise, Step, VictimOrder, VictimSpec,
 };
+use crate::perm::{Owners, PermError};
 
 pub const EMBEDDED_DEFAULT: &str = include_str!("default.toml");
 
@@ -293,8 +293,8 @@ impl Ctx<'_> {
                 Some(d.span()),
                 format!(
                     "`{key}` of {} is too long: the cgroup stays stalled meanwhile (at most {})",
-                    humantime::format_duration(v),
-                    humantime::format_duration(MAX_WAIT)
+                    fmt_dur(v),
+                    fmt_dur(MAX_WAIT)
                 ),
             ));
         }
@@ -306,7 +306,7 @@ impl Ctx<'_> {
                 Some(d.span()),
                 format!(
                     "`{key}` of {}: the cgroup stays stalled that long before the next step",
-                    humantime::format_duration(v)
+                    fmt_dur(v)
                 ),
             );
         }
@@ -422,12 +422,10 @@ fn build_step(ctx: &Ctx, s: &RawStep) -> Result<Step, LoadError> {
         ActionKind::RaiseLimit => {
             required(s.by.is_some(), "by")?;
             let ceiling = match (&s.max_limit, &s.max_extra) {
-                (Some(l), None) if l.get_ref().0 == 0 => {
-                    return Err(ctx.err(
-                        Some(l.span()),
-                        "`max_limit` of 0 can never be raised to: give the highest limit to lend up to",
-                    ))
-                }
+                (Some(l), None) if l.get_ref().0 == 0 => return Err(ctx.err(
+                    Some(l.span()),
+                    "`max_limit` of 0 can never be raised to: give the highest limit to lend up to",
+                )),
                 (None, Some(e)) if e.get_ref().of(1 << 30) == 0 => {
                     return Err(ctx.err(
                         Some(e.span()),
@@ -478,13 +476,17 @@ fn build_step(ctx: &Ctx, s: &RawStep) -> Result<Step, LoadError> {
             }
             let restore_after = dur(&s.restore_after).unwrap_or(DEFAULT_RESTORE_AFTER);
             if restore_after >= hold {
-                let span = s.restore_after.as_ref().or(s.hold.as_ref()).map(|d| d.span());
+                let span = s
+                    .restore_after
+                    .as_ref()
+                    .or(s.hold.as_ref())
+                    .map(|d| d.span());
                 ctx.warn(
                     span,
                     format!(
                         "`restore_after` ({}) is not shorter than `hold` ({}): the loan is never given back early",
-                        humantime::format_duration(restore_after),
-                        humantime::format_duration(hold)
+                        fmt_dur(restore_after),
+                        fmt_dur(hold)
                     ),
                 );
             }
@@ -580,6 +582,17 @@ fn build_step(ctx: &Ctx, s: &RawStep) -> Result<Step, LoadError> {
             .wait(&s.settle, "settle", true)?
             .unwrap_or(DEFAULT_SETTLE),
     })
+}
+
+/// A duration as a policy file writes it ("8000h", "90s", "250ms").
+fn fmt_dur(d: Duration) -> String {
+    let ms = d.as_millis();
+    match ms {
+        _ if ms > 0 && ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
+        _ if ms > 0 && ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+        _ if ms % 1000 == 0 => format!("{}s", ms / 1000),
+        _ => format!("{ms}ms"),
+    }
 }
 
 fn dur(d: &Option<Spanned<Dur>>) -> Option<Duration> {
@@ -892,6 +905,180 @@ level = 1
         assert!(
             e.contains("c.toml:1:6: ") && e.contains("already used"),
             "{e}"
+        );
+    }
+
+    fn step_err(step: &str) -> String {
+        err(&format!("{HEAD}[[step]]\n{step}"))
+    }
+
+    fn step_warnings(step: &str) -> Vec<String> {
+        load_one(&format!("{HEAD}[[step]]\n{step}"), "p.toml")
+            .unwrap_or_else(|e| panic!("{step}: {e}"))
+            .1
+    }
+
+    #[test]
+    fn absurd_sizes_and_percentages_have_positions() {
+        let e = step_err("action = \"raise_limit\"\nby = \"1e30%\"\nmax_extra = \"25%\"\n");
+        assert!(e.starts_with("p.toml:5:6: "), "{e}");
+        assert!(e.contains("at most 1000%"), "{e}");
+        let e = step_err("action = \"raise_limit\"\nby = \"10%\"\nmax_extra = \"nan%\"\n");
+        assert!(e.starts_with("p.toml:6:13: "), "{e}");
+        let e = step_err("action = \"raise_limit\"\nby = \"-5%\"\nmax_extra = \"25%\"\n");
+        assert!(e.starts_with("p.toml:5:6: "), "{e}");
+        let e =
+            step_err("action = \"raise_limit\"\nby = \"10%\"\nmax_limit = 18446744073709551615\n");
+        assert!(e.starts_with("p.toml:6:"), "{e}");
+        let e = step_err("action = \"raise_limit\"\nby = \"10%\"\nmax_limit = \"9000000T\"\n");
+        assert!(e.starts_with("p.toml:6:13: "), "{e}");
+        assert!(e.contains("largest limit the kernel can hold"), "{e}");
+        let e = step_err("action = \"raise_limit\"\nby = \"inf\"\nmax_extra = \"25%\"\n");
+        assert!(e.starts_with("p.toml:5:6: "), "{e}");
+    }
+
+    #[test]
+    fn values_that_make_no_sense_are_errors_at_their_position() {
+        let cases = [
+            (
+                "action = \"raise_limit\"\nby = \"10%\"\nmax_extra = \"25%\"\nhold = \"0s\"\n",
+                "p.toml:7:8: ",
+                "`hold` must be greater than zero",
+            ),
+            (
+                "action = \"raise_limit\"\nby = \"10%\"\nmax_limit = 0\n",
+                "p.toml:6:13: ",
+                "`max_limit` of 0",
+            ),
+            (
+                "action = \"raise_limit\"\nby = \"10%\"\nmax_extra = \"0%\"\n",
+                "p.toml:6:13: ",
+                "`max_extra` of 0",
+            ),
+            (
+                "action = \"reclaim\"\nsettle = \"8000h\"\n",
+                "p.toml:5:10: ",
+                "`settle` of 8000h is too long",
+            ),
+            (
+                "action = \"signal\"\ngrace = \"2h\"\n",
+                "p.toml:5:9: ",
+                "`grace` of 2h is too long",
+            ),
+            (
+                "action = \"exec\"\ncommand = [\"page-oncall\"]\n",
+                "p.toml:5:11: ",
+                "absolute path",
+            ),
+            (
+                "action = \"exec\"\ncommand = [\"/bin/true\"]\ntimeout = \"0s\"\n",
+                "p.toml:6:11: ",
+                "`timeout` must be greater than zero",
+            ),
+        ];
+        for (step, pos, msg) in cases {
+            let e = step_err(step);
+            assert!(e.starts_with(pos) && e.contains(msg), "{step}: {e}");
+        }
+        for sig in [
+            "SIGSTOP", "STOP", "SIGTSTP", "SIGTTIN", "SIGTTOU", "SIGCONT",
+        ] {
+            let e = step_err(&format!("action = \"signal\"\nsignal = \"{sig}\"\n"));
+            assert!(
+                e.starts_with("p.toml:5:10: ") && e.contains("stopping or continuing"),
+                "{sig}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn likely_mistakes_are_warnings_with_positions() {
+        let w = step_warnings("action = \"signal\"\nsignal = \"SIGWINCH\"\ngrace = \"0s\"\n");
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].starts_with("p.toml:5:10: warning: ") && w[0].contains("ignored by default"));
+        assert!(w[1].starts_with("p.toml:6:9: warning: ") && w[1].contains("`grace` of 0"));
+        let w = step_warnings("action = \"reclaim\"\nsettle = \"5m\"\n");
+        assert!(
+            w[0].starts_with("p.toml:5:10: warning: `settle` of 5m"),
+            "{w:?}"
+        );
+        let w = step_warnings(
+            "action = \"raise_limit\"\nby = \"10%\"\nmax_extra = \"25%\"\nhold = \"2s\"\n",
+        );
+        assert!(
+            w[0].starts_with("p.toml:7:8: warning: `restore_after`"),
+            "{w:?}"
+        );
+        assert!(step_warnings("action = \"signal\"\n").is_empty());
+        // Warnings travel with the set, for `check` and the agent's log.
+        let t = tempfile::tempdir().unwrap();
+        let f = t.path().join("w.toml");
+        std::fs::write(
+            &f,
+            format!("{HEAD}[[step]]\naction = \"reclaim\"\nsettle = \"5m\"\n"),
+        )
+        .unwrap();
+        let set = load_files(&[f]).unwrap();
+        assert_eq!(set.warnings().len(), 1);
+        assert_eq!(set.all_audit().warnings().len(), 1);
+    }
+
+    #[test]
+    fn an_unreadable_toml_is_an_error_not_a_reason_for_the_default() {
+        let t = tempfile::tempdir().unwrap();
+        // Only a dangling link: the directory is not empty, so no embedded default.
+        std::os::unix::fs::symlink(t.path().join("gone.toml"), t.path().join("audit.toml"))
+            .unwrap();
+        let errs = load_dir(t.path()).unwrap_err();
+        let e = errs[0].to_string();
+        assert!(
+            e.starts_with(&format!("{}: ", t.path().join("audit.toml").display())),
+            "{e}"
+        );
+        // A loop beside a good file: still refused.
+        std::fs::remove_file(t.path().join("audit.toml")).unwrap();
+        std::fs::write(
+            t.path().join("audit.toml"),
+            format!("mode = \"audit\"\n{HEAD}[[step]]\naction = \"kill\"\n"),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(t.path().join("loop.toml"), t.path().join("loop.toml")).unwrap();
+        let errs = load_dir(t.path()).unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].to_string().contains("loop.toml: "), "{}", errs[0]);
+        // A directory named *.toml is not a policy either.
+        std::fs::remove_file(t.path().join("loop.toml")).unwrap();
+        std::fs::create_dir(t.path().join("dir.toml")).unwrap();
+        assert!(load_dir(t.path()).is_err());
+        std::fs::remove_dir(t.path().join("dir.toml")).unwrap();
+        let set = load_dir(t.path()).unwrap();
+        assert!(!set.is_embedded_default());
+        assert_eq!(set.policies()[0].mode, Mode::Audit);
+    }
+
+    #[test]
+    fn strict_mode_refuses_a_world_writable_policies_dir() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("policies");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(
+            dir.join("a.toml"),
+            format!("{HEAD}[[step]]\naction='reclaim'\n"),
+        )
+        .unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let errs = load_dir(&dir).unwrap_err();
+        let e = errs[0].to_string();
+        assert!(e.contains("writable by group or others"), "{e}");
+        assert!(e.contains(&format!("chmod go-w {}", dir.display())), "{e}");
+        assert!(e.contains("--insecure-policies"), "{e}");
+        assert_eq!(
+            load_dir_with(&dir, Trust::Insecure)
+                .unwrap()
+                .policies()
+                .len(),
+            1
         );
     }
 

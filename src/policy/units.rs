@@ -37,7 +37,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         ))
         }
     };
-    let bad = || format!("invalid size {s:?}: expected a number followed by a unit, e.g. \"64MiB\"");
+    let bad =
+        || format!("invalid size {s:?}: expected a number followed by a unit, e.g. \"64MiB\"");
     let too_big = || {
         format!("invalid size {s:?}: above {MAX_SIZE} bytes, the largest limit the kernel can hold")
     };
@@ -130,9 +131,9 @@ impl Amount {
 fn parse_percent(s: &str) -> Option<Result<f64, String>> {
     let num = s.trim().strip_suffix('%')?;
     Some(match num.trim().parse::<f64>() {
-        Ok(v) if v.is_finite() && v > MAX_PERCENT => Err(format!(
-            "invalid percentage {s:?}: at most {MAX_PERCENT}%"
-        )),
+        Ok(v) if v.is_finite() && v > MAX_PERCENT => {
+            Err(format!("invalid percentage {s:?}: at most {MAX_PERCENT}%"))
+        }
         Ok(v) if v.is_finite() && v >= 0.0 => Ok(v / 100.0),
         _ => Err(format!(
             "invalid percentage {s:?}: expected a number from 0 to {MAX_PERCENT}, e.g. \"25%\""
@@ -251,11 +252,21 @@ mod tests {
 
     #[test]
     fn absurd_values_are_rejected() {
-        for bad in ["1e30%", "1001%", "NaN%", "nan%", "inf%", "-inf%", "-5%", "1e400%"] {
+        for bad in [
+            "1e30%", "1001%", "NaN%", "nan%", "inf%", "-inf%", "-5%", "1e400%",
+        ] {
             assert!(parse_amount(bad).is_err(), "{bad}");
         }
         assert_eq!(parse_amount("1000%"), Ok(Amount::Percent(10.0)));
-        for bad in ["9EiB", "8388608T", "18446744073709551615", "1e30", "NaN", "inf", "-1"] {
+        for bad in [
+            "9EiB",
+            "8388608T",
+            "18446744073709551615",
+            "1e30",
+            "NaN",
+            "inf",
+            "-1",
+        ] {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
         assert_eq!(parse_size("9223372036854771712"), Ok(MAX_SIZE));
