@@ -13,4 +13,6 @@ mod episodes;
 mod golang;
 mod loans;
 mod loans_failure;
+mod policy_cli;
+mod policy_reload;
 mod stalls;

@@ -5,6 +5,8 @@
 //! and is not writable by group or others. A root-owned sticky directory such as /tmp is
 //! accepted above the path: nobody else can rename or replace what root put there.
 //!
+//! On a read-only mount (a ConfigMap volume) write bits are ignored: nobody can write.
+//!
 //! Symlinks are resolved first: the file actually read and its real ancestors are what
 //! must be safe (the link itself lives in a directory that is checked on its own).
 
@@ -99,7 +101,7 @@ pub fn check(path: &Path, what: &str, owners: Owners) -> Result<(), PermError> {
         }
         let above = i > 0;
         let sticky_root_dir = above && md.is_dir() && md.uid() == 0 && mode & STICKY != 0;
-        if mode & GROUP_OTHER_WRITE != 0 && !sticky_root_dir {
+        if mode & GROUP_OTHER_WRITE != 0 && !sticky_root_dir && !read_only_mount(p) {
             return Err(PermError::Writable {
                 path: p.to_path_buf(),
                 mode,
@@ -109,6 +111,13 @@ pub fn check(path: &Path, what: &str, owners: Owners) -> Result<(), PermError> {
         }
     }
     Ok(())
+}
+
+/// On a read-only mount the write bits mean nothing: a Kubernetes ConfigMap volume
+/// (mounted `readOnly`) shows its directory as 0777, and nobody can change it.
+fn read_only_mount(p: &Path) -> bool {
+    use nix::sys::statvfs::{statvfs, FsFlags};
+    statvfs(p).is_ok_and(|s| s.flags().contains(FsFlags::ST_RDONLY))
 }
 
 /// Like [`check`] for a path that may not exist yet (a state dir the agent creates, a
@@ -243,6 +252,43 @@ mod tests {
             e.contains(&format!("reached through {}", link.display())),
             "{e}"
         );
+    }
+
+    /// A tmpfs mounted on a TempDir, unmounted on drop.
+    struct Mount(PathBuf);
+
+    impl Drop for Mount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+
+    fn mount(args: &[&str], dir: &Path) -> bool {
+        std::process::Command::new("mount")
+            .args(args)
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    #[test]
+    fn write_bits_on_a_read_only_mount_do_not_count() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("configmap");
+        std::fs::create_dir(&dir).unwrap();
+        if !is_root() || !mount(&["-t", "tmpfs", "-o", "size=64k,mode=0777", "none"], &dir) {
+            eprintln!("skipped: needs root and mount(8)");
+            return;
+        }
+        let m = Mount(dir.clone());
+        std::fs::write(dir.join("p.toml"), "x").unwrap();
+        chmod(&dir.join("p.toml"), 0o644);
+        // Read-write and 0777: refused.
+        assert!(check(&dir.join("p.toml"), "policy file", ROOT_ONLY).is_err());
+        assert!(mount(&["-o", "remount,ro"], &dir), "remount ro");
+        check(&dir.join("p.toml"), "policy file", ROOT_ONLY).unwrap();
+        check(&dir, "policies", ROOT_ONLY).unwrap();
+        drop(m);
     }
 
     #[test]

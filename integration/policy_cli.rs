@@ -1,0 +1,324 @@
+//! What the agent trusts and how the command line reports problems: StrictModes on the
+//! policies dir, the config and the state dir; unreadable policy files; warnings with
+//! positions; `explain` of a missing cgroup; `status` of a dead agent; an error's cause
+//! printed once. The `run` cases need root and the v1 hierarchy (the agent starts on it
+//! with a policy that matches nothing and in dry-run mode, so it can change nothing).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use crate::common::*;
+
+fn chmod(p: &Path, mode: u32) {
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn text(o: &Output) -> (i32, String, String) {
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn oomwake(args: &[&str]) -> (i32, String, String) {
+    text(&Command::new(oomwake_bin()).args(args).output().unwrap())
+}
+
+/// A policy no cgroup has: an agent running it changes nothing.
+fn inert_policy(mode: &str) -> String {
+    format!(
+        "mode = \"{mode}\"\n[match]\ncgroup = [\"/oomwake-policy-test-matches-nothing-{}\"]\n[[step]]\naction = \"kill\"\n",
+        std::process::id()
+    )
+}
+
+/// `oomwake run` in `dir` (policies/, state/, oomwake.toml), dry-run, bounded: returns
+/// the exit code and stderr, or None (and stops it) if it was still running after
+/// `wait` (it started).
+fn run_agent(dir: &Path, extra: &[&str], wait: Duration) -> (Option<i32>, String) {
+    let log = dir.join("agent.log");
+    let mut child = Command::new(oomwake_bin())
+        .arg("run")
+        .arg("--config")
+        .arg(dir.join("oomwake.toml"))
+        .arg("--cgroup-root")
+        .arg(MEMROOT)
+        .arg("--policies")
+        .arg(dir.join("policies"))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--audit-log")
+        .arg(dir.join("audit.jsonl"))
+        .arg("--dry-run")
+        .args(extra)
+        .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
+        .spawn()
+        .unwrap();
+    let mut code = None;
+    wait_until(wait, || {
+        code = child
+            .try_wait()
+            .ok()
+            .flatten()
+            .map(|s| s.code().unwrap_or(-1));
+        code.is_some()
+    });
+    if code.is_none() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        if !wait_until(Duration::from_secs(10), || {
+            matches!(child.try_wait(), Ok(Some(_)))
+        }) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+    (code, read(&log))
+}
+
+fn agent_dir(policy: &str) -> tempfile::TempDir {
+    let t = tempfile::tempdir().unwrap();
+    let p = t.path().join("policies");
+    std::fs::create_dir(&p).unwrap();
+    chmod(&p, 0o755);
+    std::fs::write(p.join("inert.toml"), policy).unwrap();
+    chmod(&p.join("inert.toml"), 0o644);
+    t
+}
+
+#[test]
+fn run_refuses_a_world_writable_policies_dir_unless_insecure() {
+    let Some(()) = require_v1("run_refuses_a_world_writable_policies_dir_unless_insecure") else {
+        return;
+    };
+    let t = agent_dir(&inert_policy("audit"));
+    let dir = t.path().join("policies");
+    chmod(&dir, 0o777);
+    let (code, log) = run_agent(t.path(), &[], Duration::from_secs(20));
+    assert_eq!(code, Some(1), "it started:\n{log}");
+    assert!(log.contains("writable by group or others"), "{log}");
+    assert!(
+        log.contains(&format!("chmod go-w {}", dir.display())),
+        "{log}"
+    );
+    assert!(log.contains("--insecure-policies"), "{log}");
+    assert!(log.contains("not starting"), "{log}");
+
+    // For development: it starts (and says what it is doing).
+    let (code, log) = run_agent(t.path(), &["--insecure-policies"], Duration::from_secs(3));
+    assert_eq!(code, None, "it did not start:\n{log}");
+    assert!(log.contains("--insecure-policies"), "{log}");
+    assert!(t.path().join("state/status.json").exists(), "{log}");
+}
+
+#[test]
+fn run_refuses_a_world_writable_config_or_state_dir() {
+    let Some(()) = require_v1("run_refuses_a_world_writable_config_or_state_dir") else {
+        return;
+    };
+    let t = agent_dir(&inert_policy("audit"));
+    let cfg = t.path().join("oomwake.toml");
+    std::fs::write(&cfg, "sweep_interval = \"1s\"\n").unwrap();
+    chmod(&cfg, 0o646);
+    let (code, log) = run_agent(t.path(), &[], Duration::from_secs(20));
+    assert_eq!(code, Some(1), "it started:\n{log}");
+    assert!(
+        log.contains(&format!("chmod go-w {}", cfg.display())),
+        "{log}"
+    );
+    chmod(&cfg, 0o644);
+    let state = t.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    chmod(&state, 0o777);
+    let (code, log) = run_agent(t.path(), &[], Duration::from_secs(20));
+    assert_eq!(code, Some(1), "it started:\n{log}");
+    assert!(
+        log.contains(&format!("chmod go-w {}", state.display())),
+        "{log}"
+    );
+}
+
+#[test]
+fn run_refuses_a_policies_dir_whose_only_file_is_unreadable() {
+    let Some(()) = require_v1("run_refuses_a_policies_dir_whose_only_file_is_unreadable") else {
+        return;
+    };
+    // The operator's audit-only policy is a link that dangles: the embedded default
+    // (enforce, kill) must not take over.
+    let t = tempfile::tempdir().unwrap();
+    let p = t.path().join("policies");
+    std::fs::create_dir(&p).unwrap();
+    std::os::unix::fs::symlink("/nonexistent/audit.toml", p.join("audit.toml")).unwrap();
+    let (code, log) = run_agent(t.path(), &[], Duration::from_secs(20));
+    assert_eq!(code, Some(1), "it started:\n{log}");
+    assert!(
+        log.contains(&format!("{}: ", p.join("audit.toml").display())),
+        "{log}"
+    );
+    assert!(!log.contains("embedded default"), "{log}");
+}
+
+#[test]
+fn check_refuses_untrusted_files_and_explains_the_fix() {
+    let t = agent_dir(&inert_policy("enforce"));
+    let dir = t.path().join("policies");
+    let dir_s = dir.to_str().unwrap();
+    let (code, out, err) = oomwake(&["check", "--policies", dir_s]);
+    assert_eq!(code, 0, "{out}{err}");
+    chmod(&dir.join("inert.toml"), 0o666);
+    let (code, _, err) = oomwake(&["check", "--policies", dir_s]);
+    assert_eq!(code, 1, "{err}");
+    let f = dir.join("inert.toml");
+    assert!(
+        err.contains(&format!("chmod go-w {}", f.display())),
+        "{err}"
+    );
+    let (code, _, err) = oomwake(&["check", f.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    let (code, out, err) = oomwake(&["check", "--insecure-policies", "--policies", dir_s]);
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+#[test]
+fn check_fails_on_a_dangling_link_or_a_loop_instead_of_using_the_default() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    let dir_s = dir.to_str().unwrap();
+    std::os::unix::fs::symlink(dir.join("gone.toml"), dir.join("audit.toml")).unwrap();
+    let (code, out, err) = oomwake(&["check", "--policies", dir_s]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(!out.contains("embedded default"), "{out}");
+    assert!(
+        err.contains(&format!("{}: ", dir.join("audit.toml").display())),
+        "{err}"
+    );
+    std::fs::remove_file(dir.join("audit.toml")).unwrap();
+    std::fs::write(dir.join("audit.toml"), inert_policy("audit")).unwrap();
+    std::os::unix::fs::symlink(dir.join("loop.toml"), dir.join("loop.toml")).unwrap();
+    let (code, out, err) = oomwake(&["check", "--policies", dir_s]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("loop.toml: "), "{err}");
+    std::fs::remove_file(dir.join("loop.toml")).unwrap();
+    let (code, out, err) = oomwake(&["check", "--policies", dir_s]);
+    assert_eq!(code, 0, "{out}{err}");
+    // A directory that really has no *.toml: the default applies, and check says so.
+    let empty = tempfile::tempdir().unwrap();
+    let (code, out, _) = oomwake(&["check", "--policies", empty.path().to_str().unwrap()]);
+    assert_eq!(code, 0);
+    assert!(out.contains("embedded default"), "{out}");
+}
+
+#[test]
+fn check_reports_nonsense_values_with_positions() {
+    let t = tempfile::tempdir().unwrap();
+    let bad = t.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[match]\ncgroup = [\"/a\"]\n[[step]]\naction = \"signal\"\nsignal = \"SIGSTOP\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = oomwake(&["check", bad.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&format!("{}:5:10: ", bad.display())), "{err}");
+    let warn = t.path().join("warn.toml");
+    std::fs::write(
+        &warn,
+        "[match]\ncgroup = [\"/a\"]\n[[step]]\naction = \"signal\"\ngrace = \"0s\"\n",
+    )
+    .unwrap();
+    let (code, out, err) = oomwake(&["check", warn.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        err.contains(&format!("{}:5:9: warning: ", warn.display())),
+        "{err}"
+    );
+}
+
+#[test]
+fn explain_of_a_missing_cgroup_exits_1() {
+    let Some(()) = require_v1("explain_of_a_missing_cgroup_exits_1") else {
+        return;
+    };
+    let t = agent_dir(&inert_policy("audit"));
+    let (code, out, err) = oomwake(&[
+        "explain",
+        "--policies",
+        t.path().join("policies").to_str().unwrap(),
+        "--cgroup-root",
+        MEMROOT,
+        "/nonexistent-oomwake-cgroup",
+    ]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("/nonexistent-oomwake-cgroup: no such cgroup under"),
+        "{err}"
+    );
+    // An existing cgroup still explains with exit 0.
+    let (code, out, err) = oomwake(&[
+        "explain",
+        "--policies",
+        t.path().join("policies").to_str().unwrap(),
+        "--cgroup-root",
+        MEMROOT,
+        "/",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+fn status_of(pid: u32) -> (i32, String, String) {
+    let t = tempfile::tempdir().unwrap();
+    let status = serde_json::json!({
+        "pid": pid, "running": true, "updated": "2026-01-01T00:00:00.000Z",
+        "cgroup_root": "/sys/fs/cgroup/memory", "policies": [], "dry_run": false,
+        "watched": [], "episodes_running": [], "loans": []
+    });
+    std::fs::write(t.path().join("status.json"), status.to_string()).unwrap();
+    oomwake(&["status", "--state-dir", t.path().to_str().unwrap()])
+}
+
+#[test]
+fn status_does_not_take_a_zombie_or_another_program_for_the_agent() {
+    // A child that has exited but is not reaped: a zombie with our pid's /proc entry.
+    let mut child = Command::new(oomwake_bin())
+        .arg("--version")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let zombie = wait_until(Duration::from_secs(10), || proc_state(pid as i32) == "Z");
+    assert!(zombie, "child never became a zombie");
+    let (code, out, err) = status_of(pid);
+    let _ = child.wait();
+    assert_eq!(code, 3, "{out}{err}");
+    assert!(out.contains("oomwake not running"), "{out}");
+    // A live process that is not oomwake (the pid was reused): this test binary.
+    let (code, out, err) = status_of(std::process::id());
+    assert_eq!(code, 3, "{out}{err}");
+    assert!(out.contains("oomwake not running"), "{out}");
+}
+
+#[test]
+fn a_fatal_error_prints_its_cause_once() {
+    let t = agent_dir(&inert_policy("audit"));
+    let (code, _, err) = oomwake(&[
+        "run",
+        "--dry-run",
+        "--config",
+        t.path().join("none.toml").to_str().unwrap(),
+        "--policies",
+        t.path().join("policies").to_str().unwrap(),
+        "--state-dir",
+        t.path().join("state").to_str().unwrap(),
+        "--cgroup-root",
+        "/nonexistent/oomwake-root",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("/nonexistent/oomwake-root"), "{err}");
+    let cause = std::io::Error::from_raw_os_error(libc::ENOENT).to_string();
+    assert_eq!(err.matches(&cause).count(), 1, "{err}");
+}
