@@ -248,8 +248,11 @@ pub fn restore_all(shared: &Shared) {
             Ok(Restore::Restored { old, new }) => {
                 shared.audit.log(restore_record(&cg, old, new, "shutdown"))
             }
-            Ok(Restore::DoesNotFit) | Ok(Restore::MemoryOnly { .. }) => log::warn!(
+            Ok(Restore::DoesNotFit) => log::warn!(
                 "{cg}: usage does not fit the original limit; the loan stays in the journal and is restored at the next start"
+            ),
+            Ok(Restore::MemoryOnly { .. }) => log::warn!(
+                "{cg}: memory is back at the original limit but the kernel refused memsw; the loan stays in the journal and the next start finishes it"
             ),
             Ok(other) => log::info!("{cg}: loan at shutdown: {other:?}"),
             Err(e) => log::error!("{cg}: restoring at shutdown failed: {e}; kept in the journal"),
