@@ -71,6 +71,18 @@ impl Owners {
 /// Checks `path` (which must exist) and every directory above it. `what` names what
 /// was being loaded through it ("policy file", "config"), for the message.
 pub fn check(path: &Path, what: &str, owners: Owners) -> Result<(), PermError> {
+    check_from(path, what, owners, 0)
+}
+
+/// `first_above` is 1 when `path` is itself a directory above what is trusted (the
+/// nearest existing ancestor of a path not created yet), where a sticky root-owned
+/// directory is fine: what is later created there is checked when it exists.
+fn check_from(
+    path: &Path,
+    what: &str,
+    owners: Owners,
+    first_above: usize,
+) -> Result<(), PermError> {
     let real = path.canonicalize().map_err(|error| PermError::Io {
         path: path.to_path_buf(),
         error,
@@ -99,7 +111,7 @@ pub fn check(path: &Path, what: &str, owners: Owners) -> Result<(), PermError> {
                 hint: owners.hint,
             });
         }
-        let above = i > 0;
+        let above = i + first_above > 0;
         let sticky_root_dir = above && md.is_dir() && md.uid() == 0 && mode & STICKY != 0;
         if mode & GROUP_OTHER_WRITE != 0 && !sticky_root_dir && !read_only_mount(p) {
             return Err(PermError::Writable {
@@ -123,12 +135,10 @@ fn read_only_mount(p: &Path) -> bool {
 /// Like [`check`] for a path that may not exist yet (a state dir the agent creates, a
 /// config file that is optional): checks the nearest existing ancestor instead.
 pub fn check_existing_part(path: &Path, what: &str, owners: Owners) -> Result<(), PermError> {
-    let existing = path
-        .ancestors()
-        .find(|p| std::fs::symlink_metadata(p).is_ok() && p.exists());
+    let existing = path.ancestors().find(|p| p.exists());
     match existing {
         Some(p) if p == path => check(p, what, owners),
-        Some(p) => check(p, "", owners),
+        Some(p) => check_from(p, "", owners, 1),
         None => Ok(()),
     }
 }
@@ -301,5 +311,12 @@ mod tests {
         check_existing_part(&dir.join("state/deeper"), "state dir", ROOT_ONLY).unwrap();
         chmod(&dir, 0o757);
         assert!(check_existing_part(&dir.join("state"), "state dir", ROOT_ONLY).is_err());
+        // A sticky root dir such as /tmp is fine above a path not created yet: whatever
+        // someone else creates there is theirs, and refused once it exists.
+        chmod(&dir, 0o1777);
+        check_existing_part(&dir.join("oomwake.toml"), "config", ROOT_ONLY).unwrap();
+        std::fs::write(dir.join("oomwake.toml"), "").unwrap();
+        std::os::unix::fs::chown(dir.join("oomwake.toml"), Some(4321), None).unwrap();
+        assert!(check_existing_part(&dir.join("oomwake.toml"), "config", ROOT_ONLY).is_err());
     }
 }

@@ -677,10 +677,11 @@ pub fn load_dir(dir: &Path) -> Result<PolicySet, Vec<LoadError>> {
     load_dir_with(dir, Trust::Strict)
 }
 
-/// Loads every entry named `*.toml` in `dir`, sorted by file name. Each must be a
-/// readable policy file: an entry that cannot be read (dangling symlink, loop,
-/// permission denied, a directory) is an error, never skipped. Only a directory that
-/// does not exist or has no `*.toml` entry at all gives the embedded default.
+/// Loads every entry named `*.toml` in `dir` (but not hidden ones, `.*`), sorted by file
+/// name. Each must be a readable policy file: an entry that cannot be read (dangling
+/// symlink, loop, permission denied, a directory) is an error, never skipped. Only a
+/// directory that does not exist or has no `*.toml` entry at all gives the embedded
+/// default.
 pub fn load_dir_with(dir: &Path, trust: Trust) -> Result<PolicySet, Vec<LoadError>> {
     let io = |path: &Path, error| {
         vec![LoadError::Io {
@@ -700,7 +701,10 @@ pub fn load_dir_with(dir: &Path, trust: Trust) -> Result<PolicySet, Vec<LoadErro
     for e in entries {
         let e = e.map_err(|e| io(dir, e))?;
         let path = e.path();
-        if path.extension().is_some_and(|x| x == "toml") {
+        // Hidden entries are never policies: an editor's lock link (`.#p.toml`, which
+        // dangles by design) must not make a reload fail.
+        let hidden = e.file_name().as_encoded_bytes().starts_with(b".");
+        if !hidden && path.extension().is_some_and(|x| x == "toml") {
             files.push(path);
         }
     }
@@ -1046,8 +1050,11 @@ level = 1
         let errs = load_dir(t.path()).unwrap_err();
         assert_eq!(errs.len(), 1, "{errs:?}");
         assert!(errs[0].to_string().contains("loop.toml: "), "{}", errs[0]);
-        // A directory named *.toml is not a policy either.
         std::fs::remove_file(t.path().join("loop.toml")).unwrap();
+        // Hidden entries are not policies (an editor's dangling lock link).
+        std::os::unix::fs::symlink("user@host.123", t.path().join(".#audit.toml")).unwrap();
+        assert!(load_dir(t.path()).is_ok());
+        // A directory named *.toml is not a policy either.
         std::fs::create_dir(t.path().join("dir.toml")).unwrap();
         assert!(load_dir(t.path()).is_err());
         std::fs::remove_dir(t.path().join("dir.toml")).unwrap();
