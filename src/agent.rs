@@ -91,6 +91,8 @@ pub fn run(cfg: Config, policies: PolicySet, reload: crate::config::Reload) -> a
         let every = cfg.restore_check_interval;
         std::thread::Builder::new()
             .name("keeper".into())
+            // Locked whole by mlockall: no more stack than it needs.
+            .stack_size(256 * 1024)
             .spawn(move || loan::keeper::run(s, every))?
     };
     if let Some(addr) = cfg.metrics {
