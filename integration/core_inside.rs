@@ -97,8 +97,13 @@ fn agent_inside_the_stuck_cgroup_is_not_parked_and_stops_on_sigterm() {
     let agent_log = read(&tmp.path().join("agent.log"));
     assert!(
         gone,
-        "the agent did not stop on SIGTERM; threads: {}; log:\n{agent_log}",
-        threads(agent_pid)
+        "the agent did not stop on SIGTERM; threads: {}; signals: {}; log:\n{agent_log}",
+        threads(agent_pid),
+        read(std::path::Path::new(&format!("/proc/{agent_pid}/status")))
+            .lines()
+            .filter(|l| l.starts_with("Sig") || l.starts_with("ShdPnd"))
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     let locked = agent_log
         .lines()

@@ -170,6 +170,28 @@ pub fn memory_footprint(proc_root: &Path) -> Option<(u64, u64)> {
     Some((field("VmRSS:")?, field("VmLck:")?))
 }
 
+/// A descriptor that becomes readable when one of `signals` arrives (read 8 bytes to
+/// reset it). The handler only adds to an eventfd's counter: unlike a write to a socket
+/// or a pipe, that needs no kernel memory, so the wakeup is not lost while the agent's
+/// own cgroup is at its limit (a SIGTERM to an agent sharing a stuck cgroup was).
+pub fn signal_eventfd(signals: &[i32]) -> io::Result<std::fs::File> {
+    use nix::sys::eventfd::{EfdFlags, EventFd};
+    let efd = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+        .map_err(io::Error::from)?;
+    let file = std::sync::Arc::new(std::fs::File::from(OwnedFd::from(efd)));
+    for &sig in signals {
+        let f = file.clone();
+        let handler = move || {
+            use std::io::Write;
+            let _ = (&*f).write(&1u64.to_ne_bytes());
+        };
+        // SAFETY: the handler only calls write(2) on an eventfd it owns through the Arc
+        // (async-signal-safe; no allocation, no lock), and returns.
+        unsafe { signal_hook::low_level::register(sig, handler) }?;
+    }
+    file.try_clone()
+}
+
 /// The `f_type` magic of the filesystem holding `path` (statfs(2)).
 pub fn fs_magic(path: &Path) -> io::Result<i64> {
     let c = CString::new(path.as_os_str().as_bytes())
@@ -222,6 +244,17 @@ mod tests {
         // PIDs above pid_max (4194304 at most) never exist.
         let err = PidFd::open(i32::MAX).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn signal_eventfd_becomes_readable_on_the_signal() {
+        use std::io::Read;
+        let mut f = signal_eventfd(&[libc::SIGUSR2]).unwrap();
+        let mut buf = [0u8; 8];
+        assert!(f.read(&mut buf).is_err(), "readable before any signal");
+        nix::sys::signal::raise(nix::sys::signal::Signal::SIGUSR2).unwrap();
+        assert_eq!(f.read(&mut buf).unwrap(), 8);
+        assert_eq!(u64::from_ne_bytes(buf), 1);
     }
 
     #[test]

@@ -7,7 +7,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
 use std::os::fd::AsFd;
-use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -47,8 +46,8 @@ pub struct Watcher {
     shared: Arc<Shared>,
     epoll: Epoll,
     inotify: Inotify,
-    hup: UnixStream,
-    term: UnixStream,
+    hup: std::fs::File,
+    term: std::fs::File,
     dirs: HashMap<WatchDescriptor, CgroupPath>,
     dir_wds: HashMap<CgroupPath, WatchDescriptor>,
     candidates: BTreeMap<CgroupPath, Candidate>,
@@ -84,14 +83,10 @@ impl Watcher {
                 EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_INOTIFY),
             )
             .map_err(io_err)?;
-        let (hup, hup_w) = UnixStream::pair()?;
-        let (term, term_w) = UnixStream::pair()?;
-        hup.set_nonblocking(true)?;
-        term.set_nonblocking(true)?;
-        signal_hook::low_level::pipe::register(libc::SIGHUP, hup_w)?;
-        let term_w2 = term_w.try_clone()?;
-        signal_hook::low_level::pipe::register(libc::SIGTERM, term_w)?;
-        signal_hook::low_level::pipe::register(libc::SIGINT, term_w2)?;
+        // Eventfds, not socket pairs: waking through them needs no kernel memory, which
+        // the agent's cgroup may not have (it can share a stuck one).
+        let hup = crate::sys::signal_eventfd(&[libc::SIGHUP])?;
+        let term = crate::sys::signal_eventfd(&[libc::SIGTERM, libc::SIGINT])?;
         epoll
             .add(&hup, EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_HUP))
             .map_err(io_err)?;
@@ -615,7 +610,8 @@ impl Watcher {
     }
 }
 
-fn drain(s: &mut UnixStream) {
+/// Resets a signal eventfd (reads need 8 bytes at least).
+fn drain(s: &mut impl Read) {
     let mut buf = [0u8; 64];
     while let Ok(n) = s.read(&mut buf) {
         if n == 0 {
