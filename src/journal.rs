@@ -490,10 +490,12 @@ mod tests {
             original: Limits {
                 memory: 64 << 20,
                 memsw: Some(64 << 20),
+                high: None,
             },
             lent: Limits {
                 memory: 80 << 20,
                 memsw: Some(80 << 20),
+                high: None,
             },
             change: None,
             started_unix_ms: 1,

@@ -11,11 +11,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
-use nix::sys::eventfd::EventFd;
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 
 use crate::audit::Record;
-use crate::cgroup::{CgroupPath, OomControl, OomProbe};
+use crate::cgroup::{CgroupPath, OomControl, OomProbe, StallSource, StallWatch};
 use crate::config::Config;
 use crate::policy::{Policy, PolicySet};
 use crate::shared::{Shared, Status, WatchedStatus};
@@ -34,10 +33,13 @@ struct Candidate {
     /// None: choose the policy again on the next read.
     kill_disabled: Option<bool>,
     watched: Option<Watched>,
+    /// The kernel's OOM kill counter at the last read (a rise is audited).
+    oom_kills: Option<u64>,
 }
 
 struct Watched {
-    efd: Option<EventFd>,
+    /// Polled fds; fd `i` has token `token + i`.
+    stall: Option<StallWatch>,
     token: u64,
     policy: Arc<Policy>,
 }
@@ -168,15 +170,21 @@ impl Watcher {
         let Some(cg) = self.tokens.get(&token).cloned() else {
             return;
         };
+        let mut source = None;
         if let Some(w) = self.watched(&cg) {
-            if let Some(efd) = &w.efd {
-                // Nonblocking: WouldBlock just means another wakeup consumed it.
-                let _ = efd.read();
+            let fd = token
+                .checked_sub(w.token)
+                .and_then(|i| w.stall.as_ref()?.fds.get(usize::try_from(i).ok()?));
+            if let Some(fd) = fd {
+                fd.clear();
+                source = Some(fd.source());
             }
         }
         // The kernel also signals the eventfd when the cgroup is removed: the probe then
         // reads "gone" and forgets it.
-        if self.probe(&cg).is_some_and(|st| st.under_oom) {
+        let stuck = self.probe(&cg).is_some_and(|st| st.under_oom);
+        // A PSI trigger is a stall by itself (pressure before any limit is reached).
+        if stuck || (source == Some(StallSource::Pressure) && self.watched(&cg).is_some()) {
             self.trigger(&cg, detected);
         }
     }
@@ -329,17 +337,32 @@ impl Watcher {
     fn watch(&mut self, cg: &CgroupPath, policy: Arc<Policy>) {
         let token = self.next_token;
         self.next_token += 1;
-        let efd = if self.events {
-            match self.shared.env.ctl.register_oom(cg) {
-                Ok(efd) => {
-                    if let Err(e) = self
-                        .epoll
-                        .add(efd.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, token))
-                    {
-                        log::error!("{cg}: epoll add: {e}");
-                        return;
+        let stall = if self.events {
+            match self
+                .shared
+                .env
+                .ctl
+                .register_stall(cg, policy.v2.trigger.as_ref())
+            {
+                Ok(stall) => {
+                    for (i, fd) in stall.fds.iter().enumerate() {
+                        let flags = if fd.priority() {
+                            EpollFlags::EPOLLPRI
+                        } else {
+                            EpollFlags::EPOLLIN
+                        };
+                        let t = token + i as u64;
+                        if let Err(e) = self.epoll.add(fd.as_fd(), EpollEvent::new(flags, t)) {
+                            log::error!("{cg}: epoll add: {e}");
+                            for fd in &stall.fds[..i] {
+                                let _ = self.epoll.delete(fd.as_fd());
+                            }
+                            return;
+                        }
+                        self.tokens.insert(t, cg.clone());
                     }
-                    Some(efd)
+                    self.next_token += stall.fds.len().saturating_sub(1) as u64;
+                    Some(stall)
                 }
                 Err(e) if e.is_gone() => return,
                 Err(e) => {
@@ -358,8 +381,11 @@ impl Watcher {
         self.shared
             .audit
             .log(Record::new("watch", cg).with("policy", policy.name.clone()));
-        self.candidates.entry(cg.clone()).or_default().watched =
-            Some(Watched { efd, token, policy });
+        self.candidates.entry(cg.clone()).or_default().watched = Some(Watched {
+            stall,
+            token,
+            policy,
+        });
         self.status_dirty = true;
         self.update_watched_metric();
     }
@@ -368,10 +394,13 @@ impl Watcher {
         let Some(w) = self.candidates.get_mut(cg).and_then(|c| c.watched.take()) else {
             return;
         };
-        if let Some(efd) = &w.efd {
-            let _ = self.epoll.delete(efd.as_fd());
-        }
         self.tokens.remove(&w.token);
+        if let Some(stall) = &w.stall {
+            for (i, fd) in stall.fds.iter().enumerate() {
+                let _ = self.epoll.delete(fd.as_fd());
+                self.tokens.remove(&(w.token + i as u64));
+            }
+        }
         self.shared.audit.log(
             Record::new("unwatch", cg)
                 .with("policy", w.policy.name.clone())
@@ -467,7 +496,10 @@ impl Watcher {
         }
         let res = entry.probe.as_ref().map(|f| f.read());
         match res {
-            Some(Ok(Some(st))) => Some(st),
+            Some(Ok(Some(st))) => {
+                self.note_oom_kills(cg, st.oom_kill);
+                Some(st)
+            }
             Some(Ok(None)) => {
                 self.forget_subtree(cg, "removed");
                 None
@@ -477,6 +509,28 @@ impl Watcher {
                 None
             }
             None => None,
+        }
+    }
+
+    /// Audits a rise of the kernel's OOM kill counter of a watched cgroup: the kernel
+    /// killed anyway (on v2 at memory.max).
+    fn note_oom_kills(&mut self, cg: &CgroupPath, now: u64) {
+        let Some(c) = self.candidates.get_mut(cg) else {
+            return;
+        };
+        let before = c.oom_kills.replace(now);
+        let Some(before) = before.filter(|&b| now > b) else {
+            return;
+        };
+        if let Some(w) = &c.watched {
+            let policy = w.policy.name.clone();
+            log::warn!("{cg}: the kernel OOM-killed {} task(s)", now - before);
+            self.shared.audit.log(
+                Record::new("kernel_oom_kill", cg)
+                    .with("policy", policy)
+                    .with("oom_kill", now)
+                    .with("killed", now - before),
+            );
         }
     }
 

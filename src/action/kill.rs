@@ -160,6 +160,18 @@ pub fn kill_all(env: &Env, ctx: &StepCtx) -> Report {
             .with("pids", pids)
             .with("signal", "SIGKILL");
     }
+    // v2: one write to cgroup.kill kills the whole subtree, forks included.
+    match env.ctl.kill_all(ctx.cgroup) {
+        Ok(true) => {
+            let pids: Vec<i32> = first.iter().map(|t| t.pid).collect();
+            return Report::new(Outcome::Done)
+                .with("pids", pids)
+                .with("signal", "SIGKILL")
+                .with("via", "cgroup.kill");
+        }
+        Ok(false) => {}
+        Err(e) => log::warn!("{}: {e}; killing task by task", ctx.cgroup),
+    }
     let mut killed = Vec::new();
     let mut errors = Vec::new();
     let mut pidfds = Vec::new();

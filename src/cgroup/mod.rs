@@ -7,12 +7,12 @@
 
 pub mod parse;
 pub mod v1;
+pub mod v2;
 
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use nix::sys::eventfd::EventFd;
 use serde::{Deserialize, Serialize};
 
 pub use parse::OomControl;
@@ -44,8 +44,6 @@ pub enum CgroupError {
     },
     #[error("{path}: not a memory cgroup hierarchy (filesystem magic {magic:#x})")]
     NotCgroupFs { path: PathBuf, magic: i64 },
-    #[error("{path}: cgroup v2 hierarchies are not supported yet")]
-    V2Unsupported { path: PathBuf },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
 }
@@ -501,12 +499,15 @@ fn hierarchy_prefix(mountinfo: &str, root: &Path) -> Option<CgroupPath> {
     best.map(|(_, p)| p)
 }
 
-/// Memory limits of a cgroup: the memory limit and, on v1 with swap accounting, the
-/// memory+swap limit (`None` when the file does not exist).
+/// Memory limits of a cgroup: the memory limit (v1 `memory.limit_in_bytes`, v2
+/// `memory.max`), on v1 with swap accounting the memory+swap limit, on v2 the throttle
+/// limit `memory.high` (`None` where the file does not exist).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Limits {
     pub memory: u64,
     pub memsw: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub high: Option<u64>,
 }
 
 /// What the agent does to a memory cgroup, whatever its version. Reads return `Ok(None)`
@@ -530,36 +531,138 @@ pub trait Controller: Send + Sync {
     fn prepare(&self, _cg: &CgroupPath) {}
     /// Closes what [`Controller::prepare`] kept open for `cg` and below.
     fn forget(&self, _cg: &CgroupPath) {}
-    /// An eventfd that becomes readable when the cgroup enters OOM (or is removed).
-    fn register_oom(&self, cg: &CgroupPath) -> Result<EventFd>;
-    /// A handle that re-reads the OOM state with one pread(2): for the safety sweep,
-    /// which reads every watched cgroup every second. `Ok(None)` if the cgroup is gone.
+    /// The file descriptors the event loop polls to learn that the cgroup may be stuck
+    /// (v1: an OOM eventfd; v2: `memory.events`, and a PSI trigger on `memory.pressure`
+    /// when `psi` is given).
+    fn register_stall(&self, cg: &CgroupPath, psi: Option<&v2::PsiTrigger>) -> Result<StallWatch>;
+    /// A handle that re-reads the stall state cheaply: for the safety sweep, which reads
+    /// every watched cgroup every second. `Ok(None)` if the cgroup is gone.
     fn oom_probe(&self, cg: &CgroupPath) -> Result<Option<OomProbe>>;
+    /// Kills every task of the cgroup and its descendants in one kernel operation where
+    /// the kernel has one (v2 `cgroup.kill`). `Ok(false)`: not available, the caller
+    /// kills task by task.
+    fn kill_all(&self, _cg: &CgroupPath) -> Result<bool> {
+        Ok(false)
+    }
+}
+
+/// Where a stall notification comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StallSource {
+    /// v1: the OOM eventfd of `memory.oom_control` (readable; read to clear).
+    OomEventFd,
+    /// v2: `memory.events` changed (EPOLLPRI; re-read from offset 0 to clear).
+    Events,
+    /// v2: the PSI trigger on `memory.pressure` fired (EPOLLPRI).
+    Pressure,
+}
+
+/// One file descriptor to poll for a watched cgroup.
+#[derive(Debug)]
+pub struct StallFd {
+    file: std::fs::File,
+    source: StallSource,
+}
+
+impl StallFd {
+    pub fn new(fd: std::os::fd::OwnedFd, source: StallSource) -> StallFd {
+        StallFd {
+            file: std::fs::File::from(fd),
+            source,
+        }
+    }
+
+    pub fn source(&self) -> StallSource {
+        self.source
+    }
+
+    /// True if the event loop waits for EPOLLPRI on it (else EPOLLIN).
+    pub fn priority(&self) -> bool {
+        self.source != StallSource::OomEventFd
+    }
+
+    /// Consumes the notification so a level-triggered poll does not report it again.
+    /// Errors (WouldBlock: another wakeup consumed it) change nothing and are ignored.
+    pub fn clear(&self) {
+        use std::io::Read;
+        use std::os::unix::fs::FileExt;
+        let mut buf = [0u8; 512];
+        match self.source {
+            // An eventfd read returns its 8-byte counter and resets it.
+            StallSource::OomEventFd => {
+                let _ = (&self.file).read(&mut buf[..8]);
+            }
+            // kernfs re-arms the notification when the file is read.
+            StallSource::Events => {
+                let _ = self.file.read_at(&mut buf, 0);
+            }
+            // Polling consumed the PSI event already.
+            StallSource::Pressure => {}
+        }
+    }
+}
+
+impl std::os::fd::AsFd for StallFd {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
+/// Everything the event loop polls for one watched cgroup.
+#[derive(Debug, Default)]
+pub struct StallWatch {
+    pub fds: Vec<StallFd>,
 }
 
 /// An open control file that is re-read from offset 0 (kernfs regenerates the content
 /// on every read at offset 0), saving the open and close of every read.
+/// A probe that keeps its own state between reads (v2 compares `memory.events`
+/// counters with the previous read).
+pub type ProbeFn = Box<dyn Fn() -> Result<Option<OomControl>> + Send>;
+
 pub struct OomProbe {
-    file: std::fs::File,
+    file: Option<std::fs::File>,
     path: PathBuf,
     parse: fn(&str) -> Option<OomControl>,
+    custom: Option<ProbeFn>,
 }
 
 impl OomProbe {
     pub fn open(path: PathBuf, parse: fn(&str) -> Option<OomControl>) -> Result<Option<OomProbe>> {
         match std::fs::File::open(&path) {
-            Ok(file) => Ok(Some(OomProbe { file, path, parse })),
+            Ok(file) => Ok(Some(OomProbe {
+                file: Some(file),
+                path,
+                parse,
+                custom: None,
+            })),
             Err(e) if io_is_gone(&e) => Ok(None),
             Err(source) => Err(CgroupError::Read { path, source }),
+        }
+    }
+
+    /// A probe computed by `f` (which returns `Ok(None)` once the cgroup is gone).
+    pub fn custom(path: PathBuf, f: ProbeFn) -> OomProbe {
+        OomProbe {
+            file: None,
+            path,
+            parse: |_| None,
+            custom: Some(f),
         }
     }
 
     /// The current state; `Ok(None)` once the cgroup is gone.
     pub fn read(&self) -> Result<Option<OomControl>> {
         use std::os::unix::fs::FileExt;
+        if let Some(f) = &self.custom {
+            return f();
+        }
+        let Some(file) = &self.file else {
+            return Ok(None);
+        };
         let mut buf = [0u8; 256];
         let n = loop {
-            match self.file.read_at(&mut buf, 0) {
+            match file.read_at(&mut buf, 0) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if io_is_gone(&e) => return Ok(None),
@@ -586,9 +689,7 @@ impl OomProbe {
 pub fn open(h: Hierarchy) -> Result<Box<dyn Controller>> {
     match h.kind() {
         Kind::V1 => Ok(Box::new(v1::V1::new(h))),
-        Kind::V2 => Err(CgroupError::V2Unsupported {
-            path: h.root().to_path_buf(),
-        }),
+        Kind::V2 => Ok(Box::new(v2::V2::new(h))),
     }
 }
 

@@ -14,7 +14,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use super::{
     io_is_gone, parse, read_file, write_file, CgroupError, CgroupPath, Controller, Hierarchy,
 };
-use super::{Limits, OomControl, OomProbe, Result};
+use super::{Limits, OomControl, OomProbe, Result, StallFd, StallSource, StallWatch};
 
 pub struct V1 {
     h: Hierarchy,
@@ -152,7 +152,11 @@ impl Controller for V1 {
         // Without swap accounting the memsw files do not exist at all: read as None,
         // like a vanished cgroup, which the memory read above has already ruled out.
         let memsw = self.read_parsed(cg, "memory.memsw.limit_in_bytes", "limit", parse::bytes)?;
-        Ok(Some(Limits { memory, memsw }))
+        Ok(Some(Limits {
+            memory,
+            memsw,
+            high: None,
+        }))
     }
 
     fn usage(&self, cg: &CgroupPath) -> Result<Option<u64>> {
@@ -232,7 +236,11 @@ impl Controller for V1 {
         )
     }
 
-    fn register_oom(&self, cg: &CgroupPath) -> Result<EventFd> {
+    fn register_stall(
+        &self,
+        cg: &CgroupPath,
+        _psi: Option<&super::v2::PsiTrigger>,
+    ) -> Result<StallWatch> {
         let dir = self.h.dir(cg);
         let control = dir.join("memory.oom_control");
         let efd = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
@@ -247,7 +255,9 @@ impl Controller for V1 {
         })?;
         let line = format!("{} {}", efd.as_raw_fd(), ocf.as_raw_fd());
         write_file(&dir.join("cgroup.event_control"), &line)?;
-        Ok(efd)
+        Ok(StallWatch {
+            fds: vec![StallFd::new(efd.into(), StallSource::OomEventFd)],
+        })
     }
 }
 
@@ -283,7 +293,8 @@ mod tests {
             l,
             Limits {
                 memory: 64 << 20,
-                memsw: None
+                memsw: None,
+                high: None,
             }
         );
         assert_eq!(v.usage(&cg).unwrap(), Some(67100000));
@@ -337,6 +348,7 @@ mod tests {
         let up = Limits {
             memory: 80 << 20,
             memsw: Some(80 << 20),
+            high: None,
         };
         v.set_limits(&cg, old, up).unwrap();
         assert_eq!(

@@ -574,7 +574,20 @@ impl LoanBook {
                 s.saturating_add(new - cur.memory).min(kmax)
             }
         });
-        let to = Limits { memory: new, memsw };
+        // v2: memory.high moves up with memory.max by the same amount (a throttle limit
+        // left where it was would keep the workload held below its new headroom).
+        let high = cur.high.map(|h| {
+            if is_unlimited(h) {
+                h
+            } else {
+                self.stored(h.saturating_add(new - cur.memory).min(kmax))
+            }
+        });
+        let to = Limits {
+            memory: new,
+            memsw,
+            high,
+        };
         let (mut rec, hold) = match existing.clone() {
             Some((r, hold)) => (r, hold),
             None => {
@@ -614,6 +627,7 @@ impl LoanBook {
                 rec.lent = after.unwrap_or(Limits {
                     memory: self.stored(to.memory),
                     memsw: to.memsw.map(|v| self.stored(v)),
+                    high: to.high.map(|v| self.stored(v)),
                 });
                 rec.change = None;
                 self.note(&rec);
@@ -728,9 +742,11 @@ impl LoanBook {
                 step: ChangeStep::Begun,
             });
             self.store(&work, hold)?;
+            // v2's memory.high goes back with memory.max.
             let step1 = Limits {
                 memory: target.memory,
                 memsw: cur.memsw,
+                high: target.high,
             };
             match ctl.set_limits(cg, cur, step1) {
                 Ok(()) => {}

@@ -15,7 +15,7 @@ use toml::Spanned;
 use super::glob::Glob;
 use super::units::{Amount, Dur, Percent, Size};
 use super::{
-    Action, Ceiling, Match, Mode, Policy, PolicySet, Raise, Step, VictimOrder, VictimSpec,
+    Action, Ceiling, Match, Mode, Policy, PolicySet, Raise, Step, V2Keys, VictimOrder, VictimSpec,
 };
 use crate::perm::{Owners, PermError};
 
@@ -107,6 +107,14 @@ struct RawPolicy {
     matcher: Spanned<RawMatch>,
     #[serde(rename = "step", default)]
     steps: Vec<Spanned<RawStep>>,
+    v2: Option<RawV2>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawV2 {
+    hold_at: Option<Spanned<Amount>>,
+    trigger: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -375,6 +383,10 @@ pub fn load_one(text: &str, file: &str) -> Result<(Policy, Vec<String>), LoadErr
         .iter()
         .map(|s| build_step(&ctx, s.get_ref()))
         .collect::<Result<Vec<_>, _>>()?;
+    let v2 = match &raw.v2 {
+        None => V2Keys::default(),
+        Some(r) => build_v2(&ctx, r)?,
+    };
     let policy = Policy {
         name,
         mode: raw.mode.unwrap_or(Mode::Enforce),
@@ -382,8 +394,30 @@ pub fn load_one(text: &str, file: &str) -> Result<(Policy, Vec<String>), LoadErr
         matcher,
         steps,
         source: file.to_string(),
+        v2,
     };
     Ok((policy, ctx.warnings.into_inner()))
+}
+
+fn build_v2(ctx: &Ctx, r: &RawV2) -> Result<V2Keys, LoadError> {
+    let hold_at = match &r.hold_at {
+        Some(h) => match *h.get_ref() {
+            Amount::Percent(p) if p <= 0.0 || p > 1.0 => {
+                return Err(ctx.err(Some(h.span()), "hold_at must be above 0% and at most 100%"))
+            }
+            Amount::Bytes(0) => return Err(ctx.err(Some(h.span()), "hold_at must not be 0")),
+            a => Some(a),
+        },
+        None => None,
+    };
+    let trigger = match &r.trigger {
+        Some(t) => Some(
+            crate::cgroup::v2::PsiTrigger::parse(t.get_ref())
+                .map_err(|e| ctx.err(Some(t.span()), e))?,
+        ),
+        None => None,
+    };
+    Ok(V2Keys { hold_at, trigger })
 }
 
 fn build_step(ctx: &Ctx, s: &RawStep) -> Result<Step, LoadError> {
@@ -795,6 +829,38 @@ level = 1
             Action::Kill { victim } => assert_eq!(victim.order, VictimOrder::Newest),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn v2_keys_parse_and_are_checked_at_their_position() {
+        let steps = "[[step]]\naction = \"kill\"\n";
+        let ok = format!("{HEAD}{steps}[v2]\nhold_at = \"90%\"\ntrigger = \"some 100ms 1s\"\n");
+        let p = load_str(&ok, "p.toml").unwrap();
+        assert_eq!(p.v2.hold_at, Some(Amount::Percent(0.9)));
+        assert_eq!(
+            p.v2.trigger.map(|t| t.kernel_line()).as_deref(),
+            Some("some 100000 1000000")
+        );
+        let p = load_str(
+            &format!("{HEAD}{steps}[v2]\nhold_at = \"60MiB\"\n"),
+            "p.toml",
+        )
+        .unwrap();
+        assert_eq!(p.v2.hold_at, Some(Amount::Bytes(60 << 20)));
+        assert!(load_str(&format!("{HEAD}{steps}"), "p.toml")
+            .unwrap()
+            .v2
+            .trigger
+            .is_none());
+        let e = err(&format!("{HEAD}{steps}[v2]\nhold_at = \"150%\"\n"));
+        assert!(
+            e.starts_with("p.toml:6:11:") && e.contains("at most 100%"),
+            "{e}"
+        );
+        let e = err(&format!("{HEAD}{steps}[v2]\ntrigger = \"some 1s 100ms\"\n"));
+        assert!(e.starts_with("p.toml:6:11:") && e.contains("500ms"), "{e}");
+        let e = err(&format!("{HEAD}{steps}[v2]\nhold = \"90%\"\n"));
+        assert!(e.starts_with("p.toml:6:1:"), "{e}");
     }
 
     #[test]

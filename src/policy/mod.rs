@@ -47,6 +47,17 @@ pub struct Policy {
     pub steps: Vec<Step>,
     /// The file it came from, or `<embedded default>`.
     pub source: String,
+    /// `[v2]`: keys that apply on a cgroup v2 hierarchy only.
+    pub v2: V2Keys,
+}
+
+/// The `[v2]` table of a policy.
+#[derive(Debug, Clone, Default)]
+pub struct V2Keys {
+    /// `hold_at`: memory.high oomwake sets while it watches (of memory.max, or a size).
+    pub hold_at: Option<Amount>,
+    /// `trigger`: a PSI trigger on memory.pressure that starts an episode.
+    pub trigger: Option<crate::cgroup::v2::PsiTrigger>,
 }
 
 /// Container metadata a policy may match on (filled in by a metadata provider; absent
