@@ -1,5 +1,6 @@
 //! Integration tests. `cli` runs anywhere; `stalls`, `loans` and `episodes` need root
-//! and the cgroup v1 memory hierarchy, and drive real processes into real OOM stalls.
+//! and the cgroup v1 memory hierarchy, and drive real processes into real OOM stalls;
+//! `v2` needs a cgroup v2 memory hierarchy (the VM: `integration/vm/run.sh --v2`).
 
 // Test helpers panic on setup failures by design: a broken fixture is a failed test.
 #![allow(clippy::unwrap_used)]
@@ -16,3 +17,4 @@ mod loans_failure;
 mod policy_cli;
 mod policy_reload;
 mod stalls;
+mod v2;

@@ -184,6 +184,9 @@ impl Watcher {
         // reads "gone" and forgets it.
         let stuck = self.probe(&cg).is_some_and(|st| st.under_oom);
         // A PSI trigger is a stall by itself (pressure before any limit is reached).
+        if source == Some(StallSource::Pressure) {
+            log::info!("{cg}: memory pressure trigger fired");
+        }
         if stuck || (source == Some(StallSource::Pressure) && self.watched(&cg).is_some()) {
             self.trigger(&cg, detected);
         }

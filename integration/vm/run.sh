@@ -7,7 +7,11 @@
 # (its own memory cgroup is the root there), then prints a result line on the serial
 # console, which this script reads. Exit status: that of the suite; 1 on a timeout.
 #
-#   integration/vm/run.sh [--timeout SECONDS] [TEST-FILTER ...]
+# With --v2 the VM mounts cgroup2 with +memory instead (no v1 memory: the controller
+# lives on one hierarchy only), sets OOMWAKE_V2_ROOT and runs the v2 scenarios
+# (integration/v2.rs), one at a time so the reaction times they print are not skewed.
+#
+#   integration/vm/run.sh [--v2] [--timeout SECONDS] [TEST-FILTER ...]
 #
 # Needs: qemu-system-x86 and busybox-static (Debian packages; .ci/run installs them),
 # and apt lists (apt-get update) to fetch the kernel. Everything else comes from cargo.
@@ -15,6 +19,11 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 timeout_s=900
+v2=0
+if [ "${1:-}" = "--v2" ]; then
+    v2=1
+    shift
+fi
 if [ "${1:-}" = "--timeout" ]; then
     timeout_s=$2
     shift 2
@@ -83,7 +92,19 @@ echo "root:x:0:" >"$root/etc/group"
 # Skipped in the VM: the Go test (no Go toolchain in the initramfs) and the reclaim of
 # file cache (the VM's only file systems are ramfs and tmpfs, whose pages reclaim cannot
 # drop without swap).
-args=(--test-threads=2 --skip golang --skip reclaim_frees_page_cache)
+if [ "$v2" = 1 ]; then
+    args=(--test-threads=1 --nocapture)
+    [ ${#filters[@]} -eq 0 ] && filters=(v2::)
+    cgroups='mount -t cgroup2 cgroup2 /sys/fs/cgroup
+echo +memory >/sys/fs/cgroup/cgroup.subtree_control
+export OOMWAKE_V2_ROOT=/sys/fs/cgroup'
+else
+    args=(--test-threads=2 --skip golang --skip reclaim_frees_page_cache --skip v2::)
+    cgroups='mount -t tmpfs cgroup /sys/fs/cgroup
+mkdir -p /sys/fs/cgroup/memory
+mount -t cgroup -o memory memory /sys/fs/cgroup/memory
+export OOMWAKE_REQUIRE_ROOT_TESTS=1'
+fi
 for f in "${filters[@]}"; do args+=("$f"); done
 cat >"$root/init" <<EOF
 #!/bin/sh
@@ -91,12 +112,10 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp
-mount -t tmpfs cgroup /sys/fs/cgroup
-mkdir -p /sys/fs/cgroup/memory
-mount -t cgroup -o memory memory /sys/fs/cgroup/memory
+$cgroups
 echo "vm: kernel \$(cat /proc/sys/kernel/osrelease)"
 cd /root
-export OOMWAKE_REQUIRE_ROOT_TESTS=1 RUST_BACKTRACE=1 HOME=/root PATH=/bin:/usr/bin
+export RUST_BACKTRACE=1 HOME=/root PATH=/bin:/usr/bin
 $test_exe ${args[*]} 2>&1
 echo "OOMWAKE-VM-RESULT rc=\$?"
 echo o >/proc/sysrq-trigger

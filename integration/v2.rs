@@ -1,0 +1,400 @@
+//! cgroup v2 scenarios on a real unified hierarchy. The host binds memory to v1, so these
+//! run in the VM (`integration/vm/run.sh --v2`), which mounts cgroup2 with `+memory` and
+//! sets OOMWAKE_V2_ROOT to its mount. Without that variable every test prints
+//! "skipped" and returns (also under OOMWAKE_REQUIRE_ROOT_TESTS=1: the host cannot have
+//! v2 memory, the VM stage is where they must pass).
+//!
+//! Each test makes its own cgroup below the root (removed on drop with the hogs in it),
+//! and prints `v2-measure:` lines with the reaction times the agent reported.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::common::*;
+
+/// The v2 mount to test on, or `None` (reported as skipped).
+fn require_v2(test: &str) -> Option<PathBuf> {
+    let Ok(root) = std::env::var("OOMWAKE_V2_ROOT") else {
+        eprintln!("{test}: skipped: OOMWAKE_V2_ROOT is not set (the v2 VM sets it)");
+        return None;
+    };
+    let root = PathBuf::from(root);
+    let controllers = read(&root.join("cgroup.subtree_control"));
+    assert!(
+        controllers.split_whitespace().any(|c| c == "memory"),
+        "{test}: OOMWAKE_V2_ROOT={} does not enable +memory for its children ({controllers:?})",
+        root.display()
+    );
+    Some(root)
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A scratch cgroup directly below the v2 root, with the processes started in it.
+struct Cg2 {
+    root: PathBuf,
+    rel: String,
+    dir: PathBuf,
+    children: Vec<Child>,
+}
+
+struct Hog2 {
+    pid: i32,
+    started: Instant,
+    report: mpsc::Receiver<String>,
+}
+
+impl Hog2 {
+    fn report(&self, timeout: Duration) -> Option<Value> {
+        let line = self.report.recv_timeout(timeout).ok()?;
+        serde_json::from_str(line.trim()).ok()
+    }
+}
+
+impl Cg2 {
+    fn new(root: &Path, name: &str, max: u64, high: Option<u64>) -> Cg2 {
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let rel = format!("/oomwake-v2-{}-{n}-{name}", std::process::id());
+        let dir = root.join(&rel[1..]);
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        let cg = Cg2 {
+            root: root.to_path_buf(),
+            rel,
+            dir,
+            children: Vec::new(),
+        };
+        cg.set("memory.max", max);
+        if let Some(h) = high {
+            cg.set("memory.high", h);
+        }
+        if cg.dir.join("memory.swap.max").exists() {
+            write(&cg.dir.join("memory.swap.max"), "0");
+        }
+        cg
+    }
+
+    fn set(&self, file: &str, v: u64) {
+        write(&self.dir.join(file), &v.to_string());
+    }
+
+    /// A limit file as bytes (`max` = u64::MAX).
+    fn get(&self, file: &str) -> u64 {
+        let s = read(&self.dir.join(file));
+        if s.trim() == "max" {
+            u64::MAX
+        } else {
+            s.trim().parse().unwrap_or(0)
+        }
+    }
+
+    fn event(&self, key: &str) -> u64 {
+        read(&self.dir.join("memory.events"))
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{key} "))?.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn hog(&mut self, args: &[&str]) -> Hog2 {
+        let mut child = Command::new(hog_bin())
+            .arg("--join")
+            .arg(&self.dir)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn hog");
+        let started = Instant::now();
+        let pid = child.id() as i32;
+        let out = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        self.children.push(child);
+        let procs = self.dir.join("cgroup.procs");
+        wait_until(Duration::from_secs(10), || {
+            read(&procs).lines().any(|l| l.trim() == pid.to_string())
+                || !Path::new(&format!("/proc/{pid}")).exists()
+        });
+        Hog2 {
+            pid,
+            started,
+            report: rx,
+        }
+    }
+
+    fn alive(&mut self, pid: i32) -> bool {
+        self.children
+            .iter_mut()
+            .find(|c| c.id() as i32 == pid)
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Waits (bounded) for the hog to end; Some(signal) if a signal ended it.
+    fn wait_exit(&mut self, pid: i32, timeout: Duration) -> Option<i32> {
+        use std::os::unix::process::ExitStatusExt;
+        let c = self.children.iter_mut().find(|c| c.id() as i32 == pid)?;
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Ok(Some(st)) = c.try_wait() {
+                return st.signal();
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        None
+    }
+
+    fn agent(&self, name: &str, head: &str, steps: &str) -> Agent {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir(tmp.path().join("policies")).unwrap();
+        std::fs::write(
+            tmp.path().join("policies/p.toml"),
+            policy(name, &self.rel, head, steps),
+        )
+        .unwrap();
+        Agent::start_in_root(tmp, &self.root, &[])
+    }
+}
+
+impl Drop for Cg2 {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        oomwake::cgroup::remove_tree(&self.dir, Duration::from_secs(5));
+    }
+}
+
+fn fail(agent: &Agent, what: &str) -> ! {
+    panic!(
+        "{what}\naudit:\n{}\nlog:\n{}",
+        read(&agent.tmp.path().join("audit.jsonl")),
+        agent.log()
+    )
+}
+
+fn action<'a>(actions: &'a [Value], name: &str) -> Option<&'a Value> {
+    actions.iter().find(|a| a["action"] == name)
+}
+
+const T: Duration = Duration::from_secs(30);
+
+#[test]
+fn v2_baseline_the_kernel_kills_at_memory_max() {
+    let Some(root) = require_v2("v2_baseline_the_kernel_kills_at_memory_max") else {
+        return;
+    };
+    // The workload of the other scenarios without oomwake: no memory.high, no agent.
+    let mut cg = Cg2::new(&root, "baseline", 64 * MIB, None);
+    let hog = cg.hog(&["--touch", "80M", "--hold", "30s"]);
+    let sig = cg.wait_exit(hog.pid, T);
+    let took = hog.started.elapsed();
+    assert_eq!(sig, Some(libc::SIGKILL), "the kernel did not kill the hog");
+    assert!(cg.event("oom_kill") >= 1);
+    println!(
+        "v2-measure: baseline: 80 MiB in memory.max 64M, no oomwake: killed by the kernel {} ms after start",
+        took.as_millis()
+    );
+}
+
+#[test]
+fn v2_held_at_high_rescued_by_a_loan_then_both_limits_restored() {
+    let Some(root) = require_v2("v2_held_at_high_rescued_by_a_loan_then_both_limits_restored")
+    else {
+        return;
+    };
+    let mut cg = Cg2::new(&root, "loan", 64 * MIB, Some(48 * MIB));
+    let steps = r#"
+[[step]]
+action = "reclaim"
+settle = "100ms"
+
+[[step]]
+action = "raise_limit"
+by = "50%"
+max_extra = "100%"
+hold = "60s"
+restore_below = "50%"
+restore_after = "500ms"
+"#;
+    let agent = cg.agent("loan", "", steps);
+    agent.expect("watch", &cg.rel, T);
+    let hog = cg.hog(&["--touch", "56M", "--hold", "1s", "--free-after", "60s"]);
+    let report = hog
+        .report(T)
+        .unwrap_or_else(|| fail(&agent, "the hog never finished"));
+    let resolved = agent.expect("resolved", &cg.rel, T);
+    assert_eq!(resolved["by_action"], "raise_limit", "{resolved}");
+    let actions = agent.events("action", &cg.rel);
+    // memory.reclaim cannot free anonymous memory without swap: EAGAIN, recorded, and
+    // the episode goes on to the loan.
+    let reclaim = action(&actions, "reclaim").unwrap_or_else(|| fail(&agent, "no reclaim"));
+    assert_eq!(reclaim["outcome"], "done", "{reclaim}");
+    let raise = action(&actions, "raise_limit").unwrap_or_else(|| fail(&agent, "no raise"));
+    assert_eq!(raise["old_limit"], 64 * MIB);
+    assert_eq!(raise["new_limit"], 96 * MIB);
+    assert!(cg.alive(hog.pid), "the rescued hog must live");
+    assert_eq!(cg.event("oom_kill"), 0);
+    // Freed after its hold: the loan comes back, memory.max and memory.high both.
+    let restore = agent.expect("restore", &cg.rel, T);
+    assert_eq!(restore["new_limit"], 64 * MIB);
+    assert_eq!(cg.get("memory.max"), 64 * MIB);
+    assert_eq!(cg.get("memory.high"), 48 * MIB);
+    println!(
+        "v2-measure: held at high -> loan: first action {} ms, resolved {} ms after detection; hog's longest stall {} ms; no kill",
+        resolved["first_action_ms"],
+        resolved["stalled_ms"],
+        report["longest_stall_us"].as_u64().unwrap_or(0) / 1000
+    );
+}
+
+#[test]
+fn v2_kill_chooses_the_victim_and_spares_the_others() {
+    let Some(root) = require_v2("v2_kill_chooses_the_victim_and_spares_the_others") else {
+        return;
+    };
+    let mut cg = Cg2::new(&root, "victim", 64 * MIB, Some(48 * MIB));
+    let steps = r#"
+[[step]]
+action = "kill"
+victim = "largest_rss"
+prefer = ["worker"]
+"#;
+    let agent = cg.agent("victim", "", steps);
+    agent.expect("watch", &cg.rel, T);
+    let keep1 = cg.hog(&["--touch", "8M", "--hold", "60s", "--tag", "keep"]);
+    let keep2 = cg.hog(&["--touch", "8M", "--hold", "60s", "--tag", "keep"]);
+    assert!(keep1.report(T).is_some() && keep2.report(T).is_some());
+    let worker = cg.hog(&["--touch", "48M", "--hold", "60s", "--tag", "worker"]);
+    let sig = cg.wait_exit(worker.pid, T);
+    assert_eq!(sig, Some(libc::SIGKILL), "worker not killed");
+    let resolved = agent.expect("resolved", &cg.rel, T);
+    let kill = action(&agent.events("action", &cg.rel), "kill")
+        .cloned()
+        .unwrap_or_else(|| fail(&agent, "no kill action"));
+    assert_eq!(kill["pid"], worker.pid);
+    assert!(
+        cg.alive(keep1.pid) && cg.alive(keep2.pid),
+        "the others survive"
+    );
+    assert_eq!(cg.event("oom_kill"), 0, "the kernel killed nobody");
+    println!(
+        "v2-measure: held at high -> kill of the chosen victim: first action {} ms, resolved {} ms after detection",
+        resolved["first_action_ms"], resolved["stalled_ms"]
+    );
+}
+
+#[test]
+fn v2_kill_all_writes_cgroup_kill() {
+    let Some(root) = require_v2("v2_kill_all_writes_cgroup_kill") else {
+        return;
+    };
+    let mut cg = Cg2::new(&root, "killall", 64 * MIB, Some(48 * MIB));
+    let agent = cg.agent("killall", "", "[[step]]\naction = \"kill_all\"\n");
+    agent.expect("watch", &cg.rel, T);
+    let a = cg.hog(&["--touch", "8M", "--hold", "60s"]);
+    assert!(a.report(T).is_some());
+    let b = cg.hog(&["--touch", "48M", "--hold", "60s"]);
+    assert_eq!(cg.wait_exit(b.pid, T), Some(libc::SIGKILL));
+    assert_eq!(cg.wait_exit(a.pid, T), Some(libc::SIGKILL));
+    let kill = action(&agent.events("action", &cg.rel), "kill_all")
+        .cloned()
+        .unwrap_or_else(|| fail(&agent, "no kill_all action"));
+    assert_eq!(kill["via"], "cgroup.kill", "{kill}");
+    assert_eq!(kill["outcome"], "done");
+    assert_eq!(cg.event("oom_kill"), 0);
+}
+
+#[test]
+fn v2_psi_trigger_fires_before_memory_max() {
+    let Some(root) = require_v2("v2_psi_trigger_fires_before_memory_max") else {
+        return;
+    };
+    let mut cg = Cg2::new(&root, "psi", 64 * MIB, Some(48 * MIB));
+    let steps = r#"
+[[step]]
+action = "raise_limit"
+by = "50%"
+max_extra = "100%"
+hold = "60s"
+"#;
+    let agent = cg.agent("psi", "[v2]\ntrigger = \"some 20ms 500ms\"\n", steps);
+    agent.expect("watch", &cg.rel, T);
+    let hog = cg.hog(&["--touch", "56M", "--hold", "60s"]);
+    assert!(hog.report(T).is_some(), "{}", agent.log());
+    agent.expect("resolved", &cg.rel, T);
+    let fired = wait_until(T, || agent.log().contains("memory pressure trigger fired"));
+    if !fired {
+        fail(&agent, "the PSI trigger never fired");
+    }
+    assert_eq!(cg.event("max"), 0, "memory.max was never reached");
+    assert_eq!(cg.event("oom_kill"), 0);
+}
+
+#[test]
+fn v2_audit_mode_changes_nothing() {
+    let Some(root) = require_v2("v2_audit_mode_changes_nothing") else {
+        return;
+    };
+    let mut cg = Cg2::new(&root, "audit", 64 * MIB, Some(48 * MIB));
+    let steps = r#"
+[[step]]
+action = "raise_limit"
+by = "50%"
+max_extra = "50%"
+
+[[step]]
+action = "kill"
+"#;
+    let agent = cg.agent("audit", "mode = \"audit\"\n", steps);
+    agent.expect("watch", &cg.rel, T);
+    let hog = cg.hog(&["--touch", "56M", "--hold", "60s"]);
+    let un = agent.expect("unresolved", &cg.rel, T);
+    assert_eq!(un["reason"], "audit mode");
+    let actions = agent.events("action", &cg.rel);
+    assert!(actions.len() >= 2, "{actions:?}");
+    assert!(
+        actions.iter().all(|a| a["outcome"] == "would"),
+        "{actions:?}"
+    );
+    assert_eq!(cg.get("memory.max"), 64 * MIB);
+    assert_eq!(cg.get("memory.high"), 48 * MIB);
+    let kill = action(&actions, "kill").unwrap_or_else(|| fail(&agent, "no kill line"));
+    assert_eq!(kill["pid"], hog.pid, "the victim it would kill");
+    // Whatever the kernel does to it later, oomwake did not signal it.
+    assert!(
+        cg.alive(hog.pid) || cg.event("oom_kill") > 0,
+        "hog gone without a kernel kill"
+    );
+}
+
+#[test]
+fn v2_kernel_oom_kill_is_audited() {
+    let Some(root) = require_v2("v2_kernel_oom_kill_is_audited") else {
+        return;
+    };
+    // No memory.high: the kernel kills at memory.max before anything can help.
+    let mut cg = Cg2::new(&root, "oomkill", 32 * MIB, None);
+    let agent = cg.agent(
+        "oomkill",
+        "mode = \"audit\"\n",
+        "[[step]]\naction = \"kill\"\n",
+    );
+    agent.expect("watch", &cg.rel, T);
+    let hog = cg.hog(&["--touch", "64M", "--hold", "30s"]);
+    assert_eq!(cg.wait_exit(hog.pid, T), Some(libc::SIGKILL));
+    let rec = agent.expect("kernel_oom_kill", &cg.rel, T);
+    assert_eq!(rec["policy"], "oomkill");
+    assert!(rec["killed"].as_u64().unwrap_or(0) >= 1, "{rec}");
+}
