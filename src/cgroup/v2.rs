@@ -344,7 +344,7 @@ impl Controller for V2 {
         match self.write(cg, "cgroup.kill", "1") {
             Ok(()) => Ok(true),
             // Before 5.14 there is no cgroup.kill: kill task by task.
-            Err(e) if e.is_gone() && self.h.exists(cg) => Ok(false),
+            Err(e) if e.is_gone() && self.h.dir(cg).is_dir() => Ok(false),
             Err(e) => Err(e),
         }
     }
