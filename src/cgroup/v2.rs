@@ -569,4 +569,49 @@ mod tests {
         assert_eq!(get(&t, "memory.pressure"), "some 100000 1000000");
         assert!(v.register_stall(&CgroupPath::new("/gone"), None).is_err());
     }
+
+    #[test]
+    fn a_loan_raises_high_with_max_and_restores_both() {
+        use crate::journal::Journal;
+        use crate::loan::{Lend, LoanBook, Restore};
+        use crate::policy::{Amount, Ceiling, Raise};
+        let (t, v) = fake();
+        put(&t, "memory.current", 58 * MIB);
+        let jt = tempfile::tempdir().unwrap();
+        let book = LoanBook::new(Some(Journal::open(jt.path()).unwrap())).with_page_size(4096);
+        let raise = Raise {
+            by: Amount::Percent(0.25),
+            ceiling: Ceiling::MaxExtra(Amount::Percent(0.5)),
+            hold: Duration::from_secs(60),
+            restore_below: 0.9,
+            restore_after: Duration::ZERO,
+        };
+        let l = book.lend(&v, &app(), "p", &raise, 1, 2, false).unwrap();
+        assert_eq!(
+            l,
+            Lend::Raised {
+                old: 64 * MIB,
+                new: 80 * MIB
+            }
+        );
+        assert_eq!(get(&t, "memory.max"), (80 * MIB).to_string());
+        assert_eq!(get(&t, "memory.high"), (74 * MIB).to_string(), "same headroom");
+        let recs = Journal::open(jt.path()).unwrap().load().unwrap();
+        assert_eq!(recs[0].original.high, Some(58 * MIB));
+        assert_eq!(recs[0].lent.high, Some(74 * MIB));
+        // Still above the original max: v2 would kill, so nothing is given back yet.
+        put(&t, "memory.current", 70 * MIB);
+        assert_eq!(book.restore(&v, &app()).unwrap(), Restore::DoesNotFit);
+        assert_eq!(get(&t, "memory.max"), (80 * MIB).to_string());
+        put(&t, "memory.current", 40 * MIB);
+        assert_eq!(
+            book.restore(&v, &app()).unwrap(),
+            Restore::Restored {
+                old: 80 * MIB,
+                new: 64 * MIB
+            }
+        );
+        assert_eq!(get(&t, "memory.max"), (64 * MIB).to_string());
+        assert_eq!(get(&t, "memory.high"), (58 * MIB).to_string());
+    }
 }

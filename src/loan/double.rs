@@ -10,7 +10,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use nix::sys::eventfd::EventFd;
 
 use crate::cgroup::{
     self, parse, v1::V1, CgroupError, CgroupPath, Controller, Hierarchy, Kind, Limits, OomControl,
@@ -246,8 +245,12 @@ impl Controller for Double {
     fn stat(&self, cg: &CgroupPath) -> cgroup::Result<Option<BTreeMap<String, u64>>> {
         self.v1.stat(cg)
     }
-    fn register_oom(&self, cg: &CgroupPath) -> cgroup::Result<EventFd> {
-        self.v1.register_oom(cg)
+    fn register_stall(
+        &self,
+        cg: &CgroupPath,
+        psi: Option<&cgroup::v2::PsiTrigger>,
+    ) -> cgroup::Result<cgroup::StallWatch> {
+        self.v1.register_stall(cg, psi)
     }
     fn oom_probe(&self, cg: &CgroupPath) -> cgroup::Result<Option<OomProbe>> {
         self.v1.oom_probe(cg)
