@@ -94,7 +94,7 @@ struct Snapshot {
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
 enum Op {
-    Put { loan: LoanRecord },
+    Put { loan: Box<LoanRecord> },
     Remove { cgroup: CgroupPath },
 }
 
@@ -304,7 +304,9 @@ impl Journal {
     /// Records a new or changed loan. Visible to a restarted agent as soon as this
     /// returns; durable after [`Journal::sync`].
     pub fn put(&self, loan: &LoanRecord) -> Result<(), JournalError> {
-        self.append(&Op::Put { loan: loan.clone() })
+        self.append(&Op::Put {
+            loan: Box::new(loan.clone()),
+        })
     }
 
     /// Records that a loan is over.
@@ -440,7 +442,7 @@ fn replay(loans: &mut BTreeMap<CgroupPath, LoanRecord>, ops: Vec<Op>) {
     for op in ops {
         match op {
             Op::Put { loan } => {
-                loans.insert(loan.cgroup.clone(), loan);
+                loans.insert(loan.cgroup.clone(), *loan);
             }
             Op::Remove { cgroup } => {
                 loans.remove(&cgroup);

@@ -595,7 +595,11 @@ mod tests {
             }
         );
         assert_eq!(get(&t, "memory.max"), (80 * MIB).to_string());
-        assert_eq!(get(&t, "memory.high"), (74 * MIB).to_string(), "same headroom");
+        assert_eq!(
+            get(&t, "memory.high"),
+            (74 * MIB).to_string(),
+            "same headroom"
+        );
         let recs = Journal::open(jt.path()).unwrap().load().unwrap();
         assert_eq!(recs[0].original.high, Some(58 * MIB));
         assert_eq!(recs[0].lent.high, Some(74 * MIB));

@@ -10,7 +10,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-
 use crate::cgroup::{
     self, parse, v1::V1, CgroupError, CgroupPath, Controller, Hierarchy, Kind, Limits, OomControl,
     OomProbe,
