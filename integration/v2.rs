@@ -214,7 +214,8 @@ fn v2_held_at_high_rescued_by_a_loan_then_both_limits_restored() {
     else {
         return;
     };
-    let mut cg = Cg2::new(&root, "loan", 64 * MIB, Some(48 * MIB));
+    // No memory.high of its own: the policy's hold puts it at 75% of memory.max.
+    let mut cg = Cg2::new(&root, "loan", 64 * MIB, None);
     let steps = r#"
 [[step]]
 action = "reclaim"
@@ -228,8 +229,10 @@ hold = "60s"
 restore_below = "50%"
 restore_after = "500ms"
 "#;
-    let agent = cg.agent("loan", "", steps);
-    agent.expect("watch", &cg.rel, T);
+    let mut agent = cg.agent("loan", "[v2]\nhold_at = \"75%\"\n", steps);
+    let hold = agent.expect("hold", &cg.rel, T);
+    assert_eq!(hold["new_high"], 48 * MIB, "{hold}");
+    assert_eq!(cg.get("memory.high"), 48 * MIB);
     let hog = cg.hog(&["--touch", "56M", "--hold", "1s", "--free-after", "60s"]);
     let report = hog
         .report(T)
@@ -250,7 +253,12 @@ restore_after = "500ms"
     let restore = agent.expect("restore", &cg.rel, T);
     assert_eq!(restore["new_limit"], 64 * MIB);
     assert_eq!(cg.get("memory.max"), 64 * MIB);
-    assert_eq!(cg.get("memory.high"), 48 * MIB);
+    assert_eq!(cg.get("memory.high"), 48 * MIB, "back to the hold");
+    // The agent stops: the hold goes back too.
+    assert!(agent.stop().is_some_and(|st| st.success()));
+    let unhold = agent.expect("unhold", &cg.rel, T);
+    assert_eq!(unhold["reason"], "shutdown");
+    assert_eq!(cg.get("memory.high"), u64::MAX);
     println!(
         "v2-measure: held at high -> loan: first action {} ms, resolved {} ms after detection; hog's longest stall {} ms; no kill",
         resolved["first_action_ms"],
@@ -308,6 +316,8 @@ fn v2_kill_all_writes_cgroup_kill() {
     let b = cg.hog(&["--touch", "48M", "--hold", "60s"]);
     assert_eq!(cg.wait_exit(b.pid, T), Some(libc::SIGKILL));
     assert_eq!(cg.wait_exit(a.pid, T), Some(libc::SIGKILL));
+    // The action line is written once the step returns, after the tasks are gone.
+    agent.expect("resolved", &cg.rel, T);
     let kill = action(&agent.events("action", &cg.rel), "kill_all")
         .cloned()
         .unwrap_or_else(|| fail(&agent, "no kill_all action"));
@@ -397,4 +407,46 @@ fn v2_kernel_oom_kill_is_audited() {
     let rec = agent.expect("kernel_oom_kill", &cg.rel, T);
     assert_eq!(rec["policy"], "oomkill");
     assert!(rec["killed"].as_u64().unwrap_or(0) >= 1, "{rec}");
+}
+
+#[test]
+fn v2_hold_survives_an_agent_restart_and_goes_back_with_its_policy() {
+    let Some(root) = require_v2("v2_hold_survives_an_agent_restart_and_goes_back_with_its_policy")
+    else {
+        return;
+    };
+    let cg = Cg2::new(&root, "restart", 64 * MIB, None);
+    let head = "[v2]\nhold_at = \"40MiB\"\n";
+    let steps = "[[step]]\naction = \"kill\"\n";
+    let agent = cg.agent("restart", head, steps);
+    agent.expect("hold", &cg.rel, T);
+    assert_eq!(cg.get("memory.high"), 40 * MIB);
+    // A crash: the hold stays in the kernel and in the journal.
+    let dir = agent.crash();
+    assert_eq!(cg.get("memory.high"), 40 * MIB);
+    assert!(read(&dir.path().join("state/holds.json")).contains(&cg.rel));
+    let mut agent = Agent::start_in_root(dir, &root, &[]);
+    let adopted = agent.expect("hold", &cg.rel, T);
+    assert_eq!(adopted["adopted"], true, "{adopted}");
+    assert_eq!(cg.get("memory.high"), 40 * MIB);
+    // The policy goes away (now it matches another cgroup): memory.high comes back.
+    let file = agent.tmp.path().join("policies/p.toml");
+    write(&file, &policy("restart", "/elsewhere", head, steps));
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    let unhold = agent.expect("unhold", &cg.rel, T);
+    assert_eq!(unhold["reason"], "reload");
+    assert_eq!(cg.get("memory.high"), u64::MAX);
+    // Back again, then the agent stops.
+    write(&file, &policy("restart", &cg.rel, head, steps));
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    let again = agent.wait_for(T, |v| {
+        v["event"] == "hold" && v["cgroup"] == cg.rel.as_str() && v["old_high"] == u64::MAX
+    });
+    if again.is_none() {
+        fail(&agent, "no hold after the policy came back");
+    }
+    assert_eq!(cg.get("memory.high"), 40 * MIB);
+    assert!(agent.stop().is_some_and(|st| st.success()));
+    assert_eq!(cg.get("memory.high"), u64::MAX);
+    assert!(!read(&agent.tmp.path().join("state/holds.json")).contains(&cg.rel));
 }

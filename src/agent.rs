@@ -47,6 +47,8 @@ pub fn run(cfg: Config, policies: PolicySet, reload: crate::config::Reload) -> a
     };
     // A damaged journal is moved aside and reported, never a reason not to start.
     let found = journal.recover()?;
+    let holds = crate::hold::Holds::open(&cfg.state_dir)
+        .with_context(|| "cannot read the journal of held memory.high values; refusing to start")?;
     let audit = match &cfg.audit_log {
         Some(p) => Audit::file(p)?,
         None => Audit::stderr(),
@@ -65,6 +67,7 @@ pub fn run(cfg: Config, policies: PolicySet, reload: crate::config::Reload) -> a
         policies: RwLock::new(Arc::new(policies)),
         settle_poll: cfg.settle_poll,
         stop: AtomicBool::new(false),
+        holds,
     });
     loan::keeper::recover(&shared, found);
 
@@ -124,6 +127,7 @@ pub fn run(cfg: Config, policies: PolicySet, reload: crate::config::Reload) -> a
     // Shutdown: no new episodes; give every loan back where usage allows.
     shared.stop.store(true, Ordering::SeqCst);
     loan::keeper::restore_all(&shared);
+    watcher.release_holds("shutdown");
     watcher.write_status(false);
     drop(watcher);
     let _ = keeper.join();

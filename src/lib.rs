@@ -12,6 +12,7 @@ pub mod dispatcher;
 pub mod episode;
 pub mod explain;
 pub mod hog;
+pub mod hold;
 pub mod journal;
 pub mod loan;
 pub mod metrics;

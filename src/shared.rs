@@ -26,6 +26,8 @@ pub struct Shared {
     pub policies: RwLock<Arc<PolicySet>>,
     pub settle_poll: Duration,
     pub stop: AtomicBool,
+    /// v2: the cgroups whose memory.high the agent holds (`[v2] hold_at`).
+    pub holds: crate::hold::Holds,
 }
 
 impl Shared {

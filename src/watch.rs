@@ -16,6 +16,7 @@ use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 use crate::audit::Record;
 use crate::cgroup::{CgroupPath, OomControl, OomProbe, StallSource, StallWatch};
 use crate::config::Config;
+use crate::hold::{Held, Released};
 use crate::policy::{Policy, PolicySet};
 use crate::shared::{Shared, Status, WatchedStatus};
 
@@ -117,6 +118,12 @@ impl Watcher {
             status_sig: (0, 0),
         };
         w.discover(&CgroupPath::root());
+        // Holds journaled by an earlier run on cgroups no longer watched go back now.
+        for cg in w.shared.holds.cgroups() {
+            if w.watched(&cg).is_none() {
+                w.release_hold(&cg, "startup");
+            }
+        }
         w.write_status(true);
         Ok(w)
     }
@@ -328,9 +335,17 @@ impl Watcher {
                 self.unwatch(cg, "reload");
                 self.watch(cg, new);
             }
-            (Some(_), Some(new)) => {
+            (Some(old), Some(new)) => {
+                let hold_changed = old.v2.hold_at != new.v2.hold_at || old.mode != new.mode;
                 if let Some(w) = self.candidates.get_mut(cg).and_then(|c| c.watched.as_mut()) {
-                    w.policy = new;
+                    w.policy = new.clone();
+                }
+                if hold_changed {
+                    if new.v2.hold_at.is_none() {
+                        self.release_hold(cg, "reload");
+                    } else {
+                        self.apply_hold(cg, &new);
+                    }
                 }
             }
             (None, None) => {}
@@ -391,12 +406,72 @@ impl Watcher {
         });
         self.status_dirty = true;
         self.update_watched_metric();
+        if let Some(p) = self.watched(cg).map(|w| w.policy.clone()) {
+            self.apply_hold(cg, &p);
+        }
+    }
+
+    /// v2 `hold_at`: sets memory.high of a watched cgroup (journaled; audited `hold`).
+    fn apply_hold(&self, cg: &CgroupPath, policy: &Policy) {
+        let Some(at) = policy.v2.hold_at else {
+            return;
+        };
+        let ctl = self.shared.env.ctl.as_ref();
+        let audit = policy.mode == crate::policy::Mode::Audit;
+        let rec = Record::new("hold", cg).with("policy", policy.name.clone());
+        match self.shared.holds.hold(ctl, cg, &policy.name, at, audit) {
+            Ok(Held::Set { old, new }) => self
+                .shared
+                .audit
+                .log(rec.with("old_high", old).with("new_high", new)),
+            Ok(Held::Would { old, new }) => self.shared.audit.log(
+                rec.with("old_high", old)
+                    .with("new_high", new)
+                    .with("outcome", "would"),
+            ),
+            Ok(Held::Adopted { held }) => {
+                log::info!("{cg}: re-adopted the hold of memory.high at {held}");
+                self.shared
+                    .audit
+                    .log(rec.with("new_high", held).with("adopted", true));
+            }
+            Ok(Held::NotApplicable) => {
+                log::debug!("{cg}: hold_at does not apply (no memory.high, or no memory.max)")
+            }
+            Err(e) => log::error!("{cg}: cannot hold memory.high: {e}"),
+        }
+    }
+
+    /// Gives a hold back (audited `unhold`); nothing if `cg` is not held.
+    fn release_hold(&self, cg: &CgroupPath, reason: &str) {
+        let ctl = self.shared.env.ctl.as_ref();
+        match self.shared.holds.release(ctl, cg) {
+            Ok(Released::Restored { old, new }) => self.shared.audit.log(
+                Record::new("unhold", cg)
+                    .with("old_high", old)
+                    .with("new_high", new)
+                    .with("reason", reason),
+            ),
+            Ok(Released::Changed { current }) => {
+                log::warn!("{cg}: memory.high is {current}, not the value oomwake held; leaving it")
+            }
+            Ok(Released::Gone) | Ok(Released::NotHeld) => {}
+            Err(e) => log::error!("{cg}: giving memory.high back: {e}"),
+        }
+    }
+
+    /// At shutdown: every hold goes back.
+    pub fn release_holds(&mut self, reason: &str) {
+        for cg in self.shared.holds.cgroups() {
+            self.release_hold(&cg, reason);
+        }
     }
 
     fn unwatch(&mut self, cg: &CgroupPath, reason: &str) {
         let Some(w) = self.candidates.get_mut(cg).and_then(|c| c.watched.take()) else {
             return;
         };
+        self.release_hold(cg, reason);
         self.tokens.remove(&w.token);
         if let Some(stall) = &w.stall {
             for (i, fd) in stall.fds.iter().enumerate() {

@@ -1,0 +1,418 @@
+//! The v2 hold (`[v2] hold_at`): while oomwake watches a cgroup whose policy has it, the
+//! cgroup's `memory.high` is set there, so that the kernel throttles the workload (the
+//! window oomwake acts in) instead of killing it at `memory.max`.
+//!
+//! Like a loan, a hold is journaled before the write (`<state>/holds.json`, replaced by
+//! atomic rename after fsync) and undone: the previous `memory.high` comes back when the
+//! cgroup is unwatched, its policy goes away or the agent stops. A restarted agent
+//! re-adopts the holds of the cgroups it still watches (keeping the value from before the
+//! first hold) and gives back the rest.
+//!
+//! A loan on a held cgroup raises `memory.high` above the hold and gives it back to the
+//! hold. A release that finds `memory.high` neither at the hold nor where it was before
+//! leaves it alone: someone else (or an outstanding loan) set it.
+
+use std::collections::BTreeMap;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use serde::{Deserialize, Serialize};
+
+use crate::cgroup::{parse::is_unlimited, CgroupError, CgroupPath, Controller, Limits};
+use crate::policy::Amount;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HoldError {
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("cgroup is gone")]
+    Gone,
+}
+
+/// One held cgroup: what `memory.high` was before, and the value oomwake holds it at.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldRecord {
+    pub cgroup: CgroupPath,
+    pub policy: String,
+    pub previous: u64,
+    pub held: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct File {
+    version: u32,
+    holds: Vec<HoldRecord>,
+}
+
+/// What setting a hold did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    Set {
+        old: u64,
+        new: u64,
+    },
+    /// Found in place (a restarted agent, or the same value again).
+    Adopted {
+        held: u64,
+    },
+    /// Audit mode: what it would set.
+    Would {
+        old: u64,
+        new: u64,
+    },
+    /// `hold_at` is a percentage and `memory.max` is unlimited, or the hierarchy has
+    /// no `memory.high` (v1): nothing to hold at.
+    NotApplicable,
+}
+
+/// What giving a hold back did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Released {
+    Restored {
+        old: u64,
+        new: u64,
+    },
+    /// `memory.high` is not the held value: someone else's (or a loan's) stands.
+    Changed {
+        current: u64,
+    },
+    Gone,
+    NotHeld,
+}
+
+/// The holds of a running agent, mirrored in `<state>/holds.json`.
+pub struct Holds {
+    path: Option<PathBuf>,
+    map: Mutex<BTreeMap<CgroupPath, HoldRecord>>,
+}
+
+fn io_err(path: &Path) -> impl Fn(io::Error) -> HoldError + '_ {
+    move |source| HoldError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl Holds {
+    /// Opens (and loads) the holds journal in `state_dir`.
+    pub fn open(state_dir: &Path) -> Result<Holds, HoldError> {
+        let path = state_dir.join("holds.json");
+        let map = match std::fs::read(&path) {
+            Ok(bytes) => {
+                let f: File =
+                    serde_json::from_slice(&bytes).map_err(|source| HoldError::Parse {
+                        path: path.clone(),
+                        source,
+                    })?;
+                f.holds.into_iter().map(|h| (h.cgroup.clone(), h)).collect()
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        Ok(Holds {
+            path: Some(path),
+            map: Mutex::new(map),
+        })
+    }
+
+    /// Holds kept in memory only (tests).
+    pub fn in_memory() -> Holds {
+        Holds {
+            path: None,
+            map: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<CgroupPath, HoldRecord>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes the journal: temporary file, fsync, rename, fsync of the directory.
+    fn save(&self, map: &BTreeMap<CgroupPath, HoldRecord>) -> Result<(), HoldError> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let body = serde_json::to_vec_pretty(&File {
+            version: 1,
+            holds: map.values().cloned().collect(),
+        })
+        .map_err(|source| HoldError::Parse {
+            path: path.clone(),
+            source,
+        })?;
+        let tmp = path.with_extension("json.tmp");
+        let mut f = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
+        f.write_all(&body).map_err(io_err(&tmp))?;
+        f.sync_all().map_err(io_err(&tmp))?;
+        std::fs::rename(&tmp, path).map_err(io_err(path))?;
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+
+    /// The cgroups held now.
+    pub fn cgroups(&self) -> Vec<CgroupPath> {
+        self.lock().keys().cloned().collect()
+    }
+
+    pub fn records(&self) -> Vec<HoldRecord> {
+        self.lock().values().cloned().collect()
+    }
+
+    /// Sets `memory.high` of `cg` to `at` (of `memory.max`, or a size), journaled first.
+    pub fn hold(
+        &self,
+        ctl: &dyn Controller,
+        cg: &CgroupPath,
+        policy: &str,
+        at: Amount,
+        audit: bool,
+    ) -> Result<Held, HoldError> {
+        let cur = ctl.limits(cg)?.ok_or(HoldError::Gone)?;
+        let Some(cur_high) = cur.high else {
+            return Ok(Held::NotApplicable);
+        };
+        if is_unlimited(cur.memory) && matches!(at, Amount::Percent(_)) {
+            return Ok(Held::NotApplicable);
+        }
+        // The kernel stores whole pages.
+        let target = at.of(cur.memory) / 4096 * 4096;
+        let mut map = self.lock();
+        let known = map.get(cg).cloned();
+        if let Some(rec) = &known {
+            if rec.held == target && cur_high == target {
+                return Ok(Held::Adopted { held: target });
+            }
+        }
+        if audit {
+            return Ok(Held::Would {
+                old: cur_high,
+                new: target,
+            });
+        }
+        let rec = HoldRecord {
+            cgroup: cg.clone(),
+            policy: policy.to_string(),
+            // Whatever happened since, what comes back is the value before the first hold.
+            previous: known.as_ref().map(|r| r.previous).unwrap_or(cur_high),
+            held: target,
+        };
+        map.insert(cg.clone(), rec);
+        if let Err(e) = self.save(&map) {
+            undo(&mut map, cg, known);
+            return Err(e);
+        }
+        if cur_high != target {
+            let to = Limits {
+                high: Some(target),
+                ..cur
+            };
+            if let Err(e) = ctl.set_limits(cg, cur, to) {
+                undo(&mut map, cg, known);
+                let _ = self.save(&map);
+                return Err(e.into());
+            }
+        }
+        Ok(Held::Set {
+            old: cur_high,
+            new: target,
+        })
+    }
+
+    /// Gives `memory.high` of `cg` back (the value before the first hold).
+    pub fn release(&self, ctl: &dyn Controller, cg: &CgroupPath) -> Result<Released, HoldError> {
+        let mut map = self.lock();
+        let Some(rec) = map.get(cg).cloned() else {
+            return Ok(Released::NotHeld);
+        };
+        let out = match ctl.limits(cg) {
+            Ok(None) => Released::Gone,
+            Err(e) if e.is_gone() => Released::Gone,
+            Err(e) => return Err(e.into()),
+            Ok(Some(cur)) => match cur.high {
+                Some(h) if h == rec.held => {
+                    let to = Limits {
+                        high: Some(rec.previous),
+                        ..cur
+                    };
+                    match ctl.set_limits(cg, cur, to) {
+                        Ok(()) => Released::Restored {
+                            old: h,
+                            new: rec.previous,
+                        },
+                        Err(e) if e.is_gone() => Released::Gone,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                other => Released::Changed {
+                    current: other.unwrap_or(u64::MAX),
+                },
+            },
+        };
+        map.remove(cg);
+        self.save(&map)?;
+        Ok(out)
+    }
+}
+
+fn undo(map: &mut BTreeMap<CgroupPath, HoldRecord>, cg: &CgroupPath, known: Option<HoldRecord>) {
+    match known {
+        Some(k) => map.insert(cg.clone(), k),
+        None => map.remove(cg),
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cgroup::{v1::V1, v2::V2, Hierarchy, Kind};
+
+    const MIB: u64 = 1 << 20;
+
+    fn fake() -> (tempfile::TempDir, V2, CgroupPath) {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("app");
+        std::fs::create_dir(&d).unwrap();
+        std::fs::write(d.join("memory.max"), (64 * MIB).to_string()).unwrap();
+        std::fs::write(d.join("memory.high"), "max\n").unwrap();
+        std::fs::write(d.join("memory.current"), (10 * MIB).to_string()).unwrap();
+        let v = V2::new(Hierarchy::fake(t.path(), Kind::V2));
+        (t, v, CgroupPath::new("/app"))
+    }
+
+    fn high(t: &tempfile::TempDir) -> String {
+        std::fs::read_to_string(t.path().join("app/memory.high"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    #[test]
+    fn hold_is_journaled_set_adopted_after_restart_and_given_back() {
+        let (t, v, cg) = fake();
+        let state = tempfile::tempdir().unwrap();
+        let holds = Holds::open(state.path()).unwrap();
+        let at = Amount::Percent(0.75);
+        assert_eq!(
+            holds.hold(&v, &cg, "p", at, false).unwrap(),
+            Held::Set {
+                old: u64::MAX,
+                new: 48 * MIB
+            }
+        );
+        assert_eq!(high(&t), (48 * MIB).to_string());
+        // A restart: the journal names the hold and the value to give back.
+        drop(holds);
+        let holds = Holds::open(state.path()).unwrap();
+        assert_eq!(holds.cgroups(), vec![cg.clone()]);
+        assert_eq!(holds.records()[0].previous, u64::MAX);
+        assert_eq!(
+            holds.hold(&v, &cg, "p", at, false).unwrap(),
+            Held::Adopted { held: 48 * MIB }
+        );
+        assert_eq!(
+            holds.release(&v, &cg).unwrap(),
+            Released::Restored {
+                old: 48 * MIB,
+                new: u64::MAX
+            }
+        );
+        assert_eq!(high(&t), "max");
+        assert!(Holds::open(state.path()).unwrap().cgroups().is_empty());
+        assert_eq!(holds.release(&v, &cg).unwrap(), Released::NotHeld);
+    }
+
+    #[test]
+    fn a_changed_hold_keeps_the_first_previous_value() {
+        let (t, v, cg) = fake();
+        let holds = Holds::in_memory();
+        holds
+            .hold(&v, &cg, "p", Amount::Percent(0.75), false)
+            .unwrap();
+        // A reload with another hold_at: the value before the first hold still comes back.
+        let r = holds
+            .hold(&v, &cg, "p", Amount::Bytes(40 * MIB), false)
+            .unwrap();
+        assert_eq!(
+            r,
+            Held::Set {
+                old: 48 * MIB,
+                new: 40 * MIB
+            }
+        );
+        assert_eq!(high(&t), (40 * MIB).to_string());
+        assert_eq!(holds.records()[0].previous, u64::MAX);
+        holds.release(&v, &cg).unwrap();
+        assert_eq!(high(&t), "max");
+    }
+
+    #[test]
+    fn someone_elses_value_stands_and_audit_writes_nothing() {
+        let (t, v, cg) = fake();
+        let holds = Holds::in_memory();
+        assert_eq!(
+            holds
+                .hold(&v, &cg, "p", Amount::Percent(0.5), true)
+                .unwrap(),
+            Held::Would {
+                old: u64::MAX,
+                new: 32 * MIB
+            }
+        );
+        assert_eq!(high(&t), "max");
+        assert!(holds.cgroups().is_empty());
+        holds
+            .hold(&v, &cg, "p", Amount::Percent(0.5), false)
+            .unwrap();
+        std::fs::write(t.path().join("app/memory.high"), (50 * MIB).to_string()).unwrap();
+        assert_eq!(
+            holds.release(&v, &cg).unwrap(),
+            Released::Changed { current: 50 * MIB }
+        );
+        assert_eq!(high(&t), (50 * MIB).to_string());
+        assert!(holds.cgroups().is_empty());
+    }
+
+    #[test]
+    fn nothing_to_hold_on_v1_or_an_unlimited_max() {
+        let (t, v, cg) = fake();
+        let holds = Holds::in_memory();
+        std::fs::write(t.path().join("app/memory.max"), "max\n").unwrap();
+        assert_eq!(
+            holds
+                .hold(&v, &cg, "p", Amount::Percent(0.9), false)
+                .unwrap(),
+            Held::NotApplicable
+        );
+        let d = t.path().join("app");
+        std::fs::write(d.join("memory.limit_in_bytes"), (64 * MIB).to_string()).unwrap();
+        let v1 = V1::new(Hierarchy::fake(t.path(), Kind::V1));
+        assert_eq!(
+            holds
+                .hold(&v1, &cg, "p", Amount::Percent(0.9), false)
+                .unwrap(),
+            Held::NotApplicable
+        );
+        assert!(matches!(
+            holds.hold(
+                &v,
+                &CgroupPath::new("/gone"),
+                "p",
+                Amount::Percent(0.9),
+                false
+            ),
+            Err(HoldError::Gone)
+        ));
+    }
+}
