@@ -50,13 +50,24 @@ fn explain_text(
         (Some(c), Some(st)) => {
             let limits = c.limits(cg).ok().flatten();
             let usage = c.usage(cg).ok().flatten();
-            let _ = writeln!(
-                o,
-                "state: oom_kill_disable {} under_oom {} oom_kill {}",
-                u8::from(st.oom_kill_disable),
-                u8::from(st.under_oom),
-                st.oom_kill
-            );
+            if c.hierarchy().kind() == cgroup::Kind::V2 {
+                // v2 has no oom_kill_disable/under_oom: the controller maps them.
+                let _ = writeln!(
+                    o,
+                    "state (v2): memory.max {} at_limit {} oom_kill {}",
+                    if st.oom_kill_disable { "set" } else { "max" },
+                    u8::from(st.under_oom),
+                    st.oom_kill
+                );
+            } else {
+                let _ = writeln!(
+                    o,
+                    "state: oom_kill_disable {} under_oom {} oom_kill {}",
+                    u8::from(st.oom_kill_disable),
+                    u8::from(st.under_oom),
+                    st.oom_kill
+                );
+            }
             if let (Some(l), Some(u)) = (limits, usage) {
                 let lim = if cgroup::parse::is_unlimited(l.memory) {
                     "unlimited".to_string()
@@ -74,7 +85,12 @@ fn explain_text(
     let kill_disabled = state.map(|s| s.oom_kill_disable);
     let chosen = policies.select(cg, kill_disabled.unwrap_or(true), None);
     let Some(p) = chosen else {
-        let why = if policies.could_match(cg, None) && kill_disabled == Some(false) {
+        let v2 = ctl
+            .as_ref()
+            .is_some_and(|c| c.hierarchy().kind() == cgroup::Kind::V2);
+        let why = if policies.could_match(cg, None) && kill_disabled == Some(false) && v2 {
+            "a policy matches, but memory.max is not set: nothing to watch on v2"
+        } else if policies.could_match(cg, None) && kill_disabled == Some(false) {
             "a policy matches, but oom_kill_disable is 0: the kernel OOM killer handles this cgroup"
         } else {
             "no policy matches"
