@@ -451,8 +451,10 @@ fn replay(loans: &mut BTreeMap<CgroupPath, LoanRecord>, ops: Vec<Op>) {
     }
 }
 
-/// Cuts a log back to its last complete line, so that the next append starts a line
-/// of its own instead of being glued onto a torn one.
+/// Ends a log on a line boundary before an append, so that the append starts a line
+/// of its own instead of being glued onto a torn one. A last line that reads as a whole
+/// operation (only its newline is missing) is what a start just loaded: it is kept and
+/// terminated. Anything else after the last newline never completed: it is cut off.
 fn cut_torn_tail(f: &File) -> io::Result<()> {
     use std::os::unix::fs::FileExt;
     let len = f.metadata()?.len();
@@ -467,17 +469,30 @@ fn cut_torn_tail(f: &File) -> io::Result<()> {
     // Scan back for the last newline, a block at a time.
     let mut end = len;
     let mut buf = vec![0u8; 4096];
+    let mut line_start = 0;
     while end > 0 {
         let start = end.saturating_sub(buf.len() as u64);
         let n = (end - start) as usize;
         f.read_exact_at(&mut buf[..n], start)?;
         if let Some(i) = buf[..n].iter().rposition(|&b| b == b'\n') {
-            log::warn!("journal: cutting a torn last line off the log");
-            return f.set_len(start + i as u64 + 1);
+            line_start = start + i as u64 + 1;
+            break;
         }
         end = start;
     }
-    f.set_len(0)
+    // A journal line is a few hundred bytes; a tail of more than 1 MiB is no line.
+    let tail_len = len - line_start;
+    if tail_len <= 1 << 20 {
+        let mut tail = vec![0u8; tail_len as usize];
+        f.read_exact_at(&mut tail, line_start)?;
+        if serde_json::from_slice::<Op>(&tail).is_ok() {
+            log::warn!("journal: terminating a last line that lacked its newline");
+            let mut w = f;
+            return w.write_all(b"\n");
+        }
+    }
+    log::warn!("journal: cutting a torn last line off the log");
+    f.set_len(line_start)
 }
 
 #[cfg(test)]
@@ -646,5 +661,23 @@ mod tests {
         j.finish_compaction(&[rec("/b")]).unwrap();
         assert!(!t.path().join("loans.log.1").exists());
         assert_eq!(j.load().unwrap(), vec![rec("/b")]);
+    }
+
+    /// A last line that is whole but for its newline is loaded at start; the next
+    /// append keeps it (terminates it) instead of cutting what the start adopted.
+    #[test]
+    fn a_whole_last_line_without_its_newline_is_kept_by_the_next_append() {
+        let t = tempfile::tempdir().unwrap();
+        let log = t.path().join("loans.log");
+        {
+            let j = Journal::open(t.path()).unwrap();
+            j.put(&rec("/a")).unwrap();
+        }
+        let text = std::fs::read_to_string(&log).unwrap();
+        std::fs::write(&log, text.trim_end()).unwrap();
+        let j = Journal::open(t.path()).unwrap();
+        assert_eq!(j.load().unwrap(), vec![rec("/a")]);
+        j.put(&rec("/b")).unwrap();
+        assert_eq!(j.load().unwrap(), vec![rec("/a"), rec("/b")]);
     }
 }
