@@ -132,3 +132,45 @@ fn threads(pid: i32) -> String {
         })
         .unwrap_or_default()
 }
+
+/// The control files kept open for a watched cgroup are closed when it goes: no
+/// descriptor leaks as cgroups come and go.
+#[test]
+fn prepared_control_files_are_closed_when_the_cgroup_goes() {
+    let Some(()) = require_v1("prepared_control_files_are_closed_when_the_cgroup_goes") else {
+        return;
+    };
+    let s = Scratch::new("prepared");
+    let cg = s.cgroup("w", Some(64 * MIB), true);
+    let agent = Agent::start(&[("p.toml", &policy("prep", &cg.rel, "", RAISE))], &[]);
+    agent.expect("watch", &cg.rel, Duration::from_secs(10));
+    let pid = agent.child.id();
+    let open_in = |dir: &std::path::Path| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| std::fs::read_link(e.path()).ok())
+                    .filter(|t| t.parent() == Some(dir))
+                    .map(|t| {
+                        t.file_name()
+                            .unwrap_or_default()
+                            .to_string_lossy()
+                            .into_owned()
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    let held = open_in(&cg.dir);
+    assert!(
+        held.iter().any(|f| f == "memory.limit_in_bytes"),
+        "limit file not kept open: {held:?}"
+    );
+    std::fs::remove_dir(&cg.dir).unwrap();
+    agent.expect("unwatch", &cg.rel, Duration::from_secs(10));
+    assert!(
+        wait_until(Duration::from_secs(5), || open_in(&cg.dir).is_empty()),
+        "descriptors left open: {:?}",
+        open_in(&cg.dir)
+    );
+}

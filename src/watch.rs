@@ -472,6 +472,7 @@ impl Watcher {
             return;
         };
         self.release_hold(cg, reason);
+        self.shared.env.ctl.forget(cg);
         self.tokens.remove(&w.token);
         if let Some(stall) = &w.stall {
             for (i, fd) in stall.fds.iter().enumerate() {
@@ -495,7 +496,6 @@ impl Watcher {
             .filter(|c| c.is_within(top))
             .cloned()
             .collect();
-        self.shared.env.ctl.forget(top);
         for cg in gone {
             self.unwatch(&cg, reason);
             self.candidates.remove(&cg);

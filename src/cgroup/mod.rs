@@ -529,7 +529,7 @@ pub trait Controller: Send + Sync {
     /// Opens ahead of time what an episode on `cg` reads and writes, so that a rescue
     /// needs no new kernel memory (the agent may share the stuck cgroup). Best effort.
     fn prepare(&self, _cg: &CgroupPath) {}
-    /// Closes what [`Controller::prepare`] kept open for `cg` and below.
+    /// Closes what [`Controller::prepare`] kept open for `cg` (when it is unwatched).
     fn forget(&self, _cg: &CgroupPath) {}
     /// The file descriptors the event loop polls to learn that the cgroup may be stuck
     /// (v1: an OOM eventfd; v2: `memory.events`, and a PSI trigger on `memory.pressure`

@@ -226,7 +226,7 @@ impl Controller for V1 {
     fn forget(&self, cg: &CgroupPath) {
         let dir = self.h.dir(cg);
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        open.retain(|p, _| !p.starts_with(&dir));
+        open.retain(|p, _| p.parent() != Some(dir.as_path()));
     }
 
     fn oom_probe(&self, cg: &CgroupPath) -> Result<Option<OomProbe>> {
