@@ -2,11 +2,11 @@
 //! default). Counters are cheap atomics or short-held locks on the OOM path.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const BUCKETS: [f64; 15] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0,
@@ -152,49 +152,247 @@ fn by_policy(o: &mut String, name: &str, counts: &Mutex<BTreeMap<String, u64>>) 
     }
 }
 
+// The listener. Any local user can connect to it, and the agent runs as root with its
+// memory locked: what one connection may cost is bounded (the request head, the time it
+// may take, the connections served at once), whatever the client sends or withholds.
+
+/// What the metrics listener allows one client.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeLimits {
+    /// Request line and headers together; a longer head is answered 431 and closed.
+    pub max_head: usize,
+    /// From accept to the end of the response: a client that trickles its request (or
+    /// reads the response slowly) is cut off then, whatever each single read takes.
+    pub deadline: Duration,
+    /// Connections served at once; one more is answered 503 and closed at once.
+    pub max_connections: usize,
+}
+
+impl Default for ServeLimits {
+    fn default() -> Self {
+        ServeLimits {
+            // A Prometheus scrape's head is a few hundred bytes.
+            max_head: 8 * 1024,
+            deadline: Duration::from_secs(5),
+            max_connections: 4,
+        }
+    }
+}
+
+/// Stack of a connection thread: it parses a head from a fixed buffer and writes a
+/// string, and with mlockall every byte of stack is resident.
+const CONN_STACK: usize = 128 * 1024;
+
 /// Serves `GET /metrics` on `listener` in a thread of its own; `render` produces the body.
 pub fn serve(listener: TcpListener, render: Arc<dyn Fn() -> String + Send + Sync>) {
+    serve_with(listener, render, ServeLimits::default())
+}
+
+/// [`serve`] with explicit limits.
+pub fn serve_with(
+    listener: TcpListener,
+    render: Arc<dyn Fn() -> String + Send + Sync>,
+    limits: ServeLimits,
+) {
     std::thread::Builder::new()
         .name("metrics".into())
-        .spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(mut s) = stream else { continue };
-                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
-                let mut line = String::new();
-                let mut rd = BufReader::new(match s.try_clone() {
-                    Ok(c) => c,
-                    Err(_) => continue,
-                });
-                if rd.read_line(&mut line).is_err() {
-                    continue;
-                }
-                // Drain the headers so the client sees a clean close.
-                let mut h = String::new();
-                while rd.read_line(&mut h).map(|n| n > 2).unwrap_or(false) {
-                    h.clear();
-                }
-                let path = line.split_whitespace().nth(1).unwrap_or("");
-                let (status, body) = if line.starts_with("GET ") && (path == "/metrics" || path == "/") {
-                    ("200 OK", render())
-                } else {
-                    ("404 Not Found", "not found\n".to_string())
-                };
-                let _ = write!(
-                    s,
-                    "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-            }
-        })
+        .spawn(move || accept_loop(listener, render, limits))
         .map(|_| ())
         .unwrap_or_else(|e| log::error!("cannot start the metrics thread: {e}"));
+}
+
+fn accept_loop(
+    listener: TcpListener,
+    render: Arc<dyn Fn() -> String + Send + Sync>,
+    limits: ServeLimits,
+) {
+    let busy = Arc::new(AtomicUsize::new(0));
+    for stream in listener.incoming() {
+        let mut s = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                // EMFILE and the like repeat at once: do not spin on them.
+                log::debug!("metrics: accept: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        if busy.fetch_add(1, Ordering::AcqRel) >= limits.max_connections {
+            busy.fetch_sub(1, Ordering::AcqRel);
+            // A small answer fits the socket buffer: this write does not wait.
+            let _ = s.set_write_timeout(Some(Duration::from_millis(100)));
+            let _ = respond(&mut s, "503 Service Unavailable", "busy\n", None);
+            continue;
+        }
+        let slot = Slot(busy.clone());
+        let render = render.clone();
+        let spawned = std::thread::Builder::new()
+            .name("metrics-conn".into())
+            .stack_size(CONN_STACK)
+            .spawn(move || {
+                let _slot = slot;
+                handle(s, &*render, limits);
+            });
+        if let Err(e) = spawned {
+            // The closure (and its slot) was dropped with the error.
+            log::warn!("metrics: cannot start a connection thread: {e}");
+        }
+    }
+}
+
+/// One of the `max_connections` slots, given back when the connection ends.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Why a request head could not be read.
+#[derive(Debug, PartialEq, Eq)]
+enum HeadError {
+    TooLarge,
+    TimedOut,
+    /// The client closed or the connection failed before the head ended.
+    Closed,
+}
+
+/// Reads a request head (up to the empty line) into at most `max` bytes. `read` gets
+/// the time left before the deadline and returns like [`Read::read`].
+fn read_head(
+    max: usize,
+    deadline: Instant,
+    mut read: impl FnMut(&mut [u8], Duration) -> std::io::Result<usize>,
+) -> Result<Vec<u8>, HeadError> {
+    let mut buf = vec![0u8; max];
+    let mut len = 0;
+    loop {
+        if let Some(end) = head_end(&buf[..len]) {
+            buf.truncate(end);
+            return Ok(buf);
+        }
+        if len == max {
+            return Err(HeadError::TooLarge);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(HeadError::TimedOut);
+        }
+        match read(&mut buf[len..], left) {
+            Ok(0) => return Err(HeadError::Closed),
+            Ok(n) => len += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return Err(HeadError::Closed),
+        }
+    }
+}
+
+/// The end of a request head: after the blank line ("\r\n\r\n", or "\n\n" from a
+/// lenient client).
+fn head_end(b: &[u8]) -> Option<usize> {
+    let crlf = b.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+    let lf = b.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
+    match (crlf, lf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn handle(mut s: TcpStream, render: &(dyn Fn() -> String + Send + Sync), limits: ServeLimits) {
+    let deadline = Instant::now() + limits.deadline;
+    let head = read_head(limits.max_head, deadline, |buf, left| {
+        s.set_read_timeout(Some(left))?;
+        s.read(buf)
+    });
+    let (status, body) = match head {
+        Ok(head) => {
+            let line = head.split(|&b| b == b'\n').next().unwrap_or(&[]);
+            let line = String::from_utf8_lossy(line);
+            let mut it = line.split_whitespace();
+            let (method, path) = (it.next().unwrap_or(""), it.next().unwrap_or(""));
+            if method == "GET" && (path == "/metrics" || path == "/") {
+                ("200 OK", render())
+            } else {
+                ("404 Not Found", "not found\n".to_string())
+            }
+        }
+        Err(HeadError::TooLarge) => (
+            "431 Request Header Fields Too Large",
+            "request head too large\n".to_string(),
+        ),
+        Err(HeadError::TimedOut) => ("408 Request Timeout", "timed out\n".to_string()),
+        Err(HeadError::Closed) => return,
+    };
+    let _ = respond(&mut s, status, &body, Some(deadline));
+    // Unread request bytes make close() send a reset, which may discard the response
+    // before the client reads it; a polite client has sent nothing more.
+    let _ = s.shutdown(std::net::Shutdown::Write);
+}
+
+/// Writes a whole response, giving up at `deadline` (a client that reads slowly).
+fn respond(
+    s: &mut TcpStream,
+    status: &str,
+    body: &str,
+    deadline: Option<Instant>,
+) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    for part in [head.as_bytes(), body.as_bytes()] {
+        let mut rest = part;
+        while !rest.is_empty() {
+            if let Some(d) = deadline {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(std::io::ErrorKind::TimedOut.into());
+                }
+                s.set_write_timeout(Some(left))?;
+            }
+            match s.write(rest) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => rest = &rest[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Read;
+    use std::net::SocketAddr;
+
+    fn server(limits: ServeLimits) -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        serve_with(
+            l,
+            Arc::new(|| "oomwake_watched_cgroups 0\n".to_string()),
+            limits,
+        );
+        addr
+    }
+
+    /// A normal scrape, bounded in time; the whole response.
+    fn scrape(addr: SocketAddr) -> String {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut resp = String::new();
+        let _ = s.read_to_string(&mut resp);
+        resp
+    }
 
     #[test]
     fn render_has_every_family() {
@@ -227,5 +425,149 @@ mod tests {
         s.read_to_string(&mut resp).unwrap();
         assert!(resp.starts_with("HTTP/1.1 200 OK"), "{resp}");
         assert!(resp.ends_with("oomwake_watched_cgroups 0\n"));
+    }
+
+    #[test]
+    fn a_request_head_is_read_into_at_most_max_bytes() {
+        // An endless request without a newline: the reader stops at the bound.
+        let mut fed = 0usize;
+        let far = Instant::now() + Duration::from_secs(60);
+        let r = read_head(8192, far, |buf, _| {
+            buf.fill(b'a');
+            fed += buf.len();
+            Ok(buf.len())
+        });
+        assert_eq!(r, Err(HeadError::TooLarge));
+        assert!(fed <= 8192, "read {fed} bytes");
+        // Headers without an end count too, not only the request line.
+        let mut src: &[u8] = b"GET / HTTP/1.1\r\n";
+        let mut hdrs = std::io::Read::chain(&mut src, std::io::repeat(b'h'));
+        assert_eq!(
+            read_head(4096, far, |buf, _| hdrs.read(buf)),
+            Err(HeadError::TooLarge)
+        );
+        // A normal head ends at its blank line.
+        let mut req: &[u8] = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\nextra";
+        let head = read_head(4096, far, |buf, _| req.read(buf)).unwrap();
+        assert_eq!(head, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    }
+
+    #[test]
+    fn a_trickled_head_ends_at_the_deadline_not_at_a_read_timeout() {
+        // One byte per read, each well within any per-read timeout: only the overall
+        // deadline ends it.
+        let deadline = Instant::now() + Duration::from_millis(300);
+        let mut reads = 0;
+        let r = read_head(1 << 20, deadline, |buf, left| {
+            assert!(left <= Duration::from_millis(300));
+            reads += 1;
+            std::thread::sleep(Duration::from_millis(10));
+            buf[0] = b'x';
+            Ok(1)
+        });
+        assert_eq!(r, Err(HeadError::TimedOut));
+        assert!(Instant::now() >= deadline);
+        assert!(reads < 1000, "{reads} reads");
+    }
+
+    #[test]
+    fn a_flood_without_newline_is_cut_off_and_scrapes_go_on() {
+        let addr = server(ServeLimits::default());
+        let mut s = TcpStream::connect(addr).unwrap();
+        // Bounded: the old listener read it all (the test then fails on the assert).
+        s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+        let chunk = vec![b'a'; 1 << 20];
+        let mut sent = 0usize;
+        let mut cut = false;
+        for _ in 0..64 {
+            match s.write_all(&chunk) {
+                Ok(()) => sent += chunk.len(),
+                Err(_) => {
+                    cut = true;
+                    break;
+                }
+            }
+        }
+        assert!(cut, "the listener took {sent} bytes of a request line");
+        // Socket buffers hold some megabytes; the agent itself read at most max_head.
+        assert!(sent < 32 << 20, "{sent}");
+        let resp = scrape(addr);
+        assert!(resp.starts_with("HTTP/1.1 200 OK"), "{resp}");
+        assert!(resp.ends_with("oomwake_watched_cgroups 0\n"), "{resp}");
+    }
+
+    #[test]
+    fn a_trickling_client_is_cut_off_and_does_not_hold_up_a_scrape() {
+        let addr = server(ServeLimits {
+            deadline: Duration::from_secs(3),
+            ..ServeLimits::default()
+        });
+        let mut t = TcpStream::connect(addr).unwrap();
+        t.write_all(b"GET /metrics HTTP/1.1\r\nX-Slow: ").unwrap();
+        let trickler = std::thread::spawn(move || {
+            // A byte every 50 ms, far below any per-read timeout, until cut off (or
+            // 20 s, when the test fails).
+            t.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+            let start = Instant::now();
+            let mut resp = Vec::new();
+            while start.elapsed() < Duration::from_secs(20) {
+                let mut b = [0u8; 256];
+                match t.read(&mut b) {
+                    Ok(0) => return (true, String::from_utf8_lossy(&resp).into_owned()),
+                    Ok(n) => resp.extend_from_slice(&b[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                    Err(_) => return (true, String::from_utf8_lossy(&resp).into_owned()),
+                }
+                if t.write_all(b"x").is_err() {
+                    return (true, String::from_utf8_lossy(&resp).into_owned());
+                }
+            }
+            (false, String::new())
+        });
+        // Served while the trickler is connected (the old listener served one client at
+        // a time: this scrape waited as long as the trickler went on).
+        let resp = scrape(addr);
+        assert!(resp.starts_with("HTTP/1.1 200 OK"), "{resp}");
+        assert!(
+            !trickler.is_finished(),
+            "the scrape waited for the trickler"
+        );
+        let (cut, resp) = trickler.join().unwrap();
+        assert!(cut, "a trickling client was never cut off");
+        assert!(
+            resp.is_empty() || resp.starts_with("HTTP/1.1 408"),
+            "{resp}"
+        );
+    }
+
+    #[test]
+    fn connections_above_the_cap_are_refused_at_once() {
+        let addr = server(ServeLimits {
+            max_connections: 2,
+            deadline: Duration::from_secs(5),
+            ..ServeLimits::default()
+        });
+        // Two idle clients take both slots until the deadline.
+        let idle: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        let resp = scrape(addr);
+        assert!(resp.starts_with("HTTP/1.1 503"), "{resp}");
+        // When they are cut off, the slots are free again.
+        for mut s in idle {
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let mut r = String::new();
+            let _ = s.read_to_string(&mut r);
+            assert!(r.is_empty() || r.starts_with("HTTP/1.1 408"), "{r}");
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let resp = scrape(addr);
+            if resp.starts_with("HTTP/1.1 200 OK") {
+                break;
+            }
+            // The slot is given back just after the 408 is written.
+            assert!(Instant::now() < deadline, "{resp}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
