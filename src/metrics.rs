@@ -164,7 +164,8 @@ pub struct ServeLimits {
     /// From accept to the end of the response: a client that trickles its request (or
     /// reads the response slowly) is cut off then, whatever each single read takes.
     pub deadline: Duration,
-    /// Connections served at once; one more is answered 503 and closed at once.
+    /// Connections served at once (threads started once, when serving starts); one
+    /// more is answered 503 and closed at once.
     pub max_connections: usize,
 }
 
@@ -180,7 +181,7 @@ impl Default for ServeLimits {
 }
 
 /// Stack of a connection thread: it parses a head from a fixed buffer and writes a
-/// string, and with mlockall every byte of stack is resident.
+/// string; with mlockall every byte of it is resident.
 const CONN_STACK: usize = 128 * 1024;
 
 /// Serves `GET /metrics` on `listener` in a thread of its own; `render` produces the body.
@@ -206,9 +207,35 @@ fn accept_loop(
     render: Arc<dyn Fn() -> String + Send + Sync>,
     limits: ServeLimits,
 ) {
+    // A fixed pool, started once: no thread (and no stack, locked and charged to the
+    // agent's cgroup under mlockall) is created per connection. `busy` counts the
+    // connections handed over and not yet done, so the channel never holds more than
+    // the pool can take and a send never waits.
     let busy = Arc::new(AtomicUsize::new(0));
+    let (tx, rx) = crossbeam_channel::bounded::<TcpStream>(limits.max_connections);
+    let mut workers = 0;
+    for i in 0..limits.max_connections {
+        let (rx, render, busy) = (rx.clone(), render.clone(), busy.clone());
+        let started = std::thread::Builder::new()
+            .name(format!("metrics-{i}"))
+            .stack_size(CONN_STACK)
+            .spawn(move || {
+                for s in rx {
+                    handle(s, &*render, limits);
+                    busy.fetch_sub(1, Ordering::AcqRel);
+                }
+            });
+        match started {
+            Ok(_) => workers += 1,
+            Err(e) => log::warn!("metrics: cannot start a connection thread: {e}"),
+        }
+    }
+    if workers == 0 {
+        log::error!("metrics: no connection thread could be started; not serving");
+        return;
+    }
     for stream in listener.incoming() {
-        let mut s = match stream {
+        let s = match stream {
             Ok(s) => s,
             Err(e) => {
                 // EMFILE and the like repeat at once: do not spin on them.
@@ -217,36 +244,22 @@ fn accept_loop(
                 continue;
             }
         };
-        if busy.fetch_add(1, Ordering::AcqRel) >= limits.max_connections {
+        if busy.fetch_add(1, Ordering::AcqRel) >= workers {
             busy.fetch_sub(1, Ordering::AcqRel);
-            // A small answer fits the socket buffer: this write does not wait.
-            let _ = s.set_write_timeout(Some(Duration::from_millis(100)));
-            let _ = respond(&mut s, "503 Service Unavailable", "busy\n", None);
-            continue;
-        }
-        let slot = Slot(busy.clone());
-        let render = render.clone();
-        let spawned = std::thread::Builder::new()
-            .name("metrics-conn".into())
-            .stack_size(CONN_STACK)
-            .spawn(move || {
-                let _slot = slot;
-                handle(s, &*render, limits);
-            });
-        if let Err(e) = spawned {
-            // The closure (and its slot) was dropped with the error.
-            log::warn!("metrics: cannot start a connection thread: {e}");
+            refuse(s);
+        } else if let Err(e) = tx.try_send(s) {
+            // Cannot happen while `busy` is kept; answered all the same.
+            busy.fetch_sub(1, Ordering::AcqRel);
+            refuse(e.into_inner());
         }
     }
 }
 
-/// One of the `max_connections` slots, given back when the connection ends.
-struct Slot(Arc<AtomicUsize>);
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
+/// Answers a connection beyond the cap.
+fn refuse(mut s: TcpStream) {
+    // A small answer fits the socket buffer: this write does not wait.
+    let _ = s.set_write_timeout(Some(Duration::from_millis(100)));
+    let _ = respond(&mut s, "503 Service Unavailable", "busy\n", None);
 }
 
 /// Why a request head could not be read.
