@@ -669,14 +669,19 @@ fn cgroup(c: usize) -> CgroupPath {
 /// that replaces the whole record and a journal that keeps the first original agree.
 fn loan(c: usize, seed: u64) -> LoanRecord {
     let base = 64u64 << 20 << (c % 4);
-    let memsw = (c % 2 == 0).then_some(base * 2);
+    // v1 with and without swap accounting, and v2 (memory.high).
+    let memsw = (c % 3 == 0).then_some(base * 2);
+    let high = (c % 3 == 1).then_some(base / 4 * 3);
+    let extra = (seed % 1024) * 4096;
     let original = Limits {
         memory: base,
         memsw,
+        high,
     };
     let lent = Limits {
-        memory: base + (seed % 1024) * 4096,
-        memsw: memsw.map(|m| m + (seed % 1024) * 4096),
+        memory: base + extra,
+        memsw: memsw.map(|m| m + extra),
+        high: high.map(|h| h + extra),
     };
     let change = match seed % 3 {
         0 => None,
@@ -807,6 +812,21 @@ fn append_after_start(dir: &Path, l: &LoanRecord) -> Result<Vec<LoanRecord>, Tes
     start(dir)
 }
 
+/// Tears the log, starts (what the start reads must be a prefix of the history), appends
+/// one loan, and starts again: what the first start read, with the append over it.
+fn torn_then_appended(ops: &[Op], cut: Cut, after: (usize, u64)) -> Result<(), TestCaseError> {
+    let t = tempdir()?;
+    let (cut, since_save) = tear(t.path(), ops, cut)?;
+    let torn = start(t.path())?;
+    prop_assert!(since_save.contains(&torn), "torn at {cut}: {torn:?}");
+    let l = loan(after.0, after.1);
+    let got = append_after_start(t.path(), &l)?;
+    let mut want: Model = torn.into_iter().map(|l| (l.cgroup.clone(), l)).collect();
+    want.insert(l.cgroup.clone(), l);
+    prop_assert_eq!(got, state(&want), "torn at {}", cut);
+    Ok(())
+}
+
 /// A state dir in memory where there is one: the properties are about content, and an
 /// fsync per compaction on a disk would make each case cost milliseconds.
 fn tempdir() -> Result<tempfile::TempDir, TestCaseError> {
@@ -914,47 +934,27 @@ proptest! {
     }
 
     #[test]
-    fn journal_torn_then_appended_keeps_the_append_and_starts_again(
+    fn journal_torn_then_appended_keeps_what_the_start_read_and_the_append(
         ops in ops(20),
         cut in any::<prop::sample::Index>(),
         after in (0..NAMES.len(), any::<u64>()),
     ) {
         // Issue 6.8: the agent restarted after a torn append must not glue its next entry
         // onto the torn line (the journal would then be refused at the start after).
-        let t = tempdir()?;
-        let (cut, since_save) = tear(t.path(), &ops, Cut::Anywhere(cut))?;
-        let l = loan(after.0, after.1);
-        let got = append_after_start(t.path(), &l)?;
-        // Some prefix of the history, with the append over it.
-        let ok = since_save.iter().any(|s| {
-            let mut m: Model = s.iter().map(|l| (l.cgroup.clone(), l.clone())).collect();
-            m.insert(l.cgroup.clone(), l.clone());
-            state(&m) == got
-        });
-        prop_assert!(ok, "torn at {cut}: {got:?}");
+        torn_then_appended(&ops, Cut::Anywhere(cut), after)?;
     }
 
     #[test]
-    #[ignore = "a last line complete but for its newline is loaded, then cut off by the \
-                next append: the loan the agent adopted is gone from the journal"]
-    fn journal_torn_then_appended_keeps_what_the_start_read(
+    fn journal_torn_before_a_newline_then_appended_keeps_what_the_start_read(
         ops in ops(20),
         cut in any::<prop::sample::Index>(),
         after in (0..NAMES.len(), any::<u64>()),
     ) {
-        // recover() reads an unterminated last line when it is complete JSON, and the
-        // agent adopts that loan; the next append's cut_torn_tail drops the same line.
-        // If the agent stops again before its start-up compaction, the loan is lost
-        // (its original limit is never given back). Either both must keep it or both
-        // must drop it. Cut::BeforeNewline finds that case every time.
-        let t = tempdir()?;
-        let (cut, _) = tear(t.path(), &ops, Cut::BeforeNewline(cut))?;
-        let torn = start(t.path())?;
-        let l = loan(after.0, after.1);
-        let got = append_after_start(t.path(), &l)?;
-        let mut want: Model = torn.into_iter().map(|l| (l.cgroup.clone(), l)).collect();
-        want.insert(l.cgroup.clone(), l);
-        prop_assert_eq!(got, state(&want), "torn at {}", cut);
+        // A last line whole but for its newline is read at start (the agent adopts that
+        // loan); the next append must not cut it off, or a second stop before the
+        // start-up compaction loses the loan (found by this property; fixed in the
+        // journal by terminating such a line). Rare for a cut anywhere, so aimed at.
+        torn_then_appended(&ops, Cut::BeforeNewline(cut), after)?;
     }
 
     #[test]
