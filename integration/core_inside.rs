@@ -64,6 +64,13 @@ fn agent_inside_the_stuck_cgroup_is_not_parked_and_stops_on_sigterm() {
         cg.procs().contains(&agent_pid),
         "the agent is not in the cgroup"
     );
+    assert!(
+        wait_until(Duration::from_secs(5), || read(
+            &tmp.path().join("agent.log")
+        )
+        .contains("the agent runs inside")),
+        "no warning that the agent shares a managed cgroup"
+    );
     let agent_usage = cg.usage();
 
     // The hog fills what is left: the cgroup, agent included, is at its wall.

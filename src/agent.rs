@@ -107,6 +107,7 @@ pub fn run(cfg: Config, policies: PolicySet, reload: crate::config::Reload) -> a
         );
     }
     protect_self(&cfg);
+    warn_if_inside_managed(&shared, &cfg);
     log::info!(
         "oomwake {} watching {} ({:?}), {} polic{}{}",
         env!("CARGO_PKG_VERSION"),
@@ -138,6 +139,33 @@ pub fn run(cfg: Config, policies: PolicySet, reload: crate::config::Reload) -> a
         log::warn!("the audit log did not drain at shutdown; lines may be lost");
     }
     res
+}
+
+/// Says loudly when the agent runs in a cgroup that a policy manages (itself or an
+/// ancestor): it does not park itself there (everything is locked), but writes that
+/// need new page cache (the journal before a raise, the audit file) fail while that
+/// cgroup is at its wall.
+fn warn_if_inside_managed(shared: &Shared, cfg: &Config) {
+    let Ok(text) = std::fs::read(cfg.proc_root.join("self/cgroup")) else {
+        return;
+    };
+    let h = shared.env.ctl.hierarchy();
+    let Some(own) =
+        cgroup::parse::proc_memory_cgroup_bytes(&text).and_then(|p| h.from_proc_path(p))
+    else {
+        return;
+    };
+    let policies = shared.policies();
+    let mut cg = Some(own.clone());
+    while let Some(c) = cg {
+        if !c.is_root() && policies.could_match(&c, None) {
+            log::warn!(
+                "the agent runs inside {own}, which a policy manages ({c}): a stall there cannot be journaled until the kernel frees a page; run the agent in a cgroup of its own"
+            );
+            return;
+        }
+        cg = c.parent();
+    }
 }
 
 /// Free heap kept resident for the episode path (records, reports, /proc reads).
