@@ -125,7 +125,9 @@ fn wait_exit(pfd: &PidFd, total: Duration, still_stuck: &dyn Fn() -> bool) -> bo
             Err(_) => return false,
         }
         if !still_stuck() {
-            return false;
+            // Recovery comes first when process_mrelease freed the memory of a victim
+            // that is still exiting: a last short look tells whether it is gone.
+            return pfd.wait_exit(Duration::from_millis(100)).unwrap_or(false);
         }
     }
 }
