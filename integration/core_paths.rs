@@ -121,3 +121,16 @@ fn journal_path_leaving_the_root_is_refused() {
     );
     let _ = agent.running();
 }
+
+/// `explain` takes a cgroup path from the command line: `..` is a usage error, before
+/// anything else is read (runs anywhere, no root).
+#[test]
+fn explain_refuses_a_path_leaving_the_root() {
+    let out = std::process::Command::new(oomwake_bin())
+        .args(["explain", "--policies", "/nonexistent", "/docker/../../etc"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("leave the hierarchy root"), "{err}");
+}
