@@ -317,13 +317,17 @@ fn v2_kill_all_writes_cgroup_kill() {
     assert_eq!(cg.wait_exit(b.pid, T), Some(libc::SIGKILL));
     assert_eq!(cg.wait_exit(a.pid, T), Some(libc::SIGKILL));
     // The action line is written once the step returns, after the tasks are gone.
-    agent.expect("resolved", &cg.rel, T);
+    let resolved = agent.expect("resolved", &cg.rel, T);
     let kill = action(&agent.events("action", &cg.rel), "kill_all")
         .cloned()
         .unwrap_or_else(|| fail(&agent, "no kill_all action"));
     assert_eq!(kill["via"], "cgroup.kill", "{kill}");
     assert_eq!(kill["outcome"], "done");
     assert_eq!(cg.event("oom_kill"), 0);
+    println!(
+        "v2-measure: held at high -> cgroup.kill: first action {} ms, resolved {} ms after detection",
+        resolved["first_action_ms"], resolved["stalled_ms"]
+    );
 }
 
 #[test]
@@ -342,14 +346,19 @@ hold = "60s"
     let agent = cg.agent("psi", "[v2]\ntrigger = \"some 20ms 500ms\"\n", steps);
     agent.expect("watch", &cg.rel, T);
     let hog = cg.hog(&["--touch", "56M", "--hold", "60s"]);
-    assert!(hog.report(T).is_some(), "{}", agent.log());
-    agent.expect("resolved", &cg.rel, T);
+    let report = hog.report(T);
+    assert!(report.is_some(), "{}", agent.log());
+    let resolved = agent.expect("resolved", &cg.rel, T);
     let fired = wait_until(T, || agent.log().contains("memory pressure trigger fired"));
     if !fired {
         fail(&agent, "the PSI trigger never fired");
     }
     assert_eq!(cg.event("max"), 0, "memory.max was never reached");
     assert_eq!(cg.event("oom_kill"), 0);
+    println!(
+        "v2-measure: PSI trigger + memory.events -> loan: first action {} ms, resolved {} ms after detection; memory.max never reached",
+        resolved["first_action_ms"], resolved["stalled_ms"]
+    );
 }
 
 #[test]
@@ -434,6 +443,18 @@ fn v2_hold_survives_an_agent_restart_and_goes_back_with_its_policy() {
         fail(&agent, "the restarted agent did not re-adopt the hold");
     }
     assert_eq!(cg.get("memory.high"), 40 * MIB);
+    let status = agent.tmp.path().join("state/status.json");
+    let listed = wait_until(T, || {
+        let s: Value = serde_json::from_str(&read(&status)).unwrap_or(Value::Null);
+        s["holds"]
+            .as_array()
+            .is_some_and(|h| h.iter().any(|r| r["cgroup"] == cg.rel.as_str()))
+    });
+    assert!(
+        listed,
+        "status.json does not list the hold: {}",
+        read(&status)
+    );
     // The policy goes away (now it matches another cgroup): memory.high comes back.
     let file = agent.tmp.path().join("policies/p.toml");
     write(&file, &policy("restart", "/elsewhere", head, steps));

@@ -431,6 +431,20 @@ fn status(state_dir: &std::path::Path, json: bool) -> ExitCode {
             l.cgroup, l.original.memory, l.lent.memory, l.policy, l.episode
         );
     }
+    if !st.holds.is_empty() {
+        println!("held memory.high (v2): {}", st.holds.len());
+        for h in &st.holds {
+            let before = if oomwake::cgroup::parse::is_unlimited(h.previous) {
+                "max".to_string()
+            } else {
+                h.previous.to_string()
+            };
+            println!(
+                "  {}  {} bytes, {before} before (policy {})",
+                h.cgroup, h.held, h.policy
+            );
+        }
+    }
     for d in &st.journal_damage {
         let moved = d.moved_to.as_ref().map(|p| p.display().to_string());
         println!(

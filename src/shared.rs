@@ -54,6 +54,9 @@ pub struct Status {
     /// Journal files found damaged at start (moved aside; `oomwake status` exits 4).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub journal_damage: Vec<Damage>,
+    /// v2: cgroups whose memory.high the agent holds (`[v2] hold_at`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub holds: Vec<crate::hold::HoldRecord>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -725,6 +725,7 @@ impl Watcher {
             episodes_running: self.shared.dispatcher.running(),
             loans: self.shared.env.loans.records(),
             journal_damage: self.shared.env.loans.journal_damage(),
+            holds: self.shared.holds.records(),
         };
         let path = self.state_dir.join("status.json");
         let tmp = self.state_dir.join("status.json.tmp");
