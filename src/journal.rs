@@ -192,7 +192,7 @@ impl Journal {
             loans.extend(s.into_iter().map(|l| (l.cgroup.clone(), l)));
         }
         for path in [&self.rotated, &self.log_path] {
-            if let Some(text) = read_opt(path)? {
+            if let Some(text) = read_log(path)? {
                 let (ops, bad) = parse_log(&text);
                 if let Some((_, source)) = bad.into_iter().next() {
                     return Err(JournalError::Corrupt {
@@ -226,13 +226,7 @@ impl Journal {
                 .push(self.move_aside(&self.snapshot, e.to_string(), 1)),
         }
         for path in [&self.rotated, &self.log_path] {
-            // Lossy: bytes that are not UTF-8 spoil their line, not the whole file.
-            let text = match std::fs::read(path) {
-                Ok(b) => Ok(Some(String::from_utf8_lossy(&b).into_owned())),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(io_err(path)(e)),
-            };
-            match text {
+            match read_log(path) {
                 Ok(None) => {}
                 Ok(Some(text)) => {
                     let (ops, bad) = parse_log(&text);
@@ -404,6 +398,16 @@ fn read_opt(path: &Path) -> Result<Option<String>, JournalError> {
         Ok(b) => String::from_utf8(b)
             .map(Some)
             .map_err(|e| io_err(path)(io::Error::new(io::ErrorKind::InvalidData, e.utf8_error()))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err(path)(e)),
+    }
+}
+
+/// A log's text. Lossy: bytes that are not UTF-8 spoil their own line (a torn last line
+/// may end inside a character), not the whole file.
+fn read_log(path: &Path) -> Result<Option<String>, JournalError> {
+    match std::fs::read(path) {
+        Ok(b) => Ok(Some(String::from_utf8_lossy(&b).into_owned())),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(io_err(path)(e)),
     }
