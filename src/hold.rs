@@ -9,8 +9,9 @@
 //! first hold) and gives back the rest.
 //!
 //! A loan on a held cgroup raises `memory.high` above the hold and gives it back to the
-//! hold. A release that finds `memory.high` neither at the hold nor where it was before
-//! leaves it alone: someone else (or an outstanding loan) set it.
+//! hold: a release while such a loan is out is deferred (the record stays) until the
+//! loan is back. A release that finds `memory.high` at any other value leaves it alone:
+//! someone else set it.
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
@@ -84,6 +85,9 @@ pub enum Released {
     Changed {
         current: u64,
     },
+    /// A loan lent above the hold is still out: it gives `memory.high` back to the
+    /// hold, and the hold is released after that (the record stays).
+    Deferred,
     Gone,
     NotHeld,
 }
@@ -231,7 +235,13 @@ impl Holds {
     }
 
     /// Gives `memory.high` of `cg` back (the value before the first hold).
-    pub fn release(&self, ctl: &dyn Controller, cg: &CgroupPath) -> Result<Released, HoldError> {
+    /// `loan_high` is the `memory.high` an outstanding loan on `cg` will give back.
+    pub fn release(
+        &self,
+        ctl: &dyn Controller,
+        cg: &CgroupPath,
+        loan_high: Option<u64>,
+    ) -> Result<Released, HoldError> {
         let mut map = self.lock();
         let Some(rec) = map.get(cg).cloned() else {
             return Ok(Released::NotHeld);
@@ -255,6 +265,7 @@ impl Holds {
                         Err(e) => return Err(e.into()),
                     }
                 }
+                _ if loan_high == Some(rec.held) => return Ok(Released::Deferred),
                 other => Released::Changed {
                     current: other.unwrap_or(u64::MAX),
                 },
@@ -322,7 +333,7 @@ mod tests {
             Held::Adopted { held: 48 * MIB }
         );
         assert_eq!(
-            holds.release(&v, &cg).unwrap(),
+            holds.release(&v, &cg, None).unwrap(),
             Released::Restored {
                 old: 48 * MIB,
                 new: u64::MAX
@@ -330,7 +341,7 @@ mod tests {
         );
         assert_eq!(high(&t), "max");
         assert!(Holds::open(state.path()).unwrap().cgroups().is_empty());
-        assert_eq!(holds.release(&v, &cg).unwrap(), Released::NotHeld);
+        assert_eq!(holds.release(&v, &cg, None).unwrap(), Released::NotHeld);
     }
 
     #[test]
@@ -353,7 +364,7 @@ mod tests {
         );
         assert_eq!(high(&t), (40 * MIB).to_string());
         assert_eq!(holds.records()[0].previous, u64::MAX);
-        holds.release(&v, &cg).unwrap();
+        holds.release(&v, &cg, None).unwrap();
         assert_eq!(high(&t), "max");
     }
 
@@ -377,7 +388,7 @@ mod tests {
             .unwrap();
         std::fs::write(t.path().join("app/memory.high"), (50 * MIB).to_string()).unwrap();
         assert_eq!(
-            holds.release(&v, &cg).unwrap(),
+            holds.release(&v, &cg, None).unwrap(),
             Released::Changed { current: 50 * MIB }
         );
         assert_eq!(high(&t), (50 * MIB).to_string());
@@ -414,5 +425,31 @@ mod tests {
             ),
             Err(HoldError::Gone)
         ));
+    }
+
+    #[test]
+    fn release_waits_for_a_loan_lent_above_the_hold() {
+        let (t, v, cg) = fake();
+        let holds = Holds::in_memory();
+        holds
+            .hold(&v, &cg, "p", Amount::Percent(0.75), false)
+            .unwrap();
+        // A loan raised memory.high above the hold; it will give back 48 MiB.
+        std::fs::write(t.path().join("app/memory.high"), (64 * MIB).to_string()).unwrap();
+        assert_eq!(
+            holds.release(&v, &cg, Some(48 * MIB)).unwrap(),
+            Released::Deferred
+        );
+        assert_eq!(holds.cgroups(), vec![cg.clone()], "the record stays");
+        // The loan is back: now the hold goes.
+        std::fs::write(t.path().join("app/memory.high"), (48 * MIB).to_string()).unwrap();
+        assert_eq!(
+            holds.release(&v, &cg, None).unwrap(),
+            Released::Restored {
+                old: 48 * MIB,
+                new: u64::MAX
+            }
+        );
+        assert_eq!(high(&t), "max");
     }
 }

@@ -445,7 +445,8 @@ impl Watcher {
     /// Gives a hold back (audited `unhold`); nothing if `cg` is not held.
     fn release_hold(&self, cg: &CgroupPath, reason: &str) {
         let ctl = self.shared.env.ctl.as_ref();
-        match self.shared.holds.release(ctl, cg) {
+        let loan_high = self.shared.env.loans.original(cg).and_then(|l| l.high);
+        match self.shared.holds.release(ctl, cg, loan_high) {
             Ok(Released::Restored { old, new }) => self.shared.audit.log(
                 Record::new("unhold", cg)
                     .with("old_high", old)
@@ -454,6 +455,9 @@ impl Watcher {
             ),
             Ok(Released::Changed { current }) => {
                 log::warn!("{cg}: memory.high is {current}, not the value oomwake held; leaving it")
+            }
+            Ok(Released::Deferred) => {
+                log::info!("{cg}: memory.high goes back once the outstanding loan is returned")
             }
             Ok(Released::Gone) | Ok(Released::NotHeld) => {}
             Err(e) => log::error!("{cg}: giving memory.high back: {e}"),
@@ -528,6 +532,12 @@ impl Watcher {
     /// The safety sweep: picks up OOMs no eventfd reported (and starts while already
     /// stuck), oom_kill_disable flips, and the end of audited stalls.
     fn sweep(&mut self) {
+        // Holds whose release waited for a loan to come back.
+        for cg in self.shared.holds.cgroups() {
+            if self.watched(&cg).is_none() {
+                self.release_hold(&cg, "unwatched");
+            }
+        }
         let policies = self.shared.policies();
         let now = Instant::now();
         let cgs: Vec<CgroupPath> = self.candidates.keys().cloned().collect();
