@@ -209,8 +209,12 @@ fn kill_uses_pidfd_and_frees_the_victim() {
     let act = &agent.events("action", &cg.rel)[0];
     assert_eq!(act["pid"], victim.pid);
     assert_eq!(act["signal"], "SIGKILL");
-    assert_eq!(act["exited"], true);
+    // Written when the signal was sent; whether the victim exited comes after.
+    assert_eq!(act["pending"], true);
     assert!(act["mreleased"].is_boolean());
+    let res = agent.expect("action_result", &cg.rel, Duration::from_secs(1));
+    assert_eq!(res["exited"], true);
+    assert_eq!(res["episode"], act["episode"]);
     assert_eq!(s.exit_signal(victim.pid), Some(libc::SIGKILL));
     assert!(s.alive(keep.pid));
     assert!(s.alive(other.pid));

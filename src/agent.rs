@@ -1,10 +1,11 @@
 //! Wiring: builds the [`Shared`] state, starts the event loop, the episode workers and
-//! the loan keeper, and runs the agent's start-up (journal recovery) and shutdown (give
-//! loans back).
+//! the loan keeper, and runs the agent's start-up (journal recovery) and shutdown (stop
+//! episodes, then give loans back, then exit; a second signal exits at once).
 
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
@@ -63,7 +64,7 @@ pub fn run(cfg: Config, policies: PolicySet, reload: crate::config::Reload) -> a
         },
         audit,
         metrics: Metrics::default(),
-        dispatcher: Dispatcher::new(tx, cfg.sweep_interval, cfg.workers, cfg.max_workers),
+        dispatcher: Dispatcher::new(tx, cfg.unresolved_retry_max, cfg.workers, cfg.max_workers),
         policies: RwLock::new(Arc::new(policies)),
         settle_poll: cfg.settle_poll,
         stop: AtomicBool::new(false),
@@ -98,6 +99,21 @@ pub fn run(cfg: Config, policies: PolicySet, reload: crate::config::Reload) -> a
             .stack_size(256 * 1024)
             .spawn(move || loan::keeper::run(s, every))?
     };
+    // The shutdown thread exists from the start, so that its stack is locked with the
+    // rest: at shutdown the agent may share a stuck cgroup, where a new thread's stack
+    // would park it in the stall.
+    let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(1);
+    let stopping = {
+        let s = shared.clone();
+        std::thread::Builder::new()
+            .name("shutdown".into())
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                if stop_rx.recv().is_ok() {
+                    shut_down(&s, keeper);
+                }
+            })?
+    };
     if let Some(addr) = cfg.metrics {
         let l = TcpListener::bind(addr).with_context(|| format!("binding metrics on {addr}"))?;
         let s = shared.clone();
@@ -125,14 +141,29 @@ pub fn run(cfg: Config, policies: PolicySet, reload: crate::config::Reload) -> a
     let mut watcher = Watcher::new(shared.clone(), &cfg, reload)?;
     let res = watcher.run();
 
-    // Shutdown: no new episodes; give every loan back where usage allows.
+    // Shutdown, in order: episodes stop (no new step; waits are cut short and running
+    // hooks killed), then loans are given back, then the agent exits. The slow part
+    // runs on a thread so that a second SIGTERM/SIGINT can cut it short: what is not
+    // given back by then stays in the journal for the next start.
     shared.stop.store(true, Ordering::SeqCst);
-    loan::keeper::restore_all(&shared);
+    shared.dispatcher.stop();
+    let _ = stop_tx.send(());
+    while !stopping.is_finished() {
+        if watcher.stop_requested(Duration::from_millis(20)) {
+            log::warn!(
+                "second stop signal: exiting now; loans not given back stay in the journal for the next start"
+            );
+            watcher.write_status(false);
+            // What is already queued for the audit log gets a moment, not more.
+            let _ = shared.audit.flush(Duration::from_millis(200));
+            std::process::exit(1);
+        }
+    }
+    let _ = stopping.join();
+    // v2 holds of memory.high go back too (the watcher owns them).
     watcher.release_holds("shutdown");
     watcher.write_status(false);
     drop(watcher);
-    let _ = keeper.join();
-    // Workers may be inside a long grace; they hold no state that must be saved.
     // The audit lines of the shutdown (restores) are written before the process exits,
     // unless the sink does not move (a pipe nobody reads): then exit anyway.
     if !shared.audit.flush(crate::audit::DRAIN_TIMEOUT) {
@@ -170,6 +201,30 @@ fn warn_if_inside_managed(shared: &Shared, cfg: &Config) {
 
 /// Free heap kept resident for the episode path (records, reports, /proc reads).
 const HEAP_RESERVE: usize = 8 << 20;
+
+/// How long shutdown waits for running episodes to end their current step.
+const EPISODES_STOP_WAIT: Duration = Duration::from_secs(5);
+
+/// Waits (bounded) for the episodes to stop and the keeper to exit, then gives loans
+/// back: nothing lends after this.
+fn shut_down(shared: &Shared, keeper: std::thread::JoinHandle<()>) {
+    let deadline = Instant::now() + EPISODES_STOP_WAIT;
+    while shared.dispatcher.running_count() > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let left = shared.dispatcher.running();
+    if !left.is_empty() {
+        log::warn!(
+            "episodes still running after {EPISODES_STOP_WAIT:?} at shutdown: {}",
+            left.iter()
+                .map(|c| c.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let _ = keeper.join();
+    loan::keeper::restore_all(shared);
+}
 
 /// The agent must not be stalled or killed itself: lock memory, shield from the kernel
 /// OOM killer (best effort; both need privileges); and it needs a descriptor per cgroup.

@@ -43,6 +43,9 @@ pub struct Config {
     /// StrictModes for policies, config and state dir; only the command line
     /// (`--insecure-policies`) turns it off, never the config file.
     pub trust: Trust,
+    /// Longest wait between two retries of a stall its policy could not resolve (the
+    /// waits double from 1 s up to this).
+    pub unresolved_retry_max: Duration,
 }
 
 impl Default for Config {
@@ -69,6 +72,7 @@ impl Default for Config {
             events: true,
             mlock: true,
             trust: Trust::Strict,
+            unresolved_retry_max: Duration::from_secs(300),
         }
     }
 }
@@ -91,6 +95,7 @@ struct RawConfig {
     max_workers: Option<Spanned<usize>>,
     events: Option<bool>,
     mlock: Option<bool>,
+    unresolved_retry_max: Option<Spanned<Dur>>,
 }
 
 /// The shortest interval accepted for a timer or poll: zero would spin a CPU.
@@ -178,6 +183,11 @@ impl Config {
             events: raw.events.unwrap_or(true),
             mlock: raw.mlock.unwrap_or(true),
             trust: d.trust,
+            unresolved_retry_max: interval(
+                raw.unresolved_retry_max,
+                "unresolved_retry_max",
+                d.unresolved_retry_max,
+            )?,
         })
     }
 
@@ -209,7 +219,8 @@ impl Config {
             max_workers,
             events,
             mlock,
-            trust
+            trust,
+            unresolved_retry_max
         );
         kept
     }

@@ -1,14 +1,19 @@
-//! Hands OOM episodes to worker threads: at most one episode per cgroup at a time, an
-//! OOM arriving meanwhile is kept, an audited stall is logged once, and an episode that
-//! ran out of steps cools down before the next try. The worker pool is elastic. This
-//! module knows nothing of how an episode runs ([`crate::episode`] does).
+//! Hands OOM episodes to worker threads, one stall at a time per subtree: an OOM at a
+//! cgroup whose ancestor or descendant has an episode running (or whose ancestor's
+//! episode has just ended) is the same stall, since the kernel marks the whole subtree
+//! of the cgroup whose limit was hit. An OOM arriving at the same cgroup meanwhile is
+//! kept; an audited stall is logged once; a stall the policy could not resolve is
+//! retried with a backing-off interval (1 s, 2 s, 4 s ... up to a maximum) unless
+//! something changes the picture. The worker pool is elastic. This module knows nothing
+//! of how an episode runs ([`crate::episode`] does) and reads nothing from the kernel.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use serde::{Deserialize, Serialize};
 
 use crate::cgroup::CgroupPath;
 use crate::policy::{Mode, Policy};
@@ -25,6 +30,9 @@ pub struct Job {
     /// Resumed because a loan's hold expired with the workload above its original
     /// limit: the goal is then to fit under the original limit again.
     pub resume: bool,
+    /// 0 for a new stall; n for the n-th retry of a stall left unresolved, which
+    /// writes a reminder instead of repeating the whole episode in the audit log.
+    pub retry: u32,
 }
 
 /// How an episode ended.
@@ -36,28 +44,114 @@ pub enum End {
     },
     Unresolved {
         reason: String,
+        /// What would help, for the operator (empty when nothing specific is known).
+        help: String,
     },
+    /// The cgroup went away mid-episode.
+    Gone,
+    /// The agent is stopping: no further step was taken.
+    Stopped,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+impl End {
+    pub fn unresolved(reason: impl Into<String>) -> End {
+        End::Unresolved {
+            reason: reason.into(),
+            help: String::new(),
+        }
+    }
+}
+
+/// What a stuck cgroup looked like when its episode gave up: a change in any of these
+/// means the policy may do better now, so the retry comes at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Picture {
+    pub limit: u64,
+    pub usage: u64,
+    pub tasks: usize,
+}
+
+/// Usage must fall by this much to count as "usage down" (it jitters at the limit).
+const USAGE_DOWN: u64 = 1 << 20;
+
+impl Picture {
+    /// Why `now` differs from `self` in a way that is worth a retry.
+    pub fn changed(&self, now: &Picture) -> Option<&'static str> {
+        if now.limit != self.limit {
+            Some("limit changed")
+        } else if now.tasks < self.tasks {
+            Some("a task is gone")
+        } else if now.usage.saturating_add(USAGE_DOWN) <= self.usage {
+            Some("usage down")
+        } else {
+            None
+        }
+    }
+}
+
+/// A stall the policy could not resolve, held between backed-off retries.
+#[derive(Debug, Clone)]
+struct Stuck {
+    policy: String,
+    episode: u64,
+    since: SystemTime,
+    reason: String,
+    /// Episodes run for this stall so far (the first one included).
+    tries: u32,
+    next_try: Instant,
+    picture: Option<Picture>,
+}
+
+/// A stuck, unresolved cgroup as `oomwake status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StuckStatus {
+    pub cgroup: CgroupPath,
+    pub policy: String,
+    pub episode: u64,
+    /// RFC 3339 time of the first `unresolved`.
+    pub since: String,
+    pub reason: String,
+    pub tries: u32,
+}
+
+#[derive(Debug, Clone)]
 enum Active {
-    /// An episode is running; `retrigger` holds the time of an OOM seen meanwhile.
-    Running { retrigger: Option<Instant> },
-    /// Audit mode logged this stall once; wait until it ends before logging another.
+    /// An episode is running. `retrigger` holds the time of an OOM seen meanwhile at
+    /// this cgroup; `waiting` the OOMs of ancestors, started when this one ends.
+    Running {
+        retrigger: Option<Instant>,
+        waiting: Vec<(CgroupPath, Arc<Policy>, Instant)>,
+        /// A retry of a stall left unresolved: how it stood before this episode.
+        held: Option<Stuck>,
+    },
+    /// Audit mode logged this stall once; wait until it ends (or a reload) before
+    /// logging another.
     AuditHeld,
-    /// Enforce mode ran out of steps; try again after this instant.
-    Cooldown(Instant),
+    /// Enforce mode could not resolve the stall; retry at `next_try`.
+    Stuck(Stuck),
+    /// An episode resolved here at this instant: what is still marked below is its tail.
+    Ended(Instant),
 }
 
-/// Hands episodes to workers, at most one per cgroup. The pool is elastic: when every
-/// worker is busy (settling, or in a grace period) a new one is started, up to a
-/// maximum, so that a burst of stalls never queues behind slow episodes; workers idle
-/// for a minute above the minimum exit.
+/// How long after an episode resolved an OOM below it still counts as the same stall:
+/// the kernel clears the marks of a subtree one cgroup at a time, and the eventfds of
+/// descendants fire with the ancestor's. A real new stall below waits at most this
+/// long plus one sweep.
+pub const SAME_STALL_WINDOW: Duration = Duration::from_secs(1);
+
+/// Hands episodes to workers, one per subtree. The pool is elastic: when every worker
+/// is busy (settling, or in a grace period) a new one is started, up to a maximum, so
+/// that a burst of stalls never queues behind slow episodes; workers idle for a minute
+/// above the minimum exit.
 pub struct Dispatcher {
     active: Mutex<HashMap<CgroupPath, Active>>,
     tx: Sender<Job>,
     next_id: AtomicU64,
-    cooldown: Duration,
+    /// Longest wait between two retries of an unresolved stall.
+    retry_max: Duration,
+    stopping: AtomicBool,
+    /// Bumped when the set of stuck cgroups changes (for the status file).
+    generation: AtomicU64,
     pool: Pool,
 }
 
@@ -70,19 +164,55 @@ struct Pool {
 }
 
 const WORKER_IDLE_EXIT: Duration = Duration::from_secs(60);
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+
+/// The first episode id of this run: milliseconds since the epoch times 1000, so that
+/// ids never repeat across restarts (a run would need more than 1000 episodes per
+/// millisecond of its life to reach the next run's first id) and stay below 2^53, exact
+/// in every JSON reader.
+pub fn first_episode_id(now: SystemTime) -> u64 {
+    let ms = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    ms.saturating_mul(1000).max(1)
+}
+
+fn related(a: &CgroupPath, b: &CgroupPath) -> bool {
+    a.is_within(b) || b.is_within(a)
+}
+
+/// The wait before retry number `tries` (1 s after the first episode, then doubling).
+fn backoff(tries: u32, max: Duration) -> Duration {
+    let shift = tries.saturating_sub(1).min(20);
+    FIRST_RETRY
+        .saturating_mul(1 << shift)
+        .min(max.max(FIRST_RETRY))
+}
+
+/// A stall left unresolved that has ended now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StallEnded {
+    pub cgroup: CgroupPath,
+    pub policy: String,
+    pub episode: u64,
+    pub since: SystemTime,
+}
 
 impl Dispatcher {
     pub fn new(
         tx: Sender<Job>,
-        cooldown: Duration,
+        retry_max: Duration,
         min_workers: usize,
         max_workers: usize,
     ) -> Dispatcher {
         Dispatcher {
             active: Mutex::new(HashMap::new()),
             tx,
-            next_id: AtomicU64::new(1),
-            cooldown,
+            next_id: AtomicU64::new(first_episode_id(SystemTime::now())),
+            retry_max,
+            stopping: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
             pool: Pool {
                 min: min_workers.max(1),
                 max: max_workers.max(min_workers).max(1),
@@ -167,45 +297,116 @@ impl Dispatcher {
         self.active.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Starts an episode for `cg` unless one is running (then remember the OOM for
-    /// when it ends), audit mode already logged this stall, or a cooldown is on.
-    /// Returns the new episode's id.
+    /// The agent is stopping: no episode starts from now on.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Changes whenever the set of stuck, unresolved cgroups changes.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
+    /// Starts an episode for `cg` unless this is a stall already being handled: an
+    /// episode runs at `cg` (its OOM is remembered for when it ends), above it (the same
+    /// stall), or below it (this one waits for it to end); an episode above it ended a
+    /// moment ago (the tail of that stall); audit mode already logged it; or it is
+    /// stuck and unresolved and its next retry is not due. Returns the episode's id.
     pub fn trigger(&self, cg: &CgroupPath, policy: Arc<Policy>, detected: Instant) -> Option<u64> {
+        if self.stopping() {
+            return None;
+        }
+        let now = Instant::now();
         let mut active = self.lock();
-        match active.get_mut(cg) {
-            Some(Active::Running { retrigger }) => {
+        active.retain(|_, a| !matches!(a, Active::Ended(at) if now >= *at + SAME_STALL_WINDOW));
+        let mut below = None;
+        for (other, a) in active.iter() {
+            if other == cg || !related(cg, other) {
+                continue;
+            }
+            let above = cg.is_within(other);
+            match a {
+                Active::Running { .. } if above => return None,
+                Active::Running { .. } => below = Some(other.clone()),
+                Active::AuditHeld | Active::Stuck(_) | Active::Ended(_) if above => return None,
+                _ => {}
+            }
+        }
+        if let Some(b) = below {
+            if let Some(Active::Running { waiting, .. }) = active.get_mut(&b) {
+                if !waiting.iter().any(|(c, _, _)| c == cg) {
+                    waiting.push((cg.clone(), policy, detected));
+                }
+            }
+            return None;
+        }
+        let held = match active.get_mut(cg) {
+            Some(Active::Running { retrigger, .. }) => {
                 retrigger.get_or_insert(detected);
                 return None;
             }
             Some(Active::AuditHeld) => return None,
-            Some(Active::Cooldown(until)) if Instant::now() < *until => return None,
-            _ => {}
-        }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        active.insert(cg.clone(), Active::Running { retrigger: None });
+            Some(Active::Stuck(s)) if now < s.next_try => return None,
+            Some(Active::Stuck(s)) => Some(s.clone()),
+            _ => None,
+        };
+        let (episode, retry) = match &held {
+            Some(s) => (s.episode, s.tries),
+            None => (self.next_id.fetch_add(1, Ordering::Relaxed), 0),
+        };
+        let prev = active.insert(
+            cg.clone(),
+            Active::Running {
+                retrigger: None,
+                waiting: Vec::new(),
+                held,
+            },
+        );
         let job = Job {
             cgroup: cg.clone(),
             policy,
-            episode: id,
+            episode,
             detected,
             start_step: 0,
             resume: false,
+            retry,
         };
         if self.tx.send(job).is_err() {
-            active.remove(cg);
+            match prev {
+                Some(p) => active.insert(cg.clone(), p),
+                None => active.remove(cg),
+            };
             return None;
         }
         self.ensure_worker();
-        Some(id)
+        Some(episode)
     }
 
-    /// Resumes an episode after a hold expired. Skipped while another episode runs.
+    /// Resumes an episode after a hold expired. Skipped while another episode runs in
+    /// the same subtree, or when stopping.
     pub fn resume(&self, cg: &CgroupPath, policy: Arc<Policy>, episode: u64, step: usize) -> bool {
-        let mut active = self.lock();
-        if matches!(active.get(cg), Some(Active::Running { .. })) {
+        if self.stopping() {
             return false;
         }
-        active.insert(cg.clone(), Active::Running { retrigger: None });
+        let mut active = self.lock();
+        if active
+            .iter()
+            .any(|(c, a)| matches!(a, Active::Running { .. }) && related(c, cg))
+        {
+            return false;
+        }
+        active.insert(
+            cg.clone(),
+            Active::Running {
+                retrigger: None,
+                waiting: Vec::new(),
+                held: None,
+            },
+        );
         let job = Job {
             cgroup: cg.clone(),
             policy,
@@ -213,6 +414,7 @@ impl Dispatcher {
             detected: Instant::now(),
             start_step: step,
             resume: true,
+            retry: 0,
         };
         if self.tx.send(job).is_err() {
             active.remove(cg);
@@ -222,47 +424,137 @@ impl Dispatcher {
         true
     }
 
-    /// Called by the worker when an episode ends. Returns the time of an OOM that
-    /// arrived while it ran, if the caller should start another episode for it.
-    pub fn finish(&self, job: &Job, end: &End) -> Option<Instant> {
+    /// Called by the worker when an episode ends, with what the cgroup looked like if
+    /// it is still stuck. Returns the OOMs to re-check now: one that arrived at this
+    /// cgroup while a resolved episode ran, and those of ancestors that waited for it.
+    pub fn finish(
+        &self,
+        job: &Job,
+        end: &End,
+        picture: Option<Picture>,
+    ) -> Vec<(CgroupPath, Arc<Policy>, Instant)> {
+        let now = Instant::now();
         let mut active = self.lock();
-        let prev = active.remove(&job.cgroup);
-        let retrigger = match prev {
-            Some(Active::Running { retrigger }) => retrigger,
-            _ => None,
+        let (retrigger, mut again, held) = match active.remove(&job.cgroup) {
+            Some(Active::Running {
+                retrigger,
+                waiting,
+                held,
+            }) => (retrigger, waiting, held),
+            _ => (None, Vec::new(), None),
         };
+        if held.is_some() {
+            self.generation.fetch_add(1, Ordering::Relaxed);
+        }
         match end {
-            End::Unresolved { reason } if reason == "cgroup gone" => None,
+            End::Gone | End::Stopped => {}
             End::Unresolved { .. } if job.policy.mode == Mode::Audit => {
                 active.insert(job.cgroup.clone(), Active::AuditHeld);
-                None
             }
-            End::Unresolved { .. } => {
-                active.insert(
-                    job.cgroup.clone(),
-                    Active::Cooldown(Instant::now() + self.cooldown),
-                );
-                None
+            End::Unresolved { reason, .. } => {
+                let tries = held.as_ref().map_or(0, |s| s.tries) + 1;
+                let stuck = Stuck {
+                    policy: job.policy.name.clone(),
+                    episode: job.episode,
+                    since: held.as_ref().map_or_else(SystemTime::now, |s| s.since),
+                    reason: reason.clone(),
+                    tries,
+                    next_try: now + backoff(tries, self.retry_max),
+                    picture,
+                };
+                active.insert(job.cgroup.clone(), Active::Stuck(stuck));
+                self.generation.fetch_add(1, Ordering::Relaxed);
             }
-            End::Resolved { .. } => retrigger,
+            End::Resolved { .. } => {
+                active.insert(job.cgroup.clone(), Active::Ended(now));
+                if let Some(at) = retrigger {
+                    again.insert(0, (job.cgroup.clone(), job.policy.clone(), at));
+                }
+            }
+        }
+        again
+    }
+
+    /// Stuck cgroups waiting for their next retry, with what they looked like: the
+    /// caller compares and [`kick`](Self::kick)s those that changed.
+    pub fn waiting_pictures(&self) -> Vec<(CgroupPath, Picture)> {
+        let now = Instant::now();
+        self.lock()
+            .iter()
+            .filter_map(|(c, a)| match a {
+                Active::Stuck(s) if now < s.next_try => s.picture.map(|p| (c.clone(), p)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Something changed the picture of a stuck cgroup: its next retry is due now.
+    pub fn kick(&self, cg: &CgroupPath) -> bool {
+        match self.lock().get_mut(cg) {
+            Some(Active::Stuck(s)) => {
+                s.next_try = Instant::now();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The policies were reloaded: stalls held in audit mode or left unresolved are
+    /// evaluated again at the next trigger, under the new policies.
+    pub fn reloaded(&self) {
+        let now = Instant::now();
+        let mut active = self.lock();
+        active.retain(|_, a| !matches!(a, Active::AuditHeld));
+        for a in active.values_mut() {
+            if let Active::Stuck(s) = a {
+                s.next_try = now;
+            }
         }
     }
 
     /// The sweep saw `cg` out of OOM: a later stall there is a new episode. The kernel
-    /// marks a whole subtree under OOM, so an audited stall held at an ancestor (a pod
-    /// cgroup no policy watches itself) has ended too.
-    pub fn clear_held(&self, cg: &CgroupPath) {
+    /// marks a whole subtree under OOM, so a stall held at an ancestor (a pod cgroup no
+    /// policy watches itself) has ended too. Returns the unresolved stalls that ended.
+    pub fn clear_held(&self, cg: &CgroupPath) -> Vec<StallEnded> {
         let mut active = self.lock();
         if active.is_empty() {
-            return;
+            return Vec::new();
         }
-        active.retain(|held, a| !(matches!(a, Active::AuditHeld) && cg.is_within(held)));
+        let mut ended = Vec::new();
+        active.retain(|held, a| {
+            if !cg.is_within(held) {
+                return true;
+            }
+            match a {
+                Active::AuditHeld => false,
+                Active::Stuck(s) => {
+                    ended.push(StallEnded {
+                        cgroup: held.clone(),
+                        policy: s.policy.clone(),
+                        episode: s.episode,
+                        since: s.since,
+                    });
+                    false
+                }
+                _ => true,
+            }
+        });
+        if !ended.is_empty() {
+            self.generation.fetch_add(1, Ordering::Relaxed);
+        }
+        ended
     }
 
     pub fn forget(&self, cg: &CgroupPath) {
         let mut active = self.lock();
-        if !matches!(active.get(cg), Some(Active::Running { .. })) {
-            active.remove(cg);
+        match active.get(cg) {
+            Some(Active::Running { .. }) | None => {}
+            Some(a) => {
+                if matches!(a, Active::Stuck(_)) {
+                    self.generation.fetch_add(1, Ordering::Relaxed);
+                }
+                active.remove(cg);
+            }
         }
     }
 
@@ -285,6 +577,38 @@ impl Dispatcher {
         v.sort();
         v
     }
+
+    /// Cgroups stuck with their stall unresolved, for `oomwake status`.
+    pub fn stuck(&self) -> Vec<StuckStatus> {
+        let mut v: Vec<StuckStatus> = self
+            .lock()
+            .iter()
+            .filter_map(|(c, a)| match a {
+                Active::Stuck(s) | Active::Running { held: Some(s), .. } => Some(StuckStatus {
+                    cgroup: c.clone(),
+                    policy: s.policy.clone(),
+                    episode: s.episode,
+                    since: humantime::format_rfc3339_seconds(s.since).to_string(),
+                    reason: s.reason.clone(),
+                    tries: s.tries,
+                }),
+                _ => None,
+            })
+            .collect();
+        v.sort_by(|a, b| a.cgroup.cmp(&b.cgroup));
+        v
+    }
+
+    /// How many cgroups each policy has stuck and unresolved (for the gauge).
+    pub fn stuck_by_policy(&self) -> std::collections::BTreeMap<String, usize> {
+        let mut m = std::collections::BTreeMap::new();
+        for a in self.lock().values() {
+            if let Active::Stuck(s) | Active::Running { held: Some(s), .. } = a {
+                *m.entry(s.policy.clone()).or_insert(0) += 1;
+            }
+        }
+        m
+    }
 }
 
 #[cfg(test)]
@@ -301,7 +625,7 @@ mod tests {
         Arc<AtomicUsize>,
     ) {
         let (tx, rx) = crossbeam_channel::unbounded();
-        let d = Dispatcher::new(tx, Duration::from_millis(50), min, max);
+        let d = Dispatcher::new(tx, Duration::from_secs(300), min, max);
         let spawned = Arc::new(AtomicUsize::new(0));
         let s = spawned.clone();
         d.start_workers(Box::new(move || {
@@ -311,71 +635,210 @@ mod tests {
         (d, rx, spawned)
     }
 
+    fn enforce() -> Arc<Policy> {
+        PolicySet::embedded_default().policies()[0].clone()
+    }
+
+    fn resolved() -> End {
+        End::Resolved {
+            by_step: Some(0),
+            stalled: Duration::from_millis(1),
+        }
+    }
+
     #[test]
     fn one_episode_per_cgroup_and_an_oom_meanwhile_is_kept() {
         let (d, rx, _) = dispatcher(1, 1);
-        let p = PolicySet::embedded_default().policies()[0].clone();
+        let p = enforce();
         let a = CgroupPath::new("/a");
         let t0 = Instant::now();
         let id = d.trigger(&a, p.clone(), t0).unwrap();
         assert_eq!(d.trigger(&a, p.clone(), t0), None);
         assert_eq!(d.running(), vec![a.clone()]);
         let job = rx.try_recv().unwrap();
-        assert_eq!((job.episode, job.start_step, job.resume), (id, 0, false));
+        assert_eq!(
+            (job.episode, job.start_step, job.resume, job.retry),
+            (id, 0, false, 0)
+        );
         assert!(rx.try_recv().is_err());
-        let end = End::Resolved {
-            by_step: Some(0),
-            stalled: Duration::from_millis(1),
-        };
         // The OOM seen while running comes back for the worker to re-check.
-        assert_eq!(d.finish(&job, &end), Some(t0));
+        let again = d.finish(&job, &resolved(), None);
+        assert_eq!(again.len(), 1);
+        assert_eq!((&again[0].0, again[0].2), (&a, t0));
         assert!(d.running().is_empty());
         assert!(d.trigger(&a, p, t0).unwrap() > id);
     }
 
     #[test]
-    fn audit_stall_is_held_until_it_ends_and_unresolved_cools_down() {
+    fn one_stall_per_subtree() {
+        let (d, rx, _) = dispatcher(1, 1);
+        let p = enforce();
+        let (top, mid, deep) = (
+            CgroupPath::new("/p"),
+            CgroupPath::new("/p/c"),
+            CgroupPath::new("/p/c/d/e"),
+        );
+        let now = Instant::now();
+        // An episode at /p/c: the same stall seen below is not a second episode; the
+        // ancestor's own OOM waits for it and is handed back when it ends.
+        d.trigger(&mid, p.clone(), now).unwrap();
+        let job = rx.try_recv().unwrap();
+        assert_eq!(d.trigger(&deep, p.clone(), now), None);
+        assert_eq!(d.trigger(&top, p.clone(), now), None);
+        assert_eq!(d.running(), vec![mid.clone()]);
+        let again = d.finish(&job, &resolved(), None);
+        assert_eq!(
+            again.iter().map(|a| a.0.clone()).collect::<Vec<_>>(),
+            vec![top.clone()]
+        );
+        // Just after it resolved, what is still marked below it is its tail ...
+        assert_eq!(d.trigger(&deep, p.clone(), now), None);
+        // ... but the ancestor's stall, or an unrelated one, starts at once.
+        assert!(d.trigger(&top, p.clone(), now).is_some());
+        assert!(d.trigger(&CgroupPath::new("/q"), p.clone(), now).is_some());
+        let job = rx.try_recv().unwrap();
+        assert_eq!(job.cgroup, top);
+        assert_eq!(d.trigger(&mid, p.clone(), now), None, "ancestor running");
+        d.finish(&job, &resolved(), None);
+        std::thread::sleep(SAME_STALL_WINDOW + Duration::from_millis(50));
+        assert!(d.trigger(&deep, p, now).is_some(), "a new stall later");
+    }
+
+    #[test]
+    fn resume_waits_for_an_episode_in_the_subtree() {
+        let (d, rx, _) = dispatcher(1, 1);
+        let p = enforce();
+        d.trigger(&CgroupPath::new("/p/c"), p.clone(), Instant::now())
+            .unwrap();
+        assert!(!d.resume(&CgroupPath::new("/p"), p.clone(), 7, 1));
+        let job = rx.try_recv().unwrap();
+        d.finish(&job, &resolved(), None);
+        assert!(d.resume(&CgroupPath::new("/p"), p, 7, 1));
+    }
+
+    #[test]
+    fn audit_stall_is_held_until_it_ends_or_a_reload() {
         let (d, rx, _) = dispatcher(1, 1);
         let set = PolicySet::embedded_default().all_audit();
         let audit = set.policies()[0].clone();
         let a = CgroupPath::new("/a");
         d.trigger(&a, audit.clone(), Instant::now()).unwrap();
         let job = rx.try_recv().unwrap();
-        let un = End::Unresolved {
-            reason: "audit mode".into(),
-        };
-        assert_eq!(d.finish(&job, &un), None);
+        assert!(d
+            .finish(&job, &End::unresolved("audit mode"), None)
+            .is_empty());
         assert_eq!(d.trigger(&a, audit.clone(), Instant::now()), None, "held");
         // Out of OOM below it: the stall at /a is over too.
         d.clear_held(&CgroupPath::new("/a/child"));
-        assert!(d.trigger(&a, audit, Instant::now()).is_some());
-        assert_eq!(rx.try_recv().unwrap().cgroup, a);
-
-        let enforce = PolicySet::embedded_default().policies()[0].clone();
-        let b = CgroupPath::new("/b");
-        d.trigger(&b, enforce.clone(), Instant::now()).unwrap();
+        assert!(d.trigger(&a, audit.clone(), Instant::now()).is_some());
         let job = rx.try_recv().unwrap();
-        assert_eq!(job.cgroup, b);
-        d.finish(
-            &job,
-            &End::Unresolved {
-                reason: "all steps done".into(),
-            },
-        );
+        d.finish(&job, &End::unresolved("audit mode"), None);
+        assert_eq!(d.trigger(&a, audit, Instant::now()), None, "held");
+        // A reload (say, to enforce) evaluates the held stall again.
+        d.reloaded();
+        assert!(d.trigger(&a, enforce(), Instant::now()).is_some());
+    }
+
+    #[test]
+    fn unresolved_backs_off_and_a_change_retries_at_once() {
+        let (d, rx, _) = dispatcher(1, 1);
+        let p = enforce();
+        let b = CgroupPath::new("/b");
+        let id = d.trigger(&b, p.clone(), Instant::now()).unwrap();
+        let job = rx.try_recv().unwrap();
+        let pic = Picture {
+            limit: 100 << 20,
+            usage: 100 << 20,
+            tasks: 2,
+        };
+        d.finish(&job, &End::unresolved("no candidate victim"), Some(pic));
         assert_eq!(
-            d.trigger(&b, enforce.clone(), Instant::now()),
+            d.trigger(&b, p.clone(), Instant::now()),
             None,
-            "cooling down"
+            "backing off"
         );
-        std::thread::sleep(Duration::from_millis(60));
-        assert!(d.trigger(&b, enforce, Instant::now()).is_some());
+        let st = d.stuck();
+        assert_eq!(st.len(), 1);
+        assert_eq!((st[0].episode, st[0].tries), (id, 1));
+        assert_eq!(st[0].reason, "no candidate victim");
+        assert_eq!(d.stuck_by_policy().get(&p.name), Some(&1));
+        assert_eq!(d.waiting_pictures(), vec![(b.clone(), pic)]);
+        // Something changed: the retry is due now, in the same episode.
+        assert!(d.kick(&b));
+        assert_eq!(d.trigger(&b, p.clone(), Instant::now()), Some(id));
+        let job = rx.try_recv().unwrap();
+        assert_eq!(job.retry, 1);
+        assert_eq!(d.stuck().len(), 1, "still listed while retrying");
+        d.finish(&job, &End::unresolved("no candidate victim"), Some(pic));
+        assert_eq!(d.stuck()[0].tries, 2);
+        // The stall ends by itself: reported once, and no longer stuck.
+        let ended = d.clear_held(&b);
+        assert_eq!(ended.len(), 1);
+        assert_eq!(ended[0].episode, id);
+        assert!(d.stuck().is_empty());
+        assert!(d.trigger(&b, p, Instant::now()).unwrap() > id);
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_maximum() {
+        let max = Duration::from_secs(300);
+        let waits: Vec<u64> = (1..=11).map(|t| backoff(t, max).as_secs()).collect();
+        assert_eq!(waits, vec![1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300]);
+        assert_eq!(backoff(u32::MAX, max), max);
+    }
+
+    #[test]
+    fn pictures_that_are_worth_a_retry() {
+        let p = Picture {
+            limit: 100,
+            usage: 50 << 20,
+            tasks: 3,
+        };
+        assert_eq!(p.changed(&p), None);
+        let q = |f: fn(&mut Picture)| {
+            let mut n = p;
+            f(&mut n);
+            p.changed(&n)
+        };
+        assert_eq!(q(|n| n.limit = 200), Some("limit changed"));
+        assert_eq!(q(|n| n.tasks = 2), Some("a task is gone"));
+        assert_eq!(q(|n| n.tasks = 4), None);
+        assert_eq!(q(|n| n.usage -= 4096), None, "jitter");
+        assert_eq!(q(|n| n.usage -= 2 << 20), Some("usage down"));
+    }
+
+    #[test]
+    fn episode_ids_do_not_repeat_across_restarts() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let first = first_episode_id(t);
+        // A run that started a millisecond later starts beyond a thousand episodes.
+        assert_eq!(first_episode_id(t + Duration::from_millis(1)), first + 1000);
+        assert!(first < 1 << 53, "exact in JSON");
+        let (d, rx, _) = dispatcher(1, 1);
+        let id = d
+            .trigger(&CgroupPath::new("/x"), enforce(), Instant::now())
+            .unwrap();
+        let _ = rx.try_recv();
+        assert!(id >= first_episode_id(SystemTime::now() - Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn nothing_starts_once_stopping() {
+        let (d, rx, _) = dispatcher(1, 1);
+        d.stop();
+        assert_eq!(
+            d.trigger(&CgroupPath::new("/a"), enforce(), Instant::now()),
+            None
+        );
+        assert!(!d.resume(&CgroupPath::new("/a"), enforce(), 1, 1));
+        assert!(rx.try_recv().is_err());
     }
 
     #[test]
     fn pool_grows_when_busy_up_to_its_maximum() {
         let (d, _rx, spawned) = dispatcher(2, 5);
         assert_eq!(spawned.load(Ordering::SeqCst), 2);
-        let p = PolicySet::embedded_default().policies()[0].clone();
+        let p = enforce();
         // Nobody takes the jobs (no real workers): each trigger finds no idle worker
         // for the queued work and asks for one more, up to the maximum.
         for i in 0..10 {

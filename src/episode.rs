@@ -1,17 +1,21 @@
-//! One OOM episode: the policy's steps in order, each followed by its settle wait and a
-//! re-check, ending `resolved` (with the stall time) or `unresolved` (with why).
-//! Episodes run on worker threads fed by the [`Dispatcher`](crate::dispatcher::Dispatcher).
+//! One OOM episode: the policy's steps in order, each preceded by a re-check and
+//! followed by its settle wait, ending `resolved` (with the stall time) or `unresolved`
+//! (with why and what would help). Episodes run on worker threads fed by the
+//! [`Dispatcher`](crate::dispatcher::Dispatcher).
 
+use std::cell::RefCell;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
-use crate::action::{self, Outcome, StepCtx};
+use crate::action::{self, Outcome, Report, StepCtx};
 use crate::audit::Record;
-use crate::dispatcher::{End, Job};
+use crate::cgroup::{CgroupPath, Controller};
+use crate::dispatcher::{End, Job, Picture};
 use crate::loan::keeper::{give_back_resumed, Returned};
-use crate::policy::Mode;
+use crate::policy::{Action, Mode};
 use crate::shared::Shared;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -25,68 +29,129 @@ enum State {
 pub fn worker(shared: Arc<Shared>, rx: crossbeam_channel::Receiver<Job>) {
     while let Some(job) = shared.dispatcher.next_job(&rx) {
         let end = run(&shared, &job);
-        if let Some(at) = shared.dispatcher.finish(&job, &end) {
-            // Another OOM arrived while this episode ran: still stuck now?
-            let stuck = shared
-                .env
-                .ctl
-                .oom_state(&job.cgroup)
-                .ok()
-                .flatten()
-                .is_some_and(|s| s.under_oom);
-            if stuck {
-                shared
-                    .dispatcher
-                    .trigger(&job.cgroup, job.policy.clone(), at);
+        let picture = match &end {
+            End::Unresolved { .. } if !job.resume => picture(shared.env.ctl.as_ref(), &job.cgroup),
+            _ => None,
+        };
+        for (cg, policy, at) in shared.dispatcher.finish(&job, &end, picture) {
+            // An OOM arrived (here, or at an ancestor that waited): still stuck now?
+            if oom_state(shared.env.ctl.as_ref(), &cg) == State::Stuck {
+                shared.dispatcher.trigger(&cg, policy, at);
             }
         }
         shared.dispatcher.job_done();
     }
 }
 
+/// What a stuck cgroup looks like (limit, usage, tasks in its subtree): the sweep
+/// retries an unresolved stall at once when this changes.
+pub fn picture(ctl: &dyn Controller, cg: &CgroupPath) -> Option<Picture> {
+    let limit = ctl.limits(cg).ok().flatten()?.memory;
+    let usage = ctl.usage(cg).ok().flatten()?;
+    let tasks = ctl
+        .hierarchy()
+        .walk(cg)
+        .iter()
+        .map(|c| ctl.procs(c).ok().flatten().map_or(0, |p| p.len()))
+        .sum();
+    Some(Picture {
+        limit,
+        usage,
+        tasks,
+    })
+}
+
 fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
-/// Runs one episode to its end and writes its audit lines.
+/// An OOM episode's question: is the cgroup still under OOM?
+fn oom_state(ctl: &dyn Controller, cg: &CgroupPath) -> State {
+    match ctl.oom_state(cg) {
+        Ok(Some(st)) if st.under_oom => State::Stuck,
+        Ok(Some(_)) => State::Recovered(Instant::now()),
+        Ok(None) => State::Gone,
+        Err(e) if e.is_gone() => State::Gone,
+        Err(e) => {
+            log::warn!("{cg}: {e}");
+            State::Stuck
+        }
+    }
+}
+
+/// A resumed episode's question: could the loan be given back (the workload fits its
+/// original limit again)? Gives it back when it can.
+fn loan_given_back(shared: &Shared, cg: &CgroupPath) -> State {
+    match give_back_resumed(shared, cg) {
+        Returned::Yes => State::Recovered(Instant::now()),
+        Returned::NotYet => State::Stuck,
+        Returned::Gone => State::Gone,
+    }
+}
+
+/// Why a step could not help, and what would, for the first `unresolved` line.
+fn diagnose(action: &Action, report: &Report) -> Option<(String, String)> {
+    if !matches!(report.outcome, Outcome::Skipped | Outcome::Failed) {
+        return None;
+    }
+    let err = report.error.clone().unwrap_or_default();
+    Some(match action {
+        Action::RaiseLimit(_) if report.outcome == Outcome::Skipped => {
+            let at = report.fields.get("old_limit").and_then(Value::as_u64);
+            match at {
+                Some(n) => (
+                    format!("ceiling reached at {n} bytes"),
+                    format!("the workload needs more than {n} bytes: raise the step's max_extra or max_limit, or add a step after raise_limit"),
+                ),
+                None => (err, String::new()),
+            }
+        }
+        Action::Signal { .. } | Action::Kill { .. } | Action::KillAll
+            if report.outcome == Outcome::Skipped =>
+        {
+            (
+                "no candidate victim".to_string(),
+                "no process in the subtree may be signalled (none left, or only oom_score_adj -1000 ones): widen the victim filters, add another step, or raise the limit by hand".to_string(),
+            )
+        }
+        _ => (format!("{}: {err}", action.name()), String::new()),
+    })
+}
+
+/// Runs one episode to its end and writes its audit lines. A retry of an unresolved
+/// stall (`job.retry > 0`) writes only what changed something, and a reminder.
 pub fn run(shared: &Shared, job: &Job) -> End {
     let policy = &job.policy;
     let audit_mode = policy.mode == Mode::Audit;
+    let quiet = job.retry > 0;
     let cg = &job.cgroup;
     let ctl = shared.env.ctl.as_ref();
     // Written before the first action: a long first step must not hide the episode.
-    // An OOM job is dispatched only after under_oom was read as 1.
-    let oom = Record::new("oom", cg)
-        .with("policy", policy.name.clone())
-        .with("episode", job.episode);
-    shared.audit.log(if job.resume {
-        oom.with("resumed", true)
-            .with("reason", "hold expired with usage above the original limit")
-            .with("start_step", job.start_step)
-    } else {
+    if job.resume {
+        shared.audit.log(
+            Record::new("oom", cg)
+                .with("policy", policy.name.clone())
+                .with("episode", job.episode)
+                .with("resumed", true)
+                .with("reason", "hold expired with usage above the original limit")
+                .with("start_step", job.start_step),
+        );
+    } else if !quiet {
         shared.metrics.oom_event(&policy.name);
-        oom.with("under_oom", 1)
-    });
+        shared.audit.log(
+            Record::new("oom", cg)
+                .with("policy", policy.name.clone())
+                .with("episode", job.episode)
+                .with("under_oom", 1),
+        );
+    }
 
-    // For an OOM: stuck while under_oom. For a resume: stuck until the loan could be
-    // given back (usage fits the original limit again).
+    let stopping = || shared.stop.load(Ordering::SeqCst) || shared.dispatcher.stopping();
     let check = || -> State {
         if job.resume {
-            return match give_back_resumed(shared, cg) {
-                Returned::Yes => State::Recovered(Instant::now()),
-                Returned::NotYet => State::Stuck,
-                Returned::Gone => State::Gone,
-            };
-        }
-        match ctl.oom_state(cg) {
-            Ok(Some(st)) if st.under_oom => State::Stuck,
-            Ok(Some(_)) => State::Recovered(Instant::now()),
-            Ok(None) => State::Gone,
-            Err(e) if e.is_gone() => State::Gone,
-            Err(e) => {
-                log::warn!("{cg}: {e}");
-                State::Stuck
-            }
+            loan_given_back(shared, cg)
+        } else {
+            oom_state(ctl, cg)
         }
     };
     let poll = if job.resume {
@@ -97,21 +162,37 @@ pub fn run(shared: &Shared, job: &Job) -> End {
 
     let mut last_step: Option<usize> = None;
     let mut first_action_at: Option<Instant> = None;
+    let mut diagnoses: Vec<(String, String)> = Vec::new();
     let end = 'steps: {
         for (i, step) in policy.steps.iter().enumerate().skip(job.start_step) {
-            // Before the first step of an OOM episode the dispatcher has just read
-            // under_oom 1; reading it again would only delay the rescue.
-            let state = if i == 0 && !job.resume {
-                State::Stuck
-            } else {
-                check()
-            };
-            match state {
-                State::Gone => break 'steps gone(),
+            if stopping() {
+                break 'steps End::Stopped;
+            }
+            // Before every step, the first included: a job may have waited for a free
+            // worker, and a stall that ended meanwhile needs nothing (one pread).
+            match check() {
+                State::Gone => break 'steps End::Gone,
                 State::Recovered(at) if !audit_mode => break 'steps resolved(job, last_step, at),
                 _ => {}
             }
-            let still_stuck = || job.resume || matches!(check(), State::Stuck);
+            let still_stuck = || !stopping() && (job.resume || matches!(check(), State::Stuck));
+            let name = step.action.name();
+            let base = Record::new("action", cg)
+                .with("episode", job.episode)
+                .with("policy", policy.name.clone())
+                .with("mode", policy.mode.as_str())
+                .with("step", i)
+                .with("action", name);
+            // An action that waits after acting (a signal's grace) reports what it did
+            // first: the line is written then, and its result when known.
+            let taken_fields: RefCell<Option<Map<String, Value>>> = RefCell::new(None);
+            let taken = |r: &Report| {
+                let mut rec = base.clone().with("outcome", r.outcome.as_str());
+                rec.merge(r.fields.clone());
+                rec.set("pending", true);
+                shared.audit.log(rec);
+                *taken_fields.borrow_mut() = Some(r.fields.clone());
+            };
             let ctx = StepCtx {
                 cgroup: cg,
                 policy,
@@ -120,48 +201,83 @@ pub fn run(shared: &Shared, job: &Job) -> End {
                 audit: audit_mode,
                 resuming: job.resume,
                 still_stuck: &still_stuck,
+                taken: &taken,
+                cancelled: &stopping,
             };
             let report = action::perform(&shared.env, &ctx, &step.action);
             first_action_at.get_or_insert_with(Instant::now);
             // A raise leaves the journal unsynced so the limit is written sooner.
             shared.env.loans.sync();
-            let name = step.action.name();
             shared.metrics.action(name, report.outcome.as_str());
-            let mut rec = Record::new("action", cg)
-                .with("episode", job.episode)
-                .with("policy", policy.name.clone())
-                .with("mode", policy.mode.as_str())
-                .with("step", i)
-                .with("action", name)
-                .with("outcome", report.outcome.as_str());
-            if let Some(e) = &report.error {
-                rec.set("error", e.clone());
+            if let Some(d) = diagnose(&step.action, &report) {
+                diagnoses.push(d);
             }
-            rec.merge(report.fields);
-            shared.audit.log(rec);
+            let logged = taken_fields.borrow_mut().take();
+            let changed_nothing = matches!(report.outcome, Outcome::Skipped | Outcome::Would);
+            match logged {
+                Some(sent) => {
+                    // The result of an action already written: only what is new.
+                    let mut rec = Record::new("action_result", cg)
+                        .with("episode", job.episode)
+                        .with("policy", policy.name.clone())
+                        .with("step", i)
+                        .with("action", name)
+                        .with("outcome", report.outcome.as_str());
+                    if let Some(e) = &report.error {
+                        rec.set("error", e.clone());
+                    }
+                    let mut rest = report.fields.clone();
+                    rest.retain(|k, v| sent.get(k) != Some(v));
+                    rec.merge(rest);
+                    shared.audit.log(rec);
+                }
+                // A retry of an unresolved stall does not repeat what changed nothing.
+                None if quiet && changed_nothing => {}
+                None => {
+                    let mut rec = base.with("outcome", report.outcome.as_str());
+                    if let Some(e) = &report.error {
+                        rec.set("error", e.clone());
+                    }
+                    rec.merge(report.fields.clone());
+                    shared.audit.log(rec);
+                }
+            }
             if report.outcome == Outcome::Done {
                 last_step = Some(i);
             }
             if audit_mode {
                 continue;
             }
-            if report.settle {
-                match settle(&check, step.settle, poll) {
-                    State::Gone => break 'steps gone(),
+            if report.changed {
+                match settle(&check, &stopping, step.settle, poll) {
+                    State::Gone => break 'steps End::Gone,
                     State::Recovered(at) => break 'steps resolved(job, Some(i), at),
                     State::Stuck => {}
                 }
             }
         }
         match check() {
-            State::Gone => gone(),
+            State::Gone => End::Gone,
             State::Recovered(at) if !audit_mode => resolved(job, last_step, at),
-            _ if audit_mode => End::Unresolved {
-                reason: "audit mode".into(),
-            },
-            _ => End::Unresolved {
-                reason: "all steps done".into(),
-            },
+            _ if audit_mode => End::unresolved("audit mode"),
+            _ => {
+                let reason = if diagnoses.is_empty() {
+                    "all steps done".to_string()
+                } else {
+                    diagnoses
+                        .iter()
+                        .map(|d| d.0.as_str())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                };
+                let help = diagnoses
+                    .iter()
+                    .map(|d| d.1.as_str())
+                    .filter(|h| !h.is_empty())
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                End::Unresolved { reason, help }
+            }
         }
     };
 
@@ -186,25 +302,40 @@ pub fn run(shared: &Shared, job: &Job) -> End {
                     ms(t.saturating_duration_since(job.detected)),
                 );
             }
+            if quiet {
+                rec.set("retry", job.retry);
+            }
             shared.audit.log(rec);
         }
-        End::Unresolved { reason } => {
+        End::Unresolved { reason, help } => {
             shared.metrics.unresolved(&policy.name);
-            shared.audit.log(
-                Record::new("unresolved", cg)
-                    .with("episode", job.episode)
-                    .with("policy", policy.name.clone())
-                    .with("reason", reason.clone()),
-            );
+            let mut rec = Record::new("unresolved", cg)
+                .with("episode", job.episode)
+                .with("policy", policy.name.clone())
+                .with("reason", reason.clone());
+            if quiet {
+                // A reminder: the stall goes on; the next try backs off further.
+                rec.set("reminder", true);
+                rec.set("retry", job.retry);
+            } else if !help.is_empty() {
+                rec.set("help", help.clone());
+            }
+            shared.audit.log(rec);
         }
+        End::Gone => shared.audit.log(
+            Record::new("unresolved", cg)
+                .with("episode", job.episode)
+                .with("policy", policy.name.clone())
+                .with("reason", "cgroup gone"),
+        ),
+        End::Stopped => shared.audit.log(
+            Record::new("unresolved", cg)
+                .with("episode", job.episode)
+                .with("policy", policy.name.clone())
+                .with("reason", "agent stopping"),
+        ),
     }
     end
-}
-
-fn gone() -> End {
-    End::Unresolved {
-        reason: "cgroup gone".into(),
-    }
 }
 
 fn resolved(job: &Job, by_step: Option<usize>, at: Instant) -> End {
@@ -218,7 +349,13 @@ fn resolved(job: &Job, by_step: Option<usize>, at: Instant) -> End {
 /// (doubling up to 16 ms): most recoveries show within a millisecond of the action, and
 /// when many cgroups settle at once, tight polling would take the CPU the woken
 /// workloads need.
-fn settle(check: &dyn Fn() -> State, limit: Duration, poll: Duration) -> State {
+/// A stop request ends the wait (the step loop then stops).
+fn settle(
+    check: &dyn Fn() -> State,
+    stopping: &dyn Fn() -> bool,
+    limit: Duration,
+    poll: Duration,
+) -> State {
     const MAX_POLL: Duration = Duration::from_millis(16);
     let start = Instant::now();
     let mut step = poll;
@@ -228,7 +365,7 @@ fn settle(check: &dyn Fn() -> State, limit: Duration, poll: Duration) -> State {
             return st;
         }
         let elapsed = start.elapsed();
-        if elapsed >= limit {
+        if elapsed >= limit || stopping() {
             return State::Stuck;
         }
         std::thread::sleep(step.min(limit - elapsed));

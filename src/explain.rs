@@ -147,6 +147,8 @@ fn explain_text(
             audit: true,
             resuming: false,
             still_stuck: &|| true,
+            taken: &|_| {},
+            cancelled: &|| false,
         };
         let r = action::perform(&env, &ctx, &step.action);
         let mut line = format!("step {i}: {} -> {}", step.action.name(), r.outcome.as_str());

@@ -424,6 +424,21 @@ fn status(state_dir: &std::path::Path, json: bool) -> ExitCode {
             println!("  {c}");
         }
     }
+    if !st.stuck.is_empty() {
+        println!("stuck, unresolved: {}", st.stuck.len());
+        for s in &st.stuck {
+            println!(
+                "  {}  [{}] since {}, episode {}, {} tr{}: {}",
+                s.cgroup,
+                s.policy,
+                s.since,
+                s.episode,
+                s.tries,
+                if s.tries == 1 { "y" } else { "ies" },
+                s.reason
+            );
+        }
+    }
     println!("lent limits: {}", st.loans.len());
     for l in &st.loans {
         println!(

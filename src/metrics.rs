@@ -25,6 +25,7 @@ pub struct Metrics {
     oom_events: Mutex<BTreeMap<String, u64>>,
     actions: Mutex<BTreeMap<(String, String), u64>>,
     unresolved: Mutex<BTreeMap<String, u64>>,
+    stuck: Mutex<BTreeMap<String, u64>>,
     stall: Mutex<Histogram>,
 }
 
@@ -56,6 +57,18 @@ impl Metrics {
 
     pub fn unresolved(&self, policy: &str) {
         bump(&self.unresolved, policy.to_string());
+    }
+
+    /// Cgroups stuck with their stall unresolved, by policy. A policy seen once stays
+    /// at 0 rather than vanishing, so that alerts see the stall end.
+    pub fn set_stuck(&self, by_policy: &BTreeMap<String, usize>) {
+        let mut m = self.stuck.lock().unwrap_or_else(|p| p.into_inner());
+        for v in m.values_mut() {
+            *v = 0;
+        }
+        for (p, n) in by_policy {
+            m.insert(p.clone(), *n as u64);
+        }
     }
 
     pub fn stall(&self, d: Duration) {
@@ -136,6 +149,13 @@ impl Metrics {
             "Episodes that ended unresolved, by policy.",
         );
         by_policy(&mut o, "oomwake_unresolved_total", &self.unresolved);
+        header(
+            &mut o,
+            "oomwake_stuck_cgroups",
+            "gauge",
+            "Cgroups stuck in a stall their policy could not resolve, by policy.",
+        );
+        by_policy(&mut o, "oomwake_stuck_cgroups", &self.stuck);
         o
     }
 }

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::action::Env;
 use crate::audit::Audit;
 use crate::cgroup::CgroupPath;
-use crate::dispatcher::Dispatcher;
+use crate::dispatcher::{Dispatcher, StuckStatus};
 use crate::journal::{Damage, LoanRecord};
 use crate::metrics::Metrics;
 use crate::policy::PolicySet;
@@ -50,6 +50,9 @@ pub struct Status {
     pub dry_run: bool,
     pub watched: Vec<WatchedStatus>,
     pub episodes_running: Vec<CgroupPath>,
+    /// Stalls the policy could not resolve, still going on.
+    #[serde(default)]
+    pub stuck: Vec<StuckStatus>,
     pub loans: Vec<LoanRecord>,
     /// Journal files found damaged at start (moved aside; `oomwake status` exits 4).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -39,10 +39,59 @@ struct Candidate {
 }
 
 struct Watched {
-    /// Polled fds; fd `i` has token `token + i`.
+    /// Polled fds; fd `i` has token `token + i`. None when registration failed: the
+    /// sweep covers the cgroup meanwhile.
     stall: Option<StallWatch>,
     token: u64,
     policy: Arc<Policy>,
+    /// When to retry a failed registration.
+    retry: Retry,
+}
+
+/// The backing-off schedule of registration retries: 1 s, 2 s ... up to a minute.
+struct Retry {
+    at: Instant,
+    wait: Duration,
+}
+
+impl Retry {
+    fn new() -> Retry {
+        Retry {
+            at: Instant::now() + Duration::from_secs(1),
+            wait: Duration::from_secs(1),
+        }
+    }
+
+    fn failed(&mut self, now: Instant) {
+        self.wait = (self.wait * 2).min(Duration::from_secs(60));
+        self.at = now + self.wait;
+    }
+}
+
+enum Registration {
+    Gone,
+    Failed(String),
+}
+
+/// Test-only fault injection: `OOMWAKE_FAULT_EPOLL_ADD=N` makes the first N additions
+/// of an OOM eventfd to the epoll fail (ENOMEM), so that tests can check that such a
+/// cgroup stays covered. Never set it in production.
+fn fault_epoll_add() -> bool {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::OnceLock;
+    static LEFT: OnceLock<AtomicU32> = OnceLock::new();
+    let left = LEFT.get_or_init(|| {
+        let n = std::env::var("OOMWAKE_FAULT_EPOLL_ADD")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if n > 0 {
+            log::warn!("TEST-ONLY fault injection: the first {n} epoll additions fail");
+        }
+        AtomicU32::new(n)
+    });
+    left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
 }
 
 pub struct Watcher {
@@ -64,7 +113,7 @@ pub struct Watcher {
     cgroup_root: std::path::PathBuf,
     dry_run: bool,
     status_dirty: bool,
-    status_sig: (u64, usize),
+    status_sig: (u64, usize, u64),
 }
 
 fn io_err(e: nix::Error) -> std::io::Error {
@@ -115,7 +164,7 @@ impl Watcher {
             cgroup_root: cfg.cgroup_root.clone(),
             dry_run: cfg.dry_run,
             status_dirty: true,
-            status_sig: (0, 0),
+            status_sig: (0, 0, 0),
         };
         w.discover(&CgroupPath::root());
         // Holds journaled by an earlier run on cgroups no longer watched go back now.
@@ -353,45 +402,26 @@ impl Watcher {
     }
 
     fn watch(&mut self, cg: &CgroupPath, policy: Arc<Policy>) {
-        let token = self.next_token;
-        self.next_token += 1;
-        let stall = if self.events {
-            match self
-                .shared
-                .env
-                .ctl
-                .register_stall(cg, policy.v2.trigger.as_ref())
-            {
-                Ok(stall) => {
-                    for (i, fd) in stall.fds.iter().enumerate() {
-                        let flags = if fd.priority() {
-                            EpollFlags::EPOLLPRI
-                        } else {
-                            EpollFlags::EPOLLIN
-                        };
-                        let t = token + i as u64;
-                        if let Err(e) = self.epoll.add(fd.as_fd(), EpollEvent::new(flags, t)) {
-                            log::error!("{cg}: epoll add: {e}");
-                            for fd in &stall.fds[..i] {
-                                let _ = self.epoll.delete(fd.as_fd());
-                            }
-                            return;
-                        }
-                        self.tokens.insert(t, cg.clone());
-                    }
-                    self.next_token += stall.fds.len().saturating_sub(1) as u64;
-                    Some(stall)
-                }
-                Err(e) if e.is_gone() => return,
-                Err(e) => {
+        let registered = if self.events {
+            match self.register(cg, &policy) {
+                Ok(r) => Some(r),
+                Err(Registration::Gone) => return,
+                Err(Registration::Failed(e)) => {
                     log::error!(
-                        "{cg}: cannot register for OOM events: {e}; the sweep still covers it"
+                        "{cg}: cannot register for OOM events: {e}; the sweep covers it and registration is retried"
                     );
                     None
                 }
             }
         } else {
             None
+        };
+        let (stall, token) = match registered {
+            Some((stall, base)) => (Some(stall), base),
+            None => {
+                self.next_token += 1;
+                (None, self.next_token - 1)
+            }
         };
         // Keep open what an episode here needs: no kernel allocation on the OOM path.
         self.shared.env.ctl.prepare(cg);
@@ -403,6 +433,7 @@ impl Watcher {
             stall,
             token,
             policy,
+            retry: Retry::new(),
         });
         self.status_dirty = true;
         self.update_watched_metric();
@@ -471,6 +502,93 @@ impl Watcher {
         }
     }
 
+    /// Opens the stall notifications of `cg` and adds them to the epoll under fresh
+    /// tokens (returns the first). Either step failing undoes what was done and leaves
+    /// the cgroup to the sweep; the caller retries later.
+    fn register(
+        &mut self,
+        cg: &CgroupPath,
+        policy: &Policy,
+    ) -> Result<(StallWatch, u64), Registration> {
+        let stall = match self
+            .shared
+            .env
+            .ctl
+            .register_stall(cg, policy.v2.trigger.as_ref())
+        {
+            Ok(s) => s,
+            Err(e) if e.is_gone() => return Err(Registration::Gone),
+            Err(e) => return Err(Registration::Failed(e.to_string())),
+        };
+        let base = self.next_token;
+        for (i, fd) in stall.fds.iter().enumerate() {
+            let flags = if fd.priority() {
+                EpollFlags::EPOLLPRI
+            } else {
+                EpollFlags::EPOLLIN
+            };
+            let t = base + i as u64;
+            let res = if fault_epoll_add() {
+                Err(nix::errno::Errno::ENOMEM)
+            } else {
+                self.epoll.add(fd.as_fd(), EpollEvent::new(flags, t))
+            };
+            if let Err(e) = res {
+                for (j, fd) in stall.fds[..i].iter().enumerate() {
+                    let _ = self.epoll.delete(fd.as_fd());
+                    self.tokens.remove(&(base + j as u64));
+                }
+                return Err(Registration::Failed(format!("epoll add: {e}")));
+            }
+            self.tokens.insert(t, cg.clone());
+        }
+        self.next_token += stall.fds.len().max(1) as u64;
+        Ok((stall, base))
+    }
+
+    /// Retries the registration of watched cgroups that have no eventfd (backing off
+    /// per cgroup); until it succeeds the sweep covers them.
+    fn retry_registrations(&mut self, now: Instant) {
+        if !self.events {
+            return;
+        }
+        let due: Vec<(CgroupPath, u64, Arc<Policy>)> = self
+            .candidates
+            .iter()
+            .filter_map(|(cg, c)| {
+                let w = c.watched.as_ref()?;
+                (w.stall.is_none() && now >= w.retry.at)
+                    .then(|| (cg.clone(), w.token, w.policy.clone()))
+            })
+            .collect();
+        for (cg, old_token, policy) in due {
+            let res = self.register(&cg, &policy);
+            if let Ok((_, base)) = &res {
+                self.tokens.remove(&old_token);
+                self.tokens.insert(*base, cg.clone());
+            }
+            let Some(w) = self
+                .candidates
+                .get_mut(&cg)
+                .and_then(|c| c.watched.as_mut())
+            else {
+                continue;
+            };
+            match res {
+                Ok((stall, base)) => {
+                    log::info!("{cg}: registered for OOM events on retry");
+                    w.stall = Some(stall);
+                    w.token = base;
+                }
+                Err(Registration::Gone) => w.retry.failed(now),
+                Err(Registration::Failed(e)) => {
+                    log::debug!("{cg}: registering for OOM events failed again: {e}");
+                    w.retry.failed(now);
+                }
+            }
+        }
+    }
+
     fn unwatch(&mut self, cg: &CgroupPath, reason: &str) {
         let Some(w) = self.candidates.get_mut(cg).and_then(|c| c.watched.take()) else {
             return;
@@ -530,7 +648,8 @@ impl Watcher {
     }
 
     /// The safety sweep: picks up OOMs no eventfd reported (and starts while already
-    /// stuck), oom_kill_disable flips, and the end of audited stalls.
+    /// stuck), oom_kill_disable flips, the end of held stalls, and changes that make an
+    /// unresolved stall worth retrying at once; retries failed registrations.
     fn sweep(&mut self) {
         // Holds whose release waited for a loan to come back.
         for cg in self.shared.holds.cgroups() {
@@ -540,6 +659,17 @@ impl Watcher {
         }
         let policies = self.shared.policies();
         let now = Instant::now();
+        self.retry_registrations(now);
+        let ctl = self.shared.env.ctl.as_ref();
+        for (cg, before) in self.shared.dispatcher.waiting_pictures() {
+            let Some(pic) = crate::episode::picture(ctl, &cg) else {
+                continue;
+            };
+            if let Some(why) = before.changed(&pic) {
+                log::info!("{cg}: {why}: retrying the unresolved stall now");
+                self.shared.dispatcher.kick(&cg);
+            }
+        }
         let cgs: Vec<CgroupPath> = self.candidates.keys().cloned().collect();
         for cg in cgs {
             let Some(st) = self.probe(&cg) else {
@@ -555,9 +685,22 @@ impl Watcher {
             if watched && st.under_oom {
                 self.trigger(&cg, now);
             } else if !st.under_oom {
-                self.shared.dispatcher.clear_held(&cg);
+                for end in self.shared.dispatcher.clear_held(&cg) {
+                    let stalled = end.since.elapsed().unwrap_or_default();
+                    self.shared.audit.log(
+                        Record::new("resolved", &end.cgroup)
+                            .with("episode", end.episode)
+                            .with("policy", end.policy)
+                            .with("stalled_ms", stalled.as_millis() as u64)
+                            .with("by_step", serde_json::Value::Null)
+                            .with("unaided", true),
+                    );
+                }
             }
         }
+        self.shared
+            .metrics
+            .set_stuck(&self.shared.dispatcher.stuck_by_policy());
         let sig = self.status_signature();
         if self.status_dirty || sig != self.status_sig {
             self.status_sig = sig;
@@ -623,10 +766,11 @@ impl Watcher {
     }
 
     /// Changes `oomwake status` should show: loans and running episodes.
-    fn status_signature(&self) -> (u64, usize) {
+    fn status_signature(&self) -> (u64, usize, u64) {
         (
             self.shared.env.loans.generation(),
             self.shared.dispatcher.running_count(),
+            self.shared.dispatcher.generation(),
         )
     }
 
@@ -699,12 +843,30 @@ impl Watcher {
                         (false, false) => {}
                     }
                 }
+                // Held and unresolved stalls are evaluated again, at once, under the
+                // new policies (an audit policy switched to enforce acts now).
+                self.shared.dispatcher.reloaded();
+                self.sweep();
                 self.write_status(true);
             }
             Err(e) => {
                 log::error!("reload refused, keeping the current config and policies:\n{e}")
             }
         }
+    }
+
+    /// After the loop ended: waits up to `wait` for another SIGTERM/SIGINT.
+    pub fn stop_requested(&mut self, wait: Duration) -> bool {
+        // An error or a timeout both come down to the read below finding nothing.
+        let _ = nix::poll::poll(
+            &mut [nix::poll::PollFd::new(
+                self.term.as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )],
+            nix::poll::PollTimeout::try_from(wait).unwrap_or(nix::poll::PollTimeout::ZERO),
+        );
+        let mut buf = [0u8; 64];
+        matches!(self.term.read(&mut buf), Ok(n) if n > 0)
     }
 
     /// Writes `<state_dir>/status.json` for `oomwake status`.
@@ -733,6 +895,7 @@ impl Watcher {
                 })
                 .collect(),
             episodes_running: self.shared.dispatcher.running(),
+            stuck: self.shared.dispatcher.stuck(),
             loans: self.shared.env.loans.records(),
             journal_damage: self.shared.env.loans.journal_damage(),
             holds: self.shared.holds.records(),

@@ -290,12 +290,17 @@ pub struct Agent {
 impl Agent {
     /// Writes `policies` (file name, text) and starts `oomwake run` with `extra` args.
     pub fn start(policies: &[(&str, &str)], extra: &[&str]) -> Agent {
+        Agent::start_in(Agent::dir(policies), extra)
+    }
+
+    /// A temporary agent directory with `policies` written in its policies/.
+    pub fn dir(policies: &[(&str, &str)]) -> tempfile::TempDir {
         let tmp = tempfile::tempdir().unwrap();
         std::fs::create_dir(tmp.path().join("policies")).unwrap();
         for (name, text) in policies {
             std::fs::write(tmp.path().join("policies").join(name), text).unwrap();
         }
-        Agent::start_in(tmp, extra)
+        tmp
     }
 
     /// Starts an agent on an existing directory (policies/, state/ inside it).

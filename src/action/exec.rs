@@ -41,7 +41,7 @@ pub fn run(env: &Env, ctx: &StepCtx, command: &[String], timeout: Duration) -> R
     let status = loop {
         match child.try_wait() {
             Ok(Some(st)) => break Some(st),
-            Ok(None) if Instant::now() >= deadline => break None,
+            Ok(None) if Instant::now() >= deadline || (ctx.cancelled)() => break None,
             Ok(None) => std::thread::sleep(Duration::from_millis(5)),
             Err(e) => {
                 return Report::failed(format!("waiting for {prog}: {e}"))
@@ -58,7 +58,7 @@ pub fn run(env: &Env, ctx: &StepCtx, command: &[String], timeout: Duration) -> R
                 Report::failed(format!("{prog} exited with {st}"))
             };
             // A hook may well have fixed things even when it failed: wait and see.
-            r.settle = true;
+            r.changed = true;
             r.with("command", command.to_vec())
                 .with("exit_code", code.map(i64::from))
         }
@@ -66,7 +66,12 @@ pub fn run(env: &Env, ctx: &StepCtx, command: &[String], timeout: Duration) -> R
             // Our own unreaped child: its PID cannot have been reused.
             let _ = child.kill();
             let _ = child.wait();
-            Report::failed(format!("{prog} timed out after {timeout:?}"))
+            let why = if (ctx.cancelled)() {
+                format!("{prog} killed: the agent is stopping")
+            } else {
+                format!("{prog} timed out after {timeout:?}")
+            };
+            Report::failed(why)
                 .with("command", command.to_vec())
                 .with("exit_code", serde_json::Value::Null)
         }

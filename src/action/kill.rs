@@ -99,6 +99,8 @@ pub fn signal_victim(
                 }
             }
         }
+        // Recorded now: the wait may be long, and the agent may stop during it.
+        (ctx.taken)(&rep);
         let wait = grace.unwrap_or(KILL_WAIT);
         let start = Instant::now();
         let exited = wait_exit(&pfd, wait, ctx.still_stuck);

@@ -49,8 +49,9 @@ pub struct Report {
     /// Per-action audit fields (old_limit, pid, exit_code, ...).
     pub fields: Map<String, Value>,
     pub error: Option<String>,
-    /// False when waiting for recovery is pointless (nothing changed).
-    pub settle: bool,
+    /// The action changed something, so the step's settle wait for recovery makes
+    /// sense (false when nothing changed).
+    pub changed: bool,
 }
 
 impl Report {
@@ -59,7 +60,7 @@ impl Report {
             outcome,
             fields: Map::new(),
             error: None,
-            settle: outcome == Outcome::Done,
+            changed: outcome == Outcome::Done,
         }
     }
 
@@ -92,6 +93,11 @@ pub struct StepCtx<'a> {
     pub resuming: bool,
     /// True while the cgroup still needs help; long waits end early when it turns false.
     pub still_stuck: &'a dyn Fn() -> bool,
+    /// An action that waits after acting (a signal's grace) calls this with what it
+    /// did before waiting, so that the act is recorded even if the agent stops.
+    pub taken: &'a dyn Fn(&Report),
+    /// True once the agent is stopping: waits end, running hooks are killed.
+    pub cancelled: &'a dyn Fn() -> bool,
 }
 
 /// Runs one action.
@@ -134,6 +140,12 @@ pub(crate) mod testing {
         true
     }
 
+    fn never() -> bool {
+        false
+    }
+
+    fn ignore(_: &super::Report) {}
+
     pub fn ctx<'a>(cgroup: &'a CgroupPath, policy: &'a Policy, audit: bool) -> StepCtx<'a> {
         StepCtx {
             cgroup,
@@ -143,6 +155,8 @@ pub(crate) mod testing {
             audit,
             resuming: false,
             still_stuck: &always,
+            taken: &ignore,
+            cancelled: &never,
         }
     }
 }

@@ -23,7 +23,7 @@ pub fn reclaim(env: &Env, ctx: &StepCtx) -> Report {
             let freed = before.saturating_sub(after);
             let mut r = Report::new(Outcome::Done).with("freed_bytes", freed);
             // Nothing freed: nothing can have woken the sleepers, skip the wait.
-            r.settle = freed > 0;
+            r.changed = freed > 0;
             r
         }
         Err(e) => Report::failed(e),

@@ -1,0 +1,140 @@
+//! Stalls a policy cannot resolve (issue 9) and stalls held in audit mode: reported,
+//! retried with back-off, listed by `oomwake status`, and acted on at once after a
+//! reload that can help.
+
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+const AT_CEILING: &str = r#"
+[[step]]
+action = "raise_limit"
+by = "50%"
+max_limit = "32M"
+hold = "60s"
+"#;
+
+const KILL: &str = r#"
+[[step]]
+action = "kill"
+victim = "largest_rss"
+"#;
+
+#[test]
+fn unresolvable_stall_is_reported_not_repeated_and_a_reload_resolves_it() {
+    let Some(()) =
+        require_v1("unresolvable_stall_is_reported_not_repeated_and_a_reload_resolves_it")
+    else {
+        return;
+    };
+    let mut s = Scratch::new("stuck");
+    let cg = s.cgroup("", Some(32 * MIB), true);
+    let agent = Agent::start(
+        &[("p.toml", &policy("capped", &cg.rel, "", AT_CEILING))],
+        &[],
+    );
+    agent.expect("watch", &cg.rel, Duration::from_secs(10));
+    let hog = s.hog(&cg, &["--touch", "40M", "--hold", "120s"]);
+    cg.wait_stuck(hog.pid);
+    let first = agent.expect("unresolved", &cg.rel, Duration::from_secs(10));
+    assert_eq!(
+        first["reason"], "ceiling reached at 33554432 bytes",
+        "{first}"
+    );
+    assert!(
+        first["help"]
+            .as_str()
+            .is_some_and(|h| h.contains("max_limit")),
+        "{first}"
+    );
+    // Held for 30 s: a handful of lines, not one episode a second.
+    std::thread::sleep(Duration::from_secs(30));
+    assert!(s.alive(hog.pid) && cg.under_oom());
+    let lines: Vec<_> = agent
+        .audit()
+        .into_iter()
+        .filter(|v| v["cgroup"] == cg.rel.as_str() && v["event"] != "watch")
+        .collect();
+    assert!(lines.len() <= 10, "{} lines: {lines:#?}", lines.len());
+    assert_eq!(agent.events("oom", &cg.rel).len(), 1);
+    let reminders = agent
+        .events("unresolved", &cg.rel)
+        .into_iter()
+        .filter(|v| v["reminder"] == true)
+        .count();
+    assert!((2..=6).contains(&reminders), "{lines:#?}");
+    // `oomwake status` lists it, with since-when and why.
+    let status = std::process::Command::new(oomwake_bin())
+        .arg("status")
+        .arg("--state-dir")
+        .arg(agent.tmp.path().join("state"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        text.contains("stuck, unresolved")
+            && text.contains(&cg.rel)
+            && text.contains("ceiling reached"),
+        "{text}"
+    );
+    // A reload that adds a kill step: acted on at once, not at the next back-off try.
+    std::fs::write(
+        agent.tmp.path().join("policies/p.toml"),
+        policy("capped", &cg.rel, "", &format!("{AT_CEILING}{KILL}")),
+    )
+    .unwrap();
+    let sent = Instant::now();
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    let r = agent
+        .wait_for(Duration::from_secs(10), |v| {
+            v["event"] == "resolved" && v["cgroup"] == cg.rel.as_str()
+        })
+        .unwrap_or_else(|| panic!("not resolved after the reload; log:\n{}", agent.log()));
+    let took = sent.elapsed();
+    assert_eq!(r["by_action"], "kill");
+    assert_eq!(r["episode"], first["episode"], "the same stall");
+    // "At once": well under the 16 s the next back-off try would have waited.
+    assert!(
+        took < Duration::from_secs(3),
+        "resolved {took:?} after the reload"
+    );
+    eprintln!("resolved {took:?} after the reload");
+    assert_eq!(s.exit_signal(hog.pid), Some(libc::SIGKILL));
+}
+
+#[test]
+fn audit_held_stall_is_rescued_after_a_reload_to_enforce() {
+    let Some(()) = require_v1("audit_held_stall_is_rescued_after_a_reload_to_enforce") else {
+        return;
+    };
+    let mut s = Scratch::new("held");
+    let cg = s.cgroup("", Some(32 * MIB), true);
+    let agent = Agent::start(
+        &[(
+            "p.toml",
+            &policy("watcher", &cg.rel, "mode = \"audit\"", KILL),
+        )],
+        &[],
+    );
+    agent.expect("watch", &cg.rel, Duration::from_secs(10));
+    let hog = s.hog(&cg, &["--touch", "40M", "--hold", "120s"]);
+    cg.wait_stuck(hog.pid);
+    let un = agent.expect("unresolved", &cg.rel, Duration::from_secs(10));
+    assert_eq!(un["reason"], "audit mode");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(s.alive(hog.pid));
+    std::fs::write(
+        agent.tmp.path().join("policies/p.toml"),
+        policy("watcher", &cg.rel, "mode = \"enforce\"", KILL),
+    )
+    .unwrap();
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(10), || !s.alive(hog.pid)),
+        "held stall not rescued after the reload; audit:\n{:#?}\nlog:\n{}",
+        agent.audit(),
+        agent.log()
+    );
+    assert_eq!(s.exit_signal(hog.pid), Some(libc::SIGKILL));
+    agent.expect("resolved", &cg.rel, Duration::from_secs(5));
+}
