@@ -180,7 +180,7 @@ fn episode_ids_do_not_repeat_across_restarts() {
     agent.expect("watch", &cg.rel, Duration::from_secs(10));
     let h1 = s.hog(&cg, &["--touch", "40M", "--hold", "120s"]);
     let first = agent.expect("resolved", &cg.rel, Duration::from_secs(15));
-    assert!(!s.alive(h1.pid));
+    assert!(wait_until(Duration::from_secs(5), || !s.alive(h1.pid)));
     assert!(agent.stop().is_some());
     let tmp = agent.crash();
     let audit = tmp.path().join("audit.jsonl");
@@ -189,7 +189,7 @@ fn episode_ids_do_not_repeat_across_restarts() {
     agent.expect("watch", &cg.rel, Duration::from_secs(10));
     let h2 = s.hog(&cg, &["--touch", "40M", "--hold", "120s"]);
     let second = agent.expect("resolved", &cg.rel, Duration::from_secs(15));
-    assert!(!s.alive(h2.pid));
+    assert!(wait_until(Duration::from_secs(5), || !s.alive(h2.pid)));
     let (a, b) = (first["episode"].as_u64(), second["episode"].as_u64());
     assert!(a.is_some() && b.is_some() && a != b, "{first}\n{second}");
     assert!(b > a, "ids grow across restarts: {a:?} then {b:?}");
@@ -222,4 +222,64 @@ fn failed_epoll_add_keeps_the_cgroup_covered_and_is_retried() {
             .exists()
             || !s.alive(hog.pid)
     );
+}
+
+#[test]
+fn a_second_stop_signal_cuts_a_hung_shutdown_short() {
+    let Some(()) = require_v1("a_second_stop_signal_cuts_a_hung_shutdown_short") else {
+        return;
+    };
+    let mut s = Scratch::new("secondterm");
+    let cg = s.cgroup("", Some(32 * MIB), true);
+    // A loan the keeper will not give back early (restore_after 60 s).
+    let steps = r#"
+[[step]]
+action = "raise_limit"
+by = "50%"
+max_extra = "100%"
+hold = "60s"
+restore_after = "60s"
+"#;
+    let tmp = Agent::dir(&[("p.toml", &policy("lend", &cg.rel, "", steps))]);
+    // The shutdown restore hangs between its two writes.
+    let mut agent = Agent::start_in_env(
+        tmp,
+        &[],
+        &[("OOMWAKE_FAULT", "after_restore_memory:pause-60000")],
+    );
+    agent.expect("watch", &cg.rel, Duration::from_secs(10));
+    let hog = s.hog(
+        &cg,
+        &["--touch", "40M", "--hold", "200ms", "--free-after", "120s"],
+    );
+    assert!(
+        hog.report(Duration::from_secs(15)).is_some(),
+        "log:\n{}",
+        agent.log()
+    );
+    agent.expect("resolved", &cg.rel, Duration::from_secs(5));
+    // Freed: the restore at shutdown fits and starts (then hangs at the fault point).
+    assert!(wait_until(Duration::from_secs(10), || cg.usage() < 8 * MIB));
+    agent.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(
+        wait_until(Duration::from_secs(10), || agent.log().contains("pausing")),
+        "the shutdown restore never reached the fault point; log:\n{}",
+        agent.log()
+    );
+    assert!(agent.running(), "still in its hung shutdown");
+    let t = Instant::now();
+    agent.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(
+        wait_until(Duration::from_secs(5), || !agent.running()),
+        "a second SIGTERM did not end the shutdown; log:\n{}",
+        agent.log()
+    );
+    eprintln!("exited {:?} after the second SIGTERM", t.elapsed());
+    assert!(
+        agent.log().contains("second stop signal"),
+        "log:\n{}",
+        agent.log()
+    );
+    // The loan is still journaled for the next start.
+    assert!(agent.journal().contains(&cg.rel), "{}", agent.journal());
 }

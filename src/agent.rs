@@ -156,6 +156,7 @@ pub fn run(cfg: Config, policies: PolicySet, reload: crate::config::Reload) -> a
             watcher.write_status(false);
             // What is already queued for the audit log gets a moment, not more.
             let _ = shared.audit.flush(Duration::from_millis(200));
+            crate::audit::flush_stderr(Duration::from_millis(200));
             std::process::exit(1);
         }
     }
