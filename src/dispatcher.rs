@@ -33,6 +33,10 @@ pub struct Job {
     /// 0 for a new stall; n for the n-th retry of a stall left unresolved, which
     /// writes a reminder instead of repeating the whole episode in the audit log.
     pub retry: u32,
+    /// Whether a retry writes its reminder (and its failed actions): at every
+    /// backed-off retry, and at retries 1, 2, 4, 8 ... of a stall retried every second
+    /// because an action failed.
+    pub remind: bool,
 }
 
 /// How an episode ended.
@@ -46,6 +50,8 @@ pub enum End {
         reason: String,
         /// What would help, for the operator (empty when nothing specific is known).
         help: String,
+        /// An action failed (an error, not "nothing to do"): worth retrying soon.
+        failed: bool,
     },
     /// The cgroup went away mid-episode.
     Gone,
@@ -58,6 +64,7 @@ impl End {
         End::Unresolved {
             reason: reason.into(),
             help: String::new(),
+            failed: false,
         }
     }
 }
@@ -99,6 +106,8 @@ struct Stuck {
     /// Episodes run for this stall so far (the first one included).
     tries: u32,
     next_try: Instant,
+    /// The last episode ended with a failed action: retried every second.
+    failed: bool,
     picture: Option<Picture>,
 }
 
@@ -354,9 +363,9 @@ impl Dispatcher {
             Some(Active::Stuck(s)) => Some(s.clone()),
             _ => None,
         };
-        let (episode, retry) = match &held {
-            Some(s) => (s.episode, s.tries),
-            None => (self.next_id.fetch_add(1, Ordering::Relaxed), 0),
+        let (episode, retry, remind) = match &held {
+            Some(s) => (s.episode, s.tries, !s.failed || s.tries.is_power_of_two()),
+            None => (self.next_id.fetch_add(1, Ordering::Relaxed), 0, true),
         };
         let prev = active.insert(
             cg.clone(),
@@ -374,6 +383,7 @@ impl Dispatcher {
             start_step: 0,
             resume: false,
             retry,
+            remind,
         };
         if self.tx.send(job).is_err() {
             match prev {
@@ -415,6 +425,7 @@ impl Dispatcher {
             start_step: step,
             resume: true,
             retry: 0,
+            remind: true,
         };
         if self.tx.send(job).is_err() {
             active.remove(cg);
@@ -451,15 +462,25 @@ impl Dispatcher {
             End::Unresolved { .. } if job.policy.mode == Mode::Audit => {
                 active.insert(job.cgroup.clone(), Active::AuditHeld);
             }
-            End::Unresolved { reason, .. } => {
+            // A resumed episode's retries are the loan keeper's to make.
+            End::Unresolved { .. } if job.resume => {}
+            End::Unresolved { reason, failed, .. } => {
                 let tries = held.as_ref().map_or(0, |s| s.tries) + 1;
+                // A failed write (ENOMEM in a stuck cgroup, EBUSY) may go through a
+                // moment later; a policy that ran out of steps will not.
+                let wait = if *failed {
+                    FIRST_RETRY
+                } else {
+                    backoff(tries, self.retry_max)
+                };
                 let stuck = Stuck {
                     policy: job.policy.name.clone(),
                     episode: job.episode,
                     since: held.as_ref().map_or_else(SystemTime::now, |s| s.since),
                     reason: reason.clone(),
                     tries,
-                    next_try: now + backoff(tries, self.retry_max),
+                    next_try: now + wait,
+                    failed: *failed,
                     picture,
                 };
                 active.insert(job.cgroup.clone(), Active::Stuck(stuck));
@@ -777,6 +798,39 @@ mod tests {
         assert_eq!(ended[0].episode, id);
         assert!(d.stuck().is_empty());
         assert!(d.trigger(&b, p, Instant::now()).unwrap() > id);
+    }
+
+    #[test]
+    fn a_failed_action_is_retried_every_second_with_sparse_reminders() {
+        let (d, rx, _) = dispatcher(1, 1);
+        let p = enforce();
+        let c = CgroupPath::new("/c");
+        d.trigger(&c, p.clone(), Instant::now()).unwrap();
+        let failed = End::Unresolved {
+            reason: "raise_limit: ENOMEM".into(),
+            help: String::new(),
+            failed: true,
+        };
+        let mut job = rx.try_recv().unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..8 {
+            d.finish(&job, &failed, None);
+            assert_eq!(
+                d.trigger(&c, p.clone(), Instant::now()),
+                None,
+                "not at once"
+            );
+            d.kick(&c);
+            d.trigger(&c, p.clone(), Instant::now()).unwrap();
+            job = rx.try_recv().unwrap();
+            seen.push((job.retry, job.remind));
+        }
+        let want: Vec<(u32, bool)> = (1..=8).map(|n: u32| (n, n.is_power_of_two())).collect();
+        assert_eq!(seen, want);
+        // After eight tries the wait is still a second, not a backed-off two minutes.
+        d.finish(&job, &failed, None);
+        std::thread::sleep(FIRST_RETRY + Duration::from_millis(50));
+        assert!(d.trigger(&c, p, Instant::now()).is_some());
     }
 
     #[test]

@@ -163,6 +163,7 @@ pub fn run(shared: &Shared, job: &Job) -> End {
     let mut last_step: Option<usize> = None;
     let mut first_action_at: Option<Instant> = None;
     let mut diagnoses: Vec<(String, String)> = Vec::new();
+    let mut failed = false;
     let end = 'steps: {
         for (i, step) in policy.steps.iter().enumerate().skip(job.start_step) {
             if stopping() {
@@ -209,6 +210,7 @@ pub fn run(shared: &Shared, job: &Job) -> End {
             // A raise leaves the journal unsynced so the limit is written sooner.
             shared.env.loans.sync();
             shared.metrics.action(name, report.outcome.as_str());
+            failed |= report.outcome == Outcome::Failed;
             if let Some(d) = diagnose(&step.action, &report) {
                 diagnoses.push(d);
             }
@@ -233,6 +235,7 @@ pub fn run(shared: &Shared, job: &Job) -> End {
                 }
                 // A retry of an unresolved stall does not repeat what changed nothing.
                 None if quiet && changed_nothing => {}
+                None if quiet && report.outcome == Outcome::Failed && !job.remind => {}
                 None => {
                     let mut rec = base.with("outcome", report.outcome.as_str());
                     if let Some(e) = &report.error {
@@ -276,7 +279,11 @@ pub fn run(shared: &Shared, job: &Job) -> End {
                     .filter(|h| !h.is_empty())
                     .collect::<Vec<_>>()
                     .join("; ");
-                End::Unresolved { reason, help }
+                End::Unresolved {
+                    reason,
+                    help,
+                    failed,
+                }
             }
         }
     };
@@ -307,7 +314,8 @@ pub fn run(shared: &Shared, job: &Job) -> End {
             }
             shared.audit.log(rec);
         }
-        End::Unresolved { reason, help } => {
+        End::Unresolved { .. } if quiet && !job.remind => {}
+        End::Unresolved { reason, help, .. } => {
             shared.metrics.unresolved(&policy.name);
             let mut rec = Record::new("unresolved", cg)
                 .with("episode", job.episode)
