@@ -405,6 +405,27 @@ mod tests {
     use super::*;
     use std::net::SocketAddr;
 
+    #[test]
+    fn stuck_gauge_goes_to_zero_when_the_stall_ends() {
+        let m = Metrics::default();
+        let mut stuck = BTreeMap::new();
+        stuck.insert("go-service".to_string(), 2);
+        m.set_stuck(&stuck);
+        let text = m.render(0);
+        assert!(
+            text.contains("# TYPE oomwake_stuck_cgroups gauge"),
+            "{text}"
+        );
+        assert!(
+            text.contains("oomwake_stuck_cgroups{policy=\"go-service\"} 2"),
+            "{text}"
+        );
+        m.set_stuck(&BTreeMap::new());
+        assert!(m
+            .render(0)
+            .contains("oomwake_stuck_cgroups{policy=\"go-service\"} 0"));
+    }
+
     fn server(limits: ServeLimits) -> SocketAddr {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
