@@ -5,6 +5,7 @@
 // Test helpers panic on setup failures by design: a broken fixture is a failed test.
 #![allow(clippy::unwrap_used)]
 
+mod actions_procs;
 mod cli;
 mod common;
 mod core_inside;

@@ -2,6 +2,9 @@
 //! ordered by the policy's criterion with `prefer` first and `avoid` last. Never pid 1,
 //! never the agent itself, never a task the operator shielded with oom_score_adj -1000,
 //! never a kernel thread.
+//!
+//! Facts that cannot be read fail closed: an unreadable `cmdline` counts as matching
+//! every `avoid` rule (and no `prefer` rule), an unreadable `oom_score_adj` as -1000.
 
 use std::path::Path;
 
@@ -13,9 +16,12 @@ use crate::policy::{VictimOrder, VictimSpec};
 pub struct Task {
     pub pid: i32,
     pub comm: String,
-    pub cmdline: String,
+    /// `None` when `/proc/PID/cmdline` could not be read: such a task is ranked as if it
+    /// matched every `avoid` rule.
+    pub cmdline: Option<String>,
     pub rss_bytes: u64,
     pub oom_score: i64,
+    /// -1000 (shielded) when it could not be read.
     pub oom_score_adj: i64,
     /// Start time in clock ticks since boot (field 22 of /proc/PID/stat): tells a
     /// process from a later one that reuses its PID.
@@ -55,28 +61,41 @@ pub fn read_task(proc_root: &Path, pid: i32, cgroup: &CgroupPath) -> Option<Task
     let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
     let (comm, start_ticks) = parse_stat(&read("stat")?)?;
     let rss_bytes = parse_status_rss(&read("status")?)?;
-    let cmdline = std::fs::read(dir.join("cmdline"))
-        .map(|b| {
-            String::from_utf8_lossy(&b)
-                .trim_end_matches('\0')
-                .replace('\0', " ")
-        })
-        .unwrap_or_default();
+    let cmdline = std::fs::read(dir.join("cmdline")).ok().map(|b| {
+        String::from_utf8_lossy(&b)
+            .trim_end_matches('\0')
+            .replace('\0', " ")
+    });
     let num = |f: &str| read(f).and_then(|s| s.trim().parse().ok());
     Some(Task {
         pid,
         comm,
         cmdline,
         rss_bytes,
+        // 0 is the lowest score: an unreadable score never ranks a task higher.
         oom_score: num("oom_score").unwrap_or(0),
-        oom_score_adj: num("oom_score_adj").unwrap_or(0),
+        // Unreadable: treated as shielded, the promise the operator may have made.
+        oom_score_adj: num("oom_score_adj").unwrap_or(SHIELDED),
         start_ticks,
         cgroup: cgroup.clone(),
     })
 }
 
-/// Every task in `top` and its descendants that may be chosen as a victim.
-pub fn candidates(
+/// The oom_score_adj with which an operator exempts a task from every kill.
+pub const SHIELDED: i64 = -1000;
+
+impl Task {
+    /// True if the operator exempted the task (or its oom_score_adj could not be read).
+    pub fn shielded(&self) -> bool {
+        self.oom_score_adj <= SHIELDED
+    }
+}
+
+/// Every user task in `top` and its descendants, with its facts: the one source of truth
+/// for "the tasks of a subtree". Never pid 1 nor `self_pid`; kernel threads and tasks
+/// that vanished while being read are left out. Shielded tasks are included: callers
+/// decide (and report) what they do with them.
+pub fn subtree_tasks(
     ctl: &dyn Controller,
     proc_root: &Path,
     top: &CgroupPath,
@@ -90,16 +109,34 @@ pub fn candidates(
         out.extend(
             pids.into_iter()
                 .filter(|&p| p > 1 && p != self_pid)
-                .filter_map(|p| read_task(proc_root, p, &cg))
-                .filter(|t| t.oom_score_adj != -1000),
+                .filter_map(|p| read_task(proc_root, p, &cg)),
         );
     }
     out
 }
 
+/// Every task in `top` and its descendants that may be chosen as a victim: the subtree's
+/// tasks without the shielded ones.
+pub fn candidates(
+    ctl: &dyn Controller,
+    proc_root: &Path,
+    top: &CgroupPath,
+    self_pid: i32,
+) -> Vec<Task> {
+    let mut v = subtree_tasks(ctl, proc_root, top, self_pid);
+    v.retain(|t| !t.shielded());
+    v
+}
+
 fn matches_any(res: &[regex::Regex], t: &Task) -> bool {
     res.iter()
-        .any(|r| r.is_match(&t.comm) || r.is_match(&t.cmdline))
+        .any(|r| r.is_match(&t.comm) || t.cmdline.as_deref().is_some_and(|c| r.is_match(c)))
+}
+
+/// An unreadable cmdline could hide a match: count it as avoided, so that it is chosen
+/// only after every task whose facts are known.
+fn avoided(spec: &VictimSpec, t: &Task) -> bool {
+    t.cmdline.is_none() || matches_any(&spec.avoid, t)
 }
 
 /// Orders tasks best victim first: preferred before others, avoided only after every
@@ -107,7 +144,7 @@ fn matches_any(res: &[regex::Regex], t: &Task) -> bool {
 pub fn rank<'a>(tasks: &'a [Task], spec: &VictimSpec) -> Vec<&'a Task> {
     let mut v: Vec<&Task> = tasks.iter().collect();
     v.sort_by(|a, b| {
-        let key = |t: &Task| (matches_any(&spec.avoid, t), !matches_any(&spec.prefer, t));
+        let key = |t: &Task| (avoided(spec, t), !matches_any(&spec.prefer, t));
         key(a).cmp(&key(b)).then_with(|| {
             let by = match spec.order {
                 VictimOrder::LargestRss => b.rss_bytes.cmp(&a.rss_bytes),
@@ -135,7 +172,7 @@ mod tests {
         Task {
             pid,
             comm: comm.into(),
-            cmdline: format!("/usr/bin/{comm} --flag"),
+            cmdline: Some(format!("/usr/bin/{comm} --flag")),
             rss_bytes: rss,
             oom_score: score,
             oom_score_adj: 0,
@@ -213,6 +250,86 @@ mod tests {
         assert_eq!(t.pid, me);
         assert!(t.rss_bytes > 0);
         assert_eq!(start_ticks(Path::new("/proc"), me), Some(t.start_ticks));
+    }
+
+    /// A fake `/proc/PID` with the files `read_task` reads; `None` leaves a file out
+    /// (as an unreadable one would be).
+    fn fake_proc(root: &Path, pid: i32, comm: &str, cmdline: Option<&str>, adj: Option<i64>) {
+        let d = root.join(pid.to_string());
+        std::fs::create_dir_all(&d).unwrap();
+        let stat = format!(
+            "{pid} ({comm}) S 1 {pid} {pid} 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 {pid}00 1000 10 0"
+        );
+        std::fs::write(d.join("stat"), stat).unwrap();
+        std::fs::write(d.join("status"), "Name:\tx\nVmRSS:\t  4096 kB\n").unwrap();
+        std::fs::write(d.join("oom_score"), "500\n").unwrap();
+        if let Some(c) = cmdline {
+            std::fs::write(d.join("cmdline"), c.replace(' ', "\0") + "\0").unwrap();
+        }
+        if let Some(a) = adj {
+            std::fs::write(d.join("oom_score_adj"), format!("{a}\n")).unwrap();
+        }
+    }
+
+    fn fake_cgroup(root: &Path, pids: &[i32]) -> crate::cgroup::v1::V1 {
+        let cg = root.join("cg");
+        std::fs::create_dir_all(&cg).unwrap();
+        let list: String = pids.iter().map(|p| format!("{p}\n")).collect();
+        std::fs::write(cg.join("cgroup.procs"), list).unwrap();
+        crate::cgroup::v1::V1::new(crate::cgroup::Hierarchy::fake(
+            root,
+            crate::cgroup::Kind::V1,
+        ))
+    }
+
+    #[test]
+    fn unreadable_cmdline_is_avoided_not_matched_as_empty() {
+        let t = tempfile::tempdir().unwrap();
+        let proc_root = t.path().join("proc");
+        // The protected master's cmdline cannot be read; a small worker can.
+        fake_proc(&proc_root, 100, "nginx", None, Some(0));
+        fake_proc(
+            &proc_root,
+            101,
+            "nginx",
+            Some("nginx: worker process"),
+            Some(0),
+        );
+        let ctl = fake_cgroup(&t.path().join("cg"), &[100, 101]);
+        let tasks = candidates(&ctl, &proc_root, &CgroupPath::new("/cg"), -1);
+        assert_eq!(tasks.len(), 2, "{tasks:?}");
+        let master = tasks.iter().find(|t| t.pid == 100).unwrap();
+        assert_eq!(master.cmdline, None);
+        // By age the master (started first) comes first, unless the avoid rule still
+        // protects it.
+        let s = spec(VictimOrder::Oldest, &[], &["^nginx: master"]);
+        assert_eq!(choose(&tasks, &s).unwrap().pid, 101);
+        // Even with no avoid rule matching anything, the unknown one goes last.
+        let s = spec(VictimOrder::Oldest, &[], &[]);
+        assert_eq!(choose(&tasks, &s).unwrap().pid, 101);
+        // A prefer rule on the cmdline cannot pull it forward either.
+        let s = spec(VictimOrder::Oldest, &["master"], &[]);
+        assert_eq!(choose(&tasks, &s).unwrap().pid, 101);
+        // Alone, it is still a candidate (avoided tasks are chosen last, not never).
+        let only: Vec<Task> = tasks.iter().filter(|t| t.pid == 100).cloned().collect();
+        assert_eq!(choose(&only, &s).unwrap().pid, 100);
+    }
+
+    #[test]
+    fn unreadable_oom_score_adj_excludes_the_task() {
+        let t = tempfile::tempdir().unwrap();
+        let proc_root = t.path().join("proc");
+        fake_proc(&proc_root, 200, "db", Some("db --serve"), None);
+        fake_proc(&proc_root, 201, "shielded", Some("shielded"), Some(-1000));
+        fake_proc(&proc_root, 202, "batch", Some("batch"), Some(0));
+        let ctl = fake_cgroup(&t.path().join("cg"), &[200, 201, 202]);
+        let top = CgroupPath::new("/cg");
+        let c = candidates(&ctl, &proc_root, &top, -1);
+        assert_eq!(c.iter().map(|t| t.pid).collect::<Vec<_>>(), vec![202]);
+        // The subtree's task list keeps them, marked shielded, for kill_all to report.
+        let all = subtree_tasks(&ctl, &proc_root, &top, -1);
+        let shielded: Vec<i32> = all.iter().filter(|t| t.shielded()).map(|t| t.pid).collect();
+        assert_eq!(shielded, vec![200, 201]);
     }
 
     #[test]

@@ -135,33 +135,29 @@ fn wait_exit(pfd: &PidFd, total: Duration, still_stuck: &dyn Fn() -> bool) -> bo
 }
 
 /// SIGKILLs every task in the subtree (never pid 1 nor the agent), in rounds, until it
-/// is empty or five rounds have passed (tasks may fork meanwhile).
+/// is empty or five rounds have passed (tasks may fork meanwhile). Tasks shielded with
+/// oom_score_adj -1000 are spared, as by every other action, and reported as `spared`.
 pub fn kill_all(env: &Env, ctx: &StepCtx) -> Report {
-    let h = env.ctl.hierarchy();
-    let list = || -> Vec<Task> {
-        h.walk(ctx.cgroup)
-            .iter()
-            .flat_map(|cg| {
-                env.ctl
-                    .procs(cg)
-                    .ok()
-                    .flatten()
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter(|&p| p > 1 && p != env.self_pid)
-                    .filter_map(|p| victim::read_task(&env.proc_root, p, cg))
-                    .collect::<Vec<_>>()
-            })
-            .collect()
+    let list = || -> (Vec<Task>, Vec<Task>) {
+        victim::subtree_tasks(env.ctl.as_ref(), &env.proc_root, ctx.cgroup, env.self_pid)
+            .into_iter()
+            .partition(|t| !t.shielded())
     };
-    let first = list();
+    let (first, shielded) = list();
+    let mut spared: Vec<i32> = shielded.iter().map(|t| t.pid).collect();
     if first.is_empty() {
-        return Report::skipped("no process in the cgroup");
+        let r = if spared.is_empty() {
+            Report::skipped("no process in the cgroup")
+        } else {
+            Report::skipped("every process in the cgroup is shielded (oom_score_adj -1000)")
+        };
+        return r.with("spared", spared);
     }
     if ctx.audit {
         let pids: Vec<i32> = first.iter().map(|t| t.pid).collect();
         return Report::new(Outcome::Would)
             .with("pids", pids)
+            .with("spared", spared)
             .with("signal", "SIGKILL");
     }
     // v2: one write to cgroup.kill kills the whole subtree, forks included.
@@ -205,7 +201,13 @@ pub fn kill_all(env: &Env, ctx: &StepCtx) -> Report {
             let left = deadline.saturating_duration_since(Instant::now());
             let _ = p.wait_exit(left);
         }
-        tasks = list()
+        let (next, shielded) = list();
+        for t in shielded {
+            if !spared.contains(&t.pid) {
+                spared.push(t.pid);
+            }
+        }
+        tasks = next
             .into_iter()
             .filter(|t| !killed.contains(&t.pid))
             .collect();
@@ -215,13 +217,80 @@ pub fn kill_all(env: &Env, ctx: &StepCtx) -> Report {
     } else {
         Report::failed(errors.join("; "))
     };
-    rep = rep.with("pids", killed).with("signal", "SIGKILL");
+    rep = rep
+        .with("pids", killed)
+        .with("spared", spared)
+        .with("signal", "SIGKILL");
     rep
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use std::path::Path;
+    use std::process::{Child, Command};
+
+    use crate::action::testing;
+    use crate::cgroup::CgroupPath;
+    use crate::policy::PolicySet;
+
+    /// A fake `/proc/PID` for a real child process: what `read_task` and the pidfd
+    /// re-check read, with the oom_score_adj the test wants (a real task cannot be given
+    /// -1000 without CAP_SYS_RESOURCE).
+    fn fake_proc(proc_root: &Path, pid: i32, adj: i64) {
+        let d = proc_root.join(pid.to_string());
+        std::fs::create_dir_all(&d).unwrap();
+        let real = |f: &str| std::fs::read_to_string(format!("/proc/{pid}/{f}")).unwrap();
+        std::fs::write(d.join("stat"), real("stat")).unwrap();
+        std::fs::write(d.join("status"), real("status")).unwrap();
+        std::fs::write(d.join("cmdline"), real("cmdline")).unwrap();
+        std::fs::write(d.join("oom_score"), "0\n").unwrap();
+        std::fs::write(d.join("oom_score_adj"), format!("{adj}\n")).unwrap();
+        std::fs::write(d.join("cgroup"), "5:memory:/cg\n").unwrap();
+    }
+
+    fn sleeper() -> Child {
+        Command::new("sleep").arg("60").spawn().unwrap()
+    }
+
+    #[test]
+    fn kill_all_spares_shielded_tasks_and_reports_them() {
+        let t = tempfile::tempdir().unwrap();
+        let cg_root = t.path().join("cg");
+        let proc_root = t.path().join("proc");
+        let mut normal = sleeper();
+        let mut shielded = sleeper();
+        let (np, sp) = (normal.id() as i32, shielded.id() as i32);
+        std::fs::create_dir_all(cg_root.join("cg")).unwrap();
+        std::fs::write(cg_root.join("cg/cgroup.procs"), format!("{np}\n{sp}\n")).unwrap();
+        fake_proc(&proc_root, np, 0);
+        fake_proc(&proc_root, sp, -1000);
+        let env = testing::env(&cg_root, &proc_root);
+        let set = PolicySet::embedded_default();
+        let cg = CgroupPath::new("/cg");
+
+        let audit = kill_all(&env, &testing::ctx(&cg, &set.policies()[0], true));
+        assert_eq!(audit.outcome, Outcome::Would);
+        assert_eq!(audit.fields["pids"], serde_json::json!([np]));
+        assert_eq!(audit.fields["spared"], serde_json::json!([sp]));
+
+        // The killed one stays listed in the fake cgroup.procs: kill_all goes on in
+        // rounds and must neither re-kill it nor ever touch the shielded one.
+        let r = kill_all(&env, &testing::ctx(&cg, &set.policies()[0], false));
+        let normal_status = normal.wait().unwrap();
+        let shielded_alive = matches!(shielded.try_wait(), Ok(None));
+        let _ = shielded.kill();
+        let _ = shielded.wait();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(normal_status.signal(), Some(libc::SIGKILL));
+        assert!(
+            shielded_alive,
+            "kill_all killed a task with oom_score_adj -1000"
+        );
+        assert_eq!(r.fields["pids"], serde_json::json!([np]));
+        assert_eq!(r.fields["spared"], serde_json::json!([sp]));
+    }
 
     #[test]
     fn signal_names() {
