@@ -82,3 +82,88 @@ fn kill_all_spares_a_shielded_task_in_a_stuck_cgroup() {
     // The stall ended with the normal task's memory: the cgroup is usable again.
     assert!(wait_until(Duration::from_secs(10), || !cg.under_oom()));
 }
+
+/// The default audit sink is stderr: a chatty hook must not break its JSON Lines.
+#[test]
+fn hook_output_lands_bounded_in_the_audit_line_not_on_stderr() {
+    let Some(()) = require_v1("hook_output_lands_bounded_in_the_audit_line_not_on_stderr") else {
+        return;
+    };
+    let mut s = Scratch::new("exec-output");
+    let cg = s.cgroup("", Some(32 * MIB), true);
+    let tmp = tempfile::tempdir().unwrap();
+    let policies = tmp.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    let policy = format!(
+        r#"name = "chatty"
+[match]
+cgroup = ["{}"]
+
+[[step]]
+action = "exec"
+command = ["/bin/sh", "-c", "i=0; while [ $i -lt 2000 ]; do echo stdout line $i; echo stderr line $i >&2; i=$((i+1)); done"]
+timeout = "20s"
+
+[[step]]
+action = "kill"
+"#,
+        cg.rel
+    );
+    std::fs::write(policies.join("p.toml"), policy).unwrap();
+    let stderr_path = tmp.path().join("stderr");
+    let stderr = std::fs::File::create(&stderr_path).unwrap();
+    let mut agent = std::process::Command::new(oomwake_bin())
+        .arg("run")
+        .arg("--config")
+        .arg(tmp.path().join("oomwake.toml"))
+        .arg("--cgroup-root")
+        .arg(MEMROOT)
+        .arg("--policies")
+        .arg(&policies)
+        .arg("--state-dir")
+        .arg(tmp.path().join("state"))
+        .env("RUST_LOG", "off")
+        .stderr(std::process::Stdio::from(stderr))
+        .spawn()
+        .unwrap();
+    let lines = || -> Vec<String> { read(&stderr_path).lines().map(str::to_string).collect() };
+    let has = |ev: &str| {
+        lines().iter().any(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .is_ok_and(|v| v["event"] == ev && v["cgroup"] == cg.rel.as_str())
+        })
+    };
+    let watched = wait_until(Duration::from_secs(10), || has("watch"));
+    let hog = if watched {
+        let hog = s.hog(&cg, &["--touch", "40M", "--hold", "60s"]);
+        cg.wait_stuck(hog.pid);
+        Some(hog)
+    } else {
+        None
+    };
+    let resolved = watched && wait_until(Duration::from_secs(30), || has("resolved"));
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let text = read(&stderr_path);
+    assert!(hog.is_some() && resolved, "no episode ran:\n{text}");
+    let mut exec_line = None;
+    for l in text.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(l)
+            .unwrap_or_else(|e| panic!("stderr is not JSON Lines ({e}): {l:?}"));
+        if v["event"] == "action" && v["action"] == "exec" {
+            exec_line = Some(v);
+        }
+    }
+    let exec = exec_line.unwrap_or_else(|| panic!("no exec action line:\n{text}"));
+    assert!(exec["stdout"]
+        .as_str()
+        .unwrap()
+        .starts_with("stdout line 0\n"));
+    assert!(exec["stderr"]
+        .as_str()
+        .unwrap()
+        .starts_with("stderr line 0\n"));
+    assert!(exec["stdout"].as_str().unwrap().len() <= oomwake::action::exec::OUTPUT_CAP);
+    assert!(exec["stderr"].as_str().unwrap().len() <= oomwake::action::exec::OUTPUT_CAP);
+    assert_eq!(exec["output_truncated"], true);
+}

@@ -1,10 +1,66 @@
 //! `exec`: run a command (no shell) with the episode in its environment, bounded by a
-//! timeout after which the command is killed.
+//! timeout after which the command and everything it started are killed.
+//!
+//! The hook runs in its own process group (killed as a whole on timeout), with
+//! `oom_score_adj` reset to 0 before exec (the agent's -1000 is not inherited), and
+//! its stdout and stderr captured, bounded, into the action's audit line: never onto
+//! the agent's own stderr, which may carry the audit log.
 
+use std::io::Read;
 use std::process::{Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{Env, Outcome, Report, StepCtx};
+
+/// How much of each stream goes into the audit line; the rest is read and dropped.
+pub const OUTPUT_CAP: usize = 4096;
+
+/// How long to wait for the output pipes to close once the hook itself is gone (a
+/// process it left behind may hold them open).
+const DRAIN_WAIT: Duration = Duration::from_millis(200);
+
+/// The first `OUTPUT_CAP` bytes of a stream and whether there was more.
+#[derive(Default)]
+struct Captured {
+    head: Vec<u8>,
+    truncated: bool,
+}
+
+/// Reads `r` to its end on a thread, keeping the first `OUTPUT_CAP` bytes; the caller
+/// takes what is there when it wants, without waiting for the end.
+fn capture(mut r: impl Read + Send + 'static, done: mpsc::Sender<()>) -> Arc<Mutex<Captured>> {
+    let cap = Arc::new(Mutex::new(Captured::default()));
+    let out = Arc::clone(&cap);
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        loop {
+            match r.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    let Ok(mut c) = out.lock() else { break };
+                    let room = OUTPUT_CAP.saturating_sub(c.head.len());
+                    let take = room.min(n);
+                    c.head.extend_from_slice(&buf[..take]);
+                    if take < n {
+                        c.truncated = true;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        let _ = done.send(());
+    });
+    cap
+}
+
+fn take(c: &Arc<Mutex<Captured>>) -> (String, bool) {
+    match c.lock() {
+        Ok(c) => (String::from_utf8_lossy(&c.head).into_owned(), c.truncated),
+        Err(_) => (String::new(), false),
+    }
+}
 
 pub fn run(env: &Env, ctx: &StepCtx, command: &[String], timeout: Duration) -> Report {
     let Some((prog, args)) = command.split_first() else {
@@ -17,40 +73,68 @@ pub fn run(env: &Env, ctx: &StepCtx, command: &[String], timeout: Duration) -> R
     let mut cmd = Command::new(prog);
     cmd.args(args)
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .env("OOMWAKE_CGROUP", ctx.cgroup.as_str())
         .env("OOMWAKE_CGROUP_DIR", &dir)
         .env("OOMWAKE_POLICY", &ctx.policy.name)
         .env("OOMWAKE_EPISODE", ctx.episode.to_string())
         .env("OOMWAKE_STEP", ctx.step.to_string())
         .env("OOMWAKE_MODE", if ctx.audit { "audit" } else { "enforce" });
+    // A group of its own, so that a timeout kills what the hook started too.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    // The agent shields itself with oom_score_adj -1000, which children inherit; a hook
+    // (and whatever it forks first) must not be unkillable.
+    let adj = env.proc_root.join("self/oom_score_adj");
+    if let Err(e) = crate::sys::reset_oom_score_adj_before_exec(&mut cmd, &adj) {
+        return Report::failed(format!("{}: {e}", adj.display())).with("command", command.to_vec());
+    }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => return Report::failed(format!("{prog}: {e}")).with("command", command.to_vec()),
     };
-    // The agent shields itself with oom_score_adj -1000, which children inherit; a hook
-    // must not be unkillable. (Raising the value needs no privilege.)
-    let adj = env
-        .proc_root
-        .join(child.id().to_string())
-        .join("oom_score_adj");
-    if let Err(e) = std::fs::write(&adj, "0") {
-        log::debug!("{}: {e}", adj.display());
-    }
+    let (done_tx, done_rx) = mpsc::channel();
+    let out = child.stdout.take().map(|o| capture(o, done_tx.clone()));
+    let err = child.stderr.take().map(|e| capture(e, done_tx.clone()));
+    drop(done_tx);
     let deadline = Instant::now() + timeout;
     let status = loop {
         match child.try_wait() {
-            Ok(Some(st)) => break Some(st),
-            Ok(None) if Instant::now() >= deadline || (ctx.cancelled)() => break None,
+            Ok(Some(st)) => break Ok(Some(st)),
+            Ok(None) if Instant::now() >= deadline || (ctx.cancelled)() => break Ok(None),
             Ok(None) => std::thread::sleep(Duration::from_millis(5)),
-            Err(e) => {
-                return Report::failed(format!("waiting for {prog}: {e}"))
-                    .with("command", command.to_vec())
-            }
+            Err(e) => break Err(e),
         }
     };
+    if !matches!(status, Ok(Some(_))) {
+        // The leader is our own unreaped child, so its PID (the group's id) cannot have
+        // been reused: the group is the hook's.
+        let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
+        if let Err(e) = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL) {
+            log::warn!("killpg({pgid}): {e}");
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    // Both readers end when the pipes close; a process the hook left running may keep
+    // them open, so wait a little, then take what was read.
+    let drain_end = Instant::now() + DRAIN_WAIT;
+    for _ in 0..2 {
+        let left = drain_end.saturating_duration_since(Instant::now());
+        if done_rx.recv_timeout(left).is_err() {
+            break;
+        }
+    }
+    let (stdout, t1) = out.as_ref().map(take).unwrap_or_default();
+    let (stderr, t2) = err.as_ref().map(take).unwrap_or_default();
+    let with_output = |r: Report| {
+        r.with("command", command.to_vec())
+            .with("stdout", stdout.clone())
+            .with("stderr", stderr.clone())
+            .with("output_truncated", t1 || t2)
+    };
     match status {
-        Some(st) => {
+        Ok(Some(st)) => {
             let code = st.code();
             let mut r = if st.success() {
                 Report::new(Outcome::Done)
@@ -59,22 +143,17 @@ pub fn run(env: &Env, ctx: &StepCtx, command: &[String], timeout: Duration) -> R
             };
             // A hook may well have fixed things even when it failed: wait and see.
             r.changed = true;
-            r.with("command", command.to_vec())
-                .with("exit_code", code.map(i64::from))
+            with_output(r).with("exit_code", code.map(i64::from))
         }
-        None => {
-            // Our own unreaped child: its PID cannot have been reused.
-            let _ = child.kill();
-            let _ = child.wait();
+        Ok(None) => {
             let why = if (ctx.cancelled)() {
                 format!("{prog} killed: the agent is stopping")
             } else {
                 format!("{prog} timed out after {timeout:?}")
             };
-            Report::failed(why)
-                .with("command", command.to_vec())
-                .with("exit_code", serde_json::Value::Null)
+            with_output(Report::failed(why)).with("exit_code", serde_json::Value::Null)
         }
+        Err(e) => with_output(Report::failed(format!("waiting for {prog}: {e}"))),
     }
 }
 
@@ -120,6 +199,143 @@ mod tests {
             run(&env, &audit, &cmd, Duration::from_secs(1)).outcome,
             Outcome::Would
         );
+    }
+
+    fn sh(script: String) -> Vec<String> {
+        vec!["/bin/sh".to_string(), "-c".to_string(), script]
+    }
+
+    #[test]
+    fn output_is_captured_bounded_and_kept_off_the_agents_stderr() {
+        let t = tempfile::tempdir().unwrap();
+        let env = testing::env(t.path(), Path::new("/proc"));
+        let set = PolicySet::embedded_default();
+        let cg = CgroupPath::new("/x");
+        let ctx = testing::ctx(&cg, &set.policies()[0], false);
+        // About 60 KiB on stdout, a short line on stderr.
+        let cmd = sh(
+            "i=0; while [ $i -lt 3000 ]; do echo \"line $i of hook output\"; \
+                      i=$((i+1)); done; echo 'hook \"complains\"' >&2"
+                .to_string(),
+        );
+        let r = run(&env, &ctx, &cmd, Duration::from_secs(20));
+        assert_eq!(r.outcome, Outcome::Done, "{r:?}");
+        let stdout = r.fields["stdout"].as_str().unwrap();
+        assert_eq!(stdout.len(), OUTPUT_CAP);
+        assert!(stdout.starts_with("line 0 of hook output\nline 1 "));
+        assert_eq!(r.fields["stderr"], "hook \"complains\"\n");
+        assert_eq!(r.fields["output_truncated"], true);
+        // The action line stays one valid JSON line whatever the hook printed.
+        let line = serde_json::to_string(&r.fields).unwrap();
+        assert!(!line.contains('\n'));
+        let back: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(back["stdout"].as_str().unwrap().len(), OUTPUT_CAP);
+
+        let r = run(
+            &env,
+            &ctx,
+            &sh("echo small".into()),
+            Duration::from_secs(10),
+        );
+        assert_eq!(r.fields["stdout"], "small\n");
+        assert_eq!(r.fields["output_truncated"], false);
+    }
+
+    fn gone(pid: i32) -> bool {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Gone, or a zombie waiting for whoever adopted it.
+        stat.is_empty()
+            || stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+    }
+
+    #[test]
+    fn timeout_kills_the_hooks_grandchildren_too() {
+        let t = tempfile::tempdir().unwrap();
+        let env = testing::env(t.path(), Path::new("/proc"));
+        let set = PolicySet::embedded_default();
+        let cg = CgroupPath::new("/x");
+        let ctx = testing::ctx(&cg, &set.policies()[0], false);
+        let pidfile = t.path().join("grandchild");
+        let cmd = sh(format!(
+            "sleep 60 & echo $! > {p}.tmp; mv {p}.tmp {p}; wait",
+            p = pidfile.display()
+        ));
+        let r = run(&env, &ctx, &cmd, Duration::from_millis(1500));
+        assert!(
+            r.error.as_deref().unwrap_or("").contains("timed out"),
+            "{r:?}"
+        );
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .expect("the hook never started its grandchild")
+            .trim()
+            .parse()
+            .unwrap();
+        let end = Instant::now() + Duration::from_secs(10);
+        while !gone(pid) && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let survived = !gone(pid);
+        if survived {
+            // Ours: clean up before failing.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        assert!(
+            !survived,
+            "the hook's grandchild {pid} outlived the timeout"
+        );
+    }
+
+    /// Sets this test process's oom_score_adj for the guard's lifetime (raising needs no
+    /// privilege, and going back down to 0 is allowed as 0 is the floor we started at).
+    struct AdjGuard;
+    impl AdjGuard {
+        fn set(v: i64) -> AdjGuard {
+            std::fs::write("/proc/self/oom_score_adj", v.to_string()).unwrap();
+            AdjGuard
+        }
+    }
+    impl Drop for AdjGuard {
+        fn drop(&mut self) {
+            let _ = std::fs::write("/proc/self/oom_score_adj", "0");
+        }
+    }
+
+    #[test]
+    fn oom_score_adj_is_reset_before_the_hook_runs() {
+        // The agent's own -1000 cannot be set here (no CAP_SYS_RESOURCE), so the agent's
+        // shield is played by 500: a value the hook must not inherit either. The fake
+        // proc root has no /proc/PID entries, so a reset done after spawn through
+        // /proc/CHILD would come too late by construction; only the child's own reset
+        // (through self, before exec) can work.
+        let t = tempfile::tempdir().unwrap();
+        let proc_root = t.path().join("proc");
+        std::fs::create_dir(&proc_root).unwrap();
+        std::os::unix::fs::symlink("/proc/self", proc_root.join("self")).unwrap();
+        let env = testing::env(t.path(), &proc_root);
+        let set = PolicySet::embedded_default();
+        let cg = CgroupPath::new("/x");
+        let ctx = testing::ctx(&cg, &set.policies()[0], false);
+        let (own, forked) = (t.path().join("own"), t.path().join("forked"));
+        let cmd = sh(format!(
+            "cat /proc/$$/oom_score_adj > {}; cat /proc/self/oom_score_adj > {}",
+            own.display(),
+            forked.display()
+        ));
+        let r = {
+            let _g = AdjGuard::set(500);
+            run(&env, &ctx, &cmd, Duration::from_secs(10))
+        };
+        assert_eq!(r.outcome, Outcome::Done, "{r:?}");
+        assert_eq!(std::fs::read_to_string(&own).unwrap().trim(), "0");
+        assert_eq!(std::fs::read_to_string(&forked).unwrap().trim(), "0");
     }
 
     #[test]
