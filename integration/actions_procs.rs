@@ -28,6 +28,10 @@ fn always() -> bool {
     true
 }
 
+fn never() -> bool {
+    false
+}
+
 #[test]
 fn kill_all_spares_a_shielded_task_in_a_stuck_cgroup() {
     let Some(()) = require_v1("kill_all_spares_a_shielded_task_in_a_stuck_cgroup") else {
@@ -62,6 +66,8 @@ fn kill_all_spares_a_shielded_task_in_a_stuck_cgroup() {
         audit: false,
         resuming: false,
         still_stuck: &always,
+        taken: &|_| {},
+        cancelled: &never,
     };
     let r = action::perform(&env, &ctx, &oomwake::policy::Action::KillAll);
     assert_eq!(r.outcome, Outcome::Done, "{r:?}");

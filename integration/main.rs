@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod actions_procs;
+mod actions_reclaim;
 mod cli;
 mod common;
 mod core_inside;

@@ -253,6 +253,92 @@ pub fn reset_oom_score_adj_before_exec(
     Ok(())
 }
 
+/// The signal that interrupts a blocking call of one thread (see [`ThreadAlarm`]): a
+/// real-time signal nothing else in the agent uses, with a handler that does nothing.
+fn alarm_signal() -> i32 {
+    libc::SIGRTMIN() + 1
+}
+
+extern "C" fn ignore_alarm(_: libc::c_int) {}
+
+/// Installs the no-op handler for [`alarm_signal`] once. No `SA_RESTART`: a call it
+/// interrupts returns `EINTR` instead of resuming.
+fn install_alarm_handler() -> io::Result<()> {
+    static INSTALLED: std::sync::OnceLock<Result<(), i32>> = std::sync::OnceLock::new();
+    let res = INSTALLED.get_or_init(|| {
+        // SAFETY: an all-zero sigaction is valid (empty mask, no flags); we then set a
+        // handler that is an `extern "C" fn(c_int)` touching nothing, which is
+        // async-signal-safe, and pass valid pointers to sigaction.
+        let ret = unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = ignore_alarm as *const () as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(alarm_signal(), &sa, std::ptr::null_mut())
+        };
+        if ret < 0 {
+            Err(io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EINVAL))
+        } else {
+            Ok(())
+        }
+    });
+    res.map_err(io::Error::from_raw_os_error)
+}
+
+/// A kernel timer that sends [`alarm_signal`] to the calling thread after a delay and
+/// then every `repeat`, until dropped: a blocking syscall that checks for pending
+/// signals (v1 `memory.force_empty` does, between reclaim passes) returns `EINTR`. The
+/// repeat covers a first signal that lands just before the call starts. Create it, make
+/// the call on the same thread, drop it.
+pub struct ThreadAlarm {
+    timer: libc::timer_t,
+}
+
+impl ThreadAlarm {
+    pub fn arm(after: Duration, repeat: Duration) -> io::Result<ThreadAlarm> {
+        install_alarm_handler()?;
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        // SAFETY: an all-zero sigevent is a valid starting value; the fields set below
+        // ask for SIGEV_THREAD_ID delivery of our signal to this thread.
+        let mut sev: libc::sigevent = unsafe { std::mem::zeroed() };
+        sev.sigev_notify = libc::SIGEV_THREAD_ID;
+        sev.sigev_signo = alarm_signal();
+        sev.sigev_notify_thread_id = tid;
+        let mut timer: libc::timer_t = std::ptr::null_mut();
+        // SAFETY: sev and timer are valid for the duration of the call; the kernel
+        // writes the new timer's id into `timer`.
+        if unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut sev, &mut timer) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let alarm = ThreadAlarm { timer };
+        let ts = |d: Duration| libc::timespec {
+            tv_sec: libc::time_t::try_from(d.as_secs()).unwrap_or(libc::time_t::MAX),
+            tv_nsec: libc::c_long::from(d.subsec_nanos()),
+        };
+        // A zero it_value would disarm the timer: fire after at least 1 ns.
+        let spec = libc::itimerspec {
+            it_value: ts(after.max(Duration::from_nanos(1))),
+            it_interval: ts(repeat.max(Duration::from_millis(1))),
+        };
+        // SAFETY: the timer was just created and is owned by `alarm`; spec is valid and
+        // the old value is not asked for.
+        if unsafe { libc::timer_settime(alarm.timer, 0, &spec, std::ptr::null_mut()) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(alarm)
+    }
+}
+
+impl Drop for ThreadAlarm {
+    fn drop(&mut self) {
+        // SAFETY: the timer was created by `arm` and is deleted exactly once, here. A
+        // signal already pending is harmless: its handler does nothing.
+        unsafe { libc::timer_delete(self.timer) };
+    }
+}
+
 pub const CGROUP_SUPER_MAGIC: i64 = 0x0027_e0eb;
 pub const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
@@ -294,6 +380,21 @@ mod tests {
         nix::sys::signal::raise(nix::sys::signal::Signal::SIGUSR2).unwrap();
         assert_eq!(f.read(&mut buf).unwrap(), 8);
         assert_eq!(u64::from_ne_bytes(buf), 1);
+    }
+
+    #[test]
+    fn thread_alarm_interrupts_a_blocking_call_of_this_thread() {
+        // A read from an empty pipe blocks until the alarm interrupts it.
+        let (r, _w) = nix::unistd::pipe().unwrap();
+        let mut f = std::fs::File::from(r);
+        let start = std::time::Instant::now();
+        let res = {
+            let _alarm =
+                ThreadAlarm::arm(Duration::from_millis(50), Duration::from_millis(20)).unwrap();
+            std::io::Read::read(&mut f, &mut [0u8; 1])
+        };
+        assert_eq!(res.unwrap_err().kind(), io::ErrorKind::Interrupted);
+        assert!(start.elapsed() >= Duration::from_millis(50));
     }
 
     #[test]

@@ -160,17 +160,21 @@ pub fn kill_all(env: &Env, ctx: &StepCtx) -> Report {
             .with("spared", spared)
             .with("signal", "SIGKILL");
     }
-    // v2: one write to cgroup.kill kills the whole subtree, forks included.
-    match env.ctl.kill_all(ctx.cgroup) {
-        Ok(true) => {
-            let pids: Vec<i32> = first.iter().map(|t| t.pid).collect();
-            return Report::new(Outcome::Done)
-                .with("pids", pids)
-                .with("signal", "SIGKILL")
-                .with("via", "cgroup.kill");
+    // v2: one write to cgroup.kill kills the whole subtree, forks included; it spares
+    // nobody, so only when no task is shielded.
+    if spared.is_empty() {
+        match env.ctl.kill_all(ctx.cgroup) {
+            Ok(true) => {
+                let pids: Vec<i32> = first.iter().map(|t| t.pid).collect();
+                return Report::new(Outcome::Done)
+                    .with("pids", pids)
+                    .with("spared", spared)
+                    .with("signal", "SIGKILL")
+                    .with("via", "cgroup.kill");
+            }
+            Ok(false) => {}
+            Err(e) => log::warn!("{}: {e}; killing task by task", ctx.cgroup),
         }
-        Ok(false) => {}
-        Err(e) => log::warn!("{}: {e}; killing task by task", ctx.cgroup),
     }
     let mut killed = Vec::new();
     let mut errors = Vec::new();

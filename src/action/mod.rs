@@ -103,7 +103,7 @@ pub struct StepCtx<'a> {
 /// Runs one action.
 pub fn perform(env: &Env, ctx: &StepCtx, action: &Action) -> Report {
     match action {
-        Action::Reclaim => reclaim::reclaim(env, ctx),
+        Action::Reclaim { timeout } => reclaim::reclaim(env, ctx, *timeout),
         Action::DropCaches { level } => reclaim::drop_caches(env, ctx, *level),
         Action::RaiseLimit(r) => raise::perform(env, ctx, r),
         Action::Signal {

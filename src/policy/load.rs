@@ -27,6 +27,9 @@ const DEFAULT_RESTORE_BELOW: f64 = 0.9;
 const DEFAULT_RESTORE_AFTER: Duration = Duration::from_secs(5);
 const DEFAULT_GRACE: Duration = Duration::from_secs(5);
 const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_RECLAIM_TIMEOUT: Duration = Duration::from_secs(1);
+/// A reclaim longer than this is not a step of a rescue.
+const MAX_RECLAIM_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The longest `settle`, `grace` or exec `timeout` accepted: the cgroup stays stalled
 /// while an episode waits, so a wait of hours is a mistake, not a policy.
@@ -155,7 +158,8 @@ impl ActionKind {
     /// Keys a step of this action may carry besides `action` and `settle`.
     fn keys(self) -> &'static [&'static str] {
         match self {
-            ActionKind::Reclaim | ActionKind::KillAll => &[],
+            ActionKind::Reclaim => &["timeout"],
+            ActionKind::KillAll => &[],
             ActionKind::RaiseLimit => &[
                 "by",
                 "max_limit",
@@ -451,7 +455,19 @@ fn build_step(ctx: &Ctx, s: &RawStep) -> Result<Step, LoadError> {
         avoid: regexes(&s.avoid),
     };
     let action = match kind {
-        ActionKind::Reclaim => Action::Reclaim,
+        ActionKind::Reclaim => {
+            let timeout = dur(&s.timeout).unwrap_or(DEFAULT_RECLAIM_TIMEOUT);
+            if timeout.is_zero() || timeout > MAX_RECLAIM_TIMEOUT {
+                let span = s.timeout.as_ref().map(|t| t.span());
+                return Err(ctx.err(
+                    span,
+                    format!(
+                        "reclaim `timeout` must be more than 0 and at most {MAX_RECLAIM_TIMEOUT:?}"
+                    ),
+                ));
+            }
+            Action::Reclaim { timeout }
+        }
         ActionKind::KillAll => Action::KillAll,
         ActionKind::RaiseLimit => {
             required(s.by.is_some(), "by")?;
@@ -752,6 +768,29 @@ pub fn load_dir_with(dir: &Path, trust: Trust) -> Result<PolicySet, Vec<LoadErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reclaim_timeout_defaults_and_bounds() {
+        let p = load_str(&format!("{HEAD}[[step]]\naction='reclaim'\n"), "p.toml").unwrap();
+        assert!(
+            matches!(p.steps[0].action, Action::Reclaim { timeout } if timeout == DEFAULT_RECLAIM_TIMEOUT)
+        );
+        let p = load_str(
+            &format!("{HEAD}[[step]]\naction='reclaim'\ntimeout='50ms'\n"),
+            "p.toml",
+        )
+        .unwrap();
+        assert!(
+            matches!(p.steps[0].action, Action::Reclaim { timeout } if timeout == Duration::from_millis(50))
+        );
+        for bad in ["0s", "2m"] {
+            let e = err(&format!(
+                "{HEAD}[[step]]\naction='reclaim'\ntimeout='{bad}'\n"
+            ));
+            assert!(e.contains("reclaim `timeout` must be"), "{e}");
+            assert!(e.starts_with("p.toml:"), "{e}");
+        }
+    }
 
     fn err(text: &str) -> String {
         load_str(text, "p.toml").unwrap_err().to_string()

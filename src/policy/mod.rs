@@ -112,7 +112,10 @@ pub struct Step {
 
 #[derive(Debug, Clone)]
 pub enum Action {
-    Reclaim,
+    /// v1 `memory.force_empty`, interrupted after `timeout`.
+    Reclaim {
+        timeout: Duration,
+    },
     RaiseLimit(Raise),
     Signal {
         signal: i32,
@@ -135,7 +138,7 @@ pub enum Action {
 impl Action {
     pub fn name(&self) -> &'static str {
         match self {
-            Action::Reclaim => "reclaim",
+            Action::Reclaim { .. } => "reclaim",
             Action::RaiseLimit(_) => "raise_limit",
             Action::Signal { .. } => "signal",
             Action::Kill { .. } => "kill",
