@@ -619,7 +619,13 @@ fn resume_step_follows_the_current_policy() {
     let same = policy_with(vec![r(), Action::KillAll]);
     assert_eq!(resume_step(&same, 1), Some(1));
     // A reclaim step was added before the raise: the step after it moved to 2.
-    let shifted = policy_with(vec![Action::Reclaim, r(), Action::KillAll]);
+    let shifted = policy_with(vec![
+        Action::Reclaim {
+            timeout: Duration::from_secs(1),
+        },
+        r(),
+        Action::KillAll,
+    ]);
     assert_eq!(resume_step(&shifted, 1), Some(2));
     // Nothing after the raise any more.
     assert_eq!(resume_step(&policy_with(vec![r()]), 1), None);
