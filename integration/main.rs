@@ -21,5 +21,6 @@ mod loans;
 mod loans_failure;
 mod policy_cli;
 mod policy_reload;
+mod packaging;
 mod stalls;
 mod v2;

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use oomwake::agent;
 use oomwake::cgroup::CgroupPath;
@@ -27,17 +27,22 @@ struct Cli {
 enum Cmd {
     /// Watch the hierarchy and resolve OOM stalls by policy (root).
     Run {
+        /// Agent configuration (a missing file means defaults).
         #[arg(long, default_value = config::DEFAULT_CONFIG)]
         config: PathBuf,
+        /// Policy directory [default: /etc/oomwake/policies].
         #[arg(long)]
         policies: Option<PathBuf>,
+        /// Memory cgroup hierarchy, or a subtree of it [default: /sys/fs/cgroup/memory].
         #[arg(long)]
         cgroup_root: Option<PathBuf>,
         /// Every policy in audit mode: log decisions, change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// JSON Lines audit log, reopened on SIGHUP [default: stderr].
         #[arg(long)]
         audit_log: Option<PathBuf>,
+        /// Journal of lent limits and status.json [default: /var/lib/oomwake].
         #[arg(long)]
         state_dir: Option<PathBuf>,
         /// Serve Prometheus metrics on ADDR:PORT (a bare port binds loopback).
@@ -81,6 +86,9 @@ enum Cmd {
         #[arg(long)]
         cgroup_root: Option<PathBuf>,
     },
+    /// Writes the man pages and shell completions into DIR (packaging).
+    #[command(name = "__generate", hide = true)]
+    Generate { dir: PathBuf },
     /// The memory hog used by the demo.
     #[command(name = "__hog", hide = true)]
     Hog {
@@ -295,6 +303,13 @@ fn cli_main() -> ExitCode {
                 }
             }
         }
+        Cmd::Generate { dir } => match oomwake::docs::generate(Cli::command(), &dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("{}: {e}", dir.display());
+                ExitCode::from(1)
+            }
+        },
         Cmd::Hog { args } => {
             match oomwake::hog::parse_args(&args).and_then(|a| oomwake::hog::run(&a)) {
                 Ok(_) => ExitCode::SUCCESS,

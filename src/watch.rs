@@ -182,9 +182,13 @@ impl Watcher {
         let mut events = vec![EpollEvent::empty(); 64];
         let mut next_sweep = Instant::now() + self.sweep_every;
         let mut next_rescan = Instant::now() + self.rescan_every;
+        let mut notify = crate::notify::Notifier::from_env();
+        notify.ready();
         loop {
             let now = Instant::now();
-            let wait = next_sweep.min(next_rescan).saturating_duration_since(now);
+            let wake = next_sweep.min(next_rescan);
+            let wake = notify.next_due().map_or(wake, |t| wake.min(t));
+            let wait = wake.saturating_duration_since(now);
             let timeout = EpollTimeout::try_from(wait).unwrap_or(EpollTimeout::NONE);
             let n = match self.epoll.wait(&mut events, timeout) {
                 Ok(n) => n,
@@ -219,6 +223,7 @@ impl Watcher {
                 self.sweep();
                 next_sweep = now + self.sweep_every;
             }
+            notify.watchdog(now);
         }
     }
 
@@ -799,6 +804,10 @@ impl Watcher {
     }
 
     fn on_reload(&mut self) {
+        // logrotate's SIGHUP: reopen even if the policies on disk are refused below.
+        if let Err(e) = self.shared.audit.reopen() {
+            log::error!("reopening the audit log: {e}");
+        }
         match (self.reload)() {
             Ok(crate::config::Reloaded {
                 policies: set,
@@ -821,9 +830,6 @@ impl Watcher {
                     .policies
                     .write()
                     .unwrap_or_else(|p| p.into_inner()) = Arc::new(set);
-                if let Err(e) = self.shared.audit.reopen() {
-                    log::error!("reopening the audit log: {e}");
-                }
                 let policies = self.shared.policies();
                 let known: Vec<CgroupPath> = self.dir_wds.keys().cloned().collect();
                 for cg in known {
