@@ -33,7 +33,7 @@ enum Cmd {
         /// Policy directory [default: /etc/oomwake/policies].
         #[arg(long)]
         policies: Option<PathBuf>,
-        /// Memory cgroup hierarchy, or a subtree of it [default: /sys/fs/cgroup/memory].
+        /// Cgroup hierarchy or a subtree [default: /sys/fs/cgroup/memory, else /sys/fs/cgroup].
         #[arg(long)]
         cgroup_root: Option<PathBuf>,
         /// Every policy in audit mode: log decisions, change nothing.

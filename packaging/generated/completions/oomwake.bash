@@ -113,7 +113,7 @@ _oomwake() {
             return 0
             ;;
         oomwake__subcmd__check)
-            opts="-h --policies --help"
+            opts="-h --policies --insecure-policies --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -149,7 +149,7 @@ _oomwake() {
             return 0
             ;;
         oomwake__subcmd__explain)
-            opts="-h --policies --cgroup-root --help"
+            opts="-h --policies --cgroup-root --insecure-policies --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -297,7 +297,7 @@ _oomwake() {
             return 0
             ;;
         oomwake__subcmd__run)
-            opts="-h --config --policies --cgroup-root --dry-run --audit-log --state-dir --metrics --help"
+            opts="-h --config --policies --cgroup-root --dry-run --audit-log --state-dir --metrics --insecure-policies --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

@@ -36,16 +36,19 @@ complete -c oomwake -n "__fish_oomwake_needs_command" -f -a "__hog" -d 'The memo
 complete -c oomwake -n "__fish_oomwake_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c oomwake -n "__fish_oomwake_using_subcommand run" -l config -d 'Agent configuration (a missing file means defaults)' -r -F
 complete -c oomwake -n "__fish_oomwake_using_subcommand run" -l policies -d 'Policy directory [default: /etc/oomwake/policies]' -r -F
-complete -c oomwake -n "__fish_oomwake_using_subcommand run" -l cgroup-root -d 'Memory cgroup hierarchy, or a subtree of it [default: /sys/fs/cgroup/memory]' -r -F
+complete -c oomwake -n "__fish_oomwake_using_subcommand run" -l cgroup-root -d 'Cgroup hierarchy or a subtree [default: /sys/fs/cgroup/memory, else /sys/fs/cgroup]' -r -F
 complete -c oomwake -n "__fish_oomwake_using_subcommand run" -l audit-log -d 'JSON Lines audit log, reopened on SIGHUP [default: stderr]' -r -F
 complete -c oomwake -n "__fish_oomwake_using_subcommand run" -l state-dir -d 'Journal of lent limits and status.json [default: /var/lib/oomwake]' -r -F
 complete -c oomwake -n "__fish_oomwake_using_subcommand run" -l metrics -d 'Serve Prometheus metrics on ADDR:PORT (a bare port binds loopback)' -r
 complete -c oomwake -n "__fish_oomwake_using_subcommand run" -l dry-run -d 'Every policy in audit mode: log decisions, change nothing'
+complete -c oomwake -n "__fish_oomwake_using_subcommand run" -l insecure-policies -d 'Development only: load policies, config and state even when they are not root\'s or are writable by group or others'
 complete -c oomwake -n "__fish_oomwake_using_subcommand run" -s h -l help -d 'Print help'
 complete -c oomwake -n "__fish_oomwake_using_subcommand check" -l policies -r -F
+complete -c oomwake -n "__fish_oomwake_using_subcommand check" -l insecure-policies -d 'Development only: skip the owner and mode checks'
 complete -c oomwake -n "__fish_oomwake_using_subcommand check" -s h -l help -d 'Print help'
 complete -c oomwake -n "__fish_oomwake_using_subcommand explain" -l policies -r -F
 complete -c oomwake -n "__fish_oomwake_using_subcommand explain" -l cgroup-root -r -F
+complete -c oomwake -n "__fish_oomwake_using_subcommand explain" -l insecure-policies -d 'Development only: skip the owner and mode checks'
 complete -c oomwake -n "__fish_oomwake_using_subcommand explain" -s h -l help -d 'Print help'
 complete -c oomwake -n "__fish_oomwake_using_subcommand status" -l state-dir -r -F
 complete -c oomwake -n "__fish_oomwake_using_subcommand status" -l json -d 'Print the raw status JSON'
