@@ -25,8 +25,11 @@ checks=$((checks + n))
 if command -v cargo-deb >/dev/null; then
     # Where cargo-deb is installed (not on a fresh machine: it takes 13 min to compile),
     # the package it builds from the same metadata must hold the same files.
-    cdeb=$(cargo deb --no-build --no-strip --output target/debian/cargo-deb.deb 2>/dev/null | tail -1)
-    ours=$(ls target/debian/oomwake_*.deb)
+    # cargo deb empties target/debian/: compare against a copy of ours.
+    mkdir -p target/cargo-deb
+    ours=target/cargo-deb/build-deb.deb
+    cp target/debian/oomwake_*.deb "$ours"
+    cdeb=$(cargo deb --no-build --no-strip --output target/cargo-deb/oomwake.deb 2>/dev/null | tail -1)
     list() { dpkg-deb -c "$1" | awk '$1 !~ /^d/ { print $6 }' | sed 's/\.gz$//' | sort; }
     if ! diff <(list "$ours") <(list "$cdeb"); then
         echo "packaging: build-deb.py and cargo-deb package different files" >&2

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CI: build the .deb, install it with dpkg on this machine, check that every file is in
+# CI: build the .deb, install it with apt on this machine, check that every file is in
 # place and that installing started and enabled nothing, verify the installed unit with
 # systemd-analyze, then remove and purge it and check that nothing is left. Runs as root
 # on the real machine, so it refuses to start if oomwake is already installed or its
@@ -64,10 +64,11 @@ upstream=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 [ "$(dpkg-deb -f "$deb" Version)" = "$upstream-1" ] || fail "package version is not $upstream-1"
 ok "package version $upstream-1"
 
-dpkg -i "$deb"
+# As the README says (apt install ./oomwake_*.deb): apt resolves Depends, dpkg installs.
+DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "./$deb"
 installed=1
 [ "$(dpkg-query -W -f='${Status}' oomwake)" = "install ok installed" ] || fail "dpkg status"
-ok "dpkg -i"
+ok "apt-get install ./$deb"
 
 for f in /usr/bin/oomwake /lib/systemd/system/oomwake.service /etc/oomwake/oomwake.toml \
     /etc/oomwake/policies/default.toml /etc/logrotate.d/oomwake \
