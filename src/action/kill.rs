@@ -251,7 +251,23 @@ mod tests {
         std::fs::write(d.join("cmdline"), real("cmdline")).unwrap();
         std::fs::write(d.join("oom_score"), "0\n").unwrap();
         std::fs::write(d.join("oom_score_adj"), format!("{adj}\n")).unwrap();
-        std::fs::write(d.join("cgroup"), "5:memory:/cg\n").unwrap();
+        std::fs::write(d.join("cgroup"), "5:memory:/cg\n0::/cg\n").unwrap();
+    }
+
+    /// The signal that ended `c`, waiting up to 10 s; a child still running then is
+    /// killed (it is ours) and reported as `None`.
+    fn ended_by(c: &mut Child) -> Option<i32> {
+        use std::os::unix::process::ExitStatusExt;
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < end {
+            if let Ok(Some(st)) = c.try_wait() {
+                return st.signal();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        None
     }
 
     fn sleeper() -> Child {
@@ -282,17 +298,49 @@ mod tests {
         // The killed one stays listed in the fake cgroup.procs: kill_all goes on in
         // rounds and must neither re-kill it nor ever touch the shielded one.
         let r = kill_all(&env, &testing::ctx(&cg, &set.policies()[0], false));
-        let normal_status = normal.wait().unwrap();
+        let normal_signal = ended_by(&mut normal);
         let shielded_alive = matches!(shielded.try_wait(), Ok(None));
         let _ = shielded.kill();
         let _ = shielded.wait();
-        use std::os::unix::process::ExitStatusExt;
-        assert_eq!(normal_status.signal(), Some(libc::SIGKILL));
+        assert_eq!(normal_signal, Some(libc::SIGKILL));
         assert!(
             shielded_alive,
             "kill_all killed a task with oom_score_adj -1000"
         );
         assert_eq!(r.fields["pids"], serde_json::json!([np]));
+        assert_eq!(r.fields["spared"], serde_json::json!([sp]));
+    }
+
+    #[test]
+    fn kill_all_on_v2_does_not_use_cgroup_kill_when_a_task_is_shielded() {
+        use crate::cgroup::{v2::V2, Hierarchy, Kind};
+        let t = tempfile::tempdir().unwrap();
+        let cg_root = t.path().join("cg");
+        let proc_root = t.path().join("proc");
+        let mut normal = sleeper();
+        let mut shielded = sleeper();
+        let (np, sp) = (normal.id() as i32, shielded.id() as i32);
+        std::fs::create_dir_all(cg_root.join("cg")).unwrap();
+        std::fs::write(cg_root.join("cg/cgroup.procs"), format!("{np}\n{sp}\n")).unwrap();
+        std::fs::write(cg_root.join("cg/cgroup.kill"), "").unwrap();
+        fake_proc(&proc_root, np, 0);
+        fake_proc(&proc_root, sp, -1000);
+        let mut env = testing::env(&cg_root, &proc_root);
+        env.ctl = Box::new(V2::new(Hierarchy::fake(&cg_root, Kind::V2)));
+        let set = PolicySet::embedded_default();
+        let cg = CgroupPath::new("/cg");
+        let r = kill_all(&env, &testing::ctx(&cg, &set.policies()[0], false));
+        let normal_signal = ended_by(&mut normal);
+        let shielded_alive = matches!(shielded.try_wait(), Ok(None));
+        let _ = shielded.kill();
+        let _ = shielded.wait();
+        assert_eq!(
+            std::fs::read_to_string(cg_root.join("cg/cgroup.kill")).unwrap(),
+            "",
+            "cgroup.kill spares nobody: {r:?}"
+        );
+        assert_eq!(normal_signal, Some(libc::SIGKILL));
+        assert!(shielded_alive);
         assert_eq!(r.fields["spared"], serde_json::json!([sp]));
     }
 
