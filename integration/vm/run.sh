@@ -112,7 +112,9 @@ cat >"$root/init" <<EOF
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
-mount -t tmpfs tmp /tmp
+# /tmp stays the initramfs's own (writable rootfs): a tmpfs mounted over it would hide
+# the binaries when the checkout itself lives below /tmp.
+chmod 1777 /tmp
 $cgroups
 echo "vm: kernel \$(cat /proc/sys/kernel/osrelease)"
 cd /root
