@@ -46,7 +46,11 @@ fn sighup_applies_the_config_and_keeps_everything_on_an_invalid_one() {
     let cg = s.cgroup("", Some(32 * MIB), true);
     let mut agent = Agent::start(&[("p.toml", &policy("first", &cg.rel, "", RAISE))], &[]);
     agent.expect("watch", &cg.rel, Duration::from_secs(10));
-    assert_eq!(status(&agent)["dry_run"], false);
+    // status.json is written by the event loop a moment after the first watch line.
+    let ok = wait_until(Duration::from_secs(10), || {
+        status(&agent)["dry_run"] == false
+    });
+    assert!(ok, "status before reload: {}", status(&agent));
     let cfg = agent.tmp.path().join("oomwake.toml");
 
     // dry_run can change live; the worker pool cannot (warned about, old value kept).
