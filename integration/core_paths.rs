@@ -8,12 +8,6 @@ use std::time::Duration;
 
 use crate::common::*;
 
-const KILL: &str = r#"
-[[step]]
-action = "kill"
-victim = "largest_rss"
-"#;
-
 /// A stuck cgroup named `bad\xff` (and the task in its child) is watched, rescued, and
 /// named in the audit log in the escaped text form, which reads back to the same bytes.
 #[test]

@@ -7,12 +7,6 @@ use std::time::{Duration, Instant};
 
 use crate::common::*;
 
-const KILL: &str = r#"
-[[step]]
-action = "kill"
-victim = "largest_rss"
-"#;
-
 fn pid_alive(pid: i32) -> bool {
     // Not our child: gone (or a zombie of another parent) when its stat says so.
     let st = proc_state(pid);
@@ -247,17 +241,11 @@ restore_after = "60s"
         &[],
         &[("OOMWAKE_FAULT", "after_restore_memory:pause-60000")],
     );
-    agent.expect("watch", &cg.rel, Duration::from_secs(10));
-    let hog = s.hog(
+    let (_hog, _) = s.stall_resolved(
+        &agent,
         &cg,
         &["--touch", "40M", "--hold", "200ms", "--free-after", "120s"],
     );
-    assert!(
-        hog.report(Duration::from_secs(15)).is_some(),
-        "log:\n{}",
-        agent.log()
-    );
-    agent.expect("resolved", &cg.rel, Duration::from_secs(5));
     // Freed: the restore at shutdown fits and starts (then hangs at the fault point).
     assert!(wait_until(Duration::from_secs(10), || cg.usage() < 8 * MIB));
     agent.signal(nix::sys::signal::Signal::SIGTERM);

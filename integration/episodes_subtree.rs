@@ -5,12 +5,6 @@ use std::time::Duration;
 
 use crate::common::*;
 
-const KILL: &str = r#"
-[[step]]
-action = "kill"
-victim = "largest_rss"
-"#;
-
 #[test]
 fn deep_tree_one_victim_per_stall() {
     let Some(()) = require_v1("deep_tree_one_victim_per_stall") else {

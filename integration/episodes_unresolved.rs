@@ -14,12 +14,6 @@ max_limit = "32M"
 hold = "60s"
 "#;
 
-const KILL: &str = r#"
-[[step]]
-action = "kill"
-victim = "largest_rss"
-"#;
-
 #[test]
 fn unresolvable_stall_is_reported_not_repeated_and_a_reload_resolves_it() {
     let Some(()) =

@@ -24,14 +24,7 @@ action = "kill"
 victim = "largest_rss"
 "#;
     let agent = Agent::start(&[("p.toml", &policy("hold", &cg.rel, "", steps))], &[]);
-    agent.expect("watch", &cg.rel, Duration::from_secs(10));
-    let hog = s.hog(&cg, &["--touch", "40M", "--hold", "60s"]);
-    assert!(
-        hog.report(Duration::from_secs(15)).is_some(),
-        "log:\n{}",
-        agent.log()
-    );
-    let first = agent.expect("resolved", &cg.rel, Duration::from_secs(5));
+    let (hog, first) = s.stall_resolved(&agent, &cg, &["--touch", "40M", "--hold", "60s"]);
     assert_eq!(first["by_action"], "raise_limit");
     // 40 MiB do not fit the original 32 MiB: at hold expiry the episode resumes at kill.
     let resumed = agent
@@ -71,14 +64,7 @@ fn crash_then_restart_readopts_and_restores_the_loan() {
     let mut s = Scratch::new("crash");
     let cg = s.cgroup("", Some(32 * MIB), true);
     let agent = Agent::start(&[("p.toml", &policy("long", &cg.rel, "", LONG_LOAN))], &[]);
-    agent.expect("watch", &cg.rel, Duration::from_secs(10));
-    let hog = s.hog(&cg, &["--touch", "40M", "--hold", "60s"]);
-    assert!(
-        hog.report(Duration::from_secs(15)).is_some(),
-        "log:\n{}",
-        agent.log()
-    );
-    agent.expect("resolved", &cg.rel, Duration::from_secs(5));
+    let (hog, _) = s.stall_resolved(&agent, &cg, &["--touch", "40M", "--hold", "60s"]);
     let dir = agent.crash();
     assert_eq!(
         cg.limit(),
@@ -145,14 +131,7 @@ fn sigterm_with_usage_too_high_keeps_the_loan_journaled() {
     let mut s = Scratch::new("termbusy");
     let cg = s.cgroup("", Some(32 * MIB), true);
     let mut agent = Agent::start(&[("p.toml", &policy("busy", &cg.rel, "", LONG_LOAN))], &[]);
-    agent.expect("watch", &cg.rel, Duration::from_secs(10));
-    let hog = s.hog(&cg, &["--touch", "40M", "--hold", "60s"]);
-    assert!(
-        hog.report(Duration::from_secs(15)).is_some(),
-        "log:\n{}",
-        agent.log()
-    );
-    agent.expect("resolved", &cg.rel, Duration::from_secs(5));
+    let (hog, _) = s.stall_resolved(&agent, &cg, &["--touch", "40M", "--hold", "60s"]);
     agent.stop().expect("agent stops on SIGTERM");
     assert!(
         agent.log().contains("stays in the journal"),

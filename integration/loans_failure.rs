@@ -141,14 +141,7 @@ fn a_garbage_journal_is_moved_aside_and_the_agent_still_rescues() {
         .wait_for(Duration::from_secs(10), |v| v["event"] == "journal_corrupt")
         .unwrap_or_else(|| panic!("no journal_corrupt line; log:\n{}", agent.log()));
     assert!(corrupt["moved_to"].as_str().unwrap().contains(".corrupt-"));
-    agent.expect("watch", &cg.rel, Duration::from_secs(10));
-    let hog = s.hog(&cg, &["--touch", "40M", "--hold", "30s"]);
-    assert!(
-        hog.report(Duration::from_secs(15)).is_some(),
-        "log:\n{}",
-        agent.log()
-    );
-    agent.expect("resolved", &cg.rel, Duration::from_secs(5));
+    let (_hog, _) = s.stall_resolved(&agent, &cg, &["--touch", "40M", "--hold", "30s"]);
     let names: Vec<String> = std::fs::read_dir(&state)
         .unwrap()
         .flatten()
@@ -184,14 +177,7 @@ fn a_dry_run_keeps_journaled_loans_and_writes_nothing() {
     let mut s = Scratch::new("dryloan");
     let cg = s.cgroup("", Some(32 * MIB), true);
     let agent = Agent::start(&[("p.toml", &policy("d", &cg.rel, "", EXTENDING))], &[]);
-    agent.expect("watch", &cg.rel, Duration::from_secs(10));
-    let hog = s.hog(&cg, &["--touch", "36M", "--hold", "60s"]);
-    assert!(
-        hog.report(Duration::from_secs(15)).is_some(),
-        "log:\n{}",
-        agent.log()
-    );
-    agent.expect("resolved", &cg.rel, Duration::from_secs(5));
+    let (hog, _) = s.stall_resolved(&agent, &cg, &["--touch", "36M", "--hold", "60s"]);
     let dir = agent.crash();
     let lent = cg.limit();
     assert!(lent > 32 * MIB);
@@ -309,14 +295,7 @@ victim = "largest_rss"
         &[("a.toml", &policy("first", &cg.rel, "", raise_kill))],
         &[],
     );
-    agent.expect("watch", &cg.rel, Duration::from_secs(10));
-    let hog = s.hog(&cg, &["--touch", "40M", "--hold", "60s"]);
-    assert!(
-        hog.report(Duration::from_secs(15)).is_some(),
-        "log:\n{}",
-        agent.log()
-    );
-    agent.expect("resolved", &cg.rel, Duration::from_secs(5));
+    let (hog, _) = s.stall_resolved(&agent, &cg, &["--touch", "40M", "--hold", "60s"]);
     let pdir = agent.tmp.path().join("policies");
     std::fs::remove_file(pdir.join("a.toml")).unwrap();
     let renamed = format!("[[step]]\naction = \"reclaim\"\n{raise_kill}");

@@ -11,16 +11,6 @@ use serde_json::Value;
 
 use crate::common::*;
 
-const RAISE: &str = r#"
-[[step]]
-action = "raise_limit"
-by = "50%"
-max_extra = "100%"
-hold = "60s"
-restore_below = "90%"
-restore_after = "300ms"
-"#;
-
 fn status(agent: &Agent) -> Value {
     serde_json::from_str(&read(&agent.tmp.path().join("state/status.json"))).unwrap_or_default()
 }

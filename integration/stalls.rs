@@ -5,16 +5,6 @@ use std::time::Duration;
 
 use crate::common::*;
 
-const RAISE: &str = r#"
-[[step]]
-action = "raise_limit"
-by = "50%"
-max_extra = "100%"
-hold = "60s"
-restore_below = "90%"
-restore_after = "300ms"
-"#;
-
 #[test]
 fn hog_hangs_without_agent() {
     let Some(()) = require_v1("hog_hangs_without_agent") else {
@@ -91,14 +81,7 @@ fn reclaim_runs_first_and_the_episode_goes_on_to_raise() {
     let cg = s.cgroup("", Some(32 * MIB), true);
     let steps = format!("[[step]]\naction = \"reclaim\"\nsettle = \"200ms\"\n{RAISE}");
     let agent = Agent::start(&[("p.toml", &policy("reclaim", &cg.rel, "", &steps))], &[]);
-    agent.expect("watch", &cg.rel, Duration::from_secs(10));
-    let hog = s.hog(&cg, &["--touch", "40M", "--hold", "30s"]);
-    assert!(
-        hog.report(Duration::from_secs(15)).is_some(),
-        "log:\n{}",
-        agent.log()
-    );
-    agent.expect("resolved", &cg.rel, Duration::from_secs(5));
+    let (_hog, _) = s.stall_resolved(&agent, &cg, &["--touch", "40M", "--hold", "30s"]);
     let acts = agent.events("action", &cg.rel);
     assert_eq!(acts[0]["action"], "reclaim");
     assert_eq!(acts[0]["outcome"], "done");
@@ -279,14 +262,7 @@ timeout = "5s"
         seen.display()
     );
     let agent = Agent::start(&[("p.toml", &policy("hook", &cg.rel, "", &steps))], &[]);
-    agent.expect("watch", &cg.rel, Duration::from_secs(10));
-    let hog = s.hog(&cg, &["--touch", "40M", "--hold", "30s"]);
-    assert!(
-        hog.report(Duration::from_secs(15)).is_some(),
-        "log:\n{}",
-        agent.log()
-    );
-    let resolved = agent.expect("resolved", &cg.rel, Duration::from_secs(5));
+    let (_hog, resolved) = s.stall_resolved(&agent, &cg, &["--touch", "40M", "--hold", "30s"]);
     assert_eq!(resolved["by_action"], "exec");
     let act = &agent.events("action", &cg.rel)[0];
     assert_eq!(act["exit_code"], 0);

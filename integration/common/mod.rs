@@ -58,6 +58,25 @@ pub fn require_v1(test: &str) -> Option<()> {
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
+/// One step: SIGKILL the largest task (by RSS) of the stalled cgroup.
+pub const KILL: &str = r#"
+[[step]]
+action = "kill"
+victim = "largest_rss"
+"#;
+
+/// One step: lend 50% (up to 100% extra) for 60s, restored early once usage stays
+/// below 90% for 300ms.
+pub const RAISE: &str = r#"
+[[step]]
+action = "raise_limit"
+by = "50%"
+max_extra = "100%"
+hold = "60s"
+restore_below = "90%"
+restore_after = "300ms"
+"#;
+
 /// A scratch cgroup tree; everything in it is ours.
 pub struct Scratch {
     /// Path relative to the mount, with a leading '/'.
@@ -118,6 +137,21 @@ impl Scratch {
                 || !Path::new(&format!("/proc/{pid}")).exists()
         });
         Hog { pid, report }
+    }
+
+    /// The common stall: waits for `agent` to watch `cg`, starts a hog with `args` in
+    /// it, waits for the hog's report (failing with the agent's log) and for the
+    /// `resolved` event, which it returns with the hog.
+    pub fn stall_resolved(&mut self, agent: &Agent, cg: &Cg, args: &[&str]) -> (Hog, Value) {
+        agent.expect("watch", &cg.rel, Duration::from_secs(10));
+        let hog = self.hog(cg, args);
+        assert!(
+            hog.report(Duration::from_secs(15)).is_some(),
+            "log:\n{}",
+            agent.log()
+        );
+        let resolved = agent.expect("resolved", &cg.rel, Duration::from_secs(5));
+        (hog, resolved)
     }
 
     /// Starts any program (it must join the cgroup itself); its stdout lines arrive on

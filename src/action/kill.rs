@@ -274,18 +274,27 @@ mod tests {
         Command::new("sleep").arg("60").spawn().unwrap()
     }
 
-    #[test]
-    fn kill_all_spares_shielded_tasks_and_reports_them() {
+    /// A fake `/cg` (cgroup root `cg/`, proc root `proc/` in the returned dir) listing
+    /// a normal sleeper and a shielded one (oom_score_adj -1000): (dir, normal, shielded).
+    fn normal_and_shielded() -> (tempfile::TempDir, Child, Child) {
         let t = tempfile::tempdir().unwrap();
         let cg_root = t.path().join("cg");
         let proc_root = t.path().join("proc");
-        let mut normal = sleeper();
-        let mut shielded = sleeper();
+        let normal = sleeper();
+        let shielded = sleeper();
         let (np, sp) = (normal.id() as i32, shielded.id() as i32);
         std::fs::create_dir_all(cg_root.join("cg")).unwrap();
         std::fs::write(cg_root.join("cg/cgroup.procs"), format!("{np}\n{sp}\n")).unwrap();
         fake_proc(&proc_root, np, 0);
         fake_proc(&proc_root, sp, -1000);
+        (t, normal, shielded)
+    }
+
+    #[test]
+    fn kill_all_spares_shielded_tasks_and_reports_them() {
+        let (t, mut normal, mut shielded) = normal_and_shielded();
+        let (cg_root, proc_root) = (t.path().join("cg"), t.path().join("proc"));
+        let (np, sp) = (normal.id() as i32, shielded.id() as i32);
         let env = testing::env(&cg_root, &proc_root);
         let set = PolicySet::embedded_default();
         let cg = CgroupPath::new("/cg");
@@ -314,17 +323,10 @@ mod tests {
     #[test]
     fn kill_all_on_v2_does_not_use_cgroup_kill_when_a_task_is_shielded() {
         use crate::cgroup::{v2::V2, Hierarchy, Kind};
-        let t = tempfile::tempdir().unwrap();
-        let cg_root = t.path().join("cg");
-        let proc_root = t.path().join("proc");
-        let mut normal = sleeper();
-        let mut shielded = sleeper();
-        let (np, sp) = (normal.id() as i32, shielded.id() as i32);
-        std::fs::create_dir_all(cg_root.join("cg")).unwrap();
-        std::fs::write(cg_root.join("cg/cgroup.procs"), format!("{np}\n{sp}\n")).unwrap();
+        let (t, mut normal, mut shielded) = normal_and_shielded();
+        let (cg_root, proc_root) = (t.path().join("cg"), t.path().join("proc"));
+        let sp = shielded.id() as i32;
         std::fs::write(cg_root.join("cg/cgroup.kill"), "").unwrap();
-        fake_proc(&proc_root, np, 0);
-        fake_proc(&proc_root, sp, -1000);
         let mut env = testing::env(&cg_root, &proc_root);
         env.ctl = Box::new(V2::new(Hierarchy::fake(&cg_root, Kind::V2)));
         let set = PolicySet::embedded_default();
