@@ -501,6 +501,28 @@ fn within<T: Send + 'static>(bound: Duration, f: impl FnOnce() -> T + Send + 'st
     rx.recv_timeout(bound).ok()
 }
 
+/// From another thread, lends (episode 2) to `other`, waiting at most 10 s: `None` if
+/// the lend is held up that long.
+fn lend_elsewhere_within_10s(
+    book: &std::sync::Arc<LoanBook>,
+    d: &std::sync::Arc<Double>,
+    other: &CgroupPath,
+) -> Option<Result<Lend, String>> {
+    let (book, d, other) = (book.clone(), d.clone(), other.clone());
+    within(Duration::from_secs(10), move || {
+        book.lend(
+            &*d,
+            &other,
+            "p",
+            &raise(Duration::from_secs(60)),
+            2,
+            2,
+            false,
+        )
+        .map_err(|e| e.to_string())
+    })
+}
+
 /// 7.4: a restore whose write blocks (the kernel reclaiming synchronously) does not
 /// hold up a lend on another cgroup.
 #[test]
@@ -516,21 +538,7 @@ fn a_slow_restore_does_not_delay_a_lend_elsewhere() {
         std::thread::spawn(move || book.restore(&*d, &slow))
     };
     assert!(b.wait_entered());
-    let lent = {
-        let (book, d, other) = (book.clone(), d.clone(), other.clone());
-        within(Duration::from_secs(10), move || {
-            book.lend(
-                &*d,
-                &other,
-                "p",
-                &raise(Duration::from_secs(60)),
-                2,
-                2,
-                false,
-            )
-            .map_err(|e| e.to_string())
-        })
-    };
+    let lent = lend_elsewhere_within_10s(&book, &d, &other);
     b.release();
     assert!(
         matches!(lent, Some(Ok(Lend::Raised { .. }))),
@@ -565,21 +573,7 @@ fn a_keeper_pass_over_stale_loans_does_not_hold_up_a_lend() {
         std::thread::spawn(move || book.tick(&*d, Instant::now() + Duration::from_secs(1)))
     };
     assert!(b.wait_entered());
-    let lent = {
-        let (book, d, other) = (book.clone(), d.clone(), other.clone());
-        within(Duration::from_secs(10), move || {
-            book.lend(
-                &*d,
-                &other,
-                "p",
-                &raise(Duration::from_secs(60)),
-                2,
-                2,
-                false,
-            )
-            .map_err(|e| e.to_string())
-        })
-    };
+    let lent = lend_elsewhere_within_10s(&book, &d, &other);
     b.release();
     assert!(
         matches!(lent, Some(Ok(Lend::Raised { .. }))),
