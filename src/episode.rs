@@ -178,17 +178,22 @@ pub fn run(shared: &Shared, job: &Job) -> End {
             }
             let still_stuck = || !stopping() && (job.resume || matches!(check(), State::Stuck));
             let name = step.action.name();
-            let base = Record::new("action", cg)
-                .with("episode", job.episode)
-                .with("policy", policy.name.clone())
-                .with("mode", policy.mode.as_str())
-                .with("step", i)
-                .with("action", name);
+            // Built when written, not before the action: nothing is allocated or
+            // formatted between the stall and the step that ends it.
+            let record = |event: &str| {
+                let mut r = Record::new(event, cg)
+                    .with("episode", job.episode)
+                    .with("policy", policy.name.clone());
+                if event == "action" {
+                    r.set("mode", policy.mode.as_str());
+                }
+                r.with("step", i).with("action", name)
+            };
             // An action that waits after acting (a signal's grace) reports what it did
             // first: the line is written then, and its result when known.
             let taken_fields: RefCell<Option<Map<String, Value>>> = RefCell::new(None);
             let taken = |r: &Report| {
-                let mut rec = base.clone().with("outcome", r.outcome.as_str());
+                let mut rec = record("action").with("outcome", r.outcome.as_str());
                 rec.merge(r.fields.clone());
                 rec.set("pending", true);
                 shared.audit.log(rec);
@@ -219,12 +224,7 @@ pub fn run(shared: &Shared, job: &Job) -> End {
             match logged {
                 Some(sent) => {
                     // The result of an action already written: only what is new.
-                    let mut rec = Record::new("action_result", cg)
-                        .with("episode", job.episode)
-                        .with("policy", policy.name.clone())
-                        .with("step", i)
-                        .with("action", name)
-                        .with("outcome", report.outcome.as_str());
+                    let mut rec = record("action_result").with("outcome", report.outcome.as_str());
                     if let Some(e) = &report.error {
                         rec.set("error", e.clone());
                     }
@@ -237,7 +237,7 @@ pub fn run(shared: &Shared, job: &Job) -> End {
                 None if quiet && changed_nothing => {}
                 None if quiet && report.outcome == Outcome::Failed && !job.remind => {}
                 None => {
-                    let mut rec = base.with("outcome", report.outcome.as_str());
+                    let mut rec = record("action").with("outcome", report.outcome.as_str());
                     if let Some(e) = &report.error {
                         rec.set("error", e.clone());
                     }
