@@ -143,6 +143,31 @@ fn run_refuses_a_world_writable_config_or_state_dir() {
     );
 }
 
+/// Root appends to the audit log: a link planted there (pointing at a file root owns)
+/// or a file another user owns must not be written.
+#[test]
+fn run_refuses_an_audit_log_that_is_a_link_or_not_roots() {
+    let Some(()) = require_v1("run_refuses_an_audit_log_that_is_a_link_or_not_roots") else {
+        return;
+    };
+    let t = agent_dir(&inert_policy("audit"));
+    let victim = t.path().join("victim");
+    std::fs::write(&victim, "precious\n").unwrap();
+    let log_path = t.path().join("audit.jsonl");
+    std::os::unix::fs::symlink(&victim, &log_path).unwrap();
+    let (code, log) = run_agent(t.path(), &[], Duration::from_secs(20));
+    assert_eq!(code, Some(1), "it started:\n{log}");
+    assert_eq!(read(&victim), "precious\n", "the link's target was written");
+
+    std::fs::remove_file(&log_path).unwrap();
+    std::fs::write(&log_path, "").unwrap();
+    nix::unistd::chown(&log_path, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+    let (code, log) = run_agent(t.path(), &[], Duration::from_secs(20));
+    assert_eq!(code, Some(1), "it started:\n{log}");
+    assert!(log.contains("the audit log"), "{log}");
+    assert_eq!(read(&log_path), "", "a file another user owns was written");
+}
+
 #[test]
 fn run_refuses_a_policies_dir_whose_only_file_is_unreadable() {
     let Some(()) = require_v1("run_refuses_a_policies_dir_whose_only_file_is_unreadable") else {

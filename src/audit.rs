@@ -236,9 +236,13 @@ impl Drop for Audit {
 }
 
 fn open_append(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    // Never through a symbolic link: a link planted where the log is expected would
+    // make root append to whatever it names (ELOOP instead).
     std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
 }

@@ -164,6 +164,17 @@ fn cli_main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             }
+            if trust == Trust::Strict {
+                // Root appends to the audit log: a file another user owns or can swap
+                // (or a link planted in a shared directory) would be theirs to aim.
+                if let Some(a) = &cfg.audit_log {
+                    if let Err(e) = perm::check_existing_part(a, "the audit log", owners()) {
+                        eprintln!("{e}");
+                        eprintln!("oomwake: untrusted audit log, not starting");
+                        return ExitCode::from(1);
+                    }
+                }
+            }
             // With the audit log on stderr (the default), log records share the stream
             // as JSON lines.
             oomwake::audit::set_json_logs(cfg.audit_log.is_none());
