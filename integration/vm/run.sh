@@ -46,7 +46,7 @@ if ! ls "$work/kernel/boot/vmlinuz-"* >/dev/null 2>&1; then
     dpkg -x "$deb" "$work/kernel"
     rm -f "$deb"
 fi
-vmlinuz=$(ls "$work/kernel/boot/vmlinuz-"* | head -1)
+vmlinuz=$(set -- "$work/kernel/boot/vmlinuz-"*; echo "$1")
 
 # The binaries: the integration test executable, and the agent and hog at the absolute
 # paths the test executable was built to find them (CARGO_BIN_EXE_*).

@@ -24,7 +24,7 @@ fail() {
 paths=(/etc/oomwake /var/lib/oomwake /var/log/oomwake /etc/logrotate.d/oomwake
     /lib/systemd/system/oomwake.service /usr/bin/oomwake /etc/systemd/system/oomwake.service)
 [ "$(id -u)" = 0 ] || fail "needs root (dpkg -i)"
-if dpkg-query -W -f='${Status}' oomwake 2>/dev/null | grep -q installed; then
+if [[ "$(dpkg-query -W -f='${Status}' oomwake 2>/dev/null || true)" == *" installed" ]]; then
     fail "oomwake is already installed here: not touching an operator's install"
 fi
 for p in "${paths[@]}"; do
@@ -60,7 +60,7 @@ fi
 
 deb=$(packaging/deb/build-deb.py --binary "$binary" --out target/debian)
 echo "built $deb ($(stat -c %s "$deb") bytes)"
-upstream=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+upstream=$(sed -n '0,/^version = "\(.*\)"/s//\1/p' Cargo.toml)
 [ "$(dpkg-deb -f "$deb" Version)" = "$upstream-1" ] || fail "package version is not $upstream-1"
 ok "package version $upstream-1"
 
@@ -114,8 +114,11 @@ ok "systemd-analyze verify oomwake.service"
 man -w oomwake-run >/dev/null || fail "man oomwake-run"
 ok "man page found: $(man -w oomwake)"
 if command -v logrotate >/dev/null; then
-    logrotate --debug /etc/logrotate.d/oomwake 2>&1 | grep -q 'rotating pattern: /var/log/oomwake/audit.jsonl' ||
-        fail "logrotate does not read /etc/logrotate.d/oomwake"
+    # Captured first: `cmd | grep -q` under pipefail fails when grep exits early and the
+    # writer gets SIGPIPE (that race failed CI once).
+    lr=$(logrotate --debug /etc/logrotate.d/oomwake 2>&1) || fail "logrotate --debug failed: $lr"
+    grep -q 'rotating pattern: /var/log/oomwake/audit.jsonl' <<<"$lr" ||
+        fail "logrotate does not read /etc/logrotate.d/oomwake: $lr"
     ok "logrotate parses /etc/logrotate.d/oomwake"
 fi
 bash -c '. /usr/share/bash-completion/completions/oomwake && complete -p oomwake' >/dev/null ||
