@@ -65,6 +65,7 @@ fn kill_all_spares_a_shielded_task_in_a_stuck_cgroup() {
         step: 0,
         audit: false,
         resuming: false,
+        early: false,
         still_stuck: &always,
         taken: &|_| {},
         cancelled: &never,

@@ -70,6 +70,7 @@ fn reclaim_is_cut_short_by_its_timeout() {
         step: 0,
         audit: false,
         resuming: false,
+        early: false,
         still_stuck: &always,
         taken: &|_| {},
         cancelled: &never,

@@ -28,6 +28,7 @@ fn check_accepts_the_shipped_policies() {
             "{name} missing in:\n{out}"
         );
     }
+    assert!(out.contains("    early at 80%: raise_limit\n"), "{out}");
 }
 
 #[test]

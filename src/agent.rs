@@ -55,12 +55,16 @@ pub fn run(cfg: Config, policies: PolicySet, reload: crate::config::Reload) -> a
         None => Audit::stderr(),
     };
     let (tx, rx) = crossbeam_channel::unbounded();
+    let moves = Arc::new(crate::early::Moves::new()?);
+    let loans = LoanBook::new(Some(journal));
+    let told = moves.clone();
+    loans.on_limit_moved(Box::new(move |cg| told.moved(cg)));
     let shared = Arc::new(Shared {
         env: Env {
             ctl,
             proc_root: cfg.proc_root.clone(),
             self_pid: crate::sys::getpid(),
-            loans: LoanBook::new(Some(journal)),
+            loans,
         },
         audit,
         metrics: Metrics::default(),
@@ -69,6 +73,7 @@ pub fn run(cfg: Config, policies: PolicySet, reload: crate::config::Reload) -> a
         settle_poll: cfg.settle_poll,
         stop: AtomicBool::new(false),
         holds,
+        moves,
     });
     loan::keeper::recover(&shared, found);
 

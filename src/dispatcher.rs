@@ -37,6 +37,8 @@ pub struct Job {
     /// backed-off retry, and at retries 1, 2, 4, 8 ... of a stall retried every second
     /// because an action failed.
     pub remind: bool,
+    /// An early episode (`[early]`: usage crossed the threshold, no stall yet).
+    pub early: bool,
 }
 
 /// How an episode ended.
@@ -132,6 +134,8 @@ enum Active {
         waiting: Vec<(CgroupPath, Arc<Policy>, Instant)>,
         /// A retry of a stall left unresolved: how it stood before this episode.
         held: Option<Stuck>,
+        /// An early episode: no stall yet, so an OOM below it is not its stall.
+        early: bool,
     },
     /// Audit mode logged this stall once; wait until it ends (or a reload) before
     /// logging another.
@@ -339,6 +343,9 @@ impl Dispatcher {
             }
             let above = cg.is_within(other);
             match a {
+                // An early episode above marks nothing: an OOM below is a stall of
+                // its own (the early one hands over if it reaches its own wall).
+                Active::Running { early: true, .. } if above => {}
                 Active::Running { .. } if above => return None,
                 Active::Running { .. } => below = Some(other.clone()),
                 Active::AuditHeld | Active::Stuck(_) | Active::Ended(_) if above => return None,
@@ -373,6 +380,7 @@ impl Dispatcher {
                 retrigger: None,
                 waiting: Vec::new(),
                 held,
+                early: false,
             },
         );
         let job = Job {
@@ -384,6 +392,61 @@ impl Dispatcher {
             resume: false,
             retry,
             remind,
+            early: false,
+        };
+        if self.tx.send(job).is_err() {
+            match prev {
+                Some(p) => active.insert(cg.clone(), p),
+                None => active.remove(cg),
+            };
+            return None;
+        }
+        self.ensure_worker();
+        Some(episode)
+    }
+
+    /// Starts an early episode for `cg` (usage crossed its `[early]` threshold) unless
+    /// anything runs or is held at `cg` or in its subtree or above it: a stall there
+    /// is handled by its own episode, and a second crossing while an early episode
+    /// runs is the same approach to the wall. Returns the episode's id.
+    pub fn trigger_early(
+        &self,
+        cg: &CgroupPath,
+        policy: Arc<Policy>,
+        detected: Instant,
+    ) -> Option<u64> {
+        if self.stopping() {
+            return None;
+        }
+        let now = Instant::now();
+        let mut active = self.lock();
+        active.retain(|_, a| !matches!(a, Active::Ended(at) if now >= *at + SAME_STALL_WINDOW));
+        let busy = active
+            .iter()
+            .any(|(c, a)| related(c, cg) && !matches!(a, Active::Ended(_)));
+        if busy {
+            return None;
+        }
+        let episode = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let prev = active.insert(
+            cg.clone(),
+            Active::Running {
+                retrigger: None,
+                waiting: Vec::new(),
+                held: None,
+                early: true,
+            },
+        );
+        let job = Job {
+            cgroup: cg.clone(),
+            policy,
+            episode,
+            detected,
+            start_step: 0,
+            resume: false,
+            retry: 0,
+            remind: true,
+            early: true,
         };
         if self.tx.send(job).is_err() {
             match prev {
@@ -415,6 +478,7 @@ impl Dispatcher {
                 retrigger: None,
                 waiting: Vec::new(),
                 held: None,
+                early: false,
             },
         );
         let job = Job {
@@ -426,6 +490,7 @@ impl Dispatcher {
             resume: true,
             retry: 0,
             remind: true,
+            early: false,
         };
         if self.tx.send(job).is_err() {
             active.remove(cg);
@@ -451,9 +516,21 @@ impl Dispatcher {
                 retrigger,
                 waiting,
                 held,
+                ..
             }) => (retrigger, waiting, held),
             _ => (None, Vec::new(), None),
         };
+        if job.early {
+            // An early episode leaves no mark: neither a stall held nor the tail of one.
+            // Ancestors that waited go first (the stall is theirs if they are still
+            // under OOM), then an OOM that arrived here meanwhile, or the one the
+            // episode handed over to.
+            let handed_over = matches!(end, End::Unresolved { reason, .. } if reason == crate::early::HANDED_OVER);
+            if let Some(at) = retrigger.or(handed_over.then_some(now)) {
+                again.push((job.cgroup.clone(), job.policy.clone(), at));
+            }
+            return again;
+        }
         if held.is_some() {
             self.generation.fetch_add(1, Ordering::Relaxed);
         }
@@ -723,6 +800,66 @@ mod tests {
         d.finish(&job, &resolved(), None);
         std::thread::sleep(SAME_STALL_WINDOW + Duration::from_millis(50));
         assert!(d.trigger(&deep, p, now).is_some(), "a new stall later");
+    }
+
+    #[test]
+    fn early_episodes_share_the_subtree_sensibly() {
+        let (d, rx, _) = dispatcher(1, 1);
+        let p = enforce();
+        let (top, mid, deep) = (
+            CgroupPath::new("/p"),
+            CgroupPath::new("/p/c"),
+            CgroupPath::new("/p/c/d"),
+        );
+        let now = Instant::now();
+        // An early episode at /p/c: a second crossing there, or one above or below it,
+        // is no second early episode.
+        let id = d.trigger_early(&mid, p.clone(), now).unwrap();
+        let early = rx.try_recv().unwrap();
+        assert!(early.early && early.episode == id);
+        assert_eq!(d.trigger_early(&mid, p.clone(), now), None);
+        assert_eq!(d.trigger_early(&top, p.clone(), now), None);
+        assert_eq!(d.trigger_early(&deep, p.clone(), now), None);
+        // An OOM below it is a stall of its own (an early episode marks nothing) ...
+        assert!(d.trigger(&deep, p.clone(), now).is_some());
+        let below = rx.try_recv().unwrap();
+        assert!(!below.early);
+        d.finish(&below, &resolved(), None);
+        // ... an OOM at it is kept for when it ends, and so is one above it.
+        let oom_at = now + Duration::from_millis(3);
+        assert_eq!(d.trigger(&mid, p.clone(), oom_at), None);
+        assert_eq!(d.trigger(&top, p.clone(), oom_at), None);
+        let handed = End::unresolved(crate::early::HANDED_OVER);
+        let again = d.finish(&early, &handed, None);
+        // The ancestor first: the stall is its own if it is still under OOM.
+        assert_eq!(
+            again.iter().map(|a| (a.0.clone(), a.2)).collect::<Vec<_>>(),
+            vec![(top.clone(), oom_at), (mid.clone(), oom_at)]
+        );
+        // It leaves no mark: no held stall, no tail window for an OOM below.
+        assert!(d.running().is_empty() && d.stuck().is_empty());
+        assert!(d.trigger(&deep, p.clone(), now).is_some());
+        let job = rx.try_recv().unwrap();
+        d.finish(&job, &resolved(), None);
+        // Not while an OOM episode runs in the subtree, nor while a stall is held.
+        d.trigger(&top, p.clone(), now).unwrap();
+        let job = rx.try_recv().unwrap();
+        assert_eq!(d.trigger_early(&mid, p.clone(), now), None);
+        d.finish(&job, &End::unresolved("all steps done"), None);
+        assert_eq!(d.trigger_early(&mid, p.clone(), now), None);
+        assert_eq!(d.trigger_early(&top, p.clone(), now), None);
+        // A hand-over with no OOM seen meanwhile still asks the worker to re-check.
+        let q = CgroupPath::new("/q");
+        d.trigger_early(&q, p.clone(), now).unwrap();
+        let job = rx.try_recv().unwrap();
+        let again = d.finish(&job, &handed, None);
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].0, q);
+        // Resolved early episodes hand nothing back.
+        d.trigger_early(&q, p.clone(), now).unwrap();
+        let job = rx.try_recv().unwrap();
+        assert!(d.finish(&job, &resolved(), None).is_empty());
+        assert!(d.trigger_early(&q, p, now).is_some());
     }
 
     #[test]

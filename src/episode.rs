@@ -28,9 +28,15 @@ enum State {
 /// A worker: runs episodes until the dispatcher tells it to exit.
 pub fn worker(shared: Arc<Shared>, rx: crossbeam_channel::Receiver<Job>) {
     while let Some(job) = shared.dispatcher.next_job(&rx) {
-        let end = run(&shared, &job);
+        let end = if job.early {
+            crate::early::run(&shared, &job)
+        } else {
+            run(&shared, &job)
+        };
         let picture = match &end {
-            End::Unresolved { .. } if !job.resume => picture(shared.env.ctl.as_ref(), &job.cgroup),
+            End::Unresolved { .. } if !job.resume && !job.early => {
+                picture(shared.env.ctl.as_ref(), &job.cgroup)
+            }
             _ => None,
         };
         for (cg, policy, at) in shared.dispatcher.finish(&job, &end, picture) {
@@ -206,6 +212,7 @@ pub fn run(shared: &Shared, job: &Job) -> End {
                 step: i,
                 audit: audit_mode,
                 resuming: job.resume,
+                early: false,
                 still_stuck: &still_stuck,
                 taken: &taken,
                 cancelled: &stopping,

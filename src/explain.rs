@@ -118,6 +118,12 @@ fn explain_text(
         let _ = writeln!(o, "  also matches: {} (priority {})", q.name, q.priority);
     }
     let Some(ctl) = ctl.filter(|_| state.is_some()) else {
+        if let Some(e) = &p.early {
+            let _ = writeln!(o, "early at {} of the limit:", e.at);
+            for (i, s) in e.steps.iter().enumerate() {
+                let _ = writeln!(o, "early step {i}: {}", s.action.name());
+            }
+        }
         for (i, s) in p.steps.iter().enumerate() {
             let _ = writeln!(o, "step {i}: {}", s.action.name());
         }
@@ -129,6 +135,24 @@ fn explain_text(
         self_pid: crate::sys::getpid(),
         loans: LoanBook::new(None),
     };
+    if let Some(e) = &p.early {
+        let limit = env.ctl.limits(cg).ok().flatten().map(|l| l.memory);
+        let usage = env.ctl.usage(cg).ok().flatten();
+        let at = match (limit.and_then(|l| e.threshold(l)), usage) {
+            (Some(t), Some(u)) if u >= t => {
+                format!(
+                    "usage {t} bytes (already reached: the early steps run at the next crossing)"
+                )
+            }
+            (Some(t), _) => format!("usage {t} bytes"),
+            (None, _) => "never: no room below the limit".to_string(),
+        };
+        let _ = writeln!(o, "early ({} of the limit): at {at}, it would:", e.at);
+        for (i, step) in e.steps.iter().enumerate() {
+            let line = explain_step(&env, cg, p, i, step, true);
+            let _ = writeln!(o, "early {line}");
+        }
+    }
     let _ = writeln!(
         o,
         "if it stalled now ({}):",
@@ -139,28 +163,43 @@ fn explain_text(
         }
     );
     for (i, step) in p.steps.iter().enumerate() {
-        let ctx = StepCtx {
-            cgroup: cg,
-            policy: p,
-            episode: 0,
-            step: i,
-            audit: true,
-            resuming: false,
-            still_stuck: &|| true,
-            taken: &|_| {},
-            cancelled: &|| false,
-        };
-        let r = action::perform(&env, &ctx, &step.action);
-        let mut line = format!("step {i}: {} -> {}", step.action.name(), r.outcome.as_str());
-        for (k, v) in &r.fields {
-            let _ = write!(line, " {k}={v}");
-        }
-        if let Some(e) = &r.error {
-            let _ = write!(line, " ({e})");
-        }
-        let _ = writeln!(o, "{line}  [settle {:?}]", step.settle);
+        let line = explain_step(&env, cg, p, i, step, false);
+        let _ = writeln!(o, "{line}");
     }
     o
+}
+
+/// One step run in audit mode now: `step N: action -> would k=v ...  [settle ...]`.
+fn explain_step(
+    env: &Env,
+    cg: &CgroupPath,
+    p: &Policy,
+    i: usize,
+    step: &crate::policy::Step,
+    early: bool,
+) -> String {
+    let ctx = StepCtx {
+        cgroup: cg,
+        policy: p,
+        episode: 0,
+        step: i,
+        audit: true,
+        resuming: false,
+        early,
+        still_stuck: &|| true,
+        taken: &|_| {},
+        cancelled: &|| false,
+    };
+    let r = action::perform(env, &ctx, &step.action);
+    let mut line = format!("step {i}: {} -> {}", step.action.name(), r.outcome.as_str());
+    for (k, v) in &r.fields {
+        let _ = write!(line, " {k}={v}");
+    }
+    if let Some(e) = &r.error {
+        let _ = write!(line, " ({e})");
+    }
+    let _ = write!(line, "  [settle {:?}]", step.settle);
+    line
 }
 
 #[cfg(test)]
@@ -182,5 +221,28 @@ mod tests {
         assert!(out.contains("policy: embedded-default"), "{out}");
         assert!(out.contains("step 1: raise_limit"), "{out}");
         assert!(out.contains("showing the policy match only"), "{out}");
+    }
+
+    #[test]
+    fn explains_the_early_steps() {
+        let t = tempfile::tempdir().unwrap();
+        let text = include_str!("../policies/go-service.toml");
+        let set = PolicySet::new(
+            vec![crate::policy::load_str(text, "go.toml").unwrap()],
+            false,
+        );
+        let out = explain(
+            &set,
+            t.path(),
+            Path::new("/proc"),
+            &CgroupPath::new("/docker/x"),
+        )
+        .text;
+        assert!(
+            out.contains(
+                "early at 80% of the limit:\nearly step 0: raise_limit\nstep 0: raise_limit\n"
+            ),
+            "{out}"
+        );
     }
 }

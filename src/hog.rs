@@ -17,6 +17,9 @@ pub struct HogArgs {
     pub touch_bytes: usize,
     /// Pause between page touches (0 = as fast as possible).
     pub interval: Duration,
+    /// Grow at this many bytes per second (paced in steps of at most a millisecond;
+    /// the pacing sleeps are not counted as stalls). None: as fast as `interval` lets.
+    pub rate: Option<u64>,
     /// Sleep this long after touching everything, memory still held.
     pub hold: Duration,
     /// Free the memory after the hold, then sleep `after_free`.
@@ -43,12 +46,14 @@ pub struct HogReport {
 }
 
 /// Parses hog arguments: `--join DIR --touch SIZE --interval DUR --hold DUR
-/// --free-after DUR --tag NAME --write-file PATH:SIZE --barrier PATH:SIZE`.
+/// --free-after DUR --tag NAME --write-file PATH:SIZE --barrier PATH:SIZE --rate SIZE`
+/// (`--rate` per second).
 pub fn parse_args(args: &[String]) -> Result<HogArgs, String> {
     let mut a = HogArgs {
         join: None,
         touch_bytes: 16 << 20,
         interval: Duration::ZERO,
+        rate: None,
         hold: Duration::ZERO,
         after_free: None,
         tag: "hog".into(),
@@ -62,6 +67,11 @@ pub fn parse_args(args: &[String]) -> Result<HogArgs, String> {
             "--join" => a.join = Some(PathBuf::from(v()?)),
             "--touch" => a.touch_bytes = crate::policy::units::parse_size(&v()?)? as usize,
             "--interval" => a.interval = crate::policy::units::parse_duration(&v()?)?,
+            "--rate" => {
+                // A size per second: "100M" is 100 MiB/s.
+                let r = crate::policy::units::parse_size(&v()?)?;
+                a.rate = Some(r).filter(|&r| r > 0);
+            }
             "--hold" => a.hold = crate::policy::units::parse_duration(&v()?)?,
             "--free-after" => a.after_free = Some(crate::policy::units::parse_duration(&v()?)?),
             "--tag" => a.tag = v()?,
@@ -136,6 +146,14 @@ pub fn run(a: &HogArgs) -> Result<HogReport, String> {
         if !a.interval.is_zero() {
             std::thread::sleep(a.interval);
         }
+        if let Some(rate) = a.rate {
+            // Where the growth should be by now; sleep off a lead of a millisecond or more.
+            let due = start + Duration::from_secs_f64((off + PAGE) as f64 / rate as f64);
+            let ahead = due.saturating_duration_since(Instant::now());
+            if ahead >= Duration::from_millis(1) {
+                std::thread::sleep(ahead);
+            }
+        }
         prev = Instant::now();
         off += PAGE;
     }
@@ -187,6 +205,16 @@ mod tests {
         assert_eq!(a.after_free, Some(Duration::from_secs(2)));
         assert!(parse_args(&["--bogus".to_string()]).is_err());
         assert!(parse_args(&["--touch".to_string()]).is_err());
+    }
+
+    #[test]
+    fn rate_paces_the_growth() {
+        let a =
+            parse_args(&["--touch".into(), "8M".into(), "--rate".into(), "64M".into()]).unwrap();
+        assert_eq!(a.rate, Some(64 << 20));
+        let r = run(&a).unwrap();
+        // 8 MiB at 64 MiB/s: 125 ms at least, whatever the machine.
+        assert!(r.elapsed_ms >= 120, "{}", r.elapsed_ms);
     }
 
     #[test]

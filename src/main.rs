@@ -249,6 +249,11 @@ fn cli_main() -> ExitCode {
                             p.mode.as_str(),
                             steps.join(" -> ")
                         );
+                        if let Some(e) = &p.early {
+                            let steps: Vec<&str> =
+                                e.steps.iter().map(|s| s.action.name()).collect();
+                            println!("    early at {}: {}", e.at, steps.join(" -> "));
+                        }
                         if p.matcher.needs_container() {
                             eprintln!(
                                 "warning: {}: matches on container_name/label/image, which need container \

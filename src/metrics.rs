@@ -27,6 +27,8 @@ pub struct Metrics {
     unresolved: Mutex<BTreeMap<String, u64>>,
     stuck: Mutex<BTreeMap<String, u64>>,
     stall: Mutex<Histogram>,
+    early: Mutex<BTreeMap<String, u64>>,
+    avoided: Mutex<BTreeMap<String, u64>>,
 }
 
 fn bump<K: Ord>(m: &Mutex<BTreeMap<K, u64>>, k: K) {
@@ -53,6 +55,16 @@ impl Metrics {
 
     pub fn action(&self, action: &str, outcome: &str) {
         bump(&self.actions, (action.to_string(), outcome.to_string()));
+    }
+
+    /// An early episode started (usage crossed the `[early]` threshold).
+    pub fn early(&self, policy: &str) {
+        bump(&self.early, policy.to_string());
+    }
+
+    /// An early episode kept the workload away from its wall.
+    pub fn stall_avoided(&self, policy: &str) {
+        bump(&self.avoided, policy.to_string());
     }
 
     pub fn unresolved(&self, policy: &str) {
@@ -156,6 +168,20 @@ impl Metrics {
             "Cgroups stuck in a stall their policy could not resolve, by policy.",
         );
         by_policy(&mut o, "oomwake_stuck_cgroups", &self.stuck);
+        header(
+            &mut o,
+            "oomwake_early_total",
+            "counter",
+            "Early episodes started (usage crossed the [early] threshold), by policy.",
+        );
+        by_policy(&mut o, "oomwake_early_total", &self.early);
+        header(
+            &mut o,
+            "oomwake_stalls_avoided_total",
+            "counter",
+            "Early episodes that kept the workload away from its limit, by policy.",
+        );
+        by_policy(&mut o, "oomwake_stalls_avoided_total", &self.avoided);
         o
     }
 }
@@ -456,7 +482,12 @@ mod tests {
         m.action("raise_limit", "done");
         m.unresolved("go-api");
         m.stall(Duration::from_micros(700));
+        m.early("go-api");
+        m.early("go-api");
+        m.stall_avoided("go-api");
         let t = m.render(16 << 20);
+        assert!(t.contains("oomwake_early_total{policy=\"go-api\"} 2\n"));
+        assert!(t.contains("oomwake_stalls_avoided_total{policy=\"go-api\"} 1\n"));
         assert!(t.contains("oomwake_watched_cgroups 3\n"));
         assert!(t.contains("oomwake_oom_events_total{policy=\"go-api\"} 1\n"));
         assert!(t.contains("oomwake_actions_total{action=\"raise_limit\",outcome=\"done\"} 1\n"));

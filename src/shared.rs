@@ -28,6 +28,8 @@ pub struct Shared {
     pub stop: AtomicBool,
     /// v2: the cgroups whose memory.high the agent holds (`[v2] hold_at`).
     pub holds: crate::hold::Holds,
+    /// Limits the agent moved: the event loop re-registers their early thresholds.
+    pub moves: Arc<crate::early::Moves>,
 }
 
 impl Shared {

@@ -23,6 +23,8 @@ use crate::shared::{Shared, Status, WatchedStatus};
 const TOKEN_INOTIFY: u64 = 1;
 const TOKEN_HUP: u64 = 2;
 const TOKEN_TERM: u64 = 3;
+/// The agent moved a limit: re-register the early thresholds that follow it.
+const TOKEN_MOVES: u64 = 4;
 const FIRST_CGROUP_TOKEN: u64 = 16;
 
 /// A cgroup some policy could match: the agent keeps its oom_control open for the
@@ -46,6 +48,21 @@ struct Watched {
     policy: Arc<Policy>,
     /// When to retry a failed registration.
     retry: Retry,
+    /// `[early]`: the usage threshold registered for the current limit.
+    early: Option<Threshold>,
+}
+
+/// A usage threshold eventfd and what it was registered for.
+struct Threshold {
+    /// None when none could be registered (or none applies at this limit).
+    fd: Option<crate::cgroup::StallFd>,
+    token: u64,
+    /// The usage it fires at (None: the limit leaves no room before the wall).
+    bytes: Option<u64>,
+    /// The limit it was computed from: when the limit moves, the threshold follows.
+    limit: u64,
+    /// Registration failed: the sweep retries it.
+    failed: bool,
 }
 
 /// The backing-off schedule of registration retries: 1 s, 2 s ... up to a minute.
@@ -145,6 +162,12 @@ impl Watcher {
         epoll
             .add(&term, EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_TERM))
             .map_err(io_err)?;
+        epoll
+            .add(
+                shared.moves.as_fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_MOVES),
+            )
+            .map_err(io_err)?;
         let mut w = Watcher {
             shared,
             epoll,
@@ -211,6 +234,11 @@ impl Watcher {
                         log::info!("stopping");
                         return Ok(());
                     }
+                    TOKEN_MOVES => {
+                        for cg in self.shared.moves.take() {
+                            self.arm_early(&cg, detected);
+                        }
+                    }
                     token => self.on_eventfd(token, detected),
                 }
             }
@@ -231,6 +259,18 @@ impl Watcher {
         let Some(cg) = self.tokens.get(&token).cloned() else {
             return;
         };
+        let threshold = self
+            .watched(&cg)
+            .and_then(|w| w.early.as_ref())
+            .filter(|t| t.token == token);
+        if let Some(t) = threshold {
+            if let Some(fd) = &t.fd {
+                fd.clear();
+            }
+            let bytes = t.bytes;
+            self.on_threshold(&cg, bytes, detected);
+            return;
+        }
         let mut source = None;
         if let Some(w) = self.watched(&cg) {
             let fd = token
@@ -250,6 +290,118 @@ impl Watcher {
         }
         if stuck || (source == Some(StallSource::Pressure) && self.watched(&cg).is_some()) {
             self.trigger(&cg, detected);
+        }
+    }
+
+    /// A usage threshold fired: crossed in either direction, so read usage (one pread
+    /// of the kept-open file) and start an early episode only on the way up.
+    fn on_threshold(&mut self, cg: &CgroupPath, bytes: Option<u64>, detected: Instant) {
+        let Some(bytes) = bytes else { return };
+        let usage = match self.shared.env.ctl.usage(cg) {
+            Ok(Some(u)) => u,
+            // Also signalled when the cgroup is removed: inotify forgets it.
+            Ok(None) => return,
+            Err(e) => {
+                log::warn!("{cg}: {e}");
+                return;
+            }
+        };
+        if !crate::early::is_upward(usage, bytes) {
+            log::debug!("{cg}: usage {usage} fell below the early threshold {bytes}");
+            return;
+        }
+        self.start_early(cg, detected);
+    }
+
+    fn start_early(&mut self, cg: &CgroupPath, detected: Instant) {
+        let Some(policy) = self.watched(cg).map(|w| w.policy.clone()) else {
+            return;
+        };
+        if policy.early.is_none() {
+            return;
+        }
+        if let Some(id) = self.shared.dispatcher.trigger_early(cg, policy, detected) {
+            log::debug!("{cg}: early episode {id} started");
+        }
+    }
+
+    /// (Re-)registers the early threshold of a watched cgroup for its limit now: at
+    /// watch, when the agent moved the limit, when the sweep finds it moved, at reload.
+    /// The old eventfd is closed first (the only way to unregister a threshold). When
+    /// usage is already past the new threshold (none of the kernel's crossings will
+    /// come) and the wall did not move down, the early episode starts now: a restore
+    /// moved it down because the workload fits, and lending again at once would flap.
+    fn arm_early(&mut self, cg: &CgroupPath, detected: Instant) {
+        let Some(w) = self.candidates.get_mut(cg).and_then(|c| c.watched.as_mut()) else {
+            return;
+        };
+        let old = w.early.take();
+        if let Some(t) = &old {
+            if let Some(fd) = &t.fd {
+                let _ = self.epoll.delete(fd.as_fd());
+            }
+            self.tokens.remove(&t.token);
+        }
+        let Some(early) = w.policy.early.clone() else {
+            return;
+        };
+        if !self.events {
+            return;
+        }
+        let ctl = self.shared.env.ctl.as_ref();
+        let limit = match ctl.limits(cg) {
+            Ok(Some(l)) => l.memory,
+            Ok(None) => return,
+            Err(e) => {
+                log::warn!("{cg}: early threshold: {e}");
+                return;
+            }
+        };
+        let bytes = early.threshold(limit);
+        let token = self.next_token;
+        self.next_token += 1;
+        let mut failed = false;
+        let fd = match bytes.map(|b| ctl.register_threshold(cg, b)) {
+            None => None,
+            Some(Ok(fd)) => fd,
+            Some(Err(e)) => {
+                log::error!("{cg}: cannot register the early usage threshold: {e}");
+                failed = true;
+                None
+            }
+        };
+        let fd = fd.filter(|fd| {
+            match self
+                .epoll
+                .add(fd.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, token))
+            {
+                Ok(()) => true,
+                Err(e) => {
+                    log::error!("{cg}: early threshold: epoll add: {e}");
+                    failed = true;
+                    false
+                }
+            }
+        });
+        if fd.is_some() {
+            self.tokens.insert(token, cg.clone());
+        }
+        log::debug!("{cg}: early threshold {bytes:?} for limit {limit}");
+        let moved_down = old.as_ref().is_some_and(|t| limit < t.limit);
+        let registered = fd.is_some();
+        if let Some(w) = self.candidates.get_mut(cg).and_then(|c| c.watched.as_mut()) {
+            w.early = Some(Threshold {
+                fd,
+                token,
+                bytes,
+                limit,
+                failed,
+            });
+        }
+        if let (true, false, Some(b)) = (registered, moved_down, bytes) {
+            if matches!(ctl.usage(cg), Ok(Some(u)) if crate::early::is_upward(u, b)) {
+                self.start_early(cg, detected);
+            }
         }
     }
 
@@ -391,8 +543,13 @@ impl Watcher {
             }
             (Some(old), Some(new)) => {
                 let hold_changed = old.v2.hold_at != new.v2.hold_at || old.mode != new.mode;
+                let early_changed =
+                    !Arc::ptr_eq(&old, &new) && (old.early.is_some() || new.early.is_some());
                 if let Some(w) = self.candidates.get_mut(cg).and_then(|c| c.watched.as_mut()) {
                     w.policy = new.clone();
+                }
+                if early_changed {
+                    self.arm_early(cg, Instant::now());
                 }
                 if hold_changed {
                     if new.v2.hold_at.is_none() {
@@ -439,7 +596,9 @@ impl Watcher {
             token,
             policy,
             retry: Retry::new(),
+            early: None,
         });
+        self.arm_early(cg, Instant::now());
         self.status_dirty = true;
         self.update_watched_metric();
         if let Some(p) = self.watched(cg).map(|w| w.policy.clone()) {
@@ -601,6 +760,12 @@ impl Watcher {
         self.release_hold(cg, reason);
         self.shared.env.ctl.forget(cg);
         self.tokens.remove(&w.token);
+        if let Some(t) = &w.early {
+            if let Some(fd) = &t.fd {
+                let _ = self.epoll.delete(fd.as_fd());
+            }
+            self.tokens.remove(&t.token);
+        }
         if let Some(stall) = &w.stall {
             for (i, fd) in stall.fds.iter().enumerate() {
                 let _ = self.epoll.delete(fd.as_fd());
@@ -685,6 +850,26 @@ impl Watcher {
             let known = self.candidates.get(&cg).and_then(|c| c.kill_disabled);
             if known != Some(st.oom_kill_disable) {
                 self.apply(&cg, st, &policies);
+            }
+            // A limit someone else moved (or one whose move the loop missed): the
+            // early threshold follows it.
+            // A registration that failed is retried here too.
+            let early_limit = self
+                .watched(&cg)
+                .and_then(|w| w.early.as_ref())
+                .map(|t| (t.limit, t.failed));
+            if let Some((was, failed)) = early_limit {
+                let now_limit = self
+                    .shared
+                    .env
+                    .ctl
+                    .limits(&cg)
+                    .ok()
+                    .flatten()
+                    .map(|l| l.memory);
+                if failed || now_limit.is_some_and(|l| l != was) {
+                    self.arm_early(&cg, now);
+                }
             }
             let watched = self.watched(&cg).is_some();
             if watched && st.under_oom {

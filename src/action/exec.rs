@@ -146,7 +146,9 @@ pub fn run(env: &Env, ctx: &StepCtx, command: &[String], timeout: Duration) -> R
             with_output(r).with("exit_code", code.map(i64::from))
         }
         Ok(None) => {
-            let why = if (ctx.cancelled)() {
+            let why = if (ctx.cancelled)() && ctx.early {
+                format!("{prog} killed: the limit was reached, the OOM episode takes over")
+            } else if (ctx.cancelled)() {
                 format!("{prog} killed: the agent is stopping")
             } else {
                 format!("{prog} timed out after {timeout:?}")

@@ -91,6 +91,9 @@ pub struct StepCtx<'a> {
     pub audit: bool,
     /// Resumed after a hold expired: no further raises.
     pub resuming: bool,
+    /// A step of `[early]`: a loan it makes resumes, at hold expiry, at the step after
+    /// the policy's first `raise_limit` (the early steps are over by then).
+    pub early: bool,
     /// True while the cgroup still needs help; long waits end early when it turns false.
     pub still_stuck: &'a dyn Fn() -> bool,
     /// An action that waits after acting (a signal's grace) calls this with what it
@@ -154,6 +157,7 @@ pub(crate) mod testing {
             step: 3,
             audit,
             resuming: false,
+            early: false,
             still_stuck: &always,
             taken: &ignore,
             cancelled: &never,

@@ -17,7 +17,8 @@ pub fn perform(env: &Env, ctx: &StepCtx, r: &Raise) -> Report {
         &ctx.policy.name,
         r,
         ctx.episode,
-        ctx.step + 1,
+        // Journaled 0: resume after the policy's first raise_limit (see resume_step).
+        if ctx.early { 0 } else { ctx.step + 1 },
         ctx.audit,
     );
     match res {

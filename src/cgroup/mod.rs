@@ -535,6 +535,13 @@ pub trait Controller: Send + Sync {
     /// (v1: an OOM eventfd; v2: `memory.events`, and a PSI trigger on `memory.pressure`
     /// when `psi` is given).
     fn register_stall(&self, cg: &CgroupPath, psi: Option<&v2::PsiTrigger>) -> Result<StallWatch>;
+    /// An eventfd that the kernel signals when usage crosses `bytes`, in either
+    /// direction (v1: `cgroup.event_control` with `memory.usage_in_bytes`). A threshold
+    /// cannot be unregistered except by closing the eventfd: drop it and register anew
+    /// when the limit moves. `Ok(None)`: not available on this hierarchy.
+    fn register_threshold(&self, _cg: &CgroupPath, _bytes: u64) -> Result<Option<StallFd>> {
+        Ok(None)
+    }
     /// A handle that re-reads the stall state cheaply: for the safety sweep, which reads
     /// every watched cgroup every second. `Ok(None)` if the cgroup is gone.
     fn oom_probe(&self, cg: &CgroupPath) -> Result<Option<OomProbe>>;
@@ -555,6 +562,8 @@ pub enum StallSource {
     Events,
     /// v2: the PSI trigger on `memory.pressure` fired (EPOLLPRI).
     Pressure,
+    /// v1: a usage threshold eventfd (`[early]`): usage crossed it, up or down.
+    Threshold,
 }
 
 /// One file descriptor to poll for a watched cgroup.
@@ -578,7 +587,10 @@ impl StallFd {
 
     /// True if the event loop waits for EPOLLPRI on it (else EPOLLIN).
     pub fn priority(&self) -> bool {
-        self.source != StallSource::OomEventFd
+        !matches!(
+            self.source,
+            StallSource::OomEventFd | StallSource::Threshold
+        )
     }
 
     /// Consumes the notification so a level-triggered poll does not report it again.
@@ -589,7 +601,7 @@ impl StallFd {
         let mut buf = [0u8; 512];
         match self.source {
             // An eventfd read returns its 8-byte counter and resets it.
-            StallSource::OomEventFd => {
+            StallSource::OomEventFd | StallSource::Threshold => {
                 let _ = (&self.file).read(&mut buf[..8]);
             }
             // kernfs re-arms the notification when the file is read.

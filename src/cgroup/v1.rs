@@ -236,6 +236,33 @@ impl Controller for V1 {
         )
     }
 
+    fn register_threshold(&self, cg: &CgroupPath, bytes: u64) -> Result<Option<StallFd>> {
+        let dir = self.h.dir(cg);
+        let usage = dir.join("memory.usage_in_bytes");
+        let efd = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+            .map_err(|e| CgroupError::Io {
+                path: usage.clone(),
+                source: e.into(),
+            })?;
+        // The descriptor kept open for episodes if there is one (no new kernel memory);
+        // the kernel needs the file only while it reads the line.
+        let kept = self.cached(&usage);
+        let opened;
+        let ufd = match &kept {
+            Some(f) => f.as_raw_fd(),
+            None => {
+                opened = std::fs::File::open(&usage).map_err(|source| CgroupError::Read {
+                    path: usage.clone(),
+                    source,
+                })?;
+                opened.as_raw_fd()
+            }
+        };
+        let line = format!("{} {} {bytes}", efd.as_raw_fd(), ufd);
+        write_file(&dir.join("cgroup.event_control"), &line)?;
+        Ok(Some(StallFd::new(efd.into(), StallSource::Threshold)))
+    }
+
     fn register_stall(
         &self,
         cg: &CgroupPath,

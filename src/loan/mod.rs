@@ -255,7 +255,13 @@ pub struct LoanBook {
     page: u64,
     given_up: Mutex<Vec<GivenUp>>,
     damage: Mutex<Vec<Damage>>,
+    /// Told of every memory limit the book wrote (a loan moves the wall, a restore
+    /// moves it back): early thresholds follow it.
+    moved: std::sync::OnceLock<LimitMoved>,
 }
+
+/// What [`LoanBook::on_limit_moved`] calls.
+pub type LimitMoved = Box<dyn Fn(&CgroupPath) + Send + Sync>;
 
 /// Compact the log once it passes this size (a few hundred operations).
 const COMPACT_AT: u64 = 64 * 1024;
@@ -275,6 +281,18 @@ impl LoanBook {
             page: kernel_page_size(),
             given_up: Mutex::new(Vec::new()),
             damage: Mutex::new(Vec::new()),
+            moved: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Sets what is told of every memory limit the book writes (once).
+    pub fn on_limit_moved(&self, f: LimitMoved) {
+        let _ = self.moved.set(f);
+    }
+
+    fn limit_moved(&self, cg: &CgroupPath) {
+        if let Some(f) = self.moved.get() {
+            f(cg);
         }
     }
 
@@ -624,6 +642,7 @@ impl LoanBook {
         let after = ctl.limits(cg).ok().flatten();
         match res {
             Ok(()) => {
+                self.limit_moved(cg);
                 rec.lent = after.unwrap_or(Limits {
                     memory: self.stored(to.memory),
                     memsw: to.memsw.map(|v| self.stored(v)),
@@ -749,7 +768,7 @@ impl LoanBook {
                 high: target.high,
             };
             match ctl.set_limits(cg, cur, step1) {
-                Ok(()) => {}
+                Ok(()) => self.limit_moved(cg),
                 Err(e) if e.is_gone() => {
                     self.give_up(&rec, None, "cgroup gone");
                     return Ok(Restore::Gone);

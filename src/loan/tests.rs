@@ -603,6 +603,7 @@ fn policy_with(steps: Vec<Action>) -> Policy {
             .collect(),
         source: String::new(),
         v2: Default::default(),
+        early: None,
     }
 }
 

@@ -15,7 +15,8 @@ use toml::Spanned;
 use super::glob::Glob;
 use super::units::{Amount, Dur, Percent, Size};
 use super::{
-    Action, Ceiling, Match, Mode, Policy, PolicySet, Raise, Step, V2Keys, VictimOrder, VictimSpec,
+    Action, Ceiling, Early, Match, Mode, Policy, PolicySet, Raise, Step, V2Keys, VictimOrder,
+    VictimSpec,
 };
 use crate::perm::{Owners, PermError};
 
@@ -111,6 +112,15 @@ struct RawPolicy {
     #[serde(rename = "step", default)]
     steps: Vec<Spanned<RawStep>>,
     v2: Option<RawV2>,
+    early: Option<Spanned<RawEarly>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEarly {
+    at: Option<Spanned<Amount>>,
+    #[serde(rename = "step", default)]
+    steps: Vec<Spanned<RawStep>>,
 }
 
 #[derive(Deserialize)]
@@ -391,7 +401,12 @@ pub fn load_one(text: &str, file: &str) -> Result<(Policy, Vec<String>), LoadErr
         None => V2Keys::default(),
         Some(r) => build_v2(&ctx, r)?,
     };
+    let early = match &raw.early {
+        None => None,
+        Some(e) => Some(build_early(&ctx, e)?),
+    };
     let policy = Policy {
+        early,
         name,
         mode: raw.mode.unwrap_or(Mode::Enforce),
         priority: raw.priority.unwrap_or(0),
@@ -401,6 +416,72 @@ pub fn load_one(text: &str, file: &str) -> Result<(Policy, Vec<String>), LoadErr
         v2,
     };
     Ok((policy, ctx.warnings.into_inner()))
+}
+
+/// `[early]`: `at` must lie strictly between nothing and the wall (100% would fire
+/// only at the OOM, which the normal steps handle), and there must be a step to run.
+fn build_early(ctx: &Ctx, e: &Spanned<RawEarly>) -> Result<Early, LoadError> {
+    let r = e.get_ref();
+    let Some(at) = &r.at else {
+        return Err(ctx.err(
+            Some(e.span()),
+            "[early] needs `at`: the usage that starts the early steps, e.g. \"75%\" of the limit or a size",
+        ));
+    };
+    match *at.get_ref() {
+        Amount::Percent(p) if p <= 0.0 || p >= 1.0 => return Err(ctx.err(
+            Some(at.span()),
+            "[early] `at` must be above 0% and below 100% of the limit (at 100% the OOM steps run)",
+        )),
+        Amount::Bytes(0) => {
+            return Err(ctx.err(Some(at.span()), "[early] `at` must be greater than zero"))
+        }
+        Amount::Percent(p) if p < 0.5 => ctx.warn(
+            Some(at.span()),
+            format!(
+                "[early] `at` of {}%: the early steps run while the workload is far from its limit",
+                (p * 100.0).round()
+            ),
+        ),
+        _ => {}
+    }
+    if r.steps.is_empty() {
+        return Err(ctx.err(Some(e.span()), "[early] needs at least one [[early.step]]"));
+    }
+    let steps = r
+        .steps
+        .iter()
+        .map(|s| build_step(ctx, s.get_ref()))
+        .collect::<Result<Vec<_>, _>>()?;
+    // An early loan given back with usage still above the threshold leaves the
+    // workload past a threshold that fires only on the next upward crossing: the next
+    // approach to the wall would be met by the OOM steps, not the early ones.
+    if let Amount::Percent(p) = *at.get_ref() {
+        for (raw, step) in r.steps.iter().zip(&steps) {
+            if let Action::RaiseLimit(l) = &step.action {
+                if l.restore_below >= p {
+                    let raw = raw.get_ref();
+                    let span = raw
+                        .restore_below
+                        .as_ref()
+                        .map(|r| r.span())
+                        .unwrap_or_else(|| raw.action.span());
+                    ctx.warn(
+                        Some(span),
+                        format!(
+                            "an early loan with `restore_below` ({}%) not below `at` ({}%) can be given back with usage past the threshold, which then fires only after usage dips below it",
+                            (l.restore_below * 100.0).round(),
+                            (p * 100.0).round()
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    Ok(Early {
+        at: *at.get_ref(),
+        steps,
+    })
 }
 
 fn build_v2(ctx: &Ctx, r: &RawV2) -> Result<V2Keys, LoadError> {
@@ -1198,5 +1279,97 @@ level = 1
     fn position_counts_characters() {
         assert_eq!(position("ab\ncé d", 7), (2, 4));
         assert_eq!(position("", 0), (1, 1));
+    }
+
+    const EARLY: &str = "[early]\nat = \"75%\"\n[[early.step]]\naction = \"raise_limit\"\nby = \"50%\"\nmax_extra = \"100%\"\n[[step]]\naction = \"kill\"\n";
+
+    #[test]
+    fn early_keys_load_with_the_same_actions_as_steps() {
+        let p = load_str(&format!("{HEAD}{EARLY}"), "p.toml").unwrap();
+        let e = p.early.expect("[early] loaded");
+        assert_eq!(e.at, Amount::Percent(0.75));
+        assert_eq!(e.steps.len(), 1);
+        assert!(
+            matches!(e.steps[0].action, Action::RaiseLimit(ref r) if r.by == Amount::Percent(0.5))
+        );
+        assert_eq!(e.steps[0].settle, DEFAULT_SETTLE);
+        assert_eq!(p.steps.len(), 1, "[[early.step]] is not a [[step]]");
+        let p = load_str(
+            &format!("{HEAD}[early]\nat = \"48MiB\"\n[[early.step]]\naction = \"exec\"\ncommand = [\"/bin/true\"]\n[[step]]\naction = \"kill\"\n"),
+            "p.toml",
+        )
+        .unwrap();
+        assert_eq!(p.early.unwrap().at, Amount::Bytes(48 << 20));
+        let p = load_str(&format!("{HEAD}[[step]]\naction = \"kill\"\n"), "p.toml").unwrap();
+        assert!(p.early.is_none());
+    }
+
+    #[test]
+    fn early_errors_name_file_line_and_column() {
+        // Line 4 column 6: the value of `at`.
+        for (bad, msg) in [
+            ("0%", "above 0%"),
+            ("100%", "below 100%"),
+            ("150%", "below 100%"),
+            ("0", "greater than zero"),
+        ] {
+            let e = err(&EARLY
+                .replacen("75%", bad, 1)
+                .replace("[early]", &format!("{HEAD}[early]")));
+            assert!(e.starts_with("p.toml:4:6: "), "{bad}: {e}");
+            assert!(e.contains(msg), "{bad}: {e}");
+        }
+        let e = err(&format!(
+            "{HEAD}[early]\n[[early.step]]\naction = \"kill\"\n[[step]]\naction = \"kill\"\n"
+        ));
+        assert!(
+            e.starts_with("p.toml:3:1: ") && e.contains("needs `at`"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{HEAD}[early]\nat = \"75%\"\n[[step]]\naction = \"kill\"\n"
+        ));
+        assert!(
+            e.starts_with("p.toml:3:1: ") && e.contains("[[early.step]]"),
+            "{e}"
+        );
+        // A key that does not belong to the early step's action points at the key.
+        let e = err(&format!("{HEAD}[early]\nat = \"75%\"\n[[early.step]]\naction = \"kill\"\nby = \"5%\"\n[[step]]\naction = \"kill\"\n"));
+        assert!(
+            e.starts_with("p.toml:7:6: ") && e.contains("does not apply"),
+            "{e}"
+        );
+        // Unknown keys in [early] and in its steps.
+        let e = err(&format!("{HEAD}[early]\nat = \"75%\"\nwhen = 1\n[[early.step]]\naction = \"kill\"\n[[step]]\naction = \"kill\"\n"));
+        assert!(
+            e.starts_with("p.toml:5:1: ") && e.contains("unknown field `when`"),
+            "{e}"
+        );
+        let e = err(&format!("{HEAD}[early]\nat = \"75%\"\n[[early.step]]\naction = \"explode\"\n[[step]]\naction = \"kill\"\n"));
+        assert!(e.starts_with("p.toml:6:10: "), "{e}");
+    }
+
+    #[test]
+    fn early_at_far_below_the_limit_is_a_warning() {
+        let quiet = EARLY.replace("max_extra", "restore_below = \"20%\"\nmax_extra");
+        let (_, w) = load_one(&format!("{HEAD}{}", quiet.replace("75%", "30%")), "p.toml").unwrap();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].starts_with("p.toml:4:6: warning: "), "{w:?}");
+        let (_, w) = load_one(&format!("{HEAD}{quiet}"), "p.toml").unwrap();
+        assert!(w.is_empty(), "{w:?}");
+    }
+
+    #[test]
+    fn early_loan_given_back_above_the_threshold_is_a_warning() {
+        // restore_below defaults to 90%, above `at`: pointed at the step's action.
+        let (_, w) = load_one(&format!("{HEAD}{EARLY}"), "p.toml").unwrap();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with("p.toml:6:10: warning: an early loan"),
+            "{w:?}"
+        );
+        let at_key = EARLY.replace("max_extra", "restore_below = \"80%\"\nmax_extra");
+        let (_, w) = load_one(&format!("{HEAD}{at_key}"), "p.toml").unwrap();
+        assert!(w[0].starts_with("p.toml:8:17: warning: "), "{w:?}");
     }
 }

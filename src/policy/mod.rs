@@ -49,6 +49,33 @@ pub struct Policy {
     pub source: String,
     /// `[v2]`: keys that apply on a cgroup v2 hierarchy only.
     pub v2: V2Keys,
+    /// `[early]`: act before the wall (None: only when the cgroup stalls).
+    pub early: Option<Early>,
+}
+
+/// The `[early]` table: when usage crosses `at`, run `steps` so that the workload never
+/// reaches its limit (v1: a usage threshold eventfd).
+#[derive(Debug, Clone)]
+pub struct Early {
+    /// A share of the current limit (it moves with a loan), or a usage in bytes.
+    pub at: Amount,
+    pub steps: Vec<Step>,
+}
+
+impl Early {
+    /// The usage at which the early steps run, given the cgroup's current limit. None
+    /// when it could not fire before the wall (a size at or above the limit, an
+    /// unlimited cgroup): the OOM episode alone covers the cgroup then.
+    pub fn threshold(&self, limit: u64) -> Option<u64> {
+        if crate::cgroup::parse::is_unlimited(limit) {
+            return None;
+        }
+        // The kernel keeps thresholds in pages, rounded down.
+        let page = crate::loan::kernel_page_size();
+        let t = self.at.of(limit);
+        let t = t - t % page;
+        (t > 0 && t < limit).then_some(t)
+    }
 }
 
 /// The `[v2]` table of a policy.
@@ -381,5 +408,32 @@ mod tests {
             ..r
         };
         assert_eq!(r2.ceiling_for(64 << 20), 1 << 30);
+    }
+
+    #[test]
+    fn early_threshold_follows_the_limit_in_whole_pages() {
+        let e = |at| Early {
+            at,
+            steps: Vec::new(),
+        };
+        let pct = e(Amount::Percent(0.75));
+        assert_eq!(pct.threshold(32 << 20), Some(24 << 20));
+        // A loan moves the wall, and the threshold with it; a restore moves it back.
+        assert_eq!(pct.threshold(48 << 20), Some(36 << 20));
+        // Rounded down to a page, as the kernel keeps it.
+        let page = crate::loan::kernel_page_size();
+        let t = pct.threshold(10_000_000).unwrap();
+        assert_eq!(t % page, 0);
+        assert!(t <= 7_500_000 && t > 7_500_000 - page, "{t}");
+        // A size is a usage level: it stays put, and cannot fire at or above the wall.
+        let size = e(Amount::Bytes(40 << 20));
+        assert_eq!(size.threshold(64 << 20), Some(40 << 20));
+        assert_eq!(size.threshold(96 << 20), Some(40 << 20));
+        assert_eq!(size.threshold(40 << 20), None);
+        assert_eq!(size.threshold(32 << 20), None);
+        // No limit, no wall to act before.
+        assert_eq!(pct.threshold(9223372036854771712), None);
+        // Less than a page is no threshold.
+        assert_eq!(pct.threshold(4096), None);
     }
 }

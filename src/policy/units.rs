@@ -118,6 +118,16 @@ pub enum Amount {
     Bytes(u64),
 }
 
+impl std::fmt::Display for Amount {
+    /// As a policy file writes it: "75%", or bytes.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Amount::Percent(p) => write!(f, "{}%", (p * 1e4).round() / 1e2),
+            Amount::Bytes(b) => write!(f, "{b} bytes"),
+        }
+    }
+}
+
 impl Amount {
     /// The amount applied to a base value.
     pub fn of(&self, base: u64) -> u64 {
