@@ -110,7 +110,11 @@ fn reclaim_frees_page_cache_of_a_live_cgroup() {
     let h =
         Hierarchy::detect(std::path::Path::new(MEMROOT), std::path::Path::new("/proc")).unwrap();
     let ctl = oomwake::cgroup::v1::V1::new(h);
-    let (before, after) = ctl.reclaim(&CgroupPath::new(&cg.rel)).unwrap();
+    let r = ctl
+        .reclaim(&CgroupPath::new(&cg.rel), Duration::from_secs(10))
+        .unwrap()
+        .unwrap();
+    let (before, after) = (r.before, r.after);
     let _ = std::fs::remove_file(&file);
     assert!(before >= 20 * MIB, "page cache not charged: usage {before}");
     assert!(

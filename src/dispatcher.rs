@@ -39,6 +39,44 @@ pub struct Job {
     pub remind: bool,
     /// An early episode (`[early]`: usage crossed the threshold, no stall yet).
     pub early: bool,
+    /// What started it (for the `oom` audit line).
+    pub cause: Cause,
+}
+
+/// What noticed a stall.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Trigger {
+    /// v1: the OOM eventfd of `memory.oom_control`.
+    OomEvent,
+    /// v2: a change of `memory.events` (its counters rose at a limit).
+    Events,
+    /// v2: the PSI trigger on `memory.pressure`.
+    Pressure,
+    /// The safety sweep's read.
+    Sweep,
+    /// A stall seen again when an episode ended, or a retry.
+    #[default]
+    Recheck,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::OomEvent => "oom_event",
+            Trigger::Events => "memory.events",
+            Trigger::Pressure => "memory.pressure",
+            Trigger::Sweep => "sweep",
+            Trigger::Recheck => "recheck",
+        }
+    }
+}
+
+/// Why an episode started: what noticed the stall and, on v2, the `memory.events`
+/// counter rises that read saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Cause {
+    pub trigger: Trigger,
+    pub rises: Option<crate::cgroup::parse::EventRises>,
 }
 
 /// How an episode ended.
@@ -330,6 +368,17 @@ impl Dispatcher {
     /// moment ago (the tail of that stall); audit mode already logged it; or it is
     /// stuck and unresolved and its next retry is not due. Returns the episode's id.
     pub fn trigger(&self, cg: &CgroupPath, policy: Arc<Policy>, detected: Instant) -> Option<u64> {
+        self.trigger_by(cg, policy, detected, Cause::default())
+    }
+
+    /// [`trigger`](Self::trigger), saying what noticed the stall.
+    pub fn trigger_by(
+        &self,
+        cg: &CgroupPath,
+        policy: Arc<Policy>,
+        detected: Instant,
+        cause: Cause,
+    ) -> Option<u64> {
         if self.stopping() {
             return None;
         }
@@ -393,6 +442,7 @@ impl Dispatcher {
             retry,
             remind,
             early: false,
+            cause,
         };
         if self.tx.send(job).is_err() {
             match prev {
@@ -447,6 +497,7 @@ impl Dispatcher {
             retry: 0,
             remind: true,
             early: true,
+            cause: Cause::default(),
         };
         if self.tx.send(job).is_err() {
             match prev {
@@ -491,6 +542,7 @@ impl Dispatcher {
             retry: 0,
             remind: true,
             early: false,
+            cause: Cause::default(),
         };
         if self.tx.send(job).is_err() {
             active.remove(cg);

@@ -144,12 +144,18 @@ pub fn run(shared: &Shared, job: &Job) -> End {
         );
     } else if !quiet {
         shared.metrics.oom_event(&policy.name);
-        shared.audit.log(
-            Record::new("oom", cg)
-                .with("policy", policy.name.clone())
-                .with("episode", job.episode)
-                .with("under_oom", 1),
-        );
+        let mut rec = Record::new("oom", cg)
+            .with("policy", policy.name.clone())
+            .with("episode", job.episode)
+            .with("trigger", job.cause.trigger.as_str());
+        // v1 has the kernel's flag; v2 the counter rises the trigger saw (none on a
+        // re-check, which had no earlier read to compare with).
+        match job.cause.rises {
+            Some(r) => rec.set("events", serde_json::to_value(r).unwrap_or(Value::Null)),
+            None if ctl.hierarchy().kind() == crate::cgroup::Kind::V1 => rec.set("under_oom", 1),
+            None => {}
+        }
+        shared.audit.log(rec);
     }
 
     let stopping = || shared.stop.load(Ordering::SeqCst) || shared.dispatcher.stopping();

@@ -16,6 +16,7 @@ use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 use crate::audit::Record;
 use crate::cgroup::{CgroupPath, OomControl, OomProbe, StallSource, StallWatch};
 use crate::config::Config;
+use crate::dispatcher::{Cause, Trigger};
 use crate::hold::{Held, Released};
 use crate::policy::{Policy, PolicySet};
 use crate::shared::{Shared, Status, WatchedStatus};
@@ -283,13 +284,23 @@ impl Watcher {
         }
         // The kernel also signals the eventfd when the cgroup is removed: the probe then
         // reads "gone" and forgets it.
-        let stuck = self.probe(&cg).is_some_and(|st| st.under_oom);
+        let st = self.probe(&cg);
+        let stuck = st.is_some_and(|st| st.under_oom);
+        let pressure = source == Some(StallSource::Pressure);
         // A PSI trigger is a stall by itself (pressure before any limit is reached).
-        if source == Some(StallSource::Pressure) {
+        if pressure {
             log::info!("{cg}: memory pressure trigger fired");
         }
-        if stuck || (source == Some(StallSource::Pressure) && self.watched(&cg).is_some()) {
-            self.trigger(&cg, detected);
+        if stuck || (pressure && self.watched(&cg).is_some()) {
+            let trigger = match source {
+                Some(StallSource::Pressure) => Trigger::Pressure,
+                Some(StallSource::Events) => Trigger::Events,
+                Some(StallSource::OomEventFd) => Trigger::OomEvent,
+                // Thresholds start early episodes (above), never this path.
+                Some(StallSource::Threshold) | None => Trigger::Recheck,
+            };
+            let rises = st.and_then(|s| s.rises);
+            self.trigger(&cg, detected, Cause { trigger, rises });
         }
     }
 
@@ -407,7 +418,7 @@ impl Watcher {
 
     /// The stall belongs to the highest cgroup still under OOM: the kernel marks the
     /// whole subtree of the cgroup whose limit was hit.
-    fn trigger(&mut self, cg: &CgroupPath, detected: Instant) {
+    fn trigger(&mut self, cg: &CgroupPath, detected: Instant, cause: Cause) {
         let ctl = self.shared.env.ctl.as_ref();
         let mut top = cg.clone();
         let mut top_state = None;
@@ -438,7 +449,11 @@ impl Watcher {
                 }
             }
         };
-        if let Some(id) = self.shared.dispatcher.trigger(&top, policy, detected) {
+        if let Some(id) = self
+            .shared
+            .dispatcher
+            .trigger_by(&top, policy, detected, cause)
+        {
             log::debug!("{top}: episode {id} started (event on {cg})");
         }
     }
@@ -873,7 +888,11 @@ impl Watcher {
             }
             let watched = self.watched(&cg).is_some();
             if watched && st.under_oom {
-                self.trigger(&cg, now);
+                let cause = Cause {
+                    trigger: Trigger::Sweep,
+                    rises: st.rises,
+                };
+                self.trigger(&cg, now, cause);
             } else if !st.under_oom {
                 for end in self.shared.dispatcher.clear_held(&cg) {
                     let stalled = end.since.elapsed().unwrap_or_default();

@@ -112,6 +112,7 @@ proptest! {
                 oom_kill_disable: disable == 1,
                 under_oom: under == 1,
                 oom_kill: kill.unwrap_or(0),
+                rises: None,
             }),
             "{:?}", text
         );

@@ -1,22 +1,17 @@
-//! Reclaim: v1 `memory.force_empty` (reclaims what it can, tasks stay), and the
-//! host-wide `drop_caches`.
+//! Reclaim: v1 `memory.force_empty` and v2 `memory.reclaim` (both reclaim what they
+//! can, the tasks stay), and the host-wide `drop_caches`.
 //!
-//! `force_empty` loops in the kernel for as long as each pass frees something: with a
-//! task that keeps faulting pages back in (a reader refilling the page cache, a working
-//! set paged back from swap), that is without end. It checks for a pending signal
-//! between passes, so the write is made under a [`ThreadAlarm`]: after the step's
-//! `timeout` the write returns `EINTR` and the episode goes on to its next step.
+//! Both reclaim writes loop in the kernel, and can do so for long (v1 without end while a
+//! task refills what it empties), so the controller bounds them by the step's `timeout`:
+//! after it the write returns and the episode goes on to its next step. The `action`
+//! line says how the request ended: `timed_out`, and on v2 `requested_bytes` and
+//! `target_reached` (false when the kernel answered EAGAIN: it could not reclaim that
+//! much, which is recorded, not a failure).
 
-use std::io::Write;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::{Env, Outcome, Report, StepCtx};
-use crate::cgroup::Kind;
-use crate::sys::ThreadAlarm;
-
-/// After the first interrupt, how often it is repeated (in case it landed just before
-/// the write began).
-const REPEAT: Duration = Duration::from_millis(20);
+use crate::cgroup::ReclaimEnd;
 
 pub fn reclaim(env: &Env, ctx: &StepCtx, timeout: Duration) -> Report {
     if ctx.audit {
@@ -33,62 +28,27 @@ pub fn reclaim(env: &Env, ctx: &StepCtx, timeout: Duration) -> Report {
         }
         return r;
     }
-    if env.ctl.hierarchy().kind() != Kind::V1 {
-        // v2 memory.reclaim asks for an amount and stops there.
-        return match env.ctl.reclaim(ctx.cgroup) {
-            Ok((before, after)) => {
-                let freed = before.saturating_sub(after);
-                let mut r = Report::new(Outcome::Done).with("freed_bytes", freed);
-                // Nothing freed: nothing can have woken the sleepers, skip the wait.
-                r.changed = freed > 0;
-                r
-            }
-            Err(e) => Report::failed(e),
-        };
-    }
-    let before = match env.ctl.usage(ctx.cgroup) {
-        Ok(Some(u)) => u,
+    let done = match env.ctl.reclaim(ctx.cgroup, timeout) {
+        Ok(Some(d)) => d,
         Ok(None) => return Report::skipped("the cgroup is gone"),
         Err(e) => return Report::failed(e),
     };
-    let path = env
-        .ctl
-        .hierarchy()
-        .dir(ctx.cgroup)
-        .join("memory.force_empty");
-    let start = Instant::now();
-    let timed_out = match force_empty(&path, timeout) {
-        Ok(t) => t,
-        Err(e) => return Report::failed(format!("{}: {e}", path.display())),
-    };
-    let took = start.elapsed();
-    let after = env.ctl.usage(ctx.cgroup).ok().flatten().unwrap_or(before);
-    let freed = before.saturating_sub(after);
+    let freed = done.freed();
     let mut r = Report::new(Outcome::Done)
         .with("freed_bytes", freed)
-        .with("timed_out", timed_out)
+        .with("timed_out", done.end == ReclaimEnd::TimedOut)
         .with(
             "took_ms",
-            u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
+            u64::try_from(done.took.as_millis()).unwrap_or(u64::MAX),
         );
+    if let Some(asked) = done.requested {
+        r = r
+            .with("requested_bytes", asked)
+            .with("target_reached", done.end == ReclaimEnd::Finished);
+    }
     // Nothing freed: nothing can have woken the sleepers, skip the wait.
     r.changed = freed > 0;
     r
-}
-
-/// Writes `memory.force_empty`, interrupted after `timeout`. `Ok(true)`: it was cut
-/// short by the bound.
-fn force_empty(path: &std::path::Path, timeout: Duration) -> std::io::Result<bool> {
-    let mut f = std::fs::OpenOptions::new().write(true).open(path)?;
-    let alarm = ThreadAlarm::arm(timeout, REPEAT)?;
-    // One write(2), not write_all: an EINTR must end it, not be retried.
-    let res = f.write(b"0");
-    drop(alarm);
-    match res {
-        Ok(_) => Ok(false),
-        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ok(true),
-        Err(e) => Err(e),
-    }
 }
 
 pub fn drop_caches(env: &Env, ctx: &StepCtx, level: u8) -> Report {

@@ -12,6 +12,7 @@ pub mod v2;
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -510,6 +511,61 @@ pub struct Limits {
     pub high: Option<u64>,
 }
 
+/// How a reclaim request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReclaimEnd {
+    /// The kernel ended it: v2 reclaimed the amount asked; v1 `force_empty` emptied the
+    /// cgroup or gave up (it has no target to fall short of).
+    Finished,
+    /// v2: the kernel answered EAGAIN, it could not reclaim the amount asked.
+    Short,
+    /// Cut short by the time bound (the write returned EINTR).
+    TimedOut,
+}
+
+/// What one reclaim request did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reclaimed {
+    /// Usage just before the request and just after it returned; the workload may have
+    /// charged pages meanwhile, so their difference is the net effect, not what the
+    /// kernel took (neither file tells that).
+    pub before: u64,
+    pub after: u64,
+    /// v2: the amount asked of `memory.reclaim` (v1 `force_empty` takes no amount).
+    pub requested: Option<u64>,
+    pub end: ReclaimEnd,
+    pub took: Duration,
+}
+
+impl Reclaimed {
+    /// How far usage fell over the request (0 if it rose).
+    pub fn freed(&self) -> u64 {
+        self.before.saturating_sub(self.after)
+    }
+}
+
+/// Makes one write(2) of `value` to `f` that a signal from a [`crate::sys::ThreadAlarm`]
+/// interrupts after `timeout` (reclaim loops in the kernel check for a pending signal
+/// between passes). `Ok(true)`: the bound cut it short. An EINTR is not retried.
+pub(crate) fn write_bounded(
+    f: &std::fs::File,
+    value: &[u8],
+    timeout: Duration,
+) -> io::Result<bool> {
+    use std::io::Write;
+    /// After the first interrupt, how often it is repeated (in case it landed just
+    /// before the write began).
+    const REPEAT: Duration = Duration::from_millis(20);
+    let alarm = crate::sys::ThreadAlarm::arm(timeout, REPEAT)?;
+    let res = { f }.write(value);
+    drop(alarm);
+    match res {
+        Ok(_) => Ok(false),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(true),
+        Err(e) => Err(e),
+    }
+}
+
 /// What the agent does to a memory cgroup, whatever its version. Reads return `Ok(None)`
 /// when the cgroup is gone.
 pub trait Controller: Send + Sync {
@@ -520,8 +576,9 @@ pub trait Controller: Send + Sync {
     fn usage(&self, cg: &CgroupPath) -> Result<Option<u64>>;
     /// Sets limits in the order the kernel accepts (v1: memsw above memory always).
     fn set_limits(&self, cg: &CgroupPath, from: Limits, to: Limits) -> Result<()>;
-    /// Reclaims what the kernel can; returns usage before and after.
-    fn reclaim(&self, cg: &CgroupPath) -> Result<(u64, u64)>;
+    /// Reclaims what the kernel can (v1 `memory.force_empty`, v2 `memory.reclaim` of
+    /// everything in use), cut short after `timeout`. `Ok(None)`: the cgroup is gone.
+    fn reclaim(&self, cg: &CgroupPath, timeout: Duration) -> Result<Option<Reclaimed>>;
     /// Processes directly in `cg` (not its descendants).
     fn procs(&self, cg: &CgroupPath) -> Result<Option<Vec<i32>>>;
     /// `memory.stat` as key -> value.

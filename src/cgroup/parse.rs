@@ -7,11 +7,25 @@ use std::collections::BTreeMap;
 /// anything this large is treated as unlimited.
 pub const UNLIMITED_THRESHOLD: u64 = 1 << 62;
 
-/// `memory.oom_control` of cgroup v1.
+/// `memory.oom_control` of cgroup v1 (v2 maps its own files onto it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct OomControl {
     pub oom_kill_disable: bool,
     pub under_oom: bool,
+    pub oom_kill: u64,
+    /// v2: how much each `memory.events` counter rose since the probe's previous read
+    /// (None on v1, and from a read that keeps no previous one).
+    pub rises: Option<EventRises>,
+}
+
+/// Rises of the v2 `memory.events` counters between two reads: `high` (throttled at
+/// memory.high), `max` (reclaim at memory.max), `oom` (the kernel's OOM path was
+/// entered), `oom_kill` (a task was killed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct EventRises {
+    pub high: u64,
+    pub max: u64,
+    pub oom: u64,
     pub oom_kill: u64,
 }
 
@@ -116,7 +130,8 @@ mod tests {
             Some(OomControl {
                 oom_kill_disable: true,
                 under_oom: true,
-                oom_kill: 3
+                oom_kill: 3,
+                rises: None
             })
         );
     }

@@ -8,11 +8,13 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use super::{
-    io_is_gone, parse, read_file, write_file, CgroupError, CgroupPath, Controller, Hierarchy,
+    io_is_gone, parse, read_file, write_bounded, write_file, CgroupError, CgroupPath, Controller,
+    Hierarchy, ReclaimEnd, Reclaimed,
 };
 use super::{Limits, OomControl, OomProbe, Result, StallFd, StallSource, StallWatch};
 
@@ -180,11 +182,49 @@ impl Controller for V1 {
         }
     }
 
-    fn reclaim(&self, cg: &CgroupPath) -> Result<(u64, u64)> {
-        let before = self.usage(cg)?.unwrap_or(0);
-        self.write(cg, "memory.force_empty", "0")?;
-        let after = self.usage(cg)?.unwrap_or(0);
-        Ok((before, after))
+    /// `memory.force_empty` loops in the kernel for as long as each pass frees
+    /// something: with a task that keeps faulting pages back in (a reader refilling the
+    /// page cache) that is without end. It checks for a pending signal between passes,
+    /// so the write is bounded by `timeout` (see [`write_bounded`]).
+    fn reclaim(&self, cg: &CgroupPath, timeout: Duration) -> Result<Option<Reclaimed>> {
+        let Some(before) = self.usage(cg)? else {
+            return Ok(None);
+        };
+        let path = self.h.dir(cg).join("memory.force_empty");
+        let err = |source| CgroupError::Write {
+            path: path.clone(),
+            value: "0".to_string(),
+            source,
+        };
+        let start = Instant::now();
+        let res = match self.cached(&path) {
+            Some(f) => write_bounded(&f, b"0", timeout),
+            None => std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .and_then(|f| write_bounded(&f, b"0", timeout)),
+        };
+        let timed_out = match res {
+            Ok(t) => t,
+            Err(e) if io_is_gone(&e) => {
+                self.evict(&path);
+                return Ok(None);
+            }
+            Err(e) => return Err(err(e)),
+        };
+        let took = start.elapsed();
+        let after = self.usage(cg)?.unwrap_or(before);
+        Ok(Some(Reclaimed {
+            before,
+            after,
+            requested: None,
+            end: if timed_out {
+                ReclaimEnd::TimedOut
+            } else {
+                ReclaimEnd::Finished
+            },
+            took,
+        }))
     }
 
     fn procs(&self, cg: &CgroupPath) -> Result<Option<Vec<i32>>> {

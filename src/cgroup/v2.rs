@@ -15,9 +15,10 @@ use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use super::{parse, read_file, write_file, CgroupError, CgroupPath, Controller, Hierarchy};
+use super::{parse, read_file, write_bounded, write_file, CgroupError, CgroupPath, Controller};
+use super::{parse::EventRises, Hierarchy, ReclaimEnd, Reclaimed};
 use super::{Limits, OomControl, OomProbe, Result, StallFd, StallSource, StallWatch};
 
 /// Usage within this fraction of a limit counts as "at" the limit: above `memory.high`
@@ -110,6 +111,7 @@ impl Snapshot {
             oom_kill_disable: !parse::is_unlimited(self.max),
             under_oom: stuck,
             oom_kill: self.counter("oom_kill"),
+            rises: None,
         }
     }
 }
@@ -173,11 +175,14 @@ fn limit_value(v: u64) -> String {
     }
 }
 
+/// The `memory.events` counters the probe compares: high, max, oom, oom_kill.
+const COUNTERS: [&str; 4] = ["high", "max", "oom", "oom_kill"];
+
 /// The stateful probe: stuck while the `high` counter rose since the last read with
-/// usage at high, or the `max` counter rose with usage at max.
+/// usage at high, or the `max` counter rose with usage at max. Reports the rises.
 struct EventsProbe {
     dir: PathBuf,
-    last: Cell<Option<(u64, u64)>>,
+    last: Cell<Option<[u64; 4]>>,
 }
 
 impl EventsProbe {
@@ -185,12 +190,21 @@ impl EventsProbe {
         let Some(s) = snapshot(&self.dir)? else {
             return Ok(None);
         };
-        let now = (s.counter("high"), s.counter("max"));
+        let now = COUNTERS.map(|k| s.counter(k));
         let prev = self.last.replace(Some(now));
-        let stuck = prev.is_some_and(|(high, max)| {
-            (now.0 > high && s.at_high()) || (now.1 > max && s.at_max())
+        let rises = prev.map(|p| {
+            let d = |i: usize| now[i].saturating_sub(p[i]);
+            EventRises {
+                high: d(0),
+                max: d(1),
+                oom: d(2),
+                oom_kill: d(3),
+            }
         });
-        Ok(Some(s.state(stuck)))
+        let stuck = rises.is_some_and(|r| (r.high > 0 && s.at_high()) || (r.max > 0 && s.at_max()));
+        let mut st = s.state(stuck);
+        st.rises = rises;
+        Ok(Some(st))
     }
 }
 
@@ -264,21 +278,42 @@ impl Controller for V2 {
     }
 
     /// Asks `memory.reclaim` for everything in use; the kernel reclaims what it can and
-    /// answers EAGAIN when it could not reach that target, which is the usual outcome
-    /// and not a failure.
-    fn reclaim(&self, cg: &CgroupPath) -> Result<(u64, u64)> {
-        let before = self.usage(cg)?.unwrap_or(0);
-        match self.write(cg, "memory.reclaim", &before.to_string()) {
-            Ok(()) => {}
-            Err(CgroupError::Write { source, .. })
-                if source.raw_os_error() == Some(libc::EAGAIN) =>
-            {
-                log::debug!("{cg}: memory.reclaim could not reach its target");
+    /// answers EAGAIN when it could not reach that target (the usual outcome: recorded
+    /// as [`ReclaimEnd::Short`], not a failure). The kernel checks for a pending signal
+    /// between its passes, so the write is bounded by `timeout` (see [`write_bounded`]).
+    fn reclaim(&self, cg: &CgroupPath, timeout: Duration) -> Result<Option<Reclaimed>> {
+        let Some(before) = self.usage(cg)? else {
+            return Ok(None);
+        };
+        let path = self.h.dir(cg).join("memory.reclaim");
+        let value = before.to_string();
+        let start = Instant::now();
+        let res = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|f| write_bounded(&f, value.as_bytes(), timeout));
+        let end = match res {
+            Ok(false) => ReclaimEnd::Finished,
+            Ok(true) => ReclaimEnd::TimedOut,
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => ReclaimEnd::Short,
+            Err(e) if super::io_is_gone(&e) && !self.h.dir(cg).is_dir() => return Ok(None),
+            Err(source) => {
+                return Err(CgroupError::Write {
+                    path,
+                    value,
+                    source,
+                })
             }
-            Err(e) => return Err(e),
-        }
-        let after = self.usage(cg)?.unwrap_or(0);
-        Ok((before, after))
+        };
+        let took = start.elapsed();
+        let after = self.usage(cg)?.unwrap_or(before);
+        Ok(Some(Reclaimed {
+            before,
+            after,
+            requested: Some(before),
+            end,
+            took,
+        }))
     }
 
     fn procs(&self, cg: &CgroupPath) -> Result<Option<Vec<i32>>> {
@@ -354,6 +389,8 @@ impl Controller for V2 {
 mod tests {
     use super::*;
     use crate::cgroup::Kind;
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
 
     const MIB: u64 = 1 << 20;
 
@@ -491,6 +528,16 @@ mod tests {
         let st = probe.read().unwrap().unwrap();
         assert!(st.under_oom);
         assert_eq!(st.oom_kill, 1);
+        assert_eq!(
+            st.rises,
+            Some(EventRises {
+                high: 0,
+                max: 3,
+                oom: 0,
+                oom_kill: 1
+            }),
+            "rises since the previous read"
+        );
         std::fs::remove_dir_all(t.path().join("app")).unwrap();
         assert!(probe.read().unwrap().is_none(), "gone");
     }
@@ -522,14 +569,50 @@ mod tests {
     #[test]
     fn reclaim_asks_for_current_usage_and_kill_all_writes_cgroup_kill() {
         let (t, v) = fake();
-        let (before, after) = v.reclaim(&app()).unwrap();
-        assert_eq!((before, after), (20 * MIB, 20 * MIB));
+        let r = v.reclaim(&app(), Duration::from_secs(5)).unwrap().unwrap();
+        assert_eq!((r.before, r.after, r.freed()), (20 * MIB, 20 * MIB, 0));
+        assert_eq!((r.requested, r.end), (Some(20 * MIB), ReclaimEnd::Finished));
         assert_eq!(get(&t, "memory.reclaim"), (20 * MIB).to_string());
+        assert!(v
+            .reclaim(&CgroupPath::new("/gone"), Duration::from_secs(5))
+            .unwrap()
+            .is_none());
         assert!(v.kill_all(&app()).unwrap());
         assert_eq!(get(&t, "cgroup.kill"), "1");
         std::fs::remove_file(t.path().join("app/cgroup.kill")).unwrap();
         assert!(!v.kill_all(&app()).unwrap(), "old kernel: task by task");
         assert!(v.kill_all(&CgroupPath::new("/gone")).unwrap_err().is_gone());
+    }
+
+    /// `memory.reclaim` as a FIFO whose buffer is full: the write blocks as a long
+    /// kernel reclaim does, and the bound must end it (the kernel's reclaim loop
+    /// returns EINTR on the same signal, see the VM scenarios).
+    #[test]
+    fn reclaim_is_cut_short_by_its_timeout() {
+        let (t, v) = fake();
+        let fifo = t.path().join("app/memory.reclaim");
+        std::fs::remove_file(&fifo).unwrap();
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        // Our end: a reader that never reads, with the pipe filled up.
+        let pipe = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .unwrap();
+        while (&pipe).write(&[0u8; 4096]).is_ok() {}
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(v.reclaim(&app(), Duration::from_millis(100)));
+        });
+        let r = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the reclaim write was not bounded")
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.end, ReclaimEnd::TimedOut);
+        assert!(r.took >= Duration::from_millis(100), "{r:?}");
+        drop(pipe);
     }
 
     #[test]

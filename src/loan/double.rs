@@ -235,8 +235,12 @@ impl Controller for Double {
             None => self.write(cg, MEM, to.memory),
         }
     }
-    fn reclaim(&self, cg: &CgroupPath) -> cgroup::Result<(u64, u64)> {
-        self.v1.reclaim(cg)
+    fn reclaim(
+        &self,
+        cg: &CgroupPath,
+        timeout: Duration,
+    ) -> cgroup::Result<Option<cgroup::Reclaimed>> {
+        self.v1.reclaim(cg, timeout)
     }
     fn procs(&self, cg: &CgroupPath) -> cgroup::Result<Option<Vec<i32>>> {
         self.v1.procs(cg)
