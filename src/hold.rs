@@ -44,7 +44,11 @@ pub struct HoldRecord {
     pub cgroup: CgroupPath,
     pub policy: String,
     pub previous: u64,
+    /// What the kernel stored (read back after the write).
     pub held: u64,
+    /// The value written, when the kernel stored another one (`held`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub asked: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -96,6 +100,8 @@ pub enum Released {
 pub struct Holds {
     path: Option<PathBuf>,
     map: Mutex<BTreeMap<CgroupPath, HoldRecord>>,
+    /// The kernel's page size: it stores memory.high in whole pages.
+    page: u64,
 }
 
 fn io_err(path: &Path) -> impl Fn(io::Error) -> HoldError + '_ {
@@ -124,6 +130,7 @@ impl Holds {
         Ok(Holds {
             path: Some(path),
             map: Mutex::new(map),
+            page: crate::loan::kernel_page_size(),
         })
     }
 
@@ -132,7 +139,14 @@ impl Holds {
         Holds {
             path: None,
             map: Mutex::new(BTreeMap::new()),
+            page: crate::loan::kernel_page_size(),
         }
+    }
+
+    /// The same holds for a kernel with another page size (tests of 64 KiB kernels).
+    pub fn with_page_size(mut self, page: u64) -> Holds {
+        self.page = page.max(1);
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<CgroupPath, HoldRecord>> {
@@ -190,13 +204,13 @@ impl Holds {
         if is_unlimited(cur.memory) && matches!(at, Amount::Percent(_)) {
             return Ok(Held::NotApplicable);
         }
-        // The kernel stores whole pages.
-        let target = at.of(cur.memory) / 4096 * 4096;
+        // The kernel stores whole pages of its own size.
+        let target = at.of(cur.memory) / self.page * self.page;
         let mut map = self.lock();
         let known = map.get(cg).cloned();
         if let Some(rec) = &known {
-            if rec.held == target && cur_high == target {
-                return Ok(Held::Adopted { held: target });
+            if cur_high == rec.held && (rec.held == target || rec.asked == Some(target)) {
+                return Ok(Held::Adopted { held: rec.held });
             }
         }
         if audit {
@@ -211,26 +225,49 @@ impl Holds {
             // Whatever happened since, what comes back is the value before the first hold.
             previous: known.as_ref().map(|r| r.previous).unwrap_or(cur_high),
             held: target,
+            asked: None,
         };
         map.insert(cg.clone(), rec);
         if let Err(e) = self.save(&map) {
             undo(&mut map, cg, known);
             return Err(e);
         }
-        if cur_high != target {
-            let to = Limits {
-                high: Some(target),
-                ..cur
-            };
-            if let Err(e) = ctl.set_limits(cg, cur, to) {
-                undo(&mut map, cg, known);
-                let _ = self.save(&map);
-                return Err(e.into());
+        if cur_high == target {
+            return Ok(Held::Set {
+                old: cur_high,
+                new: target,
+            });
+        }
+        let to = Limits {
+            high: Some(target),
+            ..cur
+        };
+        if let Err(e) = ctl.set_limits(cg, cur, to) {
+            undo(&mut map, cg, known);
+            let _ = self.save(&map);
+            return Err(e.into());
+        }
+        // What the kernel stored is what a release and a restarted agent compare with:
+        // a value it rounded otherwise would read as someone else's and never come back.
+        let stored = match ctl.limits(cg) {
+            Ok(Some(l)) => l.high,
+            Ok(None) => return Err(HoldError::Gone),
+            Err(e) => {
+                log::warn!("{cg}: reading memory.high back after the hold: {e}");
+                None
             }
+        };
+        if let Some(h) = stored.filter(|&h| h != target) {
+            log::info!("{cg}: the kernel stored memory.high {h}, not {target}: holding at {h}");
+            if let Some(r) = map.get_mut(cg) {
+                r.held = h;
+                r.asked = Some(target);
+            }
+            self.save(&map)?;
         }
         Ok(Held::Set {
             old: cur_high,
-            new: target,
+            new: stored.unwrap_or(target),
         })
     }
 
@@ -287,7 +324,7 @@ fn undo(map: &mut BTreeMap<CgroupPath, HoldRecord>, cg: &CgroupPath, known: Opti
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cgroup::{v1::V1, v2::V2, Hierarchy, Kind};
+    use crate::cgroup::{v1::V1, v2::V2, Hierarchy, Kind, OomControl};
 
     const MIB: u64 = 1 << 20;
 
@@ -425,6 +462,151 @@ mod tests {
             ),
             Err(HoldError::Gone)
         ));
+    }
+
+    /// v2 on a TempDir whose "kernel" stores memory.high in whole pages of `page` bytes
+    /// (64 KiB on arm64 and ppc64le kernels), and remembers what was written.
+    struct Paged {
+        v: V2,
+        page: u64,
+        written: Mutex<Vec<u64>>,
+    }
+
+    impl Controller for Paged {
+        fn hierarchy(&self) -> &crate::cgroup::Hierarchy {
+            self.v.hierarchy()
+        }
+        fn oom_state(&self, cg: &CgroupPath) -> crate::cgroup::Result<Option<OomControl>> {
+            self.v.oom_state(cg)
+        }
+        fn limits(&self, cg: &CgroupPath) -> crate::cgroup::Result<Option<Limits>> {
+            self.v.limits(cg)
+        }
+        fn usage(&self, cg: &CgroupPath) -> crate::cgroup::Result<Option<u64>> {
+            self.v.usage(cg)
+        }
+        fn set_limits(
+            &self,
+            cg: &CgroupPath,
+            from: Limits,
+            to: Limits,
+        ) -> crate::cgroup::Result<()> {
+            if let Some(h) = to.high.filter(|&h| Some(h) != from.high) {
+                self.written.lock().unwrap().push(h);
+            }
+            let high = to.high.map(|h| {
+                if is_unlimited(h) {
+                    h
+                } else {
+                    h / self.page * self.page
+                }
+            });
+            self.v.set_limits(cg, from, Limits { high, ..to })
+        }
+        fn reclaim(
+            &self,
+            cg: &CgroupPath,
+            t: std::time::Duration,
+        ) -> crate::cgroup::Result<Option<crate::cgroup::Reclaimed>> {
+            self.v.reclaim(cg, t)
+        }
+        fn procs(&self, cg: &CgroupPath) -> crate::cgroup::Result<Option<Vec<i32>>> {
+            self.v.procs(cg)
+        }
+        fn stat(&self, cg: &CgroupPath) -> crate::cgroup::Result<Option<BTreeMap<String, u64>>> {
+            self.v.stat(cg)
+        }
+        fn register_stall(
+            &self,
+            cg: &CgroupPath,
+            psi: Option<&crate::cgroup::v2::PsiTrigger>,
+        ) -> crate::cgroup::Result<crate::cgroup::StallWatch> {
+            self.v.register_stall(cg, psi)
+        }
+        fn oom_probe(
+            &self,
+            cg: &CgroupPath,
+        ) -> crate::cgroup::Result<Option<crate::cgroup::OomProbe>> {
+            self.v.oom_probe(cg)
+        }
+    }
+
+    fn paged(page: u64) -> (tempfile::TempDir, Paged, CgroupPath) {
+        let (t, v, cg) = fake();
+        let p = Paged {
+            v,
+            page,
+            written: Mutex::new(Vec::new()),
+        };
+        (t, p, cg)
+    }
+
+    /// 90% of 64 MiB is 60397977 bytes: 60395520 in 4 KiB pages, 60358656 in 64 KiB ones.
+    const HELD_64K: u64 = 60_358_656;
+
+    #[test]
+    fn a_hold_is_written_in_the_kernels_pages() {
+        let (t, k, cg) = paged(64 << 10);
+        let holds = Holds::in_memory().with_page_size(64 << 10);
+        let at = Amount::Percent(0.9);
+        assert_eq!(
+            holds.hold(&k, &cg, "p", at, false).unwrap(),
+            Held::Set {
+                old: u64::MAX,
+                new: HELD_64K
+            }
+        );
+        assert_eq!(
+            *k.written.lock().unwrap(),
+            vec![HELD_64K],
+            "whole 64 KiB pages"
+        );
+        assert_eq!(high(&t), HELD_64K.to_string());
+        assert_eq!(
+            holds.hold(&k, &cg, "p", at, false).unwrap(),
+            Held::Adopted { held: HELD_64K }
+        );
+        assert_eq!(
+            k.written.lock().unwrap().len(),
+            1,
+            "adopted, not written again"
+        );
+    }
+
+    #[test]
+    fn a_hold_keeps_what_the_kernel_stored_and_gives_it_back() {
+        // The agent's idea of the page size is wrong (4 KiB against 64 KiB): what the
+        // kernel read back is what counts.
+        let (t, k, cg) = paged(64 << 10);
+        let state = tempfile::tempdir().unwrap();
+        let holds = Holds::open(state.path()).unwrap().with_page_size(4096);
+        let at = Amount::Percent(0.9);
+        assert_eq!(
+            holds.hold(&k, &cg, "p", at, false).unwrap(),
+            Held::Set {
+                old: u64::MAX,
+                new: HELD_64K
+            }
+        );
+        assert_eq!(high(&t), HELD_64K.to_string());
+        // A restarted agent re-adopts it instead of writing it again and again.
+        drop(holds);
+        let holds = Holds::open(state.path()).unwrap().with_page_size(4096);
+        assert_eq!(holds.records()[0].held, HELD_64K);
+        assert_eq!(
+            holds.hold(&k, &cg, "p", at, false).unwrap(),
+            Held::Adopted { held: HELD_64K }
+        );
+        assert_eq!(k.written.lock().unwrap().len(), 1);
+        // And the release finds its own value, so memory.high comes back.
+        assert_eq!(
+            holds.release(&k, &cg, None).unwrap(),
+            Released::Restored {
+                old: HELD_64K,
+                new: u64::MAX
+            }
+        );
+        assert_eq!(high(&t), "max");
     }
 
     #[test]
