@@ -17,7 +17,6 @@ use crate::audit::Record;
 use crate::cgroup::{CgroupPath, OomControl, OomProbe, StallSource, StallWatch};
 use crate::config::Config;
 use crate::dispatcher::{Cause, Trigger};
-use crate::hold::{Held, Released};
 use crate::policy::{Policy, PolicySet};
 use crate::shared::{Shared, Status, WatchedStatus};
 
@@ -131,7 +130,8 @@ pub struct Watcher {
     cgroup_root: std::path::PathBuf,
     dry_run: bool,
     status_dirty: bool,
-    status_sig: (u64, usize, u64),
+    status_sig: (u64, usize, u64, u64),
+    holder: crate::hold::Holder,
 }
 
 fn io_err(e: nix::Error) -> std::io::Error {
@@ -169,6 +169,7 @@ impl Watcher {
                 EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_MOVES),
             )
             .map_err(io_err)?;
+        let holder = crate::hold::Holder::start(shared.clone())?;
         let mut w = Watcher {
             shared,
             epoll,
@@ -188,7 +189,8 @@ impl Watcher {
             cgroup_root: cfg.cgroup_root.clone(),
             dry_run: cfg.dry_run,
             status_dirty: true,
-            status_sig: (0, 0, 0),
+            status_sig: (0, 0, 0, 0),
+            holder,
         };
         w.discover(&CgroupPath::root());
         // Holds journaled by an earlier run on cgroups no longer watched go back now.
@@ -621,63 +623,21 @@ impl Watcher {
         }
     }
 
-    /// v2 `hold_at`: sets memory.high of a watched cgroup (journaled; audited `hold`).
-    fn apply_hold(&self, cg: &CgroupPath, policy: &Policy) {
-        let Some(at) = policy.v2.hold_at else {
-            return;
-        };
-        let ctl = self.shared.env.ctl.as_ref();
-        let audit = policy.mode == crate::policy::Mode::Audit;
-        let rec = Record::new("hold", cg).with("policy", policy.name.clone());
-        match self.shared.holds.hold(ctl, cg, &policy.name, at, audit) {
-            Ok(Held::Set { old, new }) => self
-                .shared
-                .audit
-                .log(rec.with("old_high", old).with("new_high", new)),
-            Ok(Held::Would { old, new }) => self.shared.audit.log(
-                rec.with("old_high", old)
-                    .with("new_high", new)
-                    .with("outcome", "would"),
-            ),
-            Ok(Held::Adopted { held }) => {
-                log::info!("{cg}: re-adopted the hold of memory.high at {held}");
-                self.shared
-                    .audit
-                    .log(rec.with("new_high", held).with("adopted", true));
-            }
-            Ok(Held::NotApplicable) => {
-                log::debug!("{cg}: hold_at does not apply (no memory.high, or no memory.max)")
-            }
-            Err(e) => log::error!("{cg}: cannot hold memory.high: {e}"),
-        }
+    /// v2 `hold_at`: the holder thread sets memory.high of a watched cgroup.
+    fn apply_hold(&self, cg: &CgroupPath, policy: &Arc<Policy>) {
+        self.holder.hold(cg, policy.clone());
     }
 
-    /// Gives a hold back (audited `unhold`); nothing if `cg` is not held.
+    /// The holder thread gives a hold back; nothing if `cg` is not held.
     fn release_hold(&self, cg: &CgroupPath, reason: &str) {
-        let ctl = self.shared.env.ctl.as_ref();
-        let loan_high = self.shared.env.loans.original(cg).and_then(|l| l.high);
-        match self.shared.holds.release(ctl, cg, loan_high) {
-            Ok(Released::Restored { old, new }) => self.shared.audit.log(
-                Record::new("unhold", cg)
-                    .with("old_high", old)
-                    .with("new_high", new)
-                    .with("reason", reason),
-            ),
-            Ok(Released::Changed { current }) => {
-                log::warn!("{cg}: memory.high is {current}, not the value oomwake held; leaving it")
-            }
-            Ok(Released::Deferred) => {
-                log::info!("{cg}: memory.high goes back once the outstanding loan is returned")
-            }
-            Ok(Released::Gone) | Ok(Released::NotHeld) => {}
-            Err(e) => log::error!("{cg}: giving memory.high back: {e}"),
-        }
+        self.holder.release(cg, reason);
     }
 
-    /// At shutdown: every hold goes back.
+    /// At shutdown: what the holder has queued is made, then every hold goes back.
     pub fn release_holds(&mut self, reason: &str) {
+        self.holder.finish();
         for cg in self.shared.holds.cgroups() {
-            self.release_hold(&cg, reason);
+            crate::hold::release(&self.shared, &cg, reason);
         }
     }
 
@@ -974,12 +934,13 @@ impl Watcher {
         }
     }
 
-    /// Changes `oomwake status` should show: loans and running episodes.
-    fn status_signature(&self) -> (u64, usize, u64) {
+    /// Changes `oomwake status` should show: loans, running episodes, holds.
+    fn status_signature(&self) -> (u64, usize, u64, u64) {
         (
             self.shared.env.loans.generation(),
             self.shared.dispatcher.running_count(),
             self.shared.dispatcher.generation(),
+            self.shared.holds.generation(),
         )
     }
 
@@ -1133,5 +1094,160 @@ fn drain(s: &mut impl Read) {
         if n == 0 {
             break;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cgroup::{v2::V2, Controller, Hierarchy, Kind, Limits, OomProbe, Reclaimed};
+    use std::sync::mpsc;
+    use std::sync::Mutex;
+
+    const MIB: u64 = 1 << 20;
+
+    /// v2 on a TempDir whose memory.high writes wait until the test lets them go, as a
+    /// write below usage waits for the kernel's reclaim.
+    struct SlowHigh {
+        v: V2,
+        entered: Mutex<mpsc::Sender<()>>,
+        go: Mutex<mpsc::Receiver<()>>,
+    }
+
+    type R<T> = crate::cgroup::Result<T>;
+
+    impl Controller for SlowHigh {
+        fn hierarchy(&self) -> &Hierarchy {
+            self.v.hierarchy()
+        }
+        fn oom_state(&self, cg: &CgroupPath) -> R<Option<OomControl>> {
+            self.v.oom_state(cg)
+        }
+        fn limits(&self, cg: &CgroupPath) -> R<Option<Limits>> {
+            self.v.limits(cg)
+        }
+        fn usage(&self, cg: &CgroupPath) -> R<Option<u64>> {
+            self.v.usage(cg)
+        }
+        fn set_limits(&self, cg: &CgroupPath, from: Limits, to: Limits) -> R<()> {
+            if to.high != from.high {
+                let _ = self.entered.lock().unwrap().send(());
+                let _ = self
+                    .go
+                    .lock()
+                    .unwrap()
+                    .recv_timeout(Duration::from_secs(30));
+            }
+            self.v.set_limits(cg, from, to)
+        }
+        fn reclaim(&self, cg: &CgroupPath, t: Duration) -> R<Option<Reclaimed>> {
+            self.v.reclaim(cg, t)
+        }
+        fn procs(&self, cg: &CgroupPath) -> R<Option<Vec<i32>>> {
+            self.v.procs(cg)
+        }
+        fn stat(&self, cg: &CgroupPath) -> R<Option<std::collections::BTreeMap<String, u64>>> {
+            self.v.stat(cg)
+        }
+        fn register_stall(
+            &self,
+            cg: &CgroupPath,
+            psi: Option<&crate::cgroup::v2::PsiTrigger>,
+        ) -> R<StallWatch> {
+            self.v.register_stall(cg, psi)
+        }
+        fn oom_probe(&self, cg: &CgroupPath) -> R<Option<OomProbe>> {
+            self.v.oom_probe(cg)
+        }
+    }
+
+    #[test]
+    fn a_slow_memory_high_write_does_not_hold_up_the_event_loop() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("cg");
+        let app = root.join("app");
+        std::fs::create_dir_all(&app).unwrap();
+        for (f, v) in [
+            ("memory.max", (64 * MIB).to_string()),
+            ("memory.high", "max".to_string()),
+            ("memory.current", (10 * MIB).to_string()),
+            (
+                "memory.events",
+                "high 0\nmax 0\noom 0\noom_kill 0\n".to_string(),
+            ),
+        ] {
+            std::fs::write(app.join(f), v).unwrap();
+        }
+        let (entered_tx, entered) = mpsc::channel();
+        let (go, go_rx) = mpsc::channel();
+        let ctl = SlowHigh {
+            v: V2::new(Hierarchy::fake(&root, Kind::V2)),
+            entered: Mutex::new(entered_tx),
+            go: Mutex::new(go_rx),
+        };
+        let policy = crate::policy::load::load_str(
+            "[match]\ncgroup = [\"/app\"]\n[v2]\nhold_at = \"75%\"\n[[step]]\naction = \"kill\"\n",
+            "p.toml",
+        )
+        .unwrap();
+        let (jobs, _rx) = crossbeam_channel::unbounded();
+        let shared = Arc::new(Shared {
+            env: crate::action::Env {
+                ctl: Box::new(ctl),
+                proc_root: "/proc".into(),
+                self_pid: 0,
+                loans: crate::loan::LoanBook::new(None),
+            },
+            audit: crate::audit::Audit::file(&t.path().join("audit.jsonl")).unwrap(),
+            metrics: crate::metrics::Metrics::default(),
+            dispatcher: crate::dispatcher::Dispatcher::new(jobs, Duration::from_secs(60), 1, 1),
+            policies: std::sync::RwLock::new(Arc::new(PolicySet::new(vec![policy], false))),
+            settle_poll: Duration::from_millis(1),
+            stop: std::sync::atomic::AtomicBool::new(false),
+            holds: crate::hold::Holds::in_memory(),
+            moves: Arc::new(crate::early::Moves::new().unwrap()),
+        });
+        let cfg = Config {
+            cgroup_root: root.clone(),
+            state_dir: t.path().join("state"),
+            events: false,
+            ..Config::default()
+        };
+        std::fs::create_dir_all(&cfg.state_dir).unwrap();
+        let (started_tx, started) = mpsc::channel();
+        let (stop_tx, stop) = mpsc::channel::<()>();
+        let s = shared.clone();
+        let loop_thread = std::thread::spawn(move || {
+            // Watching /app asks for its hold; the loop thread must not make the write.
+            let mut w = Watcher::new(s, &cfg, Box::new(|| Err("no reload".into()))).unwrap();
+            started_tx.send(()).unwrap();
+            let _ = stop.recv_timeout(Duration::from_secs(30));
+            w.release_holds("shutdown");
+        });
+        let high = || std::fs::read_to_string(app.join("memory.high")).unwrap();
+        entered
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the hold was never written");
+        started
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the event loop waited for the memory.high write");
+        assert_eq!(high(), "max", "still writing");
+        go.send(()).unwrap();
+        let held = (48 * MIB).to_string();
+        let until = Instant::now() + Duration::from_secs(10);
+        while high() != held && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(high(), held);
+        // Shutdown gives it back (the release writes memory.high too).
+        stop_tx.send(()).unwrap();
+        entered.recv_timeout(Duration::from_secs(10)).unwrap();
+        go.send(()).unwrap();
+        loop_thread.join().unwrap();
+        assert_eq!(high(), "max");
+        assert!(shared.audit.flush(Duration::from_secs(5)));
+        let audit = std::fs::read_to_string(t.path().join("audit.jsonl")).unwrap();
+        assert!(audit.contains("\"event\":\"hold\""), "{audit}");
+        assert!(audit.contains("\"event\":\"unhold\""), "{audit}");
     }
 }
