@@ -27,6 +27,10 @@ fn main() {
         floor(&args[1..]);
         return;
     }
+    if args.first().map(String::as_str) == Some("floor-early") {
+        floor_early(&args[1..]);
+        return;
+    }
     let short = args.iter().any(|a| a == "--short");
     let out = args
         .iter()
@@ -46,9 +50,17 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .cloned();
     let mut b = Bench::new(short);
-    b.only = only;
-    let results = b.run_all();
+    b.only = only.clone();
+    let mut results = b.run_all();
     drop(b);
+    // `--only X --out FILE`: the other scenarios of an earlier run stay in FILE.
+    if let (Some(x), Some(path)) = (&only, &out) {
+        let earlier = serde_json::from_str::<Value>(&read(path)).ok();
+        if let Some(mut all) = earlier.filter(Value::is_object) {
+            all[x.as_str()] = results[x.as_str()].take();
+            results = all;
+        }
+    }
     print_table(&results);
     if let Some(path) = out {
         let text = serde_json::to_string_pretty(&results).unwrap_or_default();
@@ -57,6 +69,12 @@ fn main() {
         std::fs::write(&svg, plot(&results))
             .unwrap_or_else(|e| eprintln!("{}: {e}", svg.display()));
         eprintln!("wrote {} and {}", path.display(), svg.display());
+        if results["growth"].is_object() {
+            let g = path.with_file_name("bench-growth.svg");
+            std::fs::write(&g, plot_growth(&results))
+                .unwrap_or_else(|e| eprintln!("{}: {e}", g.display()));
+            eprintln!("wrote {}", g.display());
+        }
     }
 }
 
@@ -104,11 +122,128 @@ fn floor(dirs: &[String]) {
     }
 }
 
+/// The early floor: the floor's OOM eventfd per cgroup, plus a usage threshold at 75% of
+/// the limit; when usage crosses it upwards, the limit goes up by half (at most to
+/// twice the first) and the threshold is closed and registered again for the new limit.
+fn floor_early(dirs: &[String]) {
+    use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+    use nix::sys::eventfd::{EfdFlags, EventFd};
+    struct Cg {
+        dir: PathBuf,
+        oom: EventFd,
+        thr: Option<EventFd>,
+        usage: std::fs::File,
+        limit: u64,
+        max: u64,
+    }
+    let epoll = Epoll::new(EpollCreateFlags::empty()).expect("epoll");
+    let arm = |epoll: &Epoll, i: usize, cg: &mut Cg| {
+        if let Some(old) = cg.thr.take() {
+            let _ = epoll.delete(&old);
+        }
+        let efd = EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK).expect("eventfd");
+        let line = format!(
+            "{} {} {}",
+            efd.as_raw_fd(),
+            cg.usage.as_raw_fd(),
+            cg.limit / 4 * 3
+        );
+        if std::fs::write(cg.dir.join("cgroup.event_control"), line).is_ok() {
+            let _ = epoll.add(
+                &efd,
+                EpollEvent::new(EpollFlags::EPOLLIN, (2 * i + 1) as u64),
+            );
+            cg.thr = Some(efd);
+        }
+    };
+    let mut cgs = Vec::new();
+    for (i, d) in dirs.iter().enumerate() {
+        let dir = PathBuf::from(d);
+        let oom = EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK).expect("eventfd");
+        let oc = std::fs::File::open(dir.join("memory.oom_control")).expect("oom_control");
+        std::fs::write(
+            dir.join("cgroup.event_control"),
+            format!("{} {}", oom.as_raw_fd(), oc.as_raw_fd()),
+        )
+        .expect("event_control");
+        epoll
+            .add(&oom, EpollEvent::new(EpollFlags::EPOLLIN, (2 * i) as u64))
+            .expect("epoll add");
+        let limit: u64 = read(&dir.join("memory.limit_in_bytes"))
+            .trim()
+            .parse()
+            .unwrap_or(32 * MIB);
+        let usage = std::fs::File::open(dir.join("memory.usage_in_bytes")).expect("usage");
+        let mut cg = Cg {
+            dir,
+            oom,
+            thr: None,
+            usage,
+            limit,
+            max: limit * 2,
+        };
+        arm(&epoll, i, &mut cg);
+        cgs.push(cg);
+    }
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    let mut evs = vec![EpollEvent::empty(); 64];
+    loop {
+        let n = epoll.wait(&mut evs, EpollTimeout::NONE).unwrap_or(0);
+        for ev in &evs[..n] {
+            let i = (ev.data() / 2) as usize;
+            let cg = &mut cgs[i];
+            if ev.data() % 2 == 1 {
+                if let Some(t) = &cg.thr {
+                    let _ = t.read();
+                }
+                let usage: u64 = read(&cg.dir.join("memory.usage_in_bytes"))
+                    .trim()
+                    .parse()
+                    .unwrap_or(0);
+                if usage < cg.limit / 4 * 3 {
+                    continue;
+                }
+            } else {
+                let _ = cg.oom.read();
+            }
+            let new = (cg.limit + cg.limit / 2).min(cg.max);
+            if new > cg.limit
+                && std::fs::write(cg.dir.join("memory.limit_in_bytes"), new.to_string()).is_ok()
+            {
+                cg.limit = new;
+                arm(&epoll, i, cg);
+            }
+        }
+    }
+}
+
+/// The bench's own count of OOM notifications on a cgroup (whatever the agent does).
+struct OomCount(nix::sys::eventfd::EventFd);
+
+impl OomCount {
+    fn register(dir: &Path) -> Option<OomCount> {
+        use nix::sys::eventfd::{EfdFlags, EventFd};
+        let efd = EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK).ok()?;
+        let oc = std::fs::File::open(dir.join("memory.oom_control")).ok()?;
+        std::fs::write(
+            dir.join("cgroup.event_control"),
+            format!("{} {}", efd.as_raw_fd(), oc.as_raw_fd()),
+        )
+        .ok()?;
+        Some(OomCount(efd))
+    }
+    fn count(&self) -> u64 {
+        self.0.read().unwrap_or(0)
+    }
+}
+
 // ---------------------------------------------------------------------------------
 
 #[derive(Clone, Copy, PartialEq)]
 enum Mode {
     Floor,
+    FloorEarly,
     Oomwake,
     Polling,
 }
@@ -117,6 +252,7 @@ impl Mode {
     fn name(self) -> &'static str {
         match self {
             Mode::Floor => "floor",
+            Mode::FloorEarly => "floor_early",
             Mode::Oomwake => "oomwake",
             Mode::Polling => "polling_1s",
         }
@@ -322,9 +458,14 @@ impl Bench {
         std::fs::create_dir_all(d.join("policies")).expect("agent dir");
         let audit = d.join("audit.jsonl");
         let proc = match mode {
-            Mode::Floor => {
+            Mode::Floor | Mode::FloorEarly => {
                 let mut c = Command::new(&self.me);
-                c.arg("floor").args(dirs);
+                let sub = if mode == Mode::Floor {
+                    "floor"
+                } else {
+                    "floor-early"
+                };
+                c.arg(sub).args(dirs);
                 let p = Proc::spawn(c);
                 assert_eq!(
                     p.line(Duration::from_secs(30)).as_deref(),
@@ -360,7 +501,7 @@ impl Bench {
             }
         };
         let a = Agent { proc, audit, mode };
-        if mode != Mode::Floor {
+        if !matches!(mode, Mode::Floor | Mode::FloorEarly) {
             let ok = wait_until(Duration::from_secs(60), || a.count("watch") >= expect);
             assert!(ok, "agent watched {} of {expect} cgroups", a.count("watch"));
         }
@@ -375,8 +516,9 @@ impl Bench {
             json!(if self.short { "short" } else { "full" }),
         );
         type Scenario = fn(&mut Bench) -> Value;
-        let all: [(&str, Scenario); 5] = [
+        let all: [(&str, Scenario); 6] = [
             ("raise_limit", Bench::raise_stall),
+            ("growth", Bench::growth),
             ("kill", Bench::kill_stall),
             ("reclaim_then_raise", Bench::reclaim_then_raise),
             ("scale", Bench::scale),
@@ -438,6 +580,103 @@ impl Bench {
             drop(agent);
             self.remove(&set);
             out.insert(mode.name().to_string(), entry);
+        }
+        json!(out)
+    }
+
+    /// Growth rates: a hog grows to 40 MiB in a 32 MiB cgroup at a controlled rate. Early
+    /// agents lend at 75% of the limit (oomwake `[early]`, and the early floor), reactive
+    /// ones at the OOM (oomwake, and the floor), all by 50% up to twice the limit. Per
+    /// rate and agent: the share of runs with no OOM notification at all (counted by
+    /// the bench's own eventfd on each cgroup) and the median longest stall.
+    fn growth(&mut self) -> Value {
+        let runs = if self.short { 3 } else { 10 };
+        // MiB/s; 0 = as fast as the hog can touch pages.
+        let rates: &[u64] = if self.short {
+            &[100, 0]
+        } else {
+            &[100, 250, 500, 1000, 0]
+        };
+        let early = format!(
+            "[early]\nat = \"75%\"\n[[early.step]]\naction = \"raise_limit\"\nby = \"50%\"\nmax_extra = \"100%\"\nhold = \"10m\"\nrestore_below = \"70%\"\n\n{}",
+            Self::RAISE
+        );
+        let agents: [(&str, Mode, &str); 4] = [
+            ("oomwake_early", Mode::Oomwake, &early),
+            ("floor_early", Mode::FloorEarly, ""),
+            ("oomwake_reactive", Mode::Oomwake, Self::RAISE),
+            ("floor_reactive", Mode::Floor, ""),
+        ];
+        let mut out = BTreeMap::new();
+        for (name, mode, steps) in agents {
+            let set = format!("growth-{name}");
+            let mut dirs = Vec::new();
+            for &rate in rates {
+                for i in 0..runs {
+                    let cg = format!("{set}/r{rate}-{i}");
+                    dirs.push((rate, self.cgroup(&cg, Some(32 * MIB), true).0));
+                }
+            }
+            let glob = format!("{}/{set}/*", self.base_rel);
+            let plain: Vec<PathBuf> = dirs.iter().map(|(_, d)| d.clone()).collect();
+            let agent = self.agent(mode, &glob, steps, &plain, plain.len());
+            let mut by_rate = BTreeMap::new();
+            for &rate in rates {
+                let mut stalls = Vec::new();
+                let mut speeds = Vec::new();
+                let mut zero = 0;
+                for (_, d) in dirs.iter().filter(|(r, _)| *r == rate) {
+                    let ooms = OomCount::register(d);
+                    let rate_arg = format!("{rate}M");
+                    let mut args = vec!["--touch", "40M"];
+                    if rate > 0 {
+                        args.extend(["--rate", rate_arg.as_str()]);
+                    }
+                    let mut h = self.hog(d, &args);
+                    match h
+                        .line(Duration::from_secs(20))
+                        .and_then(|l| serde_json::from_str::<Value>(&l).ok())
+                    {
+                        Some(v) => {
+                            stalls.push(v["longest_stall_us"].as_f64().unwrap_or(0.0) / 1000.0);
+                            let ms = v["elapsed_ms"].as_f64().unwrap_or(0.0).max(1.0);
+                            speeds.push(40.0 * 1000.0 / ms);
+                            if ooms.as_ref().is_some_and(|o| o.count() == 0) {
+                                zero += 1;
+                            }
+                        }
+                        None => eprintln!("growth {name} {rate} MiB/s: a hog did not finish"),
+                    }
+                    h.kill();
+                }
+                let key = if rate == 0 {
+                    "full".to_string()
+                } else {
+                    format!("{rate:05}")
+                };
+                let entry = json!({
+                    "rate_mib_s": if rate == 0 { Value::Null } else { json!(rate) },
+                    "runs": runs,
+                    "zero_oom_runs": zero,
+                    "stall": summary(&stalls),
+                    "samples_ms": stalls,
+                    // What the hog achieved, stalls included (MiB/s).
+                    "measured_mib_s": summary(&speeds)["median_ms"],
+                });
+                eprintln!(
+                    "growth {name} {}: {zero}/{runs} with no OOM, {}",
+                    if rate == 0 {
+                        "full speed".to_string()
+                    } else {
+                        format!("{rate} MiB/s")
+                    },
+                    entry["stall"]
+                );
+                by_rate.insert(key, entry);
+            }
+            drop(agent);
+            self.remove(&set);
+            out.insert(name.to_string(), json!(by_rate));
         }
         json!(out)
     }
@@ -729,6 +968,42 @@ fn print_table(r: &Value) {
         "agent side (ms, median / p99): event -> limit written {} / {}; event -> under_oom 0 {} / {}",
         fmt(&a["median_ms"]), fmt(&a["p99_ms"]), fmt(&b["median_ms"]), fmt(&b["p99_ms"])
     );
+    println!("\ngrowth to 40 MiB in 32 MiB: runs with no OOM wait, median longest stall (ms)");
+    let agents = [
+        "oomwake_early",
+        "floor_early",
+        "oomwake_reactive",
+        "floor_reactive",
+    ];
+    println!(
+        "  {:<12} {}",
+        "rate",
+        agents.map(|a| format!("{a:<20}")).join("")
+    );
+    if let Some(rates) = r["growth"]["oomwake_early"].as_object() {
+        for (key, e) in rates {
+            let label = match e["rate_mib_s"].as_u64() {
+                Some(n) => format!("{n} MiB/s"),
+                None => format!("full ({:.0})", e["measured_mib_s"].as_f64().unwrap_or(0.0)),
+            };
+            let cells: Vec<String> = agents
+                .iter()
+                .map(|a| {
+                    let c = &r["growth"][*a][key];
+                    format!(
+                        "{:<20}",
+                        format!(
+                            "{}/{} {}",
+                            c["zero_oom_runs"],
+                            c["runs"],
+                            fmt(&c["stall"]["median_ms"])
+                        )
+                    )
+                })
+                .collect();
+            println!("  {label:<12} {}", cells.join(""));
+        }
+    }
     println!("\nscale: agent, watched, stuck at once -> resolved, p99 stall ms, start-up ms");
     if let Some(rows) = r["scale"].as_array() {
         for row in rows {
@@ -789,5 +1064,80 @@ fn plot(r: &Value) -> String {
         "<text x=\"{}\" y=\"292\" text-anchor=\"middle\">dots: runs; bar: median</text>\n</svg>\n",
         w / 2.0
     );
+    s
+}
+
+/// Growth rates: the median longest stall per agent (log scale), and under each rate
+/// the runs with no OOM wait at all for the two early agents.
+fn plot_growth(r: &Value) -> String {
+    let g = &r["growth"];
+    let agents = [
+        ("oomwake_early", "#27c"),
+        ("floor_early", "#2a7"),
+        ("oomwake_reactive", "#c52"),
+        ("floor_reactive", "#a7a"),
+    ];
+    let keys: Vec<String> = g["oomwake_early"]
+        .as_object()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default();
+    let (w, h, left, right, top, bottom) = (760.0, 360.0, 70.0, 600.0, 40.0, 260.0);
+    let (ymin, ymax) = (0.01f64.log10(), 10f64.log10());
+    let y = |ms: f64| bottom - (ms.max(0.01).log10() - ymin) / (ymax - ymin) * (bottom - top);
+    let step = (right - left) / keys.len().max(1) as f64;
+    let x = |i: usize| left + step * (i as f64 + 0.5);
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"14\">Growing to 40 MiB in 32 MiB: median longest stall (ms, log scale)</text>\n",
+        w / 2.0
+    );
+    for tick in [0.01, 0.1, 1.0, 10.0] {
+        let ty = y(tick);
+        s += &format!("<line x1=\"{left}\" y1=\"{ty}\" x2=\"{right}\" y2=\"{ty}\" stroke=\"#ddd\"/>\n<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{tick}</text>\n", left - 6.0, ty + 4.0);
+    }
+    for (i, k) in keys.iter().enumerate() {
+        let e = &g["oomwake_early"][k];
+        let label = match e["rate_mib_s"].as_u64() {
+            Some(n) => format!("{n} MiB/s"),
+            None => "full speed".to_string(),
+        };
+        s += &format!(
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{label}</text>\n",
+            x(i),
+            bottom + 18.0
+        );
+        for (j, (a, color)) in agents.iter().take(2).enumerate() {
+            let c = &g[*a][k];
+            s += &format!(
+                "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" fill=\"{color}\">{}/{}</text>\n",
+                x(i),
+                bottom + 36.0 + 16.0 * j as f64,
+                c["zero_oom_runs"],
+                c["runs"]
+            );
+        }
+    }
+    s += &format!("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">runs with no OOM wait (early agents)</text>\n", (left + right) / 2.0, bottom + 84.0);
+    for (j, (a, color)) in agents.iter().enumerate() {
+        let pts: Vec<String> = keys
+            .iter()
+            .enumerate()
+            .filter_map(|(i, k)| {
+                g[*a][k]["stall"]["median_ms"]
+                    .as_f64()
+                    .map(|m| format!("{:.1},{:.1}", x(i), y(m)))
+            })
+            .collect();
+        s += &format!(
+            "<polyline points=\"{}\" fill=\"none\" stroke=\"{color}\" stroke-width=\"2\"/>\n",
+            pts.join(" ")
+        );
+        for p in &pts {
+            let (px, py) = p.split_once(',').unwrap_or(("0", "0"));
+            s += &format!("<circle cx=\"{px}\" cy=\"{py}\" r=\"4\" fill=\"{color}\"/>\n");
+        }
+        let ly = top + 10.0 + 20.0 * j as f64;
+        s += &format!("<rect x=\"{}\" y=\"{}\" width=\"12\" height=\"12\" fill=\"{color}\"/>\n<text x=\"{}\" y=\"{}\">{a}</text>\n", right + 14.0, ly - 10.0, right + 32.0, ly);
+    }
+    s += "</svg>\n";
     s
 }
