@@ -12,6 +12,7 @@ mod common;
 mod core_inside;
 mod core_paths;
 mod core_stderr;
+mod docker;
 mod early;
 mod episodes;
 mod episodes_lifecycle;

@@ -1,5 +1,6 @@
 // A Go service in miniature, for the integration test of the incident that started
-// oomwake: it joins a cgroup, then grows a live heap in 1 MiB pieces while the garbage
+// oomwake: it joins a cgroup (not when CGROUP_DIR is "-": in a container it is already
+// in one), then grows a live heap in 1 MiB pieces while the garbage
 // collector runs (GOGC set by the test), printing a tick line every 50 ms from another
 // goroutine. At a memory limit with the OOM killer disabled, a fault of the GC or of the
 // allocator sleeps in the kernel and the whole program stops: no more ticks.
@@ -19,10 +20,12 @@ func main() {
 		fmt.Fprintln(os.Stderr, "usage: goservice CGROUP_DIR MIB")
 		os.Exit(2)
 	}
-	procs := os.Args[1] + "/cgroup.procs"
-	if err := os.WriteFile(procs, []byte(strconv.Itoa(os.Getpid())), 0o644); err != nil {
-		fmt.Fprintln(os.Stderr, "join:", err)
-		os.Exit(1)
+	if os.Args[1] != "-" {
+		procs := os.Args[1] + "/cgroup.procs"
+		if err := os.WriteFile(procs, []byte(strconv.Itoa(os.Getpid())), 0o644); err != nil {
+			fmt.Fprintln(os.Stderr, "join:", err)
+			os.Exit(1)
+		}
 	}
 	mib, _ := strconv.Atoi(os.Args[2])
 	go func() {
