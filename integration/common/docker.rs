@@ -727,7 +727,12 @@ impl Drop for PrivateDaemon {
         // The data root holds overlay mounts until the daemon is gone; unmount leftovers.
         let data = self.dir.path().join("data");
         let mounts = read(Path::new("/proc/self/mounts"));
-        for m in mounts.lines().filter_map(|l| l.split_whitespace().nth(1)) {
+        // Deepest (mounted last) first.
+        for m in mounts
+            .lines()
+            .rev()
+            .filter_map(|l| l.split_whitespace().nth(1))
+        {
             if Path::new(m).starts_with(self.dir.path()) {
                 let _ = Command::new("umount").arg("-l").arg(m).status();
             }
