@@ -191,10 +191,12 @@ hold = "60s"
     let agent = Agent::start(&[("p.toml", &policy("handover", &cg.rel, "", steps))], &[]);
     agent.expect("watch", &cg.rel, Duration::from_secs(10));
     let ooms = OomCounter::register(&cg);
-    let hog = s.hog(&cg, &["--touch", "40M", "--hold", "60s"]);
+    // 20 MiB/s: 400 ms from the threshold to the wall, so the hook is surely running
+    // when the wall is reached, even on a loaded machine.
+    let hog = s.hog(&cg, &["--touch", "40M", "--rate", "20M", "--hold", "60s"]);
     // The hook would run 30 s: the hand-over must not wait for it.
     assert!(
-        hog.report(Duration::from_secs(15)).is_some(),
+        hog.report(Duration::from_secs(20)).is_some(),
         "the hog stayed stuck; log:\n{}",
         agent.log()
     );
@@ -207,12 +209,14 @@ hold = "60s"
     assert_eq!(resolved["episode"], oom["episode"]);
     assert_ne!(oom["episode"], handed["episode"]);
     let hook = agent
-        .events("action_result", &cg.rel)
+        .events("action", &cg.rel)
         .into_iter()
-        .chain(agent.events("action", &cg.rel))
         .find(|a| a["action"] == "exec")
         .unwrap_or_else(|| panic!("no exec line: {:#?}", agent.audit()));
     assert_eq!(hook["early"], true);
+    assert_eq!(hook["outcome"], "failed");
+    let why = hook["error"].as_str().unwrap_or("");
+    assert!(why.contains("the limit was reached"), "{hook}");
     assert_eq!(cg.limit(), 48 * MIB);
 }
 
