@@ -227,11 +227,28 @@ const CAP_IPC_LOCK: u64 = 1 << 14;
 
 /// The sidecar started by the README's line, with this run's policies and state; the
 /// words of the line other than the four substituted ones are run as written.
-fn start_readme_sidecar(engine: &Engine, image: &SidecarImage, dir: &std::path::Path) -> Container {
+/// `without` names a capability to leave out of the line (its `--cap-add CAP` pair).
+fn start_readme_sidecar(
+    engine: &Engine,
+    image: &SidecarImage,
+    dir: &std::path::Path,
+    without: Option<&str>,
+) -> Container {
     let mut words = readme_run_line();
     assert_eq!(words[0], "docker");
-    let name = format!("oomwake-it-{}-sidecar", std::process::id());
+    let name = format!(
+        "oomwake-it-{}-sidecar-{}",
+        std::process::id(),
+        without.unwrap_or("all").to_lowercase()
+    );
     substitute(&mut words, "oomwake", &name);
+    if let Some(cap) = without {
+        let at = words
+            .windows(2)
+            .position(|w| w[0] == "--cap-add" && w[1] == cap)
+            .unwrap_or_else(|| panic!("--cap-add {cap} in the README's run line {words:?}"));
+        words.drain(at..at + 2);
+    }
     substitute(
         &mut words,
         "/etc/oomwake/policies:/etc/oomwake/policies:ro",
@@ -282,7 +299,7 @@ fn readme_quick_start_sidecar_rescues_a_stuck_container_with_two_capabilities() 
         policy("victim", &cg.rel, "", KILL),
     )
     .unwrap();
-    let sidecar = start_readme_sidecar(&engine, &sidecar_img, dir.path());
+    let sidecar = start_readme_sidecar(&engine, &sidecar_img, dir.path(), None);
     let resolved = sidecar.wait_log(Duration::from_secs(30), |l| {
         serde_json::from_str::<serde_json::Value>(l)
             .is_ok_and(|v| v["event"] == "resolved" && v["cgroup"] == cg.rel.as_str())
@@ -308,4 +325,73 @@ fn readme_quick_start_sidecar_rescues_a_stuck_container_with_two_capabilities() 
     assert!(logs.contains("memory locked"), "mlockall worked:\n{logs}");
     assert!(!logs.contains("\"outcome\":\"failed\""), "{logs}");
     assert!(sidecar.running(), "the sidecar goes on after the rescue");
+}
+
+/// A directory with `policies/victim.toml` (a kill step for exactly `cgroup`) and `state/`.
+fn sidecar_dir(cgroup: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    std::fs::create_dir(dir.path().join("state")).unwrap();
+    std::fs::write(
+        dir.path().join("policies/victim.toml"),
+        policy("victim", cgroup, "", KILL),
+    )
+    .unwrap();
+    dir
+}
+
+/// The sidecar's first audit line of `event` about `cgroup` within 30 s.
+fn sidecar_event(sidecar: &Container, event: &str, cgroup: &str) -> serde_json::Value {
+    let line = sidecar.wait_log(Duration::from_secs(30), |l| {
+        serde_json::from_str::<serde_json::Value>(l)
+            .is_ok_and(|v| v["event"] == event && v["cgroup"] == cgroup)
+    });
+    let Some(line) = line else {
+        panic!("no {event} line in the sidecar's logs:\n{}", sidecar.logs());
+    };
+    serde_json::from_str(&line).unwrap()
+}
+
+#[test]
+fn each_capability_of_the_readme_line_is_needed() {
+    let name = "each_capability_of_the_readme_line_is_needed";
+    let Some(engine) = require_docker(name) else {
+        return;
+    };
+    let sidecar_img = sidecar_image(&engine);
+    let parent = CgroupParent::new("caps");
+    let img = image(&engine, Workload::Toucher);
+    let victim = run_container(
+        &img,
+        Some(&parent),
+        "victim",
+        &["-m", "32m", "--oom-kill-disable", "--user", "65534"],
+        &["48"],
+    );
+    let cg = wait_stuck(&victim, Duration::from_secs(30));
+    let dir = sidecar_dir(&cg.rel);
+
+    // Without KILL: another user's process cannot be signalled; the stall goes on.
+    {
+        let sidecar = start_readme_sidecar(&engine, &sidecar_img, dir.path(), Some("KILL"));
+        let a = sidecar_event(&sidecar, "action", &cg.rel);
+        assert_eq!(a["outcome"], "failed", "{a}");
+        assert!(
+            a["error"]
+                .as_str()
+                .unwrap_or("")
+                .contains("Operation not permitted"),
+            "{a}"
+        );
+        assert_eq!(effective_caps(sidecar.pid()), CAP_IPC_LOCK);
+        assert!(cg.under_oom() && victim.running(), "still stuck");
+    }
+    // Without IPC_LOCK: the rescue works, but the agent's memory is not locked.
+    let sidecar = start_readme_sidecar(&engine, &sidecar_img, dir.path(), Some("IPC_LOCK"));
+    let r = sidecar_event(&sidecar, "resolved", &cg.rel);
+    assert_eq!(r["by_action"], "kill", "{r}");
+    let logs = sidecar.logs();
+    assert!(logs.contains("mlockall failed"), "{logs}");
+    assert!(!logs.contains("memory locked"), "{logs}");
+    assert_eq!(effective_caps(sidecar.pid()), CAP_KILL);
 }
