@@ -300,7 +300,7 @@ fn readme_quick_start_sidecar_rescues_a_stuck_container_with_two_capabilities() 
     )
     .unwrap();
     let sidecar = start_readme_sidecar(&engine, &sidecar_img, dir.path(), None);
-    let resolved = sidecar.wait_log(Duration::from_secs(30), |l| {
+    let resolved = sidecar.wait_log(Duration::from_secs(60), |l| {
         serde_json::from_str::<serde_json::Value>(l)
             .is_ok_and(|v| v["event"] == "resolved" && v["cgroup"] == cg.rel.as_str())
     });
@@ -340,9 +340,9 @@ fn sidecar_dir(cgroup: &str) -> tempfile::TempDir {
     dir
 }
 
-/// The sidecar's first audit line of `event` about `cgroup` within 30 s.
+/// The sidecar's first audit line of `event` about `cgroup` within 60 s.
 fn sidecar_event(sidecar: &Container, event: &str, cgroup: &str) -> serde_json::Value {
-    let line = sidecar.wait_log(Duration::from_secs(30), |l| {
+    let line = sidecar.wait_log(Duration::from_secs(60), |l| {
         serde_json::from_str::<serde_json::Value>(l)
             .is_ok_and(|v| v["event"] == event && v["cgroup"] == cgroup)
     });

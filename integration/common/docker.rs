@@ -567,7 +567,10 @@ pub fn sidecar_image(engine: &Engine) -> SidecarImage {
         engine: engine.clone(),
         tag,
     };
-    // A fresh static release build takes minutes on a loaded 2-core machine.
+    // A fresh static release build takes minutes on a loaded 2-core machine; one build
+    // at a time (tests run in parallel), the next one finds it done.
+    static BUILD: Mutex<()> = Mutex::new(());
+    let _one = BUILD.lock().unwrap_or_else(|e| e.into_inner());
     if let Err(e) = run_bounded(cmd, Duration::from_secs(1800)) {
         panic!("packaging/docker/build-image.sh {}: {e}", img.tag);
     }
