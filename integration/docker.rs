@@ -103,12 +103,9 @@ fn a_container_no_policy_names_is_left_alone() {
     };
     let parent = CgroupParent::new("alone");
     let img = image(&engine, Workload::Toucher);
-    let args = ["-m", "32m", "--oom-kill-disable"];
     // Both started before the agent, both stuck.
-    let named = run_container(&img, Some(&parent), "named", &args, &["48"]);
-    let other = run_container(&img, Some(&parent), "other", &args, &["48"]);
-    let named_cg = wait_stuck(&named, Duration::from_secs(30));
-    let other_cg = wait_stuck(&other, Duration::from_secs(30));
+    let (named, named_cg) = stuck_by_exec(&img, Some(&parent), "named", &[]);
+    let (other, other_cg) = stuck_by_exec(&img, Some(&parent), "other", &[]);
 
     let agent = Agent::start(
         &[("named.toml", &policy("named", &named_cg.rel, "", KILL))],
@@ -118,8 +115,8 @@ fn a_container_no_policy_names_is_left_alone() {
     assert_eq!(r["by_action"], "kill");
     report_stall(name, &r);
     assert!(
-        wait_until(Duration::from_secs(20), || !named.running()),
-        "the named container's only process was killed, so it stops"
+        !named_cg.under_oom() && named.running(),
+        "the named one goes on"
     );
     // Give the agent time to act wrongly on the other one, then check it did not.
     std::thread::sleep(Duration::from_secs(2));
@@ -282,14 +279,7 @@ fn readme_quick_start_sidecar_rescues_a_stuck_container_with_two_capabilities() 
     let parent = CgroupParent::new("sidecar");
     let img = image(&engine, Workload::Toucher);
     // Another user's process: signalling it needs CAP_KILL.
-    let victim = run_container(
-        &img,
-        Some(&parent),
-        "victim",
-        &["-m", "32m", "--oom-kill-disable", "--user", "65534"],
-        &["48"],
-    );
-    let cg = wait_stuck(&victim, Duration::from_secs(30));
+    let (victim, cg) = stuck_by_exec(&img, Some(&parent), "victim", &["--user", "65534"]);
 
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("policies")).unwrap();
@@ -312,8 +302,8 @@ fn readme_quick_start_sidecar_rescues_a_stuck_container_with_two_capabilities() 
     assert_eq!(r["by_action"], "kill", "{logs}");
     report_stall(name, &r);
     assert!(
-        wait_until(Duration::from_secs(20), || !victim.running()),
-        "the victim container stops once its only process is killed"
+        !cg.under_oom() && victim.running(),
+        "the victim container goes on without its largest process"
     );
     // Exactly the two capabilities the README names, and both in use: memory locked,
     // no failed action.
@@ -361,14 +351,7 @@ fn each_capability_of_the_readme_line_is_needed() {
     let sidecar_img = sidecar_image(&engine);
     let parent = CgroupParent::new("caps");
     let img = image(&engine, Workload::Toucher);
-    let victim = run_container(
-        &img,
-        Some(&parent),
-        "victim",
-        &["-m", "32m", "--oom-kill-disable", "--user", "65534"],
-        &["48"],
-    );
-    let cg = wait_stuck(&victim, Duration::from_secs(30));
+    let (victim, cg) = stuck_by_exec(&img, Some(&parent), "victim", &["--user", "65534"]);
     let dir = sidecar_dir(&cg.rel);
 
     // Without KILL: another user's process cannot be signalled; the stall goes on.

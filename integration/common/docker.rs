@@ -589,23 +589,47 @@ impl Drop for SidecarImage {
 }
 
 /// Waits until the container's cgroup is stuck at its limit: under_oom 1 and a thread of
-/// its main process asleep in the memcg OOM wait.
+/// one of its processes asleep in the memcg OOM wait.
 pub fn wait_stuck(c: &Container, timeout: Duration) -> Cg {
     let cg = c.cg();
-    let pid = c.pid();
     let ok = wait_until(timeout, || {
-        cg.under_oom() && super::any_thread_in_oom_wait(pid)
+        cg.under_oom() && cg.procs().into_iter().any(super::any_thread_in_oom_wait)
     });
     assert!(
         ok,
-        "{} ({}) never got stuck: under_oom {}, wchan {:?}\nlogs:\n{}",
+        "{} ({}) never got stuck: under_oom {}, procs {:?}\nlogs:\n{}",
         c.name,
         cg.rel,
         cg.under_oom(),
-        super::wchan(pid),
+        cg.procs(),
         c.logs()
     );
     cg
+}
+
+/// A toucher container (`-m 32m --oom-kill-disable`, `args` added) whose main process
+/// touches 1 MiB and sleeps, stuck by a second toucher of 48 MiB started with `docker
+/// exec`. A kill of the largest process ends the stall and the container goes on, so
+/// its cgroup stays (when the only process is killed, Docker may remove the cgroup
+/// before the agent sees the stall end, and the episode ends `cgroup gone`).
+pub fn stuck_by_exec(
+    img: &Image,
+    parent: Option<&CgroupParent>,
+    what: &str,
+    args: &[&str],
+) -> (Container, Cg) {
+    let mut all = vec!["-m", "32m", "--oom-kill-disable"];
+    all.extend_from_slice(args);
+    let c = run_container(img, parent, what, &all, &["1"]);
+    assert!(
+        c.wait_log(Duration::from_secs(30), |l| l == "done 1")
+            .is_some(),
+        "{}",
+        c.logs()
+    );
+    c.engine.run(&["exec", "-d", &c.id, "/toucher", "48"]);
+    let cg = wait_stuck(&c, Duration::from_secs(30));
+    (c, cg)
 }
 
 /// A dockerd of our own, for tests that restart the engine. Everything it owns lives in
