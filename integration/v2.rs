@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
 
@@ -46,6 +46,8 @@ struct Cg2 {
 struct Hog2 {
     pid: i32,
     started: Instant,
+    /// The same moment on the wall clock, to compare with the audit lines' `ts`.
+    started_wall: SystemTime,
     report: mpsc::Receiver<String>,
 }
 
@@ -119,6 +121,7 @@ impl Cg2 {
             .spawn()
             .expect("spawn hog");
         let started = Instant::now();
+        let started_wall = SystemTime::now();
         let pid = child.id() as i32;
         let out = child.stdout.take().expect("stdout");
         let (tx, rx) = mpsc::channel();
@@ -139,6 +142,7 @@ impl Cg2 {
         Hog2 {
             pid,
             started,
+            started_wall,
             report: rx,
         }
     }
@@ -192,6 +196,15 @@ fn fail(agent: &Agent, what: &str) -> ! {
         read(&agent.tmp.path().join("audit.jsonl")),
         agent.log()
     )
+}
+
+/// Milliseconds from `start` to an audit line's `ts` (which has millisecond precision).
+fn ms_since(start: SystemTime, line: &Value) -> u128 {
+    line["ts"]
+        .as_str()
+        .and_then(|s| humantime::parse_rfc3339(s).ok())
+        .and_then(|t| t.duration_since(start).ok())
+        .map_or(0, |d| d.as_millis())
 }
 
 fn action<'a>(actions: &'a [Value], name: &str) -> Option<&'a Value> {
@@ -290,6 +303,13 @@ restore_after = "500ms"
         resolved["first_action_ms"],
         resolved["stalled_ms"],
         report["longest_stall_us"].as_u64().unwrap_or(0) / 1000
+    );
+    // On the baseline's clock (from the hog's start), which the kernel kills on.
+    println!(
+        "v2-measure: held at high -> loan, from the hog's start: detected (oom line) {} ms, loan made (raise_limit line) {} ms, resolved {} ms",
+        ms_since(hog.started_wall, &oom),
+        ms_since(hog.started_wall, raise),
+        ms_since(hog.started_wall, &resolved)
     );
 }
 
