@@ -247,3 +247,57 @@ fn explain_shows_the_early_threshold_and_steps_of_a_live_cgroup() {
     assert!(text.contains(&want), "{want:?} not in:\n{text}");
     assert_eq!(cg.limit(), 32 * MIB, "explain changes nothing");
 }
+
+#[test]
+fn a_workload_hovering_at_the_threshold_starts_one_early_episode_a_second() {
+    let Some(()) =
+        require_v1("a_workload_hovering_at_the_threshold_starts_one_early_episode_a_second")
+    else {
+        return;
+    };
+    let mut s = Scratch::new("early-hover");
+    let cg = s.cgroup("", Some(32 * MIB), true);
+    // Audit mode: nothing moves the limit, so nothing moves the threshold either.
+    let agent = Agent::start(
+        &[(
+            "p.toml",
+            &policy("hover", &cg.rel, "mode = \"audit\"", EARLY_LOAN),
+        )],
+        &[],
+    );
+    agent.expect("watch", &cg.rel, Duration::from_secs(10));
+    let base = s.hog(&cg, &["--touch", "22M", "--hold", "600s"]);
+    assert!(base.report(Duration::from_secs(10)).is_some());
+    // A file on tmpfs, written and removed again and again from inside the cgroup,
+    // takes usage over 24 MiB and back many times a second.
+    let shm = format!("/dev/shm/oomwake-it-hover-{}", std::process::id());
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && i=0 && while [ $i -lt 40 ]; do \
+         dd if=/dev/zero of={shm} bs=1M count=4 2>/dev/null; rm -f {shm}; i=$((i+1)); done; \
+         echo done",
+        cg.dir.display()
+    );
+    let start = std::time::Instant::now();
+    let mut cmd = std::process::Command::new("/bin/sh");
+    cmd.arg("-c").arg(&script);
+    let (_, lines) = s.spawn(cmd);
+    let finished = lines.recv_timeout(Duration::from_secs(30));
+    let _ = std::fs::remove_file(&shm);
+    assert_eq!(finished.as_deref(), Ok("done"));
+    let took = start.elapsed();
+    std::thread::sleep(Duration::from_millis(300));
+    let early = agent.events("early", &cg.rel);
+    assert!(!early.is_empty(), "{:#?}", agent.audit());
+    // At most one per started second of crossings.
+    let allowed = took.as_secs() as usize + 1;
+    assert!(
+        early.len() <= allowed,
+        "{} early episodes in {took:?}: {:#?}",
+        early.len(),
+        early
+    );
+    assert!(agent
+        .events("action", &cg.rel)
+        .iter()
+        .all(|a| a["outcome"] == "would"));
+}

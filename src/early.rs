@@ -113,6 +113,18 @@ fn state(ctl: &dyn Controller, cg: &CgroupPath, early: &Early, fired_limit: u64)
     }
 }
 
+/// A workload hovering at its threshold crosses it up and down many times a second
+/// when the early steps do not move the limit (audit mode, a hook that frees a
+/// little): one early episode per second and registration at most. A moved limit
+/// registers anew and is not held back.
+pub const REPEAT_GAP: Duration = Duration::from_secs(1);
+
+/// True if an upward crossing at `now` may start an early episode, given when the same
+/// registration last started one.
+pub fn may_repeat(last: Option<Instant>, now: Instant) -> bool {
+    last.is_none_or(|l| now.saturating_duration_since(l) >= REPEAT_GAP)
+}
+
 /// True if usage at `fired` is an upward crossing of `threshold` (the kernel signals
 /// crossings in both directions; one downward is no new early episode).
 pub fn is_upward(usage: u64, threshold: u64) -> bool {
@@ -368,6 +380,14 @@ mod tests {
         assert!(is_upward(24 << 20, 24 << 20));
         assert!(is_upward(25 << 20, 24 << 20));
         assert!(!is_upward((24 << 20) - 4096, 24 << 20));
+    }
+
+    #[test]
+    fn crossings_of_one_registration_start_one_episode_a_second() {
+        let t0 = Instant::now();
+        assert!(may_repeat(None, t0));
+        assert!(!may_repeat(Some(t0), t0 + Duration::from_millis(300)));
+        assert!(may_repeat(Some(t0), t0 + REPEAT_GAP));
     }
 
     #[test]

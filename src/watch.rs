@@ -63,6 +63,8 @@ struct Threshold {
     limit: u64,
     /// Registration failed: the sweep retries it.
     failed: bool,
+    /// When an upward crossing of this registration last started an early episode.
+    fired: Option<Instant>,
 }
 
 /// The backing-off schedule of registration retries: 1 s, 2 s ... up to a minute.
@@ -323,6 +325,19 @@ impl Watcher {
             log::debug!("{cg}: usage {usage} fell below the early threshold {bytes}");
             return;
         }
+        let Some(t) = self
+            .candidates
+            .get_mut(cg)
+            .and_then(|c| c.watched.as_mut())
+            .and_then(|w| w.early.as_mut())
+        else {
+            return;
+        };
+        if !crate::early::may_repeat(t.fired, detected) {
+            log::debug!("{cg}: usage crossed the early threshold again within a second");
+            return;
+        }
+        t.fired = Some(detected);
         self.start_early(cg, detected);
     }
 
@@ -409,6 +424,7 @@ impl Watcher {
                 bytes,
                 limit,
                 failed,
+                fired: None,
             });
         }
         if let (true, false, Some(b)) = (registered, moved_down, bytes) {
