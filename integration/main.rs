@@ -21,6 +21,7 @@ mod episodes_unresolved;
 mod golang;
 mod loans;
 mod loans_failure;
+mod metrics_scrape;
 mod packaging;
 mod policy_cli;
 mod policy_reload;

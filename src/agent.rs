@@ -121,10 +121,25 @@ pub fn run(cfg: Config, policies: PolicySet, reload: crate::config::Reload) -> a
     };
     if let Some(addr) = cfg.metrics {
         let l = TcpListener::bind(addr).with_context(|| format!("binding metrics on {addr}"))?;
+        // The address bound (port 0 picks a free one): said once, for tools and tests.
+        match l.local_addr() {
+            Ok(a) => log::info!("serving metrics on http://{a}/metrics"),
+            Err(e) => log::warn!("metrics: local address: {e}"),
+        }
         let s = shared.clone();
         crate::metrics::serve(
             l,
-            Arc::new(move || s.metrics.render(s.env.loans.lent_bytes())),
+            Arc::new(move || {
+                let loans = s.env.loans.lent();
+                let lent: Vec<crate::metrics::Lent> = loans
+                    .iter()
+                    .map(|(policy, bytes)| crate::metrics::Lent {
+                        policy,
+                        bytes: *bytes,
+                    })
+                    .collect();
+                s.metrics.render(&lent)
+            }),
         );
     }
     protect_self(&cfg);

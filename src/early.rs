@@ -212,7 +212,12 @@ pub fn run(shared: &Shared, job: &Job) -> End {
             };
             let report = action::perform(&shared.env, &ctx, &step.action);
             shared.env.loans.sync();
-            shared.metrics.action(name, report.outcome.as_str());
+            shared.metrics.action(
+                &policy.name,
+                name,
+                report.outcome.as_str(),
+                crate::episode::sigkilled(&report),
+            );
             let sent = taken_fields.borrow_mut().take();
             let mut rec = match &sent {
                 Some(_) => record("action_result"),

@@ -227,7 +227,12 @@ pub fn run(shared: &Shared, job: &Job) -> End {
             first_action_at.get_or_insert_with(Instant::now);
             // A raise leaves the journal unsynced so the limit is written sooner.
             shared.env.loans.sync();
-            shared.metrics.action(name, report.outcome.as_str());
+            shared.metrics.action(
+                &policy.name,
+                name,
+                report.outcome.as_str(),
+                sigkilled(&report),
+            );
             failed |= report.outcome == Outcome::Failed;
             if let Some(d) = diagnose(&step.action, &report) {
                 diagnoses.push(d);
@@ -303,7 +308,7 @@ pub fn run(shared: &Shared, job: &Job) -> End {
 
     match &end {
         End::Resolved { by_step, stalled } => {
-            shared.metrics.stall(*stalled);
+            shared.metrics.stall(&policy.name, *stalled);
             let by = by_step.map(|i| (i, policy.steps[i].action.name()));
             let mut rec = Record::new("resolved", cg)
                 .with("episode", job.episode)
@@ -357,6 +362,20 @@ pub fn run(shared: &Shared, job: &Job) -> End {
         ),
     }
     end
+}
+
+/// How many processes a step SIGKILLed (`pids` of kill_all, `pid` of kill or signal).
+pub fn sigkilled(report: &Report) -> u64 {
+    if report.outcome != Outcome::Done
+        || report.fields.get("signal").and_then(Value::as_str) != Some("SIGKILL")
+    {
+        return 0;
+    }
+    match (report.fields.get("pids"), report.fields.get("pid")) {
+        (Some(Value::Array(pids)), _) => pids.len() as u64,
+        (_, Some(_)) => 1,
+        _ => 0,
+    }
 }
 
 fn resolved(job: &Job, by_step: Option<usize>, at: Instant) -> End {

@@ -515,10 +515,18 @@ impl LoanBook {
 
     /// Bytes currently lent across all cgroups.
     pub fn lent_bytes(&self) -> u64 {
+        self.lent().iter().map(|(_, b)| b).sum()
+    }
+
+    /// Each outstanding loan's policy and the bytes it lends now (for the metrics).
+    pub fn lent(&self) -> Vec<(String, u64)> {
         self.lock()
             .values()
-            .map(|l| l.rec.lent.memory.saturating_sub(l.rec.original.memory))
-            .sum()
+            .map(|l| {
+                let bytes = l.rec.lent.memory.saturating_sub(l.rec.original.memory);
+                (l.rec.policy.clone(), bytes)
+            })
+            .collect()
     }
 
     /// Original limits of an outstanding loan.

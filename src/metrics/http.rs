@@ -1,206 +1,14 @@
-//! Prometheus metrics, served in the text format on `--metrics ADDR:PORT` (loopback by
-//! default). Counters are cheap atomics or short-held locks on the OOM path.
+//! The metrics listener: `GET /metrics` over HTTP/1.1, one response per connection.
+//! Any local user can connect to it, and the agent runs as root with its memory
+//! locked: what one connection may cost is bounded (the request head, the time it may
+//! take, the connections served at once), whatever the client sends or withholds. The
+//! request head is parsed by `httparse` from a fixed buffer.
 
-use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-const BUCKETS: [f64; 15] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0,
-];
-
-#[derive(Default)]
-struct Histogram {
-    counts: [u64; BUCKETS.len()],
-    count: u64,
-    sum: f64,
-}
-
-#[derive(Default)]
-pub struct Metrics {
-    watched: AtomicU64,
-    oom_events: Mutex<BTreeMap<String, u64>>,
-    actions: Mutex<BTreeMap<(String, String), u64>>,
-    unresolved: Mutex<BTreeMap<String, u64>>,
-    stuck: Mutex<BTreeMap<String, u64>>,
-    stall: Mutex<Histogram>,
-    early: Mutex<BTreeMap<String, u64>>,
-    avoided: Mutex<BTreeMap<String, u64>>,
-}
-
-fn bump<K: Ord>(m: &Mutex<BTreeMap<K, u64>>, k: K) {
-    *m.lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .entry(k)
-        .or_insert(0) += 1;
-}
-
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-impl Metrics {
-    pub fn set_watched(&self, n: usize) {
-        self.watched.store(n as u64, Ordering::Relaxed);
-    }
-
-    pub fn oom_event(&self, policy: &str) {
-        bump(&self.oom_events, policy.to_string());
-    }
-
-    pub fn action(&self, action: &str, outcome: &str) {
-        bump(&self.actions, (action.to_string(), outcome.to_string()));
-    }
-
-    /// An early episode started (usage crossed the `[early]` threshold).
-    pub fn early(&self, policy: &str) {
-        bump(&self.early, policy.to_string());
-    }
-
-    /// An early episode kept the workload away from its wall.
-    pub fn stall_avoided(&self, policy: &str) {
-        bump(&self.avoided, policy.to_string());
-    }
-
-    pub fn unresolved(&self, policy: &str) {
-        bump(&self.unresolved, policy.to_string());
-    }
-
-    /// Cgroups stuck with their stall unresolved, by policy. A policy seen once stays
-    /// at 0 rather than vanishing, so that alerts see the stall end.
-    pub fn set_stuck(&self, by_policy: &BTreeMap<String, usize>) {
-        let mut m = self.stuck.lock().unwrap_or_else(|p| p.into_inner());
-        for v in m.values_mut() {
-            *v = 0;
-        }
-        for (p, n) in by_policy {
-            m.insert(p.clone(), *n as u64);
-        }
-    }
-
-    pub fn stall(&self, d: Duration) {
-        let s = d.as_secs_f64();
-        let mut h = self.stall.lock().unwrap_or_else(|p| p.into_inner());
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if s <= *b {
-                h.counts[i] += 1;
-            }
-        }
-        h.count += 1;
-        h.sum += s;
-    }
-
-    /// The exposition text; `raised_bytes` comes from the loan book.
-    pub fn render(&self, raised_bytes: u64) -> String {
-        use std::fmt::Write;
-        let mut o = String::new();
-        let watched = self.watched.load(Ordering::Relaxed);
-        header(
-            &mut o,
-            "oomwake_watched_cgroups",
-            "gauge",
-            "Cgroups with an OOM notification registered.",
-        );
-        let _ = writeln!(o, "oomwake_watched_cgroups {watched}");
-        header(
-            &mut o,
-            "oomwake_oom_events_total",
-            "counter",
-            "OOM episodes started, by policy.",
-        );
-        by_policy(&mut o, "oomwake_oom_events_total", &self.oom_events);
-        header(
-            &mut o,
-            "oomwake_actions_total",
-            "counter",
-            "Policy steps run, by action and outcome.",
-        );
-        for ((a, out), n) in self
-            .actions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            let (a, out) = (escape(a), escape(out));
-            let _ = writeln!(
-                o,
-                "oomwake_actions_total{{action=\"{a}\",outcome=\"{out}\"}} {n}"
-            );
-        }
-        header(
-            &mut o,
-            "oomwake_stall_seconds",
-            "histogram",
-            "Time from OOM event to recovery.",
-        );
-        {
-            let h = self.stall.lock().unwrap_or_else(|p| p.into_inner());
-            for (b, c) in BUCKETS.iter().zip(h.counts) {
-                let _ = writeln!(o, "oomwake_stall_seconds_bucket{{le=\"{b}\"}} {c}");
-            }
-            let _ = writeln!(o, "oomwake_stall_seconds_bucket{{le=\"+Inf\"}} {}", h.count);
-            let _ = writeln!(o, "oomwake_stall_seconds_sum {}", h.sum);
-            let _ = writeln!(o, "oomwake_stall_seconds_count {}", h.count);
-        }
-        header(
-            &mut o,
-            "oomwake_raised_bytes",
-            "gauge",
-            "Headroom currently lent by raise_limit.",
-        );
-        let _ = writeln!(o, "oomwake_raised_bytes {raised_bytes}");
-        header(
-            &mut o,
-            "oomwake_unresolved_total",
-            "counter",
-            "Episodes that ended unresolved, by policy.",
-        );
-        by_policy(&mut o, "oomwake_unresolved_total", &self.unresolved);
-        header(
-            &mut o,
-            "oomwake_stuck_cgroups",
-            "gauge",
-            "Cgroups stuck in a stall their policy could not resolve, by policy.",
-        );
-        by_policy(&mut o, "oomwake_stuck_cgroups", &self.stuck);
-        header(
-            &mut o,
-            "oomwake_early_total",
-            "counter",
-            "Early episodes started (usage crossed the [early] threshold), by policy.",
-        );
-        by_policy(&mut o, "oomwake_early_total", &self.early);
-        header(
-            &mut o,
-            "oomwake_stalls_avoided_total",
-            "counter",
-            "Early episodes that kept the workload away from its limit, by policy.",
-        );
-        by_policy(&mut o, "oomwake_stalls_avoided_total", &self.avoided);
-        o
-    }
-}
-
-fn header(o: &mut String, name: &str, kind: &str, help: &str) {
-    use std::fmt::Write;
-    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
-}
-
-fn by_policy(o: &mut String, name: &str, counts: &Mutex<BTreeMap<String, u64>>) {
-    use std::fmt::Write;
-    for (p, n) in counts.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-        let _ = writeln!(o, "{name}{{policy=\"{}\"}} {n}", escape(p));
-    }
-}
-
-// The listener. Any local user can connect to it, and the agent runs as root with its
-// memory locked: what one connection may cost is bounded (the request head, the time it
-// may take, the connections served at once), whatever the client sends or withholds.
 
 /// What the metrics listener allows one client.
 #[derive(Debug, Clone, Copy)]
@@ -313,23 +121,51 @@ fn refuse(mut s: TcpStream) {
 enum HeadError {
     TooLarge,
     TimedOut,
+    /// Not HTTP/1.x (httparse refused it).
+    Malformed,
     /// The client closed or the connection failed before the head ended.
     Closed,
 }
 
-/// Reads a request head (up to the empty line) into at most `max` bytes. `read` gets
-/// the time left before the deadline and returns like [`Read::read`].
+/// What the listener needs of a request.
+#[derive(Debug, PartialEq, Eq)]
+struct Head {
+    method: String,
+    path: String,
+}
+
+/// Headers a request may carry; more is answered as too large.
+const MAX_HEADERS: usize = 32;
+
+/// Parses a head from `buf`: `None` while it is incomplete.
+fn parse_head(buf: &[u8]) -> Result<Option<Head>, HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Complete(_)) => Ok(Some(Head {
+            method: req.method.unwrap_or("").to_string(),
+            path: req.path.unwrap_or("").to_string(),
+        })),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(httparse::Error::TooManyHeaders) => Err(HeadError::TooLarge),
+        Err(_) => Err(HeadError::Malformed),
+    }
+}
+
+/// Reads a request head (up to the empty line) into at most `max` bytes and parses
+/// it. `read` gets the time left before the deadline and returns like [`Read::read`].
 fn read_head(
     max: usize,
     deadline: Instant,
     mut read: impl FnMut(&mut [u8], Duration) -> std::io::Result<usize>,
-) -> Result<Vec<u8>, HeadError> {
+) -> Result<Head, HeadError> {
     let mut buf = vec![0u8; max];
     let mut len = 0;
     loop {
-        if let Some(end) = head_end(&buf[..len]) {
-            buf.truncate(end);
-            return Ok(buf);
+        if len > 0 {
+            if let Some(head) = parse_head(&buf[..len])? {
+                return Ok(head);
+            }
         }
         if len == max {
             return Err(HeadError::TooLarge);
@@ -352,17 +188,6 @@ fn read_head(
     }
 }
 
-/// The end of a request head: after the blank line ("\r\n\r\n", or "\n\n" from a
-/// lenient client).
-fn head_end(b: &[u8]) -> Option<usize> {
-    let crlf = b.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
-    let lf = b.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
-    match (crlf, lf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
-}
-
 fn handle(mut s: TcpStream, render: &(dyn Fn() -> String + Send + Sync), limits: ServeLimits) {
     let deadline = Instant::now() + limits.deadline;
     let head = read_head(limits.max_head, deadline, |buf, left| {
@@ -371,11 +196,7 @@ fn handle(mut s: TcpStream, render: &(dyn Fn() -> String + Send + Sync), limits:
     });
     let (status, body) = match head {
         Ok(head) => {
-            let line = head.split(|&b| b == b'\n').next().unwrap_or(&[]);
-            let line = String::from_utf8_lossy(line);
-            let mut it = line.split_whitespace();
-            let (method, path) = (it.next().unwrap_or(""), it.next().unwrap_or(""));
-            if method == "GET" && (path == "/metrics" || path == "/") {
+            if head.method == "GET" && (head.path == "/metrics" || head.path == "/") {
                 ("200 OK", render())
             } else {
                 ("404 Not Found", "not found\n".to_string())
@@ -386,6 +207,7 @@ fn handle(mut s: TcpStream, render: &(dyn Fn() -> String + Send + Sync), limits:
             "request head too large\n".to_string(),
         ),
         Err(HeadError::TimedOut) => ("408 Request Timeout", "timed out\n".to_string()),
+        Err(HeadError::Malformed) => ("400 Bad Request", "bad request\n".to_string()),
         Err(HeadError::Closed) => return,
     };
     let _ = respond(&mut s, status, &body, Some(deadline));
@@ -431,27 +253,6 @@ mod tests {
     use super::*;
     use std::net::SocketAddr;
 
-    #[test]
-    fn stuck_gauge_goes_to_zero_when_the_stall_ends() {
-        let m = Metrics::default();
-        let mut stuck = BTreeMap::new();
-        stuck.insert("go-service".to_string(), 2);
-        m.set_stuck(&stuck);
-        let text = m.render(0);
-        assert!(
-            text.contains("# TYPE oomwake_stuck_cgroups gauge"),
-            "{text}"
-        );
-        assert!(
-            text.contains("oomwake_stuck_cgroups{policy=\"go-service\"} 2"),
-            "{text}"
-        );
-        m.set_stuck(&BTreeMap::new());
-        assert!(m
-            .render(0)
-            .contains("oomwake_stuck_cgroups{policy=\"go-service\"} 0"));
-    }
-
     fn server(limits: ServeLimits) -> SocketAddr {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
@@ -472,30 +273,6 @@ mod tests {
         let mut resp = String::new();
         let _ = s.read_to_string(&mut resp);
         resp
-    }
-
-    #[test]
-    fn render_has_every_family() {
-        let m = Metrics::default();
-        m.set_watched(3);
-        m.oom_event("go-api");
-        m.action("raise_limit", "done");
-        m.unresolved("go-api");
-        m.stall(Duration::from_micros(700));
-        m.early("go-api");
-        m.early("go-api");
-        m.stall_avoided("go-api");
-        let t = m.render(16 << 20);
-        assert!(t.contains("oomwake_early_total{policy=\"go-api\"} 2\n"));
-        assert!(t.contains("oomwake_stalls_avoided_total{policy=\"go-api\"} 1\n"));
-        assert!(t.contains("oomwake_watched_cgroups 3\n"));
-        assert!(t.contains("oomwake_oom_events_total{policy=\"go-api\"} 1\n"));
-        assert!(t.contains("oomwake_actions_total{action=\"raise_limit\",outcome=\"done\"} 1\n"));
-        assert!(t.contains("oomwake_stall_seconds_bucket{le=\"0.0005\"} 0\n"));
-        assert!(t.contains("oomwake_stall_seconds_bucket{le=\"0.001\"} 1\n"));
-        assert!(t.contains("oomwake_stall_seconds_count 1\n"));
-        assert!(t.contains("oomwake_raised_bytes 16777216\n"));
-        assert!(t.contains("oomwake_unresolved_total{policy=\"go-api\"} 1\n"));
     }
 
     #[test]
@@ -534,7 +311,31 @@ mod tests {
         // A normal head ends at its blank line.
         let mut req: &[u8] = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\nextra";
         let head = read_head(4096, far, |buf, _| req.read(buf)).unwrap();
-        assert_eq!(head, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert_eq!(
+            head,
+            Head {
+                method: "GET".into(),
+                path: "/metrics".into()
+            }
+        );
+        // A lenient client's bare newlines are accepted; what is not HTTP is refused.
+        let mut req: &[u8] = b"GET / HTTP/1.0\n\n";
+        assert!(read_head(4096, far, |buf, _| req.read(buf)).is_ok());
+        let mut req: &[u8] = b"GET /metrics SMTP/1.1\r\n\r\n";
+        assert_eq!(
+            read_head(4096, far, |buf, _| req.read(buf)),
+            Err(HeadError::Malformed)
+        );
+        // More headers than the fixed array holds: too large, not a bigger array.
+        let many = format!(
+            "GET / HTTP/1.1\r\n{}\r\n",
+            "a: b\r\n".repeat(MAX_HEADERS + 1)
+        );
+        let mut req = many.as_bytes();
+        assert_eq!(
+            read_head(4096, far, |buf, _| req.read(buf)),
+            Err(HeadError::TooLarge)
+        );
     }
 
     #[test]
