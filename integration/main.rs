@@ -23,6 +23,7 @@ mod loans;
 mod loans_failure;
 mod metrics_scrape;
 mod packaging;
+mod pinned;
 mod policy_cli;
 mod policy_reload;
 mod stalls;

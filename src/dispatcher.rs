@@ -41,6 +41,9 @@ pub struct Job {
     pub early: bool,
     /// What started it (for the `oom` audit line).
     pub cause: Cause,
+    /// Set when the stall is one the kernel never reports (pinned at the limit, no
+    /// OOM): the episode then asks "still pinned?" instead of "still under OOM?".
+    pub pinned: Option<crate::pinned::Pinned>,
 }
 
 /// What noticed a stall.
@@ -54,6 +57,9 @@ pub enum Trigger {
     Pressure,
     /// The safety sweep's read.
     Sweep,
+    /// The sweep found the cgroup pinned at its limit without an OOM
+    /// ([`crate::pinned`]).
+    Pinned,
     /// A stall seen again when an episode ended, or a retry.
     #[default]
     Recheck,
@@ -66,6 +72,7 @@ impl Trigger {
             Trigger::Events => "memory.events",
             Trigger::Pressure => "memory.pressure",
             Trigger::Sweep => "sweep",
+            Trigger::Pinned => "pinned",
             Trigger::Recheck => "recheck",
         }
     }
@@ -149,6 +156,8 @@ struct Stuck {
     /// The last episode ended with a failed action: retried every second.
     failed: bool,
     picture: Option<Picture>,
+    /// A pinned stall (see [`crate::pinned`]): `under_oom 0` does not end it.
+    pinned: bool,
 }
 
 /// A stuck, unresolved cgroup as `oomwake status` shows it.
@@ -177,7 +186,8 @@ enum Active {
     },
     /// Audit mode logged this stall once; wait until it ends (or a reload) before
     /// logging another.
-    AuditHeld,
+    /// (true: a pinned stall, which `under_oom 0` does not end)
+    AuditHeld(bool),
     /// Enforce mode could not resolve the stall; retry at `next_try`.
     Stuck(Stuck),
     /// An episode resolved here at this instant: what is still marked below is its tail.
@@ -379,6 +389,33 @@ impl Dispatcher {
         detected: Instant,
         cause: Cause,
     ) -> Option<u64> {
+        self.trigger_with(cg, policy, detected, cause, None)
+    }
+
+    /// [`trigger`](Self::trigger) for a stall the kernel does not report (see
+    /// [`crate::pinned`]): the same one-stall-per-subtree, audit-hold and backoff rules.
+    pub fn trigger_pinned(
+        &self,
+        cg: &CgroupPath,
+        policy: Arc<Policy>,
+        detected: Instant,
+        pinned: crate::pinned::Pinned,
+    ) -> Option<u64> {
+        let cause = Cause {
+            trigger: Trigger::Pinned,
+            rises: None,
+        };
+        self.trigger_with(cg, policy, detected, cause, Some(pinned))
+    }
+
+    fn trigger_with(
+        &self,
+        cg: &CgroupPath,
+        policy: Arc<Policy>,
+        detected: Instant,
+        cause: Cause,
+        pinned: Option<crate::pinned::Pinned>,
+    ) -> Option<u64> {
         if self.stopping() {
             return None;
         }
@@ -397,7 +434,7 @@ impl Dispatcher {
                 Active::Running { early: true, .. } if above => {}
                 Active::Running { .. } if above => return None,
                 Active::Running { .. } => below = Some(other.clone()),
-                Active::AuditHeld | Active::Stuck(_) | Active::Ended(_) if above => return None,
+                Active::AuditHeld(_) | Active::Stuck(_) | Active::Ended(_) if above => return None,
                 _ => {}
             }
         }
@@ -414,7 +451,7 @@ impl Dispatcher {
                 retrigger.get_or_insert(detected);
                 return None;
             }
-            Some(Active::AuditHeld) => return None,
+            Some(Active::AuditHeld(_)) => return None,
             Some(Active::Stuck(s)) if now < s.next_try => return None,
             Some(Active::Stuck(s)) => Some(s.clone()),
             _ => None,
@@ -443,6 +480,7 @@ impl Dispatcher {
             remind,
             early: false,
             cause,
+            pinned,
         };
         if self.tx.send(job).is_err() {
             match prev {
@@ -498,6 +536,7 @@ impl Dispatcher {
             remind: true,
             early: true,
             cause: Cause::default(),
+            pinned: None,
         };
         if self.tx.send(job).is_err() {
             match prev {
@@ -543,6 +582,7 @@ impl Dispatcher {
             remind: true,
             early: false,
             cause: Cause::default(),
+            pinned: None,
         };
         if self.tx.send(job).is_err() {
             active.remove(cg);
@@ -589,7 +629,7 @@ impl Dispatcher {
         match end {
             End::Gone | End::Stopped => {}
             End::Unresolved { .. } if job.policy.mode == Mode::Audit => {
-                active.insert(job.cgroup.clone(), Active::AuditHeld);
+                active.insert(job.cgroup.clone(), Active::AuditHeld(job.pinned.is_some()));
             }
             // A resumed episode's retries are the loan keeper's to make.
             End::Unresolved { .. } if job.resume => {}
@@ -610,6 +650,7 @@ impl Dispatcher {
                     tries,
                     next_try: now + wait,
                     failed: *failed,
+                    pinned: job.pinned.is_some(),
                     picture,
                 };
                 active.insert(job.cgroup.clone(), Active::Stuck(stuck));
@@ -654,7 +695,7 @@ impl Dispatcher {
     pub fn reloaded(&self) {
         let now = Instant::now();
         let mut active = self.lock();
-        active.retain(|_, a| !matches!(a, Active::AuditHeld));
+        active.retain(|_, a| !matches!(a, Active::AuditHeld(_)));
         for a in active.values_mut() {
             if let Active::Stuck(s) = a {
                 s.next_try = now;
@@ -676,7 +717,7 @@ impl Dispatcher {
                 return true;
             }
             match a {
-                Active::AuditHeld => false,
+                Active::AuditHeld(_) => false,
                 Active::Stuck(s) => {
                     ended.push(StallEnded {
                         cgroup: held.clone(),
@@ -693,6 +734,27 @@ impl Dispatcher {
             self.generation.fetch_add(1, Ordering::Relaxed);
         }
         ended
+    }
+
+    /// The pinned stalls held at `cg` or an ancestor (audited once, or unresolved and
+    /// waiting for their retry): the sweep keeps them held while the cgroup is still at
+    /// its wall, since `under_oom 0` does not mean such a stall has ended.
+    pub fn held_at(&self, cg: &CgroupPath) -> Vec<CgroupPath> {
+        let active = self.lock();
+        if active.is_empty() {
+            return Vec::new();
+        }
+        active
+            .iter()
+            .filter(|(held, a)| {
+                cg.is_within(held)
+                    && matches!(
+                        a,
+                        Active::AuditHeld(true) | Active::Stuck(Stuck { pinned: true, .. })
+                    )
+            })
+            .map(|(held, _)| held.clone())
+            .collect()
     }
 
     pub fn forget(&self, cg: &CgroupPath) {
@@ -1020,6 +1082,48 @@ mod tests {
         d.finish(&job, &failed, None);
         std::thread::sleep(FIRST_RETRY + Duration::from_millis(50));
         assert!(d.trigger(&c, p, Instant::now()).is_some());
+    }
+
+    #[test]
+    fn a_pinned_stall_stays_held_only_as_a_pinned_one() {
+        let (d, rx, _) = dispatcher(1, 1);
+        let audit = PolicySet::embedded_default().all_audit().policies()[0].clone();
+        let pin = crate::pinned::Pinned {
+            failcnt_delta: 3,
+            usage: 16 << 20,
+            limit: 16 << 20,
+            file_bytes: 0,
+        };
+        let (a, b) = (CgroupPath::new("/a"), CgroupPath::new("/b"));
+        d.trigger_pinned(&a, audit.clone(), Instant::now(), pin)
+            .unwrap();
+        let job = rx.try_recv().unwrap();
+        assert_eq!(job.pinned, Some(pin));
+        d.finish(&job, &End::unresolved("audit mode"), None);
+        // Held once, like an OOM in audit mode, and known as pinned (under_oom 0 does
+        // not end it) at the cgroup and below it.
+        assert_eq!(
+            d.trigger_pinned(&a, audit.clone(), Instant::now(), pin),
+            None
+        );
+        assert_eq!(d.held_at(&a), vec![a.clone()]);
+        assert_eq!(d.held_at(&CgroupPath::new("/a/c")), vec![a.clone()]);
+        // An OOM held in audit mode is not a pinned hold.
+        d.trigger(&b, audit, Instant::now()).unwrap();
+        let job = rx.try_recv().unwrap();
+        assert_eq!(job.pinned, None);
+        d.finish(&job, &End::unresolved("audit mode"), None);
+        assert!(d.held_at(&b).is_empty());
+        // Unresolved in enforce mode: backs off like an OOM, still pinned.
+        let c = CgroupPath::new("/c");
+        d.trigger_pinned(&c, enforce(), Instant::now(), pin)
+            .unwrap();
+        let job = rx.try_recv().unwrap();
+        d.finish(&job, &End::unresolved("all steps done"), None);
+        assert_eq!(d.trigger_pinned(&c, enforce(), Instant::now(), pin), None);
+        assert_eq!(d.held_at(&c), vec![c.clone()]);
+        d.clear_held(&c);
+        assert!(d.held_at(&c).is_empty());
     }
 
     #[test]

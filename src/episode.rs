@@ -85,6 +85,28 @@ fn oom_state(ctl: &dyn Controller, cg: &CgroupPath) -> State {
     }
 }
 
+/// A pinned episode's question (see [`crate::pinned`]): is the cgroup still at the
+/// wall it was pinned at? A new limit (a loan) or usage that left the wall ends it;
+/// `under_oom` says nothing here (it was 0 all along).
+fn pinned_state(ctl: &dyn Controller, cg: &CgroupPath, limit: u64) -> State {
+    let read = ctl.limits(cg).and_then(|l| Ok(l.zip(ctl.usage(cg)?)));
+    match read {
+        Ok(Some((l, usage))) => {
+            if l.memory != limit || !crate::pinned::at_wall(usage, l.memory) {
+                State::Recovered(Instant::now())
+            } else {
+                State::Stuck
+            }
+        }
+        Ok(None) => State::Gone,
+        Err(e) if e.is_gone() => State::Gone,
+        Err(e) => {
+            log::warn!("{cg}: {e}");
+            State::Stuck
+        }
+    }
+}
+
 /// A resumed episode's question: could the loan be given back (the workload fits its
 /// original limit again)? Gives it back when it can.
 fn loan_given_back(shared: &Shared, cg: &CgroupPath) -> State {
@@ -150,10 +172,20 @@ pub fn run(shared: &Shared, job: &Job) -> End {
             .with("trigger", job.cause.trigger.as_str());
         // v1 has the kernel's flag; v2 the counter rises the trigger saw (none on a
         // re-check, which had no earlier read to compare with).
-        match job.cause.rises {
-            Some(r) => rec.set("events", serde_json::to_value(r).unwrap_or(Value::Null)),
-            None if ctl.hierarchy().kind() == crate::cgroup::Kind::V1 => rec.set("under_oom", 1),
-            None => {}
+        match (job.cause.rises, &job.pinned) {
+            (Some(r), _) => rec.set("events", serde_json::to_value(r).unwrap_or(Value::Null)),
+            // No OOM at all: the line says why the agent acts anyway.
+            (None, Some(p)) => {
+                rec.set("under_oom", 0);
+                rec.set("failcnt_delta", p.failcnt_delta);
+                rec.set("usage", p.usage);
+                rec.set("limit", p.limit);
+                rec.set("file_bytes", p.file_bytes);
+            }
+            (None, None) if ctl.hierarchy().kind() == crate::cgroup::Kind::V1 => {
+                rec.set("under_oom", 1)
+            }
+            (None, None) => {}
         }
         shared.audit.log(rec);
     }
@@ -162,6 +194,8 @@ pub fn run(shared: &Shared, job: &Job) -> End {
     let check = || -> State {
         if job.resume {
             loan_given_back(shared, cg)
+        } else if let Some(p) = &job.pinned {
+            pinned_state(ctl, cg, p.limit)
         } else {
             oom_state(ctl, cg)
         }

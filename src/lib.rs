@@ -20,6 +20,7 @@ pub mod loan;
 pub mod metrics;
 pub mod notify;
 pub mod perm;
+pub mod pinned;
 pub mod policy;
 pub mod shared;
 pub mod sys;

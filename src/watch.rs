@@ -38,6 +38,9 @@ struct Candidate {
     watched: Option<Watched>,
     /// The kernel's OOM kill counter at the last read (a rise is audited).
     oom_kills: Option<u64>,
+    /// `memory.failcnt` at the last sweep, for the pinned-stall rule (see
+    /// [`crate::pinned`]); None after an OOM, so that its failures are not counted.
+    failcnt: Option<u64>,
 }
 
 struct Watched {
@@ -863,13 +866,25 @@ impl Watcher {
                 }
             }
             let watched = self.watched(&cg).is_some();
+            if st.under_oom {
+                if let Some(c) = self.candidates.get_mut(&cg) {
+                    c.failcnt = None;
+                }
+            }
+            let pinned = if watched && !st.under_oom {
+                self.look_pinned(&cg)
+            } else {
+                None
+            };
             if watched && st.under_oom {
                 let cause = Cause {
                     trigger: Trigger::Sweep,
                     rises: st.rises,
                 };
                 self.trigger(&cg, now, cause);
-            } else if !st.under_oom {
+            } else if let Some(p) = pinned {
+                self.trigger_pinned(&cg, now, p);
+            } else if !st.under_oom && !self.held_at_wall(&cg) {
                 for end in self.shared.dispatcher.clear_held(&cg) {
                     let stalled = end.since.elapsed().unwrap_or_default();
                     self.shared.audit.log(
@@ -891,6 +906,60 @@ impl Watcher {
             self.status_sig = sig;
             self.write_status(true);
         }
+    }
+
+    /// The pinned-stall rule's look at a watched cgroup not under OOM: one read of
+    /// `memory.failcnt`, and more only when it rose (see [`crate::pinned`]).
+    fn look_pinned(&mut self, cg: &CgroupPath) -> Option<crate::pinned::Pinned> {
+        use crate::pinned::{file_bytes, judge, Look};
+        let ctl = self.shared.env.ctl.as_ref();
+        let now = match ctl.failcnt(cg) {
+            Ok(n) => n?,
+            Err(e) => {
+                log::debug!("{cg}: {e}");
+                return None;
+            }
+        };
+        let prev = self.candidates.get_mut(cg)?.failcnt.replace(now)?;
+        judge(
+            Look { failcnt: prev },
+            Look { failcnt: now },
+            || Some((ctl.usage(cg).ok()??, ctl.limits(cg).ok()??.memory)),
+            || file_bytes(&ctl.stat(cg).ok()??),
+        )
+    }
+
+    fn trigger_pinned(&mut self, cg: &CgroupPath, detected: Instant, p: crate::pinned::Pinned) {
+        let Some(policy) = self.watched(cg).map(|w| w.policy.clone()) else {
+            return;
+        };
+        if let Some(id) = self
+            .shared
+            .dispatcher
+            .trigger_pinned(cg, policy, detected, p)
+        {
+            log::info!(
+                "{cg}: pinned at its limit ({} of {} bytes, failcnt +{}, {} bytes of file cache) without an OOM: episode {id}",
+                p.usage,
+                p.limit,
+                p.failcnt_delta,
+                p.file_bytes
+            );
+        }
+    }
+
+    /// Whether a stall held at `cg` (or an ancestor) is a pinned one still at its
+    /// wall: `under_oom 0` does not end it.
+    fn held_at_wall(&self, cg: &CgroupPath) -> bool {
+        let ctl = self.shared.env.ctl.as_ref();
+        self.shared.dispatcher.held_at(cg).iter().any(|h| {
+            matches!(
+                (ctl.usage(h), ctl.limits(h)),
+                (Ok(Some(u)), Ok(Some(l)))
+                    if !crate::cgroup::parse::is_unlimited(l.memory)
+                        && crate::pinned::at_wall(u, l.memory)
+            )
+        })
     }
 
     /// Reads a candidate's OOM state through its kept-open probe (one pread).

@@ -583,6 +583,11 @@ pub trait Controller: Send + Sync {
     fn procs(&self, cg: &CgroupPath) -> Result<Option<Vec<i32>>>;
     /// `memory.stat` as key -> value.
     fn stat(&self, cg: &CgroupPath) -> Result<Option<std::collections::BTreeMap<String, u64>>>;
+    /// How many charges hit the limit so far (v1 `memory.failcnt`); `None` where the
+    /// hierarchy has no such counter (v2) or the cgroup is gone.
+    fn failcnt(&self, _cg: &CgroupPath) -> Result<Option<u64>> {
+        Ok(None)
+    }
     /// Opens ahead of time what an episode on `cg` reads and writes, so that a rescue
     /// needs no new kernel memory (the agent may share the stuck cgroup). Best effort.
     fn prepare(&self, _cg: &CgroupPath) {}

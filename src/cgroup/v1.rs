@@ -28,11 +28,12 @@ pub struct V1 {
 }
 
 /// The files an episode reads or writes; the writable ones are opened read-write.
-const PREPARED: [(&str, bool); 5] = [
+const PREPARED: [(&str, bool); 6] = [
     ("memory.oom_control", true),
     ("memory.limit_in_bytes", true),
     ("memory.memsw.limit_in_bytes", true),
     ("memory.usage_in_bytes", false),
+    ("memory.failcnt", false),
     ("memory.force_empty", true),
 ];
 
@@ -233,6 +234,10 @@ impl Controller for V1 {
 
     fn stat(&self, cg: &CgroupPath) -> Result<Option<BTreeMap<String, u64>>> {
         self.read_parsed(cg, "memory.stat", "memory.stat", parse::flat_keyed)
+    }
+
+    fn failcnt(&self, cg: &CgroupPath) -> Result<Option<u64>> {
+        self.read_parsed(cg, "memory.failcnt", "failcnt", parse::bytes)
     }
 
     fn prepare(&self, cg: &CgroupPath) {
