@@ -13,6 +13,7 @@ mod core_inside;
 mod core_paths;
 mod core_stderr;
 mod docker;
+mod doctor;
 mod early;
 mod episodes;
 mod episodes_lifecycle;

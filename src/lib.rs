@@ -10,6 +10,7 @@ pub mod config;
 pub mod demo;
 pub mod dispatcher;
 pub mod docs;
+pub mod doctor;
 pub mod early;
 pub mod episode;
 pub mod explain;

@@ -81,6 +81,27 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Report what puts the host at risk: oom_kill_disable without a limit, cgroups that
+    /// can stall and that no policy covers, loans outstanding, [early] thresholds that
+    /// cannot fire, policies that match nothing. Reads only. Exit 0 nothing found,
+    /// 1 findings, 2 error.
+    Doctor {
+        #[arg(long, default_value = config::DEFAULT_POLICIES)]
+        policies: PathBuf,
+        /// Cgroup hierarchy or a subtree: only what is below it is reported
+        /// [default: /sys/fs/cgroup/memory, else /sys/fs/cgroup].
+        #[arg(long)]
+        cgroup_root: Option<PathBuf>,
+        /// Where the agent journals its loans.
+        #[arg(long, default_value = config::DEFAULT_STATE)]
+        state_dir: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Development only: skip the owner and mode checks.
+        #[arg(long)]
+        insecure_policies: bool,
+    },
     /// Self-contained show of a stall and its rescue (root, cgroup v1).
     Demo {
         #[arg(long)]
@@ -95,6 +116,49 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+}
+
+/// `oomwake doctor`: exit 0 nothing found, 1 findings, 2 the scan could not be done.
+fn doctor(
+    policies: &std::path::Path,
+    cgroup_root: Option<PathBuf>,
+    state_dir: &std::path::Path,
+    json: bool,
+    insecure_policies: bool,
+) -> ExitCode {
+    let set = match policy::load_dir_with(policies, trust(insecure_policies)) {
+        Ok(s) => s,
+        Err(errs) => {
+            for e in errs {
+                eprintln!("{e}");
+            }
+            return ExitCode::from(2);
+        }
+    };
+    let root = cgroup_root.unwrap_or_else(|| Config::default().cgroup_root);
+    let report = match oomwake::doctor::run(&set, &root, std::path::Path::new("/proc"), state_dir) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("oomwake doctor: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("oomwake doctor: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        print!("{}", report.text());
+    }
+    if report.findings.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
 }
 
 fn main() -> ExitCode {
@@ -309,6 +373,13 @@ fn cli_main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Cmd::Status { state_dir, json } => status(&state_dir, json),
+        Cmd::Doctor {
+            policies,
+            cgroup_root,
+            state_dir,
+            json,
+            insecure_policies,
+        } => doctor(&policies, cgroup_root, &state_dir, json, insecure_policies),
         Cmd::Demo { cgroup_root } => {
             let root = cgroup_root.unwrap_or_else(|| Config::default().cgroup_root);
             match oomwake::demo::run(&root) {

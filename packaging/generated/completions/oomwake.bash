@@ -28,6 +28,9 @@ _oomwake() {
             oomwake,demo)
                 cmd="oomwake__subcmd__demo"
                 ;;
+            oomwake,doctor)
+                cmd="oomwake__subcmd__doctor"
+                ;;
             oomwake,explain)
                 cmd="oomwake__subcmd__explain"
                 ;;
@@ -52,6 +55,9 @@ _oomwake() {
             oomwake__subcmd__help,demo)
                 cmd="oomwake__subcmd__help__subcmd__demo"
                 ;;
+            oomwake__subcmd__help,doctor)
+                cmd="oomwake__subcmd__help__subcmd__doctor"
+                ;;
             oomwake__subcmd__help,explain)
                 cmd="oomwake__subcmd__help__subcmd__explain"
                 ;;
@@ -71,7 +77,7 @@ _oomwake() {
 
     case "${cmd}" in
         oomwake)
-            opts="-h -V --help --version run check explain status demo __generate __hog help"
+            opts="-h -V --help --version run check explain status doctor demo __generate __hog help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -148,6 +154,32 @@ _oomwake() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        oomwake__subcmd__doctor)
+            opts="-h --policies --cgroup-root --state-dir --json --insecure-policies --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --policies)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --cgroup-root)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --state-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         oomwake__subcmd__explain)
             opts="-h --policies --cgroup-root --insecure-policies --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
@@ -171,7 +203,7 @@ _oomwake() {
             return 0
             ;;
         oomwake__subcmd__help)
-            opts="run check explain status demo __generate __hog help"
+            opts="run check explain status doctor demo __generate __hog help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -227,6 +259,20 @@ _oomwake() {
             return 0
             ;;
         oomwake__subcmd__help__subcmd__demo)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        oomwake__subcmd__help__subcmd__doctor)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )

@@ -30,6 +30,7 @@ complete -c oomwake -n "__fish_oomwake_needs_command" -f -a "run" -d 'Watch the 
 complete -c oomwake -n "__fish_oomwake_needs_command" -f -a "check" -d 'Validate policy files: exit 0 ok, 1 invalid, 2 usage'
 complete -c oomwake -n "__fish_oomwake_needs_command" -f -a "explain" -d 'Which policy matches CGROUP (path below the root) and what it would do now'
 complete -c oomwake -n "__fish_oomwake_needs_command" -f -a "status" -d 'What the running agent watches and holds'
+complete -c oomwake -n "__fish_oomwake_needs_command" -f -a "doctor" -d 'Report what puts the host at risk: oom_kill_disable without a limit, cgroups that can stall and that no policy covers, loans outstanding, [early] thresholds that cannot fire, policies that match nothing. Reads only. Exit 0 nothing found, 1 findings, 2 error'
 complete -c oomwake -n "__fish_oomwake_needs_command" -f -a "demo" -d 'Self-contained show of a stall and its rescue (root, cgroup v1)'
 complete -c oomwake -n "__fish_oomwake_needs_command" -f -a "__generate" -d 'Writes the man pages and shell completions into DIR (packaging)'
 complete -c oomwake -n "__fish_oomwake_needs_command" -f -a "__hog" -d 'The memory hog used by the demo'
@@ -53,15 +54,22 @@ complete -c oomwake -n "__fish_oomwake_using_subcommand explain" -s h -l help -d
 complete -c oomwake -n "__fish_oomwake_using_subcommand status" -l state-dir -r -F
 complete -c oomwake -n "__fish_oomwake_using_subcommand status" -l json -d 'Print the raw status JSON'
 complete -c oomwake -n "__fish_oomwake_using_subcommand status" -s h -l help -d 'Print help'
+complete -c oomwake -n "__fish_oomwake_using_subcommand doctor" -l policies -r -F
+complete -c oomwake -n "__fish_oomwake_using_subcommand doctor" -l cgroup-root -d 'Cgroup hierarchy or a subtree: only what is below it is reported [default: /sys/fs/cgroup/memory, else /sys/fs/cgroup]' -r -F
+complete -c oomwake -n "__fish_oomwake_using_subcommand doctor" -l state-dir -d 'Where the agent journals its loans' -r -F
+complete -c oomwake -n "__fish_oomwake_using_subcommand doctor" -l json -d 'Print the report as JSON'
+complete -c oomwake -n "__fish_oomwake_using_subcommand doctor" -l insecure-policies -d 'Development only: skip the owner and mode checks'
+complete -c oomwake -n "__fish_oomwake_using_subcommand doctor" -s h -l help -d 'Print help'
 complete -c oomwake -n "__fish_oomwake_using_subcommand demo" -l cgroup-root -r -F
 complete -c oomwake -n "__fish_oomwake_using_subcommand demo" -s h -l help -d 'Print help'
 complete -c oomwake -n "__fish_oomwake_using_subcommand __generate" -s h -l help -d 'Print help'
 complete -c oomwake -n "__fish_oomwake_using_subcommand __hog" -s h -l help -d 'Print help'
-complete -c oomwake -n "__fish_oomwake_using_subcommand help; and not __fish_seen_subcommand_from run check explain status demo __generate __hog help" -f -a "run" -d 'Watch the hierarchy and resolve OOM stalls by policy (root)'
-complete -c oomwake -n "__fish_oomwake_using_subcommand help; and not __fish_seen_subcommand_from run check explain status demo __generate __hog help" -f -a "check" -d 'Validate policy files: exit 0 ok, 1 invalid, 2 usage'
-complete -c oomwake -n "__fish_oomwake_using_subcommand help; and not __fish_seen_subcommand_from run check explain status demo __generate __hog help" -f -a "explain" -d 'Which policy matches CGROUP (path below the root) and what it would do now'
-complete -c oomwake -n "__fish_oomwake_using_subcommand help; and not __fish_seen_subcommand_from run check explain status demo __generate __hog help" -f -a "status" -d 'What the running agent watches and holds'
-complete -c oomwake -n "__fish_oomwake_using_subcommand help; and not __fish_seen_subcommand_from run check explain status demo __generate __hog help" -f -a "demo" -d 'Self-contained show of a stall and its rescue (root, cgroup v1)'
-complete -c oomwake -n "__fish_oomwake_using_subcommand help; and not __fish_seen_subcommand_from run check explain status demo __generate __hog help" -f -a "__generate" -d 'Writes the man pages and shell completions into DIR (packaging)'
-complete -c oomwake -n "__fish_oomwake_using_subcommand help; and not __fish_seen_subcommand_from run check explain status demo __generate __hog help" -f -a "__hog" -d 'The memory hog used by the demo'
-complete -c oomwake -n "__fish_oomwake_using_subcommand help; and not __fish_seen_subcommand_from run check explain status demo __generate __hog help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c oomwake -n "__fish_oomwake_using_subcommand help; and not __fish_seen_subcommand_from run check explain status doctor demo __generate __hog help" -f -a "run" -d 'Watch the hierarchy and resolve OOM stalls by policy (root)'
+complete -c oomwake -n "__fish_oomwake_using_subcommand help; and not __fish_seen_subcommand_from run check explain status doctor demo __generate __hog help" -f -a "check" -d 'Validate policy files: exit 0 ok, 1 invalid, 2 usage'
+complete -c oomwake -n "__fish_oomwake_using_subcommand help; and not __fish_seen_subcommand_from run check explain status doctor demo __generate __hog help" -f -a "explain" -d 'Which policy matches CGROUP (path below the root) and what it would do now'
+complete -c oomwake -n "__fish_oomwake_using_subcommand help; and not __fish_seen_subcommand_from run check explain status doctor demo __generate __hog help" -f -a "status" -d 'What the running agent watches and holds'
+complete -c oomwake -n "__fish_oomwake_using_subcommand help; and not __fish_seen_subcommand_from run check explain status doctor demo __generate __hog help" -f -a "doctor" -d 'Report what puts the host at risk: oom_kill_disable without a limit, cgroups that can stall and that no policy covers, loans outstanding, [early] thresholds that cannot fire, policies that match nothing. Reads only. Exit 0 nothing found, 1 findings, 2 error'
+complete -c oomwake -n "__fish_oomwake_using_subcommand help; and not __fish_seen_subcommand_from run check explain status doctor demo __generate __hog help" -f -a "demo" -d 'Self-contained show of a stall and its rescue (root, cgroup v1)'
+complete -c oomwake -n "__fish_oomwake_using_subcommand help; and not __fish_seen_subcommand_from run check explain status doctor demo __generate __hog help" -f -a "__generate" -d 'Writes the man pages and shell completions into DIR (packaging)'
+complete -c oomwake -n "__fish_oomwake_using_subcommand help; and not __fish_seen_subcommand_from run check explain status doctor demo __generate __hog help" -f -a "__hog" -d 'The memory hog used by the demo'
+complete -c oomwake -n "__fish_oomwake_using_subcommand help; and not __fish_seen_subcommand_from run check explain status doctor demo __generate __hog help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'

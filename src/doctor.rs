@@ -1,0 +1,465 @@
+//! `oomwake doctor`: reads the hierarchy, the policies and the journal of loans and
+//! reports what puts the host at risk. It never writes anything (no cgroup file, no
+//! journal repair) and can be run while the agent runs.
+//!
+//! Findings (`kind`):
+//! - `unlimited_kill_disabled` (v1): `oom_kill_disable 1` with no memory limit on the
+//!   cgroup or any ancestor (`hierarchical_memory_limit`): nothing stops it before the
+//!   host runs out, and the kernel will not kill inside it.
+//! - `uncovered` (v1): `oom_kill_disable 1` under a limit, so it can stall, and no policy
+//!   covers it (policies that match by container metadata are not evaluated here).
+//! - `loan_outstanding`: a limit the agent lent and has not given back (the journal in
+//!   the state dir); `hold_expired` when its hold is over.
+//! - `early_cannot_work`: a covered cgroup whose policy's `[early]` threshold cannot
+//!   fire: at or above the limit, or at or below current usage (it fired already, or
+//!   never will until usage drops).
+//! - `policy_matches_nothing`: a policy that covers no cgroup below the root (one that
+//!   matches by container metadata is reported as not checked).
+
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::cgroup::{self, parse::is_unlimited, CgroupPath, Controller, Hierarchy, Kind};
+use crate::journal::{Journal, LoanRecord};
+use crate::policy::PolicySet;
+
+/// One thing that puts the host at risk.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Finding {
+    pub kind: &'static str,
+    /// The cgroup concerned (below the root), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<CgroupPath>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    pub message: String,
+}
+
+/// What `doctor` found.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub cgroup_root: std::path::PathBuf,
+    pub kind: Kind,
+    /// Cgroups read.
+    pub scanned: usize,
+    pub findings: Vec<Finding>,
+    /// What could not be checked (not a finding): e.g. container-matched policies.
+    pub notes: Vec<String>,
+}
+
+/// The doctor could not do its job (exit 2).
+#[derive(Debug, thiserror::Error)]
+pub enum DoctorError {
+    #[error("{0}")]
+    Hierarchy(#[from] cgroup::CgroupError),
+}
+
+/// Scans the hierarchy at `cgroup_root` (or a subtree of it) against `policies` and the
+/// loans journaled in `state_dir`.
+pub fn run(
+    policies: &PolicySet,
+    cgroup_root: &Path,
+    proc_root: &Path,
+    state_dir: &Path,
+) -> Result<Report, DoctorError> {
+    let ctl = cgroup::open(Hierarchy::detect(cgroup_root, proc_root)?)?;
+    let loans = Journal::read_only(state_dir)
+        .load()
+        .map_err(|e| e.to_string());
+    Ok(diagnose(ctl.as_ref(), policies, loans, now_ms()))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+}
+
+/// The checks, on any controller (a TempDir fake in unit tests).
+pub fn diagnose(
+    ctl: &dyn Controller,
+    policies: &PolicySet,
+    loans: Result<Vec<LoanRecord>, String>,
+    now_unix_ms: u64,
+) -> Report {
+    let h = ctl.hierarchy();
+    let v1 = h.kind() == Kind::V1;
+    let mut findings = Vec::new();
+    let mut notes = Vec::new();
+    let all = h.walk(&CgroupPath::root());
+    let mut used = vec![false; policies.policies().len()];
+    let mut scanned = 0;
+    for cg in &all {
+        let Ok(Some(st)) = ctl.oom_state(cg) else {
+            continue;
+        };
+        scanned += 1;
+        let kill_disabled = v1 && st.oom_kill_disable;
+        let selected = policies.select(cg, kill_disabled, None);
+        if let Some(p) = selected {
+            if let Some(i) = policies.policies().iter().position(|q| q.name == p.name) {
+                used[i] = true;
+            }
+        }
+        // The hierarchy root is the host (or the root the agent was given): not a
+        // workload of its own.
+        if cg.is_root() {
+            continue;
+        }
+        let limit = ctl.limits(cg).ok().flatten().map(|l| l.memory);
+        if kill_disabled {
+            let effective = ctl
+                .stat(cg)
+                .ok()
+                .flatten()
+                .and_then(|s| s.get("hierarchical_memory_limit").copied())
+                .or(limit);
+            match effective {
+                Some(l) if !is_unlimited(l) => {
+                    if selected.is_none() {
+                        findings.push(Finding {
+                            kind: "uncovered",
+                            cgroup: Some(cg.clone()),
+                            policy: None,
+                            message: format!(
+                                "oom_kill_disable 1 under a limit of {}: it can stall at its wall, and no policy covers it",
+                                mib(l)
+                            ),
+                        });
+                    }
+                }
+                _ => findings.push(Finding {
+                    kind: "unlimited_kill_disabled",
+                    cgroup: Some(cg.clone()),
+                    policy: selected.map(|p| p.name.clone()),
+                    message: "oom_kill_disable 1 with no memory limit here or above: it can take the whole host, and the kernel will not kill inside it".to_string(),
+                }),
+            }
+        }
+        if let (Some(p), Some(l)) = (selected, limit) {
+            if let Some(early) = &p.early {
+                let usage = ctl.usage(cg).ok().flatten();
+                let why = match (early.threshold(l), usage) {
+                    (None, _) if is_unlimited(l) => Some("the cgroup has no limit".to_string()),
+                    (None, _) => Some(format!("the threshold is not below the limit {}", mib(l))),
+                    (Some(t), Some(u)) if t <= u => Some(format!(
+                        "the threshold {} is at or below current usage {}",
+                        mib(t),
+                        mib(u)
+                    )),
+                    _ => None,
+                };
+                if let Some(why) = why {
+                    findings.push(Finding {
+                        kind: "early_cannot_work",
+                        cgroup: Some(cg.clone()),
+                        policy: Some(p.name.clone()),
+                        message: format!("[early] cannot fire: {why}"),
+                    });
+                }
+            }
+        }
+    }
+    for (p, used) in policies.policies().iter().zip(used) {
+        if used {
+            continue;
+        }
+        if p.matcher.needs_container() {
+            notes.push(format!(
+                "policy {} ({}) matches by container metadata: not checked",
+                p.name, p.source
+            ));
+            continue;
+        }
+        let wants_kill_disable = v1 && p.matcher.require_oom_kill_disable;
+        findings.push(Finding {
+            kind: "policy_matches_nothing",
+            cgroup: None,
+            policy: Some(p.name.clone()),
+            message: format!(
+                "{}: covers no cgroup below the root{}",
+                p.source,
+                if wants_kill_disable {
+                    " (among those with oom_kill_disable 1)"
+                } else {
+                    ""
+                }
+            ),
+        });
+    }
+    match loans {
+        Ok(loans) => {
+            for l in loans {
+                // A loan of a cgroup outside this root (a subtree given as the root) is
+                // not this scan's.
+                if !all.contains(&l.cgroup) {
+                    notes.push(format!(
+                        "a loan on {} is journaled, and no such cgroup is below the root (gone, or outside this scan)",
+                        l.cgroup
+                    ));
+                    continue;
+                }
+                let expired = l.hold_until_unix_ms <= now_unix_ms;
+                findings.push(Finding {
+                    kind: "loan_outstanding",
+                    cgroup: Some(l.cgroup.clone()),
+                    policy: Some(l.policy.clone()),
+                    message: format!(
+                        "limit lent: {} -> {} (episode {}){}",
+                        mib(l.original.memory),
+                        mib(l.lent.memory),
+                        l.episode,
+                        if expired {
+                            ", hold_expired: usage is still above the original limit or the agent is not running"
+                        } else {
+                            ""
+                        }
+                    ),
+                });
+            }
+        }
+        Err(e) => notes.push(format!("the journal of loans could not be read: {e}")),
+    }
+    Report {
+        cgroup_root: h.root().to_path_buf(),
+        kind: h.kind(),
+        scanned,
+        findings,
+        notes,
+    }
+}
+
+impl Report {
+    /// The text form: one line per finding, then the notes.
+    pub fn text(&self) -> String {
+        use std::fmt::Write;
+        let mut o = String::new();
+        for f in &self.findings {
+            let _ = write!(o, "{}", f.kind);
+            if let Some(c) = &f.cgroup {
+                let _ = write!(o, " {c}");
+            }
+            if let Some(p) = &f.policy {
+                let _ = write!(o, " [policy {p}]");
+            }
+            let _ = writeln!(o, ": {}", f.message);
+        }
+        for n in &self.notes {
+            let _ = writeln!(o, "note: {n}");
+        }
+        let _ = writeln!(
+            o,
+            "{} cgroup(s) read below {}: {}",
+            self.scanned,
+            self.cgroup_root.display(),
+            match self.findings.len() {
+                0 => "nothing found".to_string(),
+                1 => "1 finding".to_string(),
+                n => format!("{n} findings"),
+            }
+        );
+        o
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cgroup::v1::V1;
+    use crate::cgroup::Limits;
+    use crate::policy::load_str;
+
+    const MIB: u64 = 1 << 20;
+    const UNLIMITED: u64 = 9223372036854771712;
+
+    fn cgroup(root: &Path, rel: &str, kill_disable: bool, limit: u64, usage: u64) {
+        let d = root.join(rel.trim_start_matches('/'));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(
+            d.join("memory.oom_control"),
+            format!("oom_kill_disable {}\nunder_oom 0\n", u8::from(kill_disable)),
+        )
+        .unwrap();
+        std::fs::write(d.join("memory.limit_in_bytes"), format!("{limit}\n")).unwrap();
+        std::fs::write(d.join("memory.usage_in_bytes"), format!("{usage}\n")).unwrap();
+    }
+
+    fn hier_limit(root: &Path, rel: &str, limit: u64) {
+        let d = root.join(rel.trim_start_matches('/'));
+        std::fs::write(
+            d.join("memory.stat"),
+            format!("cache 0\nhierarchical_memory_limit {limit}\n"),
+        )
+        .unwrap();
+    }
+
+    fn set(policies: &[&str]) -> PolicySet {
+        PolicySet::new(
+            policies
+                .iter()
+                .enumerate()
+                .map(|(i, t)| load_str(t, &format!("p{i}.toml")).unwrap())
+                .collect(),
+            false,
+        )
+    }
+
+    fn kinds(r: &Report) -> Vec<(&'static str, String)> {
+        r.findings
+            .iter()
+            .map(|f| {
+                (
+                    f.kind,
+                    f.cgroup
+                        .as_ref()
+                        .map(|c| c.to_string())
+                        .or(f.policy.clone())
+                        .unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+
+    const STEP: &str = "[[step]]\naction = \"reclaim\"\n";
+
+    #[test]
+    fn a_clean_tree_has_no_findings() {
+        let t = tempfile::tempdir().unwrap();
+        cgroup(t.path(), "", false, UNLIMITED, 0);
+        cgroup(t.path(), "/app", true, 64 * MIB, 10 * MIB);
+        let p = set(&[&format!(
+            "name = \"app\"\n[match]\ncgroup = [\"/app\"]\n{STEP}"
+        )]);
+        let ctl = V1::new(Hierarchy::fake(t.path(), Kind::V1));
+        let r = diagnose(&ctl, &p, Ok(vec![]), 0);
+        assert_eq!(kinds(&r), vec![]);
+        assert_eq!(r.scanned, 2);
+        assert!(r.text().contains("nothing found"));
+    }
+
+    #[test]
+    fn finds_each_risk() {
+        let t = tempfile::tempdir().unwrap();
+        let r0 = t.path();
+        cgroup(r0, "", false, UNLIMITED, 0);
+        // No limit anywhere: the host can run out.
+        cgroup(r0, "/free", true, UNLIMITED, 0);
+        hier_limit(r0, "/free", UNLIMITED);
+        // No limit of its own, but its parent has one: it stalls there, not a host risk.
+        cgroup(r0, "/pod", false, 128 * MIB, 0);
+        cgroup(r0, "/pod/c", true, UNLIMITED, 0);
+        hier_limit(r0, "/pod/c", 128 * MIB);
+        // Can stall, nobody covers it.
+        cgroup(r0, "/orphan", true, 64 * MIB, 0);
+        // Covered, but the early threshold is below usage already.
+        cgroup(r0, "/app", true, 100 * MIB, 90 * MIB);
+        // oom_kill_disable 0: cannot stall (v1), so not uncovered.
+        cgroup(r0, "/killable", false, 64 * MIB, 0);
+        let p = set(&[
+            &format!(
+                "name = \"app\"\n[match]\ncgroup = [\"/app\", \"/pod/c\"]\n{STEP}[early]\nat = \"75%\"\n[[early.step]]\naction = \"reclaim\"\n"
+            ),
+            &format!("name = \"ghost\"\n[match]\ncgroup = [\"/nowhere/*\"]\n{STEP}"),
+            &format!("name = \"docker\"\n[match]\nimage = [\"x:*\"]\n{STEP}"),
+        ]);
+        let ctl = V1::new(Hierarchy::fake(r0, Kind::V1));
+        let loan = LoanRecord {
+            cgroup: CgroupPath::new("/app"),
+            policy: "app".into(),
+            episode: 7,
+            original: Limits {
+                memory: 64 * MIB,
+                memsw: None,
+                high: None,
+            },
+            lent: Limits {
+                memory: 100 * MIB,
+                memsw: None,
+                high: None,
+            },
+            change: None,
+            started_unix_ms: 1000,
+            hold_until_unix_ms: 2000,
+            restore_below_bytes: 0,
+            restore_after_ms: 0,
+            resume_step: 1,
+        };
+        let r = diagnose(&ctl, &p, Ok(vec![loan]), 5000);
+        let mut got = kinds(&r);
+        got.sort();
+        assert_eq!(
+            got,
+            vec![
+                ("early_cannot_work", "/app".to_string()),
+                // No limit of its own: no threshold to register.
+                ("early_cannot_work", "/pod/c".to_string()),
+                ("loan_outstanding", "/app".to_string()),
+                ("policy_matches_nothing", "ghost".to_string()),
+                ("uncovered", "/orphan".to_string()),
+                ("unlimited_kill_disabled", "/free".to_string()),
+            ]
+        );
+        let loan = r
+            .findings
+            .iter()
+            .find(|f| f.kind == "loan_outstanding")
+            .unwrap();
+        assert!(loan.message.contains("hold_expired"), "{}", loan.message);
+        assert!(
+            r.notes.iter().any(|n| n.contains("docker")),
+            "{:?}",
+            r.notes
+        );
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["findings"].as_array().unwrap().len(), 6);
+    }
+
+    #[test]
+    fn an_unreadable_journal_is_a_note() {
+        let t = tempfile::tempdir().unwrap();
+        cgroup(t.path(), "", false, UNLIMITED, 0);
+        let ctl = V1::new(Hierarchy::fake(t.path(), Kind::V1));
+        let r = diagnose(&ctl, &set(&[]), Err("bad line".into()), 0);
+        assert!(r.findings.is_empty());
+        assert!(r.notes[0].contains("bad line"));
+    }
+
+    #[test]
+    fn reads_without_writing() {
+        let t = tempfile::tempdir().unwrap();
+        cgroup(t.path(), "", false, UNLIMITED, 0);
+        cgroup(t.path(), "/orphan", true, 64 * MIB, 0);
+        let before = snapshot(t.path());
+        let ctl = V1::new(Hierarchy::fake(t.path(), Kind::V1));
+        let state = t.path().join("no-state");
+        let loans = Journal::read_only(&state).load().map_err(|e| e.to_string());
+        let r = diagnose(&ctl, &set(&[]), loans, 0);
+        assert_eq!(kinds(&r), vec![("uncovered", "/orphan".to_string())]);
+        assert_eq!(snapshot(t.path()), before);
+        assert!(!state.exists());
+    }
+
+    fn snapshot(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    out.push((p.clone(), std::fs::read(&p).unwrap()));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+}
