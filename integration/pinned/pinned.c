@@ -1,15 +1,16 @@
 /* A workload pinned at its memory limit that the kernel never reports as an OOM: it
  * fills the cgroup with pipe buffers (kernel memory charged to the cgroup, which the
  * kernel refuses with ENOMEM at the limit instead of entering the OOM wait), then keeps
- * retrying one more write every 20 ms. memory.failcnt rises, usage sits at the limit,
+ * retrying one more write every RETRY_MS (default 20 ms). memory.failcnt rises, usage sits at the limit,
  * there is no page cache to reclaim and under_oom stays 0: stuck, and silent.
  *
- * Usage: pinned CGROUP_DIR
+ * Usage: pinned CGROUP_DIR [RETRY_MS]
  * Prints "filled <pipes>" once at the wall, and "progress <ms stuck> <failed writes>"
  * and exits when a write succeeds again (someone made room).
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <stdlib.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
@@ -42,10 +43,11 @@ static int fill_one(int i) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 2) {
-        fprintf(stderr, "usage: pinned CGROUP_DIR\n");
+    if (argc != 2 && argc != 3) {
+        fprintf(stderr, "usage: pinned CGROUP_DIR [RETRY_MS]\n");
         return 2;
     }
+    long retry_ms = argc == 3 ? atol(argv[2]) : 20;
     memset(chunk, 'x', sizeof chunk);
     /* stdout's buffer is allocated now, not at the wall. */
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -74,7 +76,7 @@ int main(int argc, char **argv) {
     printf("filled %d\n", n);
     double since = now_ms();
     long failed = 1;
-    struct timespec pause = {0, 20 * 1000 * 1000};
+    struct timespec pause = {retry_ms / 1000, (retry_ms % 1000) * 1000 * 1000};
     for (;;) {
         nanosleep(&pause, NULL);
         int e = fill_one(n);
