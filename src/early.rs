@@ -125,8 +125,9 @@ pub fn may_repeat(last: Option<Instant>, now: Instant) -> bool {
     last.is_none_or(|l| now.saturating_duration_since(l) >= REPEAT_GAP)
 }
 
-/// True if usage at `fired` is an upward crossing of `threshold` (the kernel signals
-/// crossings in both directions; one downward is no new early episode).
+/// True if `usage`, read when the threshold's eventfd fired, means the crossing was
+/// upwards (the kernel signals crossings in both directions; one downward is no new
+/// early episode).
 pub fn is_upward(usage: u64, threshold: u64) -> bool {
     usage >= threshold
 }
