@@ -7,6 +7,7 @@ pub mod agent;
 pub mod audit;
 pub mod cgroup;
 pub mod config;
+pub mod container;
 pub mod demo;
 pub mod dispatcher;
 pub mod docs;
