@@ -14,6 +14,7 @@ mod core_paths;
 mod core_stderr;
 mod docker;
 mod doctor;
+mod docker_meta;
 mod early;
 mod episodes;
 mod episodes_lifecycle;

@@ -50,10 +50,16 @@ pub fn run(cfg: Config, policies: PolicySet, reload: crate::config::Reload) -> a
     let found = journal.recover()?;
     let holds = crate::hold::Holds::open(&cfg.state_dir)
         .with_context(|| "cannot read the journal of held memory.high values; refusing to start")?;
+    let containers = match &cfg.docker_socket {
+        Some(sock) => crate::container::Containers::start(sock, !cfg.docker_socket_explicit)
+            .with_context(|| format!("starting the Docker client for {}", sock.display()))?,
+        None => Arc::new(crate::container::Containers::disabled()),
+    };
     let audit = match &cfg.audit_log {
         Some(p) => Audit::file(p)?,
         None => Audit::stderr(),
-    };
+    }
+    .with_containers(containers.clone());
     let (tx, rx) = crossbeam_channel::unbounded();
     let moves = Arc::new(crate::early::Moves::new()?);
     let loans = LoanBook::new(Some(journal));
@@ -74,6 +80,7 @@ pub fn run(cfg: Config, policies: PolicySet, reload: crate::config::Reload) -> a
         stop: AtomicBool::new(false),
         holds,
         moves,
+        containers,
     });
     loan::keeper::recover(&shared, found);
 
@@ -210,7 +217,8 @@ fn warn_if_inside_managed(shared: &Shared, cfg: &Config) {
     let policies = shared.policies();
     let mut cg = Some(own.clone());
     while let Some(c) = cg {
-        if !c.is_root() && policies.could_match(&c, None) {
+        let info = shared.container_info(&c);
+        if !c.is_root() && policies.could_match(&c, info.as_deref().map(|m| &m.info)) {
             log::warn!(
                 "the agent runs inside {own}, which a policy manages ({c}): a stall there cannot be journaled until the kernel frees a page; run the agent in a cgroup of its own"
             );

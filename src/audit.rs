@@ -169,11 +169,16 @@ fn writer(mut sink: Sink, rx: crossbeam_channel::Receiver<Msg>, dropped: Arc<Ato
 pub struct Audit {
     /// `None` for stderr, whose queue is the process-wide one of [`stderr_queue`].
     file: Option<(PathBuf, LineQueue)>,
+    /// Names and images of containers for the lines about them.
+    containers: Option<Arc<crate::container::Containers>>,
 }
 
 impl Audit {
     pub fn stderr() -> Audit {
-        Audit { file: None }
+        Audit {
+            file: None,
+            containers: None,
+        }
     }
 
     pub fn file(path: &Path) -> io::Result<Audit> {
@@ -183,6 +188,7 @@ impl Audit {
                 path.to_path_buf(),
                 LineQueue::start(Sink::File(file), "audit")?,
             )),
+            containers: None,
         })
     }
 
@@ -203,8 +209,17 @@ impl Audit {
             .map_err(|_| io::Error::other("the audit writer is not keeping up"))
     }
 
-    /// Queues the line; never waits for the sink.
-    pub fn log(&self, rec: Record) {
+    /// Lines about a container cgroup name the container from this cache.
+    pub fn with_containers(mut self, c: Arc<crate::container::Containers>) -> Audit {
+        self.containers = Some(c);
+        self
+    }
+
+    /// Queues the line; never waits for the sink. A line about a container cgroup gets
+    /// `container_id` (and `pod_uid`), and `container_name`, `image` and the compose
+    /// project and service when known.
+    pub fn log(&self, mut rec: Record) {
+        add_container_fields(&mut rec, self.containers.as_deref());
         let mut line = rec.to_line();
         line.push('\n');
         match self.queue() {
@@ -232,6 +247,36 @@ impl Audit {
 impl Drop for Audit {
     fn drop(&mut self) {
         self.flush(DRAIN_TIMEOUT);
+    }
+}
+
+/// The container fields of a line (see [`Audit::log`]); nothing for other cgroups.
+fn add_container_fields(rec: &mut Record, containers: Option<&crate::container::Containers>) {
+    let Some(Value::String(cg)) = rec.get("cgroup") else {
+        return;
+    };
+    let Some(ident) = crate::container::identify(cg.as_bytes()) else {
+        return;
+    };
+    let meta = match (&ident.container_id, containers) {
+        (Some(id), Some(c)) if ident.is_container() => c.get(id),
+        _ => None,
+    };
+    if let Some(id) = ident.container_id {
+        rec.set("container_id", id);
+    }
+    if let Some(pod) = ident.pod_uid {
+        rec.set("pod_uid", pod);
+    }
+    if let Some(m) = meta {
+        rec.set("container_name", m.info.name.clone());
+        rec.set("image", m.info.image.clone());
+        if let Some(p) = m.compose_project() {
+            rec.set("compose_project", p);
+        }
+        if let Some(s) = m.compose_service() {
+            rec.set("compose_service", s);
+        }
     }
 }
 
@@ -341,6 +386,61 @@ mod tests {
     use super::*;
 
     #[test]
+    fn lines_about_a_container_name_it() {
+        use crate::container::{Containers, Meta};
+        let id = "c".repeat(64);
+        let mut labels = std::collections::BTreeMap::new();
+        labels.insert("com.docker.compose.project".to_string(), "shop".to_string());
+        labels.insert("com.docker.compose.service".to_string(), "api".to_string());
+        let cache = Arc::new(Containers::fixed(vec![Meta {
+            id: id.clone(),
+            info: crate::policy::ContainerInfo {
+                name: "api-1".into(),
+                image: "registry.local/api:3".into(),
+                labels,
+            },
+        }]));
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("audit.jsonl");
+        let a = Audit::file(&path).unwrap().with_containers(cache);
+        let other = "d".repeat(64);
+        let uid = "0d4c8e6a-1b2c-4d5e-8f90-a1b2c3d4e5f6";
+        a.log(Record::new("oom", &CgroupPath::new(&format!("/docker/{id}"))).with("episode", 1));
+        a.log(Record::new(
+            "watch",
+            &CgroupPath::new(&format!("/system.slice/docker-{other}.scope")),
+        ));
+        a.log(Record::new(
+            "watch",
+            &CgroupPath::new(&format!("/kubepods/burstable/pod{uid}")),
+        ));
+        a.log(Record::new(
+            "watch",
+            &CgroupPath::new("/system.slice/cron.service"),
+        ));
+        assert!(a.flush(Duration::from_secs(5)));
+        let text = std::fs::read_to_string(&path).unwrap();
+        let v: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(v[0]["container_id"], id.as_str());
+        assert_eq!(v[0]["container_name"], "api-1");
+        assert_eq!(v[0]["image"], "registry.local/api:3");
+        assert_eq!(v[0]["compose_project"], "shop");
+        assert_eq!(v[0]["compose_service"], "api");
+        assert_eq!(v[0]["episode"], 1);
+        // Unknown to the engine: the id from the path, nothing invented.
+        assert_eq!(v[1]["container_id"], other.as_str());
+        assert!(v[1].get("container_name").is_none());
+        assert!(v[1].get("image").is_none());
+        assert_eq!(v[2]["pod_uid"], uid);
+        assert!(v[2].get("container_id").is_none());
+        assert!(v[3].get("container_id").is_none());
+        assert!(v[3].get("pod_uid").is_none());
+    }
+
+    #[test]
     fn lines_are_json_with_leading_fields() {
         let t = tempfile::tempdir().unwrap();
         let path = t.path().join("audit.jsonl");
@@ -377,6 +477,7 @@ mod tests {
                 PathBuf::from("/pipe"),
                 LineQueue::start(Sink::File(File::from(w)), "audit-test").unwrap(),
             )),
+            containers: None,
         };
         let n = QUEUE_LINES * 3;
         let started = Instant::now();

@@ -15,6 +15,7 @@ use crate::policy::{LoadError, PolicySet, Trust};
 pub const DEFAULT_CONFIG: &str = "/etc/oomwake/oomwake.toml";
 pub const DEFAULT_POLICIES: &str = "/etc/oomwake/policies";
 pub const DEFAULT_STATE: &str = "/var/lib/oomwake";
+pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -46,6 +47,12 @@ pub struct Config {
     /// Longest wait between two retries of a stall its policy could not resolve (the
     /// waits double from 1 s up to this).
     pub unresolved_retry_max: Duration,
+    /// The Docker Engine API socket for container names, labels and images (`none`:
+    /// off). The default is used when present, and quietly retried when not.
+    pub docker_socket: Option<PathBuf>,
+    /// True when the socket was named (config or flag): its absence is then worth a
+    /// warning.
+    pub docker_socket_explicit: bool,
 }
 
 impl Default for Config {
@@ -73,6 +80,8 @@ impl Default for Config {
             mlock: true,
             trust: Trust::Strict,
             unresolved_retry_max: Duration::from_secs(300),
+            docker_socket: Some(DEFAULT_DOCKER_SOCKET.into()),
+            docker_socket_explicit: false,
         }
     }
 }
@@ -96,6 +105,7 @@ struct RawConfig {
     events: Option<bool>,
     mlock: Option<bool>,
     unresolved_retry_max: Option<Spanned<Dur>>,
+    docker_socket: Option<String>,
 }
 
 /// The shortest interval accepted for a timer or poll: zero would spin a CPU.
@@ -111,6 +121,11 @@ pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     s.parse().map_err(|_| {
         format!("invalid metrics address {s:?}: expected ADDR:PORT, e.g. 127.0.0.1:9717")
     })
+}
+
+/// `docker_socket` / `--docker-socket`: a path, or `none` for no Docker at all.
+pub fn docker_socket(s: &str) -> Option<PathBuf> {
+    (s != "none").then(|| PathBuf::from(s))
 }
 
 /// What a SIGHUP produces: the new policies and the config now in effect (live settings
@@ -162,6 +177,10 @@ impl Config {
             None => Ok(default),
         };
         let workers = count(raw.workers, "workers", d.workers)?;
+        let (docker_socket, docker_socket_explicit) = match raw.docker_socket.as_deref() {
+            Some(s) => (docker_socket(s), true),
+            None => (d.docker_socket, false),
+        };
         Ok(Config {
             policies: raw.policies.unwrap_or(d.policies),
             cgroup_root: raw.cgroup_root.unwrap_or(d.cgroup_root),
@@ -188,6 +207,8 @@ impl Config {
                 "unresolved_retry_max",
                 d.unresolved_retry_max,
             )?,
+            docker_socket,
+            docker_socket_explicit,
         })
     }
 
@@ -220,7 +241,8 @@ impl Config {
             events,
             mlock,
             trust,
-            unresolved_retry_max
+            unresolved_retry_max,
+            docker_socket
         );
         kept
     }
@@ -240,6 +262,24 @@ mod tests {
         let c = Config::load(Path::new("/nonexistent/oomwake.toml")).unwrap();
         assert_eq!(c.sweep_interval, Duration::from_secs(1));
         assert!(c.events);
+    }
+
+    #[test]
+    fn docker_socket_default_path_and_none() {
+        let d = Config::parse("", "c.toml").unwrap();
+        assert_eq!(
+            d.docker_socket.as_deref(),
+            Some(Path::new(DEFAULT_DOCKER_SOCKET))
+        );
+        assert!(!d.docker_socket_explicit);
+        let c = Config::parse("docker_socket = \"/run/other.sock\"\n", "c.toml").unwrap();
+        assert_eq!(
+            c.docker_socket.as_deref(),
+            Some(Path::new("/run/other.sock"))
+        );
+        assert!(c.docker_socket_explicit);
+        let n = Config::parse("docker_socket = \"none\"\n", "c.toml").unwrap();
+        assert_eq!(n.docker_socket, None);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use crate::action::{self, Env, LoanBook, StepCtx};
 use crate::cgroup::{self, CgroupPath, Hierarchy};
+use crate::container::Meta;
 use crate::policy::{Mode, Policy, PolicySet};
 
 /// What `explain` found.
@@ -21,8 +22,9 @@ pub fn explain(
     cgroup_root: &Path,
     proc_root: &Path,
     cg: &CgroupPath,
+    container: Option<&Meta>,
 ) -> Explanation {
-    let text = explain_text(policies, cgroup_root, proc_root, cg);
+    let text = explain_text(policies, cgroup_root, proc_root, cg, container);
     let missing = Hierarchy::detect(cgroup_root, proc_root)
         .and_then(cgroup::open)
         .is_ok_and(|c| matches!(c.oom_state(cg), Ok(None)));
@@ -34,9 +36,27 @@ fn explain_text(
     cgroup_root: &Path,
     proc_root: &Path,
     cg: &CgroupPath,
+    container: Option<&Meta>,
 ) -> String {
     let mut o = String::new();
     let _ = writeln!(o, "cgroup: {cg}");
+    if let Some(ident) = crate::container::identify(cg.as_bytes()) {
+        let _ = match (ident.is_container(), container) {
+            (true, Some(m)) => writeln!(
+                o,
+                "container: {} (id {}, image {})",
+                m.info.name,
+                crate::container::id::short(&m.id),
+                m.info.image
+            ),
+            (true, None) => writeln!(
+                o,
+                "container: {ident} (name, labels and image unknown: policies by container_name, label or image do not match it)"
+            ),
+            (false, _) => writeln!(o, "container: {ident}"),
+        };
+    }
+    let info = container.map(|m| &m.info);
     let ctl = Hierarchy::detect(cgroup_root, proc_root).and_then(cgroup::open);
     let ctl = match ctl {
         Ok(c) => Some(c),
@@ -83,14 +103,14 @@ fn explain_text(
         _ => {}
     }
     let kill_disabled = state.map(|s| s.oom_kill_disable);
-    let chosen = policies.select(cg, kill_disabled.unwrap_or(true), None);
+    let chosen = policies.select(cg, kill_disabled.unwrap_or(true), info);
     let Some(p) = chosen else {
         let v2 = ctl
             .as_ref()
             .is_some_and(|c| c.hierarchy().kind() == cgroup::Kind::V2);
-        let why = if policies.could_match(cg, None) && kill_disabled == Some(false) && v2 {
+        let why = if policies.could_match(cg, info) && kill_disabled == Some(false) && v2 {
             "a policy matches, but memory.max is not set: nothing to watch on v2"
-        } else if policies.could_match(cg, None) && kill_disabled == Some(false) {
+        } else if policies.could_match(cg, info) && kill_disabled == Some(false) {
             "a policy matches, but oom_kill_disable is 0: the kernel OOM killer handles this cgroup"
         } else {
             "no policy matches"
@@ -112,7 +132,7 @@ fn explain_text(
     let others: Vec<&Arc<Policy>> = policies
         .policies()
         .iter()
-        .filter(|q| q.name != p.name && q.matcher.matches(cg, None))
+        .filter(|q| q.name != p.name && q.matcher.matches(cg, info))
         .collect();
     for q in others {
         let _ = writeln!(o, "  also matches: {} (priority {})", q.name, q.priority);
@@ -215,6 +235,7 @@ mod tests {
             t.path(),
             Path::new("/proc"),
             &CgroupPath::new("/docker/x"),
+            None,
         );
         assert!(!e.missing, "no hierarchy: nothing is known to be missing");
         let out = e.text;
@@ -236,6 +257,7 @@ mod tests {
             t.path(),
             Path::new("/proc"),
             &CgroupPath::new("/docker/x"),
+            None,
         )
         .text;
         assert!(

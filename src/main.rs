@@ -52,6 +52,10 @@ enum Cmd {
         /// root's or are writable by group or others.
         #[arg(long)]
         insecure_policies: bool,
+        /// Docker Engine API socket for container names, labels and images, or `none`
+        /// [default: /var/run/docker.sock, used when present].
+        #[arg(long, value_name = "PATH|none")]
+        docker_socket: Option<String>,
     },
     /// Validate policy files: exit 0 ok, 1 invalid, 2 usage.
     Check {
@@ -62,7 +66,8 @@ enum Cmd {
         #[arg(long)]
         insecure_policies: bool,
     },
-    /// Which policy matches CGROUP (path below the root) and what it would do now.
+    /// Which policy matches CGROUP (path below the root, or a Docker container's name
+    /// or id) and what it would do now.
     Explain {
         #[arg(long, default_value = config::DEFAULT_POLICIES)]
         policies: PathBuf,
@@ -71,6 +76,10 @@ enum Cmd {
         /// Development only: skip the owner and mode checks.
         #[arg(long)]
         insecure_policies: bool,
+        /// Docker Engine API socket, or `none`.
+        #[arg(long, value_name = "PATH|none", default_value = config::DEFAULT_DOCKER_SOCKET)]
+        docker_socket: String,
+        #[arg(value_name = "CGROUP|CONTAINER")]
         cgroup: String,
     },
     /// What the running agent watches and holds.
@@ -161,6 +170,56 @@ fn doctor(
     }
 }
 
+/// What `explain` is about: a cgroup path (with `/`), or a container the engine knows by
+/// that name or id (its cgroup read from its first process), and the container's
+/// metadata when there is one.
+fn explain_target(
+    arg: &str,
+    root: &std::path::Path,
+    engine: Option<&oomwake::container::docker::Engine>,
+) -> Result<(CgroupPath, Option<oomwake::container::Meta>), String> {
+    let proc_root = std::path::Path::new("/proc");
+    if !arg.contains('/') {
+        if let Some(e) = engine {
+            match e.inspect_with_pid(arg) {
+                Ok(Some((meta, Some(pid)))) => {
+                    let text = std::fs::read(proc_root.join(format!("{pid}/cgroup")))
+                        .map_err(|err| format!("container {arg}: /proc/{pid}/cgroup: {err}"))?;
+                    let h = oomwake::cgroup::Hierarchy::detect(root, proc_root)
+                        .map_err(|err| err.to_string())?;
+                    let cg = oomwake::cgroup::parse::proc_memory_cgroup_bytes(&text)
+                        .and_then(|p| h.from_proc_path(p))
+                        .ok_or_else(|| {
+                            format!(
+                                "container {arg}: its memory cgroup is not below {}",
+                                root.display()
+                            )
+                        })?;
+                    return Ok((cg, Some(meta)));
+                }
+                Ok(Some((_, None))) => {
+                    return Err(format!("container {arg} is not running: it has no cgroup"))
+                }
+                Ok(None) => {}
+                Err(err) => log::warn!("docker: {err}; taking {arg:?} as a cgroup path"),
+            }
+        }
+    }
+    // A path from the command line must not leave the root (`..`).
+    let cg = CgroupPath::parse(arg).map_err(|e| e.to_string())?;
+    let id = oomwake::container::identify(cg.as_bytes())
+        .filter(|i| i.is_container())
+        .and_then(|i| i.container_id);
+    let meta = match (id, engine) {
+        (Some(id), Some(e)) => e.inspect(&id).unwrap_or_else(|err| {
+            log::warn!("docker: {err}");
+            None
+        }),
+        _ => None,
+    };
+    Ok((cg, meta))
+}
+
 fn main() -> ExitCode {
     // Before any thread exists: one malloc heap that the agent can reserve and lock.
     oomwake::sys::tune_malloc();
@@ -184,6 +243,7 @@ fn cli_main() -> ExitCode {
             state_dir,
             metrics,
             insecure_policies,
+            docker_socket,
         } => {
             let trust = trust(insecure_policies);
             let build = move || -> Result<Config, String> {
@@ -206,6 +266,10 @@ fn cli_main() -> ExitCode {
                 }
                 if let Some(m) = &metrics {
                     cfg.metrics = Some(config::parse_addr(m)?);
+                }
+                if let Some(d) = &docker_socket {
+                    cfg.docker_socket = config::docker_socket(d);
+                    cfg.docker_socket_explicit = true;
                 }
                 cfg.dry_run |= dry_run;
                 cfg.trust = trust;
@@ -318,13 +382,6 @@ fn cli_main() -> ExitCode {
                                 e.steps.iter().map(|s| s.action.name()).collect();
                             println!("    early at {}: {}", e.at, steps.join(" -> "));
                         }
-                        if p.matcher.needs_container() {
-                            eprintln!(
-                                "warning: {}: matches on container_name/label/image, which need container \
-                                 metadata this version does not read yet: the policy matches nothing",
-                                p.source
-                            );
-                        }
                     }
                     ExitCode::SUCCESS
                 }
@@ -340,11 +397,18 @@ fn cli_main() -> ExitCode {
             policies,
             cgroup_root,
             insecure_policies,
+            docker_socket,
             cgroup,
         } => {
-            // A path from the command line must not leave the root (`..`).
-            let cgroup = match CgroupPath::parse(&cgroup) {
-                Ok(c) => c,
+            let root = cgroup_root.unwrap_or_else(|| Config::default().cgroup_root);
+            let engine = config::docker_socket(&docker_socket).map(|s| {
+                oomwake::container::docker::Engine::new(
+                    &s,
+                    oomwake::container::cache::REQUEST_TIMEOUT,
+                )
+            });
+            let (cgroup, container) = match explain_target(&cgroup, &root, engine.as_ref()) {
+                Ok(t) => t,
                 Err(e) => {
                     eprintln!("oomwake explain: {e}");
                     return ExitCode::from(2);
@@ -359,9 +423,13 @@ fn cli_main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            let root = cgroup_root.unwrap_or_else(|| Config::default().cgroup_root);
-            let out =
-                oomwake::explain::explain(&set, &root, std::path::Path::new("/proc"), &cgroup);
+            let out = oomwake::explain::explain(
+                &set,
+                &root,
+                std::path::Path::new("/proc"),
+                &cgroup,
+                container.as_ref(),
+            );
             print!("{}", out.text);
             if out.missing {
                 eprintln!(
@@ -518,7 +586,16 @@ fn status(state_dir: &std::path::Path, json: bool) -> ExitCode {
     println!("policies: {}", st.policies.join(", "));
     println!("watched cgroups: {}", st.watched.len());
     for w in &st.watched {
-        println!("  {}  [{}]", w.cgroup, w.policy);
+        let container = match (&w.container_id, &w.container_name) {
+            (Some(id), Some(name)) => format!(
+                "  container {name} ({}, {})",
+                oomwake::container::id::short(id),
+                w.image.as_deref().unwrap_or("?")
+            ),
+            (Some(id), None) => format!("  container {}", oomwake::container::id::short(id)),
+            _ => String::new(),
+        };
+        println!("  {}  [{}]{container}", w.cgroup, w.policy);
     }
     if !st.episodes_running.is_empty() {
         println!("episodes running:");

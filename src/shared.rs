@@ -30,9 +30,16 @@ pub struct Shared {
     pub holds: crate::hold::Holds,
     /// Limits the agent moved: the event loop re-registers their early thresholds.
     pub moves: Arc<crate::early::Moves>,
+    /// Container metadata from the Docker Engine API (disabled: never finds anything).
+    pub containers: Arc<crate::container::Containers>,
 }
 
 impl Shared {
+    /// What policies match a container on: its metadata when known. Never waits.
+    pub fn container_info(&self, cg: &CgroupPath) -> Option<Arc<crate::container::Meta>> {
+        self.containers.for_cgroup(cg)
+    }
+
     pub fn policies(&self) -> Arc<PolicySet> {
         self.policies
             .read()
@@ -68,4 +75,12 @@ pub struct Status {
 pub struct WatchedStatus {
     pub cgroup: CgroupPath,
     pub policy: String,
+    /// The container whose own cgroup this is (from the path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+    /// Its name and image, when the engine told them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }

@@ -25,6 +25,8 @@ const TOKEN_HUP: u64 = 2;
 const TOKEN_TERM: u64 = 3;
 /// The agent moved a limit: re-register the early thresholds that follow it.
 const TOKEN_MOVES: u64 = 4;
+/// Container metadata changed (the Docker thread's eventfd).
+const TOKEN_CONTAINERS: u64 = 5;
 const FIRST_CGROUP_TOKEN: u64 = 16;
 
 /// A cgroup some policy could match: the agent keeps its oom_control open for the
@@ -126,6 +128,9 @@ pub struct Watcher {
     dir_wds: HashMap<CgroupPath, WatchDescriptor>,
     candidates: BTreeMap<CgroupPath, Candidate>,
     tokens: HashMap<u64, CgroupPath>,
+    /// Container cgroups by container id, so that metadata arriving after the cgroup
+    /// leads back to it.
+    by_container: HashMap<String, CgroupPath>,
     next_token: u64,
     events: bool,
     sweep_every: Duration,
@@ -175,6 +180,11 @@ impl Watcher {
             )
             .map_err(io_err)?;
         let holder = crate::hold::Holder::start(shared.clone())?;
+        if let Some(fd) = shared.containers.wake_fd() {
+            epoll
+                .add(fd, EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_CONTAINERS))
+                .map_err(io_err)?;
+        }
         let mut w = Watcher {
             shared,
             epoll,
@@ -185,6 +195,7 @@ impl Watcher {
             dir_wds: HashMap::new(),
             candidates: BTreeMap::new(),
             tokens: HashMap::new(),
+            by_container: HashMap::new(),
             next_token: FIRST_CGROUP_TOKEN,
             events: cfg.events,
             sweep_every: cfg.sweep_interval,
@@ -247,6 +258,7 @@ impl Watcher {
                             self.arm_early(&cg, detected);
                         }
                     }
+                    TOKEN_CONTAINERS => self.on_containers(),
                     token => self.on_eventfd(token, detected),
                 }
             }
@@ -459,7 +471,12 @@ impl Watcher {
             own
         } else {
             let kill_disabled = top_state.is_some_and(|s| s.oom_kill_disable);
-            match self.shared.policies().select(&top, kill_disabled, None) {
+            let info = self.shared.container_info(&top);
+            match self.shared.policies().select(
+                &top,
+                kill_disabled,
+                info.as_deref().map(|m| &m.info),
+            ) {
                 Some(p) => p.clone(),
                 None => {
                     log::debug!(
@@ -537,10 +554,63 @@ impl Watcher {
                     Err(e) => log::debug!("inotify on {}: {e}", dir.display()),
                 }
             }
-            if policies.could_match(&cg, None) && !self.candidates.contains_key(&cg) {
+            let info = self.note_container(&cg);
+            if policies.could_match(&cg, info.as_deref().map(|m| &m.info))
+                && !self.candidates.contains_key(&cg)
+            {
                 self.candidates.insert(cg.clone(), Candidate::default());
                 self.evaluate(&cg, &policies);
             }
+        }
+    }
+
+    /// Remembers a container cgroup by its id and returns what is known of it; asks
+    /// the engine in the background when nothing is (the answer wakes the loop).
+    fn note_container(&mut self, cg: &CgroupPath) -> Option<Arc<crate::container::Meta>> {
+        let ident = crate::container::identify(cg.as_bytes())?;
+        if !ident.is_container() {
+            return None;
+        }
+        let id = ident.container_id?;
+        let info = self.shared.containers.get(&id);
+        if info.is_none() {
+            self.shared.containers.request(&id);
+        }
+        self.by_container.insert(id, cg.clone());
+        info
+    }
+
+    /// Metadata of some containers changed (arrived, renamed, gone): their cgroups
+    /// become candidates, are watched under another policy, or no longer.
+    fn on_containers(&mut self) {
+        let policies = self.shared.policies();
+        for id in self.shared.containers.take_changed() {
+            let Some(cg) = self.by_container.get(&id).cloned() else {
+                continue;
+            };
+            log::debug!("{cg}: container metadata changed; choosing its policy again");
+            self.reconsider(&cg, &policies, "container changed");
+            self.status_dirty = true;
+        }
+    }
+
+    /// Decides again whether `cg` is a candidate and under which policy.
+    fn reconsider(&mut self, cg: &CgroupPath, policies: &PolicySet, reason: &str) {
+        let info = self.shared.container_info(cg);
+        let could = policies.could_match(cg, info.as_deref().map(|m| &m.info));
+        match (self.candidates.contains_key(cg), could) {
+            (true, false) => {
+                self.unwatch(cg, reason);
+                self.candidates.remove(cg);
+            }
+            (false, true) => {
+                self.candidates.insert(cg.clone(), Candidate::default());
+                self.evaluate(cg, policies);
+            }
+            (true, true) => {
+                self.evaluate(cg, policies);
+            }
+            (false, false) => {}
         }
     }
 
@@ -562,7 +632,10 @@ impl Watcher {
         };
         c.kill_disabled = Some(st.oom_kill_disable);
         let current = c.watched.as_ref().map(|w| w.policy.clone());
-        let want = policies.select(cg, st.oom_kill_disable, None).cloned();
+        let info = self.shared.container_info(cg);
+        let want = policies
+            .select(cg, st.oom_kill_disable, info.as_deref().map(|m| &m.info))
+            .cloned();
         match (current, want) {
             (None, Some(p)) => self.watch(cg, p),
             (Some(_), None) => {
@@ -782,6 +855,7 @@ impl Watcher {
             .filter(|c| c.is_within(top))
             .cloned()
             .collect();
+        self.by_container.retain(|_, cg| !cg.is_within(top));
         for cg in gone {
             self.unwatch(&cg, reason);
             self.candidates.remove(&cg);
@@ -1083,21 +1157,7 @@ impl Watcher {
                 let policies = self.shared.policies();
                 let known: Vec<CgroupPath> = self.dir_wds.keys().cloned().collect();
                 for cg in known {
-                    let could = policies.could_match(&cg, None);
-                    match (self.candidates.contains_key(&cg), could) {
-                        (true, false) => {
-                            self.unwatch(&cg, "reload");
-                            self.candidates.remove(&cg);
-                        }
-                        (false, true) => {
-                            self.candidates.insert(cg.clone(), Candidate::default());
-                            self.evaluate(&cg, &policies);
-                        }
-                        (true, true) => {
-                            self.evaluate(&cg, &policies);
-                        }
-                        (false, false) => {}
-                    }
+                    self.reconsider(&cg, &policies, "reload");
                 }
                 // Held and unresolved stalls are evaluated again, at once, under the
                 // new policies (an audit policy switched to enforce acts now).
@@ -1144,9 +1204,15 @@ impl Watcher {
                 .candidates
                 .iter()
                 .filter_map(|(cg, c)| {
-                    c.watched.as_ref().map(|w| WatchedStatus {
+                    let w = c.watched.as_ref()?;
+                    let ident = crate::container::identify(cg.as_bytes());
+                    let meta = self.shared.container_info(cg);
+                    Some(WatchedStatus {
                         cgroup: cg.clone(),
                         policy: w.policy.name.clone(),
+                        container_id: ident.and_then(|i| i.container_id),
+                        container_name: meta.as_ref().map(|m| m.info.name.clone()),
+                        image: meta.as_ref().map(|m| m.info.image.clone()),
                     })
                 })
                 .collect(),
@@ -1246,6 +1312,92 @@ mod tests {
         }
     }
 
+    /// A container whose cgroup appears before the engine names it (the usual order:
+    /// runc makes the cgroup, then Docker reports the start) is watched as soon as the
+    /// name arrives, and unwatched when the container is renamed away from the policy.
+    #[test]
+    fn metadata_arriving_after_the_cgroup_is_matched_at_once() {
+        let id = "e".repeat(64);
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("cg");
+        let dir = root.join("docker").join(&id);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("memory.oom_control"),
+            "oom_kill_disable 1\nunder_oom 0\noom_kill 0\n",
+        )
+        .unwrap();
+        let policy = crate::policy::load::load_str(
+            "[match]\ncontainer_name = [\"api\"]\n[[step]]\naction = \"kill\"\n",
+            "p.toml",
+        )
+        .unwrap();
+        let containers = Arc::new(crate::container::Containers::detached().unwrap());
+        let (jobs, _rx) = crossbeam_channel::unbounded();
+        let shared = Arc::new(Shared {
+            env: crate::action::Env {
+                ctl: Box::new(crate::cgroup::v1::V1::new(Hierarchy::fake(&root, Kind::V1))),
+                proc_root: "/proc".into(),
+                self_pid: 0,
+                loans: crate::loan::LoanBook::new(None),
+            },
+            audit: crate::audit::Audit::file(&t.path().join("audit.jsonl"))
+                .unwrap()
+                .with_containers(containers.clone()),
+            metrics: crate::metrics::Metrics::default(),
+            dispatcher: crate::dispatcher::Dispatcher::new(jobs, Duration::from_secs(60), 1, 1),
+            policies: std::sync::RwLock::new(Arc::new(PolicySet::new(vec![policy], false))),
+            settle_poll: Duration::from_millis(1),
+            stop: std::sync::atomic::AtomicBool::new(false),
+            holds: crate::hold::Holds::in_memory(),
+            moves: Arc::new(crate::early::Moves::new().unwrap()),
+            containers: containers.clone(),
+        });
+        let cfg = Config {
+            cgroup_root: root.clone(),
+            state_dir: t.path().join("state"),
+            events: false,
+            ..Config::default()
+        };
+        std::fs::create_dir_all(&cfg.state_dir).unwrap();
+        let mut w =
+            Watcher::new(shared.clone(), &cfg, Box::new(|| Err("no reload".into()))).unwrap();
+        let cg = CgroupPath::new(&format!("/docker/{id}"));
+        assert!(w.watched(&cg).is_none(), "no name yet: no policy matches");
+        let meta = |name: &str| crate::container::Meta {
+            id: id.clone(),
+            info: crate::policy::ContainerInfo {
+                name: name.into(),
+                image: "img:1".into(),
+                labels: Default::default(),
+            },
+        };
+        containers.put(meta("api"));
+        // The loop is woken through the cache's eventfd.
+        let mut evs = [EpollEvent::empty(); 8];
+        let n = w.epoll.wait(&mut evs, EpollTimeout::from(1000u16)).unwrap();
+        assert!(evs[..n].iter().any(|e| e.data() == TOKEN_CONTAINERS));
+        w.on_containers();
+        assert_eq!(
+            w.watched(&cg).map(|x| x.policy.name.clone()).as_deref(),
+            Some("p")
+        );
+        containers.put(meta("web"));
+        w.on_containers();
+        assert!(w.watched(&cg).is_none(), "renamed away from the policy");
+        assert!(shared.audit.flush(Duration::from_secs(5)));
+        let audit = std::fs::read_to_string(t.path().join("audit.jsonl")).unwrap();
+        let lines: Vec<serde_json::Value> = audit
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines[0]["event"], "watch");
+        assert_eq!(lines[0]["container_name"], "api");
+        assert_eq!(lines[1]["event"], "unwatch");
+        assert_eq!(lines[1]["reason"], "container changed");
+        assert_eq!(lines[1]["container_id"], id.as_str());
+    }
+
     #[test]
     fn a_slow_memory_high_write_does_not_hold_up_the_event_loop() {
         let t = tempfile::tempdir().unwrap();
@@ -1291,6 +1443,7 @@ mod tests {
             stop: std::sync::atomic::AtomicBool::new(false),
             holds: crate::hold::Holds::in_memory(),
             moves: Arc::new(crate::early::Moves::new().unwrap()),
+            containers: Arc::new(crate::container::Containers::disabled()),
         });
         let cfg = Config {
             cgroup_root: root.clone(),

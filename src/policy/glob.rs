@@ -54,6 +54,12 @@ impl Glob {
     }
 }
 
+/// Matches `name` against the glob text `pattern` as [`Glob::matches_name`] does; an
+/// empty pattern matches only an empty name (a label set to "").
+pub fn name_matches(pattern: &str, name: &str) -> bool {
+    match_segment(pattern.as_bytes(), name.as_bytes())
+}
+
 fn match_segments(pat: &[String], parts: &[&str]) -> bool {
     match pat.split_first() {
         None => parts.is_empty(),

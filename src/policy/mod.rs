@@ -89,7 +89,7 @@ pub struct V2Keys {
 
 /// Container metadata a policy may match on (filled in by a metadata provider; absent
 /// when none is configured).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ContainerInfo {
     pub name: String,
     pub image: String,
@@ -101,6 +101,7 @@ pub struct ContainerInfo {
 pub struct Match {
     pub cgroup: Vec<Glob>,
     pub container_name: Vec<Glob>,
+    /// Label key = glob on its value (the key must be present).
     pub label: BTreeMap<String, String>,
     pub image: Vec<Glob>,
     /// v1: handle only cgroups with `oom_kill_disable 1` (default true).
@@ -126,7 +127,10 @@ impl Match {
         (self.container_name.is_empty()
             || self.container_name.iter().any(|g| g.matches_name(&c.name)))
             && (self.image.is_empty() || self.image.iter().any(|g| g.matches_name(&c.image)))
-            && self.label.iter().all(|(k, v)| c.labels.get(k) == Some(v))
+            && self
+                .label
+                .iter()
+                .all(|(k, v)| c.labels.get(k).is_some_and(|l| glob::name_matches(v, l)))
     }
 }
 
@@ -382,6 +386,47 @@ mod tests {
         assert!(p.matcher.matches(&cg, Some(&c)));
         c.name = "web-1".into();
         assert!(!p.matcher.matches(&cg, Some(&c)));
+    }
+
+    #[test]
+    fn label_values_and_images_are_globs_names_need_no_leading_slash() {
+        let p = policy(
+            "[match]\ncgroup=['/docker/*']\ncontainer_name=['shop-api-?']\nlabel={'com.example.tier'='api*', empty=''}\nimage=['registry.local/api:*']\n[[step]]\naction='reclaim'\n",
+        );
+        let cg = CgroupPath::new("/docker/abc");
+        let mut labels = BTreeMap::new();
+        labels.insert("com.example.tier".to_string(), "api-v2".to_string());
+        labels.insert("empty".to_string(), String::new());
+        let c = ContainerInfo {
+            name: "shop-api-1".into(),
+            image: "registry.local/api:3.1".into(),
+            labels,
+        };
+        assert!(p.matcher.matches(&cg, Some(&c)));
+        // Every key must hold: the cgroup glob too.
+        assert!(!p
+            .matcher
+            .matches(&CgroupPath::new("/system.slice/x"), Some(&c)));
+        let mut d = c.clone();
+        d.name = "/shop-api-1".into();
+        assert!(
+            !p.matcher.matches(&cg, Some(&d)),
+            "names are without Docker's slash"
+        );
+        let mut d = c.clone();
+        d.image = "registry.local/web:3".into();
+        assert!(!p.matcher.matches(&cg, Some(&d)));
+        let mut d = c.clone();
+        d.labels.insert("com.example.tier".into(), "web".into());
+        assert!(!p.matcher.matches(&cg, Some(&d)));
+        let mut d = c.clone();
+        d.labels.remove("empty");
+        assert!(
+            !p.matcher.matches(&cg, Some(&d)),
+            "a missing label is no match"
+        );
+        d.labels.insert("empty".into(), "x".into());
+        assert!(!p.matcher.matches(&cg, Some(&d)), "'' matches only ''");
     }
 
     #[test]

@@ -1,0 +1,466 @@
+//! The container metadata cache and the thread that keeps it current from the Docker
+//! Engine API. Nothing here is on the OOM path: the event loop and the episodes only
+//! read the cache ([`Containers::get`]: a map lookup under a lock that writers hold for
+//! an insert or a removal, never across I/O), and an episode runs with what is known.
+//!
+//! Two threads talk to the engine: `docker-events` holds the events stream open and
+//! reconnects with back-off when the engine is down or restarting (one log line per
+//! outage); `docker` lists the running containers after every (re)connection, inspects
+//! created/started containers and the ids the event loop asks about, and writes the
+//! cache. Every change of a container's metadata is queued for the event loop and
+//! wakes it through an eventfd, so that a cgroup seen before its metadata is matched
+//! again as soon as the name is known.
+
+use std::collections::{HashMap, HashSet};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+
+use super::docker::{Engine, Event, Meta};
+use crate::cgroup::CgroupPath;
+
+/// Deadline of every request but the events stream.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Back-off between reconnections: doubles from the first to the last.
+const BACKOFF_FIRST: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Lookups the loop may queue; more are dropped (retried on the next discovery).
+const LOOKUP_QUEUE: usize = 1024;
+
+enum Msg {
+    /// The events stream is open: list the running containers.
+    Connected,
+    Event(Event),
+    /// The event loop met a container cgroup whose id is not in the cache.
+    Lookup(String),
+}
+
+/// The metadata of the containers the engine reported, by full id.
+pub struct Containers {
+    map: RwLock<HashMap<String, Arc<Meta>>>,
+    /// Ids whose metadata changed since the event loop last took them.
+    changed: Mutex<HashSet<String>>,
+    wake: Option<EventFd>,
+    tx: Option<Sender<Msg>>,
+    socket: Option<PathBuf>,
+    /// When each container's metadata first arrived (for `known_after`).
+    arrived: Mutex<HashMap<String, Instant>>,
+}
+
+impl Containers {
+    /// No engine: lookups find nothing, the loop is never woken.
+    pub fn disabled() -> Containers {
+        Containers {
+            map: RwLock::new(HashMap::new()),
+            changed: Mutex::new(HashSet::new()),
+            wake: None,
+            tx: None,
+            socket: None,
+            arrived: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A cache with a wake-up and no engine: filled by [`Containers::put`] (tests).
+    pub fn detached() -> std::io::Result<Containers> {
+        let wake = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+            .map_err(std::io::Error::from)?;
+        Ok(Containers {
+            wake: Some(wake),
+            ..Containers::disabled()
+        })
+    }
+
+    /// A cache filled by hand (tests).
+    pub fn fixed(metas: Vec<Meta>) -> Containers {
+        let c = Containers::disabled();
+        for m in metas {
+            c.put(m);
+        }
+        c
+    }
+
+    /// Starts the threads that follow the engine at `socket`. `quiet_when_absent`: a
+    /// socket that does not exist is not worth a warning (the default path on a host
+    /// without Docker); it is retried all the same, quietly.
+    pub fn start(socket: &Path, quiet_when_absent: bool) -> std::io::Result<Arc<Containers>> {
+        let wake = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+            .map_err(std::io::Error::from)?;
+        let (tx, rx) = crossbeam_channel::bounded(LOOKUP_QUEUE);
+        let c = Arc::new(Containers {
+            map: RwLock::new(HashMap::new()),
+            changed: Mutex::new(HashSet::new()),
+            wake: Some(wake),
+            tx: Some(tx.clone()),
+            socket: Some(socket.to_path_buf()),
+            arrived: Mutex::new(HashMap::new()),
+        });
+        let engine = Engine::new(socket, REQUEST_TIMEOUT);
+        {
+            let engine = engine.clone();
+            std::thread::Builder::new()
+                .name("docker-events".into())
+                .stack_size(256 * 1024)
+                .spawn(move || follow_events(engine, tx, quiet_when_absent))?;
+        }
+        {
+            let weak = Arc::downgrade(&c);
+            std::thread::Builder::new()
+                .name("docker".into())
+                .stack_size(256 * 1024)
+                .spawn(move || keep_current(engine, rx, weak))?;
+        }
+        Ok(c)
+    }
+
+    pub fn socket(&self) -> Option<&Path> {
+        self.socket.as_deref()
+    }
+
+    /// The eventfd that becomes readable when metadata changed (None when disabled).
+    pub fn wake_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.wake.as_ref().map(|w| w.as_fd())
+    }
+
+    /// Resets the wake-up and returns the ids whose metadata changed since last time.
+    pub fn take_changed(&self) -> Vec<String> {
+        if let Some(w) = &self.wake {
+            // Nonblocking: EAGAIN when nothing was written, which is fine.
+            let _ = w.read();
+        }
+        let mut set = self.changed.lock().unwrap_or_else(|p| p.into_inner());
+        set.drain().collect()
+    }
+
+    /// The metadata of container `id`, if known. Never waits for the engine.
+    pub fn get(&self, id: &str) -> Option<Arc<Meta>> {
+        self.map
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// The metadata of the container whose own cgroup is `cg` (not of a pod, nor of
+    /// CRI-O's monitor).
+    pub fn for_cgroup(&self, cg: &CgroupPath) -> Option<Arc<Meta>> {
+        let ident = super::identify(cg.as_bytes())?;
+        if !ident.is_container() {
+            return None;
+        }
+        self.get(ident.container_id.as_deref()?)
+    }
+
+    /// Asks the engine about `id` in the background (never blocks; a full queue drops
+    /// the request, and the next discovery of the cgroup asks again).
+    pub fn request(&self, id: &str) {
+        if let Some(tx) = &self.tx {
+            if self.get(id).is_none() {
+                let _ = tx.try_send(Msg::Lookup(id.to_string()));
+            }
+        }
+    }
+
+    /// When the metadata of `id` arrived, if it did.
+    pub fn arrived(&self, id: &str) -> Option<Instant> {
+        self.arrived
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Inserts or replaces; marks a change (and wakes the loop) only when it differs.
+    pub fn put(&self, m: Meta) {
+        let id = m.id.clone();
+        let m = Arc::new(m);
+        let old = self
+            .map
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone(), m.clone());
+        if old.as_deref() != Some(&*m) {
+            self.arrived
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(id.clone())
+                .or_insert_with(Instant::now);
+            self.mark(id);
+        }
+    }
+
+    fn remove(&self, id: &str) {
+        let old = self
+            .map
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        self.arrived
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        if old.is_some() {
+            self.mark(id.to_string());
+        }
+    }
+
+    /// Makes the cache hold exactly `metas` (after a (re)connection).
+    fn replace_all(&self, metas: Vec<Meta>) {
+        let now: HashSet<String> = metas.iter().map(|m| m.id.clone()).collect();
+        let gone: Vec<String> = self
+            .map
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .filter(|k| !now.contains(*k))
+            .cloned()
+            .collect();
+        for id in gone {
+            self.remove(&id);
+        }
+        for m in metas {
+            self.put(m);
+        }
+    }
+
+    fn mark(&self, id: String) {
+        self.changed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id);
+        if let Some(w) = &self.wake {
+            let _ = w.write(1);
+        }
+    }
+
+    /// Applies one event; `inspect` fetches a container's full metadata.
+    fn apply(&self, ev: &Event, inspect: impl Fn(&str) -> Option<Meta>) {
+        let id = ev.actor.id.as_str();
+        if ev.kind != "container" || !super::id::is_full_id(id.as_bytes()) {
+            return;
+        }
+        match ev.action.as_str() {
+            "create" | "start" => {
+                if let Some(m) = inspect(id) {
+                    self.put(m);
+                }
+            }
+            "rename" => match (self.get(id), ev.name()) {
+                (Some(old), Some(name)) => {
+                    let mut m = Meta::clone(&old);
+                    m.info.name = name.trim_start_matches('/').to_string();
+                    self.put(m);
+                }
+                _ => {
+                    if let Some(m) = inspect(id) {
+                        self.put(m);
+                    }
+                }
+            },
+            "destroy" => self.remove(id),
+            // A container that died keeps its name (it may be restarted); its cgroup
+            // is gone meanwhile, so the entry costs nothing but memory until destroy.
+            _ => {}
+        }
+    }
+}
+
+/// The `docker-events` thread: opens the stream, forwards events, reconnects.
+fn follow_events(engine: Engine, tx: Sender<Msg>, quiet_when_absent: bool) {
+    let mut backoff = BACKOFF_FIRST;
+    let mut down_said = false;
+    loop {
+        match engine.events() {
+            Ok(stream) => {
+                if down_said {
+                    log::info!("docker: {} answers again", engine.socket.display());
+                } else {
+                    log::info!(
+                        "docker: following container events on {}",
+                        engine.socket.display()
+                    );
+                }
+                backoff = BACKOFF_FIRST;
+                if tx.send(Msg::Connected).is_err() {
+                    return;
+                }
+                let mut closed = false;
+                let res = stream.for_each(|ev| {
+                    if !closed && tx.send(Msg::Event(ev)).is_err() {
+                        closed = true;
+                    }
+                });
+                if closed {
+                    return;
+                }
+                log::warn!(
+                    "docker: the events stream of {} ended ({}); matching by cgroup goes on, reconnecting",
+                    engine.socket.display(),
+                    res.err().map_or("engine stopped".to_string(), |e| e.to_string())
+                );
+                down_said = true;
+            }
+            Err(e) => {
+                let absent = !engine.socket.exists();
+                if !down_said && !(absent && quiet_when_absent) {
+                    log::warn!(
+                        "docker: {e}; container names, labels and images are unknown until it answers (matching by cgroup goes on; retrying with back-off)"
+                    );
+                    down_said = true;
+                } else {
+                    log::debug!("docker: {e}");
+                }
+            }
+        }
+        std::thread::sleep(backoff);
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// The `docker` thread: the only writer of the cache.
+fn keep_current(engine: Engine, rx: Receiver<Msg>, cache: std::sync::Weak<Containers>) {
+    let inspect = |id: &str| match engine.inspect(id) {
+        Ok(m) => m,
+        Err(e) => {
+            log::debug!("docker: inspect {id}: {e}");
+            None
+        }
+    };
+    for msg in rx {
+        let Some(c) = cache.upgrade() else {
+            return;
+        };
+        match msg {
+            Msg::Connected => match engine.list() {
+                Ok(metas) => {
+                    log::info!("docker: {} running container(s) known", metas.len());
+                    c.replace_all(metas);
+                }
+                Err(e) => log::warn!("docker: listing containers: {e}"),
+            },
+            Msg::Event(ev) => c.apply(&ev, inspect),
+            Msg::Lookup(id) => {
+                if c.get(&id).is_none() {
+                    if let Some(m) = inspect(&id) {
+                        c.put(m);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::container::docker::Actor;
+    use crate::policy::ContainerInfo;
+
+    const A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+
+    fn meta(id: &str, name: &str) -> Meta {
+        Meta {
+            id: id.into(),
+            info: ContainerInfo {
+                name: name.into(),
+                image: "img:1".into(),
+                labels: Default::default(),
+            },
+        }
+    }
+
+    fn ev(action: &str, id: &str, name: &str) -> Event {
+        let mut attributes = std::collections::BTreeMap::new();
+        attributes.insert("name".to_string(), name.to_string());
+        Event {
+            kind: "container".into(),
+            action: action.into(),
+            actor: Actor {
+                id: id.into(),
+                attributes,
+            },
+            time_nano: 0,
+        }
+    }
+
+    #[test]
+    fn events_keep_the_cache_current_and_mark_changes() {
+        let c = Containers::disabled();
+        c.apply(&ev("create", A, "api"), |id| Some(meta(id, "api")));
+        assert_eq!(c.get(A).unwrap().info.name, "api");
+        assert_eq!(c.take_changed(), vec![A.to_string()]);
+        // The same metadata again is no change.
+        c.apply(&ev("start", A, "api"), |id| Some(meta(id, "api")));
+        assert!(c.take_changed().is_empty());
+        c.apply(&ev("rename", A, "api-2"), |_| None);
+        assert_eq!(c.get(A).unwrap().info.name, "api-2");
+        assert_eq!(c.take_changed().len(), 1);
+        c.apply(&ev("die", A, "api-2"), |_| None);
+        assert!(
+            c.get(A).is_some(),
+            "a dead container keeps its name until destroy"
+        );
+        c.apply(&ev("destroy", A, "api-2"), |_| None);
+        assert!(c.get(A).is_none());
+        assert_eq!(c.take_changed().len(), 1);
+    }
+
+    #[test]
+    fn odd_events_change_nothing() {
+        let c = Containers::disabled();
+        c.apply(&ev("start", "short", "x"), |id| Some(meta(id, "x")));
+        let mut e = ev("start", A, "x");
+        e.kind = "image".into();
+        c.apply(&e, |id| Some(meta(id, "x")));
+        assert!(c.is_empty());
+        // An inspect that fails (engine gone meanwhile) leaves no entry.
+        c.apply(&ev("start", A, "x"), |_| None);
+        assert!(c.is_empty());
+    }
+
+    #[test]
+    fn a_relisting_drops_what_is_gone() {
+        let b = "b".repeat(64);
+        let c = Containers::fixed(vec![meta(A, "a"), meta(&b, "b")]);
+        c.take_changed();
+        c.replace_all(vec![meta(&b, "b")]);
+        assert!(c.get(A).is_none());
+        assert_eq!(c.take_changed(), vec![A.to_string()]);
+        let cg = CgroupPath::new(&format!("/docker/{b}"));
+        assert_eq!(c.for_cgroup(&cg).unwrap().info.name, "b");
+        assert!(c
+            .for_cgroup(&CgroupPath::new(&format!("/docker/{b}/sub")))
+            .is_none());
+    }
+
+    #[test]
+    fn changes_wake_the_loop() {
+        let (tx, _rx) = crossbeam_channel::bounded(1);
+        let c = Containers {
+            wake: Some(EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK).unwrap()),
+            tx: Some(tx),
+            ..Containers::disabled()
+        };
+        let readable = |c: &Containers| {
+            let fd = c.wake_fd().unwrap();
+            let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
+            nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).unwrap() == 1
+        };
+        assert!(!readable(&c));
+        c.put(meta(A, "a"));
+        assert!(readable(&c));
+        assert_eq!(c.take_changed().len(), 1);
+        assert!(!readable(&c));
+    }
+}

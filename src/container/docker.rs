@@ -1,0 +1,392 @@
+//! The Docker Engine API as oomwake reads it: the running containers
+//! (`GET /containers/json`), one container (`GET /containers/<id>/json`) and the stream
+//! of container events (`GET /events`), turned into [`Meta`]. Only the fields used are
+//! parsed; everything from the engine is data that may be missing or odd (no unwrap).
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::http::{self, HttpError};
+use crate::policy::ContainerInfo;
+
+/// What the agent knows of one container: what policies match and audit lines carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Meta {
+    /// The full id (64 hex digits).
+    pub id: String,
+    pub info: ContainerInfo,
+}
+
+impl Meta {
+    pub fn compose_project(&self) -> Option<&str> {
+        self.info
+            .labels
+            .get("com.docker.compose.project")
+            .map(String::as_str)
+    }
+
+    pub fn compose_service(&self) -> Option<&str> {
+        self.info
+            .labels
+            .get("com.docker.compose.service")
+            .map(String::as_str)
+    }
+}
+
+/// Docker's names start with `/` (`/api-1`); policies and audit lines use them without.
+fn strip_slash(name: &str) -> String {
+    name.strip_prefix('/').unwrap_or(name).to_string()
+}
+
+#[derive(Deserialize)]
+struct ListEntry {
+    #[serde(rename = "Id")]
+    id: String,
+    #[serde(rename = "Names", default)]
+    names: Option<Vec<String>>,
+    #[serde(rename = "Image", default)]
+    image: Option<String>,
+    #[serde(rename = "Labels", default)]
+    labels: Option<BTreeMap<String, String>>,
+}
+
+/// Parses the body of `GET /containers/json`.
+pub fn parse_list(body: &[u8]) -> Result<Vec<Meta>, serde_json::Error> {
+    let entries: Vec<ListEntry> = serde_json::from_slice(body)?;
+    Ok(entries
+        .into_iter()
+        .map(|e| {
+            // A linked container is also listed as `/other/alias`: the own name has
+            // one slash only.
+            let names = e.names.unwrap_or_default();
+            let name = names
+                .iter()
+                .find(|n| n.matches('/').count() <= 1)
+                .or(names.first())
+                .map(|n| strip_slash(n))
+                .unwrap_or_default();
+            Meta {
+                id: e.id,
+                info: ContainerInfo {
+                    name,
+                    image: e.image.unwrap_or_default(),
+                    labels: e.labels.unwrap_or_default(),
+                },
+            }
+        })
+        .collect())
+}
+
+#[derive(Deserialize)]
+struct Inspect {
+    #[serde(rename = "Id")]
+    id: String,
+    #[serde(rename = "Name", default)]
+    name: Option<String>,
+    #[serde(rename = "Config", default)]
+    config: Option<InspectConfig>,
+    #[serde(rename = "State", default)]
+    state: Option<InspectState>,
+}
+
+#[derive(Deserialize)]
+struct InspectState {
+    #[serde(rename = "Pid", default)]
+    pid: i64,
+}
+
+#[derive(Deserialize)]
+struct InspectConfig {
+    #[serde(rename = "Image", default)]
+    image: Option<String>,
+    #[serde(rename = "Labels", default)]
+    labels: Option<BTreeMap<String, String>>,
+}
+
+/// Parses the body of `GET /containers/<id>/json`; the image is `Config.Image`, the
+/// reference as given to `docker run`.
+pub fn parse_inspect(body: &[u8]) -> Result<Meta, serde_json::Error> {
+    parse_inspect_with_pid(body).map(|(m, _)| m)
+}
+
+/// [`parse_inspect`], and the pid of the container's first process while it runs.
+pub fn parse_inspect_with_pid(body: &[u8]) -> Result<(Meta, Option<u32>), serde_json::Error> {
+    let i: Inspect = serde_json::from_slice(body)?;
+    let pid = i
+        .state
+        .as_ref()
+        .and_then(|s| u32::try_from(s.pid).ok())
+        .filter(|&p| p > 0);
+    let (image, labels) = match i.config {
+        Some(c) => (c.image.unwrap_or_default(), c.labels.unwrap_or_default()),
+        None => (String::new(), BTreeMap::new()),
+    };
+    Ok((
+        Meta {
+            id: i.id,
+            info: ContainerInfo {
+                name: i.name.as_deref().map(strip_slash).unwrap_or_default(),
+                image,
+                labels,
+            },
+        },
+        pid,
+    ))
+}
+
+/// One container event of `GET /events`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct Event {
+    #[serde(rename = "Type", default)]
+    pub kind: String,
+    #[serde(rename = "Action", default)]
+    pub action: String,
+    #[serde(rename = "Actor", default)]
+    pub actor: Actor,
+    #[serde(rename = "timeNano", default)]
+    pub time_nano: i64,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+pub struct Actor {
+    #[serde(rename = "ID", default)]
+    pub id: String,
+    #[serde(rename = "Attributes", default)]
+    pub attributes: BTreeMap<String, String>,
+}
+
+impl Event {
+    /// What the event's attributes alone tell (name and image; labels are mixed with
+    /// other attributes there, so they are taken from an inspect, not from here).
+    pub fn name(&self) -> Option<&str> {
+        self.actor.attributes.get("name").map(String::as_str)
+    }
+}
+
+/// The actions the agent follows. `create` comes before the cgroup exists, so a
+/// container's name is usually known before its first page fault.
+pub const ACTIONS: [&str; 5] = ["create", "start", "rename", "die", "destroy"];
+
+/// The query of the events stream: container events of [`ACTIONS`] only.
+pub fn events_target() -> String {
+    // {"type":["container"],"event":["create",...]} percent-encoded.
+    let events = ACTIONS
+        .iter()
+        .map(|a| format!("%22{a}%22"))
+        .collect::<Vec<_>>()
+        .join("%2C");
+    format!(
+        "/events?filters=%7B%22type%22%3A%5B%22container%22%5D%2C%22event%22%3A%5B{events}%5D%7D"
+    )
+}
+
+/// A client of one engine socket; every call but the events stream has a deadline.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    pub socket: PathBuf,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Http(#[from] HttpError),
+    #[error("{path}: {target}: {source}")]
+    Json {
+        path: PathBuf,
+        target: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl EngineError {
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, EngineError::Http(e) if e.is_not_found())
+    }
+}
+
+impl Engine {
+    pub fn new(socket: &Path, timeout: Duration) -> Engine {
+        Engine {
+            socket: socket.to_path_buf(),
+            timeout,
+        }
+    }
+
+    fn json_err(&self, target: &str, source: serde_json::Error) -> EngineError {
+        EngineError::Json {
+            path: self.socket.clone(),
+            target: target.to_string(),
+            source,
+        }
+    }
+
+    /// The running containers.
+    pub fn list(&self) -> Result<Vec<Meta>, EngineError> {
+        let target = "/containers/json";
+        let body = http::get_body(&self.socket, target, self.timeout)?;
+        parse_list(&body).map_err(|e| self.json_err(target, e))
+    }
+
+    /// One container by id (or name); `Ok(None)` if the engine does not know it.
+    pub fn inspect(&self, id: &str) -> Result<Option<Meta>, EngineError> {
+        Ok(self.inspect_with_pid(id)?.map(|(m, _)| m))
+    }
+
+    /// [`Engine::inspect`], and the pid of its first process while it runs.
+    pub fn inspect_with_pid(&self, id: &str) -> Result<Option<(Meta, Option<u32>)>, EngineError> {
+        // Ids and names are [a-zA-Z0-9_.-]: nothing to escape; anything else is no
+        // container (and must not reach the request line).
+        if id.is_empty()
+            || !id
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+        {
+            return Ok(None);
+        }
+        let target = format!("/containers/{id}/json");
+        match http::get_body(&self.socket, &target, self.timeout) {
+            Ok(body) => parse_inspect_with_pid(&body)
+                .map(Some)
+                .map_err(|e| self.json_err(&target, e)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Opens the events stream; its reads wait as long as the engine is silent.
+    pub fn events(&self) -> Result<Events, EngineError> {
+        let target = events_target();
+        let resp = http::get(&self.socket, &target, self.timeout, None)?;
+        Ok(Events { resp })
+    }
+}
+
+/// The open events stream.
+pub struct Events {
+    resp: http::Response,
+}
+
+impl Events {
+    /// Calls `f` for every event until the stream ends (engine stopped) or fails.
+    pub fn for_each(mut self, f: impl FnMut(Event)) -> std::io::Result<()> {
+        read_events(self.resp.body(), f)
+    }
+}
+
+/// The events of a stream of JSON objects (one per line, in any chunking).
+pub fn read_events(r: &mut dyn Read, mut f: impl FnMut(Event)) -> std::io::Result<()> {
+    let stream = serde_json::Deserializer::from_reader(r).into_iter::<serde_json::Value>();
+    for v in stream {
+        let v = v.map_err(std::io::Error::other)?;
+        // An event of a shape this version does not know is skipped, not fatal.
+        if let Ok(ev) = serde_json::from_value::<Event>(v) {
+            f(ev);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Recorded from Docker 20.10 here (`curl --unix-socket /var/run/docker.sock`), for a
+    // container run with three labels (two of them compose's).
+    const LIST: &[u8] = include_bytes!("fixtures/containers.json");
+    const INSPECT: &[u8] = include_bytes!("fixtures/inspect.json");
+    const EVENTS: &[u8] = include_bytes!("fixtures/events.jsonl");
+    const ID: &str = "b947f87c20cd823078c5f5b32ef1a497026575d4bea5dd96ca07f118044e0bfd";
+
+    #[test]
+    fn list_of_a_real_engine() {
+        let l = parse_list(LIST).unwrap();
+        assert_eq!(l.len(), 1);
+        let m = &l[0];
+        assert_eq!(m.id, ID);
+        assert_eq!(m.info.name, "oomwake-dm-fixture");
+        assert_eq!(m.info.image, "oomwake-dm-fixture:1");
+        assert_eq!(m.info.labels.get("tier").map(String::as_str), Some("api"));
+        assert_eq!(m.compose_project(), Some("shop"));
+        assert_eq!(m.compose_service(), Some("api"));
+    }
+
+    #[test]
+    fn inspect_of_a_real_engine() {
+        let m = parse_inspect(INSPECT).unwrap();
+        assert_eq!(m.id, ID);
+        assert_eq!(m.info.name, "oomwake-dm-fixture");
+        assert_eq!(m.info.image, "oomwake-dm-fixture:1");
+        assert_eq!(m.info.labels.len(), 3);
+        let (_, pid) = parse_inspect_with_pid(INSPECT).unwrap();
+        assert_eq!(pid, Some(29290));
+        let (_, none) = parse_inspect_with_pid(br#"{"Id":"a","State":{"Pid":0}}"#).unwrap();
+        assert_eq!(none, None, "a stopped container has no process");
+    }
+
+    #[test]
+    fn events_of_a_real_engine() {
+        let mut got = Vec::new();
+        read_events(&mut &EVENTS[..], |e| got.push(e)).unwrap();
+        let actions: Vec<&str> = got.iter().map(|e| e.action.as_str()).collect();
+        assert_eq!(actions, ["create", "start", "rename", "die", "destroy"]);
+        assert!(got
+            .iter()
+            .all(|e| e.kind == "container" && e.actor.id.len() == 64));
+        assert_eq!(got[2].name(), Some("oomwake-dm-fixture2"));
+        assert_eq!(
+            got[2].actor.attributes.get("oldName").map(String::as_str),
+            Some("/oomwake-dm-fixture")
+        );
+    }
+
+    #[test]
+    fn odd_but_valid_shapes_are_accepted() {
+        // null labels and names, a linked alias before the own name.
+        let l = parse_list(
+            br#"[{"Id":"a","Names":["/web/db","/db"],"Image":"x","Labels":null},{"Id":"b","Names":null}]"#,
+        )
+        .unwrap();
+        assert_eq!(l[0].info.name, "db");
+        assert!(l[0].info.labels.is_empty());
+        assert_eq!(l[1].info.name, "");
+        assert_eq!(l[1].info.image, "");
+        let m = parse_inspect(br#"{"Id":"a","Name":"/x","Config":null}"#).unwrap();
+        assert_eq!(m.info.name, "x");
+        // Unknown event shapes are skipped; garbage ends the stream with an error.
+        let mut n = 0;
+        read_events(
+            &mut &br#"{"Type":"container","Action":"start","Actor":{"ID":"a"}} [1] {"x":1}"#[..],
+            |_| n += 1,
+        )
+        .unwrap();
+        assert_eq!(
+            n, 2,
+            "an object with defaults is still an event; [1] is skipped"
+        );
+        assert!(read_events(&mut &b"{not json"[..], |_| {}).is_err());
+        assert!(parse_list(b"{}").is_err());
+    }
+
+    #[test]
+    fn the_events_query_names_the_followed_actions() {
+        let t = events_target();
+        assert!(t.starts_with("/events?filters=%7B%22type%22%3A%5B%22container%22%5D"));
+        for a in ACTIONS {
+            assert!(t.contains(&format!("%22{a}%22")), "{t}");
+        }
+    }
+
+    #[test]
+    fn inspect_never_puts_odd_bytes_on_the_request_line() {
+        let e = Engine::new(Path::new("/nonexistent/socket"), Duration::from_secs(1));
+        assert!(e.inspect("a b\r\nHost: x").unwrap().is_none());
+        assert!(e.inspect("../../version").unwrap().is_none());
+        assert!(e.inspect("").unwrap().is_none());
+    }
+}
