@@ -312,8 +312,9 @@ fn follow_events(engine: Engine, tx: Sender<Msg>, quiet_when_absent: bool) {
                 down_said = true;
             }
             Err(e) => {
-                let absent = !engine.socket.exists();
-                if !down_said && !(absent && quiet_when_absent) {
+                // No socket at the default path: a host without Docker, not an outage.
+                let quiet = quiet_when_absent && !engine.socket.exists();
+                if !down_said && !quiet {
                     log::warn!(
                         "docker: {e}; container names, labels and images are unknown until it answers (matching by cgroup goes on; retrying with back-off)"
                     );

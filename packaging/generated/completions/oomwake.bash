@@ -181,7 +181,7 @@ _oomwake() {
             return 0
             ;;
         oomwake__subcmd__explain)
-            opts="-h --policies --cgroup-root --insecure-policies --help"
+            opts="-h --policies --cgroup-root --insecure-policies --docker-socket --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -192,6 +192,10 @@ _oomwake() {
                     return 0
                     ;;
                 --cgroup-root)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --docker-socket)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -343,7 +347,7 @@ _oomwake() {
             return 0
             ;;
         oomwake__subcmd__run)
-            opts="-h --config --policies --cgroup-root --dry-run --audit-log --state-dir --metrics --insecure-policies --help"
+            opts="-h --config --policies --cgroup-root --dry-run --audit-log --state-dir --metrics --insecure-policies --docker-socket --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -370,6 +374,10 @@ _oomwake() {
                     return 0
                     ;;
                 --metrics)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --docker-socket)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

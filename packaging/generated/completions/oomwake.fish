@@ -28,7 +28,7 @@ complete -c oomwake -n "__fish_oomwake_needs_command" -s h -l help -d 'Print hel
 complete -c oomwake -n "__fish_oomwake_needs_command" -s V -l version -d 'Print version'
 complete -c oomwake -n "__fish_oomwake_needs_command" -f -a "run" -d 'Watch the hierarchy and resolve OOM stalls by policy (root)'
 complete -c oomwake -n "__fish_oomwake_needs_command" -f -a "check" -d 'Validate policy files: exit 0 ok, 1 invalid, 2 usage'
-complete -c oomwake -n "__fish_oomwake_needs_command" -f -a "explain" -d 'Which policy matches CGROUP (path below the root) and what it would do now'
+complete -c oomwake -n "__fish_oomwake_needs_command" -f -a "explain" -d 'Which policy matches CGROUP (path below the root, or a Docker container\'s name or id) and what it would do now'
 complete -c oomwake -n "__fish_oomwake_needs_command" -f -a "status" -d 'What the running agent watches and holds'
 complete -c oomwake -n "__fish_oomwake_needs_command" -f -a "doctor" -d 'Report what puts the host at risk: oom_kill_disable without a limit, cgroups that can stall and that no policy covers, loans outstanding, [early] thresholds that cannot fire, policies that match nothing. Reads only. Exit 0 nothing found, 1 findings, 2 error'
 complete -c oomwake -n "__fish_oomwake_needs_command" -f -a "demo" -d 'Self-contained show of a stall and its rescue (root, cgroup v1)'
@@ -41,6 +41,7 @@ complete -c oomwake -n "__fish_oomwake_using_subcommand run" -l cgroup-root -d '
 complete -c oomwake -n "__fish_oomwake_using_subcommand run" -l audit-log -d 'JSON Lines audit log, reopened on SIGHUP [default: stderr]' -r -F
 complete -c oomwake -n "__fish_oomwake_using_subcommand run" -l state-dir -d 'Journal of lent limits and status.json [default: /var/lib/oomwake]' -r -F
 complete -c oomwake -n "__fish_oomwake_using_subcommand run" -l metrics -d 'Serve Prometheus metrics on ADDR:PORT (a bare port binds loopback)' -r
+complete -c oomwake -n "__fish_oomwake_using_subcommand run" -l docker-socket -d 'Docker Engine API socket for container names, labels and images, or `none` [default: /var/run/docker.sock, used when present]' -r
 complete -c oomwake -n "__fish_oomwake_using_subcommand run" -l dry-run -d 'Every policy in audit mode: log decisions, change nothing'
 complete -c oomwake -n "__fish_oomwake_using_subcommand run" -l insecure-policies -d 'Development only: load policies, config and state even when they are not root\'s or are writable by group or others'
 complete -c oomwake -n "__fish_oomwake_using_subcommand run" -s h -l help -d 'Print help'
@@ -49,6 +50,7 @@ complete -c oomwake -n "__fish_oomwake_using_subcommand check" -l insecure-polic
 complete -c oomwake -n "__fish_oomwake_using_subcommand check" -s h -l help -d 'Print help'
 complete -c oomwake -n "__fish_oomwake_using_subcommand explain" -l policies -r -F
 complete -c oomwake -n "__fish_oomwake_using_subcommand explain" -l cgroup-root -r -F
+complete -c oomwake -n "__fish_oomwake_using_subcommand explain" -l docker-socket -d 'Docker Engine API socket, or `none`' -r
 complete -c oomwake -n "__fish_oomwake_using_subcommand explain" -l insecure-policies -d 'Development only: skip the owner and mode checks'
 complete -c oomwake -n "__fish_oomwake_using_subcommand explain" -s h -l help -d 'Print help'
 complete -c oomwake -n "__fish_oomwake_using_subcommand status" -l state-dir -r -F
@@ -73,3 +75,11 @@ complete -c oomwake -n "__fish_oomwake_using_subcommand help; and not __fish_see
 complete -c oomwake -n "__fish_oomwake_using_subcommand help; and not __fish_seen_subcommand_from run check explain status doctor demo __generate __hog help" -f -a "__generate" -d 'Writes the man pages and shell completions into DIR (packaging)'
 complete -c oomwake -n "__fish_oomwake_using_subcommand help; and not __fish_seen_subcommand_from run check explain status doctor demo __generate __hog help" -f -a "__hog" -d 'The memory hog used by the demo'
 complete -c oomwake -n "__fish_oomwake_using_subcommand help; and not __fish_seen_subcommand_from run check explain status doctor demo __generate __hog help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c oomwake -n "__fish_oomwake_using_subcommand help; and not __fish_seen_subcommand_from run check explain status demo __generate __hog help" -f -a "run" -d 'Watch the hierarchy and resolve OOM stalls by policy (root)'
+complete -c oomwake -n "__fish_oomwake_using_subcommand help; and not __fish_seen_subcommand_from run check explain status demo __generate __hog help" -f -a "check" -d 'Validate policy files: exit 0 ok, 1 invalid, 2 usage'
+complete -c oomwake -n "__fish_oomwake_using_subcommand help; and not __fish_seen_subcommand_from run check explain status demo __generate __hog help" -f -a "explain" -d 'Which policy matches CGROUP (path below the root, or a Docker container\'s name or id) and what it would do now'
+complete -c oomwake -n "__fish_oomwake_using_subcommand help; and not __fish_seen_subcommand_from run check explain status demo __generate __hog help" -f -a "status" -d 'What the running agent watches and holds'
+complete -c oomwake -n "__fish_oomwake_using_subcommand help; and not __fish_seen_subcommand_from run check explain status demo __generate __hog help" -f -a "demo" -d 'Self-contained show of a stall and its rescue (root, cgroup v1)'
+complete -c oomwake -n "__fish_oomwake_using_subcommand help; and not __fish_seen_subcommand_from run check explain status demo __generate __hog help" -f -a "__generate" -d 'Writes the man pages and shell completions into DIR (packaging)'
+complete -c oomwake -n "__fish_oomwake_using_subcommand help; and not __fish_seen_subcommand_from run check explain status demo __generate __hog help" -f -a "__hog" -d 'The memory hog used by the demo'
+complete -c oomwake -n "__fish_oomwake_using_subcommand help; and not __fish_seen_subcommand_from run check explain status demo __generate __hog help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
