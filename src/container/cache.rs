@@ -445,6 +445,142 @@ mod tests {
             .is_none());
     }
 
+    /// A fake engine on a unix socket: `/containers/json` lists `list`, inspect answers
+    /// for the ids in `known`, `/events` stays open and sends what `events` receives.
+    struct FakeEngine {
+        stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        events: crossbeam_channel::Sender<String>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl FakeEngine {
+        fn start(path: &Path, list: Vec<Meta>) -> FakeEngine {
+            use std::io::{Read, Write};
+            let _ = std::fs::remove_file(path);
+            let l = std::os::unix::net::UnixListener::bind(path).unwrap();
+            l.set_nonblocking(true).unwrap();
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let (tx, rx) = crossbeam_channel::unbounded::<String>();
+            let st = stop.clone();
+            let path = path.to_path_buf();
+            let json = |m: &Meta| {
+                serde_json::json!({"Id": m.id, "Name": format!("/{}", m.info.name),
+                    "Names": [format!("/{}", m.info.name)], "Image": m.info.image,
+                    "Labels": m.info.labels, "Config": {"Image": m.info.image, "Labels": m.info.labels}})
+            };
+            let thread = std::thread::spawn(move || {
+                let mut streams = Vec::new();
+                while !st.load(std::sync::atomic::Ordering::SeqCst) {
+                    if let Ok((mut s, _)) = l.accept() {
+                        s.set_nonblocking(false).unwrap();
+                        let mut req = [0u8; 2048];
+                        let n = s.read(&mut req).unwrap_or(0);
+                        let line = String::from_utf8_lossy(&req[..n]).to_string();
+                        let target = line.split(' ').nth(1).unwrap_or("").to_string();
+                        if target.starts_with("/events") {
+                            s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                                .unwrap();
+                            streams.push(s);
+                        } else {
+                            let body = if target == "/containers/json" {
+                                Some(serde_json::Value::Array(list.iter().map(json).collect()))
+                            } else {
+                                list.iter()
+                                    .find(|m| target == format!("/containers/{}/json", m.id))
+                                    .map(json)
+                            };
+                            let reply = match body {
+                                Some(b) => {
+                                    let b = b.to_string();
+                                    format!(
+                                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{b}",
+                                        b.len()
+                                    )
+                                }
+                                None => {
+                                    "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".into()
+                                }
+                            };
+                            let _ = s.write_all(reply.as_bytes());
+                        }
+                    }
+                    while let Ok(ev) = rx.try_recv() {
+                        for s in &mut streams {
+                            let _ = write!(s, "{:x}\r\n{ev}\r\n", ev.len());
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                // The engine stops: its streams end, its socket goes.
+                drop(streams);
+                let _ = std::fs::remove_file(&path);
+            });
+            FakeEngine {
+                stop,
+                events: tx,
+                thread: Some(thread),
+            }
+        }
+
+        fn send(&self, action: &str, id: &str) {
+            let ev = serde_json::json!({"Type": "container", "Action": action,
+                "Actor": {"ID": id, "Attributes": {}}});
+            self.events.send(ev.to_string()).unwrap();
+        }
+    }
+
+    impl Drop for FakeEngine {
+        fn drop(&mut self) {
+            self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    fn wait(what: &str, f: impl Fn() -> bool) {
+        let end = Instant::now() + Duration::from_secs(20);
+        while !f() {
+            assert!(Instant::now() < end, "timed out waiting until {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The engine answers, stops (the cache stays readable at once, nothing blocks),
+    /// and comes back with another set of containers: the client reconnects by itself
+    /// and the cache follows the new listing.
+    #[test]
+    fn an_engine_that_stops_and_comes_back_is_followed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("docker.sock");
+        let b = "b".repeat(64);
+        let engine = FakeEngine::start(&sock, vec![meta(A, "api"), meta(&b, "web")]);
+        let c = Containers::start(&sock, false).unwrap();
+        wait("the listing is loaded", || c.get(A).is_some());
+        // A container created later arrives by its event (and an inspect).
+        let d = "d".repeat(64);
+        drop(engine);
+        let engine = FakeEngine::start(&sock, vec![meta(&b, "web"), meta(&d, "worker")]);
+        wait("reconnected and listed again", || {
+            c.get(A).is_none() && c.get(&d).is_some()
+        });
+        assert_eq!(c.get(&b).unwrap().info.name, "web");
+        let e = "e".repeat(64);
+        // Not in this engine's inspect answers: the create event leaves no entry ...
+        engine.send("create", &e);
+        engine.send("destroy", &b);
+        wait("destroy followed", || c.get(&b).is_none());
+        assert!(c.get(&e).is_none());
+        // ... and the engine going away leaves what is known readable without waiting.
+        drop(engine);
+        let t = Instant::now();
+        for _ in 0..1000 {
+            assert_eq!(c.get(&d).unwrap().info.name, "worker");
+        }
+        assert!(t.elapsed() < Duration::from_secs(1));
+        assert!(!c.take_changed().is_empty());
+    }
+
     #[test]
     fn changes_wake_the_loop() {
         let (tx, _rx) = crossbeam_channel::bounded(1);
