@@ -215,9 +215,16 @@ fn containers_named_by_policy_are_rescued_and_named_everywhere() {
     assert_eq!(code, "0", "the rescued container finished its work");
     let (_, logs) = docker(&["logs", &after]);
     assert!(logs.contains("done 80 MiB"), "{logs}");
+    // Docker's own clock of the container's creation and start, against the agent's.
+    let (_, created) = docker(&["inspect", "-f", "{{.Created}}", &after]);
+    let (_, started) = docker(&["inspect", "-f", "{{.State.StartedAt}}", &after]);
+    let at = |t: &str| humantime::parse_rfc3339_weak(t.get(..23).unwrap_or(t)).ok();
+    let since = |t: Option<SystemTime>| t.and_then(|t| ms_between(t, &w["ts"]));
     eprintln!(
-        "{test}: docker run -> watched by name: {:?} ms; -> oom: {:?} ms; stalled_ms {}",
+        "{test}: docker run -> watched by name {:?} ms (created -> watched {:?} ms, started -> watched {:?} ms); docker run -> oom {:?} ms; stalled_ms {}",
         ms_between(t0, &w["ts"]),
+        since(at(&created)),
+        since(at(&started)),
         ms_between(t0, &oom[0]["ts"]),
         resolved["stalled_ms"]
     );
@@ -276,4 +283,25 @@ fn containers_named_by_policy_are_rescued_and_named_everywhere() {
     drop(agent);
     drop(dk);
     drop(scratch);
+}
+
+/// `check` takes the container keys as they are (no "matches nothing" warning): the
+/// agent reads them from the engine now. Needs no engine, nor root.
+#[test]
+fn check_accepts_container_keys_without_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("api.toml");
+    std::fs::write(
+        &file,
+        "[match]\ncontainer_name = [\"api-*\"]\nlabel = { \"com.docker.compose.service\" = \"api\" }\nimage = [\"registry.local/api:*\"]\n[[step]]\naction = \"reclaim\"\n",
+    )
+    .unwrap();
+    let out = Command::new(oomwake_bin())
+        .args(["check", "--insecure-policies"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains("warning"), "{err}");
 }

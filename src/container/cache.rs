@@ -15,7 +15,7 @@ use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 use nix::sys::eventfd::{EfdFlags, EventFd};
@@ -47,8 +47,6 @@ pub struct Containers {
     wake: Option<EventFd>,
     tx: Option<Sender<Msg>>,
     socket: Option<PathBuf>,
-    /// When each container's metadata first arrived (for `known_after`).
-    arrived: Mutex<HashMap<String, Instant>>,
 }
 
 impl Containers {
@@ -60,7 +58,6 @@ impl Containers {
             wake: None,
             tx: None,
             socket: None,
-            arrived: Mutex::new(HashMap::new()),
         }
     }
 
@@ -96,7 +93,6 @@ impl Containers {
             wake: Some(wake),
             tx: Some(tx.clone()),
             socket: Some(socket.to_path_buf()),
-            arrived: Mutex::new(HashMap::new()),
         });
         let engine = Engine::new(socket, REQUEST_TIMEOUT);
         {
@@ -164,15 +160,6 @@ impl Containers {
         }
     }
 
-    /// When the metadata of `id` arrived, if it did.
-    pub fn arrived(&self, id: &str) -> Option<Instant> {
-        self.arrived
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .copied()
-    }
-
     pub fn len(&self) -> usize {
         self.map.read().unwrap_or_else(|p| p.into_inner()).len()
     }
@@ -191,11 +178,6 @@ impl Containers {
             .unwrap_or_else(|p| p.into_inner())
             .insert(id.clone(), m.clone());
         if old.as_deref() != Some(&*m) {
-            self.arrived
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(id.clone())
-                .or_insert_with(Instant::now);
             self.mark(id);
         }
     }
@@ -204,10 +186,6 @@ impl Containers {
         let old = self
             .map
             .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
-        self.arrived
-            .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
         if old.is_some() {
@@ -367,6 +345,7 @@ mod tests {
     use super::*;
     use crate::container::docker::Actor;
     use crate::policy::ContainerInfo;
+    use std::time::Instant;
 
     const A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
 
