@@ -1,16 +1,24 @@
 //! The agent inside the cgroup it rescues (a sidecar sharing a pod's limit): its memory
 //! is resident and locked before the stall, so it does not park itself in the wait it
-//! has to end, and it still answers SIGTERM (root, cgroup v1).
-//!
-//! Not yet covered: resolving that stall. Writes that need new page cache (the journal
-//! append before a raise, the audit file) are charged to the stuck cgroup and fail with
-//! ENOMEM; see CHANGELOG.
+//! has to end; it resolves that stall (the raise writes the limit before its journal
+//! line, which needs a page charged to the stuck cgroup), and it still answers SIGTERM
+//! (root, cgroup v1).
 
 use std::process::{Command, Stdio};
 
 use std::time::{Duration, Instant};
 
 use crate::common::*;
+
+/// A hook before the raise: the agent reads its output without starting a thread (a
+/// new thread's stack would be charged to the stuck cgroup and park there).
+const HOOK: &str = r#"
+[[step]]
+action = "exec"
+command = ["/bin/echo", "hook"]
+timeout = "1s"
+settle = "10ms"
+"#;
 
 const RAISE: &str = r#"
 [[step]]
@@ -21,8 +29,8 @@ hold = "60s"
 "#;
 
 #[test]
-fn agent_inside_the_stuck_cgroup_is_not_parked_and_stops_on_sigterm() {
-    let Some(()) = require_v1("agent_inside_the_stuck_cgroup_is_not_parked_and_stops_on_sigterm")
+fn agent_inside_the_stuck_cgroup_resolves_it_and_stops_on_sigterm() {
+    let Some(()) = require_v1("agent_inside_the_stuck_cgroup_resolves_it_and_stops_on_sigterm")
     else {
         return;
     };
@@ -32,7 +40,7 @@ fn agent_inside_the_stuck_cgroup_is_not_parked_and_stops_on_sigterm() {
     std::fs::create_dir(tmp.path().join("policies")).unwrap();
     std::fs::write(
         tmp.path().join("policies/p.toml"),
-        policy("inside", &cg.rel, "", RAISE),
+        policy("inside", &cg.rel, "", &format!("{HOOK}{RAISE}")),
     )
     .unwrap();
     // The shell joins the cgroup, then becomes the agent: every page the agent ever
@@ -74,20 +82,40 @@ fn agent_inside_the_stuck_cgroup_is_not_parked_and_stops_on_sigterm() {
     let agent_usage = cg.usage();
 
     // The hog fills what is left: the cgroup, agent included, is at its wall.
-    let _hog = s.hog(&cg, &["--touch", "160M", "--hold", "30s"]);
-    // The cgroup reaches its wall (the agent may resolve it at once, when the kernel
-    // lets its journal append through).
-    let walled = wait_until(Duration::from_secs(20), || {
-        cg.under_oom() || cg.limit() > 128 * MIB
-    });
-    assert!(walled, "the hog never reached the wall");
+    let hog = s.hog(&cg, &["--touch", "160M", "--hold", "30s"]);
     // The agent runs its episode in the stuck cgroup (it reads, formats and logs) and
-    // its loop keeps sweeping: none of its threads may fault into the OOM wait.
-    let parked = wait_until(Duration::from_secs(5), || any_thread_in_oom_wait(agent_pid));
+    // its loop keeps sweeping: none of its threads may fault into the OOM wait, and the
+    // raise must go through although its journal line needs a page there.
+    let mut parked = false;
+    let resolved = wait_until(Duration::from_secs(30), || {
+        parked |= any_thread_in_oom_wait(agent_pid);
+        logged("resolved")
+    });
+    let agent_log = || read(&tmp.path().join("agent.log"));
+    assert!(
+        resolved,
+        "the agent did not resolve its own cgroup's stall (limit {}, under_oom {}); threads: {}; audit:\n{}\nlog:\n{}",
+        cg.limit(),
+        cg.under_oom(),
+        threads(agent_pid),
+        read(&audit),
+        agent_log()
+    );
     assert!(
         !parked,
-        "an agent thread sleeps in mem_cgroup_oom_synchronize; log:\n{}",
-        read(&tmp.path().join("agent.log"))
+        "an agent thread slept in mem_cgroup_oom_synchronize; log:\n{}",
+        agent_log()
+    );
+    assert!(cg.limit() > 128 * MIB, "limit {}", cg.limit());
+    assert!(
+        hog.report(Duration::from_secs(20)).is_some(),
+        "the hog never finished touching its memory"
+    );
+    // The loan was journaled once there was room: a restart would give it back.
+    let journal = journal_text(tmp.path());
+    assert!(
+        journal.contains(cg.rel.as_str()),
+        "the loan is not in the journal: {journal}"
     );
 
     // SIGTERM is still answered (the loop is not parked in the OOM wait).
@@ -101,7 +129,7 @@ fn agent_inside_the_stuck_cgroup_is_not_parked_and_stops_on_sigterm() {
         gone = !s.alive(agent_pid);
         std::thread::sleep(Duration::from_millis(20));
     }
-    let agent_log = read(&tmp.path().join("agent.log"));
+    let agent_log = agent_log();
     assert!(
         gone,
         "the agent did not stop on SIGTERM; threads: {}; signals: {}; log:\n{agent_log}",

@@ -150,7 +150,11 @@ pub fn run(cfg: Config, policies: PolicySet, reload: crate::config::Reload) -> a
         );
     }
     protect_self(&cfg);
-    warn_if_inside_managed(&shared, &cfg);
+    // Known before the first stall: a raise of the agent's own cgroup (or an ancestor)
+    // then writes the limit before the journal (see LoanBook::lend).
+    let own = own_cgroup(&shared, &cfg);
+    shared.env.loans.set_own_cgroup(own.clone());
+    warn_if_inside_managed(&shared, own.as_ref());
     log::info!(
         "oomwake {} watching {} ({:?}), {} polic{}{}",
         env!("CARGO_PKG_VERSION"),
@@ -200,18 +204,19 @@ pub fn run(cfg: Config, policies: PolicySet, reload: crate::config::Reload) -> a
     res
 }
 
-/// Says loudly when the agent runs in a cgroup that a policy manages (itself or an
-/// ancestor): it does not park itself there (everything is locked), but writes that
-/// need new page cache (the journal before a raise, the audit file) fail while that
-/// cgroup is at its wall.
-fn warn_if_inside_managed(shared: &Shared, cfg: &Config) {
-    let Ok(text) = std::fs::read(cfg.proc_root.join("self/cgroup")) else {
-        return;
-    };
+/// The agent's own memory cgroup, from /proc/self/cgroup (None if not in the hierarchy).
+fn own_cgroup(shared: &Shared, cfg: &Config) -> Option<cgroup::CgroupPath> {
+    let text = std::fs::read(cfg.proc_root.join("self/cgroup")).ok()?;
     let h = shared.env.ctl.hierarchy();
-    let Some(own) =
-        cgroup::parse::proc_memory_cgroup_bytes(&text).and_then(|p| h.from_proc_path(p))
-    else {
+    cgroup::parse::proc_memory_cgroup_bytes(&text).and_then(|p| h.from_proc_path(p))
+}
+
+/// Says loudly when the agent runs in a cgroup that a policy manages (itself or an
+/// ancestor): it is not parked there (everything is locked) and a raise of that cgroup
+/// writes the limit before the journal, but what needs new page cache there (the
+/// audit file, status.json, the agent's log) waits for the headroom.
+fn warn_if_inside_managed(shared: &Shared, own: Option<&cgroup::CgroupPath>) {
+    let Some(own) = own else {
         return;
     };
     let policies = shared.policies();
@@ -220,7 +225,7 @@ fn warn_if_inside_managed(shared: &Shared, cfg: &Config) {
         let info = shared.container_info(&c);
         if !c.is_root() && policies.could_match(&c, info.as_deref().map(|m| &m.info)) {
             log::warn!(
-                "the agent runs inside {own}, which a policy manages ({c}): a stall there cannot be journaled until the kernel frees a page; run the agent in a cgroup of its own"
+                "the agent runs inside {own}, which a policy manages ({c}): at that cgroup's wall a raise writes the limit before its journal line, and the audit log, status and exec hooks wait for the headroom; run the agent in a cgroup of its own"
             );
             return;
         }

@@ -119,12 +119,43 @@ impl LineQueue {
     }
 }
 
+/// How long the writer retries a line refused for want of memory (ENOMEM: the agent's
+/// cgroup is at its wall, and a new page-cache page is charged there) before dropping
+/// it. The queue in front takes the lines meanwhile, or drops and counts them: the
+/// episodes never wait for this.
+const MEMORY_WAIT: Duration = Duration::from_secs(10);
+
+/// Writes all of `line`, continuing where a short write stopped (so a line is never
+/// torn by a retry), and retrying ENOMEM with a backoff for up to `memory_wait`.
+fn write_line(w: &mut impl Write, line: &[u8], memory_wait: Duration) -> io::Result<()> {
+    let mut rest = line;
+    let mut give_up: Option<Instant> = None;
+    let mut pause = Duration::from_millis(5);
+    while !rest.is_empty() {
+        match w.write(rest) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => rest = &rest[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOMEM) => {
+                let end = *give_up.get_or_insert_with(|| Instant::now() + memory_wait);
+                if Instant::now() >= end {
+                    return Err(e);
+                }
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(200));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    w.flush()
+}
+
 fn writer(mut sink: Sink, rx: crossbeam_channel::Receiver<Msg>, dropped: Arc<AtomicU64>) {
     let write = |sink: &mut Sink, line: &[u8]| -> io::Result<()> {
         match sink {
-            // std's stderr is unbuffered: one write_all per line, nothing held back.
-            Sink::Stderr => io::stderr().lock().write_all(line),
-            Sink::File(f) => f.write_all(line).and_then(|_| f.flush()),
+            // std's stderr is unbuffered: one write per line, nothing held back.
+            Sink::Stderr => write_line(&mut io::stderr().lock(), line, MEMORY_WAIT),
+            Sink::File(f) => write_line(f, line, MEMORY_WAIT),
         }
     };
     let mut failed = false;
@@ -557,5 +588,47 @@ mod tests {
         a.log(Record::new("watch", &CgroupPath::root()));
         assert!(a.flush(Duration::from_secs(5)));
         assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 1);
+    }
+
+    /// Issue 6.11: a line refused for want of memory (the agent's own cgroup at its
+    /// wall) is written whole once memory is there, never torn or lost at once.
+    #[test]
+    fn a_line_refused_with_enomem_is_retried_whole() {
+        struct Wall {
+            refusals: usize,
+            got: Vec<u8>,
+        }
+        impl Write for Wall {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                if self.refusals > 0 {
+                    self.refusals -= 1;
+                    return Err(io::Error::from_raw_os_error(libc::ENOMEM));
+                }
+                // A short write, as when the page ran out mid-line.
+                let n = b.len().min(7);
+                self.got.extend_from_slice(&b[..n]);
+                self.refusals = 2;
+                Ok(n)
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let line = b"{\"event\":\"resolved\",\"cgroup\":\"/pod\"}\n";
+        let mut w = Wall {
+            refusals: 3,
+            got: Vec::new(),
+        };
+        write_line(&mut w, line, Duration::from_secs(10)).unwrap();
+        assert_eq!(w.got, line);
+        // Memory that never comes: given up after the wait, with the error.
+        let mut w = Wall {
+            refusals: usize::MAX,
+            got: Vec::new(),
+        };
+        let start = Instant::now();
+        let e = write_line(&mut w, line, Duration::from_millis(100)).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOMEM));
+        assert!(start.elapsed() < Duration::from_secs(5));
     }
 }

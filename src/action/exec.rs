@@ -7,9 +7,12 @@
 //! the agent's own stderr, which may carry the audit log.
 
 use std::io::Read;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::process::{Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use super::{Env, Outcome, Report, StepCtx};
 
@@ -27,38 +30,76 @@ struct Captured {
     truncated: bool,
 }
 
-/// Reads `r` to its end on a thread, keeping the first `OUTPUT_CAP` bytes; the caller
-/// takes what is there when it wants, without waiting for the end.
-fn capture(mut r: impl Read + Send + 'static, done: mpsc::Sender<()>) -> Arc<Mutex<Captured>> {
-    let cap = Arc::new(Mutex::new(Captured::default()));
-    let out = Arc::clone(&cap);
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        loop {
-            match r.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    let Ok(mut c) = out.lock() else { break };
-                    let room = OUTPUT_CAP.saturating_sub(c.head.len());
-                    let take = room.min(n);
-                    c.head.extend_from_slice(&buf[..take]);
-                    if take < n {
-                        c.truncated = true;
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => break,
-            }
+impl Captured {
+    fn push(&mut self, data: &[u8]) {
+        let room = OUTPUT_CAP.saturating_sub(self.head.len());
+        let take = room.min(data.len());
+        self.head.extend_from_slice(&data[..take]);
+        if take < data.len() {
+            self.truncated = true;
         }
-        let _ = done.send(());
-    });
-    cap
+    }
+
+    fn text(&self) -> (String, bool) {
+        (String::from_utf8_lossy(&self.head).into_owned(), self.truncated)
+    }
 }
 
-fn take(c: &Arc<Mutex<Captured>>) -> (String, bool) {
-    match c.lock() {
-        Ok(c) => (String::from_utf8_lossy(&c.head).into_owned(), c.truncated),
-        Err(_) => (String::new(), false),
+/// One of the hook's output pipes, read by the episode's own thread (non-blocking,
+/// between waits): no reader thread is started per hook, since a new thread's stack is
+/// charged to the agent's cgroup, which may be the stuck one (issue 6.11).
+struct Stream<R> {
+    pipe: Option<R>,
+    cap: Captured,
+}
+
+impl<R: Read + AsFd> Stream<R> {
+    fn new(pipe: Option<R>) -> Stream<R> {
+        let pipe = pipe.filter(|p| {
+            let fd = p.as_fd().as_raw_fd();
+            // A pipe left blocking would hold up the episode: not read at all then.
+            fcntl(fd, FcntlArg::F_SETFL(OFlag::O_NONBLOCK))
+                .map_err(|e| log::warn!("exec: the hook's output pipe: {e}"))
+                .is_ok()
+        });
+        Stream {
+            pipe,
+            cap: Captured::default(),
+        }
+    }
+
+    /// Reads what is in the pipe now; closes it at its end or on an error.
+    fn pump(&mut self) {
+        let mut buf = [0u8; 4096];
+        while let Some(p) = self.pipe.as_mut() {
+            match p.read(&mut buf) {
+                Ok(0) => self.pipe = None,
+                Ok(n) => self.cap.push(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(_) => self.pipe = None,
+            }
+        }
+    }
+
+    fn fd(&self) -> Option<BorrowedFd<'_>> {
+        self.pipe.as_ref().map(|p| p.as_fd())
+    }
+}
+
+/// Waits up to `wait` for output on either pipe (or just waits, when both are closed).
+fn wait_output<A: Read + AsFd, B: Read + AsFd>(a: &Stream<A>, b: &Stream<B>, wait: Duration) {
+    let mut fds: Vec<PollFd> = [a.fd(), b.fd()]
+        .into_iter()
+        .flatten()
+        .map(|fd| PollFd::new(fd, PollFlags::POLLIN))
+        .collect();
+    let ms = u16::try_from(wait.as_millis()).unwrap_or(u16::MAX);
+    if fds.is_empty() {
+        std::thread::sleep(wait);
+    } else if poll(&mut fds, PollTimeout::from(ms)).is_err() {
+        // EINTR and the like: the caller's loop looks again.
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
@@ -93,16 +134,16 @@ pub fn run(env: &Env, ctx: &StepCtx, command: &[String], timeout: Duration) -> R
         Ok(c) => c,
         Err(e) => return Report::failed(format!("{prog}: {e}")).with("command", command.to_vec()),
     };
-    let (done_tx, done_rx) = mpsc::channel();
-    let out = child.stdout.take().map(|o| capture(o, done_tx.clone()));
-    let err = child.stderr.take().map(|e| capture(e, done_tx.clone()));
-    drop(done_tx);
+    let mut out = Stream::new(child.stdout.take());
+    let mut err = Stream::new(child.stderr.take());
     let deadline = Instant::now() + timeout;
     let status = loop {
+        out.pump();
+        err.pump();
         match child.try_wait() {
             Ok(Some(st)) => break Ok(Some(st)),
             Ok(None) if Instant::now() >= deadline || (ctx.cancelled)() => break Ok(None),
-            Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+            Ok(None) => wait_output(&out, &err, Duration::from_millis(5)),
             Err(e) => break Err(e),
         }
     };
@@ -116,17 +157,20 @@ pub fn run(env: &Env, ctx: &StepCtx, command: &[String], timeout: Duration) -> R
         let _ = child.kill();
         let _ = child.wait();
     }
-    // Both readers end when the pipes close; a process the hook left running may keep
-    // them open, so wait a little, then take what was read.
+    // The pipes end when every writer is gone; a process the hook left running may keep
+    // them open, so read a little longer, then take what was read.
     let drain_end = Instant::now() + DRAIN_WAIT;
-    for _ in 0..2 {
+    loop {
+        out.pump();
+        err.pump();
         let left = drain_end.saturating_duration_since(Instant::now());
-        if done_rx.recv_timeout(left).is_err() {
+        if (out.pipe.is_none() && err.pipe.is_none()) || left.is_zero() {
             break;
         }
+        wait_output(&out, &err, left.min(Duration::from_millis(5)));
     }
-    let (stdout, t1) = out.as_ref().map(take).unwrap_or_default();
-    let (stderr, t2) = err.as_ref().map(take).unwrap_or_default();
+    let (stdout, t1) = out.cap.text();
+    let (stderr, t2) = err.cap.text();
     let with_output = |r: Report| {
         r.with("command", command.to_vec())
             .with("stdout", stdout.clone())

@@ -258,6 +258,9 @@ pub struct LoanBook {
     /// Told of every memory limit the book wrote (a loan moves the wall, a restore
     /// moves it back): early thresholds follow it.
     moved: std::sync::OnceLock<LimitMoved>,
+    /// The agent's own memory cgroup (None: unknown, or tests): a raise of it or of an
+    /// ancestor writes the limit before journaling ([`LoanBook::lend`]).
+    own: Mutex<Option<CgroupPath>>,
 }
 
 /// What [`LoanBook::on_limit_moved`] calls.
@@ -282,7 +285,28 @@ impl LoanBook {
             given_up: Mutex::new(Vec::new()),
             damage: Mutex::new(Vec::new()),
             moved: std::sync::OnceLock::new(),
+            own: Mutex::new(None),
         }
+    }
+
+    /// Tells the book which memory cgroup the agent itself runs in (at start).
+    pub fn set_own_cgroup(&self, own: Option<CgroupPath>) {
+        *lock(&self.own) = own;
+    }
+
+    /// True when the agent's own cgroup is `cg` or below it: a stall of `cg` is then
+    /// the agent's too, and anything that needs a new page charged there (a journal
+    /// append) fails with ENOMEM until the limit moves.
+    pub fn inside(&self, cg: &CgroupPath) -> bool {
+        let own = lock(&self.own).clone();
+        let mut c = own;
+        while let Some(x) = c {
+            if &x == cg {
+                return true;
+            }
+            c = x.parent();
+        }
+        false
     }
 
     /// Sets what is told of every memory limit the book writes (once).
@@ -353,28 +377,9 @@ impl LoanBook {
     /// Puts `rec` in the book and the journal, under the lock (one append). A new loan
     /// starts its hold now; an existing one keeps its timers.
     fn store(&self, rec: &LoanRecord, hold: Duration) -> Result<(), JournalError> {
-        let now = Instant::now();
         let mut loans = self.lock();
         let cg = rec.cgroup.clone();
-        let prev = match loans.get_mut(&cg) {
-            Some(l) => Some(std::mem::replace(&mut l.rec, rec.clone())),
-            None => {
-                loans.insert(
-                    cg.clone(),
-                    Loan {
-                        rec: rec.clone(),
-                        hold,
-                        hold_until: now + hold,
-                        expired: false,
-                        next_resume: now + hold,
-                        below_since: None,
-                        pending_reason: None,
-                    },
-                );
-                None
-            }
-        };
-        self.generation.fetch_add(1, Ordering::Relaxed);
+        let prev = self.put_in_book(&mut loans, rec, hold);
         if let Some(j) = &self.journal {
             if let Err(e) = j.put(rec) {
                 match prev {
@@ -634,6 +639,9 @@ impl LoanBook {
                 (rec, raise.hold)
             }
         };
+        if self.inside(cg) {
+            return self.lend_limit_first(ctl, cg, rec, existing, cur, to, hold);
+        }
         rec.change = Some(Change {
             from: cur,
             to,
@@ -666,6 +674,105 @@ impl LoanBook {
             Err(e) => {
                 self.settle_failed_raise(ctl, rec, existing.map(|(r, _)| r), cur, after);
                 Err(e.into())
+            }
+        }
+    }
+
+    /// A raise of the agent's own cgroup (or an ancestor), stuck at its wall: the
+    /// journal append would need a new page charged there and fail (ENOMEM) until the
+    /// limit moves, so the limit is written first and the loan journaled right after,
+    /// with the headroom it made. The cost: a crash between the two writes leaves the
+    /// limit raised and unrecorded (never given back by the next start), which errs
+    /// toward memory for the workload rather than a stall nobody can end.
+    #[allow(clippy::too_many_arguments)]
+    fn lend_limit_first(
+        &self,
+        ctl: &dyn Controller,
+        cg: &CgroupPath,
+        mut rec: LoanRecord,
+        existing: Option<(LoanRecord, Duration)>,
+        cur: Limits,
+        to: Limits,
+        hold: Duration,
+    ) -> Result<Lend, LoanError> {
+        fault::point("limit_first_before_write");
+        let res = ctl.set_limits(cg, cur, to);
+        let after = ctl.limits(cg).ok().flatten();
+        if let Err(e) = res {
+            // Nothing was journaled for this change: settle against the book as it was.
+            self.settle_failed_raise(ctl, rec, existing.map(|(r, _)| r), cur, after);
+            return Err(e.into());
+        }
+        rec.lent = after.unwrap_or(Limits {
+            memory: self.stored(to.memory),
+            memsw: to.memsw.map(|v| self.stored(v)),
+            high: to.high.map(|v| self.stored(v)),
+        });
+        rec.change = None;
+        self.limit_moved(cg);
+        // The headroom is there now; the kernel may still be handing it to the workload
+        // that waited, so a failed append is tried again a few times before the loan
+        // is kept in the book only (the keeper gives it back all the same, and its next
+        // change journals it whole).
+        let mut tries = 0;
+        loop {
+            match self.store(&rec, hold) {
+                Ok(()) => break,
+                Err(e) if tries < 20 => {
+                    tries += 1;
+                    log::debug!("{cg}: journaling a loan made limit-first: {e}; retrying");
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => {
+                    log::warn!(
+                        "{cg}: the loan is not journaled ({e}): a crash now would leave the limit raised"
+                    );
+                    self.keep_unjournaled(&rec, hold);
+                    break;
+                }
+            }
+        }
+        if let Some(l) = self.lock().get_mut(cg) {
+            l.below_since = None;
+        }
+        Ok(Lend::Raised {
+            old: cur.memory,
+            new: rec.lent.memory,
+        })
+    }
+
+    /// Puts `rec` in the book without the journal (its append failed).
+    fn keep_unjournaled(&self, rec: &LoanRecord, hold: Duration) {
+        let mut loans = self.lock();
+        self.put_in_book(&mut loans, rec, hold);
+    }
+
+    /// The book's half of [`LoanBook::store`]: a new loan starts its hold now, an
+    /// existing one keeps its timers. Returns the record it replaced.
+    fn put_in_book(
+        &self,
+        loans: &mut BTreeMap<CgroupPath, Loan>,
+        rec: &LoanRecord,
+        hold: Duration,
+    ) -> Option<LoanRecord> {
+        let now = Instant::now();
+        self.generation.fetch_add(1, Ordering::Relaxed);
+        match loans.get_mut(&rec.cgroup) {
+            Some(l) => Some(std::mem::replace(&mut l.rec, rec.clone())),
+            None => {
+                loans.insert(
+                    rec.cgroup.clone(),
+                    Loan {
+                        rec: rec.clone(),
+                        hold,
+                        hold_until: now + hold,
+                        expired: false,
+                        next_resume: now + hold,
+                        below_since: None,
+                        pending_reason: None,
+                    },
+                );
+                None
             }
         }
     }

@@ -649,3 +649,74 @@ fn inactive_file_cache_does_not_count_against_the_margin() {
         Restore::Restored { new, .. } if new == 64 * MIB
     ));
 }
+
+/// Issue 6.11: the agent inside the stuck cgroup. A raise of its own cgroup (or an
+/// ancestor) writes the limit before journaling, since the append needs a page charged
+/// to that cgroup; it is journaled right after, with the headroom made.
+#[test]
+fn a_raise_of_the_agents_own_cgroup_writes_the_limit_before_the_journal() {
+    let d = std::sync::Arc::new(Double::new(4096));
+    let cg = d.cgroup("pod", 64 * MIB, Some(64 * MIB), 10 * MIB);
+    let t = tempfile::tempdir().unwrap();
+    let book = std::sync::Arc::new(LoanBook::new(Some(Journal::open(t.path()).unwrap())));
+    let own = CgroupPath::new(&format!("{}/agent", cg.as_str()));
+    book.set_own_cgroup(Some(own));
+    assert!(book.inside(&cg));
+    assert!(!book.inside(&CgroupPath::new("/other")));
+    // Held at the raise's first write (memsw): nothing journaled yet.
+    let b = d.block(&cg, SW);
+    let h = {
+        let (book, d, cg) = (book.clone(), d.clone(), cg.clone());
+        std::thread::spawn(move || {
+            book.lend(&*d, &cg, "p", &raise(Duration::from_secs(60)), 1, 2, false)
+        })
+    };
+    assert!(b.wait_entered());
+    assert!(
+        journaled(t.path()).is_empty(),
+        "journaled before the limit write"
+    );
+    b.release();
+    let lent = h.join().unwrap().unwrap();
+    assert_eq!(
+        lent,
+        Lend::Raised {
+            old: 64 * MIB,
+            new: 80 * MIB
+        }
+    );
+    // Journaled after, as a finished loan: a restart gives the original back.
+    let recs = journaled(t.path());
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0].original.memory, 64 * MIB);
+    assert_eq!(recs[0].lent.memory, 80 * MIB);
+    assert!(recs[0].change.is_none());
+    let again = restart(&d, t.path());
+    assert!(matches!(
+        again.restore(&*d, &cg).unwrap(),
+        Restore::Restored { new, .. } if new == 64 * MIB
+    ));
+}
+
+/// The same raise of a cgroup the agent is not in journals first (the crash-safe order).
+#[test]
+fn a_raise_of_another_cgroup_still_journals_first() {
+    let d = std::sync::Arc::new(Double::new(4096));
+    let cg = d.cgroup("app", 64 * MIB, Some(64 * MIB), 10 * MIB);
+    let t = tempfile::tempdir().unwrap();
+    let book = std::sync::Arc::new(LoanBook::new(Some(Journal::open(t.path()).unwrap())));
+    book.set_own_cgroup(Some(CgroupPath::new("/system.slice/oomwake.service")));
+    let b = d.block(&cg, SW);
+    let h = {
+        let (book, d, cg) = (book.clone(), d.clone(), cg.clone());
+        std::thread::spawn(move || {
+            book.lend(&*d, &cg, "p", &raise(Duration::from_secs(60)), 1, 2, false)
+        })
+    };
+    assert!(b.wait_entered());
+    let recs = journaled(t.path());
+    assert_eq!(recs.len(), 1, "not journaled before the write");
+    assert_eq!(recs[0].change.unwrap().to.memory, 80 * MIB);
+    b.release();
+    h.join().unwrap().unwrap();
+}
