@@ -41,7 +41,10 @@ impl Captured {
     }
 
     fn text(&self) -> (String, bool) {
-        (String::from_utf8_lossy(&self.head).into_owned(), self.truncated)
+        (
+            String::from_utf8_lossy(&self.head).into_owned(),
+            self.truncated,
+        )
     }
 }
 
