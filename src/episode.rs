@@ -446,3 +446,54 @@ fn settle(
         step = (step * 2).min(MAX_POLL.max(poll));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::PolicySet;
+
+    /// The embedded default's step named `name` (reclaim, raise_limit, signal, kill).
+    fn action(name: &str) -> Action {
+        PolicySet::embedded_default().policies()[0]
+            .steps
+            .iter()
+            .find(|s| s.action.name() == name)
+            .map(|s| s.action.clone())
+            .unwrap()
+    }
+
+    /// Issue 9: the first `unresolved` line of a stall says why (the ceiling and where
+    /// it was reached, or that no task may be signalled) and what would help.
+    #[test]
+    fn the_first_unresolved_line_says_why_and_what_would_help() {
+        let raise = action("raise_limit");
+        let at_ceiling = Report::skipped("limit 33554432 is already at the ceiling 33554432")
+            .with("old_limit", 33_554_432u64)
+            .with("new_limit", 33_554_432u64);
+        let (why, help) = diagnose(&raise, &at_ceiling).unwrap();
+        assert_eq!(why, "ceiling reached at 33554432 bytes");
+        assert!(
+            help.contains("33554432") && help.contains("max_limit"),
+            "{help}"
+        );
+
+        let shielded =
+            Report::skipped("every process in the cgroup is shielded (oom_score_adj -1000)");
+        for a in [action("kill"), action("signal"), Action::KillAll] {
+            let (why, help) = diagnose(&a, &shielded).unwrap();
+            assert_eq!(why, "no candidate victim", "{}", a.name());
+            assert!(help.contains("-1000"), "{}: {help}", a.name());
+        }
+
+        // A failed write is named with its error, and nothing specific is suggested.
+        let (why, help) = diagnose(&raise, &Report::failed("EBUSY")).unwrap();
+        assert_eq!((why.as_str(), help.as_str()), ("raise_limit: EBUSY", ""));
+        // A raise skipped for another reason (an unlimited cgroup) says that reason.
+        let unlimited = Report::skipped("the limit is unlimited: nothing to raise");
+        let (why, _) = diagnose(&raise, &unlimited).unwrap();
+        assert_eq!(why, "the limit is unlimited: nothing to raise");
+        // Steps that did something, or would have, are no reason.
+        assert!(diagnose(&raise, &Report::new(Outcome::Done)).is_none());
+        assert!(diagnose(&action("kill"), &Report::new(Outcome::Would)).is_none());
+    }
+}
