@@ -1,7 +1,7 @@
 //! Loans under failure, on real cgroups (root, cgroup v1): a crash between the journal
 //! and the limit write, a crash between the memsw and the memory write, a damaged
 //! journal, a dry run that finds loans, a workload that does not fit at hold expiry,
-//! a reload that renames the policy that lent.
+//! a reload that renames the policy that lent, a limit someone else changed.
 
 use std::path::Path;
 use std::process::Command;
@@ -317,6 +317,51 @@ victim = "largest_rss"
     assert_eq!(restore["new_limit"], 32 * MIB);
     assert_eq!(s.exit_signal(hog.pid), Some(libc::SIGKILL));
     assert!(Path::new(&cg.dir).exists());
+}
+
+/// 7.2: a limit that none of the loan's records explain was set by someone else: the
+/// loan is given up, the audit log says so with the facts, the journal forgets it and
+/// the other writer's limit stands (nothing lowers it onto the workload).
+#[test]
+fn a_limit_changed_by_someone_else_gives_the_loan_up_and_says_so() {
+    let Some(()) = require_v1("a_limit_changed_by_someone_else_gives_the_loan_up_and_says_so")
+    else {
+        return;
+    };
+    let mut s = Scratch::new("givenup");
+    let cg = s.cgroup("", Some(32 * MIB), true);
+    let agent = Agent::start(&[("p.toml", &policy("g", &cg.rel, "", EXTENDING))], &[]);
+    let (hog, _) = s.stall_resolved(&agent, &cg, &["--touch", "36M", "--hold", "60s"]);
+    assert_eq!(cg.limit(), 40 * MIB, "the loan");
+    assert!(agent.journal().contains(&cg.rel), "{}", agent.journal());
+    // An operator raises the limit by hand (memsw first: it may not be below memory).
+    let theirs = 96 * MIB;
+    let sw = cg.dir.join("memory.memsw.limit_in_bytes");
+    if sw.exists() {
+        write(&sw, &theirs.to_string());
+    }
+    write(&cg.dir.join("memory.limit_in_bytes"), &theirs.to_string());
+    // The workload shrinks: the keeper comes to give the loan back and finds the change.
+    s.kill_hog(hog.pid);
+    let g = agent.expect("loan_given_up", &cg.rel, Duration::from_secs(10));
+    assert_eq!(g["original_limit"], 32 * MIB, "{g}");
+    assert_eq!(g["lent_limit"], 40 * MIB, "{g}");
+    assert_eq!(g["current_limit"], theirs, "{g}");
+    assert_eq!(g["reason"], "limit changed by someone else", "{g}");
+    assert!(agent.events("restore", &cg.rel).is_empty());
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(cg.limit(), theirs, "the other writer's limit was changed");
+    let journaled = || {
+        oomwake::journal::Journal::open(&agent.tmp.path().join("state"))
+            .and_then(|j| j.load())
+            .map(|recs| recs.iter().any(|r| r.cgroup.as_str() == cg.rel))
+            .unwrap_or(true)
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || !journaled()),
+        "still journaled: {}",
+        agent.journal()
+    );
 }
 
 /// 6.6 (compute side) and 7.3, on the kernel itself: a raise computed far past the
