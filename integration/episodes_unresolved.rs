@@ -1,6 +1,6 @@
 //! Stalls a policy cannot resolve (issue 9) and stalls held in audit mode: reported,
 //! retried with back-off, listed by `oomwake status`, and acted on at once after a
-//! reload that can help.
+//! reload that can help or a change of the picture (a task gone).
 
 use std::time::{Duration, Instant};
 
@@ -94,6 +94,60 @@ fn unresolvable_stall_is_reported_not_repeated_and_a_reload_resolves_it() {
     );
     eprintln!("resolved {took:?} after the reload");
     assert_eq!(s.exit_signal(hog.pid), Some(libc::SIGKILL));
+}
+
+/// Issue 9: a change of the picture (here a task gone) retries a backed-off stall at
+/// once, not at its next try.
+#[test]
+fn a_task_gone_retries_an_unresolved_stall_at_once() {
+    let Some(()) = require_v1("a_task_gone_retries_an_unresolved_stall_at_once") else {
+        return;
+    };
+    let mut s = Scratch::new("stuck-gone");
+    let cg = s.cgroup("", Some(32 * MIB), true);
+    let agent = Agent::start(
+        &[("p.toml", &policy("capped", &cg.rel, "", AT_CEILING))],
+        &[],
+    );
+    agent.expect("watch", &cg.rel, Duration::from_secs(10));
+    let small = s.hog(&cg, &["--touch", "1M", "--hold", "120s", "--tag", "small"]);
+    assert!(small.report(Duration::from_secs(10)).is_some());
+    let big = s.hog(&cg, &["--touch", "40M", "--hold", "120s", "--tag", "big"]);
+    cg.wait_stuck(big.pid);
+    // Retries 1, 2, 3 come 1 s, 2 s, 4 s apart; the fourth would wait 8 s more.
+    let third = agent
+        .wait_for(Duration::from_secs(20), |v| {
+            v["event"] == "unresolved" && v["cgroup"] == cg.rel.as_str() && v["retry"] == 3
+        })
+        .unwrap_or_else(|| panic!("no third retry; audit:\n{:#?}", agent.audit()));
+    assert_eq!(third["reminder"], true, "{third}");
+    s.kill_hog(small.pid);
+    let gone = Instant::now();
+    let fourth = agent
+        .wait_for(Duration::from_secs(6), |v| {
+            v["event"] == "unresolved" && v["cgroup"] == cg.rel.as_str() && v["retry"] == 4
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no retry within 6 s of a task gone; audit:\n{:#?}\nlog:\n{}",
+                agent.audit(),
+                agent.log()
+            )
+        });
+    let took = gone.elapsed();
+    assert!(s.alive(big.pid) && cg.under_oom(), "the stall goes on");
+    assert_eq!(fourth["episode"], third["episode"], "the same stall");
+    assert!(
+        agent.log().contains("retrying the unresolved stall now"),
+        "log:\n{}",
+        agent.log()
+    );
+    // The sweep (1 s) sees it: well before the 8 s the back-off would have waited.
+    assert!(
+        took < Duration::from_secs(4),
+        "retried {took:?} after the task went"
+    );
+    eprintln!("retried {took:?} after the task went");
 }
 
 #[test]
