@@ -1,8 +1,9 @@
 //! What the agent trusts and how the command line reports problems: StrictModes on the
 //! policies dir, the config and the state dir; unreadable policy files; warnings with
 //! positions; `explain` of a missing cgroup; `status` of a dead agent; an error's cause
-//! printed once. The `run` cases need root and the v1 hierarchy (the agent starts on it
-//! with a policy that matches nothing and in dry-run mode, so it can change nothing).
+//! printed once; the warning of an agent that cannot set its own `oom_score_adj`. The
+//! `run` cases need root and the v1 hierarchy (the agent starts on it with a policy
+//! that matches nothing and in dry-run mode, so it can change nothing).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -39,8 +40,27 @@ fn inert_policy(mode: &str) -> String {
 /// the exit code and stderr, or None (and stops it) if it was still running after
 /// `wait` (it started).
 fn run_agent(dir: &Path, extra: &[&str], wait: Duration) -> (Option<i32>, String) {
+    run_agent_via(&[], dir, extra, wait)
+}
+
+/// [`run_agent`] started through `wrapper` (a command and its arguments, such as
+/// setpriv's), which execs the agent.
+fn run_agent_via(
+    wrapper: &[&str],
+    dir: &Path,
+    extra: &[&str],
+    wait: Duration,
+) -> (Option<i32>, String) {
     let log = dir.join("agent.log");
-    let mut child = Command::new(oomwake_bin())
+    let mut cmd = match wrapper.split_first() {
+        Some((prog, args)) => {
+            let mut c = Command::new(prog);
+            c.args(args).arg(oomwake_bin());
+            c
+        }
+        None => Command::new(oomwake_bin()),
+    };
+    let mut child = cmd
         .arg("run")
         .arg("--config")
         .arg(dir.join("oomwake.toml"))
@@ -166,6 +186,35 @@ fn run_refuses_an_audit_log_that_is_a_link_or_not_roots() {
     assert_eq!(code, Some(1), "it started:\n{log}");
     assert!(log.contains("the audit log"), "{log}");
     assert_eq!(read(&log_path), "", "a file another user owns was written");
+}
+
+/// 6.19: an agent that cannot set its own `oom_score_adj` to -1000 (no
+/// CAP_SYS_RESOURCE) says so as a warning, not at debug level, and still runs.
+#[test]
+fn run_warns_when_it_cannot_shield_itself_from_the_oom_killer() {
+    let Some(()) = require_v1("run_warns_when_it_cannot_shield_itself_from_the_oom_killer") else {
+        return;
+    };
+    let t = agent_dir(&inert_policy("audit"));
+    let (code, log) = run_agent_via(
+        &[
+            "setpriv",
+            "--bounding-set",
+            "-sys_resource",
+            "--inh-caps",
+            "-all",
+            "--",
+        ],
+        t.path(),
+        &[],
+        Duration::from_secs(3),
+    );
+    assert_eq!(code, None, "it did not keep running:\n{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains(" WARN ") && l.contains("oom_score_adj")),
+        "no warning about oom_score_adj:\n{log}"
+    );
 }
 
 #[test]
