@@ -117,7 +117,7 @@ else
     cgroups='mount -t tmpfs cgroup /sys/fs/cgroup
 mkdir -p /sys/fs/cgroup/memory
 mount -t cgroup -o memory memory /sys/fs/cgroup/memory
-export OOMWAKE_REQUIRE_ROOT_TESTS=1'
+export OOMWAKE_REQUIRE_ROOT_TESTS=1 OOMWAKE_VM=1'
 fi
 for f in "${filters[@]}"; do args+=("$f"); done
 cat >"$root/init" <<EOF
