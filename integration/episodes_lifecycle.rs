@@ -46,7 +46,7 @@ victim = "largest_rss"
     let agent = Agent::start_in(tmp, &[]);
     agent.expect("watch", &b.rel, Duration::from_secs(10));
     let ha = s.hog(&a, &["--touch", "40M", "--hold", "120s"]);
-    agent.expect("oom", &a.rel, Duration::from_secs(10));
+    agent.expect("oom", &a.rel, Duration::from_secs(30));
     let hb = s.hog(&b, &["--touch", "40M", "--hold", "120s"]);
     b.wait_stuck(hb.pid);
     // The stall at B ends by other means before a worker is free for it.
