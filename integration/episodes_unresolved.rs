@@ -97,7 +97,8 @@ fn unresolvable_stall_is_reported_not_repeated_and_a_reload_resolves_it() {
 }
 
 /// Issue 9: a change of the picture (here a task gone) retries a backed-off stall at
-/// once, not at its next try.
+/// once, not at its next try; a stall that then ends by itself is `resolved` with
+/// `unaided`.
 #[test]
 fn a_task_gone_retries_an_unresolved_stall_at_once() {
     let Some(()) = require_v1("a_task_gone_retries_an_unresolved_stall_at_once") else {
@@ -148,6 +149,11 @@ fn a_task_gone_retries_an_unresolved_stall_at_once() {
         "retried {took:?} after the task went"
     );
     eprintln!("retried {took:?} after the task went");
+    // The stall ends without the agent: said once, in the same episode.
+    s.kill_hog(big.pid);
+    let r = agent.expect("resolved", &cg.rel, Duration::from_secs(10));
+    assert_eq!(r["unaided"], true, "{r}");
+    assert_eq!(r["episode"], third["episode"], "{r}");
 }
 
 #[test]
