@@ -1,5 +1,6 @@
 //! A scrape of a running agent after real stalls: the families a fleet alerts on carry
-//! non-zero values, and `promtool check metrics` accepts the text (root, cgroup v1).
+//! non-zero values, and `promtool check metrics` accepts the text; the stuck gauge
+//! follows an unresolved stall (root, cgroup v1).
 //! promtool is the one `.ci/run` unpacks; OOMWAKE_PROMTOOL points at it, and CI sets it
 //! so the check cannot skip there.
 
@@ -156,4 +157,45 @@ fn a_scrape_after_real_stalls_passes_promtool() {
         None => eprintln!("promtool check skipped: OOMWAKE_PROMTOOL is not set"),
     }
     agent.stop();
+}
+
+/// Issue 9: `oomwake_stuck_cgroups{policy}` counts a stall the policy cannot resolve
+/// while it lasts, and goes back to 0 when it ends (here by itself).
+#[test]
+fn the_stuck_gauge_counts_an_unresolved_stall_while_it_lasts() {
+    let Some(()) = require_v1("the_stuck_gauge_counts_an_unresolved_stall_while_it_lasts") else {
+        return;
+    };
+    let capped = r#"
+[[step]]
+action = "raise_limit"
+by = "50%"
+max_limit = "32M"
+hold = "60s"
+"#;
+    let mut s = Scratch::new("gauge");
+    let cg = s.cgroup("", Some(32 * MIB), true);
+    let agent = Agent::start(
+        &[("p.toml", &policy("capped", &cg.rel, "", capped))],
+        &["--metrics", "127.0.0.1:0"],
+    );
+    let addr = metrics_addr(&agent).unwrap_or_else(|| panic!("no address; log:\n{}", agent.log()));
+    let gauge = || sample(&scrape(addr).1, "oomwake_stuck_cgroups{policy=\"capped\"}");
+    agent.expect("watch", &cg.rel, Duration::from_secs(10));
+    let hog = s.hog(&cg, &["--touch", "40M", "--hold", "120s"]);
+    cg.wait_stuck(hog.pid);
+    agent.expect("unresolved", &cg.rel, Duration::from_secs(10));
+    // Set by the sweep (1 s).
+    assert!(
+        wait_until(Duration::from_secs(5), || gauge() == Some(1.0)),
+        "gauge {:?}",
+        gauge()
+    );
+    s.kill_hog(hog.pid);
+    agent.expect("resolved", &cg.rel, Duration::from_secs(10));
+    assert!(
+        wait_until(Duration::from_secs(5), || gauge() == Some(0.0)),
+        "gauge {:?}",
+        gauge()
+    );
 }
