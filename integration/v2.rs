@@ -632,3 +632,65 @@ fn v2_reclaim_is_cut_short_by_its_timeout() {
     assert!(took < Duration::from_millis(1500), "took {took:?}: {r:?}");
     assert!(cg.alive(hog.pid), "reclaim keeps the tasks");
 }
+
+/// A container of Docker's systemd driver on a v2 host (`docker-<id>.scope`, below a
+/// slice with its own limit) is watched, held and rescued by a policy that names the
+/// scopes by glob, exactly as on v1, and every line about it carries its container id
+/// (from the path alone: no engine in the VM).
+#[test]
+fn v2_docker_systemd_scope_is_matched_and_rescued_with_its_container_id() {
+    let Some(root) =
+        require_v2("v2_docker_systemd_scope_is_matched_and_rescued_with_its_container_id")
+    else {
+        return;
+    };
+    let id = "5e1f".repeat(16);
+    let slice = Cg2::new(&root, "system.slice", 256 * MIB, None);
+    let mut scope = slice.child(&format!("docker-{id}.scope"), 64 * MIB, None);
+    // A look-alike beside it (63 digits): no container, and the glob must not cover it.
+    let other = slice.child(&format!("docker-{}.scope", &id[1..]), 64 * MIB, None);
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir(tmp.path().join("policies")).unwrap();
+    let steps = r#"
+[[step]]
+action = "raise_limit"
+by = "50%"
+max_extra = "100%"
+hold = "60s"
+"#;
+    std::fs::write(
+        tmp.path().join("policies/p.toml"),
+        policy(
+            "scopes",
+            &format!("{}/docker-*.scope", slice.rel),
+            "[v2]\nhold_at = \"75%\"\n",
+            steps,
+        ),
+    )
+    .unwrap();
+    let agent = Agent::start_in_root(tmp, &root, &[]);
+    let watch = agent.expect("watch", &scope.rel, T);
+    assert_eq!(watch["container_id"], id.as_str(), "{watch}");
+    // The glob matches the look-alike's name too, but it carries no container id.
+    let watch_other = agent.expect("watch", &other.rel, T);
+    assert!(watch_other.get("container_id").is_none(), "{watch_other}");
+    let hold = agent.expect("hold", &scope.rel, T);
+    assert_eq!(hold["new_high"], 48 * MIB, "{hold}");
+    let hog = scope.hog(&["--touch", "56M", "--hold", "60s"]);
+    hog.report(T)
+        .unwrap_or_else(|| fail(&agent, "the hog in the scope never finished"));
+    let resolved = agent.expect("resolved", &scope.rel, T);
+    assert_eq!(resolved["by_action"], "raise_limit", "{resolved}");
+    for event in ["oom", "action", "resolved"] {
+        for line in agent.events(event, &scope.rel) {
+            assert_eq!(line["container_id"], id.as_str(), "{line}");
+        }
+    }
+    assert!(scope.alive(hog.pid));
+    assert_eq!(scope.event("oom_kill"), 0);
+    assert_eq!(scope.get("memory.max"), 96 * MIB);
+    println!(
+        "v2-measure: docker-<id>.scope held at high -> loan: first action {} ms, resolved {} ms after detection",
+        resolved["first_action_ms"], resolved["stalled_ms"]
+    );
+}
