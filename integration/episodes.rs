@@ -114,6 +114,50 @@ max_extra = "100%"
     );
 }
 
+/// A container engine removes a container's cgroup as soon as its last task is gone. A
+/// kill that empties the cgroup ends the stall: the episode is `resolved` by that step,
+/// with `cgroup_gone`, not `unresolved` (seen with Docker, whose kill of a container's
+/// only process was reported as a stall left behind). The agent pauses after the step
+/// (test-only fault point) so the removal always comes before its check.
+#[test]
+fn a_kill_that_empties_a_cgroup_its_engine_then_removes_is_resolved() {
+    let Some(()) = require_v1("a_kill_that_empties_a_cgroup_its_engine_then_removes_is_resolved")
+    else {
+        return;
+    };
+    let mut s = Scratch::new("killgone");
+    let cg = s.cgroup("c", Some(32 * MIB), true);
+    let steps = r#"
+[[step]]
+action = "kill"
+victim = "largest_rss"
+"#;
+    let agent = Agent::start_in_env(
+        Agent::dir(&[("p.toml", &policy("gone", &cg.rel, "", steps))]),
+        &[],
+        &[("OOMWAKE_FAULT", "after_step:pause-1500")],
+    );
+    agent.expect("watch", &cg.rel, Duration::from_secs(10));
+    let hog = s.hog(&cg, &["--touch", "40M", "--hold", "60s"]);
+    agent.expect("oom", &cg.rel, Duration::from_secs(10));
+    // The engine's part: remove the cgroup once it is empty.
+    assert!(
+        wait_until(Duration::from_secs(10), || !s.alive(hog.pid)
+            && std::fs::remove_dir(&cg.dir).is_ok()),
+        "the cgroup did not empty; log:\n{}",
+        agent.log()
+    );
+    let r = agent.expect("resolved", &cg.rel, Duration::from_secs(10));
+    assert_eq!(r["by_action"], "kill", "{r}");
+    assert_eq!(r["by_step"], 0, "{r}");
+    assert_eq!(r["cgroup_gone"], true, "{r}");
+    assert!(
+        agent.events("unresolved", &cg.rel).is_empty(),
+        "{:#?}",
+        agent.audit()
+    );
+}
+
 #[test]
 fn two_cgroups_stuck_at_once_are_both_resolved() {
     let Some(()) = require_v1("two_cgroups_stuck_at_once_are_both_resolved") else {

@@ -210,6 +210,10 @@ pub fn run(shared: &Shared, job: &Job) -> End {
     let mut first_action_at: Option<Instant> = None;
     let mut diagnoses: Vec<(String, String)> = Vec::new();
     let mut failed = false;
+    // The step whose SIGKILL emptied the cgroup, if one did: a container engine removes
+    // a container's cgroup once its last task is gone, so "gone" after that step is the
+    // stall ended by the kill, not a stall left behind.
+    let mut killed_by: Option<usize> = None;
     let end = 'steps: {
         for (i, step) in policy.steps.iter().enumerate().skip(job.start_step) {
             if stopping() {
@@ -259,6 +263,7 @@ pub fn run(shared: &Shared, job: &Job) -> End {
             };
             let report = action::perform(&shared.env, &ctx, &step.action);
             first_action_at.get_or_insert_with(Instant::now);
+            crate::loan::fault::point("after_step");
             // A raise leaves the journal unsynced so the limit is written sooner.
             shared.env.loans.sync();
             shared.metrics.action(
@@ -302,6 +307,9 @@ pub fn run(shared: &Shared, job: &Job) -> End {
             }
             if audit_mode {
                 continue;
+            }
+            if sigkilled(&report) > 0 {
+                killed_by = Some(i);
             }
             if report.changed {
                 match settle(&check, &stopping, step.settle, poll) {
@@ -379,6 +387,27 @@ pub fn run(shared: &Shared, job: &Job) -> End {
                 rec.set("retry", job.retry);
             } else if !help.is_empty() {
                 rec.set("help", help.clone());
+            }
+            shared.audit.log(rec);
+        }
+        End::Gone if killed_by.is_some() => {
+            // The kill ended the stall and the cgroup went with its last task (Docker,
+            // containerd and systemd remove a container's cgroup when it exits).
+            let i = killed_by.unwrap_or_default();
+            let stalled = job.detected.elapsed();
+            shared.metrics.stall(&policy.name, stalled);
+            let mut rec = Record::new("resolved", cg)
+                .with("episode", job.episode)
+                .with("policy", policy.name.clone())
+                .with("stalled_ms", ms(stalled))
+                .with("by_step", i)
+                .with("by_action", policy.steps[i].action.name())
+                .with("cgroup_gone", true);
+            if let Some(t) = first_action_at {
+                rec.set(
+                    "first_action_ms",
+                    ms(t.saturating_duration_since(job.detected)),
+                );
             }
             shared.audit.log(rec);
         }

@@ -3,7 +3,9 @@
 //! starts) makes the agent act at the N-th time (default 1) it passes POINT:
 //! `abort` (a crash: SIGABRT, nothing flushed or given back) or `pause-MS` (sleep MS
 //! milliseconds). Points: `after_journal_put` (a raise is journaled, its limits not yet
-//! written), `after_restore_memory` (a restore lowered memory, memsw not yet).
+//! written), `after_restore_memory` (a restore lowered memory, memsw not yet),
+//! `limit_first_before_write` (a raise of the agent's own cgroup), `after_step` (an
+//! episode's step returned, before the check of its effect).
 //!
 //! Never set it in production: it exists so that tests can stop the agent between two
 //! writes that must both happen.
