@@ -115,18 +115,20 @@ fn a_task_gone_retries_an_unresolved_stall_at_once() {
     assert!(small.report(Duration::from_secs(10)).is_some());
     let big = s.hog(&cg, &["--touch", "40M", "--hold", "120s", "--tag", "big"]);
     cg.wait_stuck(big.pid);
-    // Retries 1, 2, 3 come 1 s, 2 s, 4 s apart; the fourth would wait 8 s more.
-    let third = agent
-        .wait_for(Duration::from_secs(20), |v| {
-            v["event"] == "unresolved" && v["cgroup"] == cg.rel.as_str() && v["retry"] == 3
+    // Retries 1, 2, 3, 4 come 1 s, 2 s, 4 s, 8 s apart; the fifth would wait 16 s more,
+    // so a retry within 6 s of the task going is the kick, even when this test sees the
+    // fourth line a few seconds late on a loaded machine.
+    let before = agent
+        .wait_for(Duration::from_secs(30), |v| {
+            v["event"] == "unresolved" && v["cgroup"] == cg.rel.as_str() && v["retry"] == 4
         })
-        .unwrap_or_else(|| panic!("no third retry; audit:\n{:#?}", agent.audit()));
-    assert_eq!(third["reminder"], true, "{third}");
+        .unwrap_or_else(|| panic!("no fourth retry; audit:\n{:#?}", agent.audit()));
+    assert_eq!(before["reminder"], true, "{before}");
     s.kill_hog(small.pid);
     let gone = Instant::now();
-    let fourth = agent
+    let kicked = agent
         .wait_for(Duration::from_secs(6), |v| {
-            v["event"] == "unresolved" && v["cgroup"] == cg.rel.as_str() && v["retry"] == 4
+            v["event"] == "unresolved" && v["cgroup"] == cg.rel.as_str() && v["retry"] == 5
         })
         .unwrap_or_else(|| {
             panic!(
@@ -137,23 +139,20 @@ fn a_task_gone_retries_an_unresolved_stall_at_once() {
         });
     let took = gone.elapsed();
     assert!(s.alive(big.pid) && cg.under_oom(), "the stall goes on");
-    assert_eq!(fourth["episode"], third["episode"], "the same stall");
+    assert_eq!(kicked["episode"], before["episode"], "the same stall");
     assert!(
         agent.log().contains("retrying the unresolved stall now"),
         "log:\n{}",
         agent.log()
     );
-    // The sweep (1 s) sees it: well before the 8 s the back-off would have waited.
-    assert!(
-        took < Duration::from_secs(4),
-        "retried {took:?} after the task went"
-    );
+    // The sweep (1 s) sees it: well before the 16 s the back-off would have waited
+    // (the 6 s bound of the wait above).
     eprintln!("retried {took:?} after the task went");
     // The stall ends without the agent: said once, in the same episode.
     s.kill_hog(big.pid);
     let r = agent.expect("resolved", &cg.rel, Duration::from_secs(10));
     assert_eq!(r["unaided"], true, "{r}");
-    assert_eq!(r["episode"], third["episode"], "{r}");
+    assert_eq!(r["episode"], before["episode"], "{r}");
 }
 
 #[test]
