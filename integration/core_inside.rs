@@ -98,10 +98,13 @@ fn agent_inside_the_stuck_cgroup_resolves_it_and_stops_on_sigterm() {
     let agent_log = || read(&tmp.path().join("agent.log"));
     assert!(
         resolved,
-        "the agent did not resolve its own cgroup's stall (limit {}, under_oom {}); threads: {}; audit:\n{}\nlog:\n{}",
+        "the agent did not resolve its own cgroup's stall (limit {}, under_oom {}); threads: {}; stat: {}; audit:\n{}\nlog:\n{}",
         cg.limit(),
         cg.under_oom(),
         threads(agent_pid),
+        // State and, for a zombie, the exit code (field 52): how the agent ended when
+        // it could not write a word of it to its log in the stuck cgroup.
+        read(std::path::Path::new(&format!("/proc/{agent_pid}/stat"))),
         read(&audit),
         agent_log()
     );

@@ -51,6 +51,24 @@ fn run_agent_via(
     extra: &[&str],
     wait: Duration,
 ) -> (Option<i32>, String) {
+    run_agent_inner(wrapper, dir, extra, wait, &|| false)
+}
+
+/// [`run_agent`] that stops waiting (and stops the agent) as soon as it has written its
+/// `status.json`, i.e. started for good: bounded by `max`, not a fixed sleep that a slow
+/// machine (the emulated VM) can overrun.
+fn run_agent_until_started(dir: &Path, extra: &[&str], max: Duration) -> (Option<i32>, String) {
+    let status = dir.join("state/status.json");
+    run_agent_inner(&[], dir, extra, max, &|| status.exists())
+}
+
+fn run_agent_inner(
+    wrapper: &[&str],
+    dir: &Path,
+    extra: &[&str],
+    wait: Duration,
+    started: &dyn Fn() -> bool,
+) -> (Option<i32>, String) {
     let log = dir.join("agent.log");
     let mut cmd = match wrapper.split_first() {
         Some((prog, args)) => {
@@ -84,7 +102,7 @@ fn run_agent_via(
             .ok()
             .flatten()
             .map(|s| s.code().unwrap_or(-1));
-        code.is_some()
+        code.is_some() || started()
     });
     if code.is_none() {
         let _ = nix::sys::signal::kill(
@@ -130,7 +148,8 @@ fn run_refuses_a_world_writable_policies_dir_unless_insecure() {
     assert!(log.contains("not starting"), "{log}");
 
     // For development: it starts (and says what it is doing).
-    let (code, log) = run_agent(t.path(), &["--insecure-policies"], Duration::from_secs(3));
+    let (code, log) =
+        run_agent_until_started(t.path(), &["--insecure-policies"], Duration::from_secs(30));
     assert_eq!(code, None, "it did not start:\n{log}");
     assert!(log.contains("--insecure-policies"), "{log}");
     assert!(t.path().join("state/status.json").exists(), "{log}");
@@ -196,7 +215,8 @@ fn run_warns_when_it_cannot_shield_itself_from_the_oom_killer() {
         return;
     };
     let t = agent_dir(&inert_policy("audit"));
-    let (code, log) = run_agent_via(
+    let status = t.path().join("state/status.json");
+    let (code, log) = run_agent_inner(
         &[
             "setpriv",
             "--bounding-set",
@@ -207,7 +227,8 @@ fn run_warns_when_it_cannot_shield_itself_from_the_oom_killer() {
         ],
         t.path(),
         &[],
-        Duration::from_secs(3),
+        Duration::from_secs(30),
+        &|| status.exists(),
     );
     assert_eq!(code, None, "it did not keep running:\n{log}");
     assert!(
