@@ -1,7 +1,7 @@
 //! Loans under failure, on real cgroups (root, cgroup v1): a crash between the journal
 //! and the limit write, a crash between the memsw and the memory write, a damaged
 //! journal, a dry run that finds loans, a workload that does not fit at hold expiry,
-//! a reload that renames the policy that lent, a limit someone else changed.
+//! a reload that renames or removes the policy that lent, a limit someone else changed.
 
 use std::path::Path;
 use std::process::Command;
@@ -317,6 +317,98 @@ victim = "largest_rss"
     assert_eq!(restore["new_limit"], 32 * MIB);
     assert_eq!(s.exit_signal(hog.pid), Some(libc::SIGKILL));
     assert!(Path::new(&cg.dir).exists());
+}
+
+/// 6.7, the other half: a reload removes the policy that lent, and no policy matches the
+/// cgroup any more. At hold expiry the loan still acts: with no step to resume, it is
+/// kept (with a warning) only while the workload does not fit, and given back at once
+/// when it does, with a `restore` line that says `hold_expired`. Nothing kills meanwhile.
+#[test]
+fn a_loan_whose_policy_was_removed_is_given_back_at_hold_expiry() {
+    let Some(()) = require_v1("a_loan_whose_policy_was_removed_is_given_back_at_hold_expiry")
+    else {
+        return;
+    };
+    let mut s = Scratch::new("removed");
+    let cg = s.cgroup("", Some(32 * MIB), true);
+    let raise_kill = r#"
+[[step]]
+action = "raise_limit"
+by = "50%"
+max_extra = "50%"
+hold = "4s"
+
+[[step]]
+action = "kill"
+victim = "largest_rss"
+"#;
+    // A second policy for a cgroup that does not exist keeps the policies dir from
+    // being empty after the removal (an empty dir would bring in the embedded default,
+    // which matches everything).
+    let elsewhere = format!("{}/elsewhere", cg.rel);
+    let agent = Agent::start(
+        &[
+            ("a.toml", &policy("first", &cg.rel, "", raise_kill)),
+            ("b.toml", &policy("other", &elsewhere, "", raise_kill)),
+        ],
+        &[],
+    );
+    let (hog, _) = s.stall_resolved(&agent, &cg, &["--touch", "40M", "--hold", "60s"]);
+    assert_eq!(cg.limit(), 48 * MIB, "the loan");
+    let pdir = agent.tmp.path().join("policies");
+    std::fs::remove_file(pdir.join("a.toml")).unwrap();
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(5), || agent.log().contains("reloaded")),
+        "log:\n{}",
+        agent.log()
+    );
+    // Hold expiry finds the workload above the original limit and no policy to resume.
+    assert!(
+        wait_until(Duration::from_secs(15), || agent
+            .log()
+            .contains("no policy matches the cgroup any more (it was first)")),
+        "no warning at hold expiry; log:\n{}",
+        agent.log()
+    );
+    assert_eq!(
+        cg.limit(),
+        48 * MIB,
+        "the loan is kept while the workload does not fit"
+    );
+    assert!(
+        s.alive(hog.pid),
+        "the hog was killed; log:\n{}",
+        agent.log()
+    );
+    assert!(agent.events("restore", &cg.rel).is_empty());
+    // The workload shrinks: the expired loan is given back without waiting for anything.
+    s.kill_hog(hog.pid);
+    let restore = agent.expect("restore", &cg.rel, Duration::from_secs(10));
+    assert_eq!(restore["reason"], "hold_expired", "{restore}");
+    assert_eq!(restore["old_limit"], 48 * MIB, "{restore}");
+    assert_eq!(restore["new_limit"], 32 * MIB, "{restore}");
+    assert_eq!(cg.limit(), 32 * MIB);
+    no_given_up(&agent, &cg.rel);
+    assert!(
+        agent
+            .events("oom", &cg.rel)
+            .iter()
+            .all(|v| v["resumed"] != true),
+        "an episode resumed without a policy: {:?}",
+        agent.events("oom", &cg.rel)
+    );
+    let journaled = || {
+        oomwake::journal::Journal::open(&agent.tmp.path().join("state"))
+            .and_then(|j| j.load())
+            .map(|recs| recs.iter().any(|r| r.cgroup.as_str() == cg.rel))
+            .unwrap_or(true)
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || !journaled()),
+        "still journaled: {}",
+        agent.journal()
+    );
 }
 
 /// 7.2: a limit that none of the loan's records explain was set by someone else: the
