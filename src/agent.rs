@@ -61,7 +61,7 @@ pub fn run(cfg: Config, policies: PolicySet, reload: crate::config::Reload) -> a
     }
     .with_containers(containers.clone());
     let (tx, rx) = crossbeam_channel::unbounded();
-    let moves = Arc::new(crate::early::Moves::new()?);
+    let moves = Arc::new(crate::moves::Moves::new()?);
     let loans = LoanBook::new(Some(journal));
     let told = moves.clone();
     loans.on_limit_moved(Box::new(move |cg| told.moved(cg)));

@@ -86,6 +86,12 @@ pub struct Cause {
     pub rises: Option<crate::cgroup::parse::EventRises>,
 }
 
+/// The reason of the [`End::Unresolved`] an early episode ([`crate::early`]) ends with
+/// when the cgroup reached its limit: the dispatcher starts the OOM episode at once.
+/// Here, beside [`End`], so that the early episodes depend on the dispatcher and not
+/// the other way round.
+pub const HANDED_OVER: &str = "the limit was reached: the OOM episode follows";
+
 /// How an episode ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum End {
@@ -617,7 +623,8 @@ impl Dispatcher {
             // Ancestors that waited go first (the stall is theirs if they are still
             // under OOM), then an OOM that arrived here meanwhile, or the one the
             // episode handed over to.
-            let handed_over = matches!(end, End::Unresolved { reason, .. } if reason == crate::early::HANDED_OVER);
+            let handed_over =
+                matches!(end, End::Unresolved { reason, .. } if reason == HANDED_OVER);
             if let Some(at) = retrigger.or(handed_over.then_some(now)) {
                 again.push((job.cgroup.clone(), job.policy.clone(), at));
             }
@@ -943,7 +950,7 @@ mod tests {
         let oom_at = now + Duration::from_millis(3);
         assert_eq!(d.trigger(&mid, p.clone(), oom_at), None);
         assert_eq!(d.trigger(&top, p.clone(), oom_at), None);
-        let handed = End::unresolved(crate::early::HANDED_OVER);
+        let handed = End::unresolved(HANDED_OVER);
         let again = d.finish(&early, &handed, None);
         // The ancestor first: the stall is its own if it is still under OOM.
         assert_eq!(

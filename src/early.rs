@@ -3,76 +3,26 @@
 //! per watched cgroup whose policy has `[early]` (v1 `cgroup.event_control` with
 //! `memory.usage_in_bytes`), at `at` of the limit then current. A threshold cannot be
 //! moved, only closed and registered anew, so every limit the agent writes (a loan moves
-//! the wall, a restore moves it back) is reported through [`Moves`], which wakes the
-//! loop to re-register. An upward crossing starts an early episode here, on a worker:
-//! the policy's early steps in order, each followed by its settle wait, until the
-//! workload is away from the wall again (usage below the threshold of the current limit,
-//! or the limit raised). If the cgroup reaches its limit meanwhile, the early episode
-//! stops at once (a running hook is killed) and hands over to the normal OOM episode.
+//! the wall, a restore moves it back) is reported through [`crate::moves::Moves`],
+//! which wakes the loop to re-register. An upward crossing starts an early episode
+//! here, on a worker: the policy's early steps in order, each followed by its settle
+//! wait, until the workload is away from the wall again (usage below the threshold of
+//! the current limit, or the limit raised). If the cgroup reaches its limit meanwhile,
+//! the early episode stops at once (a running hook is killed) and hands over to the
+//! normal OOM episode.
 
 use std::cell::RefCell;
-use std::collections::BTreeSet;
-use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::Ordering;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use nix::sys::eventfd::{EfdFlags, EventFd};
 use serde_json::{Map, Value};
 
 use crate::action::{self, Outcome, Report, StepCtx};
 use crate::audit::Record;
 use crate::cgroup::{CgroupPath, Controller};
-use crate::dispatcher::{End, Job};
+use crate::dispatcher::{End, Job, HANDED_OVER};
 use crate::policy::{Early, Mode};
 use crate::shared::Shared;
-
-/// Why an early episode ended without keeping the workload from its wall, when the
-/// OOM episode takes over.
-pub const HANDED_OVER: &str = "the limit was reached: the OOM episode follows";
-
-/// Cgroups whose memory limit the agent moved since the loop last looked, and an
-/// eventfd that wakes the loop when one is added (no allocation on the waking side
-/// beyond the set's entry; the write of an eventfd needs no kernel memory).
-pub struct Moves {
-    set: Mutex<BTreeSet<CgroupPath>>,
-    efd: EventFd,
-}
-
-impl Moves {
-    pub fn new() -> std::io::Result<Moves> {
-        let efd = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
-            .map_err(std::io::Error::from)?;
-        Ok(Moves {
-            set: Mutex::new(BTreeSet::new()),
-            efd,
-        })
-    }
-
-    /// The limit of `cg` moved: its threshold must follow.
-    pub fn moved(&self, cg: &CgroupPath) {
-        self.set
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(cg.clone());
-        // EAGAIN only when the counter is about to overflow: the loop is woken anyway.
-        let _ = self.efd.write(1);
-    }
-
-    /// For the loop: the cgroups moved since the last call (and the wakeup consumed).
-    pub fn take(&self) -> Vec<CgroupPath> {
-        let _ = self.efd.read();
-        std::mem::take(&mut *self.set.lock().unwrap_or_else(|p| p.into_inner()))
-            .into_iter()
-            .collect()
-    }
-}
-
-impl AsFd for Moves {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.efd.as_fd()
-    }
-}
 
 /// Where the workload stands during an early episode.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -217,7 +167,7 @@ pub fn run(shared: &Shared, job: &Job) -> End {
                 &policy.name,
                 name,
                 report.outcome.as_str(),
-                crate::episode::sigkilled(&report),
+                report.sigkilled(),
             );
             let sent = taken_fields.borrow_mut().take();
             let mut rec = match &sent {
@@ -394,31 +344,5 @@ mod tests {
         assert!(may_repeat(None, t0));
         assert!(!may_repeat(Some(t0), t0 + Duration::from_millis(300)));
         assert!(may_repeat(Some(t0), t0 + REPEAT_GAP));
-    }
-
-    #[test]
-    fn moves_wake_and_drain() {
-        let m = Moves::new().unwrap();
-        assert!(m.take().is_empty());
-        m.moved(&CgroupPath::new("/a"));
-        m.moved(&CgroupPath::new("/a"));
-        m.moved(&CgroupPath::new("/b"));
-        let mut pfd = [nix::poll::PollFd::new(
-            m.as_fd(),
-            nix::poll::PollFlags::POLLIN,
-        )];
-        assert_eq!(
-            nix::poll::poll(&mut pfd, nix::poll::PollTimeout::ZERO).unwrap(),
-            1
-        );
-        assert_eq!(m.take(), vec![CgroupPath::new("/a"), CgroupPath::new("/b")]);
-        let mut pfd = [nix::poll::PollFd::new(
-            m.as_fd(),
-            nix::poll::PollFlags::POLLIN,
-        )];
-        assert_eq!(
-            nix::poll::poll(&mut pfd, nix::poll::PollTimeout::ZERO).unwrap(),
-            0
-        );
     }
 }

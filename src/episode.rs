@@ -270,7 +270,7 @@ pub fn run(shared: &Shared, job: &Job) -> End {
                 &policy.name,
                 name,
                 report.outcome.as_str(),
-                sigkilled(&report),
+                report.sigkilled(),
             );
             failed |= report.outcome == Outcome::Failed;
             if let Some(d) = diagnose(&step.action, &report) {
@@ -308,7 +308,7 @@ pub fn run(shared: &Shared, job: &Job) -> End {
             if audit_mode {
                 continue;
             }
-            if sigkilled(&report) > 0 {
+            if report.sigkilled() > 0 {
                 killed_by = Some(i);
             }
             if report.changed {
@@ -425,20 +425,6 @@ pub fn run(shared: &Shared, job: &Job) -> End {
         ),
     }
     end
-}
-
-/// How many processes a step SIGKILLed (`pids` of kill_all, `pid` of kill or signal).
-pub fn sigkilled(report: &Report) -> u64 {
-    if report.outcome != Outcome::Done
-        || report.fields.get("signal").and_then(Value::as_str) != Some("SIGKILL")
-    {
-        return 0;
-    }
-    match (report.fields.get("pids"), report.fields.get("pid")) {
-        (Some(Value::Array(pids)), _) => pids.len() as u64,
-        (_, Some(_)) => 1,
-        _ => 0,
-    }
 }
 
 fn resolved(job: &Job, by_step: Option<usize>, at: Instant) -> End {

@@ -1,6 +1,9 @@
 //! The state shared by the event loop, the episode workers and the loan keeper, and the
 //! status record the agent publishes. It sits below [`crate::watch`], [`crate::episode`]
 //! and [`crate::agent`], which all depend on it and never on each other through it.
+//! What it holds comes from modules that do not depend on it in turn: the limits moved
+//! ([`crate::moves`]), the v2 holds ([`crate::hold`]), the dispatcher
+//! ([`crate::dispatcher`]).
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -29,7 +32,7 @@ pub struct Shared {
     /// v2: the cgroups whose memory.high the agent holds (`[v2] hold_at`).
     pub holds: crate::hold::Holds,
     /// Limits the agent moved: the event loop re-registers their early thresholds.
-    pub moves: Arc<crate::early::Moves>,
+    pub moves: Arc<crate::moves::Moves>,
     /// Container metadata from the Docker Engine API (disabled: never finds anything).
     pub containers: Arc<crate::container::Containers>,
 }

@@ -141,7 +141,7 @@ pub struct Watcher {
     dry_run: bool,
     status_dirty: bool,
     status_sig: (u64, usize, u64, u64),
-    holder: crate::hold::Holder,
+    holder: crate::holder::Holder,
 }
 
 fn io_err(e: nix::Error) -> std::io::Error {
@@ -179,7 +179,7 @@ impl Watcher {
                 EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_MOVES),
             )
             .map_err(io_err)?;
-        let holder = crate::hold::Holder::start(shared.clone())?;
+        let holder = crate::holder::Holder::start(shared.clone())?;
         if let Some(fd) = shared.containers.wake_fd() {
             epoll
                 .add(fd, EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_CONTAINERS))
@@ -729,7 +729,7 @@ impl Watcher {
     pub fn release_holds(&mut self, reason: &str) {
         self.holder.finish();
         for cg in self.shared.holds.cgroups() {
-            crate::hold::release(&self.shared, &cg, reason);
+            crate::holder::release(&self.shared, &cg, reason);
         }
     }
 
@@ -1350,7 +1350,7 @@ mod tests {
             settle_poll: Duration::from_millis(1),
             stop: std::sync::atomic::AtomicBool::new(false),
             holds: crate::hold::Holds::in_memory(),
-            moves: Arc::new(crate::early::Moves::new().unwrap()),
+            moves: Arc::new(crate::moves::Moves::new().unwrap()),
             containers: containers.clone(),
         });
         let cfg = Config {
@@ -1442,7 +1442,7 @@ mod tests {
             settle_poll: Duration::from_millis(1),
             stop: std::sync::atomic::AtomicBool::new(false),
             holds: crate::hold::Holds::in_memory(),
-            moves: Arc::new(crate::early::Moves::new().unwrap()),
+            moves: Arc::new(crate::moves::Moves::new().unwrap()),
             containers: Arc::new(crate::container::Containers::disabled()),
         });
         let cfg = Config {

@@ -55,6 +55,21 @@ pub struct Report {
 }
 
 impl Report {
+    /// How many processes the step SIGKILLed (`pids` of kill_all, `pid` of kill or
+    /// signal).
+    pub fn sigkilled(&self) -> u64 {
+        if self.outcome != Outcome::Done
+            || self.fields.get("signal").and_then(Value::as_str) != Some("SIGKILL")
+        {
+            return 0;
+        }
+        match (self.fields.get("pids"), self.fields.get("pid")) {
+            (Some(Value::Array(pids)), _) => pids.len() as u64,
+            (_, Some(_)) => 1,
+            _ => 0,
+        }
+    }
+
     pub fn new(outcome: Outcome) -> Report {
         Report {
             outcome,
