@@ -162,7 +162,7 @@ pub fn run(shared: &Shared, job: &Job) -> End {
                 cancelled: &cancelled,
             };
             let report = action::perform(&shared.env, &ctx, &step.action);
-            shared.env.loans.sync();
+            shared.env.loans.fsync_and_compact_if_long();
             shared.metrics.action(
                 &policy.name,
                 name,

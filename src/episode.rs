@@ -265,7 +265,7 @@ pub fn run(shared: &Shared, job: &Job) -> End {
             first_action_at.get_or_insert_with(Instant::now);
             crate::loan::fault::point("after_step");
             // A raise leaves the journal unsynced so the limit is written sooner.
-            shared.env.loans.sync();
+            shared.env.loans.fsync_and_compact_if_long();
             shared.metrics.action(
                 &policy.name,
                 name,

@@ -124,7 +124,7 @@ pub fn recover(shared: &Shared, found: Recovered) {
     }
     audit_given_up(shared);
     // Start from a fresh snapshot and an empty log.
-    loans.compact();
+    loans.rewrite_snapshot();
 }
 
 /// What a resumed episode learns from trying to give the loan back.
@@ -259,5 +259,5 @@ pub fn restore_all(shared: &Shared) {
         }
     }
     audit_given_up(shared);
-    shared.env.loans.sync();
+    shared.env.loans.fsync_and_compact_if_long();
 }

@@ -247,7 +247,7 @@ pub struct LoanBook {
     journal: Option<Journal>,
     /// Dry run: nothing is written, to cgroups or to the journal.
     read_only: bool,
-    /// The journal has appends not yet fsynced (see [`LoanBook::sync`]).
+    /// The journal has appends not yet fsynced (see [`LoanBook::fsync_appends`]).
     unsynced: AtomicBool,
     /// Bumped on every change of a loan (journaled), so readers can tell change cheaply.
     generation: AtomicU64,
@@ -453,8 +453,9 @@ impl LoanBook {
         std::mem::take(&mut *lock(&self.given_up))
     }
 
-    /// fsyncs the journal's pending appends (no lock held).
-    fn flush(&self) {
+    /// fsyncs the journal's appends that are not yet durable (no loan lock held; appends
+    /// go on meanwhile). On failure they stay pending and the next call tries again.
+    fn fsync_appends(&self) {
         if let Some(j) = &self.journal {
             if self.unsynced.swap(false, Ordering::SeqCst) {
                 if let Err(e) = j.sync() {
@@ -465,23 +466,28 @@ impl LoanBook {
         }
     }
 
-    /// Flushes what a raise appended to the journal without fsync, and compacts a long
-    /// log. Called after the rescue (after each step, and by the keeper), never between
-    /// the OOM and the limit write.
-    pub fn sync(&self) {
-        self.flush();
+    /// Makes the journal durable and keeps it short: fsyncs what a raise appended
+    /// without fsync (`fsync_appends`), then, once the log has passed `COMPACT_AT`
+    /// (64 KiB), rewrites the snapshot ([`LoanBook::rewrite_snapshot`]). Called after
+    /// the rescue (after each step, and by the keeper), never between the OOM and the
+    /// limit write.
+    pub fn fsync_and_compact_if_long(&self) {
+        self.fsync_appends();
         if self
             .journal
             .as_ref()
             .is_some_and(|j| j.log_len() > COMPACT_AT)
         {
-            self.compact();
+            self.rewrite_snapshot();
         }
     }
 
-    /// Rewrites the journal as one snapshot of the current loans. Only the log's
-    /// rotation (a rename) runs under the lock; the snapshot's writes and fsyncs do not.
-    pub fn compact(&self) {
+    /// Compacts the journal: rewrites the snapshot (`loans.json`) as the current loans
+    /// and drops the log it replaces (temporary file, fsync, rename, fsync of the
+    /// directory). Only the log's rotation (a rename) runs under the loan lock; the
+    /// snapshot's writes and fsyncs do not. Nothing in a dry run; a no-op while another
+    /// rewrite runs.
+    pub fn rewrite_snapshot(&self) {
         let Some(j) = &self.journal else {
             return;
         };
@@ -648,7 +654,8 @@ impl LoanBook {
             step: ChangeStep::Begun,
         });
         // Journal first: if we crash after the cgroup write, the next start knows. The
-        // fsync waits until the workload has its headroom (LoanBook::sync).
+        // fsync waits until the workload has its headroom
+        // (LoanBook::fsync_and_compact_if_long).
         self.store(&rec, hold)?;
         if let Some(l) = self.lock().get_mut(cg) {
             l.below_since = None;
@@ -1029,7 +1036,7 @@ impl LoanBook {
         if self.read_only {
             return Vec::new();
         }
-        self.sync();
+        self.fsync_and_compact_if_long();
         enum Due {
             Finish(&'static str),
             Expired,

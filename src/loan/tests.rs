@@ -152,7 +152,7 @@ fn a_dry_run_book_never_writes_cgroups_or_the_journal() {
             .unwrap(),
         Lend::Would { .. }
     ));
-    book.compact();
+    book.rewrite_snapshot();
     assert_eq!(d.limit(&cg), 80 * MIB);
     assert_eq!(std::fs::read(t.path().join("loans.log")).unwrap(), before);
     assert!(!t.path().join("loans.json").exists());
