@@ -559,7 +559,7 @@ impl Watcher {
                 && !self.candidates.contains_key(&cg)
             {
                 self.candidates.insert(cg.clone(), Candidate::default());
-                self.evaluate(&cg, &policies);
+                self.evaluate(&cg, &policies, "new cgroup");
             }
         }
     }
@@ -605,10 +605,10 @@ impl Watcher {
             }
             (false, true) => {
                 self.candidates.insert(cg.clone(), Candidate::default());
-                self.evaluate(cg, policies);
+                self.evaluate(cg, policies, reason);
             }
             (true, true) => {
-                self.evaluate(cg, policies);
+                self.evaluate(cg, policies, reason);
             }
             (false, false) => {}
         }
@@ -618,15 +618,17 @@ impl Watcher {
         self.candidates.get(cg).and_then(|c| c.watched.as_ref())
     }
 
-    /// Decides whether a candidate is watched, and under which policy.
-    fn evaluate(&mut self, cg: &CgroupPath, policies: &PolicySet) {
+    /// Decides whether a candidate is watched, and under which policy; `reason` is why
+    /// it is asked again (the unwatch line's reason when the policy changes).
+    fn evaluate(&mut self, cg: &CgroupPath, policies: &PolicySet, reason: &str) {
         if let Some(st) = self.probe(cg) {
-            self.apply(cg, st, policies);
+            self.apply(cg, st, policies, reason);
         }
     }
 
-    /// Watches, unwatches or re-assigns `cg` given its OOM state.
-    fn apply(&mut self, cg: &CgroupPath, st: OomControl, policies: &PolicySet) {
+    /// Watches, unwatches or re-assigns `cg` given its OOM state; `reason`: see
+    /// [`Watcher::evaluate`].
+    fn apply(&mut self, cg: &CgroupPath, st: OomControl, policies: &PolicySet, reason: &str) {
         let Some(c) = self.candidates.get_mut(cg) else {
             return;
         };
@@ -647,7 +649,7 @@ impl Watcher {
                 self.unwatch(cg, why);
             }
             (Some(old), Some(new)) if old.name != new.name => {
-                self.unwatch(cg, "reload");
+                self.unwatch(cg, reason);
                 self.watch(cg, new);
             }
             (Some(old), Some(new)) => {
@@ -662,7 +664,7 @@ impl Watcher {
                 }
                 if hold_changed {
                     if new.v2.hold_at.is_none() {
-                        self.release_hold(cg, "reload");
+                        self.release_hold(cg, reason);
                     } else {
                         self.apply_hold(cg, &new);
                     }
@@ -917,7 +919,7 @@ impl Watcher {
             // which a reload marks stale): re-select only when it changed.
             let known = self.candidates.get(&cg).and_then(|c| c.kill_disabled);
             if known != Some(st.oom_kill_disable) {
-                self.apply(&cg, st, &policies);
+                self.apply(&cg, st, &policies, "oom_kill_disable changed");
             }
             // A limit someone else moved (or one whose move the loop missed): the
             // early threshold follows it.
@@ -1332,6 +1334,11 @@ mod tests {
             "p.toml",
         )
         .unwrap();
+        let other = crate::policy::load::load_str(
+            "[match]\ncontainer_name = [\"api-2\"]\n[[step]]\naction = \"kill\"\n",
+            "q.toml",
+        )
+        .unwrap();
         let containers = Arc::new(crate::container::Containers::detached().unwrap());
         let (jobs, _rx) = crossbeam_channel::unbounded();
         let shared = Arc::new(Shared {
@@ -1346,7 +1353,7 @@ mod tests {
                 .with_containers(containers.clone()),
             metrics: crate::metrics::Metrics::default(),
             dispatcher: crate::dispatcher::Dispatcher::new(jobs, Duration::from_secs(60), 1, 1),
-            policies: std::sync::RwLock::new(Arc::new(PolicySet::new(vec![policy], false))),
+            policies: std::sync::RwLock::new(Arc::new(PolicySet::new(vec![policy, other], false))),
             settle_poll: Duration::from_millis(1),
             stop: std::sync::atomic::AtomicBool::new(false),
             holds: crate::hold::Holds::in_memory(),
@@ -1382,9 +1389,17 @@ mod tests {
             w.watched(&cg).map(|x| x.policy.name.clone()).as_deref(),
             Some("p")
         );
+        // Renamed into another policy's name: watched under that one, and the unwatch
+        // line says why (not "reload").
+        containers.put(meta("api-2"));
+        w.on_containers();
+        assert_eq!(
+            w.watched(&cg).map(|x| x.policy.name.clone()).as_deref(),
+            Some("q")
+        );
         containers.put(meta("web"));
         w.on_containers();
-        assert!(w.watched(&cg).is_none(), "renamed away from the policy");
+        assert!(w.watched(&cg).is_none(), "renamed away from the policies");
         assert!(shared.audit.flush(Duration::from_secs(5)));
         let audit = std::fs::read_to_string(t.path().join("audit.jsonl")).unwrap();
         let lines: Vec<serde_json::Value> = audit
@@ -1393,8 +1408,26 @@ mod tests {
             .collect();
         assert_eq!(lines[0]["event"], "watch");
         assert_eq!(lines[0]["container_name"], "api");
-        assert_eq!(lines[1]["event"], "unwatch");
-        assert_eq!(lines[1]["reason"], "container changed");
+        let seen: Vec<_> = lines
+            .iter()
+            .map(|v| {
+                (
+                    v["event"].as_str().unwrap_or(""),
+                    v["policy"].as_str().unwrap_or(""),
+                    v["reason"].as_str().unwrap_or(""),
+                    v["container_name"].as_str().unwrap_or(""),
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("watch", "p", "", "api"),
+                ("unwatch", "p", "container changed", "api-2"),
+                ("watch", "q", "", "api-2"),
+                ("unwatch", "q", "container changed", "web"),
+            ]
+        );
         assert_eq!(lines[1]["container_id"], id.as_str());
     }
 
