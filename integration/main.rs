@@ -14,6 +14,7 @@ mod core_paths;
 mod core_stderr;
 mod docker;
 mod docker_meta;
+mod docker_names;
 mod doctor;
 mod early;
 mod episodes;

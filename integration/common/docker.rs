@@ -330,6 +330,14 @@ pub fn image(engine: &Engine, w: Workload) -> Image {
     }
 }
 
+impl Image {
+    /// The image's id (`sha256:...`).
+    pub fn id(&self) -> String {
+        self.engine
+            .run(&["image", "inspect", "--format", "{{.Id}}", &self.tag])
+    }
+}
+
 impl Clone for Image {
     fn clone(&self) -> Image {
         let mut images = IMAGES.lock().unwrap_or_else(|e| e.into_inner());
@@ -423,6 +431,19 @@ pub fn run_container(
     args: &[&str],
     cmd: &[&str],
 ) -> Container {
+    run_container_ref(image, &image.tag, parent, what, args, cmd)
+}
+
+/// [`run_container`] of `image` given to `docker run` as `reference` (its id, say: the
+/// container's `Config.Image` is the reference as given).
+pub fn run_container_ref(
+    image: &Image,
+    reference: &str,
+    parent: Option<&CgroupParent>,
+    what: &str,
+    args: &[&str],
+    cmd: &[&str],
+) -> Container {
     let engine = image.engine.clone();
     let name = format!("oomwake-it-{}-{}-{what}", std::process::id(), seq());
     let label = format!("{LABEL}={}", std::process::id());
@@ -441,7 +462,7 @@ pub fn run_container(
         full.push(&p.rel);
     }
     full.extend_from_slice(args);
-    full.push(&image.tag);
+    full.push(reference);
     full.extend_from_slice(cmd);
     let res = engine.try_run(&full, Duration::from_secs(60));
     let id = match res {
@@ -721,6 +742,17 @@ impl PrivateDaemon {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// The daemon's pid while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Starts it again after [`PrivateDaemon::stop`] (its containers ran on meanwhile).
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "the private dockerd still runs");
+        self.spawn();
     }
 
     /// Stops and starts it again.
