@@ -20,14 +20,6 @@ timeout = "1s"
 settle = "10ms"
 "#;
 
-const RAISE: &str = r#"
-[[step]]
-action = "raise_limit"
-by = "50%"
-max_extra = "100%"
-hold = "60s"
-"#;
-
 #[test]
 fn agent_inside_the_stuck_cgroup_resolves_it_and_stops_on_sigterm() {
     let Some(()) = require_v1("agent_inside_the_stuck_cgroup_resolves_it_and_stops_on_sigterm")
@@ -44,7 +36,7 @@ fn agent_inside_the_stuck_cgroup_resolves_it_and_stops_on_sigterm() {
     std::fs::create_dir(tmp.path().join("policies")).unwrap();
     std::fs::write(
         tmp.path().join("policies/p.toml"),
-        policy("inside", &cg.rel, "", &format!("{HOOK}{RAISE}")),
+        policy("inside", &cg.rel, "", &format!("{HOOK}{LOAN}")),
     )
     .unwrap();
     // The shell joins the cgroup, then becomes the agent: every page the agent ever
@@ -184,7 +176,7 @@ fn prepared_control_files_are_closed_when_the_cgroup_goes() {
     };
     let s = Scratch::new("prepared");
     let cg = s.cgroup("w", Some(64 * MIB), true);
-    let agent = Agent::start(&[("p.toml", &policy("prep", &cg.rel, "", RAISE))], &[]);
+    let agent = Agent::start(&[("p.toml", &policy("prep", &cg.rel, "", LOAN))], &[]);
     agent.expect("watch", &cg.rel, Duration::from_secs(10));
     let pid = agent.child.id();
     let open_in = |dir: &std::path::Path| {

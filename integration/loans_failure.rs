@@ -398,17 +398,7 @@ victim = "largest_rss"
         "an episode resumed without a policy: {:?}",
         agent.events("oom", &cg.rel)
     );
-    let journaled = || {
-        oomwake::journal::Journal::open(&agent.tmp.path().join("state"))
-            .and_then(|j| j.load())
-            .map(|recs| recs.iter().any(|r| r.cgroup.as_str() == cg.rel))
-            .unwrap_or(true)
-    };
-    assert!(
-        wait_until(Duration::from_secs(5), || !journaled()),
-        "still journaled: {}",
-        agent.journal()
-    );
+    assert_forgotten(&agent, &cg);
 }
 
 /// 7.2: a limit that none of the loan's records explain was set by someone else: the
@@ -443,17 +433,7 @@ fn a_limit_changed_by_someone_else_gives_the_loan_up_and_says_so() {
     assert!(agent.events("restore", &cg.rel).is_empty());
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(cg.limit(), theirs, "the other writer's limit was changed");
-    let journaled = || {
-        oomwake::journal::Journal::open(&agent.tmp.path().join("state"))
-            .and_then(|j| j.load())
-            .map(|recs| recs.iter().any(|r| r.cgroup.as_str() == cg.rel))
-            .unwrap_or(true)
-    };
-    assert!(
-        wait_until(Duration::from_secs(5), || !journaled()),
-        "still journaled: {}",
-        agent.journal()
-    );
+    assert_forgotten(&agent, &cg);
 }
 
 /// 6.6 (compute side) and 7.3, on the kernel itself: a raise computed far past the
@@ -492,4 +472,19 @@ fn an_absurd_raise_on_a_real_cgroup_is_clamped_and_given_back() {
         }
     );
     assert_eq!(cg.limit(), 32 * MIB);
+}
+
+/// The journal forgets `cg`'s loan within 5 s (an unreadable journal counts as not yet).
+fn assert_forgotten(agent: &Agent, cg: &Cg) {
+    let journaled = || {
+        oomwake::journal::Journal::open(&agent.tmp.path().join("state"))
+            .and_then(|j| j.load())
+            .map(|recs| recs.iter().any(|r| r.cgroup.as_str() == cg.rel))
+            .unwrap_or(true)
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || !journaled()),
+        "still journaled: {}",
+        agent.journal()
+    );
 }

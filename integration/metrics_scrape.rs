@@ -11,14 +11,6 @@ use std::time::Duration;
 
 use crate::common::*;
 
-const RAISE: &str = r#"
-[[step]]
-action = "raise_limit"
-by = "50%"
-max_extra = "100%"
-hold = "60s"
-"#;
-
 const KILL: &str = r#"
 [[step]]
 action = "kill"
@@ -68,7 +60,7 @@ fn a_scrape_after_real_stalls_passes_promtool() {
     let kill = s.cgroup("kill", Some(32 * MIB), true);
     let mut agent = Agent::start(
         &[
-            ("raise.toml", &policy("scrape-raise", &raise.rel, "", RAISE)),
+            ("raise.toml", &policy("scrape-raise", &raise.rel, "", LOAN)),
             ("kill.toml", &policy("scrape-kill", &kill.rel, "", KILL)),
         ],
         &["--metrics", "127.0.0.1:0"],

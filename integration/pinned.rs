@@ -168,13 +168,7 @@ fn jvm_above_its_limit_never_pauses_for_seconds_without_an_oom() {
     let mut s = Scratch::new("jvm");
     let cg = s.cgroup("", Some(128 * MIB), true);
     // A plain loan: +50% at each OOM, up to +100% (256 MiB).
-    let steps = r#"
-[[step]]
-action = "raise_limit"
-by = "50%"
-max_extra = "100%"
-hold = "60s"
-"#;
+    let steps = LOAN;
     let agent = Agent::start(&[("jvm.toml", &policy("jvm", &cg.rel, "", steps))], &[]);
     agent.expect("watch", &cg.rel, Duration::from_secs(10));
     let mut cmd = Command::new("sh");

@@ -389,13 +389,7 @@ fn v2_psi_trigger_fires_before_memory_max() {
     };
     let parent = Cg2::new(&root, "psi", 128 * MIB, Some(40 * MIB));
     let mut cg = parent.child("app", 64 * MIB, None);
-    let steps = r#"
-[[step]]
-action = "raise_limit"
-by = "50%"
-max_extra = "100%"
-hold = "60s"
-"#;
+    let steps = LOAN;
     let agent = cg.agent("psi", "[v2]\ntrigger = \"some 20ms 500ms\"\n", steps);
     agent.expect("watch", &cg.rel, T);
     let hog = cg.hog(&["--touch", "56M", "--hold", "60s"]);
@@ -651,13 +645,7 @@ fn v2_docker_systemd_scope_is_matched_and_rescued_with_its_container_id() {
     let other = slice.child(&format!("docker-{}.scope", &id[1..]), 64 * MIB, None);
     let tmp = tempfile::tempdir().unwrap();
     std::fs::create_dir(tmp.path().join("policies")).unwrap();
-    let steps = r#"
-[[step]]
-action = "raise_limit"
-by = "50%"
-max_extra = "100%"
-hold = "60s"
-"#;
+    let steps = LOAN;
     std::fs::write(
         tmp.path().join("policies/p.toml"),
         policy(

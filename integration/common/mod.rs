@@ -69,6 +69,16 @@ victim = "largest_rss"
 
 /// One step: lend 50% (up to 100% extra) for 60s, restored early once usage stays
 /// below 90% for 300ms.
+/// A plain loan: +50% of the limit at each OOM, up to +100%, held 60 s (given back at
+/// hold expiry once the workload fits).
+pub const LOAN: &str = r#"
+[[step]]
+action = "raise_limit"
+by = "50%"
+max_extra = "100%"
+hold = "60s"
+"#;
+
 pub const RAISE: &str = r#"
 [[step]]
 action = "raise_limit"
