@@ -96,7 +96,7 @@ pub fn run(cfg: Config, policies: PolicySet, reload: crate::config::Reload) -> a
             std::thread::Builder::new()
                 .name(format!("episode-{i}"))
                 // Episodes need little stack; many idle workers should cost little.
-                .stack_size(256 * 1024)
+                .stack_size(crate::sys::THREAD_STACK)
                 .spawn(move || episode::worker(s, r))
                 .map_err(|e| log::error!("cannot start an episode worker: {e}"))
                 .is_ok()
@@ -108,7 +108,7 @@ pub fn run(cfg: Config, policies: PolicySet, reload: crate::config::Reload) -> a
         std::thread::Builder::new()
             .name("keeper".into())
             // Locked whole by mlockall: no more stack than it needs.
-            .stack_size(256 * 1024)
+            .stack_size(crate::sys::THREAD_STACK)
             .spawn(move || loan::keeper::run(s, every))?
     };
     // The shutdown thread exists from the start, so that its stack is locked with the
@@ -119,7 +119,7 @@ pub fn run(cfg: Config, policies: PolicySet, reload: crate::config::Reload) -> a
         let s = shared.clone();
         std::thread::Builder::new()
             .name("shutdown".into())
-            .stack_size(256 * 1024)
+            .stack_size(crate::sys::THREAD_STACK)
             .spawn(move || {
                 if stop_rx.recv().is_ok() {
                     shut_down(&s, keeper);

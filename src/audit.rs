@@ -96,7 +96,7 @@ impl LineQueue {
         let d = dropped.clone();
         std::thread::Builder::new()
             .name(name.into())
-            .stack_size(64 * 1024)
+            .stack_size(crate::sys::THREAD_STACK)
             .spawn(move || writer(sink, rx, d))?;
         Ok(LineQueue { tx, dropped })
     }

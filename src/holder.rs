@@ -32,7 +32,7 @@ impl Holder {
         let (tx, rx) = crossbeam_channel::unbounded::<Request>();
         let thread = std::thread::Builder::new()
             .name("holder".into())
-            .stack_size(256 * 1024)
+            .stack_size(crate::sys::THREAD_STACK)
             .spawn(move || {
                 for req in rx {
                     match req {

@@ -145,6 +145,28 @@ pub fn reserve_heap(bytes: usize) {
     std::hint::black_box(&v);
 }
 
+/// Stack size of every thread the agent starts (episode workers, keeper, shutdown,
+/// holder, Docker client, audit and log writers, metrics): 64 KiB, 128 KiB in a debug
+/// build. Under `mlockall` each stack is populated and locked in full when its thread
+/// starts, so it is paid for whether used or not: the 16 workers alone would lock
+/// 32 MiB at Rust's default of 2 MiB, and locked 4 MiB at the 256 KiB used before.
+///
+/// Measured as the deepest byte written (`/proc/PID/mem` of a running agent, 1000
+/// watched cgroups, 4 stalls at once), release / debug build: an episode worker through
+/// an exec hook, reclaim and a kill 12 / 22 KiB, through a raise and its journal line
+/// 14 / 37 KiB; the keeper giving loans back 10 / 20 KiB; the Docker client 24 / 33 KiB
+/// (a 16 KiB read buffer); the holder, the writers and the metrics threads under 8 KiB.
+/// A panic that prints a symbolized backtrace (RUST_BACKTRACE=1) needs 16 to 32 KiB
+/// more, a signal frame a few KiB (more with AVX-512 state). Nothing on these threads
+/// recurses without bound: JSON from the Docker socket is skipped without recursion
+/// (tested at 400 levels on this stack), policy files are parsed on the main thread,
+/// whose stack grows on demand.
+pub const THREAD_STACK: usize = if cfg!(debug_assertions) {
+    128 * 1024
+} else {
+    64 * 1024
+};
+
 /// Grows the calling thread's stack by 256 KiB now (the main thread's stack grows on
 /// demand; a deeper call during a rescue would fault in a new page).
 #[inline(never)]

@@ -99,14 +99,14 @@ impl Containers {
             let engine = engine.clone();
             std::thread::Builder::new()
                 .name("docker-events".into())
-                .stack_size(256 * 1024)
+                .stack_size(crate::sys::THREAD_STACK)
                 .spawn(move || follow_events(engine, tx, quiet_when_absent))?;
         }
         {
             let weak = Arc::downgrade(&c);
             std::thread::Builder::new()
                 .name("docker".into())
-                .stack_size(256 * 1024)
+                .stack_size(crate::sys::THREAD_STACK)
                 .spawn(move || keep_current(engine, rx, weak))?;
         }
         Ok(c)

@@ -280,12 +280,19 @@ impl Events {
 }
 
 /// The events of a stream of JSON objects (one per line, in any chunking).
+///
+/// Each item is taken as raw text and then parsed into an [`Event`], never into a
+/// `serde_json::Value`: serde_json skips unknown and raw values without recursion, so
+/// the deepest item it accepts (127 levels) needs a few KiB of stack, where building a
+/// `Value` of it took more than 256 KiB in a debug build (this runs on a small,
+/// locked stack: `sys::THREAD_STACK`).
 pub fn read_events(r: &mut dyn Read, mut f: impl FnMut(Event)) -> std::io::Result<()> {
-    let stream = serde_json::Deserializer::from_reader(r).into_iter::<serde_json::Value>();
+    let stream =
+        serde_json::Deserializer::from_reader(r).into_iter::<Box<serde_json::value::RawValue>>();
     for v in stream {
         let v = v.map_err(std::io::Error::other)?;
         // An event of a shape this version does not know is skipped, not fatal.
-        if let Ok(ev) = serde_json::from_value::<Event>(v) {
+        if let Ok(ev) = serde_json::from_str::<Event>(v.get()) {
             f(ev);
         }
     }
@@ -371,6 +378,54 @@ mod tests {
         );
         assert!(read_events(&mut &b"{not json"[..], |_| {}).is_err());
         assert!(parse_list(b"{}").is_err());
+    }
+
+    /// The Docker threads run on a small stack (sys::THREAD_STACK, locked whole under
+    /// mlockall): JSON nested as deep as serde_json builds values (127 levels), and
+    /// deeper, is read on such a stack without overflowing, in a debug build too.
+    #[test]
+    fn deeply_nested_json_fits_the_docker_threads_stack() {
+        let nest = |depth: usize| {
+            let mut v = "1".to_string();
+            for _ in 0..depth {
+                v = format!("{{\"a\":[{v}]}}");
+            }
+            v
+        };
+        // Each level is an object and an array: 63 levels make 126 nestings.
+        let deep = nest(63);
+        let too_deep = nest(200);
+        let t = std::thread::Builder::new()
+            .stack_size(crate::sys::THREAD_STACK)
+            .spawn(move || {
+                let stream = format!(
+                    r#"{{"Type":"container","Action":"start","Actor":{{"ID":"a"}},"x":{deep}}}
+{deep}
+{{"Type":"container","Action":"rename","Actor":{{"ID":"a","Attributes":{deep}}}}}
+{{"Type":"container","Action":"die","Actor":{{"ID":"b"}}}}"#
+                );
+                let mut got = Vec::new();
+                read_events(&mut stream.as_bytes(), |e| got.push(e.action)).unwrap();
+                let inspect = format!(r#"{{"Id":"a","Name":"/x","HostConfig":{deep}}}"#);
+                let m = parse_inspect(inspect.as_bytes()).unwrap();
+                let list = format!(r#"[{{"Id":"a","Names":["/x"],"Mounts":{deep}}}]"#);
+                let l = parse_list(list.as_bytes()).unwrap();
+                // Unknown fields are skipped without recursion, at any depth.
+                let mut n = 0;
+                read_events(&mut too_deep.as_bytes(), |_| n += 1).unwrap();
+                let skipped = n == 1 && parse_inspect(too_deep.as_bytes()).is_err();
+                (got, m.info.name, l.len(), skipped)
+            })
+            .unwrap();
+        let (got, name, listed, skipped) = t.join().expect("no stack overflow");
+        // The deep object is an event with defaults (no Type); the rename with a deep
+        // value for its attributes is of a shape not known: skipped.
+        assert_eq!(got, ["start", "", "die"]);
+        assert_eq!((name.as_str(), listed), ("x", 1));
+        assert!(
+            skipped,
+            "400 levels: an event with defaults; an inspect without an Id"
+        );
     }
 
     #[test]

@@ -34,9 +34,9 @@ impl Default for ServeLimits {
     }
 }
 
-/// Stack of a connection thread: it parses a head from a fixed buffer and writes a
-/// string; with mlockall every byte of it is resident.
-const CONN_STACK: usize = 128 * 1024;
+/// Stack of a connection thread: it parses a head from a fixed buffer, renders the
+/// families and writes a string; with mlockall every byte of it is resident.
+const CONN_STACK: usize = crate::sys::THREAD_STACK;
 
 /// Serves `GET /metrics` on `listener` in a thread of its own; `render` produces the body.
 pub fn serve(listener: TcpListener, render: Arc<dyn Fn() -> String + Send + Sync>) {
@@ -51,6 +51,7 @@ pub fn serve_with(
 ) {
     std::thread::Builder::new()
         .name("metrics".into())
+        .stack_size(crate::sys::THREAD_STACK)
         .spawn(move || accept_loop(listener, render, limits))
         .map(|_| ())
         .unwrap_or_else(|e| log::error!("cannot start the metrics thread: {e}"));
