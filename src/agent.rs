@@ -149,7 +149,7 @@ pub fn run(cfg: Config, policies: PolicySet, reload: crate::config::Reload) -> a
             }),
         );
     }
-    protect_self(&cfg);
+    let locked = protect_self(&cfg);
     // Known before the first stall: a raise of the agent's own cgroup (or an ancestor)
     // then writes the limit before the journal (see LoanBook::lend).
     let own = own_cgroup(&shared, &cfg);
@@ -170,6 +170,19 @@ pub fn run(cfg: Config, policies: PolicySet, reload: crate::config::Reload) -> a
     );
 
     let mut watcher = Watcher::new(shared.clone(), &cfg, reload)?;
+    if locked {
+        // On top of what watching the hierarchy took (its heap was locked as it grew),
+        // so that all of it is free for the episodes (see HEAP_RESERVE).
+        crate::sys::reserve_heap(HEAP_RESERVE);
+        if let Some((rss, locked)) = crate::sys::memory_footprint(&cfg.proc_root) {
+            log::info!(
+                "memory locked: {} KiB resident, {} KiB locked, {} watched",
+                rss >> 10,
+                locked >> 10,
+                watcher.watched_count()
+            );
+        }
+    }
     let res = watcher.run();
 
     // Shutdown, in order: episodes stop (no new step; waits are cut short and running
@@ -233,8 +246,17 @@ fn warn_if_inside_managed(shared: &Shared, own: Option<&cgroup::CgroupPath>) {
     }
 }
 
-/// Free heap kept resident for the episode path (records, reports, /proc reads).
-const HEAP_RESERVE: usize = 8 << 20;
+/// Free heap kept resident for what runs during a stall, added once the hierarchy is
+/// watched (malloc keeps it: see sys::tune_malloc). Measured with heaptrack at 1000
+/// watched cgroups (release build): an episode through an exec hook, reclaim and a
+/// kill peaks at about 18 KiB (16 KiB of it the victim scan's /proc reads), so the 16
+/// workers at once need about 0.3 MiB; the event loop's status.json write during a
+/// stall about 0.4 MiB (it grows with the watched cgroups); audit lines queued behind
+/// a writer that cannot write some KiB each episode. 2 MiB is more than twice that.
+/// More at once (the pool grows past 16 workers, thousands of watched cgroups) takes
+/// fresh heap, which is locked as it is mapped, but can stall if the agent shares the
+/// stuck cgroup.
+const HEAP_RESERVE: usize = 2 << 20;
 
 /// How long shutdown waits for running episodes to end their current step.
 const EPISODES_STOP_WAIT: Duration = Duration::from_secs(5);
@@ -262,25 +284,20 @@ fn shut_down(shared: &Shared, keeper: std::thread::JoinHandle<()>) {
 
 /// The agent must not be stalled or killed itself: lock memory, shield from the kernel
 /// OOM killer (best effort; both need privileges); and it needs a descriptor per cgroup.
-fn protect_self(cfg: &Config) {
+/// True if memory is locked (the caller then adds the heap reserve once the hierarchy
+/// is watched).
+fn protect_self(cfg: &Config) -> bool {
+    let mut locked = false;
     if cfg.mlock {
         // Everything a rescue needs must be resident before the first stall: the agent
         // may share the stuck cgroup, where a new page would park it in the same wait.
         // The worker pool's minimum, the keeper and the writer threads exist already
-        // (their stacks get locked whole); the heap gets a reserve that malloc keeps
-        // (see sys::tune_malloc); the main thread's stack a reserve for the loop.
+        // (their stacks, sys::THREAD_STACK each, get locked whole); the main thread's
+        // stack gets a reserve for the loop. Whatever is mapped later (the watcher's
+        // heap, the holder's stack) is populated and locked as it is mapped.
         crate::sys::reserve_stack();
-        crate::sys::reserve_heap(HEAP_RESERVE);
         match crate::sys::mlockall() {
-            Ok(()) => {
-                if let Some((rss, locked)) = crate::sys::memory_footprint(&cfg.proc_root) {
-                    log::info!(
-                        "memory locked: {} KiB resident, {} KiB locked",
-                        rss >> 10,
-                        locked >> 10
-                    );
-                }
-            }
+            Ok(()) => locked = true,
             Err(e) => log::warn!(
                 "mlockall failed ({e}); the agent may be slowed by reclaim, and stalled if it shares a stuck cgroup"
             ),
@@ -303,4 +320,5 @@ fn protect_self(cfg: &Config) {
             adj.display()
         );
     }
+    locked
 }

@@ -878,13 +878,16 @@ impl Watcher {
         }
     }
 
-    fn update_watched_metric(&self) {
-        let n = self
-            .candidates
+    /// How many cgroups are watched now.
+    pub fn watched_count(&self) -> usize {
+        self.candidates
             .values()
             .filter(|c| c.watched.is_some())
-            .count();
-        self.shared.metrics.set_watched(n);
+            .count()
+    }
+
+    fn update_watched_metric(&self) {
+        self.shared.metrics.set_watched(self.watched_count());
     }
 
     /// The safety sweep: picks up OOMs no eventfd reported (and starts while already
