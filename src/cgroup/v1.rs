@@ -23,8 +23,10 @@ pub struct V1 {
     /// Control files of watched cgroups, kept open (live hierarchies only): opening a
     /// file allocates kernel memory charged to the agent's own cgroup, which fails with
     /// ENOMEM when the agent shares the stuck cgroup. Opened, and read once (the kernel
-    /// keeps the read buffer with the open file), by [`Controller::prepare`].
-    open: Mutex<HashMap<PathBuf, Arc<File>>>,
+    /// keeps the read buffer with the open file), by [`Controller::prepare`]. One entry
+    /// per cgroup directory, the files in [`PREPARED`]'s order: the directory's path is
+    /// held once, not once per file (the table is locked in memory with the rest).
+    open: Mutex<HashMap<PathBuf, [Option<Arc<File>>; PREPARED.len()]>>,
 }
 
 /// The files an episode reads or writes; the writable ones are opened read-write.
@@ -45,17 +47,33 @@ impl V1 {
         }
     }
 
+    /// The directory of a control file and the file's place in [`PREPARED`].
+    fn slot(path: &Path) -> Option<(&Path, usize)> {
+        let name = path.file_name()?;
+        let i = PREPARED.iter().position(|(n, _)| name == *n)?;
+        Some((path.parent()?, i))
+    }
+
     fn cached(&self, path: &Path) -> Option<Arc<File>> {
         if !self.h.is_live() {
             return None;
         }
+        let (dir, i) = Self::slot(path)?;
         let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        open.get(path).cloned()
+        open.get(dir)?[i].clone()
     }
 
     fn evict(&self, path: &Path) {
+        let Some((dir, i)) = Self::slot(path) else {
+            return;
+        };
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        open.remove(path);
+        if let Some(files) = open.get_mut(dir) {
+            files[i] = None;
+            if files.iter().all(Option::is_none) {
+                open.remove(dir);
+            }
+        }
     }
 
     /// Reads a control file through its kept-open descriptor if there is one.
@@ -245,7 +263,7 @@ impl Controller for V1 {
             return;
         }
         let dir = self.h.dir(cg);
-        for (name, writable) in PREPARED {
+        for (i, (name, writable)) in PREPARED.into_iter().enumerate() {
             let path = dir.join(name);
             if self.cached(&path).is_some() {
                 continue;
@@ -264,14 +282,14 @@ impl Controller for V1 {
                 let _ = f.read_at(&mut buf, 0);
             }
             let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-            open.insert(path, Arc::new(f));
+            open.entry(dir.clone()).or_default()[i] = Some(Arc::new(f));
         }
     }
 
     fn forget(&self, cg: &CgroupPath) {
         let dir = self.h.dir(cg);
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        open.retain(|p, _| p.parent() != Some(dir.as_path()));
+        open.remove(&dir);
     }
 
     fn oom_probe(&self, cg: &CgroupPath) -> Result<Option<OomProbe>> {
