@@ -867,11 +867,18 @@ impl Bench {
         let ticks = cpu(&proc_dir) - c0;
         let wall = w0.elapsed().as_secs_f64();
         let hz = 100.0;
-        let rss_kib: u64 = read(&proc_dir.join("status"))
-            .lines()
-            .find(|l| l.starts_with("VmRSS:"))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-            .unwrap_or(0);
+        let status = read(&proc_dir.join("status"));
+        let kib = |field: &str| -> u64 {
+            status
+                .lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+                .unwrap_or(0)
+        };
+        let (rss_kib, locked_kib, threads) = (kib("VmRSS:"), kib("VmLck:"), kib("Threads:"));
+        // The agent runs with its defaults: mlockall on, the Docker client on the
+        // default socket (its two threads start either way; present or not is noted).
+        let docker = Path::new("/var/run/docker.sock").exists();
         let fds = std::fs::read_dir(proc_dir.join("fd"))
             .map(|d| d.count())
             .unwrap_or(0);
@@ -879,6 +886,9 @@ impl Bench {
             "watched": n,
             "startup_ms": (startup_ms * 10.0).round() / 10.0,
             "rss_mib": (rss_kib as f64 / 1024.0 * 10.0).round() / 10.0,
+            "locked_mib": (locked_kib as f64 / 1024.0 * 10.0).round() / 10.0,
+            "threads": threads,
+            "docker_socket_present": docker,
             "fds": fds,
             "idle_seconds": wall.round(),
             "idle_cpu_percent_of_one_core": ((ticks as f64 / hz) / wall * 100.0 * 1000.0).round() / 1000.0,
@@ -1022,8 +1032,10 @@ fn print_table(r: &Value) {
     }
     let f = &r["footprint"];
     println!(
-        "\nfootprint with {} watched: RSS {} MiB, {} fds, start-up {} ms, idle CPU {}% of a core over {} s",
-        f["watched"], f["rss_mib"], f["fds"], f["startup_ms"], f["idle_cpu_percent_of_one_core"], f["idle_seconds"]
+        "\nfootprint with {} watched: RSS {} MiB ({} MiB locked, {} threads, Docker socket {}), {} fds, start-up {} ms, idle CPU {}% of a core over {} s",
+        f["watched"], f["rss_mib"], f["locked_mib"], f["threads"],
+        if f["docker_socket_present"].as_bool() == Some(true) { "present" } else { "absent" },
+        f["fds"], f["startup_ms"], f["idle_cpu_percent_of_one_core"], f["idle_seconds"]
     );
 }
 
