@@ -29,6 +29,19 @@ const TOKEN_MOVES: u64 = 4;
 const TOKEN_CONTAINERS: u64 = 5;
 const FIRST_CGROUP_TOKEN: u64 = 16;
 
+/// When a cgroup that appeared while the agent runs is read again, counted from its
+/// discovery, while the kernel's OOM killer is still on for it. runc makes a container's
+/// cgroup first and writes its limit and `oom_kill_disable` after (17 ms later, measured
+/// on Docker 20.10), so the read at discovery finds the killer on and no policy for it;
+/// without these re-reads the next sweep (1 s by default) would be the first to see it
+/// set, and a container that stalls at once would wait for it.
+const FRESH_RECHECKS: [Duration; 4] = [
+    Duration::from_millis(10),
+    Duration::from_millis(40),
+    Duration::from_millis(150),
+    Duration::from_millis(500),
+];
+
 /// A cgroup some policy could match: the agent keeps its oom_control open for the
 /// sweep, remembers the oom_kill_disable it last chose a policy for, and, once a policy
 /// applies, watches it.
@@ -142,6 +155,9 @@ pub struct Watcher {
     status_dirty: bool,
     status_sig: (u64, usize, u64, u64),
     holder: crate::holder::Holder,
+    /// Cgroups discovered while running with the OOM killer still on: (due, index in
+    /// [`FRESH_RECHECKS`], discovered at, cgroup).
+    fresh: Vec<(Instant, usize, Instant, CgroupPath)>,
 }
 
 fn io_err(e: nix::Error) -> std::io::Error {
@@ -207,8 +223,11 @@ impl Watcher {
             status_dirty: true,
             status_sig: (0, 0, 0, 0),
             holder,
+            fresh: Vec::new(),
         };
         w.discover(&CgroupPath::root());
+        // What exists at start is not being set up: the sweep covers its changes.
+        w.fresh.clear();
         // Holds journaled by an earlier run on cgroups no longer watched go back now.
         for cg in w.shared.holds.cgroups() {
             if w.watched(&cg).is_none() {
@@ -230,6 +249,7 @@ impl Watcher {
             let now = Instant::now();
             let wake = next_sweep.min(next_rescan);
             let wake = notify.next_due().map_or(wake, |t| wake.min(t));
+            let wake = self.fresh.iter().map(|f| f.0).fold(wake, Instant::min);
             let wait = wake.saturating_duration_since(now);
             let timeout = EpollTimeout::try_from(wait).unwrap_or(EpollTimeout::NONE);
             let n = match self.epoll.wait(&mut events, timeout) {
@@ -263,6 +283,7 @@ impl Watcher {
                 }
             }
             let now = Instant::now();
+            self.recheck_fresh(now);
             if now >= next_rescan {
                 self.rescan();
                 next_rescan = now + self.rescan_every;
@@ -560,6 +581,43 @@ impl Watcher {
             {
                 self.candidates.insert(cg.clone(), Candidate::default());
                 self.evaluate(&cg, &policies, "new cgroup");
+                let killer_on = self
+                    .candidates
+                    .get(&cg)
+                    .is_some_and(|c| c.watched.is_none() && c.kill_disabled == Some(false));
+                if killer_on {
+                    let now = Instant::now();
+                    self.fresh
+                        .push((now + FRESH_RECHECKS[0], 0, now, cg.clone()));
+                }
+            }
+        }
+    }
+
+    /// Reads again the fresh cgroups that are due (see [`FRESH_RECHECKS`]): one whose
+    /// `oom_kill_disable` was set meanwhile gets its policy now.
+    fn recheck_fresh(&mut self, now: Instant) {
+        if !self.fresh.iter().any(|f| f.0 <= now) {
+            return;
+        }
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.fresh)
+            .into_iter()
+            .partition(|f| f.0 <= now);
+        self.fresh = later;
+        let policies = self.shared.policies();
+        for (_, i, since, cg) in due {
+            let Some(st) = self.probe(&cg) else {
+                continue;
+            };
+            let known = self.candidates.get(&cg).and_then(|c| c.kill_disabled);
+            if known != Some(st.oom_kill_disable) {
+                self.apply(&cg, st, &policies, "oom_kill_disable changed");
+                self.status_dirty = true;
+            }
+            let next = i + 1;
+            if !st.oom_kill_disable && self.watched(&cg).is_none() && next < FRESH_RECHECKS.len() {
+                self.fresh
+                    .push((since + FRESH_RECHECKS[next], next, since, cg));
             }
         }
     }
@@ -858,6 +916,7 @@ impl Watcher {
             .cloned()
             .collect();
         self.by_container.retain(|_, cg| !cg.is_within(top));
+        self.fresh.retain(|f| !f.3.is_within(top));
         for cg in gone {
             self.unwatch(&cg, reason);
             self.candidates.remove(&cg);
@@ -1432,6 +1491,92 @@ mod tests {
             ]
         );
         assert_eq!(lines[1]["container_id"], id.as_str());
+    }
+
+    /// runc makes a container's cgroup, then sets its limit and oom_kill_disable: the
+    /// cgroup is watched once that is written, by the re-reads after its discovery (no
+    /// sweep here), and a cgroup whose killer stays on is read only so many times.
+    #[test]
+    fn a_cgroup_whose_oom_killer_is_disabled_just_after_it_appears_is_watched_without_a_sweep() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("cg");
+        std::fs::create_dir_all(&root).unwrap();
+        let policy = crate::policy::load::load_str(
+            "[match]\ncgroup = [\"/docker/*\"]\n[[step]]\naction = \"kill\"\n",
+            "p.toml",
+        )
+        .unwrap();
+        let (jobs, _rx) = crossbeam_channel::unbounded();
+        let shared = Arc::new(Shared {
+            env: crate::action::Env {
+                ctl: Box::new(crate::cgroup::v1::V1::new(Hierarchy::fake(&root, Kind::V1))),
+                proc_root: "/proc".into(),
+                self_pid: 0,
+                loans: crate::loan::LoanBook::new(None),
+            },
+            audit: crate::audit::Audit::file(&t.path().join("audit.jsonl")).unwrap(),
+            metrics: crate::metrics::Metrics::default(),
+            dispatcher: crate::dispatcher::Dispatcher::new(jobs, Duration::from_secs(60), 1, 1),
+            policies: std::sync::RwLock::new(Arc::new(PolicySet::new(vec![policy], false))),
+            settle_poll: Duration::from_millis(1),
+            stop: std::sync::atomic::AtomicBool::new(false),
+            holds: crate::hold::Holds::in_memory(),
+            moves: Arc::new(crate::moves::Moves::new().unwrap()),
+            containers: Arc::new(crate::container::Containers::disabled()),
+        });
+        let cfg = Config {
+            cgroup_root: root.clone(),
+            state_dir: t.path().join("state"),
+            events: false,
+            ..Config::default()
+        };
+        std::fs::create_dir_all(&cfg.state_dir).unwrap();
+        let mut w =
+            Watcher::new(shared.clone(), &cfg, Box::new(|| Err("no reload".into()))).unwrap();
+        let make = |name: &str| {
+            let dir = root.join("docker").join(name);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(
+                dir.join("memory.oom_control"),
+                "oom_kill_disable 0\nunder_oom 0\noom_kill 0\n",
+            )
+            .unwrap();
+            dir
+        };
+        let a = make("a");
+        make("b");
+        w.discover(&CgroupPath::new("/docker"));
+        let (cga, cgb) = (CgroupPath::new("/docker/a"), CgroupPath::new("/docker/b"));
+        assert!(w.watched(&cga).is_none(), "the OOM killer is still on");
+        assert_eq!(w.fresh.len(), 2);
+        // Set up a moment later, as runc does.
+        std::fs::write(
+            a.join("memory.oom_control"),
+            "oom_kill_disable 1\nunder_oom 0\noom_kill 0\n",
+        )
+        .unwrap();
+        let start = Instant::now();
+        w.recheck_fresh(start);
+        assert!(w.watched(&cga).is_none(), "not due yet");
+        w.recheck_fresh(start + FRESH_RECHECKS[0]);
+        assert_eq!(
+            w.watched(&cga).map(|x| x.policy.name.clone()).as_deref(),
+            Some("p")
+        );
+        // b keeps its killer: read again at each of the times, then left to the sweep.
+        assert_eq!(w.fresh.len(), 1);
+        for d in FRESH_RECHECKS {
+            w.recheck_fresh(start + d + Duration::from_secs(1));
+        }
+        assert!(w.fresh.is_empty(), "{:?}", w.fresh.len());
+        assert!(w.watched(&cgb).is_none());
+        // Removed before it is due: nothing left to read.
+        let c = make("c");
+        w.discover(&CgroupPath::new("/docker/c"));
+        assert_eq!(w.fresh.len(), 1);
+        std::fs::remove_dir_all(&c).unwrap();
+        w.forget_subtree(&CgroupPath::new("/docker/c"), "removed");
+        assert!(w.fresh.is_empty());
     }
 
     #[test]
