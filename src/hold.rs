@@ -104,6 +104,11 @@ pub enum Released {
 pub struct Holds {
     path: Option<PathBuf>,
     map: Mutex<BTreeMap<CgroupPath, HoldRecord>>,
+    /// Taken for a whole hold or release, so that they follow one another; the map's
+    /// own lock is never held across a write of `memory.high` (a value below usage makes
+    /// the kernel reclaim before the write returns) or the journal's fsync, so the event
+    /// loop, which reads the map for its status, never waits for either.
+    writer: Mutex<()>,
     /// The kernel's page size: it stores memory.high in whole pages.
     page: u64,
     /// Bumped on every change (for the status the agent publishes).
@@ -136,6 +141,7 @@ impl Holds {
         Ok(Holds {
             path: Some(path),
             map: Mutex::new(map),
+            writer: Mutex::new(()),
             page: crate::loan::kernel_page_size(),
             generation: AtomicU64::new(0),
         })
@@ -146,6 +152,7 @@ impl Holds {
         Holds {
             path: None,
             map: Mutex::new(BTreeMap::new()),
+            writer: Mutex::new(()),
             page: crate::loan::kernel_page_size(),
             generation: AtomicU64::new(0),
         }
@@ -159,6 +166,21 @@ impl Holds {
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<CgroupPath, HoldRecord>> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn writing(&self) -> MutexGuard<'_, ()> {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Changes `cg`'s record (under the map's lock, briefly), then journals a copy of
+    /// the map with that lock released. Callers hold the writer lock.
+    fn change(&self, cg: &CgroupPath, rec: Option<HoldRecord>) -> Result<(), HoldError> {
+        let snapshot = {
+            let mut map = self.lock();
+            put(&mut map, cg, rec);
+            map.clone()
+        };
+        self.save(&snapshot)
     }
 
     /// Changes when the holds change.
@@ -211,6 +233,7 @@ impl Holds {
         at: Amount,
         audit: bool,
     ) -> Result<Held, HoldError> {
+        let _writing = self.writing();
         let cur = ctl.limits(cg)?.ok_or(HoldError::Gone)?;
         let Some(cur_high) = cur.high else {
             return Ok(Held::NotApplicable);
@@ -220,8 +243,7 @@ impl Holds {
         }
         // The kernel stores whole pages of its own size.
         let target = at.of(cur.memory) / self.page * self.page;
-        let mut map = self.lock();
-        let known = map.get(cg).cloned();
+        let known = self.lock().get(cg).cloned();
         if let Some(rec) = &known {
             if cur_high == rec.held && (rec.held == target || rec.asked == Some(target)) {
                 return Ok(Held::Adopted { held: rec.held });
@@ -241,9 +263,8 @@ impl Holds {
             held: target,
             asked: None,
         };
-        map.insert(cg.clone(), rec);
-        if let Err(e) = self.save(&map) {
-            undo(&mut map, cg, known);
+        if let Err(e) = self.change(cg, Some(rec.clone())) {
+            let _ = self.change(cg, known);
             return Err(e);
         }
         if cur_high == target {
@@ -257,8 +278,7 @@ impl Holds {
             ..cur
         };
         if let Err(e) = ctl.set_limits(cg, cur, to) {
-            undo(&mut map, cg, known);
-            let _ = self.save(&map);
+            let _ = self.change(cg, known);
             return Err(e.into());
         }
         // What the kernel stored is what a release and a restarted agent compare with:
@@ -273,11 +293,14 @@ impl Holds {
         };
         if let Some(h) = stored.filter(|&h| h != target) {
             log::info!("{cg}: the kernel stored memory.high {h}, not {target}: holding at {h}");
-            if let Some(r) = map.get_mut(cg) {
-                r.held = h;
-                r.asked = Some(target);
-            }
-            self.save(&map)?;
+            self.change(
+                cg,
+                Some(HoldRecord {
+                    held: h,
+                    asked: Some(target),
+                    ..rec
+                }),
+            )?;
         }
         Ok(Held::Set {
             old: cur_high,
@@ -293,8 +316,8 @@ impl Holds {
         cg: &CgroupPath,
         loan_high: Option<u64>,
     ) -> Result<Released, HoldError> {
-        let mut map = self.lock();
-        let Some(rec) = map.get(cg).cloned() else {
+        let _writing = self.writing();
+        let Some(rec) = self.lock().get(cg).cloned() else {
             return Ok(Released::NotHeld);
         };
         let out = match ctl.limits(cg) {
@@ -322,14 +345,14 @@ impl Holds {
                 },
             },
         };
-        map.remove(cg);
-        self.save(&map)?;
+        self.change(cg, None)?;
         Ok(out)
     }
 }
 
-fn undo(map: &mut BTreeMap<CgroupPath, HoldRecord>, cg: &CgroupPath, known: Option<HoldRecord>) {
-    match known {
+/// Puts `rec` as `cg`'s record, or removes it (`None`).
+fn put(map: &mut BTreeMap<CgroupPath, HoldRecord>, cg: &CgroupPath, rec: Option<HoldRecord>) {
+    match rec {
         Some(k) => map.insert(cg.clone(), k),
         None => map.remove(cg),
     };

@@ -1647,6 +1647,18 @@ mod tests {
         entered
             .recv_timeout(Duration::from_secs(10))
             .expect("the hold was never written");
+        // While the write is held up the holds can be read (the loop reads them for its
+        // status): the journaled record is there, and nobody waits for the write.
+        let (read_tx, read) = mpsc::channel();
+        let s = shared.clone();
+        std::thread::spawn(move || {
+            let _ = read_tx.send(s.holds.records().len());
+        });
+        assert_eq!(
+            read.recv_timeout(Duration::from_secs(10)),
+            Ok(1),
+            "reading the holds waited for the memory.high write"
+        );
         started
             .recv_timeout(Duration::from_secs(10))
             .expect("the event loop waited for the memory.high write");
