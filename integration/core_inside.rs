@@ -82,10 +82,21 @@ fn agent_inside_the_stuck_cgroup_resolves_it_and_stops_on_sigterm() {
     // The agent runs its episode in the stuck cgroup (it reads, formats and logs) and
     // its loop keeps sweeping: none of its threads may fault into the OOM wait, and the
     // raise must go through although its journal line needs a page there.
+    // The hook may end an episode first: killed at its timeout (it sits in the stuck
+    // cgroup too), it frees pages and the hog moves on for a moment, `resolved` by the
+    // exec step (seen in the VM under emulation); the next episode raises. So this
+    // waits for the raise and the resolution that follows it.
     let mut parked = false;
     let resolved = wait_until(Duration::from_secs(30), || {
         parked |= any_thread_in_oom_wait(agent_pid);
-        logged("resolved")
+        read(&audit)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .any(|v| {
+                v["event"] == "resolved"
+                    && v["cgroup"] == cg.rel.as_str()
+                    && v["by_action"] == "raise_limit"
+            })
     });
     let agent_log = || read(&tmp.path().join("agent.log"));
     assert!(
