@@ -90,6 +90,18 @@ max_extra = "100%"
     agent.expect("watch", &cg.rel, Duration::from_secs(10));
     let hog = s.hog(&cg, &["--touch", "40M"]);
     agent.expect("oom", &cg.rel, Duration::from_secs(10));
+    // Mid-episode: once the first step (the hook) runs. Killed before that, the hog's
+    // stall is over when a slow worker (the VM, under emulation) takes the job, and the
+    // episode ends `resolved` before any step, rightly, but then nothing was removed
+    // mid-episode.
+    let agent_pid = agent.child.id().to_string();
+    assert!(
+        wait_until(Duration::from_secs(10), || hook_running(
+            &agent_pid, "sleep"
+        )),
+        "the hook never started; audit:\n{:#?}",
+        agent.audit()
+    );
     s.kill_hog(hog.pid);
     assert!(wait_until(Duration::from_secs(5), || std::fs::remove_dir(
         &cg.dir
@@ -288,4 +300,23 @@ fn invalid_reload_keeps_the_old_policies() {
     assert_eq!(w["cgroup"], cg.rel.as_str());
     let u = agent.expect("unwatch", &cg.rel, Duration::from_secs(1));
     assert_eq!(u["reason"], "reload");
+}
+
+/// True when a child of `parent` (a pid) named `comm` runs (an exec hook of the agent).
+fn hook_running(parent: &str, comm: &str) -> bool {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    rd.flatten().any(|e| {
+        let status = std::fs::read_to_string(e.path().join("status")).unwrap_or_default();
+        let field = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(str::trim)
+                .unwrap_or("")
+                .to_string()
+        };
+        field("PPid:") == parent && field("Name:") == comm
+    })
 }
