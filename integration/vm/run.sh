@@ -99,8 +99,8 @@ echo "root:x:0:" >"$root/etc/group"
 # Docker engine (docker*): none of those tools is in the initramfs, and all of them run
 # on the host, where .ci/run requires them.
 # One test at a time in both modes: under emulation two tests at once on the VM's two
-# vCPUs slowed each other past the bounds their waits allow (four different timing
-# failures in four runs with two threads).
+# vCPUs slowed each other past the bounds their waits allow (with two threads, each of
+# four runs had a timing failure, each in another test).
 if [ "$v2" = 1 ]; then
     args=(--test-threads=1 --nocapture)
     [ ${#filters[@]} -eq 0 ] && filters=(v2::)
