@@ -1316,10 +1316,54 @@ fn drain(s: &mut impl Read) {
 mod tests {
     use super::*;
     use crate::cgroup::{v2::V2, Controller, Hierarchy, Kind, Limits, OomProbe, Reclaimed};
+    use std::path::Path;
     use std::sync::mpsc;
     use std::sync::Mutex;
 
     const MIB: u64 = 1 << 20;
+
+    /// The agent's shared state for a watcher test: `ctl`, `policies`, the audit log in
+    /// `dir`, and a Docker cache when given (its metadata then goes into audit lines).
+    fn test_shared(
+        dir: &Path,
+        ctl: Box<dyn Controller>,
+        policies: Vec<crate::policy::Policy>,
+        containers: Option<Arc<crate::container::Containers>>,
+    ) -> Arc<Shared> {
+        let (jobs, _rx) = crossbeam_channel::unbounded();
+        let mut audit = crate::audit::Audit::file(&dir.join("audit.jsonl")).unwrap();
+        if let Some(c) = &containers {
+            audit = audit.with_containers(c.clone());
+        }
+        Arc::new(Shared {
+            env: crate::action::Env {
+                ctl,
+                proc_root: "/proc".into(),
+                self_pid: 0,
+                loans: crate::loan::LoanBook::new(None),
+            },
+            audit,
+            metrics: crate::metrics::Metrics::default(),
+            dispatcher: crate::dispatcher::Dispatcher::new(jobs, Duration::from_secs(60), 1, 1),
+            policies: std::sync::RwLock::new(Arc::new(PolicySet::new(policies, false))),
+            settle_poll: Duration::from_millis(1),
+            stop: std::sync::atomic::AtomicBool::new(false),
+            holds: crate::hold::Holds::in_memory(),
+            moves: Arc::new(crate::moves::Moves::new().unwrap()),
+            containers: containers
+                .unwrap_or_else(|| Arc::new(crate::container::Containers::disabled())),
+        })
+    }
+
+    /// A configuration watching `root`, with its state dir in `dir` and no OOM events.
+    fn test_config(dir: &Path, root: &Path) -> Config {
+        Config {
+            cgroup_root: root.to_path_buf(),
+            state_dir: dir.join("state"),
+            events: false,
+            ..Config::default()
+        }
+    }
 
     /// v2 on a TempDir whose memory.high writes wait until the test lets them go, as a
     /// write below usage waits for the kernel's reclaim.
@@ -1402,32 +1446,13 @@ mod tests {
         )
         .unwrap();
         let containers = Arc::new(crate::container::Containers::detached().unwrap());
-        let (jobs, _rx) = crossbeam_channel::unbounded();
-        let shared = Arc::new(Shared {
-            env: crate::action::Env {
-                ctl: Box::new(crate::cgroup::v1::V1::new(Hierarchy::fake(&root, Kind::V1))),
-                proc_root: "/proc".into(),
-                self_pid: 0,
-                loans: crate::loan::LoanBook::new(None),
-            },
-            audit: crate::audit::Audit::file(&t.path().join("audit.jsonl"))
-                .unwrap()
-                .with_containers(containers.clone()),
-            metrics: crate::metrics::Metrics::default(),
-            dispatcher: crate::dispatcher::Dispatcher::new(jobs, Duration::from_secs(60), 1, 1),
-            policies: std::sync::RwLock::new(Arc::new(PolicySet::new(vec![policy, other], false))),
-            settle_poll: Duration::from_millis(1),
-            stop: std::sync::atomic::AtomicBool::new(false),
-            holds: crate::hold::Holds::in_memory(),
-            moves: Arc::new(crate::moves::Moves::new().unwrap()),
-            containers: containers.clone(),
-        });
-        let cfg = Config {
-            cgroup_root: root.clone(),
-            state_dir: t.path().join("state"),
-            events: false,
-            ..Config::default()
-        };
+        let shared = test_shared(
+            t.path(),
+            Box::new(crate::cgroup::v1::V1::new(Hierarchy::fake(&root, Kind::V1))),
+            vec![policy, other],
+            Some(containers.clone()),
+        );
+        let cfg = test_config(t.path(), &root);
         std::fs::create_dir_all(&cfg.state_dir).unwrap();
         let mut w =
             Watcher::new(shared.clone(), &cfg, Box::new(|| Err("no reload".into()))).unwrap();
@@ -1506,30 +1531,13 @@ mod tests {
             "p.toml",
         )
         .unwrap();
-        let (jobs, _rx) = crossbeam_channel::unbounded();
-        let shared = Arc::new(Shared {
-            env: crate::action::Env {
-                ctl: Box::new(crate::cgroup::v1::V1::new(Hierarchy::fake(&root, Kind::V1))),
-                proc_root: "/proc".into(),
-                self_pid: 0,
-                loans: crate::loan::LoanBook::new(None),
-            },
-            audit: crate::audit::Audit::file(&t.path().join("audit.jsonl")).unwrap(),
-            metrics: crate::metrics::Metrics::default(),
-            dispatcher: crate::dispatcher::Dispatcher::new(jobs, Duration::from_secs(60), 1, 1),
-            policies: std::sync::RwLock::new(Arc::new(PolicySet::new(vec![policy], false))),
-            settle_poll: Duration::from_millis(1),
-            stop: std::sync::atomic::AtomicBool::new(false),
-            holds: crate::hold::Holds::in_memory(),
-            moves: Arc::new(crate::moves::Moves::new().unwrap()),
-            containers: Arc::new(crate::container::Containers::disabled()),
-        });
-        let cfg = Config {
-            cgroup_root: root.clone(),
-            state_dir: t.path().join("state"),
-            events: false,
-            ..Config::default()
-        };
+        let shared = test_shared(
+            t.path(),
+            Box::new(crate::cgroup::v1::V1::new(Hierarchy::fake(&root, Kind::V1))),
+            vec![policy],
+            None,
+        );
+        let cfg = test_config(t.path(), &root);
         std::fs::create_dir_all(&cfg.state_dir).unwrap();
         let mut w =
             Watcher::new(shared.clone(), &cfg, Box::new(|| Err("no reload".into()))).unwrap();
@@ -1608,30 +1616,8 @@ mod tests {
             "p.toml",
         )
         .unwrap();
-        let (jobs, _rx) = crossbeam_channel::unbounded();
-        let shared = Arc::new(Shared {
-            env: crate::action::Env {
-                ctl: Box::new(ctl),
-                proc_root: "/proc".into(),
-                self_pid: 0,
-                loans: crate::loan::LoanBook::new(None),
-            },
-            audit: crate::audit::Audit::file(&t.path().join("audit.jsonl")).unwrap(),
-            metrics: crate::metrics::Metrics::default(),
-            dispatcher: crate::dispatcher::Dispatcher::new(jobs, Duration::from_secs(60), 1, 1),
-            policies: std::sync::RwLock::new(Arc::new(PolicySet::new(vec![policy], false))),
-            settle_poll: Duration::from_millis(1),
-            stop: std::sync::atomic::AtomicBool::new(false),
-            holds: crate::hold::Holds::in_memory(),
-            moves: Arc::new(crate::moves::Moves::new().unwrap()),
-            containers: Arc::new(crate::container::Containers::disabled()),
-        });
-        let cfg = Config {
-            cgroup_root: root.clone(),
-            state_dir: t.path().join("state"),
-            events: false,
-            ..Config::default()
-        };
+        let shared = test_shared(t.path(), Box::new(ctl), vec![policy], None);
+        let cfg = test_config(t.path(), &root);
         std::fs::create_dir_all(&cfg.state_dir).unwrap();
         let (started_tx, started) = mpsc::channel();
         let (stop_tx, stop) = mpsc::channel::<()>();
