@@ -269,6 +269,19 @@ victim = "largest_rss"
     assert_eq!(cg.limit(), 32 * MIB);
 }
 
+/// A loan held 4 s, then a kill: the policy the reload tests rename or remove.
+const SHORT_LOAN_THEN_KILL: &str = r#"
+[[step]]
+action = "raise_limit"
+by = "50%"
+max_extra = "50%"
+hold = "4s"
+
+[[step]]
+action = "kill"
+victim = "largest_rss"
+"#;
+
 /// 6.7 and 7.16: a reload renames the policy that lent and puts a step before its
 /// raise_limit. At hold expiry the loan still acts: the episode resumes with the policy
 /// that matches the cgroup now, at the step after its raise_limit.
@@ -280,17 +293,7 @@ fn a_loan_whose_policy_was_renamed_still_resumes_at_hold_expiry() {
     };
     let mut s = Scratch::new("renamed");
     let cg = s.cgroup("", Some(32 * MIB), true);
-    let raise_kill = r#"
-[[step]]
-action = "raise_limit"
-by = "50%"
-max_extra = "50%"
-hold = "4s"
-
-[[step]]
-action = "kill"
-victim = "largest_rss"
-"#;
+    let raise_kill = SHORT_LOAN_THEN_KILL;
     let agent = Agent::start(
         &[("a.toml", &policy("first", &cg.rel, "", raise_kill))],
         &[],
@@ -331,17 +334,7 @@ fn a_loan_whose_policy_was_removed_is_given_back_at_hold_expiry() {
     };
     let mut s = Scratch::new("removed");
     let cg = s.cgroup("", Some(32 * MIB), true);
-    let raise_kill = r#"
-[[step]]
-action = "raise_limit"
-by = "50%"
-max_extra = "50%"
-hold = "4s"
-
-[[step]]
-action = "kill"
-victim = "largest_rss"
-"#;
+    let raise_kill = SHORT_LOAN_THEN_KILL;
     // A second policy for a cgroup that does not exist keeps the policies dir from
     // being empty after the removal (an empty dir would bring in the embedded default,
     // which matches everything).

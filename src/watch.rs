@@ -42,6 +42,20 @@ const FRESH_RECHECKS: [Duration; 4] = [
     Duration::from_millis(500),
 ];
 
+/// A cgroup discovered while the agent runs, with its OOM killer still on: read again
+/// at `since + FRESH_RECHECKS[step]`.
+struct Fresh {
+    since: Instant,
+    step: usize,
+    cg: CgroupPath,
+}
+
+impl Fresh {
+    fn due(&self) -> Instant {
+        self.since + FRESH_RECHECKS[self.step]
+    }
+}
+
 /// A cgroup some policy could match: the agent keeps its oom_control open for the
 /// sweep, remembers the oom_kill_disable it last chose a policy for, and, once a policy
 /// applies, watches it.
@@ -155,9 +169,8 @@ pub struct Watcher {
     status_dirty: bool,
     status_sig: (u64, usize, u64, u64),
     holder: crate::holder::Holder,
-    /// Cgroups discovered while running with the OOM killer still on: (due, index in
-    /// [`FRESH_RECHECKS`], discovered at, cgroup).
-    fresh: Vec<(Instant, usize, Instant, CgroupPath)>,
+    /// Cgroups discovered while running with the OOM killer still on.
+    fresh: Vec<Fresh>,
 }
 
 fn io_err(e: nix::Error) -> std::io::Error {
@@ -249,7 +262,7 @@ impl Watcher {
             let now = Instant::now();
             let wake = next_sweep.min(next_rescan);
             let wake = notify.next_due().map_or(wake, |t| wake.min(t));
-            let wake = self.fresh.iter().map(|f| f.0).fold(wake, Instant::min);
+            let wake = self.fresh.iter().map(Fresh::due).fold(wake, Instant::min);
             let wait = wake.saturating_duration_since(now);
             let timeout = EpollTimeout::try_from(wait).unwrap_or(EpollTimeout::NONE);
             let n = match self.epoll.wait(&mut events, timeout) {
@@ -586,9 +599,11 @@ impl Watcher {
                     .get(&cg)
                     .is_some_and(|c| c.watched.is_none() && c.kill_disabled == Some(false));
                 if killer_on {
-                    let now = Instant::now();
-                    self.fresh
-                        .push((now + FRESH_RECHECKS[0], 0, now, cg.clone()));
+                    self.fresh.push(Fresh {
+                        since: Instant::now(),
+                        step: 0,
+                        cg: cg.clone(),
+                    });
                 }
             }
         }
@@ -597,15 +612,15 @@ impl Watcher {
     /// Reads again the fresh cgroups that are due (see [`FRESH_RECHECKS`]): one whose
     /// `oom_kill_disable` was set meanwhile gets its policy now.
     fn recheck_fresh(&mut self, now: Instant) {
-        if !self.fresh.iter().any(|f| f.0 <= now) {
+        if !self.fresh.iter().any(|f| f.due() <= now) {
             return;
         }
         let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.fresh)
             .into_iter()
-            .partition(|f| f.0 <= now);
+            .partition(|f| f.due() <= now);
         self.fresh = later;
         let policies = self.shared.policies();
-        for (_, i, since, cg) in due {
+        for Fresh { since, step, cg } in due {
             let Some(st) = self.probe(&cg) else {
                 continue;
             };
@@ -614,10 +629,9 @@ impl Watcher {
                 self.apply(&cg, st, &policies, "oom_kill_disable changed");
                 self.status_dirty = true;
             }
-            let next = i + 1;
-            if !st.oom_kill_disable && self.watched(&cg).is_none() && next < FRESH_RECHECKS.len() {
-                self.fresh
-                    .push((since + FRESH_RECHECKS[next], next, since, cg));
+            let step = step + 1;
+            if !st.oom_kill_disable && self.watched(&cg).is_none() && step < FRESH_RECHECKS.len() {
+                self.fresh.push(Fresh { since, step, cg });
             }
         }
     }
@@ -916,7 +930,7 @@ impl Watcher {
             .cloned()
             .collect();
         self.by_container.retain(|_, cg| !cg.is_within(top));
-        self.fresh.retain(|f| !f.3.is_within(top));
+        self.fresh.retain(|f| !f.cg.is_within(top));
         for cg in gone {
             self.unwatch(&cg, reason);
             self.candidates.remove(&cg);
