@@ -348,32 +348,36 @@ pub fn run(shared: &Shared, job: &Job) -> End {
         }
     };
 
-    match &end {
-        End::Resolved { by_step, stalled } => {
-            shared.metrics.stall(&policy.name, *stalled);
-            let by = by_step.map(|i| (i, policy.steps[i].action.name()));
-            let mut rec = Record::new("resolved", cg)
-                .with("episode", job.episode)
-                .with("policy", policy.name.clone())
-                .with("stalled_ms", ms(*stalled))
-                .with(
-                    "by_step",
-                    by.map(|(i, _)| Value::from(i)).unwrap_or(Value::Null),
-                );
-            if let Some((_, a)) = by {
-                rec.set("by_action", a);
-            }
-            if let Some(t) = first_action_at {
-                rec.set(
-                    "first_action_ms",
-                    ms(t.saturating_duration_since(job.detected)),
-                );
-            }
-            if quiet {
-                rec.set("retry", job.retry);
-            }
-            shared.audit.log(rec);
+    let log_resolved = |by_step: Option<usize>, stalled: Duration, gone: bool| {
+        shared.metrics.stall(&policy.name, stalled);
+        let by = by_step.map(|i| (i, policy.steps[i].action.name()));
+        let mut rec = Record::new("resolved", cg)
+            .with("episode", job.episode)
+            .with("policy", policy.name.clone())
+            .with("stalled_ms", ms(stalled))
+            .with(
+                "by_step",
+                by.map(|(i, _)| Value::from(i)).unwrap_or(Value::Null),
+            );
+        if let Some((_, a)) = by {
+            rec.set("by_action", a);
         }
+        if gone {
+            rec.set("cgroup_gone", true);
+        }
+        if let Some(t) = first_action_at {
+            rec.set(
+                "first_action_ms",
+                ms(t.saturating_duration_since(job.detected)),
+            );
+        }
+        if quiet {
+            rec.set("retry", job.retry);
+        }
+        shared.audit.log(rec);
+    };
+    match &end {
+        End::Resolved { by_step, stalled } => log_resolved(*by_step, *stalled, false),
         End::Unresolved { .. } if quiet && !job.remind => {}
         End::Unresolved { reason, help, .. } => {
             shared.metrics.unresolved(&policy.name);
@@ -390,27 +394,9 @@ pub fn run(shared: &Shared, job: &Job) -> End {
             }
             shared.audit.log(rec);
         }
-        End::Gone if killed_by.is_some() => {
-            // The kill ended the stall and the cgroup went with its last task (Docker,
-            // containerd and systemd remove a container's cgroup when it exits).
-            let i = killed_by.unwrap_or_default();
-            let stalled = job.detected.elapsed();
-            shared.metrics.stall(&policy.name, stalled);
-            let mut rec = Record::new("resolved", cg)
-                .with("episode", job.episode)
-                .with("policy", policy.name.clone())
-                .with("stalled_ms", ms(stalled))
-                .with("by_step", i)
-                .with("by_action", policy.steps[i].action.name())
-                .with("cgroup_gone", true);
-            if let Some(t) = first_action_at {
-                rec.set(
-                    "first_action_ms",
-                    ms(t.saturating_duration_since(job.detected)),
-                );
-            }
-            shared.audit.log(rec);
-        }
+        // The kill ended the stall and the cgroup went with its last task (Docker,
+        // containerd and systemd remove a container's cgroup when it exits).
+        End::Gone if killed_by.is_some() => log_resolved(killed_by, job.detected.elapsed(), true),
         End::Gone => shared.audit.log(
             Record::new("unresolved", cg)
                 .with("episode", job.episode)
