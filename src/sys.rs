@@ -1,5 +1,6 @@
 //! The agent's only `unsafe`: thin wrappers over the Linux syscalls that neither std nor
-//! nix expose in the shape we need (pidfds, process_mrelease, mlockall, statfs magic).
+//! nix expose in the shape we need (pidfds, process_mrelease, mlockall, statfs magic,
+//! and [`spawn`]: starting a hook without copying the agent's memory).
 //!
 //! Everything here returns `io::Result` and owns its file descriptors, so callers never
 //! see a raw fd or errno.
@@ -10,6 +11,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::time::Duration;
+
+pub mod spawn;
 
 /// x86_64 and aarch64 share the asm-generic numbers for these (added in 5.3 / 5.1 / 5.15).
 const SYS_PIDFD_OPEN: libc::c_long = 434;
@@ -234,45 +237,6 @@ pub fn fs_magic(path: &Path) -> io::Result<i64> {
 /// The PID of the calling process.
 pub fn getpid() -> i32 {
     std::process::id() as i32
-}
-
-/// Makes the child of `cmd` write `0` to `oom_score_adj_path` (its own
-/// `/proc/self/oom_score_adj`) after fork and before exec, so that neither the program
-/// nor anything it forks ever runs with the agent's own -1000. Raising the value needs no
-/// privilege. If the write fails, the spawn fails with that error: a hook that could not
-/// be made killable does not run.
-pub fn reset_oom_score_adj_before_exec(
-    cmd: &mut std::process::Command,
-    oom_score_adj_path: &Path,
-) -> io::Result<()> {
-    use std::os::unix::process::CommandExt;
-    // Built before the fork: the child must not allocate.
-    let path = CString::new(oom_score_adj_path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
-    let reset = move || -> io::Result<()> {
-        // SAFETY (of what runs here): called in the child between fork and exec, where
-        // only async-signal-safe functions may be used. It calls open(2), write(2) and
-        // close(2) only, on a path allocated before the fork and a static buffer;
-        // io::Error::last_os_error reads errno and does not allocate.
-        // SAFETY: path is a valid NUL-terminated string that outlives the call.
-        let fd = unsafe { libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd was just opened by us; the buffer is a static 1-byte slice.
-        let n = unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
-        let err = (n != 1).then(io::Error::last_os_error);
-        // SAFETY: fd is ours and closed once.
-        unsafe { libc::close(fd) };
-        match err {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
-    };
-    // SAFETY: `reset` only makes async-signal-safe calls (see above) and touches no
-    // state shared with other threads of the parent.
-    unsafe { cmd.pre_exec(reset) };
-    Ok(())
 }
 
 /// The signal that interrupts a blocking call of one thread (see [`ThreadAlarm`]): a

@@ -6,13 +6,17 @@
 //! its stdout and stderr captured, bounded, into the action's audit line: never onto
 //! the agent's own stderr, which may carry the audit log.
 
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::unistd::pipe2;
+
+use crate::sys::spawn::{SpawnRequest, Spawned};
 
 use super::{Env, Outcome, Report, StepCtx};
 
@@ -106,39 +110,71 @@ fn wait_output<A: Read + AsFd, B: Read + AsFd>(a: &Stream<A>, b: &Stream<B>, wai
     }
 }
 
+/// Starts the hook (see [`crate::sys::spawn`]: the agent's memory is shared with the
+/// child until exec, never copied) with stdin on /dev/null, stdout and stderr on pipes
+/// whose read ends are returned, the episode in its environment, in a process group of
+/// its own (so that a timeout kills what the hook started too), and with
+/// `oom_score_adj` 0: the agent shields itself with -1000, which children inherit, and
+/// a hook (and whatever it forks) must not be unkillable.
+fn spawn(
+    env: &Env,
+    ctx: &StepCtx,
+    command: &[String],
+    dir: &std::path::Path,
+) -> std::io::Result<(Spawned, File, File)> {
+    let (out_r, out_w) = pipe2(OFlag::O_CLOEXEC)?;
+    let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC)?;
+    let null = File::open("/dev/null")?;
+    let episode = ctx.episode.to_string();
+    let step = ctx.step.to_string();
+    let ours: [(&str, &OsStr); 6] = [
+        ("OOMWAKE_CGROUP", OsStr::new(ctx.cgroup.as_str())),
+        ("OOMWAKE_CGROUP_DIR", dir.as_os_str()),
+        ("OOMWAKE_POLICY", OsStr::new(&ctx.policy.name)),
+        ("OOMWAKE_EPISODE", OsStr::new(&episode)),
+        ("OOMWAKE_STEP", OsStr::new(&step)),
+        (
+            "OOMWAKE_MODE",
+            OsStr::new(if ctx.audit { "audit" } else { "enforce" }),
+        ),
+    ];
+    // The agent's environment, with the episode's variables in place of any of the same
+    // name.
+    let inherited: Vec<(OsString, OsString)> = std::env::vars_os()
+        .filter(|(k, _)| !ours.iter().any(|(name, _)| k == name))
+        .collect();
+    let adj = env.proc_root.join("self/oom_score_adj");
+    let req = SpawnRequest {
+        program: OsStr::new(&command[0]),
+        args: command.iter().map(OsStr::new).collect(),
+        env: inherited
+            .iter()
+            .map(|(k, v)| (k.as_os_str(), v.as_os_str()))
+            .chain(ours.iter().map(|(k, v)| (OsStr::new(*k), *v)))
+            .collect(),
+        stdio: [null.as_fd(), out_w.as_fd(), err_w.as_fd()],
+        oom_score_adj: adj.as_os_str(),
+    };
+    let child = crate::sys::spawn::spawn(&req)?;
+    // The write ends are the child's now: the pipes end when it (and what it started)
+    // is gone.
+    Ok((child, File::from(out_r), File::from(err_r)))
+}
+
 pub fn run(env: &Env, ctx: &StepCtx, command: &[String], timeout: Duration) -> Report {
-    let Some((prog, args)) = command.split_first() else {
+    let Some(prog) = command.first() else {
         return Report::failed("empty command");
     };
     if ctx.audit {
         return Report::new(Outcome::Would).with("command", command.to_vec());
     }
     let dir = env.ctl.hierarchy().dir(ctx.cgroup);
-    let mut cmd = Command::new(prog);
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .env("OOMWAKE_CGROUP", ctx.cgroup.as_str())
-        .env("OOMWAKE_CGROUP_DIR", &dir)
-        .env("OOMWAKE_POLICY", &ctx.policy.name)
-        .env("OOMWAKE_EPISODE", ctx.episode.to_string())
-        .env("OOMWAKE_STEP", ctx.step.to_string())
-        .env("OOMWAKE_MODE", if ctx.audit { "audit" } else { "enforce" });
-    // A group of its own, so that a timeout kills what the hook started too.
-    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    // The agent shields itself with oom_score_adj -1000, which children inherit; a hook
-    // (and whatever it forks first) must not be unkillable.
-    let adj = env.proc_root.join("self/oom_score_adj");
-    if let Err(e) = crate::sys::reset_oom_score_adj_before_exec(&mut cmd, &adj) {
-        return Report::failed(format!("{}: {e}", adj.display())).with("command", command.to_vec());
-    }
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
+    let (mut child, out, err) = match spawn(env, ctx, command, &dir) {
+        Ok(started) => started,
         Err(e) => return Report::failed(format!("{prog}: {e}")).with("command", command.to_vec()),
     };
-    let mut out = Stream::new(child.stdout.take());
-    let mut err = Stream::new(child.stderr.take());
+    let mut out = Stream::new(Some(out));
+    let mut err = Stream::new(Some(err));
     let deadline = Instant::now() + timeout;
     let status = loop {
         out.pump();
@@ -153,7 +189,7 @@ pub fn run(env: &Env, ctx: &StepCtx, command: &[String], timeout: Duration) -> R
     if !matches!(status, Ok(Some(_))) {
         // The leader is our own unreaped child, so its PID (the group's id) cannot have
         // been reused: the group is the hook's.
-        let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let pgid = nix::unistd::Pid::from_raw(child.id());
         if let Err(e) = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL) {
             log::warn!("killpg({pgid}): {e}");
         }

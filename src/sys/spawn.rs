@@ -1,0 +1,402 @@
+//! Starting a hook without copying the agent: `clone(CLONE_VM | CLONE_VFORK)` on a stack
+//! taken from the agent's locked heap, then `execve`.
+//!
+//! `fork` (what `std::process::Command` does once a `pre_exec` closure is set) marks
+//! every private page of the agent copy-on-write, in the agent as well as in the child.
+//! Until each page has been written once more, a write by the agent needs a fault and,
+//! when the page is still shared or its reference count is raised for a moment, a fresh
+//! page charged to the agent's memory cgroup. For an agent inside the cgroup it rescues
+//! (issue 6.11) that cgroup is at its limit: a write from user mode parks the thread in
+//! the OOM wait, and a write by the kernel on the agent's behalf (the restartable-sequence
+//! area on the way back to user mode, a signal frame) cannot wait and kills the agent
+//! with SIGSEGV. That was seen, about once in six test runs under load. A fork that
+//! fails for want of memory (the usual outcome at the wall) has already write-protected
+//! the pages it got through.
+//!
+//! Here the child shares the agent's memory until `execve` and the agent's thread waits
+//! (the kernel's vfork wait) until then: no page is write-protected, nothing is copied.
+//! The child runs on a stack the parent has touched, in memory that `mlockall` keeps
+//! resident, so it does not fault before `execve` either; what `execve` needs comes from
+//! the kernel, which fails it with ENOMEM instead of waiting when the cgroup is full.
+//! `posix_spawn` does the same but on a stack it maps itself: in a full cgroup that
+//! mapping is not populated, the child parks in the OOM wait at its first write, and the
+//! episode's thread waits for it forever.
+//!
+//! The child, sharing the parent's memory, only makes system calls: it resets the
+//! handlers of caught signals and SIGPIPE to their defaults, moves into a process group
+//! of its own, writes 0 to its `oom_score_adj`, sets up its three standard descriptors,
+//! unblocks signals and calls `execve`. A failure is written into a slot the parent reads
+//! once the child has gone or exec'd.
+
+use std::ffi::{CString, OsStr};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+/// The child's stack: it only calls into libc's thin system-call wrappers.
+const CHILD_STACK: usize = 32 * 1024;
+
+/// What to start: an absolute program path, its arguments (the first one is `argv[0]`),
+/// its whole environment, and the descriptors that become its stdin, stdout and stderr.
+pub struct SpawnRequest<'a> {
+    pub program: &'a OsStr,
+    pub args: Vec<&'a OsStr>,
+    pub env: Vec<(&'a OsStr, &'a OsStr)>,
+    pub stdio: [BorrowedFd<'a>; 3],
+    /// The child's own `/proc/self/oom_score_adj` (under the agent's proc root).
+    pub oom_score_adj: &'a OsStr,
+}
+
+/// A process started by [`spawn`]: the leader of its own process group, not yet reaped.
+/// Dropping it unreaped kills and reaps it.
+#[derive(Debug)]
+pub struct Spawned {
+    pid: i32,
+    reaped: bool,
+}
+
+/// Everything the child reads, prepared before the clone: the child must not allocate.
+struct ChildArgs {
+    program: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    stdio: [libc::c_int; 3],
+    oom_score_adj: *const libc::c_char,
+    /// errno of the step that failed in the child, 0 while none did.
+    error: AtomicI32,
+}
+
+fn cstring(s: &OsStr) -> io::Result<CString> {
+    CString::new(s.as_bytes()).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{:?} contains a NUL byte", s),
+        )
+    })
+}
+
+/// Starts `req` (see the module documentation) and returns once the child has called
+/// `execve` successfully, or with the error of the step that failed (the child is then
+/// reaped already).
+pub fn spawn(req: &SpawnRequest<'_>) -> io::Result<Spawned> {
+    let program = cstring(req.program)?;
+    let args = req
+        .args
+        .iter()
+        .map(|a| cstring(a))
+        .collect::<io::Result<Vec<_>>>()?;
+    let env = req
+        .env
+        .iter()
+        .map(|(k, v)| {
+            let mut kv = k.as_bytes().to_vec();
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            cstring(OsStr::from_bytes(&kv))
+        })
+        .collect::<io::Result<Vec<_>>>()?;
+    let adj = cstring(req.oom_score_adj)?;
+    let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
+    envp.push(std::ptr::null());
+    let child = ChildArgs {
+        program: program.as_ptr(),
+        argv: argv.as_ptr(),
+        envp: envp.as_ptr(),
+        stdio: req.stdio.map(|fd| fd.as_raw_fd()),
+        oom_score_adj: adj.as_ptr(),
+        error: AtomicI32::new(0),
+    };
+
+    // Written page by page here, so that the child never takes the first fault on it.
+    let mut stack = vec![0u8; CHILD_STACK];
+    for page in stack.chunks_mut(4096) {
+        page[0] = 1;
+    }
+    std::hint::black_box(&mut stack);
+    // The stack grows down from its end, 16-byte aligned as the ABI wants.
+    let top = {
+        let end = stack.as_mut_ptr().wrapping_add(CHILD_STACK) as usize;
+        (end & !15) as *mut libc::c_void
+    };
+
+    // No signal handler may run in the child while it shares our memory: block every
+    // signal on this thread across the clone (the child starts with this mask and clears
+    // it just before execve, after resetting the handlers).
+    // SAFETY: all-zero sigset_t values are valid; sigfillset and pthread_sigmask only
+    // write into the sets we pass, which live on this stack.
+    let old = unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        old
+    };
+    // SAFETY: `child_main` only makes async-signal-safe calls on the pointers in
+    // `child`, all of which (and the CStrings and arrays they point into) outlive the
+    // call: with CLONE_VFORK this thread does not return from clone before the child
+    // has exec'd or exited, so `child`, `stack` and the strings are still alive while
+    // it runs. `top` is the aligned end of `stack`, which nothing else uses.
+    let pid = unsafe {
+        libc::clone(
+            child_main,
+            top,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            &child as *const ChildArgs as *mut libc::c_void,
+        )
+    };
+    let clone_error = io::Error::last_os_error();
+    // SAFETY: restores the mask saved above; `old` is a valid set.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    drop(stack);
+    if pid < 0 {
+        return Err(clone_error);
+    }
+    let mut spawned = Spawned { pid, reaped: false };
+    match child.error.load(Ordering::SeqCst) {
+        0 => Ok(spawned),
+        errno => {
+            // The child has exited already (127): reap it.
+            let _ = spawned.wait();
+            Err(io::Error::from_raw_os_error(errno))
+        }
+    }
+}
+
+/// The child's whole life before `execve`. It shares the parent's memory (and, until it
+/// changes them, its signal dispositions are a copy), so it only makes system calls
+/// through libc wrappers that touch nothing but their arguments and errno.
+extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the `ChildArgs` the parent passed to clone, alive until we exec
+    // or exit (CLONE_VFORK).
+    let a = unsafe { &*(arg as *const ChildArgs) };
+    /// Hands errno to the parent and ends the child.
+    fn fail(a: &ChildArgs) -> ! {
+        // SAFETY: errno is this thread's; reading it has no other effect.
+        let errno = unsafe { *libc::__errno_location() };
+        a.error
+            .store(if errno == 0 { libc::EIO } else { errno }, Ordering::SeqCst);
+        // SAFETY: _exit ends this process at once, without running atexit handlers or
+        // flushing stdio buffers that belong to the parent.
+        unsafe { libc::_exit(127) }
+    }
+    // SAFETY: every call below is a plain system-call wrapper, called with pointers to
+    // values on this stack or prepared by the parent, which stay valid.
+    unsafe {
+        // Handlers installed by the agent would run here on the agent's memory, and
+        // SIGPIPE is ignored by the Rust runtime: a hook starts with the defaults.
+        for sig in 1..libc::SIGRTMAX() + 1 {
+            if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+                continue;
+            }
+            let mut cur: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(sig, std::ptr::null(), &mut cur) != 0 {
+                continue;
+            }
+            let caught = cur.sa_sigaction != libc::SIG_DFL && cur.sa_sigaction != libc::SIG_IGN;
+            if caught || sig == libc::SIGPIPE {
+                let mut dfl: libc::sigaction = std::mem::zeroed();
+                dfl.sa_sigaction = libc::SIG_DFL;
+                libc::sigaction(sig, &dfl, std::ptr::null_mut());
+            }
+        }
+        // A group of its own, so that a timeout kills what the hook started too.
+        if libc::setpgid(0, 0) != 0 {
+            fail(a);
+        }
+        // Not the agent's -1000: the hook and whatever it forks can be OOM-killed.
+        let fd = libc::open(a.oom_score_adj, libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            fail(a);
+        }
+        if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+            fail(a);
+        }
+        libc::close(fd);
+        // First copy every source above 2, then put the copies in place: a source that
+        // is itself 0, 1 or 2 is not overwritten before it is used.
+        let mut high = [-1; 3];
+        for (slot, &fd) in high.iter_mut().zip(a.stdio.iter()) {
+            *slot = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3);
+            if *slot < 0 {
+                fail(a);
+            }
+        }
+        for (target, &fd) in (0..).zip(high.iter()) {
+            // dup2 leaves close-on-exec off on the new descriptor.
+            if libc::dup2(fd, target) < 0 {
+                fail(a);
+            }
+        }
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        libc::execve(a.program, a.argv, a.envp);
+        fail(a)
+    }
+}
+
+impl Spawned {
+    /// The child's PID, which is also its process group's id.
+    pub fn id(&self) -> i32 {
+        self.pid
+    }
+
+    fn waitpid(&mut self, flags: libc::c_int) -> io::Result<Option<ExitStatus>> {
+        if self.reaped {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "already reaped",
+            ));
+        }
+        let mut status = 0;
+        loop {
+            // SAFETY: status is a valid int on this stack; pid is our own child.
+            let ret = unsafe { libc::waitpid(self.pid, &mut status, flags) };
+            if ret < 0 {
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(err);
+            }
+            if ret == 0 {
+                return Ok(None);
+            }
+            self.reaped = true;
+            return Ok(Some(ExitStatus::from_raw(status)));
+        }
+    }
+
+    /// The exit status if the child has ended, without waiting.
+    pub fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
+        self.waitpid(libc::WNOHANG)
+    }
+
+    /// Waits for the child to end and reaps it.
+    pub fn wait(&mut self) -> io::Result<ExitStatus> {
+        self.waitpid(0)?
+            .ok_or_else(|| io::Error::other("waitpid returned no child"))
+    }
+
+    /// SIGKILL to the child itself. Unreaped, its PID cannot have been reused.
+    pub fn kill(&self) -> io::Result<()> {
+        if self.reaped {
+            return Ok(());
+        }
+        // SAFETY: kill takes a pid and a signal by value.
+        if unsafe { libc::kill(self.pid, libc::SIGKILL) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if !self.reaped {
+            let _ = self.kill();
+            let _ = self.wait();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::os::fd::AsFd;
+
+    use super::*;
+
+    fn devnull() -> std::fs::File {
+        std::fs::File::open("/dev/null").unwrap()
+    }
+
+    #[test]
+    fn runs_the_program_with_its_args_env_and_descriptors() {
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let null = devnull();
+        let adj = std::path::Path::new("/proc/self/oom_score_adj");
+        let req = SpawnRequest {
+            program: OsStr::new("/bin/sh"),
+            args: vec![
+                OsStr::new("sh"),
+                OsStr::new("-c"),
+                OsStr::new("echo \"$0 $1 $X\"; cat /proc/self/oom_score_adj >&2; exit 3"),
+                OsStr::new("zero"),
+                OsStr::new("one"),
+            ],
+            env: vec![(OsStr::new("X"), OsStr::new("ex"))],
+            stdio: [null.as_fd(), w.as_fd(), w.as_fd()],
+            oom_score_adj: adj.as_os_str(),
+        };
+        let mut child = spawn(&req).unwrap();
+        drop(req);
+        drop(w);
+        let mut out = String::new();
+        std::fs::File::from(r).read_to_string(&mut out).unwrap();
+        assert_eq!(out, "zero one ex\n0\n");
+        assert_eq!(child.wait().unwrap().code(), Some(3));
+    }
+
+    #[test]
+    fn a_program_that_cannot_be_executed_is_an_error_and_leaves_no_child() {
+        let null = devnull();
+        let adj = std::path::Path::new("/proc/self/oom_score_adj");
+        let req = SpawnRequest {
+            program: OsStr::new("/nonexistent/hook"),
+            args: vec![OsStr::new("hook")],
+            env: vec![],
+            stdio: [null.as_fd(), null.as_fd(), null.as_fd()],
+            oom_score_adj: adj.as_os_str(),
+        };
+        let err = spawn(&req).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
+        // Reaped already: this thread (the test's own) has no child left, not even a
+        // zombie.
+        let children = std::fs::read_to_string("/proc/thread-self/children").unwrap();
+        assert_eq!(children.trim(), "", "a child was left behind");
+    }
+
+    #[test]
+    fn an_oom_score_adj_that_cannot_be_written_stops_the_spawn() {
+        let null = devnull();
+        let req = SpawnRequest {
+            program: OsStr::new("/bin/true"),
+            args: vec![OsStr::new("true")],
+            env: vec![],
+            stdio: [null.as_fd(), null.as_fd(), null.as_fd()],
+            oom_score_adj: OsStr::new("/nonexistent/oom_score_adj"),
+        };
+        assert_eq!(spawn(&req).unwrap_err().kind(), io::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn the_child_leads_its_own_group_and_is_killed_and_reaped_on_drop() {
+        let null = devnull();
+        let adj = std::path::Path::new("/proc/self/oom_score_adj");
+        let req = SpawnRequest {
+            program: OsStr::new("/bin/sleep"),
+            args: vec![OsStr::new("sleep"), OsStr::new("30")],
+            env: vec![],
+            stdio: [null.as_fd(), null.as_fd(), null.as_fd()],
+            oom_score_adj: adj.as_os_str(),
+        };
+        let child = spawn(&req).unwrap();
+        let pid = child.id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
+            .split_whitespace()
+            .collect();
+        assert_eq!(fields[2], pid.to_string(), "pgrp: {stat}");
+        drop(child);
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "the child outlived its handle"
+        );
+    }
+}
