@@ -248,17 +248,10 @@ fn a_rescue_through_an_exec_hook_faults_in_no_page_of_the_agent() {
     };
     let mut s = Scratch::new("nofault");
     let cg = s.cgroup("", Some(64 * MIB), true);
-    let hook = r#"
-[[step]]
-action = "exec"
-command = ["/bin/echo", "hook"]
-timeout = "5s"
-settle = "10ms"
-"#;
     let agent = Agent::start(
         &[(
             "p.toml",
-            &policy("nofault", &cg.rel, "", &format!("{hook}{LOAN}")),
+            &policy("nofault", &cg.rel, "", &format!("{HOOK}{LOAN}")),
         )],
         &[],
     );
