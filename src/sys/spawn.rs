@@ -25,7 +25,9 @@
 //! The child, sharing the parent's memory, only makes system calls: it resets the
 //! handlers of caught signals and SIGPIPE to their defaults, moves into a process group
 //! of its own, writes 0 to its `oom_score_adj`, sets up its three standard descriptors,
-//! unblocks signals and calls `execve`. A failure is written into a slot the parent reads
+//! unblocks signals and calls `execve`. A file the kernel refuses with ENOEXEC (a script
+//! without `#!`) is handed to `/bin/sh`, as `execvp` does and as the fork-based hooks did
+//! (std's `Command` ends in `execvp`). A failure is written into a slot the parent reads
 //! once the child has gone or exec'd.
 
 use std::ffi::{CString, OsStr};
@@ -38,6 +40,9 @@ use std::sync::atomic::{AtomicI32, Ordering};
 
 /// The child's stack: it only calls into libc's thin system-call wrappers.
 const CHILD_STACK: usize = 32 * 1024;
+
+/// The shell a file without `#!` is handed to (glibc's `_PATH_BSHELL`).
+const SH: &std::ffi::CStr = c"/bin/sh";
 
 /// What to start: an absolute program path, its arguments (the first one is `argv[0]`),
 /// its whole environment, and the descriptors that become its stdin, stdout and stderr.
@@ -63,6 +68,8 @@ struct ChildArgs {
     program: *const libc::c_char,
     argv: *const *const libc::c_char,
     envp: *const *const libc::c_char,
+    /// `/bin/sh`, the program, then `argv[1..]`: the ENOEXEC fallback (as `execvp`).
+    sh_argv: *const *const libc::c_char,
     stdio: [libc::c_int; 3],
     oom_score_adj: *const libc::c_char,
     /// errno of the step that failed in the child, 0 while none did.
@@ -103,10 +110,14 @@ pub fn spawn(req: &SpawnRequest<'_>) -> io::Result<Spawned> {
     argv.push(std::ptr::null());
     let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
     envp.push(std::ptr::null());
+    let mut sh_argv: Vec<*const libc::c_char> = vec![SH.as_ptr(), program.as_ptr()];
+    sh_argv.extend(args.iter().skip(1).map(|a| a.as_ptr()));
+    sh_argv.push(std::ptr::null());
     let child = ChildArgs {
         program: program.as_ptr(),
         argv: argv.as_ptr(),
         envp: envp.as_ptr(),
+        sh_argv: sh_argv.as_ptr(),
         stdio: req.stdio.map(|fd| fd.as_raw_fd()),
         oom_score_adj: adj.as_ptr(),
         error: AtomicI32::new(0),
@@ -236,6 +247,12 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         libc::sigemptyset(&mut none);
         libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
         libc::execve(a.program, a.argv, a.envp);
+        if *libc::__errno_location() == libc::ENOEXEC {
+            // Not a format the kernel runs: a script without `#!`, for the shell, as
+            // execvp does. Should the shell fail too, the hook's own ENOEXEC is reported.
+            libc::execve(SH.as_ptr(), a.sh_argv, a.envp);
+            *libc::__errno_location() = libc::ENOEXEC;
+        }
         fail(a)
     }
 }
@@ -360,6 +377,35 @@ mod tests {
         // zombie.
         let children = std::fs::read_to_string("/proc/thread-self/children").unwrap();
         assert_eq!(children.trim(), "", "a child was left behind");
+    }
+
+    #[test]
+    fn a_script_without_a_shebang_runs_under_sh_as_execvp_ran_it() {
+        // The fork-based hooks ended in std's execvp, which hands a file the kernel
+        // refuses with ENOEXEC to /bin/sh (argv: /bin/sh, the file, the rest): a hook
+        // written without `#!` ran, and must still run.
+        let t = tempfile::tempdir().unwrap();
+        let script = t.path().join("hook");
+        std::fs::write(&script, "echo \"$0 $1 $#\"; exit 4\n").unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let null = devnull();
+        let adj = std::path::Path::new("/proc/self/oom_score_adj");
+        let req = SpawnRequest {
+            program: script.as_os_str(),
+            args: vec![OsStr::new("hook"), OsStr::new("one")],
+            env: vec![],
+            stdio: [null.as_fd(), w.as_fd(), null.as_fd()],
+            oom_score_adj: adj.as_os_str(),
+        };
+        let mut child = spawn(&req).expect("a script without #! did not start");
+        drop(req);
+        drop(w);
+        let mut out = String::new();
+        std::fs::File::from(r).read_to_string(&mut out).unwrap();
+        assert_eq!(out, format!("{} one 1\n", script.display()));
+        assert_eq!(child.wait().unwrap().code(), Some(4));
     }
 
     #[test]
