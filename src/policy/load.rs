@@ -368,6 +368,11 @@ pub fn load_one(text: &str, file: &str) -> Result<(Policy, Vec<String>), LoadErr
         Some(n) if n.get_ref().trim().is_empty() => {
             return Err(ctx.err(Some(n.span()), "policy name must not be empty"))
         }
+        // It goes into every hook's environment (OOMWAKE_POLICY), which execve takes as
+        // NUL-terminated strings.
+        Some(n) if n.get_ref().contains('\0') => {
+            return Err(ctx.err(Some(n.span()), "policy name must not contain a NUL byte"))
+        }
         Some(n) => n.get_ref().clone(),
         None => Path::new(file)
             .file_stem()
@@ -684,6 +689,13 @@ fn build_step(ctx: &Ctx, s: &RawStep) -> Result<Step, LoadError> {
                         "`command` must start with an absolute path, not {:?}: the agent runs it as root and does not search PATH",
                         command[0]
                     ),
+                ));
+            }
+            if let Some(arg) = command.iter().find(|a| a.contains('\0')) {
+                let span = s.command.as_ref().map(|c| c.span());
+                return Err(ctx.err(
+                    span,
+                    format!("`command` must not contain a NUL byte ({arg:?}): execve could never run it"),
                 ));
             }
             Action::Exec {
@@ -1096,6 +1108,21 @@ level = 1
             e.contains("c.toml:1:6: ") && e.contains("already used"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_nul_byte_in_an_exec_command_or_the_policy_name_is_refused_at_load() {
+        // execve takes NUL-terminated strings: such a hook (or any hook of a policy
+        // whose name goes into OOMWAKE_POLICY with a NUL) could never start, and the
+        // policy used to load and fail at every episode instead.
+        let e = step_err("action = \"exec\"\ncommand = [\"/bin/echo\", \"a\\u0000b\"]\n");
+        assert!(e.starts_with("p.toml:5:11: ") && e.contains("NUL"), "{e}");
+        let e = step_err("action = \"exec\"\ncommand = [\"/bin/true\\u0000\"]\n");
+        assert!(e.starts_with("p.toml:5:11: ") && e.contains("NUL"), "{e}");
+        let e = err(&format!(
+            "name = \"a\\u0000b\"\n{HEAD}[[step]]\naction = \"exec\"\ncommand = [\"/bin/true\"]\n"
+        ));
+        assert!(e.starts_with("p.toml:1:8: ") && e.contains("NUL"), "{e}");
     }
 
     fn step_err(step: &str) -> String {
