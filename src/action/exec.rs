@@ -414,10 +414,18 @@ mod tests {
             own.display(),
             forked.display()
         ));
-        let r = {
+        let (r, after) = {
             let _g = AdjGuard::set(500);
-            run(&env, &ctx, &cmd, Duration::from_secs(10))
+            let r = run(&env, &ctx, &cmd, Duration::from_secs(10));
+            (
+                r,
+                std::fs::read_to_string("/proc/self/oom_score_adj").unwrap(),
+            )
         };
+        // The child wrote 0 while it still shared the agent's memory: the kernel
+        // copies a write to every process sharing the writer's mm unless the writer is
+        // a vfork child, so the agent keeps its own value.
+        assert_eq!(after.trim(), "500", "the hook's reset reached the agent");
         assert_eq!(r.outcome, Outcome::Done, "{r:?}");
         assert_eq!(std::fs::read_to_string(&own).unwrap().trim(), "0");
         assert_eq!(std::fs::read_to_string(&forked).unwrap().trim(), "0");
