@@ -33,53 +33,12 @@ fn agent_inside_the_stuck_cgroup_resolves_it_and_stops_on_sigterm() {
     };
     let mut s = Scratch::new("inside");
     let cg = s.cgroup("", Some(128 * MIB), true);
-    // On tmpfs (no swap here): the agent's files there cannot be reclaimed at the wall,
-    // so a write needing a new page fails for sure, as for a state directory in /run.
-    // On a disk the kernel may reclaim a clean page of the agent's own log to let one
-    // journal append through, and the outcome depended on timing (the test flaked).
-    let tmp = tempfile::tempdir_in("/dev/shm").unwrap();
-    std::fs::create_dir(tmp.path().join("policies")).unwrap();
-    std::fs::write(
-        tmp.path().join("policies/p.toml"),
-        policy("inside", &cg.rel, "", &format!("{HOOK}{LOAN}")),
-    )
-    .unwrap();
-    // The shell joins the cgroup, then becomes the agent: every page the agent ever
-    // faults in is charged to the cgroup it watches.
-    let mut cmd = Command::new("sh");
-    cmd.arg("-c")
-        .arg("echo $$ > \"$1/cgroup.procs\" && exec \"$2\" run --config \"$3/oomwake.toml\" --cgroup-root \"$4\" --policies \"$3/policies\" --state-dir \"$3/state\" --audit-log \"$3/audit.jsonl\" 2>\"$3/agent.log\"")
-        .arg("sh")
-        .arg(&cg.dir)
-        .arg(oomwake_bin())
-        .arg(tmp.path())
-        .arg(MEMROOT)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null());
-    let (agent_pid, _out) = s.spawn(cmd);
+    let (agent_pid, tmp, _out) = start_inside(
+        &mut s,
+        &cg,
+        &policy("inside", &cg.rel, "", &format!("{HOOK}{LOAN}")),
+    );
     let audit = tmp.path().join("audit.jsonl");
-    let logged = |event: &str| {
-        read(&audit)
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .any(|v| v["event"] == event && v["cgroup"] == cg.rel.as_str())
-    };
-    assert!(
-        wait_until(Duration::from_secs(20), || logged("watch")),
-        "agent never watched; log:\n{}",
-        read(&tmp.path().join("agent.log"))
-    );
-    assert!(
-        cg.procs().contains(&agent_pid),
-        "the agent is not in the cgroup"
-    );
-    assert!(
-        wait_until(Duration::from_secs(5), || read(
-            &tmp.path().join("agent.log")
-        )
-        .contains("the agent runs inside")),
-        "no warning that the agent shares a managed cgroup"
-    );
     let agent_usage = cg.usage();
 
     // The hog fills what is left: the cgroup, agent included, is at its wall.
@@ -134,6 +93,158 @@ fn agent_inside_the_stuck_cgroup_resolves_it_and_stops_on_sigterm() {
     );
 
     // SIGTERM is still answered (the loop is not parked in the OOM wait).
+    let agent_log = stops_on_sigterm(&mut s, agent_pid, &tmp);
+    let locked = agent_log
+        .lines()
+        .find(|l| l.contains("memory locked:"))
+        .unwrap_or("(no memory locked line)");
+    eprintln!(
+        "agent inside the cgroup: {locked}; cgroup usage with the agent alone {} KiB",
+        agent_usage >> 10
+    );
+}
+
+/// A reload in the middle of its own cgroup's stall: the agent inside the cgroup holds
+/// the stall in audit mode (nothing changed), the operator switches the policy to
+/// enforce and sends SIGHUP. Inside a cgroup at its wall opening a file mostly fails
+/// (the kernel's `struct file` and dentries are charged there too: ENOMEM, seen with
+/// strace), so the reload often cannot be read at first. It is deferred, not lost: the
+/// agent tries again at every sweep (a try can get through when the kernel has a few
+/// bytes of kernel memory to spare) and in any case once the stall ends, here by the
+/// operator killing the hog; either way the new policy rescues the cgroup, and no agent
+/// thread parks in the OOM wait. Without the deferral the SIGHUP was dropped with an
+/// error nobody could read (the log is in the same cgroup): 3 runs of 3 gave no loan in
+/// 20 s (with a CI run beside them), and the next stall was held in audit mode again.
+/// The SIGHUP comes 3 s into the stall, when the first try fails (see below).
+#[test]
+fn agent_inside_does_not_lose_a_reload_its_stuck_cgroup_cannot_read() {
+    let Some(()) = require_v1("agent_inside_does_not_lose_a_reload_its_stuck_cgroup_cannot_read")
+    else {
+        return;
+    };
+    let mut s = Scratch::new("insidereload");
+    let cg = s.cgroup("", Some(128 * MIB), true);
+    let (agent_pid, tmp, _out) = start_inside(
+        &mut s,
+        &cg,
+        &policy("inside", &cg.rel, "mode = \"audit\"", LOAN),
+    );
+    let log = || read(&tmp.path().join("agent.log"));
+    let hog = s.hog(&cg, &["--touch", "160M", "--hold", "30s"]);
+    cg.wait_stuck(hog.pid);
+    // A few sweeps at the wall first: right after the stall began the kernel still had
+    // a little kernel memory to spare for the agent and the first try of a reload got
+    // through (8 runs of 8); after 3 s it failed in every run.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(cg.limit(), 128 * MIB, "audit mode changed the limit");
+    std::fs::write(
+        tmp.path().join("policies/p.toml"),
+        policy("inside", &cg.rel, "mode = \"enforce\"", LOAN),
+    )
+    .unwrap();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent_pid),
+        nix::sys::signal::Signal::SIGHUP,
+    );
+    let mut parked = false;
+    let lent_in_the_stall = wait_until(Duration::from_secs(5), || {
+        parked |= any_thread_in_oom_wait(agent_pid);
+        cg.limit() > 128 * MIB
+    });
+    assert!(
+        !parked,
+        "an agent thread slept in the OOM wait; log:\n{}",
+        log()
+    );
+    assert!(s.alive(agent_pid), "the agent died; log:\n{}", log());
+    if !lent_in_the_stall {
+        // The operator ends the stall: the deferred reload goes through at the next
+        // sweep, and the next stall is the new policy's.
+        s.kill_hog(hog.pid);
+        assert!(
+            wait_until(Duration::from_secs(10), || log()
+                .contains("the deferred reload went through")),
+            "the reload was not applied after the stall; log:\n{}",
+            log()
+        );
+        let hog = s.hog(&cg, &["--touch", "160M", "--hold", "30s"]);
+        assert!(
+            wait_until(Duration::from_secs(20), || cg.limit() > 128 * MIB),
+            "the reload was lost: no loan under the enforce policy (under_oom {}); log:\n{}",
+            cg.under_oom(),
+            log()
+        );
+        assert!(
+            hog.report(Duration::from_secs(20)).is_some(),
+            "the second hog never finished touching its memory"
+        );
+    }
+    let log = stops_on_sigterm(&mut s, agent_pid, &tmp);
+    assert!(
+        log.contains("reloaded: 1 policy"),
+        "no reload in the log:\n{log}"
+    );
+    eprintln!(
+        "reload mid-stall inside: applied {}",
+        match (lent_in_the_stall, log.contains("reload deferred")) {
+            (true, true) => "during the stall, by a later try",
+            (true, false) => "during the stall, at the first try",
+            (false, _) => "after the stall",
+        }
+    );
+}
+
+/// Starts the agent inside `cg` (a shell joins the cgroup, then becomes the agent: every
+/// page the agent ever faults in is charged to the cgroup it watches) with `policy_toml`
+/// as its only policy, and waits until it watches `cg` and has warned that it shares a
+/// managed cgroup. Its files are on tmpfs (no swap here): nothing of them can be
+/// reclaimed at the wall, so a write needing a new page fails for sure, as for a state
+/// directory in /run. (On a disk the kernel may reclaim a clean page of the agent's own
+/// log to let one journal append through, and the outcome depended on timing.)
+fn start_inside(
+    s: &mut Scratch,
+    cg: &Cg,
+    policy_toml: &str,
+) -> (i32, tempfile::TempDir, std::sync::mpsc::Receiver<String>) {
+    let tmp = tempfile::tempdir_in("/dev/shm").unwrap();
+    std::fs::create_dir(tmp.path().join("policies")).unwrap();
+    std::fs::write(tmp.path().join("policies/p.toml"), policy_toml).unwrap();
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg("echo $$ > \"$1/cgroup.procs\" && exec \"$2\" run --config \"$3/oomwake.toml\" --cgroup-root \"$4\" --policies \"$3/policies\" --state-dir \"$3/state\" --audit-log \"$3/audit.jsonl\" 2>\"$3/agent.log\"")
+        .arg("sh")
+        .arg(&cg.dir)
+        .arg(oomwake_bin())
+        .arg(tmp.path())
+        .arg(MEMROOT)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null());
+    let (agent_pid, out) = s.spawn(cmd);
+    let audit = tmp.path().join("audit.jsonl");
+    assert!(
+        wait_until(Duration::from_secs(20), || read(&audit)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .any(|v| v["event"] == "watch" && v["cgroup"] == cg.rel.as_str())),
+        "agent never watched; log:\n{}",
+        read(&tmp.path().join("agent.log"))
+    );
+    assert!(
+        cg.procs().contains(&agent_pid),
+        "the agent is not in the cgroup"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || read(
+            &tmp.path().join("agent.log")
+        )
+        .contains("the agent runs inside")),
+        "no warning that the agent shares a managed cgroup"
+    );
+    (agent_pid, tmp, out)
+}
+
+/// Sends SIGTERM to the agent and asserts it is gone within 20 s; returns its log.
+fn stops_on_sigterm(s: &mut Scratch, agent_pid: i32, tmp: &tempfile::TempDir) -> String {
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(agent_pid),
         nix::sys::signal::Signal::SIGTERM,
@@ -144,7 +255,7 @@ fn agent_inside_the_stuck_cgroup_resolves_it_and_stops_on_sigterm() {
         gone = !s.alive(agent_pid);
         std::thread::sleep(Duration::from_millis(20));
     }
-    let agent_log = agent_log();
+    let agent_log = read(&tmp.path().join("agent.log"));
     assert!(
         gone,
         "the agent did not stop on SIGTERM; threads: {}; signals: {}; log:\n{agent_log}",
@@ -155,14 +266,7 @@ fn agent_inside_the_stuck_cgroup_resolves_it_and_stops_on_sigterm() {
             .collect::<Vec<_>>()
             .join(" ")
     );
-    let locked = agent_log
-        .lines()
-        .find(|l| l.contains("memory locked:"))
-        .unwrap_or("(no memory locked line)");
-    eprintln!(
-        "agent inside the cgroup: {locked}; cgroup usage with the agent alone {} KiB",
-        agent_usage >> 10
-    );
+    agent_log
 }
 
 /// Each thread of `pid` with its wait channel, for failure messages.

@@ -153,6 +153,11 @@ pub fn run(cfg: Config, policies: PolicySet, reload: crate::config::Reload) -> a
     // Known before the first stall: a raise of the agent's own cgroup (or an ancestor)
     // then writes the limit before the journal (see LoanBook::lend).
     let own = own_cgroup(&shared, &cfg);
+    if let Some(own) = &own {
+        // Read again at a reload that fails (see Watcher::on_reload): opening a file
+        // in the agent's own stuck cgroup fails, so its control files are opened now.
+        shared.env.ctl.prepare(own);
+    }
     shared.env.loans.set_own_cgroup(own.clone());
     warn_if_inside_managed(&shared, own.as_ref());
     log::info!(

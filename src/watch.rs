@@ -166,6 +166,10 @@ pub struct Watcher {
     state_dir: std::path::PathBuf,
     cgroup_root: std::path::PathBuf,
     dry_run: bool,
+    /// A SIGHUP whose reload failed while the agent's own cgroup was at its wall, where
+    /// opening a file fails (ENOMEM): retried at every sweep until it reads, so the
+    /// operator's reload is not lost (issue 6.11).
+    reload_deferred: bool,
     status_dirty: bool,
     status_sig: (u64, usize, u64, u64),
     holder: crate::holder::Holder,
@@ -233,6 +237,7 @@ impl Watcher {
             state_dir: cfg.state_dir.clone(),
             cgroup_root: cfg.cgroup_root.clone(),
             dry_run: cfg.dry_run,
+            reload_deferred: false,
             status_dirty: true,
             status_sig: (0, 0, 0, 0),
             holder,
@@ -302,7 +307,7 @@ impl Watcher {
                 next_rescan = now + self.rescan_every;
             }
             if now >= next_sweep {
-                self.sweep();
+                self.sweep_due();
                 next_sweep = now + self.sweep_every;
             }
             notify.watchdog(now);
@@ -1205,10 +1210,25 @@ impl Watcher {
         }
     }
 
+    /// The periodic sweep, after the next try of a deferred reload (whose success
+    /// sweeps already).
+    fn sweep_due(&mut self) {
+        if self.reload_deferred {
+            self.on_reload();
+            if !self.reload_deferred {
+                return;
+            }
+        }
+        self.sweep();
+    }
+
     fn on_reload(&mut self) {
         // logrotate's SIGHUP: reopen even if the policies on disk are refused below.
+        // A deferred reload's later tries reopen again, said once (at the SIGHUP).
         if let Err(e) = self.shared.audit.reopen() {
-            log::error!("reopening the audit log: {e}");
+            if !self.reload_deferred {
+                log::error!("reopening the audit log: {e}");
+            }
         }
         match (self.reload)() {
             Ok(crate::config::Reloaded {
@@ -1218,6 +1238,9 @@ impl Watcher {
                 self.sweep_every = config.sweep_interval;
                 self.rescan_every = config.rescan_interval;
                 self.dry_run = config.dry_run;
+                if std::mem::take(&mut self.reload_deferred) {
+                    log::info!("the deferred reload went through");
+                }
                 log::info!(
                     "reloaded: {} polic{}",
                     set.policies().len(),
@@ -1243,9 +1266,36 @@ impl Watcher {
                 self.sweep();
                 self.write_status(true);
             }
-            Err(e) => {
-                log::error!("reload refused, keeping the current config and policies:\n{e}")
+            Err(e) => match self.own_cgroup_at_its_wall() {
+                Some(own) => {
+                    if !std::mem::replace(&mut self.reload_deferred, true) {
+                        log::warn!(
+                            "reload deferred: the agent's own cgroup {own} is at its wall, where opening a file fails; keeping the current config and policies and trying again at every sweep:\n{e}"
+                        );
+                    }
+                }
+                None => {
+                    self.reload_deferred = false;
+                    log::error!("reload refused, keeping the current config and policies:\n{e}")
+                }
+            },
+        }
+    }
+
+    /// The agent's own memory cgroup when it is under OOM (on v1 the kernel marks the
+    /// whole subtree of the cgroup whose limit was hit, so an ancestor's stall counts).
+    fn own_cgroup_at_its_wall(&self) -> Option<CgroupPath> {
+        let own = self.shared.env.loans.own_cgroup()?;
+        match self.shared.env.ctl.oom_state(&own) {
+            Ok(Some(st)) if st.under_oom => Some(own),
+            // Its control files are kept open from the start (see agent::run), but a
+            // read that needs a new open at the wall fails just the same.
+            Err(crate::cgroup::CgroupError::Read { source, .. })
+                if source.raw_os_error() == Some(libc::ENOMEM) =>
+            {
+                Some(own)
             }
+            _ => None,
         }
     }
 
@@ -1377,6 +1427,83 @@ mod tests {
             events: false,
             ..Config::default()
         }
+    }
+
+    /// A reload that fails while the agent's own cgroup is under OOM (opening a file
+    /// there fails with ENOMEM) is tried again at the next sweep and applied then; one
+    /// that fails while the agent's cgroup is not stuck is refused, not deferred.
+    #[test]
+    fn a_reload_failing_while_the_agents_own_cgroup_is_stuck_is_retried_not_lost() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("cg");
+        let pod = root.join("pod");
+        std::fs::create_dir_all(&pod).unwrap();
+        let oom = |under: u8| format!("oom_kill_disable 1\nunder_oom {under}\noom_kill 0\n");
+        std::fs::write(pod.join("memory.oom_control"), oom(1)).unwrap();
+        let load = |name: &str| {
+            crate::policy::load::load_str(
+                &format!("name = \"{name}\"\n[match]\ncgroup = [\"/elsewhere\"]\n[[step]]\naction = \"kill\"\n"),
+                "p.toml",
+            )
+            .unwrap()
+        };
+        let shared = test_shared(
+            t.path(),
+            Box::new(crate::cgroup::v1::V1::new(Hierarchy::fake(&root, Kind::V1))),
+            vec![load("old")],
+            None,
+        );
+        shared
+            .env
+            .loans
+            .set_own_cgroup(Some(CgroupPath::new("/pod")));
+        let cfg = test_config(t.path(), &root);
+        std::fs::create_dir_all(&cfg.state_dir).unwrap();
+        // Fails on the first try (no memory to open the files), reads on the second,
+        // fails again after that.
+        let tries = Arc::new(AtomicUsize::new(0));
+        let reload = {
+            let tries = tries.clone();
+            let cfg = cfg.clone();
+            move || match tries.fetch_add(1, Ordering::SeqCst) {
+                1 => Ok(crate::config::Reloaded {
+                    policies: PolicySet::new(vec![load("new")], false),
+                    config: cfg.clone(),
+                }),
+                _ => Err("p.toml: Cannot allocate memory (os error 12)".to_string()),
+            }
+        };
+        let mut w = Watcher::new(shared.clone(), &cfg, Box::new(reload)).unwrap();
+        let name = |s: &Shared| s.policies().policies()[0].name.clone();
+        w.on_reload();
+        assert!(
+            w.reload_deferred,
+            "a reload failing in its own stuck cgroup was dropped"
+        );
+        assert_eq!(name(&shared), "old");
+        w.sweep_due();
+        assert_eq!(
+            tries.load(Ordering::SeqCst),
+            2,
+            "not tried again at the sweep"
+        );
+        assert!(!w.reload_deferred);
+        assert_eq!(name(&shared), "new", "the deferred reload was not applied");
+        // Not stuck: a failing reload is refused as always, not retried.
+        std::fs::write(pod.join("memory.oom_control"), oom(0)).unwrap();
+        w.on_reload();
+        assert!(
+            !w.reload_deferred,
+            "deferred although the agent's cgroup is not stuck"
+        );
+        w.sweep_due();
+        assert_eq!(
+            tries.load(Ordering::SeqCst),
+            3,
+            "a refused reload was tried again"
+        );
+        assert_eq!(name(&shared), "new");
     }
 
     /// v2 on a TempDir whose memory.high writes wait until the test lets them go, as a

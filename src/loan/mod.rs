@@ -294,6 +294,11 @@ impl LoanBook {
         *lock(&self.own) = own;
     }
 
+    /// The agent's own memory cgroup, if known.
+    pub fn own_cgroup(&self) -> Option<CgroupPath> {
+        lock(&self.own).clone()
+    }
+
     /// True when the agent's own cgroup is `cg` or below it: a stall of `cg` is then
     /// the agent's too, and anything that needs a new page charged there (a journal
     /// append) fails with ENOMEM until the limit moves.
