@@ -136,6 +136,18 @@ fn agent_inside_does_not_lose_a_reload_its_stuck_cgroup_cannot_read() {
     // a little kernel memory to spare for the agent and the first try of a reload got
     // through (8 runs of 8); after 3 s it failed in every run.
     std::thread::sleep(Duration::from_secs(3));
+    // Cgroups made meanwhile (by the operator, outside): the agent's inotify events
+    // cannot be allocated at the wall, the kernel queues an overflow, and the agent
+    // rescans a hierarchy whose directories it cannot open (the new cgroups are made
+    // beside this one: below a cgroup at its wall mkdir itself fails). That rescan
+    // used to take
+    // the stuck cgroup for removed and unwatch it (seen when other tests made cgroups
+    // beside this one), so the reload below had nothing to rescue.
+    let beside = Scratch::new("insidereload-beside");
+    for i in 0..3 {
+        beside.cgroup(&format!("c{i}"), None, false);
+    }
+    std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(cg.limit(), 128 * MIB, "audit mode changed the limit");
     std::fs::write(
         tmp.path().join("policies/p.toml"),
@@ -179,6 +191,15 @@ fn agent_inside_does_not_lose_a_reload_its_stuck_cgroup_cannot_read() {
             "the second hog never finished touching its memory"
         );
     }
+    let audit = read(&tmp.path().join("audit.jsonl"));
+    let unwatched: Vec<&str> = audit
+        .lines()
+        .filter(|l| l.contains("\"unwatch\"") && l.contains(&format!("\"{}\"", cg.rel)))
+        .collect();
+    assert!(
+        unwatched.is_empty(),
+        "the stuck cgroup was unwatched: {unwatched:?}"
+    );
     let log = stops_on_sigterm(&mut s, agent_pid, &tmp);
     assert!(
         log.contains("reloaded: 1 policy"),
@@ -192,6 +213,80 @@ fn agent_inside_does_not_lose_a_reload_its_stuck_cgroup_cannot_read() {
             (false, _) => "after the stall",
         }
     );
+}
+
+/// A kill step with the agent inside the stuck cgroup: choosing a victim reads
+/// `/proc/PID/*` and the kill needs a pidfd, and inside a cgroup at its wall every open
+/// fails (ENOMEM), so the step usually cannot act. It must say so (not "no candidate
+/// process", which sent the operator looking for shielded tasks: 2 runs of 2 before this
+/// test), hand over to the next step, whose raise resolves the stall, and the agent
+/// neither parks nor dies. When the kernel still has a little memory to spare right at
+/// the start of the stall, the kill goes through instead; both outcomes are accepted.
+#[test]
+fn agent_inside_says_why_a_kill_cannot_act_and_the_next_step_resolves() {
+    let Some(()) = require_v1("agent_inside_says_why_a_kill_cannot_act_and_the_next_step_resolves")
+    else {
+        return;
+    };
+    let mut s = Scratch::new("insidekill");
+    let cg = s.cgroup("", Some(128 * MIB), true);
+    let (agent_pid, tmp, _out) = start_inside(
+        &mut s,
+        &cg,
+        &policy("inside", &cg.rel, "", &format!("{KILL}{LOAN}")),
+    );
+    let audit = tmp.path().join("audit.jsonl");
+    let lines = || -> Vec<serde_json::Value> {
+        read(&audit)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .filter(|v: &serde_json::Value| v["cgroup"] == cg.rel.as_str())
+            .collect()
+    };
+    let hog = s.hog(&cg, &["--touch", "160M", "--hold", "30s"]);
+    let mut parked = false;
+    let resolved = wait_until(Duration::from_secs(20), || {
+        parked |= any_thread_in_oom_wait(agent_pid);
+        lines()
+            .iter()
+            .any(|v| v["event"] == "resolved" && v["by_step"].is_u64())
+    });
+    assert!(
+        resolved,
+        "not resolved (under_oom {}); threads: {}; audit:\n{:#?}",
+        cg.under_oom(),
+        threads(agent_pid),
+        lines()
+    );
+    assert!(!parked, "an agent thread slept in the OOM wait");
+    let kill = lines()
+        .into_iter()
+        .find(|v| v["event"] == "action" && v["action"] == "kill")
+        .expect("no kill action line");
+    if kill["outcome"] == "skipped" {
+        let err = kill["error"].as_str().unwrap_or("");
+        assert!(
+            err.starts_with("no victim can be read in a cgroup the agent shares"),
+            "the kill step did not say why: {kill}"
+        );
+        let raise = lines()
+            .into_iter()
+            .find(|v| v["event"] == "resolved" && v["by_action"] == "raise_limit");
+        assert!(
+            raise.is_some(),
+            "the raise after the kill did not resolve: {:#?}",
+            lines()
+        );
+        assert!(
+            hog.report(Duration::from_secs(20)).is_some(),
+            "the hog never finished touching its memory"
+        );
+    } else {
+        assert_eq!(kill["outcome"], "done", "{kill}");
+        assert_eq!(s.exit_signal(hog.pid), Some(libc::SIGKILL));
+    }
+    stops_on_sigterm(&mut s, agent_pid, &tmp);
+    eprintln!("kill step inside: {}", kill["outcome"]);
 }
 
 /// Starts the agent inside `cg` (a shell joins the cgroup, then becomes the agent: every

@@ -134,6 +134,15 @@ fn diagnose(action: &Action, report: &Report) -> Option<(String, String)> {
                 None => (err, String::new()),
             }
         }
+        Action::Signal { .. } | Action::Kill { .. }
+            if report.outcome == Outcome::Skipped
+                && err.starts_with(crate::action::kill::UNREADABLE) =>
+        {
+            (
+                "victims unreadable".to_string(),
+                "the agent runs inside this stuck cgroup, where no file can be opened (ENOMEM), so no process can be chosen or signalled through a pidfd: give the agent a cgroup of its own, or put a raise_limit step in the policy".to_string(),
+            )
+        }
         Action::Signal { .. } | Action::Kill { .. } | Action::KillAll
             if report.outcome == Outcome::Skipped =>
         {
@@ -484,6 +493,18 @@ mod tests {
             let (why, help) = diagnose(&a, &shielded).unwrap();
             assert_eq!(why, "no candidate victim", "{}", a.name());
             assert!(help.contains("-1000"), "{}: {help}", a.name());
+        }
+
+        // The agent inside the stuck cgroup could not read any victim: that is the
+        // reason given, with what would help, not "no candidate victim".
+        let unreadable = Report::skipped(format!(
+            "{}: opening /proc files fails there (ENOMEM)",
+            crate::action::kill::UNREADABLE
+        ));
+        for a in [action("kill"), action("signal")] {
+            let (why, help) = diagnose(&a, &unreadable).unwrap();
+            assert_eq!(why, "victims unreadable", "{}", a.name());
+            assert!(help.contains("cgroup of its own"), "{}: {help}", a.name());
         }
 
         // A failed write is named with its error, and nothing specific is suggested.

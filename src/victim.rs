@@ -51,14 +51,42 @@ pub fn parse_status_rss(s: &str) -> Option<u64> {
 
 /// Start ticks of a live process, to re-check identity after opening a pidfd.
 pub fn start_ticks(proc_root: &Path, pid: i32) -> Option<u64> {
-    let s = std::fs::read_to_string(proc_root.join(pid.to_string()).join("stat")).ok()?;
+    let s = std::fs::read_to_string(proc_root.join(pid.to_string()).join("stat"))
+        .map_err(|e| note_read_error(&e))
+        .ok()?;
     parse_stat(&s).map(|(_, t)| t)
 }
 
-/// Reads one task; `None` if it vanished or is a kernel thread.
+thread_local! {
+    /// Set when a `/proc` read of this thread failed with ENOMEM (see
+    /// [`take_out_of_memory`]).
+    static OUT_OF_MEMORY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Notes a read error: ENOMEM means the task was not read for want of memory, not that
+/// it is gone.
+pub fn note_read_error(e: &std::io::Error) {
+    if e.raw_os_error() == Some(libc::ENOMEM) {
+        OUT_OF_MEMORY.with(|f| f.set(true));
+    }
+}
+
+/// Whether a `/proc` read of this thread failed with ENOMEM since the last call: the
+/// agent inside a cgroup at its wall, where every open(2) fails (the kernel's `struct
+/// file` is charged there too), leaves tasks out as if they had exited.
+pub fn take_out_of_memory() -> bool {
+    OUT_OF_MEMORY.with(|f| f.replace(false))
+}
+
+/// Reads one task; `None` if it vanished or is a kernel thread (or could not be read:
+/// see [`take_out_of_memory`]).
 pub fn read_task(proc_root: &Path, pid: i32, cgroup: &CgroupPath) -> Option<Task> {
     let dir = proc_root.join(pid.to_string());
-    let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
+    let read = |f: &str| {
+        std::fs::read_to_string(dir.join(f))
+            .map_err(|e| note_read_error(&e))
+            .ok()
+    };
     let (comm, start_ticks) = parse_stat(&read("stat")?)?;
     let rss_bytes = parse_status_rss(&read("status")?)?;
     let cmdline = std::fs::read(dir.join("cmdline")).ok().map(|b| {
@@ -113,6 +141,15 @@ pub fn subtree_tasks(
         );
     }
     out
+}
+
+/// True when opening a `/proc` file fails for want of memory (ENOMEM): the agent runs
+/// inside a cgroup at its wall, where every open(2) fails (the kernel's `struct file`
+/// is charged there too). Processes are then left out of [`subtree_tasks`] as if they
+/// had exited; this tells the two apart for the report.
+pub fn opens_fail_for_memory(proc_root: &Path) -> bool {
+    std::fs::File::open(proc_root.join("self/stat"))
+        .is_err_and(|e| e.raw_os_error() == Some(libc::ENOMEM))
 }
 
 /// Every task in `top` and its descendants that may be chosen as a victim: the subtree's

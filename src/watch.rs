@@ -1189,14 +1189,28 @@ impl Watcher {
     /// Walks the whole hierarchy: catches what inotify could not report (cgroups
     /// created through another mount, queue overflows).
     fn rescan(&mut self) {
-        let all = self.shared.env.ctl.hierarchy().walk(&CgroupPath::root());
+        let (all, complete) = self
+            .shared
+            .env
+            .ctl
+            .hierarchy()
+            .walk_checked(&CgroupPath::root());
         let present: std::collections::HashSet<&CgroupPath> = all.iter().collect();
-        let stale: Vec<CgroupPath> = self
-            .dir_wds
-            .keys()
-            .filter(|c| !present.contains(c))
-            .cloned()
-            .collect();
+        // A directory the walk could not list (the agent inside a cgroup at its wall,
+        // where opening one fails) hides cgroups that are still there: none is taken
+        // for removed then; inotify and the next rescan tell.
+        let stale: Vec<CgroupPath> = if complete {
+            self.dir_wds
+                .keys()
+                .filter(|c| !present.contains(c))
+                .cloned()
+                .collect()
+        } else {
+            log::warn!(
+                "rescan: a cgroup directory could not be listed; keeping the cgroups not seen"
+            );
+            Vec::new()
+        };
         for cg in stale {
             self.forget_subtree(&cg, "removed");
         }

@@ -36,8 +36,12 @@ pub fn verified_pidfd(
         return Ok(None);
     }
     let path = env.proc_root.join(task.pid.to_string()).join("cgroup");
-    let Ok(text) = std::fs::read(&path) else {
-        return Ok(None);
+    let text = match std::fs::read(&path) {
+        Ok(text) => text,
+        Err(e) => {
+            victim::note_read_error(&e);
+            return Ok(None);
+        }
     };
     let Some(cg) =
         parse::proc_memory_cgroup_bytes(&text).and_then(|p| env.ctl.hierarchy().from_proc_path(p))
@@ -58,6 +62,10 @@ fn victim_fields(r: Report, t: &Task, sig: i32) -> Report {
         .with("victim_cgroup", t.cgroup.to_string())
 }
 
+/// The start of a skipped kill's error when the subtree's processes could not be read
+/// for want of memory (the agent shares the stuck cgroup).
+pub const UNREADABLE: &str = "no victim can be read in a cgroup the agent shares";
+
 /// Sends `sig` to the best victim of the subtree; with `grace`, waits up to that long
 /// for it to exit (or for the cgroup to recover).
 pub fn signal_victim(
@@ -67,10 +75,11 @@ pub fn signal_victim(
     sig: i32,
     grace: Option<Duration>,
 ) -> Report {
+    victim::take_out_of_memory();
     let tasks = victim::candidates(env.ctl.as_ref(), &env.proc_root, ctx.cgroup, env.self_pid);
     let ranked = victim::rank(&tasks, spec);
     let Some(first) = ranked.first() else {
-        return Report::skipped("no candidate process in the cgroup");
+        return nobody(env, ctx, "no candidate process in the cgroup");
     };
     if ctx.audit {
         return victim_fields(Report::new(Outcome::Would), first, sig);
@@ -109,7 +118,26 @@ pub fn signal_victim(
             .with("waited_ms", start.elapsed().as_millis() as u64);
         return rep;
     }
-    Report::skipped("every candidate exited or left the cgroup before it could be signalled")
+    nobody(
+        env,
+        ctx,
+        "every candidate exited or left the cgroup before it could be signalled",
+    )
+}
+
+/// The report when no victim could be signalled. When the agent shares the stuck
+/// cgroup and opening a file fails there, that is the reason, not the tasks: reading
+/// their `/proc` files and opening a pidfd both fail, which looks like no task at all.
+fn nobody(env: &Env, ctx: &StepCtx, otherwise: &str) -> Report {
+    let out_of_memory = victim::take_out_of_memory();
+    if env.loans.inside(ctx.cgroup)
+        && (out_of_memory || victim::opens_fail_for_memory(&env.proc_root))
+    {
+        return Report::skipped(format!(
+            "{UNREADABLE}: opening /proc files fails there (ENOMEM), so no victim can be chosen or signalled through a pidfd"
+        ));
+    }
+    Report::skipped(otherwise)
 }
 
 /// Waits for the process to exit, in short slices so that a recovery ends the wait.

@@ -407,22 +407,43 @@ impl Hierarchy {
     /// Every cgroup at or below `from`, parents before children. Directories that vanish
     /// during the walk are skipped.
     pub fn walk(&self, from: &CgroupPath) -> Vec<CgroupPath> {
+        self.walk_checked(from).0
+    }
+
+    /// [`Hierarchy::walk`], and whether every directory could be listed. A cgroup that
+    /// exists but cannot be listed is in the list without its children, and the walk is
+    /// incomplete: the agent inside a cgroup at its wall cannot open a directory
+    /// (ENOMEM: the kernel's `struct file` is charged there too), and what it could not
+    /// list is not gone.
+    pub fn walk_checked(&self, from: &CgroupPath) -> (Vec<CgroupPath>, bool) {
         let mut out = Vec::new();
+        let mut complete = true;
         let mut stack = vec![from.clone()];
         while let Some(cg) = stack.pop() {
-            let Ok(rd) = std::fs::read_dir(self.dir(&cg)) else {
-                continue;
+            let rd = match std::fs::read_dir(self.dir(&cg)) {
+                Ok(rd) => rd,
+                Err(e) if io_is_gone(&e) || e.raw_os_error() == Some(libc::ENOTDIR) => continue,
+                Err(_) => {
+                    complete = false;
+                    out.push(cg);
+                    continue;
+                }
             };
-            let mut children: Vec<CgroupPath> = rd
-                .filter_map(|e| e.ok())
-                .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
-                .map(|e| cg.join(e.file_name()))
-                .collect();
+            let mut children = Vec::new();
+            for e in rd {
+                let Ok(e) = e else {
+                    complete = false;
+                    continue;
+                };
+                if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    children.push(cg.join(e.file_name()));
+                }
+            }
             children.sort();
             out.push(cg);
             stack.extend(children.into_iter().rev());
         }
-        out
+        (out, complete)
     }
 }
 
@@ -964,6 +985,25 @@ mod tests {
         assert_eq!(h.from_proc_path("/pa/b/c"), Some(cg));
         assert_eq!(h.from_proc_path("/pa/b"), Some(CgroupPath::root()));
         assert_eq!(h.from_proc_path("/pa/bc"), None);
+    }
+
+    /// A cgroup that exists but cannot be listed (here a symlink loop, ELOOP; for the
+    /// agent inside a cgroup at its wall, ENOMEM) is kept and marks the walk
+    /// incomplete; one that is gone is skipped and the walk stays complete.
+    #[test]
+    fn a_directory_that_cannot_be_listed_is_kept_and_makes_the_walk_incomplete() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(t.path().join("a")).unwrap();
+        std::os::unix::fs::symlink(t.path().join("loop"), t.path().join("loop")).unwrap();
+        let h = Hierarchy::fake(t.path(), Kind::V1);
+        let (all, complete) = h.walk_checked(&CgroupPath::new("/loop"));
+        assert_eq!(all, vec![CgroupPath::new("/loop")]);
+        assert!(!complete);
+        let (all, complete) = h.walk_checked(&CgroupPath::new("/gone"));
+        assert!(all.is_empty() && complete);
+        let (all, complete) = h.walk_checked(&CgroupPath::root());
+        assert!(complete, "a symlink is not a cgroup directory");
+        assert_eq!(all, vec![CgroupPath::root(), CgroupPath::new("/a")]);
     }
 
     #[test]
