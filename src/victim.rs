@@ -51,40 +51,73 @@ pub fn parse_status_rss(s: &str) -> Option<u64> {
 
 /// Start ticks of a live process, to re-check identity after opening a pidfd.
 pub fn start_ticks(proc_root: &Path, pid: i32) -> Option<u64> {
-    let s = std::fs::read_to_string(proc_root.join(pid.to_string()).join("stat"))
-        .map_err(|e| note_read_error(&e))
+    let path = proc_root.join(pid.to_string()).join("stat");
+    let s = std::fs::read_to_string(&path)
+        .map_err(|e| note_read_error(&path, &e))
         .ok()?;
     parse_stat(&s).map(|(_, t)| t)
 }
 
 thread_local! {
-    /// Set when a `/proc` read of this thread failed with ENOMEM (see
-    /// [`take_out_of_memory`]).
-    static OUT_OF_MEMORY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// What this thread could not read of `/proc` and the cgroups since the last
+    /// [`take_gaps`] (see [`Gaps`]).
+    static GAPS: std::cell::RefCell<Gaps> = const {
+        std::cell::RefCell::new(Gaps { out_of_memory: false, first: None })
+    };
 }
 
-/// Notes a read error: ENOMEM means the task was not read for want of memory, not that
-/// it is gone.
-pub fn note_read_error(e: &std::io::Error) {
-    if e.raw_os_error() == Some(libc::ENOMEM) {
-        OUT_OF_MEMORY.with(|f| f.set(true));
+/// What a listing of tasks could not read, for a kill step's report: a task left out
+/// because its files could not be read is not a task that exited, and a cgroup whose
+/// `cgroup.procs` could not be read is not an empty one.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Gaps {
+    /// A read failed with ENOMEM: the agent shares a cgroup at its wall, where the
+    /// kernel's `struct file` and seq_file buffers are charged too. (Which read fails
+    /// varies: a small object may still come from the kernel's per-CPU pre-charged
+    /// stock while a page-sized buffer cannot.)
+    pub out_of_memory: bool,
+    /// The first read that failed for a reason other than the process or cgroup being
+    /// gone, with its error.
+    pub first: Option<String>,
+}
+
+impl Gaps {
+    /// True when something that exists could not be read.
+    pub fn any(&self) -> bool {
+        self.out_of_memory || self.first.is_some()
     }
 }
 
-/// Whether a `/proc` read of this thread failed with ENOMEM since the last call: the
-/// agent inside a cgroup at its wall, where every open(2) fails (the kernel's `struct
-/// file` is charged there too), leaves tasks out as if they had exited.
-pub fn take_out_of_memory() -> bool {
-    OUT_OF_MEMORY.with(|f| f.replace(false))
+/// Notes a read error of `what`: ENOMEM means the task was not read for want of memory,
+/// not that it is gone; any error but "gone" (ENOENT, ESRCH) is a gap in the listing.
+pub fn note_read_error(what: &Path, e: &std::io::Error) {
+    if e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH) {
+        return;
+    }
+    GAPS.with(|g| {
+        let mut g = g.borrow_mut();
+        if e.raw_os_error() == Some(libc::ENOMEM) {
+            g.out_of_memory = true;
+        }
+        if g.first.is_none() {
+            g.first = Some(format!("{}: {e}", what.display()));
+        }
+    });
+}
+
+/// What this thread could not read since the last call (and forgets it).
+pub fn take_gaps() -> Gaps {
+    GAPS.with(|g| std::mem::take(&mut *g.borrow_mut()))
 }
 
 /// Reads one task; `None` if it vanished or is a kernel thread (or could not be read:
-/// see [`take_out_of_memory`]).
+/// see [`take_gaps`]).
 pub fn read_task(proc_root: &Path, pid: i32, cgroup: &CgroupPath) -> Option<Task> {
     let dir = proc_root.join(pid.to_string());
     let read = |f: &str| {
-        std::fs::read_to_string(dir.join(f))
-            .map_err(|e| note_read_error(&e))
+        let path = dir.join(f);
+        std::fs::read_to_string(&path)
+            .map_err(|e| note_read_error(&path, &e))
             .ok()
     };
     let (comm, start_ticks) = parse_stat(&read("stat")?)?;
@@ -130,9 +163,26 @@ pub fn subtree_tasks(
     self_pid: i32,
 ) -> Vec<Task> {
     let mut out = Vec::new();
-    for cg in ctl.hierarchy().walk(top) {
-        let Ok(Some(pids)) = ctl.procs(&cg) else {
-            continue;
+    let (cgroups, complete) = ctl.hierarchy().walk_checked(top);
+    if !complete {
+        let dir = ctl.hierarchy().dir(top);
+        note_read_error(
+            &dir,
+            &std::io::Error::other("a directory of the subtree could not be listed"),
+        );
+    }
+    for cg in cgroups {
+        let pids = match ctl.procs(&cg) {
+            Ok(Some(pids)) => pids,
+            Ok(None) => continue,
+            Err(e) => {
+                let path = ctl.hierarchy().dir(&cg).join("cgroup.procs");
+                match e.io_source() {
+                    Some(io) => note_read_error(&path, io),
+                    None => note_read_error(&path, &std::io::Error::other(e.to_string())),
+                }
+                continue;
+            }
         };
         out.extend(
             pids.into_iter()
@@ -141,15 +191,6 @@ pub fn subtree_tasks(
         );
     }
     out
-}
-
-/// True when opening a `/proc` file fails for want of memory (ENOMEM): the agent runs
-/// inside a cgroup at its wall, where every open(2) fails (the kernel's `struct file`
-/// is charged there too). Processes are then left out of [`subtree_tasks`] as if they
-/// had exited; this tells the two apart for the report.
-pub fn opens_fail_for_memory(proc_root: &Path) -> bool {
-    std::fs::File::open(proc_root.join("self/stat"))
-        .is_err_and(|e| e.raw_os_error() == Some(libc::ENOMEM))
 }
 
 /// Every task in `top` and its descendants that may be chosen as a victim: the subtree's

@@ -3,6 +3,7 @@
 //! in the cgroup's subtree, then signal through the pidfd. After SIGKILL,
 //! `process_mrelease` frees the victim's memory without waiting for it to run.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::{Env, Outcome, Report, StepCtx};
@@ -30,6 +31,12 @@ pub fn verified_pidfd(
     let pfd = match PidFd::open(task.pid) {
         Ok(p) => p,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        // The task is there but its pidfd (a `struct file`) cannot be had: a gap, and
+        // the next candidate is tried as for one that exited.
+        Err(e) if e.raw_os_error() == Some(libc::ENOMEM) => {
+            victim::note_read_error(Path::new(&format!("pidfd_open({})", task.pid)), &e);
+            return Ok(None);
+        }
         Err(e) => return Err(format!("pidfd_open({}): {e}", task.pid)),
     };
     if victim::start_ticks(&env.proc_root, task.pid) != Some(task.start_ticks) {
@@ -39,7 +46,7 @@ pub fn verified_pidfd(
     let text = match std::fs::read(&path) {
         Ok(text) => text,
         Err(e) => {
-            victim::note_read_error(&e);
+            victim::note_read_error(&path, &e);
             return Ok(None);
         }
     };
@@ -75,7 +82,7 @@ pub fn signal_victim(
     sig: i32,
     grace: Option<Duration>,
 ) -> Report {
-    victim::take_out_of_memory();
+    victim::take_gaps();
     let tasks = victim::candidates(env.ctl.as_ref(), &env.proc_root, ctx.cgroup, env.self_pid);
     let ranked = victim::rank(&tasks, spec);
     let Some(first) = ranked.first() else {
@@ -125,16 +132,26 @@ pub fn signal_victim(
     )
 }
 
-/// The report when no victim could be signalled. When the agent shares the stuck
-/// cgroup and opening a file fails there, that is the reason, not the tasks: reading
-/// their `/proc` files and opening a pidfd both fail, which looks like no task at all.
+/// The report when no victim could be signalled. A listing with gaps is not an empty
+/// one: when a cgroup's task list or a task's `/proc` files could not be read, the
+/// report says so instead of "no candidate". When the agent shares the stuck cgroup,
+/// any such gap is the wall itself (ENOMEM on every open or buffer that a read needs;
+/// which one fails first varies with the kernel's per-CPU pre-charged stock), and the
+/// report says that no victim can be read there.
 fn nobody(env: &Env, ctx: &StepCtx, otherwise: &str) -> Report {
-    let out_of_memory = victim::take_out_of_memory();
-    if env.loans.inside(ctx.cgroup)
-        && (out_of_memory || victim::opens_fail_for_memory(&env.proc_root))
-    {
+    nobody_because(victim::take_gaps(), env.loans.inside(ctx.cgroup), otherwise)
+}
+
+fn nobody_because(gaps: victim::Gaps, inside: bool, otherwise: &str) -> Report {
+    let detail = gaps.first.as_deref().unwrap_or("");
+    if inside && gaps.any() {
         return Report::skipped(format!(
-            "{UNREADABLE}: opening /proc files fails there (ENOMEM), so no victim can be chosen or signalled through a pidfd"
+            "{UNREADABLE}: reading the cgroup's tasks or their /proc files fails there ({detail}), so no victim can be chosen or signalled through a pidfd"
+        ));
+    }
+    if gaps.any() {
+        return Report::skipped(format!(
+            "{otherwise}, but not every task could be read ({detail})"
         ));
     }
     Report::skipped(otherwise)
@@ -171,11 +188,12 @@ pub fn kill_all(env: &Env, ctx: &StepCtx) -> Report {
             .into_iter()
             .partition(|t| !t.shielded())
     };
+    victim::take_gaps();
     let (first, shielded) = list();
     let mut spared: Vec<i32> = shielded.iter().map(|t| t.pid).collect();
     if first.is_empty() {
         let r = if spared.is_empty() {
-            Report::skipped("no process in the cgroup")
+            nobody(env, ctx, "no process in the cgroup")
         } else {
             Report::skipped("every process in the cgroup is shielded (oom_score_adj -1000)")
         };
@@ -379,5 +397,83 @@ mod tests {
         assert_eq!(signal_name(libc::SIGTERM), "SIGTERM");
         assert_eq!(signal_name(libc::SIGKILL), "SIGKILL");
         assert_eq!(signal_name(999), "999");
+    }
+
+    /// A cgroup whose task list cannot be read is not an empty cgroup: the kill step
+    /// says that it could not read, and when the agent shares the cgroup it says why
+    /// (on Debian's 6.1 kernel the `cgroup.procs` read was what failed with ENOMEM
+    /// while a probe open of `/proc/self/stat` still succeeded, and the step said "no
+    /// candidate process in the cgroup").
+    #[test]
+    fn an_unreadable_task_list_is_reported_as_such_not_as_no_candidate() {
+        let t = tempfile::tempdir().unwrap();
+        let (cg_root, proc_root) = (t.path().join("cg"), t.path().join("proc"));
+        // A directory where the file should be: reading it fails with EISDIR.
+        std::fs::create_dir_all(cg_root.join("cg/cgroup.procs")).unwrap();
+        std::fs::create_dir_all(&proc_root).unwrap();
+        let env = testing::env(&cg_root, &proc_root);
+        let set = PolicySet::embedded_default();
+        let cg = CgroupPath::new("/cg");
+        let spec = crate::policy::VictimSpec {
+            order: crate::policy::VictimOrder::LargestRss,
+            prefer: Vec::new(),
+            avoid: Vec::new(),
+        };
+        let ctx = testing::ctx(&cg, &set.policies()[0], false);
+
+        let r = signal_victim(&env, &ctx, &spec, libc::SIGKILL, None);
+        assert_eq!(r.outcome, Outcome::Skipped);
+        let err = r.error.clone().unwrap_or_default();
+        assert!(err.contains("not every task could be read"), "{err}");
+        assert!(err.contains("cgroup.procs"), "{err}");
+        let r = kill_all(&env, &ctx);
+        let err = r.error.clone().unwrap_or_default();
+        assert!(err.contains("not every task could be read"), "{err}");
+
+        // A readable, really empty cgroup is still "no candidate".
+        std::fs::remove_dir(cg_root.join("cg/cgroup.procs")).unwrap();
+        std::fs::write(cg_root.join("cg/cgroup.procs"), "").unwrap();
+        let r = signal_victim(&env, &ctx, &spec, libc::SIGKILL, None);
+        assert_eq!(
+            r.error.as_deref(),
+            Some("no candidate process in the cgroup")
+        );
+    }
+
+    #[test]
+    fn inside_a_shared_cgroup_any_gap_is_the_wall() {
+        let enomem = victim::Gaps {
+            out_of_memory: true,
+            first: Some(
+                "/sys/fs/cgroup/memory/pod/cgroup.procs: Cannot allocate memory (os error 12)"
+                    .into(),
+            ),
+        };
+        let other = victim::Gaps {
+            out_of_memory: false,
+            first: Some("/proc/7/stat: Permission denied".into()),
+        };
+        for gaps in [enomem.clone(), other] {
+            let r = nobody_because(gaps, true, "no candidate process in the cgroup");
+            let err = r.error.unwrap();
+            assert!(err.starts_with(UNREADABLE), "{err}");
+        }
+        // Outside, the same gap is named but is not blamed on sharing the cgroup.
+        let r = nobody_because(enomem, false, "no candidate process in the cgroup");
+        let err = r.error.unwrap();
+        assert!(!err.starts_with(UNREADABLE), "{err}");
+        assert!(err.contains("cgroup.procs"), "{err}");
+        // Nothing unread: the plain reason, inside or not.
+        for inside in [true, false] {
+            let r = nobody_because(
+                victim::Gaps::default(),
+                inside,
+                "no candidate process in the cgroup",
+            );
+            assert_eq!(
+                r.error.as_deref(),
+                Some("no candidate process in the cgroup")
+            );
+        }
     }
 }

@@ -54,6 +54,16 @@ fn io_is_gone(e: &io::Error) -> bool {
 }
 
 impl CgroupError {
+    /// The system call's error behind this one, if it came from one.
+    pub fn io_source(&self) -> Option<&io::Error> {
+        match self {
+            CgroupError::Read { source, .. }
+            | CgroupError::Write { source, .. }
+            | CgroupError::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+
     /// The cgroup (or its file) disappeared: a normal outcome, not a failure.
     pub fn is_gone(&self) -> bool {
         match self {
