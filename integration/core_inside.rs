@@ -286,7 +286,7 @@ fn agent_inside_says_why_a_kill_cannot_act_and_the_next_step_resolves() {
         assert_eq!(s.exit_signal(hog.pid), Some(libc::SIGKILL));
     }
     stops_on_sigterm(&mut s, agent_pid, &tmp);
-    eprintln!("kill step inside: {}", kill["outcome"]);
+    eprintln!("kill step inside: {} {}", kill["outcome"], kill["error"]);
 }
 
 /// Starts the agent inside `cg` (a shell joins the cgroup, then becomes the agent: every
