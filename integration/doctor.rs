@@ -47,6 +47,7 @@ fn loan(cgroup: &str) -> oomwake::journal::LoanRecord {
         restore_below_bytes: 0,
         restore_after_ms: 0,
         resume_step: 1,
+        identity: None,
     }
 }
 

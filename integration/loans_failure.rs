@@ -115,6 +115,75 @@ fn memsw_left_raised_by_a_crash_is_given_back_at_start() {
     no_given_up(&agent, &cg.rel);
 }
 
+/// Issue 16.14: a loan belongs to the cgroup lent to, not to its path. A cgroup removed
+/// while the agent was down and made again at the same path, whose limit happens to
+/// equal the lent one, is another cgroup: the next start gives the loan up ("cgroup
+/// replaced") and leaves the new cgroup's limit alone. (Before, the path and the limit
+/// matched, so the new cgroup was "given back" the old one's original.)
+#[test]
+fn a_cgroup_made_again_at_a_loans_path_is_not_restored_onto() {
+    use std::os::unix::fs::MetadataExt;
+    let Some(()) = require_v1("a_cgroup_made_again_at_a_loans_path_is_not_restored_onto") else {
+        return;
+    };
+    let s = Scratch::new("remade");
+    let cg = s.cgroup("c", Some(32 * MIB), true);
+    let lent_to = std::fs::metadata(&cg.dir).unwrap().ino();
+    // The agent lent 8 MiB to that cgroup, then went down; meanwhile the cgroup was
+    // removed and made again with the lent value as its limit.
+    std::fs::remove_dir(&cg.dir).unwrap();
+    let cg = s.cgroup("c", Some(40 * MIB), true);
+    assert_ne!(std::fs::metadata(&cg.dir).unwrap().ino(), lent_to);
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tmp.path().join("policies")).unwrap();
+    std::fs::create_dir_all(tmp.path().join("state")).unwrap();
+    std::fs::write(
+        tmp.path().join("policies/p.toml"),
+        policy("up", &cg.rel, "", EXTENDING),
+    )
+    .unwrap();
+    let rec = serde_json::json!({"op": "put", "loan": {
+        "cgroup": cg.rel, "policy": "up", "episode": 1,
+        "original": {"memory": 32 * MIB, "memsw": null},
+        "lent": {"memory": 40 * MIB, "memsw": null},
+        "started_unix_ms": 1, "hold_until_unix_ms": 2,
+        "restore_below_bytes": 29 * MIB, "restore_after_ms": 300, "resume_step": 1,
+        "identity": {"ino": lent_to, "boot": boot.trim()}}});
+    std::fs::write(tmp.path().join("state/loans.log"), format!("{rec}\n")).unwrap();
+    let agent = Agent::start_in(tmp, &[]);
+    let g = agent.expect("loan_given_up", &cg.rel, Duration::from_secs(10));
+    assert_eq!(g["reason"], "cgroup replaced", "{g}");
+    assert_eq!(g["current_limit"], 40 * MIB, "{g}");
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        agent.events("restore", &cg.rel).is_empty(),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(cg.limit(), 40 * MIB, "the new cgroup's limit was changed");
+    assert_forgotten(&agent, &cg);
+}
+
+/// The loan of a real stall records the cgroup it was lent to.
+#[test]
+fn a_loan_records_the_cgroup_it_was_lent_to() {
+    use std::os::unix::fs::MetadataExt;
+    let Some(()) = require_v1("a_loan_records_the_cgroup_it_was_lent_to") else {
+        return;
+    };
+    let mut s = Scratch::new("lentto");
+    let cg = s.cgroup("", Some(32 * MIB), true);
+    let agent = Agent::start(&[("p.toml", &policy("g", &cg.rel, "", EXTENDING))], &[]);
+    let _ = s.stall_resolved(&agent, &cg, &["--touch", "36M", "--hold", "60s"]);
+    let ino = std::fs::metadata(&cg.dir).unwrap().ino();
+    let journal = agent.journal();
+    assert!(
+        journal.contains(&format!("\"identity\":{{\"ino\":{ino},")),
+        "the loan does not name the cgroup's inode {ino}:\n{journal}"
+    );
+}
+
 /// 7.6: a journal that cannot be read does not keep the agent from starting: it is
 /// moved aside, the audit log and `oomwake status` say so, and stalls are rescued.
 #[test]

@@ -390,6 +390,7 @@ mod tests {
             restore_below_bytes: 0,
             restore_after_ms: 0,
             resume_step: 1,
+            identity: None,
         };
         let r = diagnose(&ctl, &p, Ok(vec![loan]), 5000);
         let mut got = kinds(&r);

@@ -24,7 +24,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
-use crate::cgroup::{parse::is_unlimited, CgroupError, CgroupPath, Controller, Limits};
+use crate::cgroup::{parse::is_unlimited, CgroupError, CgroupPath, Controller, Identity, Limits};
 use crate::policy::Amount;
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +53,19 @@ pub struct HoldRecord {
     /// The value written, when the kernel stored another one (`held`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub asked: Option<u64>,
+    /// The cgroup held (see [`Identity`]): a cgroup made again at the same path is not
+    /// released to, or held with, the record of the one before. `None` in records
+    /// written before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<Identity>,
+}
+
+/// True when the cgroup now at `rec`'s path is not the one held (unknown is not).
+fn replaced(ctl: &dyn Controller, rec: &HoldRecord) -> bool {
+    match (&rec.identity, ctl.hierarchy().identity(&rec.cgroup)) {
+        (Some(then), Ok(Some(now))) => now != *then,
+        _ => false,
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -243,7 +256,9 @@ impl Holds {
         }
         // The kernel stores whole pages of its own size.
         let target = at.of(cur.memory) / self.page * self.page;
-        let known = self.lock().get(cg).cloned();
+        // The record of a cgroup removed and made again at this path is not this one's:
+        // its `previous` is another cgroup's value.
+        let known = self.lock().get(cg).cloned().filter(|r| !replaced(ctl, r));
         if let Some(rec) = &known {
             if cur_high == rec.held && (rec.held == target || rec.asked == Some(target)) {
                 return Ok(Held::Adopted { held: rec.held });
@@ -262,6 +277,7 @@ impl Holds {
             previous: known.as_ref().map(|r| r.previous).unwrap_or(cur_high),
             held: target,
             asked: None,
+            identity: ctl.hierarchy().identity(cg).ok().flatten(),
         };
         if let Err(e) = self.change(cg, Some(rec.clone())) {
             let _ = self.change(cg, known);
@@ -320,6 +336,11 @@ impl Holds {
         let Some(rec) = self.lock().get(cg).cloned() else {
             return Ok(Released::NotHeld);
         };
+        if replaced(ctl, &rec) {
+            // The cgroup held is gone; the one at its path now is not ours to write.
+            self.change(cg, None)?;
+            return Ok(Released::Gone);
+        }
         let out = match ctl.limits(cg) {
             Ok(None) => Released::Gone,
             Err(e) if e.is_gone() => Released::Gone,
@@ -670,5 +691,43 @@ mod tests {
             }
         );
         assert_eq!(high(&t), "max");
+    }
+
+    /// Issue 16.14: a hold belongs to the cgroup held, not to its path. A cgroup made
+    /// again at the path (while the agent was down), whose `memory.high` happens to be
+    /// the held value, is neither released to the old cgroup's previous value nor held
+    /// with it.
+    #[test]
+    fn a_cgroup_made_again_at_a_held_path_is_not_released_or_adopted() {
+        let (t, v, cg) = fake();
+        let state = tempfile::tempdir().unwrap();
+        let holds = Holds::open(state.path()).unwrap();
+        let at = Amount::Percent(0.75);
+        holds.hold(&v, &cg, "p", at, false).unwrap();
+        assert!(holds.records()[0].identity.is_some());
+        drop(holds);
+        // Removed and made again (the old directory kept aside, so that its inode
+        // cannot be reused), with the held value as its own memory.high.
+        std::fs::rename(t.path().join("app"), t.path().join("app.old")).unwrap();
+        let d = t.path().join("app");
+        std::fs::create_dir(&d).unwrap();
+        std::fs::write(d.join("memory.max"), (64 * MIB).to_string()).unwrap();
+        std::fs::write(d.join("memory.high"), (48 * MIB).to_string()).unwrap();
+        std::fs::write(d.join("memory.current"), (10 * MIB).to_string()).unwrap();
+
+        let holds = Holds::open(state.path()).unwrap();
+        assert_eq!(holds.release(&v, &cg, None).unwrap(), Released::Gone);
+        assert_eq!(
+            high(&t),
+            (48 * MIB).to_string(),
+            "the new cgroup was written"
+        );
+        assert!(holds.cgroups().is_empty(), "the old record is dropped");
+
+        // Held anew: what comes back is the new cgroup's own value, not the old one's.
+        let holds = Holds::open(state.path()).unwrap();
+        std::fs::write(d.join("memory.high"), (40 * MIB).to_string()).unwrap();
+        holds.hold(&v, &cg, "p", at, false).unwrap();
+        assert_eq!(holds.records()[0].previous, 40 * MIB);
     }
 }

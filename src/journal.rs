@@ -29,7 +29,7 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-use crate::cgroup::{CgroupPath, Limits};
+use crate::cgroup::{CgroupPath, Identity, Limits};
 
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
@@ -64,6 +64,12 @@ pub struct LoanRecord {
     pub restore_after_ms: u64,
     /// The step an episode resumes at when the hold expires with usage still too high.
     pub resume_step: usize,
+    /// The cgroup lent to (its directory's inode and the boot): one removed and made
+    /// again at the same path, while the agent was down or across a reboot, is another
+    /// cgroup, and its loan is given up instead of "given back" onto it. `None` in
+    /// journals written before it was recorded, or where it could not be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<Identity>,
 }
 
 /// A change of a cgroup's limits that takes more than one write (v1: memory and memsw).
@@ -524,6 +530,7 @@ mod tests {
             restore_below_bytes: 3,
             restore_after_ms: 4,
             resume_step: 2,
+            identity: None,
         }
     }
 

@@ -709,6 +709,10 @@ fn loan(c: usize, seed: u64) -> LoanRecord {
         restore_below_bytes: base / 10 * 9,
         restore_after_ms: 5_000,
         resume_step: (seed % 4) as usize,
+        identity: (seed % 2 == 0).then(|| oomwake::cgroup::Identity {
+            ino: seed,
+            boot: format!("boot-{}", seed % 5),
+        }),
     }
 }
 

@@ -542,6 +542,43 @@ pub struct Limits {
     pub high: Option<u64>,
 }
 
+/// Which cgroup, as opposed to which path: the inode of its directory (on cgroupfs the
+/// kernfs node id, not reused while the system runs) and the boot it was seen in (the
+/// kernel's `boot_id`; node ids start again at every boot). A cgroup removed and made
+/// again at the same path is another cgroup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub ino: u64,
+    pub boot: String,
+}
+
+/// The kernel's id of this boot (`/proc/sys/kernel/random/boot_id`), read once; empty
+/// where it cannot be read.
+pub fn boot_id() -> &'static str {
+    static BOOT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BOOT.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    })
+}
+
+impl Hierarchy {
+    /// The identity of the cgroup now at `cg`'s path. `Ok(None)`: no cgroup there.
+    pub fn identity(&self, cg: &CgroupPath) -> io::Result<Option<Identity>> {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::symlink_metadata(self.dir(cg)) {
+            Ok(m) if m.is_dir() => Ok(Some(Identity {
+                ino: m.ino(),
+                boot: boot_id().to_string(),
+            })),
+            Ok(_) => Ok(None),
+            Err(e) if io_is_gone(&e) || e.raw_os_error() == Some(libc::ENOTDIR) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
 /// How a reclaim request ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReclaimEnd {

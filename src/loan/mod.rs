@@ -266,6 +266,9 @@ pub struct LoanBook {
 /// What [`LoanBook::on_limit_moved`] calls.
 pub type LimitMoved = Box<dyn Fn(&CgroupPath) + Send + Sync>;
 
+/// Why a loan is given up when its cgroup was removed and made again at its path.
+pub const REPLACED: &str = "cgroup replaced";
+
 /// Compact the log once it passes this size (a few hundred operations).
 const COMPACT_AT: u64 = 64 * 1024;
 
@@ -435,6 +438,19 @@ impl LoanBook {
     }
 
     /// Gives a loan up for good and queues the fact for the audit log.
+    /// True when the cgroup at the loan's path is not the one lent to (removed and made
+    /// again, or from another boot). Unknown (an old journal, a failed read) is not
+    /// "replaced": the limit checks of [`LoanBook::holds_ours`] still apply.
+    fn replaced(&self, ctl: &dyn Controller, rec: &LoanRecord) -> bool {
+        let Some(lent_to) = &rec.identity else {
+            return false;
+        };
+        match ctl.hierarchy().identity(&rec.cgroup) {
+            Ok(Some(now)) => now != *lent_to,
+            Ok(None) | Err(_) => false,
+        }
+    }
+
     fn give_up(&self, rec: &LoanRecord, current: Option<u64>, why: &'static str) {
         log::warn!(
             "{}: giving the loan up ({why}): original {}, lent {}, found {:?}",
@@ -646,6 +662,7 @@ impl LoanBook {
                     restore_below_bytes: (original.memory as f64 * raise.restore_below) as u64,
                     restore_after_ms: raise.restore_after.as_millis() as u64,
                     resume_step,
+                    identity: ctl.hierarchy().identity(cg).ok().flatten(),
                 };
                 (rec, raise.hold)
             }
@@ -856,6 +873,12 @@ impl LoanBook {
                 new: target.memory,
             });
         }
+        if self.replaced(ctl, &rec) {
+            self.give_up(&rec, Some(cur.memory), REPLACED);
+            return Ok(Restore::GivenUp {
+                current: cur.memory,
+            });
+        }
         if !self.holds_ours(&rec, cur) {
             self.give_up(&rec, Some(cur.memory), "limit changed by someone else");
             return Ok(Restore::GivenUp {
@@ -989,6 +1012,10 @@ impl LoanBook {
                 return true;
             }
         };
+        if self.replaced(ctl, &rec) {
+            self.give_up(&rec, Some(cur.memory), REPLACED);
+            return false;
+        }
         if !self.holds_ours(&rec, cur) {
             self.give_up(&rec, Some(cur.memory), "limit changed by someone else");
             return false;
