@@ -552,15 +552,16 @@ pub struct Identity {
     pub boot: String,
 }
 
-/// The kernel's id of this boot (`/proc/sys/kernel/random/boot_id`), read once; empty
-/// where it cannot be read.
-pub fn boot_id() -> &'static str {
+/// The kernel's id of this boot (`/proc/sys/kernel/random/boot_id`), read once (a failed
+/// read is tried again at the next call, never kept as an empty id). Read at start, so
+/// that an episode never needs to open it (the agent may share a stuck cgroup).
+pub fn boot_id() -> io::Result<&'static str> {
     static BOOT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    BOOT.get_or_init(|| {
-        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-            .map(|s| s.trim().to_string())
-            .unwrap_or_default()
-    })
+    if let Some(b) = BOOT.get() {
+        return Ok(b);
+    }
+    let b = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")?;
+    Ok(BOOT.get_or_init(|| b.trim().to_string()))
 }
 
 impl Hierarchy {
@@ -570,7 +571,7 @@ impl Hierarchy {
         match std::fs::symlink_metadata(self.dir(cg)) {
             Ok(m) if m.is_dir() => Ok(Some(Identity {
                 ino: m.ino(),
-                boot: boot_id().to_string(),
+                boot: boot_id()?.to_string(),
             })),
             Ok(_) => Ok(None),
             Err(e) if io_is_gone(&e) || e.raw_os_error() == Some(libc::ENOTDIR) => Ok(None),

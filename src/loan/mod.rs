@@ -276,6 +276,10 @@ impl LoanBook {
     /// A book persisted in `journal` (None: memory only, for tests). A read-only
     /// journal (dry run) makes a book that never writes anything.
     pub fn new(journal: Option<Journal>) -> LoanBook {
+        // Read now, not first in an episode (see `cgroup::boot_id`).
+        if let Err(e) = crate::cgroup::boot_id() {
+            log::warn!("cannot read the boot id: {e}; loans record no cgroup identity");
+        }
         LoanBook {
             read_only: journal.as_ref().is_some_and(|j| j.is_read_only()),
             loans: Mutex::new(BTreeMap::new()),
