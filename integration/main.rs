@@ -12,6 +12,7 @@ mod common;
 mod core_inside;
 mod core_paths;
 mod core_stderr;
+mod demo;
 mod docker;
 mod docker_meta;
 mod docker_names;
