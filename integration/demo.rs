@@ -140,10 +140,11 @@ fn an_interrupted_demo_cleans_up() {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    // Reaped here in every case (try_wait's status is kept by Child).
     if status.is_none() {
         let _ = child.kill();
-        let _ = child.wait();
     }
+    let _ = child.wait();
     let left = leftovers(&s.dir, pid);
     let hogs = read(&dir.join("cgroup.procs"));
     kill_left_in(&dir);
