@@ -128,3 +128,35 @@ fn explain_refuses_a_path_leaving_the_root() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("leave the hierarchy root"), "{err}");
 }
+
+/// Issue 16.19: the control files an episode needs are kept open per cgroup directory.
+/// A v1 cgroup removed and made again at the same path left them open on the old one:
+/// the next read got ENODEV and took the new cgroup for gone. Now the read goes to the
+/// cgroup at the path; and a loan of the old one is never given back onto the new one
+/// (its identity differs, see loans_failure).
+#[test]
+fn a_cgroup_made_again_at_a_prepared_path_is_read_not_taken_for_gone() {
+    use oomwake::cgroup::{v1::V1, CgroupPath, Controller, Hierarchy};
+    let Some(()) = require_v1("a_cgroup_made_again_at_a_prepared_path_is_read_not_taken_for_gone")
+    else {
+        return;
+    };
+    let s = Scratch::new("prepared");
+    let cg = s.cgroup("c", Some(32 * MIB), true);
+    let h =
+        Hierarchy::detect(std::path::Path::new(MEMROOT), std::path::Path::new("/proc")).unwrap();
+    let ctl = V1::new(h);
+    let path = CgroupPath::new(&cg.rel);
+    ctl.prepare(&path);
+    assert_eq!(ctl.limits(&path).unwrap().map(|l| l.memory), Some(32 * MIB));
+    std::fs::remove_dir(&cg.dir).unwrap();
+    let cg = s.cgroup("c", Some(48 * MIB), true);
+    assert_eq!(
+        ctl.limits(&path).unwrap().map(|l| l.memory),
+        Some(48 * MIB),
+        "the cgroup made again at the path was taken for gone"
+    );
+    assert!(!ctl.oom_state(&path).unwrap().unwrap().under_oom);
+    std::fs::remove_dir(&cg.dir).unwrap();
+    assert_eq!(ctl.limits(&path).unwrap(), None, "really gone");
+}

@@ -1127,7 +1127,7 @@ impl Watcher {
             match self.shared.env.ctl.oom_probe(cg) {
                 Ok(Some(f)) => entry.probe = Some(f),
                 Ok(None) => {
-                    self.forget_subtree(cg, "removed");
+                    self.removed_or_made_again(cg);
                     return None;
                 }
                 Err(e) => {
@@ -1143,7 +1143,7 @@ impl Watcher {
                 Some(st)
             }
             Some(Ok(None)) => {
-                self.forget_subtree(cg, "removed");
+                self.removed_or_made_again(cg);
                 None
             }
             Some(Err(e)) => {
@@ -1151,6 +1151,18 @@ impl Watcher {
                 None
             }
             None => None,
+        }
+    }
+
+    /// A candidate's kept-open probe says its cgroup is gone. When a directory is at its
+    /// path again, that is a new cgroup made there (seen when inotify's queue overflowed
+    /// and the rescan found the path present, so neither the removal nor the creation was
+    /// noticed): it is watched at once instead of at the next rescan, 30 s later.
+    fn removed_or_made_again(&mut self, cg: &CgroupPath) {
+        self.forget_subtree(cg, "removed");
+        if self.shared.env.ctl.hierarchy().dir(cg).is_dir() {
+            log::info!("{cg}: removed and made again; watching the new cgroup");
+            self.discover(cg);
         }
     }
 
@@ -1821,5 +1833,57 @@ mod tests {
         let audit = std::fs::read_to_string(t.path().join("audit.jsonl")).unwrap();
         assert!(audit.contains("\"event\":\"hold\""), "{audit}");
         assert!(audit.contains("\"event\":\"unhold\""), "{audit}");
+    }
+
+    /// Issue 16.19: a probe kept open on a cgroup that was removed and made again at the
+    /// same path reads "gone" (ENODEV on the old file); the new cgroup there is watched
+    /// at once, not forgotten until the next rescan.
+    #[test]
+    fn a_cgroup_made_again_behind_a_stale_probe_is_watched_again() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("cg");
+        let app = root.join("app");
+        std::fs::create_dir_all(&app).unwrap();
+        std::fs::write(
+            app.join("memory.oom_control"),
+            "oom_kill_disable 1\nunder_oom 0\noom_kill 0\n",
+        )
+        .unwrap();
+        let policy = crate::policy::load::load_str(
+            "[match]\ncgroup = [\"/app\"]\n[[step]]\naction = \"kill\"\n",
+            "p.toml",
+        )
+        .unwrap();
+        let shared = test_shared(
+            t.path(),
+            Box::new(crate::cgroup::v1::V1::new(Hierarchy::fake(&root, Kind::V1))),
+            vec![policy],
+            None,
+        );
+        let cfg = test_config(t.path(), &root);
+        std::fs::create_dir_all(&cfg.state_dir).unwrap();
+        let mut w =
+            Watcher::new(shared.clone(), &cfg, Box::new(|| Err("no reload".into()))).unwrap();
+        let cg = CgroupPath::new("/app");
+        assert!(w.watched(&cg).is_some());
+        // What a kept-open file of the removed cgroup reads: gone (ENODEV), while a new
+        // cgroup is at the path.
+        w.candidates.get_mut(&cg).unwrap().probe = Some(crate::cgroup::OomProbe::custom(
+            app.join("memory.oom_control"),
+            Box::new(|| Ok(None)),
+        ));
+        assert!(w.probe(&cg).is_none());
+        assert!(
+            w.watched(&cg).is_some(),
+            "the cgroup made again at the path is not watched"
+        );
+        // Really gone: forgotten.
+        w.candidates.get_mut(&cg).unwrap().probe = Some(crate::cgroup::OomProbe::custom(
+            app.join("memory.oom_control"),
+            Box::new(|| Ok(None)),
+        ));
+        std::fs::remove_dir_all(&app).unwrap();
+        assert!(w.probe(&cg).is_none());
+        assert!(w.watched(&cg).is_none());
     }
 }

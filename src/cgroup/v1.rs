@@ -88,9 +88,11 @@ impl V1 {
                 Ok(0) => break,
                 Ok(n) => out.extend_from_slice(&buf[..n]),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                // The kept-open file's cgroup is gone; a cgroup made again at the same
+                // path is another one, read through a fresh open of the path.
                 Err(e) if io_is_gone(&e) => {
                     self.evict(path);
-                    return Ok(None);
+                    return read_file(path);
                 }
                 Err(source) => {
                     return Err(CgroupError::Read {
