@@ -22,7 +22,7 @@
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -113,8 +113,9 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 enum Msg {
     Line(String),
-    /// Reopen the file (after logrotate moved it), after the lines queued before.
-    Reopen,
+    /// Reopen the file (after logrotate moved it), after the lines queued before;
+    /// `true`: a refusal is logged as an error (false: a retry, logged at debug).
+    Reopen(bool),
     /// Answered once every line queued before it is written.
     Flush(crossbeam_channel::Sender<()>),
 }
@@ -131,8 +132,8 @@ struct Counters {
     dropped: AtomicU64,
     /// Bytes of the lines queued and not yet written.
     queued: AtomicUsize,
-    /// A SIGHUP asked for the file to be reopened while the queue was full.
-    reopen: AtomicBool,
+    /// A reopen asked for while the queue was full: 0 none, 1 a retry, 2 a SIGHUP.
+    reopen: AtomicU8,
 }
 
 /// Where the writer reopens its file, and how it checks what it opened.
@@ -249,8 +250,9 @@ fn writer(
     };
     for msg in rx {
         // A reopen asked for while the queue was full: before the next line.
-        if counters.reopen.swap(false, Ordering::Relaxed) {
-            reopen_sink(&mut sink, reopen.as_ref());
+        match counters.reopen.swap(0, Ordering::Relaxed) {
+            0 => {}
+            n => reopen_sink(&mut sink, reopen.as_ref(), n > 1),
         }
         match msg {
             Msg::Line(line) => {
@@ -266,7 +268,7 @@ fn writer(
                 }
                 counters.queued.fetch_sub(line.len(), Ordering::Relaxed);
             }
-            Msg::Reopen => reopen_sink(&mut sink, reopen.as_ref()),
+            Msg::Reopen(loud) => reopen_sink(&mut sink, reopen.as_ref(), loud),
             Msg::Flush(ack) => {
                 report_drops(&mut sink);
                 let _ = ack.send(());
@@ -277,14 +279,18 @@ fn writer(
 
 /// On the writer thread (the event loop only asks): a planted FIFO or a slow disk can
 /// hold up this thread, never the loop. Refused: the old file is kept, and said so.
-fn reopen_sink(sink: &mut Sink, reopen: Option<&Reopen>) {
+fn reopen_sink(sink: &mut Sink, reopen: Option<&Reopen>, loud: bool) {
     let (Some(r), Sink::File(old)) = (reopen, sink) else {
         return;
     };
     match open_log(&r.path, r.trust) {
         Ok(f) => *old = f,
         Err(e) => {
-            log::error!("reopening the audit log: {e}; still writing to the file opened before")
+            if loud {
+                log::error!("reopening the audit log: {e}; still writing to the file opened before")
+            } else {
+                log::debug!("reopening the audit log again: {e}")
+            }
         }
     }
 }
@@ -339,14 +345,26 @@ impl Audit {
     /// next line; called on SIGHUP. Never waits: the open, its checks and any error
     /// (logged; the old file is kept) happen on the writer thread.
     pub fn reopen(&self) -> io::Result<()> {
+        self.ask_reopen(true)
+    }
+
+    /// [`Audit::reopen`] again for a deferred reload (issue 6.11): a refusal already
+    /// said at the SIGHUP is not said again at every try.
+    pub fn reopen_retry(&self) -> io::Result<()> {
+        self.ask_reopen(false)
+    }
+
+    fn ask_reopen(&self, loud: bool) -> io::Result<()> {
         let Some((_, q)) = &self.file else {
             return Ok(());
         };
-        match q.tx.try_send(Msg::Reopen) {
+        match q.tx.try_send(Msg::Reopen(loud)) {
             Ok(()) => Ok(()),
             // A full queue: the writer reopens before its next line.
             Err(crossbeam_channel::TrySendError::Full(_)) => {
-                q.counters.reopen.store(true, Ordering::Relaxed);
+                q.counters
+                    .reopen
+                    .fetch_max(1 + u8::from(loud), Ordering::Relaxed);
                 Ok(())
             }
             Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
