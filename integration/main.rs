@@ -7,6 +7,7 @@
 
 mod actions_procs;
 mod actions_reclaim;
+mod audit_reopen;
 mod cli;
 mod common;
 mod core_inside;

@@ -56,7 +56,7 @@ pub fn run(cfg: Config, policies: PolicySet, reload: crate::config::Reload) -> a
         None => Arc::new(crate::container::Containers::disabled()),
     };
     let audit = match &cfg.audit_log {
-        Some(p) => Audit::file(p)?,
+        Some(p) => Audit::file_with(p, cfg.trust)?,
         None => Audit::stderr(),
     }
     .with_containers(containers.clone());

@@ -2,10 +2,17 @@
 //! line starts with `ts` (RFC 3339 UTC, milliseconds), `event` and `cgroup`.
 //!
 //! Nothing on the rescue path waits for the sink: [`Audit::log`] hands the line to a
-//! writer thread through a bounded queue and returns. When the queue is full (a stderr
-//! pipe nobody reads, a stuck disk) the line is dropped and counted; the next line that
-//! gets through is preceded by an `audit_dropped` line with the count. Shutdown drains
-//! the queue ([`Audit::flush`], bounded in time).
+//! writer thread through a queue bounded in lines and in bytes, and returns. When the
+//! queue is full (a stderr pipe nobody reads, a stuck disk) the line is dropped and
+//! counted; the next line that gets through is preceded by an `audit_dropped` line with
+//! the count. Shutdown drains the queue ([`Audit::flush`], bounded in time). What comes
+//! from a container engine (names, images, label values) is cut to [`MAX_VALUE`] bytes
+//! in a line, so that one line stays small whatever the engine holds.
+//!
+//! The file is opened, at start and on SIGHUP, by [`open_log`]: never through a link,
+//! never blocking (a FIFO planted at the path), and only if what was opened is a regular
+//! file the agent trusts. The SIGHUP reopen runs on the writer thread, not on the event
+//! loop; when it is refused the old file is kept.
 //!
 //! The default sink is stderr, which the process's log records share: [`init_logger`]
 //! sends them through the same queue, and while the audit log is on stderr
@@ -15,13 +22,39 @@
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{Map, Value};
 
 use crate::cgroup::CgroupPath;
+use crate::policy::Trust;
+
+/// Why the audit log cannot be (re)opened.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("{path}: {error}")]
+    Open { path: PathBuf, error: io::Error },
+    #[error("{path}: not a regular file (mode {mode:06o}): refusing to write the audit log there")]
+    NotRegular { path: PathBuf, mode: u32 },
+    #[error("{path}: owned by uid {uid}, not root: refusing to write the audit log there (fix: `chown root {path}`)")]
+    Owner { path: PathBuf, uid: u32 },
+    #[error("{path}: writable by group or others (mode {mode:04o}): refusing to write the audit log there (fix: `chmod go-w {path}`)")]
+    Writable { path: PathBuf, mode: u32 },
+    #[error(transparent)]
+    Perm(#[from] crate::perm::PermError),
+}
+
+impl From<AuditError> for io::Error {
+    fn from(e: AuditError) -> io::Error {
+        let kind = match &e {
+            AuditError::Open { error, .. } => error.kind(),
+            _ => io::ErrorKind::PermissionDenied,
+        };
+        io::Error::new(kind, e)
+    }
+}
 
 /// One audit line being built.
 #[derive(Debug, Clone)]
@@ -67,13 +100,22 @@ impl Record {
 /// Lines that may wait for the writer; beyond this they are dropped and counted.
 const QUEUE_LINES: usize = 4096;
 
+/// Bytes of lines that may wait for the writer (lines about containers can be long):
+/// beyond this they are dropped and counted, like lines beyond [`QUEUE_LINES`].
+pub const QUEUE_BYTES: usize = 4 << 20;
+
+/// A value from a container engine (name, image, label value) longer than this is cut
+/// in an audit line, with a marker that gives its length and a hash of it.
+pub const MAX_VALUE: usize = 256;
+
 /// How long shutdown waits for the queue to drain into a sink that does not move.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 enum Msg {
     Line(String),
-    /// Replace the file (after logrotate moved it).
-    Reopen(File),
+    /// Reopen the file (after logrotate moved it), after the lines queued before;
+    /// `true`: a refusal is logged as an error (false: a retry, logged at debug).
+    Reopen(bool),
     /// Answered once every line queued before it is written.
     Flush(crossbeam_channel::Sender<()>),
 }
@@ -83,29 +125,61 @@ enum Sink {
     File(File),
 }
 
+/// What the queue and its writer share.
+#[derive(Default)]
+struct Counters {
+    /// Lines dropped and not yet reported.
+    dropped: AtomicU64,
+    /// Bytes of the lines queued and not yet written.
+    queued: AtomicUsize,
+    /// A reopen asked for while the queue was full: 0 none, 1 a retry, 2 a SIGHUP.
+    reopen: AtomicU8,
+}
+
+/// Where the writer reopens its file, and how it checks what it opened.
+struct Reopen {
+    path: PathBuf,
+    trust: Trust,
+}
+
 /// A bounded queue in front of a writer thread that owns the sink.
 struct LineQueue {
     tx: crossbeam_channel::Sender<Msg>,
-    dropped: Arc<AtomicU64>,
+    counters: Arc<Counters>,
+    max_bytes: usize,
 }
 
 impl LineQueue {
-    fn start(sink: Sink, name: &str) -> io::Result<LineQueue> {
+    fn start(sink: Sink, name: &str, reopen: Option<Reopen>) -> io::Result<LineQueue> {
         let (tx, rx) = crossbeam_channel::bounded(QUEUE_LINES);
-        let dropped = Arc::new(AtomicU64::new(0));
-        let d = dropped.clone();
+        let counters = Arc::new(Counters::default());
+        let c = counters.clone();
         std::thread::Builder::new()
             .name(name.into())
             .stack_size(crate::sys::THREAD_STACK)
-            .spawn(move || writer(sink, rx, d))?;
-        Ok(LineQueue { tx, dropped })
+            .spawn(move || writer(sink, rx, c, reopen))?;
+        Ok(LineQueue {
+            tx,
+            counters,
+            max_bytes: QUEUE_BYTES,
+        })
     }
 
-    /// Never blocks: a full queue drops the line and counts it.
+    /// Never blocks: a full queue (in lines or in bytes) drops the line and counts it.
     fn push(&self, line: String) {
-        if self.tx.try_send(Msg::Line(line)).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+        let len = line.len();
+        let before = self.counters.queued.fetch_add(len, Ordering::Relaxed);
+        let fits = before.saturating_add(len) <= self.max_bytes;
+        if !fits || self.tx.try_send(Msg::Line(line)).is_err() {
+            self.counters.queued.fetch_sub(len, Ordering::Relaxed);
+            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Bytes of the lines waiting for the writer (or being written).
+    #[cfg(test)]
+    fn queued_bytes(&self) -> usize {
+        self.counters.queued.load(Ordering::Relaxed)
     }
 
     /// Waits (at most `timeout`) until everything queued so far is written.
@@ -150,7 +224,12 @@ fn write_line(w: &mut impl Write, line: &[u8], memory_wait: Duration) -> io::Res
     w.flush()
 }
 
-fn writer(mut sink: Sink, rx: crossbeam_channel::Receiver<Msg>, dropped: Arc<AtomicU64>) {
+fn writer(
+    mut sink: Sink,
+    rx: crossbeam_channel::Receiver<Msg>,
+    counters: Arc<Counters>,
+    reopen: Option<Reopen>,
+) {
     let write = |sink: &mut Sink, line: &[u8]| -> io::Result<()> {
         match sink {
             // std's stderr is unbuffered: one write per line, nothing held back.
@@ -160,7 +239,7 @@ fn writer(mut sink: Sink, rx: crossbeam_channel::Receiver<Msg>, dropped: Arc<Ato
     };
     let mut failed = false;
     let report_drops = |sink: &mut Sink| {
-        let n = dropped.swap(0, Ordering::Relaxed);
+        let n = counters.dropped.swap(0, Ordering::Relaxed);
         if n > 0 {
             let mut line = Record::new("audit_dropped", &CgroupPath::root())
                 .with("dropped", n)
@@ -170,6 +249,11 @@ fn writer(mut sink: Sink, rx: crossbeam_channel::Receiver<Msg>, dropped: Arc<Ato
         }
     };
     for msg in rx {
+        // A reopen asked for while the queue was full: before the next line.
+        match counters.reopen.swap(0, Ordering::Relaxed) {
+            0 => {}
+            n => reopen_sink(&mut sink, reopen.as_ref(), n > 1),
+        }
         match msg {
             Msg::Line(line) => {
                 report_drops(&mut sink);
@@ -182,15 +266,30 @@ fn writer(mut sink: Sink, rx: crossbeam_channel::Receiver<Msg>, dropped: Arc<Ato
                     }
                     Err(_) => {}
                 }
+                counters.queued.fetch_sub(line.len(), Ordering::Relaxed);
             }
-            Msg::Reopen(f) => {
-                if let Sink::File(old) = &mut sink {
-                    *old = f;
-                }
-            }
+            Msg::Reopen(loud) => reopen_sink(&mut sink, reopen.as_ref(), loud),
             Msg::Flush(ack) => {
                 report_drops(&mut sink);
                 let _ = ack.send(());
+            }
+        }
+    }
+}
+
+/// On the writer thread (the event loop only asks): a planted FIFO or a slow disk can
+/// hold up this thread, never the loop. Refused: the old file is kept, and said so.
+fn reopen_sink(sink: &mut Sink, reopen: Option<&Reopen>, loud: bool) {
+    let (Some(r), Sink::File(old)) = (reopen, sink) else {
+        return;
+    };
+    match open_log(&r.path, r.trust) {
+        Ok(f) => *old = f,
+        Err(e) => {
+            if loud {
+                log::error!("reopening the audit log: {e}; still writing to the file opened before")
+            } else {
+                log::debug!("reopening the audit log again: {e}")
             }
         }
     }
@@ -212,12 +311,24 @@ impl Audit {
         }
     }
 
+    /// The audit log in the file at `path` (created 0640 if missing), checked by
+    /// [`open_log`] like every reopen.
     pub fn file(path: &Path) -> io::Result<Audit> {
-        let file = open_append(path)?;
+        Audit::file_with(path, Trust::Strict)
+    }
+
+    /// Like [`Audit::file`]; `Trust::Insecure` (`--insecure-policies`) skips the owner
+    /// and mode check (a regular file is still required).
+    pub fn file_with(path: &Path, trust: Trust) -> io::Result<Audit> {
+        let file = open_log(path, trust)?;
+        let reopen = Reopen {
+            path: path.to_path_buf(),
+            trust,
+        };
         Ok(Audit {
             file: Some((
                 path.to_path_buf(),
-                LineQueue::start(Sink::File(file), "audit")?,
+                LineQueue::start(Sink::File(file), "audit", Some(reopen))?,
             )),
             containers: None,
         })
@@ -230,14 +341,36 @@ impl Audit {
         }
     }
 
-    /// Reopens the file (after logrotate moved it); called on SIGHUP.
+    /// Asks the writer thread to reopen the file (after logrotate moved it) before its
+    /// next line; called on SIGHUP. Never waits: the open, its checks and any error
+    /// (logged; the old file is kept) happen on the writer thread.
     pub fn reopen(&self) -> io::Result<()> {
-        let Some((path, q)) = &self.file else {
+        self.ask_reopen(true)
+    }
+
+    /// [`Audit::reopen`] again for a deferred reload (issue 6.11): a refusal already
+    /// said at the SIGHUP is not said again at every try.
+    pub fn reopen_retry(&self) -> io::Result<()> {
+        self.ask_reopen(false)
+    }
+
+    fn ask_reopen(&self, loud: bool) -> io::Result<()> {
+        let Some((_, q)) = &self.file else {
             return Ok(());
         };
-        let file = open_append(path)?;
-        q.tx.send_timeout(Msg::Reopen(file), Duration::from_secs(1))
-            .map_err(|_| io::Error::other("the audit writer is not keeping up"))
+        match q.tx.try_send(Msg::Reopen(loud)) {
+            Ok(()) => Ok(()),
+            // A full queue: the writer reopens before its next line.
+            Err(crossbeam_channel::TrySendError::Full(_)) => {
+                q.counters
+                    .reopen
+                    .fetch_max(1 + u8::from(loud), Ordering::Relaxed);
+                Ok(())
+            }
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
+                Err(io::Error::other("the audit writer thread is gone"))
+            }
+        }
     }
 
     /// Lines about a container cgroup name the container from this cache.
@@ -265,7 +398,7 @@ impl Audit {
     /// Lines dropped because the sink did not keep up, not yet reported in the log.
     pub fn dropped(&self) -> u64 {
         self.queue()
-            .map_or(0, |q| q.dropped.load(Ordering::Relaxed))
+            .map_or(0, |q| q.counters.dropped.load(Ordering::Relaxed))
     }
 
     /// Waits up to `timeout` until every line logged so far is written. False if the
@@ -299,35 +432,110 @@ fn add_container_fields(rec: &mut Record, containers: Option<&crate::container::
     if let Some(pod) = ident.pod_uid {
         rec.set("pod_uid", pod);
     }
+    // The engine's strings (a label value may be 1,000,000 bytes): cut, so that one
+    // line stays small. Of the labels, only compose's two enter a line.
     if let Some(m) = meta {
-        rec.set("container_name", m.info.name.clone());
-        rec.set("image", m.info.image.clone());
+        rec.set("container_name", cap_value(&m.info.name));
+        rec.set("image", cap_value(&m.info.image));
         if let Some(p) = m.compose_project() {
-            rec.set("compose_project", p);
+            rec.set("compose_project", cap_value(p));
         }
         if let Some(s) = m.compose_service() {
-            rec.set("compose_service", s);
+            rec.set("compose_service", cap_value(s));
         }
     }
 }
 
-fn open_append(path: &Path) -> io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    // Never through a symbolic link: a link planted where the log is expected would
-    // make root append to whatever it names (ELOOP instead).
-    std::fs::OpenOptions::new()
+/// `v` if it is at most [`MAX_VALUE`] bytes; else its start (cut at a character) and
+/// `...[cut: N bytes, fnv1a64 HASH]`, so that two long values still tell apart.
+pub fn cap_value(v: &str) -> String {
+    if v.len() <= MAX_VALUE {
+        return v.to_string();
+    }
+    let marker = format!(
+        "...[cut: {} bytes, fnv1a64 {:016x}]",
+        v.len(),
+        fnv1a64(v.as_bytes())
+    );
+    let mut end = MAX_VALUE.saturating_sub(marker.len());
+    while !v.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{marker}", &v[..end])
+}
+
+/// FNV-1a, 64 bits: a short, stable hash of a value that was cut (not a security hash).
+fn fnv1a64(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf2_9ce4_8422_2325, |h, &x| {
+        (h ^ u64::from(x)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Opens the audit log at `path` for appending, at start and at every reopen: never
+/// through a symbolic link (`O_NOFOLLOW`), never blocking (`O_NONBLOCK`: a FIFO planted
+/// at the path with no reader is ENXIO instead of a hang), created 0640 if missing; then
+/// checks what was opened (`fstat`, not the path): a regular file, and unless `trust`
+/// is `Insecure`, owned by root (or the agent's effective uid) and not writable by group
+/// or others. The directories above are checked at start ([`crate::perm`]).
+pub fn open_log(path: &Path, trust: Trust) -> Result<File, AuditError> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o640)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
         .open(path)
-        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+        .map_err(|error| AuditError::Open {
+            path: path.to_path_buf(),
+            error,
+        })?;
+    let md = file.metadata().map_err(|error| AuditError::Open {
+        path: path.to_path_buf(),
+        error,
+    })?;
+    let mode = md.mode();
+    if !md.file_type().is_file() {
+        return Err(AuditError::NotRegular {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    if trust == Trust::Strict {
+        let me = nix::unistd::geteuid().as_raw();
+        if md.uid() != 0 && md.uid() != me {
+            return Err(AuditError::Owner {
+                path: path.to_path_buf(),
+                uid: md.uid(),
+            });
+        }
+        if mode & 0o022 != 0 {
+            return Err(AuditError::Writable {
+                path: path.to_path_buf(),
+                mode: mode & 0o7777,
+            });
+        }
+        // The file is checked on the descriptor above; the directories above it on
+        // their paths, as at start (a link planted there is refused by O_NOFOLLOW).
+        let owners = crate::perm::Owners::current(", or pass --insecure-policies for development");
+        crate::perm::check_existing_part(path, "the audit log", owners)?;
+    }
+    // Writes to a regular file ignore O_NONBLOCK; cleared all the same.
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+    if let Ok(fl) = fcntl(fd, FcntlArg::F_GETFL) {
+        let _ = fcntl(
+            fd,
+            FcntlArg::F_SETFL(OFlag::from_bits_truncate(fl) & !OFlag::O_NONBLOCK),
+        );
+    }
+    Ok(file)
 }
 
 /// The process-wide stderr queue (audit lines and log records), started on first use.
 /// `None` only if its thread could not be started.
 fn stderr_queue() -> Option<&'static LineQueue> {
     static Q: OnceLock<Option<LineQueue>> = OnceLock::new();
-    Q.get_or_init(|| LineQueue::start(Sink::Stderr, "stderr").ok())
+    Q.get_or_init(|| LineQueue::start(Sink::Stderr, "stderr", None).ok())
         .as_ref()
 }
 
@@ -506,7 +714,7 @@ mod tests {
         let a = Audit {
             file: Some((
                 PathBuf::from("/pipe"),
-                LineQueue::start(Sink::File(File::from(w)), "audit-test").unwrap(),
+                LineQueue::start(Sink::File(File::from(w)), "audit-test", None).unwrap(),
             )),
             containers: None,
         };
@@ -588,6 +796,211 @@ mod tests {
         a.log(Record::new("watch", &CgroupPath::root()));
         assert!(a.flush(Duration::from_secs(5)));
         assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 1);
+    }
+
+    /// A container with a 1,000,000-byte label value (Docker accepts it), name and image.
+    fn huge_container() -> (String, Arc<crate::container::Containers>) {
+        use crate::container::{Containers, Meta};
+        let id = "e".repeat(64);
+        let big = "x".repeat(1_000_000);
+        let mut labels = std::collections::BTreeMap::new();
+        labels.insert("com.docker.compose.project".to_string(), big.clone());
+        labels.insert(
+            "com.docker.compose.service".to_string(),
+            "é".repeat(600_000),
+        );
+        let cache = Arc::new(Containers::fixed(vec![Meta {
+            id: id.clone(),
+            info: crate::policy::ContainerInfo {
+                name: big.clone(),
+                image: big,
+                labels,
+            },
+        }]));
+        (id, cache)
+    }
+
+    fn stuck_pipe_audit() -> (Audit, File) {
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let a = Audit {
+            file: Some((
+                PathBuf::from("/pipe"),
+                LineQueue::start(Sink::File(File::from(w)), "audit-test", None).unwrap(),
+            )),
+            containers: None,
+        };
+        (a, File::from(r))
+    }
+
+    /// Issue 16.16: with the sink stuck, 123 stalls of a container with 1 MB labels
+    /// held 430 MB. The queue holds at most QUEUE_BYTES, and one such line is small.
+    #[test]
+    fn the_queue_is_bounded_in_bytes_and_long_engine_values_are_cut() {
+        let (id, cache) = huge_container();
+        let (a, r) = stuck_pipe_audit();
+        let a = a.with_containers(cache);
+        let q = a.file.as_ref().unwrap().1.tx.clone();
+        let queued = || a.file.as_ref().unwrap().1.queued_bytes();
+        let cg = CgroupPath::new(&format!("/docker/{id}"));
+        for i in 0..123 {
+            a.log(Record::new("oom", &cg).with("episode", i));
+            assert!(queued() <= QUEUE_BYTES, "{} bytes queued", queued());
+        }
+        drop(q);
+        // Capped lines are small: 123 of them fit, nothing was dropped.
+        assert_eq!(a.dropped(), 0, "{} bytes queued", queued());
+        assert!(queued() < 123 * 4096, "{} bytes queued", queued());
+        // Raw lines of 100 KB (whatever their origin): the bound holds, the rest counted.
+        let raw = "y".repeat(100_000);
+        for _ in 0..123 {
+            a.file.as_ref().unwrap().1.push(raw.clone());
+            assert!(queued() <= QUEUE_BYTES, "{} bytes queued", queued());
+        }
+        assert!(
+            a.dropped() > 0,
+            "nothing dropped beyond {QUEUE_BYTES} bytes"
+        );
+        let reader = std::thread::spawn(move || {
+            use std::io::Read;
+            let mut text = Vec::new();
+            let mut r = r;
+            r.read_to_end(&mut text).unwrap();
+            text
+        });
+        assert!(a.flush(Duration::from_secs(20)));
+        assert_eq!(queued(), 0, "what was written is no longer counted");
+        drop(a);
+        let text = String::from_utf8(reader.join().unwrap()).unwrap();
+        let lines: Vec<Value> = text
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let oom: Vec<&Value> = lines.iter().filter(|v| v["event"] == "oom").collect();
+        assert_eq!(oom.len(), 123);
+        for v in oom {
+            for k in [
+                "container_name",
+                "image",
+                "compose_project",
+                "compose_service",
+            ] {
+                let s = v[k].as_str().unwrap();
+                assert!(s.len() <= MAX_VALUE, "{k}: {} bytes", s.len());
+                assert!(s.contains("...[cut: "), "{k}: {s}");
+            }
+        }
+        assert!(lines.iter().any(|v| v["event"] == "audit_dropped"));
+    }
+
+    #[test]
+    fn cap_value_keeps_short_values_and_cuts_long_ones_at_a_character() {
+        assert_eq!(cap_value("api-1"), "api-1");
+        let exact = "a".repeat(MAX_VALUE);
+        assert_eq!(cap_value(&exact), exact);
+        let long = "é".repeat(1000);
+        let c = cap_value(&long);
+        assert!(c.len() <= MAX_VALUE, "{}", c.len());
+        assert!(c.starts_with("éé"));
+        assert!(c.contains("[cut: 2000 bytes, fnv1a64 "), "{c}");
+        // Two long values that differ only at the end still differ once cut.
+        let mut other = long.clone();
+        other.push('x');
+        assert_ne!(cap_value(&other), c);
+    }
+
+    /// Issue 16.5: a FIFO planted at the path after rotation. The reopen must not block
+    /// the caller (the event loop) nor the writer, and lines keep going to the old file.
+    #[test]
+    fn reopen_onto_a_fifo_never_blocks_and_keeps_the_old_file() {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("audit.jsonl");
+        let old = t.path().join("audit.jsonl.1");
+        let a = Audit::file(&path).unwrap();
+        std::fs::rename(&path, &old).unwrap();
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o622)).unwrap();
+        let (done_tx, done) = crossbeam_channel::bounded(1);
+        let worker = std::thread::spawn(move || {
+            let r = a.reopen();
+            a.log(Record::new("watch", &CgroupPath::new("/no-reader")));
+            let flushed = a.flush(Duration::from_secs(3));
+            let _ = done_tx.send((r.is_ok(), flushed));
+            a
+        });
+        let got = done.recv_timeout(Duration::from_secs(5));
+        if got.is_err() {
+            // Unblock the stuck open (so the test ends) before failing.
+            let _ = std::fs::File::open(&path);
+            panic!("reopen onto a FIFO with no reader blocked");
+        }
+        assert_eq!(got.unwrap(), (true, true));
+        let a = worker.join().unwrap();
+        // A reader holds the FIFO open: the open succeeds, the check refuses it.
+        use std::os::unix::fs::OpenOptionsExt;
+        let reader = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)
+            .unwrap();
+        a.reopen().unwrap();
+        a.log(Record::new("watch", &CgroupPath::new("/reader")));
+        assert!(a.flush(Duration::from_secs(5)));
+        let mut buf = [0u8; 4096];
+        let n = nix::unistd::read(std::os::fd::AsRawFd::as_raw_fd(&reader), &mut buf).unwrap_or(0);
+        assert_eq!(n, 0, "lines went into the FIFO");
+        let text = std::fs::read_to_string(&old).unwrap();
+        assert!(text.contains("/no-reader"), "{text}");
+        assert!(text.contains("/reader"), "{text}");
+    }
+
+    /// Issue 16.5: the reopen checks what it opened like the start does: a file owned
+    /// by another user, or writable by others, is refused and the old file kept.
+    #[test]
+    fn reopen_refuses_a_file_owned_by_another_user_or_writable_by_others() {
+        use std::os::unix::fs::PermissionsExt;
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to chown");
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("audit.jsonl");
+        let old = t.path().join("audit.jsonl.1");
+        let a = Audit::file(&path).unwrap();
+        std::fs::rename(&path, &old).unwrap();
+        std::fs::write(&path, "").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::os::unix::fs::chown(&path, Some(65534), Some(65534)).unwrap();
+        a.reopen().unwrap();
+        a.log(Record::new("watch", &CgroupPath::new("/nobody")));
+        assert!(a.flush(Duration::from_secs(5)));
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "",
+            "appended to nobody's file"
+        );
+        std::os::unix::fs::chown(&path, Some(0), Some(0)).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        a.reopen().unwrap();
+        a.log(Record::new("watch", &CgroupPath::new("/writable")));
+        assert!(a.flush(Duration::from_secs(5)));
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "",
+            "appended to a 0666 file"
+        );
+        let text = std::fs::read_to_string(&old).unwrap();
+        assert!(
+            text.contains("/nobody") && text.contains("/writable"),
+            "{text}"
+        );
+        // And at start: refused outright.
+        assert!(Audit::file(&path).is_err());
+        // Once fixed, the next reopen moves on.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        a.reopen().unwrap();
+        a.log(Record::new("watch", &CgroupPath::new("/fixed")));
+        assert!(a.flush(Duration::from_secs(5)));
+        assert!(std::fs::read_to_string(&path).unwrap().contains("/fixed"));
     }
 
     /// Issue 6.11: a line refused for want of memory (the agent's own cgroup at its

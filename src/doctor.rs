@@ -238,21 +238,23 @@ pub fn diagnose(
 
 impl Report {
     /// The text form: one line per finding, then the notes.
+    /// The human report; names from others are escaped ([`crate::term`]).
     pub fn text(&self) -> String {
+        use crate::term::Esc;
         use std::fmt::Write;
         let mut o = String::new();
         for f in &self.findings {
             let _ = write!(o, "{}", f.kind);
             if let Some(c) = &f.cgroup {
-                let _ = write!(o, " {c}");
+                let _ = write!(o, " {}", Esc(c));
             }
             if let Some(p) = &f.policy {
-                let _ = write!(o, " [policy {p}]");
+                let _ = write!(o, " [policy {}]", Esc(p));
             }
-            let _ = writeln!(o, ": {}", f.message);
+            let _ = writeln!(o, ": {}", Esc(&f.message));
         }
         for n in &self.notes {
-            let _ = writeln!(o, "note: {n}");
+            let _ = writeln!(o, "note: {}", Esc(n));
         }
         let _ = writeln!(
             o,
@@ -272,6 +274,28 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 16.17: a cgroup named with an ESC sequence must not reach the terminal raw.
+    #[test]
+    fn the_text_escapes_control_characters_in_names() {
+        let r = Report {
+            cgroup_root: "/sys/fs/cgroup/memory".into(),
+            kind: Kind::V1,
+            scanned: 1,
+            findings: vec![Finding {
+                kind: "unwatched",
+                cgroup: Some(CgroupPath::new("/a\u{1b}[2J\u{1b}c\nforged: line")),
+                policy: Some("p\u{9b}".into()),
+                message: "limit \u{7} reached".into(),
+            }],
+            notes: vec!["n\u{1b}]0;title\u{7}".into()],
+        };
+        let t = r.text();
+        assert!(!t.chars().any(|c| c.is_control() && c != '\n'), "{t:?}");
+        assert!(t.contains("/a\\x1b[2J\\x1bc\\x0aforged: line"), "{t}");
+        assert!(t.contains("[policy p\\u{9b}]"), "{t}");
+        assert_eq!(t.lines().count(), 3, "{t}");
+    }
     use crate::cgroup::v1::V1;
     use crate::cgroup::Limits;
     use crate::policy::load_str;

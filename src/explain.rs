@@ -9,12 +9,16 @@ use crate::action::{self, Env, LoanBook, StepCtx};
 use crate::cgroup::{self, CgroupPath, Hierarchy};
 use crate::container::Meta;
 use crate::policy::{Mode, Policy, PolicySet};
+use crate::term::Esc;
 
 /// What `explain` found.
 pub struct Explanation {
     pub text: String,
     /// The hierarchy was read and has no such cgroup: the command fails (exit 1).
     pub missing: bool,
+    /// The cgroup could not be read (a name too long, no permission, ...): not taken for
+    /// found nor for missing; the command fails (exit 1) with this message.
+    pub error: Option<String>,
 }
 
 pub fn explain(
@@ -25,10 +29,17 @@ pub fn explain(
     container: Option<&Meta>,
 ) -> Explanation {
     let text = explain_text(policies, cgroup_root, proc_root, cg, container);
-    let missing = Hierarchy::detect(cgroup_root, proc_root)
+    let state = Hierarchy::detect(cgroup_root, proc_root)
         .and_then(cgroup::open)
-        .is_ok_and(|c| matches!(c.oom_state(cg), Ok(None)));
-    Explanation { text, missing }
+        .map(|c| c.oom_state(cg));
+    Explanation {
+        text,
+        missing: matches!(state, Ok(Ok(None))),
+        error: match state {
+            Ok(Err(e)) => Some(e.to_string()),
+            _ => None,
+        },
+    }
 }
 
 fn explain_text(
@@ -39,21 +50,22 @@ fn explain_text(
     container: Option<&Meta>,
 ) -> String {
     let mut o = String::new();
-    let _ = writeln!(o, "cgroup: {cg}");
+    let _ = writeln!(o, "cgroup: {}", Esc(cg));
     if let Some(ident) = crate::container::identify(cg.as_bytes()) {
         let _ = match (ident.is_container(), container) {
             (true, Some(m)) => writeln!(
                 o,
                 "container: {} (id {}, image {})",
-                m.info.name,
-                crate::container::id::short(&m.id),
-                m.info.image
+                Esc(&m.info.name),
+                Esc(crate::container::id::short(&m.id)),
+                Esc(&m.info.image)
             ),
             (true, None) => writeln!(
                 o,
-                "container: {ident} (name, labels and image unknown: policies by container_name, label or image do not match it)"
+                "container: {} (name, labels and image unknown: policies by container_name, label or image do not match it)",
+                Esc(&ident)
             ),
-            (false, _) => writeln!(o, "container: {ident}"),
+            (false, _) => writeln!(o, "container: {}", Esc(&ident)),
         };
     }
     let info = container.map(|m| &m.info);
@@ -65,7 +77,10 @@ fn explain_text(
             None
         }
     };
-    let state = ctl.as_ref().and_then(|c| c.oom_state(cg).ok().flatten());
+    let read = ctl.as_ref().map(|c| c.oom_state(cg));
+    let state = read
+        .as_ref()
+        .and_then(|r| r.as_ref().ok().copied().flatten());
     match (&ctl, state) {
         (Some(c), Some(st)) => {
             let limits = c.limits(cg).ok().flatten();
@@ -97,9 +112,14 @@ fn explain_text(
                 let _ = writeln!(o, "memory: usage {u} bytes, limit {lim}");
             }
         }
-        (Some(_), None) => {
-            let _ = writeln!(o, "state: cgroup not found under {}", cgroup_root.display());
-        }
+        (Some(_), None) => match read {
+            Some(Err(e)) => {
+                let _ = writeln!(o, "state: cannot read the cgroup: {}", Esc(&e));
+            }
+            _ => {
+                let _ = writeln!(o, "state: cgroup not found under {}", cgroup_root.display());
+            }
+        },
         _ => {}
     }
     let kill_disabled = state.map(|s| s.oom_kill_disable);
@@ -121,8 +141,8 @@ fn explain_text(
     let _ = writeln!(
         o,
         "policy: {} (from {}, priority {}, mode {})",
-        p.name,
-        p.source,
+        Esc(&p.name),
+        Esc(&p.source),
         p.priority,
         p.mode.as_str()
     );
@@ -135,7 +155,12 @@ fn explain_text(
         .filter(|q| q.name != p.name && q.matcher.matches(cg, info))
         .collect();
     for q in others {
-        let _ = writeln!(o, "  also matches: {} (priority {})", q.name, q.priority);
+        let _ = writeln!(
+            o,
+            "  also matches: {} (priority {})",
+            Esc(&q.name),
+            q.priority
+        );
     }
     let Some(ctl) = ctl.filter(|_| state.is_some()) else {
         if let Some(e) = &p.early {
@@ -213,10 +238,10 @@ fn explain_step(
     let r = action::perform(env, &ctx, &step.action);
     let mut line = format!("step {i}: {} -> {}", step.action.name(), r.outcome.as_str());
     for (k, v) in &r.fields {
-        let _ = write!(line, " {k}={v}");
+        let _ = write!(line, " {}={}", Esc(k), Esc(v));
     }
     if let Some(e) = &r.error {
-        let _ = write!(line, " ({e})");
+        let _ = write!(line, " ({})", Esc(e));
     }
     let _ = write!(line, "  [settle {:?}]", step.settle);
     line

@@ -28,5 +28,6 @@ pub mod pinned;
 pub mod policy;
 pub mod shared;
 pub mod sys;
+pub mod term;
 pub mod victim;
 pub mod watch;

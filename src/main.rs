@@ -161,7 +161,7 @@ fn doctor(
             }
         }
     } else {
-        print!("{}", report.text());
+        print!("{}", oomwake::term::escape_text(&report.text()));
     }
     if report.findings.is_empty() {
         ExitCode::SUCCESS
@@ -410,7 +410,7 @@ fn cli_main() -> ExitCode {
             let (cgroup, container) = match explain_target(&cgroup, &root, engine.as_ref()) {
                 Ok(t) => t,
                 Err(e) => {
-                    eprintln!("oomwake explain: {e}");
+                    eprintln!("oomwake explain: {}", oomwake::term::escape(&e));
                     return ExitCode::from(2);
                 }
             };
@@ -430,11 +430,21 @@ fn cli_main() -> ExitCode {
                 &cgroup,
                 container.as_ref(),
             );
-            print!("{}", out.text);
+            print!("{}", oomwake::term::escape_text(&out.text));
             if out.missing {
                 eprintln!(
-                    "oomwake explain: {cgroup}: no such cgroup under {}",
+                    "oomwake explain: {}: no such cgroup under {}",
+                    oomwake::term::Esc(&cgroup),
                     root.display()
+                );
+                return ExitCode::from(1);
+            }
+            // Not found is said above; any other error reading it is not "found" either.
+            if let Some(e) = &out.error {
+                eprintln!(
+                    "oomwake explain: {}: cannot read it: {}",
+                    oomwake::term::Esc(&cgroup),
+                    oomwake::term::escape(e)
                 );
                 return ExitCode::from(1);
             }
@@ -569,85 +579,106 @@ fn status(state_dir: &std::path::Path, json: bool) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    use oomwake::term::Esc;
+    use std::fmt::Write as _;
+    // Names come from others (delegated cgroups, container names): escaped, and the
+    // whole text once more before the terminal.
+    let mut o = String::new();
+    macro_rules! p {
+        ($($t:tt)*) => {{
+            let _ = writeln!(o, $($t)*);
+        }};
+    }
     let alive = st.running && agent_alive(st.pid);
     if alive {
-        println!("oomwake running (pid {}), status of {}", st.pid, st.updated);
+        p!("oomwake running (pid {}), status of {}", st.pid, st.updated);
     } else {
-        println!(
+        p!(
             "oomwake not running (last status {}, pid {})",
-            st.updated, st.pid
+            st.updated,
+            st.pid
         );
     }
-    println!(
+    p!(
         "hierarchy: {}{}",
         st.cgroup_root.display(),
         if st.dry_run { " (dry run)" } else { "" }
     );
-    println!("policies: {}", st.policies.join(", "));
-    println!("watched cgroups: {}", st.watched.len());
+    p!("policies: {}", Esc(&st.policies.join(", ")));
+    p!("watched cgroups: {}", st.watched.len());
     for w in &st.watched {
         let container = match (&w.container_id, &w.container_name) {
             (Some(id), Some(name)) => format!(
-                "  container {name} ({}, {})",
-                oomwake::container::id::short(id),
-                w.image.as_deref().unwrap_or("?")
+                "  container {} ({}, {})",
+                Esc(name),
+                Esc(oomwake::container::id::short(id)),
+                Esc(w.image.as_deref().unwrap_or("?"))
             ),
-            (Some(id), None) => format!("  container {}", oomwake::container::id::short(id)),
+            (Some(id), None) => {
+                format!("  container {}", Esc(oomwake::container::id::short(id)))
+            }
             _ => String::new(),
         };
-        println!("  {}  [{}]{container}", w.cgroup, w.policy);
+        p!("  {}  [{}]{container}", Esc(&w.cgroup), Esc(&w.policy));
     }
     if !st.episodes_running.is_empty() {
-        println!("episodes running:");
+        p!("episodes running:");
         for c in &st.episodes_running {
-            println!("  {c}");
+            p!("  {}", Esc(c));
         }
     }
     if !st.stuck.is_empty() {
-        println!("stuck, unresolved: {}", st.stuck.len());
+        p!("stuck, unresolved: {}", st.stuck.len());
         for s in &st.stuck {
-            println!(
+            p!(
                 "  {}  [{}] since {}, episode {}, {} tr{}: {}",
-                s.cgroup,
-                s.policy,
-                s.since,
+                Esc(&s.cgroup),
+                Esc(&s.policy),
+                Esc(&s.since),
                 s.episode,
                 s.tries,
                 if s.tries == 1 { "y" } else { "ies" },
-                s.reason
+                Esc(&s.reason)
             );
         }
     }
-    println!("lent limits: {}", st.loans.len());
+    p!("lent limits: {}", st.loans.len());
     for l in &st.loans {
-        println!(
+        p!(
             "  {}  {} -> {} bytes (policy {}, episode {})",
-            l.cgroup, l.original.memory, l.lent.memory, l.policy, l.episode
+            Esc(&l.cgroup),
+            l.original.memory,
+            l.lent.memory,
+            Esc(&l.policy),
+            l.episode
         );
     }
     if !st.holds.is_empty() {
-        println!("held memory.high (v2): {}", st.holds.len());
+        p!("held memory.high (v2): {}", st.holds.len());
         for h in &st.holds {
             let before = if oomwake::cgroup::parse::is_unlimited(h.previous) {
                 "max".to_string()
             } else {
                 h.previous.to_string()
             };
-            println!(
+            p!(
                 "  {}  {} bytes, {before} before (policy {})",
-                h.cgroup, h.held, h.policy
+                Esc(&h.cgroup),
+                h.held,
+                Esc(&h.policy)
             );
         }
     }
     for d in &st.journal_damage {
         let moved = d.moved_to.as_ref().map(|p| p.display().to_string());
-        println!(
+        p!(
             "JOURNAL DAMAGED at start: {} ({}); moved to {}",
-            d.file.display(),
-            d.error,
+            Esc(&d.file.display()),
+            Esc(&d.error),
             moved.as_deref().unwrap_or("nowhere (dry run)")
         );
     }
+    print!("{}", oomwake::term::escape_text(&o));
     if !alive {
         ExitCode::from(3)
     } else if !st.journal_damage.is_empty() {

@@ -1250,8 +1250,14 @@ impl Watcher {
 
     fn on_reload(&mut self) {
         // logrotate's SIGHUP: reopen even if the policies on disk are refused below.
-        // A deferred reload's later tries reopen again, said once (at the SIGHUP).
-        if let Err(e) = self.shared.audit.reopen() {
+        // A deferred reload's later tries reopen again, said once (at the SIGHUP). The
+        // open itself runs on the audit writer thread, never here.
+        let asked = if self.reload_deferred {
+            self.shared.audit.reopen_retry()
+        } else {
+            self.shared.audit.reopen()
+        };
+        if let Err(e) = asked {
             if !self.reload_deferred {
                 log::error!("reopening the audit log: {e}");
             }
@@ -1365,8 +1371,12 @@ impl Watcher {
                         cgroup: cg.clone(),
                         policy: w.policy.name.clone(),
                         container_id: ident.and_then(|i| i.container_id),
-                        container_name: meta.as_ref().map(|m| m.info.name.clone()),
-                        image: meta.as_ref().map(|m| m.info.image.clone()),
+                        container_name: meta
+                            .as_ref()
+                            .map(|m| crate::audit::cap_value(&m.info.name)),
+                        image: meta
+                            .as_ref()
+                            .map(|m| crate::audit::cap_value(&m.info.image)),
                     })
                 })
                 .collect(),
