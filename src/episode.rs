@@ -107,6 +107,7 @@ fn panicked(shared: &Shared, job: &Job, payload: &(dyn std::any::Any + Send)) ->
         job.cgroup,
         job.episode
     );
+    shared.metrics.unresolved(&job.policy.name);
     shared.audit.log(
         Record::new("unresolved", &job.cgroup)
             .with("episode", job.episode)
