@@ -407,8 +407,10 @@ impl Dispatcher {
     /// Starts an episode for `cg` unless this is a stall already being handled: an
     /// episode runs at `cg` (its OOM is remembered for when it ends), above it (the same
     /// stall), or below it (this one waits for it to end); an episode above it ended a
-    /// moment ago (the tail of that stall); audit mode already logged it; or it is
-    /// stuck and unresolved and its next retry is not due. Returns the episode's id.
+    /// moment ago (the tail of that stall, unless [`Cause::own_wall`]); audit mode
+    /// already logged it; or it is stuck and unresolved and its next retry is not due.
+    /// An OOM taken for a stall above is remembered: an episode that starts at `cg`
+    /// later counts from it. Returns the episode's id.
     pub fn trigger(&self, cg: &CgroupPath, policy: Arc<Policy>, detected: Instant) -> Option<u64> {
         self.trigger_by(cg, policy, detected, Cause::default())
     }
