@@ -87,6 +87,17 @@ pub fn worker(shared: Arc<Shared>, rx: crossbeam_channel::Receiver<Job>) {
     }
 }
 
+/// The longest a step may wait by its policy: its grace or timeout, and its settle
+/// (for the watchdog's [`Liveness`](crate::notify::Liveness)).
+pub fn step_bound(step: &crate::policy::Step) -> Duration {
+    let waits = match &step.action {
+        Action::Reclaim { timeout } | Action::Exec { timeout, .. } => *timeout,
+        Action::Signal { grace, .. } => *grace,
+        _ => Duration::ZERO,
+    };
+    waits.saturating_add(step.settle)
+}
+
 /// The text of a panic's payload.
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
@@ -302,7 +313,7 @@ pub fn run(shared: &Shared, job: &Job) -> End {
             if stopping() {
                 break 'steps End::Stopped;
             }
-            shared.dispatcher.liveness.worker_beat();
+            shared.dispatcher.liveness.worker_beat(step_bound(step));
             // Before every step, the first included: a job may have waited for a free
             // worker, and a stall that ended meanwhile needs nothing (one pread).
             match check() {

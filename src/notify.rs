@@ -4,7 +4,7 @@
 //! unit's `WatchdogSec=`, so that a wedged loop is killed and restarted by systemd.
 //! The loop pings only while the other threads a rescue needs show they are alive
 //! ([`Liveness`]): the loan keeper turns, and no episode worker sits in one step of an
-//! episode for longer than any step may take. A stuck keeper or worker means no ping,
+//! episode for longer than that step may take. A stuck keeper or worker means no ping,
 //! and systemd restarts the agent.
 //!
 //! A datagram to the socket named by `$NOTIFY_SOCKET` (a path, or `@name` for the
@@ -19,10 +19,10 @@ use std::sync::Mutex;
 use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
-/// How long an episode worker may go without a sign of progress (a new step) before it
-/// counts as stuck: longer than any step waits (an exec hook's timeout, a signal's
-/// grace, a settle wait) in a sane policy.
-pub const WORKER_STUCK: Duration = Duration::from_secs(600);
+/// How long an episode worker may take beyond what its current step may wait (the
+/// step's grace or timeout, and its settle: see [`Liveness::worker_beat`]) before it
+/// counts as stuck: the reads and writes of a step, the victim scan, the audit lines.
+pub const WORKER_STUCK: Duration = Duration::from_secs(300);
 
 /// How long the loan keeper may go without a turn, at least (three of its intervals
 /// when that is longer): a turn gives loans back, and a write that lowers a limit makes
@@ -38,7 +38,7 @@ pub struct Liveness {
     keeper: AtomicU64,
     /// Milliseconds between the keeper's turns.
     keeper_every: AtomicU64,
-    /// Busy workers and when they last showed progress (milliseconds after `start`).
+    /// Busy workers and by when they must show progress (milliseconds after `start`).
     workers: Mutex<HashMap<ThreadId, u64>>,
 }
 
@@ -77,13 +77,15 @@ impl Liveness {
 
     /// The calling worker took a job.
     pub fn worker_busy(&self) {
-        let now = self.ms(Instant::now());
-        self.busy().insert(std::thread::current().id(), now);
+        self.worker_beat(Duration::ZERO);
     }
 
-    /// The calling worker made progress in its job (a new step).
-    pub fn worker_beat(&self) {
-        self.worker_busy();
+    /// The calling worker made progress in its job: it starts a step that may wait up
+    /// to `within` (its grace or timeout, and its settle).
+    pub fn worker_beat(&self, within: Duration) {
+        let by = Instant::now() + within.saturating_add(WORKER_STUCK);
+        let by = self.ms(by);
+        self.busy().insert(std::thread::current().id(), by);
     }
 
     /// The calling worker is done with its job.
@@ -104,12 +106,12 @@ impl Liveness {
             }
         }
         let busy = self.busy();
-        let oldest = busy.values().min().copied();
-        if let Some(last) = oldest {
-            let quiet = Duration::from_millis(now_ms.saturating_sub(last));
-            if quiet > WORKER_STUCK {
+        let first = busy.values().min().copied();
+        if let Some(by) = first {
+            if now_ms > by {
+                let late = Duration::from_millis(now_ms - by);
                 return Err(format!(
-                    "an episode worker made no progress for {quiet:?} ({} busy)",
+                    "an episode worker is {late:?} past the longest its step may take ({} busy)",
                     busy.len()
                 ));
             }
@@ -283,8 +285,13 @@ mod tests {
         n.watchdog_if(late, || live.check(late));
         assert!(recv_all(&server).is_empty(), "pinged for a stuck keeper");
         assert_eq!(n.next_due(), Some(late + every));
-        // A worker stuck in one step of its episode: no ping either.
+        // A worker stuck in one step of its episode: no ping either. How long a step
+        // may take counts: a step with a long timeout is not stuck.
         let live = Liveness::default();
+        let t1 = Instant::now();
+        let hook = Duration::from_secs(3600);
+        live.worker_beat(hook);
+        assert_eq!(live.check(t1 + WORKER_STUCK + hook / 2), Ok(()));
         live.worker_busy();
         let t1 = Instant::now();
         assert_eq!(live.check(t1 + WORKER_STUCK / 2), Ok(()));
