@@ -191,3 +191,70 @@ fn audit_held_stall_is_rescued_after_a_reload_to_enforce() {
     assert_eq!(s.exit_signal(hog.pid), Some(libc::SIGKILL));
     agent.expect("resolved", &cg.rel, Duration::from_secs(5));
 }
+
+/// A panic in an episode (a bug; here a test-only fault point) is caught and audited
+/// (issue 16.9): the cgroup is not left marked running, the stall is retried and
+/// rescued, and a later stall in the same cgroup is rescued as usual.
+#[test]
+fn a_panic_in_an_episode_is_audited_and_the_cgroup_is_still_rescued() {
+    let Some(()) = require_v1("a_panic_in_an_episode_is_audited_and_the_cgroup_is_still_rescued")
+    else {
+        return;
+    };
+    let mut s = Scratch::new("panic");
+    let cg = s.cgroup("", Some(32 * MIB), true);
+    let agent = Agent::start_in_env(
+        Agent::dir(&[("p.toml", &policy("p", &cg.rel, "", KILL))]),
+        &[],
+        &[("OOMWAKE_FAULT", "episode_start:panic:1")],
+    );
+    agent.expect("watch", &cg.rel, Duration::from_secs(10));
+    let first = s.hog(&cg, &["--touch", "40M", "--hold", "120s", "--tag", "first"]);
+    // The first episode panics before its first step; the stall is retried (a second
+    // later) and rescued.
+    assert!(
+        wait_until(Duration::from_secs(10), || !s.alive(first.pid)),
+        "the stall after the panic was never rescued; audit:\n{:#?}\nlog:\n{}",
+        agent.audit(),
+        agent.log()
+    );
+    // The panic is said in the audit log.
+    let u = agent.expect("unresolved", &cg.rel, Duration::from_secs(10));
+    assert_eq!(u["reason"], "the episode panicked", "{u}");
+    assert!(
+        u["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("TEST-ONLY fault injection")),
+        "{u}"
+    );
+    agent.expect("resolved", &cg.rel, Duration::from_secs(5));
+    // A later stall in the same cgroup: a new episode, rescued at once.
+    let second = s.hog(
+        &cg,
+        &["--touch", "40M", "--hold", "120s", "--tag", "second"],
+    );
+    let t = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(10), || !s.alive(second.pid)),
+        "a later stall in the cgroup was never rescued; audit:\n{:#?}\nlog:\n{}",
+        agent.audit(),
+        agent.log()
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(
+        agent.events("oom", &cg.rel).len(),
+        2,
+        "{:#?}",
+        agent.audit()
+    );
+    assert_eq!(
+        agent.events("resolved", &cg.rel).len(),
+        2,
+        "{:#?}",
+        agent.audit()
+    );
+}

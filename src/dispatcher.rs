@@ -1,7 +1,8 @@
 //! Hands OOM episodes to worker threads, one stall at a time per subtree: an OOM at a
 //! cgroup whose ancestor or descendant has an episode running (or whose ancestor's
-//! episode has just ended) is the same stall, since the kernel marks the whole subtree
-//! of the cgroup whose limit was hit. An OOM arriving at the same cgroup meanwhile is
+//! episode has just ended, unless the caller saw the wall at the cgroup itself: see
+//! [`Cause::own_wall`]) is the same stall, since the kernel marks the whole subtree
+//! of the cgroup whose limit was hit. A stall counts from when it was first seen. An OOM arriving at the same cgroup meanwhile is
 //! kept; an audited stall is logged once; a stall the policy could not resolve is
 //! retried with a backing-off interval (1 s, 2 s, 4 s ... up to a maximum) unless
 //! something changes the picture. The worker pool is elastic. This module knows nothing
@@ -84,6 +85,10 @@ impl Trigger {
 pub struct Cause {
     pub trigger: Trigger,
     pub rises: Option<crate::cgroup::parse::EventRises>,
+    /// The caller saw the wall at this cgroup: under OOM with no ancestor under OOM,
+    /// and its usage at its own limit. Such a stall is its own, not the tail of a stall
+    /// above that ended a moment ago (see [`SAME_STALL_WINDOW`]).
+    pub own_wall: bool,
 }
 
 /// The reason of the [`End::Unresolved`] an early episode ([`crate::early`]) ends with
@@ -202,8 +207,9 @@ enum Active {
 
 /// How long after an episode resolved an OOM below it still counts as the same stall:
 /// the kernel clears the marks of a subtree one cgroup at a time, and the eventfds of
-/// descendants fire with the ancestor's. A real new stall below waits at most this
-/// long plus one sweep.
+/// descendants fire with the ancestor's. A stall at a cgroup's own wall
+/// ([`Cause::own_wall`]) is not held by it; a new stall below that the caller could
+/// not place waits at most this long plus one sweep (and counts from when it was seen).
 pub const SAME_STALL_WINDOW: Duration = Duration::from_secs(1);
 
 /// Hands episodes to workers, one per subtree. The pool is elastic: when every worker
@@ -219,7 +225,13 @@ pub struct Dispatcher {
     stopping: AtomicBool,
     /// Bumped when the set of stuck cgroups changes (for the status file).
     generation: AtomicU64,
+    /// When an OOM at a cgroup was first seen while it was taken for a stall above it
+    /// (an episode running or just ended there): an episode that starts at that cgroup
+    /// later counts its stall from then. Locked after `active`, never before.
+    first_seen: Mutex<HashMap<CgroupPath, Instant>>,
     pool: Pool,
+    /// Heartbeats of the workers (and the loan keeper) for the watchdog ping.
+    pub liveness: crate::notify::Liveness,
 }
 
 struct Pool {
@@ -280,6 +292,7 @@ impl Dispatcher {
             retry_max,
             stopping: AtomicBool::new(false),
             generation: AtomicU64::new(0),
+            first_seen: Mutex::new(HashMap::new()),
             pool: Pool {
                 min: min_workers.max(1),
                 max: max_workers.max(min_workers).max(1),
@@ -287,6 +300,7 @@ impl Dispatcher {
                 idle: AtomicUsize::new(0),
                 spawn: OnceLock::new(),
             },
+            liveness: crate::notify::Liveness::default(),
         }
     }
 
@@ -364,6 +378,18 @@ impl Dispatcher {
         self.active.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn seen(&self) -> std::sync::MutexGuard<'_, HashMap<CgroupPath, Instant>> {
+        self.first_seen.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// An OOM at `cg` taken for a stall above it: remembered (the earliest) so that an
+    /// episode at `cg` later counts from it.
+    fn note_seen(&self, cg: &CgroupPath, detected: Instant) {
+        let mut seen = self.seen();
+        let at = seen.entry(cg.clone()).or_insert(detected);
+        *at = (*at).min(detected);
+    }
+
     /// The agent is stopping: no episode starts from now on.
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
@@ -381,8 +407,10 @@ impl Dispatcher {
     /// Starts an episode for `cg` unless this is a stall already being handled: an
     /// episode runs at `cg` (its OOM is remembered for when it ends), above it (the same
     /// stall), or below it (this one waits for it to end); an episode above it ended a
-    /// moment ago (the tail of that stall); audit mode already logged it; or it is
-    /// stuck and unresolved and its next retry is not due. Returns the episode's id.
+    /// moment ago (the tail of that stall, unless [`Cause::own_wall`]); audit mode
+    /// already logged it; or it is stuck and unresolved and its next retry is not due.
+    /// An OOM taken for a stall above is remembered: an episode that starts at `cg`
+    /// later counts from it. Returns the episode's id.
     pub fn trigger(&self, cg: &CgroupPath, policy: Arc<Policy>, detected: Instant) -> Option<u64> {
         self.trigger_by(cg, policy, detected, Cause::default())
     }
@@ -410,6 +438,7 @@ impl Dispatcher {
         let cause = Cause {
             trigger: Trigger::Pinned,
             rises: None,
+            own_wall: false,
         };
         self.trigger_with(cg, policy, detected, cause, Some(pinned))
     }
@@ -438,9 +467,20 @@ impl Dispatcher {
                 // An early episode above marks nothing: an OOM below is a stall of
                 // its own (the early one hands over if it reaches its own wall).
                 Active::Running { early: true, .. } if above => {}
-                Active::Running { .. } if above => return None,
+                Active::Running { .. } if above => {
+                    self.note_seen(cg, detected);
+                    return None;
+                }
                 Active::Running { .. } => below = Some(other.clone()),
-                Active::AuditHeld(_) | Active::Stuck(_) | Active::Ended(_) if above => return None,
+                // An episode above resolved a moment ago: what is still marked below
+                // is its tail, unless the wall is here (this cgroup at its own limit,
+                // under OOM while nothing above it is): then it is a new stall.
+                Active::Ended(_) if above && cause.own_wall => {}
+                Active::Ended(_) if above => {
+                    self.note_seen(cg, detected);
+                    return None;
+                }
+                Active::AuditHeld(_) | Active::Stuck(_) if above => return None,
                 _ => {}
             }
         }
@@ -466,6 +506,10 @@ impl Dispatcher {
             Some(s) => (s.episode, s.tries, !s.failed || s.tries.is_power_of_two()),
             None => (self.next_id.fetch_add(1, Ordering::Relaxed), 0, true),
         };
+        // The stall counts from when it was first seen, if that was while it was taken
+        // for the tail of a stall above.
+        let first = self.seen().remove(cg);
+        let detected = first.map_or(detected, |f| f.min(detected));
         let prev = active.insert(
             cg.clone(),
             Active::Running {
@@ -568,7 +612,7 @@ impl Dispatcher {
         {
             return false;
         }
-        active.insert(
+        let prev = active.insert(
             cg.clone(),
             Active::Running {
                 retrigger: None,
@@ -577,6 +621,11 @@ impl Dispatcher {
                 early: false,
             },
         );
+        // A stall held here (stuck and unresolved) is no longer listed: status and the
+        // stuck gauge must see the change.
+        if matches!(prev, Some(Active::Stuck(_))) {
+            self.generation.fetch_add(1, Ordering::Relaxed);
+        }
         let job = Job {
             cgroup: cg.clone(),
             policy,
@@ -591,7 +640,10 @@ impl Dispatcher {
             pinned: None,
         };
         if self.tx.send(job).is_err() {
-            active.remove(cg);
+            match prev {
+                Some(p) => active.insert(cg.clone(), p),
+                None => active.remove(cg),
+            };
             return false;
         }
         self.ensure_worker();
@@ -633,6 +685,10 @@ impl Dispatcher {
         if held.is_some() {
             self.generation.fetch_add(1, Ordering::Relaxed);
         }
+        // What was seen below while this episode ran was this stall: a new one there
+        // counts from when it is seen again.
+        self.seen()
+            .retain(|c, _| c == &job.cgroup || !c.is_within(&job.cgroup));
         match end {
             End::Gone | End::Stopped => {}
             End::Unresolved { .. } if job.policy.mode == Mode::Audit => {
@@ -715,6 +771,7 @@ impl Dispatcher {
     /// policy watches itself) has ended too. Returns the unresolved stalls that ended.
     pub fn clear_held(&self, cg: &CgroupPath) -> Vec<StallEnded> {
         let mut active = self.lock();
+        self.seen().retain(|held, _| !cg.is_within(held));
         if active.is_empty() {
             return Vec::new();
         }
@@ -766,6 +823,7 @@ impl Dispatcher {
 
     pub fn forget(&self, cg: &CgroupPath) {
         let mut active = self.lock();
+        self.seen().remove(cg);
         match active.get(cg) {
             Some(Active::Running { .. }) | None => {}
             Some(a) => {
@@ -921,6 +979,99 @@ mod tests {
         d.finish(&job, &resolved(), None);
         std::thread::sleep(SAME_STALL_WINDOW + Duration::from_millis(50));
         assert!(d.trigger(&deep, p, now).is_some(), "a new stall later");
+    }
+
+    fn at_own_wall() -> Cause {
+        Cause {
+            trigger: Trigger::OomEvent,
+            rises: None,
+            own_wall: true,
+        }
+    }
+
+    #[test]
+    fn a_childs_own_wall_right_after_the_parents_episode_is_a_new_stall() {
+        let (d, rx, _) = dispatcher(1, 1);
+        let p = enforce();
+        let (top, child) = (CgroupPath::new("/p"), CgroupPath::new("/p/c"));
+        let t0 = Instant::now();
+        d.trigger(&top, p.clone(), t0).unwrap();
+        let job = rx.try_recv().unwrap();
+        d.finish(&job, &resolved(), None);
+        // The parent's subtree-wide OOM, still marked below it: the same stall.
+        let echo = Instant::now();
+        assert_eq!(d.trigger(&child, p.clone(), echo), None);
+        assert!(rx.try_recv().is_err());
+        // The child at its own limit, under OOM while its parent is not: a stall of
+        // its own, started now, counted from when it was seen.
+        let seen = Instant::now();
+        let id = d.trigger_by(&child, p.clone(), seen, at_own_wall());
+        assert!(id.is_some(), "the child's own stall waited for the window");
+        let job = rx.try_recv().unwrap();
+        assert_eq!(job.cgroup, child);
+        assert!(job.cause.own_wall);
+        d.finish(&job, &resolved(), None);
+        // While an episode runs above, even a wall below is the same stall (one at a
+        // time per subtree).
+        d.trigger(&top, p.clone(), Instant::now()).unwrap();
+        let job = rx.try_recv().unwrap();
+        assert_eq!(
+            d.trigger_by(&child, p.clone(), Instant::now(), at_own_wall()),
+            None
+        );
+        d.finish(&job, &resolved(), None);
+    }
+
+    #[test]
+    fn a_stall_counts_from_when_it_was_first_seen() {
+        let (d, rx, _) = dispatcher(1, 1);
+        let p = enforce();
+        let (top, child) = (CgroupPath::new("/p"), CgroupPath::new("/p/c"));
+        d.trigger(&top, p.clone(), Instant::now()).unwrap();
+        let job = rx.try_recv().unwrap();
+        // Seen while the parent's episode runs: that stall's, forgotten when it ends.
+        assert_eq!(d.trigger(&child, p.clone(), Instant::now()), None);
+        d.finish(&job, &resolved(), None);
+        // Seen in the tail window with no evidence of a wall of its own: held back ...
+        let first = Instant::now();
+        assert_eq!(d.trigger(&child, p.clone(), first), None);
+        std::thread::sleep(SAME_STALL_WINDOW + Duration::from_millis(50));
+        // ... and when the sweep starts it later, the stall counts from then.
+        let later = Instant::now();
+        d.trigger(&child, p.clone(), later).unwrap();
+        let job = rx.try_recv().unwrap();
+        assert_eq!(job.detected, first);
+        d.finish(&job, &resolved(), None);
+        // Out of OOM in between: a later stall is new and counts from its own time.
+        d.trigger(&top, p.clone(), Instant::now()).unwrap();
+        let job = rx.try_recv().unwrap();
+        d.finish(&job, &resolved(), None);
+        assert_eq!(d.trigger(&child, p.clone(), Instant::now()), None);
+        d.clear_held(&child);
+        std::thread::sleep(SAME_STALL_WINDOW + Duration::from_millis(50));
+        let fresh = Instant::now();
+        d.trigger(&child, p, fresh).unwrap();
+        assert_eq!(rx.try_recv().unwrap().detected, fresh);
+    }
+
+    #[test]
+    fn resume_over_a_stuck_stall_changes_the_generation() {
+        let (d, rx, _) = dispatcher(1, 1);
+        let p = enforce();
+        let a = CgroupPath::new("/a");
+        d.trigger(&a, p.clone(), Instant::now()).unwrap();
+        let job = rx.try_recv().unwrap();
+        d.finish(&job, &End::unresolved("all steps done"), None);
+        assert_eq!(d.stuck().len(), 1);
+        let g = d.generation();
+        assert!(d.resume(&a, p, 7, 1));
+        // The stuck entry is gone from status: the status file must be rewritten.
+        assert!(d.stuck().is_empty());
+        assert_ne!(
+            d.generation(),
+            g,
+            "status and the stuck gauge lose the change"
+        );
     }
 
     #[test]

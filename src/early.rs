@@ -124,6 +124,10 @@ pub fn run(shared: &Shared, job: &Job) -> End {
             if stopping() {
                 break 'steps End::Stopped;
             }
+            shared
+                .dispatcher
+                .liveness
+                .worker_beat(crate::episode::step_bound(step));
             match check() {
                 State::Gone => break 'steps End::Gone,
                 State::Wall => break 'steps End::unresolved(HANDED_OVER),

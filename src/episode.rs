@@ -4,6 +4,7 @@
 //! [`Dispatcher`](crate::dispatcher::Dispatcher).
 
 use std::cell::RefCell;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,27 +26,110 @@ enum State {
     Gone,
 }
 
-/// A worker: runs episodes until the dispatcher tells it to exit.
+/// A worker: runs episodes until the dispatcher tells it to exit. A panic in an
+/// episode (a bug) is caught here: it is logged and audited (`unresolved`, with the
+/// panic's message), the episode ends as a failed one (so the stall is retried a
+/// second later), the cgroup's subtree is no longer marked running, and the worker
+/// goes on with the next job.
 pub fn worker(shared: Arc<Shared>, rx: crossbeam_channel::Receiver<Job>) {
+    let live = &shared.dispatcher.liveness;
     while let Some(job) = shared.dispatcher.next_job(&rx) {
-        let end = if job.early {
-            crate::early::run(&shared, &job)
-        } else {
-            run(&shared, &job)
-        };
-        let picture = match &end {
-            End::Unresolved { .. } if !job.resume && !job.early => {
-                picture(shared.env.ctl.as_ref(), &job.cgroup)
+        live.worker_busy();
+        let finished = std::cell::Cell::new(false);
+        let body = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let end = match std::panic::catch_unwind(AssertUnwindSafe(|| {
+                if job.early {
+                    crate::early::run(&shared, &job)
+                } else {
+                    run(&shared, &job)
+                }
+            })) {
+                Ok(end) => end,
+                Err(payload) => panicked(&shared, &job, payload.as_ref()),
+            };
+            let picture = match &end {
+                End::Unresolved { .. } if !job.resume && !job.early => {
+                    picture(shared.env.ctl.as_ref(), &job.cgroup)
+                }
+                _ => None,
+            };
+            let again = shared.dispatcher.finish(&job, &end, picture);
+            finished.set(true);
+            for (cg, policy, at) in again {
+                // An OOM arrived (here, or at an ancestor that waited): still stuck now?
+                if oom_state(shared.env.ctl.as_ref(), &cg) == State::Stuck {
+                    shared.dispatcher.trigger(&cg, policy, at);
+                }
             }
-            _ => None,
-        };
-        for (cg, policy, at) in shared.dispatcher.finish(&job, &end, picture) {
-            // An OOM arrived (here, or at an ancestor that waited): still stuck now?
-            if oom_state(shared.env.ctl.as_ref(), &cg) == State::Stuck {
-                shared.dispatcher.trigger(&cg, policy, at);
+        }));
+        if let Err(payload) = body {
+            // Outside the episode (its picture, its end, the re-checks): the running
+            // mark must not outlive it.
+            let msg = panic_message(payload.as_ref());
+            log::error!(
+                "{}: episode {} worker panicked: {msg}",
+                job.cgroup,
+                job.episode
+            );
+            if !finished.get() {
+                let end = End::Unresolved {
+                    reason: format!("the episode panicked: {msg}"),
+                    help: String::new(),
+                    failed: true,
+                };
+                let _ = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    shared.dispatcher.finish(&job, &end, None)
+                }));
             }
         }
+        live.worker_idle();
         shared.dispatcher.job_done();
+    }
+}
+
+/// The longest a step may wait by its policy: its grace or timeout, and its settle
+/// (for the watchdog's [`Liveness`](crate::notify::Liveness)).
+pub fn step_bound(step: &crate::policy::Step) -> Duration {
+    let waits = match &step.action {
+        Action::Reclaim { timeout } | Action::Exec { timeout, .. } => *timeout,
+        Action::Signal { grace, .. } => *grace,
+        _ => Duration::ZERO,
+    };
+    waits.saturating_add(step.settle)
+}
+
+/// The text of a panic's payload.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(no message)".to_string()
+    }
+}
+
+/// An episode panicked: says so (log and `unresolved` audit line) and ends it as an
+/// episode whose action failed, so that the stall is retried a second later.
+fn panicked(shared: &Shared, job: &Job, payload: &(dyn std::any::Any + Send)) -> End {
+    let msg = panic_message(payload);
+    log::error!(
+        "{}: episode {} panicked: {msg}; the stall is retried",
+        job.cgroup,
+        job.episode
+    );
+    shared.metrics.unresolved(&job.policy.name);
+    shared.audit.log(
+        Record::new("unresolved", &job.cgroup)
+            .with("episode", job.episode)
+            .with("policy", job.policy.name.clone())
+            .with("reason", "the episode panicked")
+            .with("error", msg.clone()),
+    );
+    End::Unresolved {
+        reason: format!("the episode panicked: {msg}"),
+        help: String::new(),
+        failed: true,
     }
 }
 
@@ -198,6 +282,7 @@ pub fn run(shared: &Shared, job: &Job) -> End {
         }
         shared.audit.log(rec);
     }
+    crate::loan::fault::point("episode_start");
 
     let stopping = || shared.stop.load(Ordering::SeqCst) || shared.dispatcher.stopping();
     let check = || -> State {
@@ -228,6 +313,7 @@ pub fn run(shared: &Shared, job: &Job) -> End {
             if stopping() {
                 break 'steps End::Stopped;
             }
+            shared.dispatcher.liveness.worker_beat(step_bound(step));
             // Before every step, the first included: a job may have waited for a free
             // worker, and a stall that ended meanwhile needs nothing (one pread).
             match check() {

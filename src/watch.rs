@@ -310,7 +310,8 @@ impl Watcher {
                 self.sweep_due();
                 next_sweep = now + self.sweep_every;
             }
-            notify.watchdog(now);
+            // Pinged only while the workers and the loan keeper are alive too.
+            notify.watchdog_if(now, || self.shared.dispatcher.liveness.check(now));
         }
     }
 
@@ -358,7 +359,15 @@ impl Watcher {
                 Some(StallSource::Threshold) | None => Trigger::Recheck,
             };
             let rises = st.and_then(|s| s.rises);
-            self.trigger(&cg, detected, Cause { trigger, rises });
+            self.trigger(
+                &cg,
+                detected,
+                Cause {
+                    trigger,
+                    rises,
+                    own_wall: false,
+                },
+            );
         }
     }
 
@@ -494,15 +503,27 @@ impl Watcher {
         let ctl = self.shared.env.ctl.as_ref();
         let mut top = cg.clone();
         let mut top_state = None;
+        // Whether the walk ended at a parent read as out of OOM (or at the root).
+        let mut clear_above = true;
         while let Some(parent) = top.parent() {
             match ctl.oom_state(&parent) {
                 Ok(Some(st)) if st.under_oom => {
                     top = parent;
                     top_state = Some(st);
                 }
-                _ => break,
+                Ok(_) => break,
+                Err(_) => {
+                    clear_above = false;
+                    break;
+                }
             }
         }
+        // Where the wall is: the highest cgroup under OOM, at its own limit. Such a
+        // stall is its own even right after an episode above it resolved.
+        let cause = Cause {
+            own_wall: clear_above && at_own_limit(ctl, &top),
+            ..cause
+        };
         let Some(own) = self.watched(cg).map(|w| w.policy.clone()) else {
             return;
         };
@@ -1037,6 +1058,7 @@ impl Watcher {
                 let cause = Cause {
                     trigger: Trigger::Sweep,
                     rises: st.rises,
+                    own_wall: false,
                 };
                 self.trigger(&cg, now, cause);
             } else if let Some(p) = pinned {
@@ -1410,6 +1432,17 @@ fn drain(s: &mut impl Read) {
             break;
         }
     }
+}
+
+/// Whether `cg`'s usage is at its own limit (within [`crate::pinned::wall_margin`]):
+/// the cgroup whose limit was hit, not one marked by a stall above it. False when
+/// either read fails or the cgroup has no limit of its own.
+fn at_own_limit(ctl: &dyn crate::cgroup::Controller, cg: &CgroupPath) -> bool {
+    let Ok(Some(limits)) = ctl.limits(cg) else {
+        return false;
+    };
+    let unlimited = crate::cgroup::parse::is_unlimited(limits.memory);
+    matches!(ctl.usage(cg), Ok(Some(u)) if !unlimited && crate::pinned::at_wall(u, limits.memory))
 }
 
 #[cfg(test)]

@@ -1,11 +1,13 @@
 //! Test-only fault injection, for the integration tests of crash recovery. The
 //! environment variable `OOMWAKE_FAULT=POINT:ACTION[:N]` (read once, when the agent
 //! starts) makes the agent act at the N-th time (default 1) it passes POINT:
-//! `abort` (a crash: SIGABRT, nothing flushed or given back) or `pause-MS` (sleep MS
-//! milliseconds). Points: `after_journal_put` (a raise is journaled, its limits not yet
-//! written), `after_restore_memory` (a restore lowered memory, memsw not yet),
-//! `limit_first_before_write` (a raise of the agent's own cgroup), `after_step` (an
-//! episode's step returned, before the check of its effect).
+//! `abort` (a crash: SIGABRT, nothing flushed or given back), `panic` (a Rust panic in
+//! the thread passing the point: a bug) or `pause-MS` (sleep MS milliseconds). Points:
+//! `after_journal_put` (a raise is journaled, its limits not yet written),
+//! `after_restore_memory` (a restore lowered memory, memsw not yet),
+//! `limit_first_before_write` (a raise of the agent's own cgroup), `episode_start` (an
+//! OOM episode wrote its `oom` line, before its first step), `after_step` (an episode's
+//! step returned, before the check of its effect).
 //!
 //! Never set it in production: it exists so that tests can stop the agent between two
 //! writes that must both happen.
@@ -17,6 +19,7 @@ use std::time::Duration;
 #[derive(Debug, Clone, PartialEq)]
 enum Act {
     Abort,
+    Panic,
     Pause(Duration),
 }
 
@@ -35,6 +38,7 @@ fn parse(s: &str) -> Option<Fault> {
     let point = it.next()?.to_string();
     let act = match it.next()? {
         "abort" => Act::Abort,
+        "panic" => Act::Panic,
         p => Act::Pause(Duration::from_millis(
             p.strip_prefix("pause-")?.parse().ok()?,
         )),
@@ -53,7 +57,9 @@ pub fn init() {
         let f = parse(&v);
         match &f {
             Some(f) => log::warn!("TEST-ONLY fault injection armed: {f:?}"),
-            None => log::error!("OOMWAKE_FAULT={v:?} is not POINT:abort|pause-MS[:N]; ignored"),
+            None => {
+                log::error!("OOMWAKE_FAULT={v:?} is not POINT:abort|panic|pause-MS[:N]; ignored")
+            }
         }
         f
     });
@@ -73,6 +79,7 @@ pub fn point(name: &str) {
             eprintln!("TEST-ONLY fault injection: aborting at {name}");
             std::process::abort()
         }
+        Act::Panic => panic!("TEST-ONLY fault injection: panic at {name}"),
         Act::Pause(d) => {
             log::warn!("TEST-ONLY fault injection: pausing {d:?} at {name}");
             std::thread::sleep(d)
@@ -97,6 +104,10 @@ mod tests {
         assert_eq!(
             parse("x:pause-50").map(|f| f.act),
             Some(Act::Pause(Duration::from_millis(50)))
+        );
+        assert_eq!(
+            parse("episode_start:panic").map(|f| f.act),
+            Some(Act::Panic)
         );
         assert_eq!(parse("x"), None);
         assert_eq!(parse("x:explode"), None);

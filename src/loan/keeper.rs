@@ -165,7 +165,10 @@ pub fn give_back_resumed(shared: &Shared, cg: &CgroupPath) -> Returned {
 
 /// The keeper thread: gives headroom back and resumes episodes whose hold expired.
 pub fn run(shared: Arc<Shared>, every: Duration) {
+    let live = &shared.dispatcher.liveness;
+    live.keeper_started(every);
     while !shared.stop.load(Ordering::SeqCst) {
+        live.keeper_beat();
         std::thread::sleep(every);
         if shared.stop.load(Ordering::SeqCst) {
             break;
