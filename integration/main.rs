@@ -15,6 +15,7 @@ mod core_stderr;
 mod docker;
 mod docker_meta;
 mod docker_names;
+mod docker_unknown;
 mod doctor;
 mod early;
 mod episodes;

@@ -667,6 +667,9 @@ impl Watcher {
             };
             log::debug!("{cg}: container metadata changed; choosing its policy again");
             self.reconsider(&cg, &policies, "container changed");
+            // A stall held while the metadata was unknown is retried now, under the
+            // policy it names (see crate::identity).
+            self.shared.dispatcher.kick(&cg);
             self.status_dirty = true;
         }
     }
@@ -1430,6 +1433,7 @@ mod tests {
             moves: Arc::new(crate::moves::Moves::new().unwrap()),
             containers: containers
                 .unwrap_or_else(|| Arc::new(crate::container::Containers::disabled())),
+            metadata_wait: Duration::from_secs(2),
         })
     }
 

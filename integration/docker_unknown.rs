@@ -1,0 +1,132 @@
+//! Issue 16.2 on a real stall: a container's identity the agent cannot learn must not
+//! fall through to a catch-all that kills. The Docker engine is a fake one, a unix
+//! socket in a TempDir served by a thread that accepts every connection and never
+//! answers (a hung engine); the "container" is a real cgroup shaped like Docker's
+//! (`<scratch>/docker/<64 hex>`, 32 MiB, `oom_kill_disable 1`) below the test's own
+//! scratch cgroup, with a real hog stalled in it. Root and cgroup v1.
+
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+/// An engine that accepts and never says a word; the connections are held open until
+/// it is dropped.
+struct MuteEngine {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl MuteEngine {
+    fn start(path: &Path) -> MuteEngine {
+        let l = UnixListener::bind(path).unwrap();
+        l.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (st, n) = (stop.clone(), accepted.clone());
+        let thread = std::thread::spawn(move || {
+            let mut held: Vec<UnixStream> = Vec::new();
+            while !st.load(Ordering::SeqCst) {
+                match l.accept() {
+                    Ok((s, _)) => {
+                        n.fetch_add(1, Ordering::SeqCst);
+                        held.push(s);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        MuteEngine {
+            stop,
+            thread: Some(thread),
+            accepted,
+        }
+    }
+}
+
+impl Drop for MuteEngine {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn a_container_of_unknown_name_is_not_killed_by_the_catch_all() {
+    let test = "a_container_of_unknown_name_is_not_killed_by_the_catch_all";
+    let Some(()) = require_v1(test) else {
+        return;
+    };
+    let mut s = Scratch::new("unknown-name");
+    s.cgroup("docker", None, false);
+    let id = "e".repeat(64);
+    let cg = s.cgroup(&format!("docker/{id}"), Some(32 * MIB), true);
+    let sock_dir = tempfile::tempdir().unwrap();
+    let sock = sock_dir.path().join("docker.sock");
+    let engine = MuteEngine::start(&sock);
+
+    // Issue 16.2's pair, both kept to this test's scratch tree: `db` names the
+    // container and only audits; the catch-all below it kills.
+    let glob = format!("{}/docker/*", s.rel);
+    let db = format!(
+        "name = \"db\"\nmode = \"audit\"\npriority = 50\n[match]\ncgroup = [\"{glob}\"]\ncontainer_name = [\"db-*\"]\n{KILL}"
+    );
+    let all = format!("name = \"all\"\npriority = 0\n[match]\ncgroup = [\"{glob}\"]\n{KILL}");
+    let tmp = Agent::dir(&[("db.toml", &db), ("all.toml", &all)]);
+    std::fs::write(
+        tmp.path().join("oomwake.toml"),
+        "container_metadata_wait = \"1500ms\"\n",
+    )
+    .unwrap();
+    let agent = Agent::start_in(tmp, &["--docker-socket", sock.to_str().unwrap()]);
+    let w = agent.expect("watch", &cg.rel, Duration::from_secs(10));
+    assert_eq!(w["policy"], "all", "{w}");
+
+    let hog = s.hog(&cg, &["--touch", "48M", "--hold", "60s"]);
+    let t0 = Instant::now();
+    let oom = agent.expect("oom", &cg.rel, Duration::from_secs(15));
+    assert_eq!(oom["metadata"], "unknown", "{oom}");
+    assert_eq!(oom["outranked_by"], "db", "{oom}");
+    assert_eq!(oom["fallback_policy"], "all", "{oom}");
+    let reason = oom["metadata_reason"].as_str().unwrap_or_default();
+    assert!(reason.contains(sock.to_str().unwrap()), "{oom}");
+    let waited = oom["metadata_wait_ms"].as_f64().unwrap_or_default();
+    assert!((1500.0..5000.0).contains(&waited), "{oom}");
+    let un = agent.expect("unresolved", &cg.rel, Duration::from_secs(10));
+    assert_eq!(
+        un["reason"], "container metadata unknown: audit only",
+        "{un}"
+    );
+
+    // Give a wrong kill time to happen (a retry of the stall included), then look.
+    std::thread::sleep(Duration::from_secs(3));
+    let actions = agent.events("action", &cg.rel);
+    assert!(!actions.is_empty(), "no action line:\n{}", agent.log());
+    for a in &actions {
+        assert_eq!(a["outcome"], "would", "{a}");
+        assert_eq!(a["mode"], "audit", "{a}");
+    }
+    assert!(
+        s.alive(hog.pid),
+        "the catch-all killed a container whose name was unknown; audit:\n{:?}",
+        agent.audit()
+    );
+    assert!(cg.under_oom(), "still stalled: nothing acted");
+    assert!(
+        engine.accepted.load(Ordering::SeqCst) > 0,
+        "the agent never reached the engine"
+    );
+    eprintln!(
+        "{test}: oom line {waited} ms after the stall began (metadata wait), {:?} since the hog started",
+        t0.elapsed()
+    );
+    drop(agent);
+    drop(s);
+    drop(engine);
+}
