@@ -294,6 +294,16 @@ mod tests {
     }
 
     #[test]
+    fn container_metadata_wait_default_value_and_position() {
+        let d = Config::parse("", "c.toml").unwrap();
+        assert_eq!(d.container_metadata_wait, Duration::from_secs(2));
+        let c = Config::parse("container_metadata_wait = \"500ms\"\n", "c.toml").unwrap();
+        assert_eq!(c.container_metadata_wait, Duration::from_millis(500));
+        let e = Config::parse("\ncontainer_metadata_wait = \"0ms\"\n", "c.toml").unwrap_err();
+        assert!(e.starts_with("c.toml:2:27: "), "{e}");
+    }
+
+    #[test]
     fn values_and_errors() {
         let c = Config::parse(
             "sweep_interval = \"250ms\"\nworkers = 2\nmetrics = \"9717\"\n",

@@ -84,13 +84,18 @@ pub fn settle(
 ) -> Settled {
     let containers = &shared.containers;
     let as_is = || Settled::as_is(policy);
+    let set = shared.policies();
+    // The common case, no policy keyed on container metadata: nothing read, nothing
+    // allocated before the first step.
+    if !set.policies().iter().any(|p| p.matcher.needs_container()) {
+        return as_is();
+    }
     let Some(id) = crate::container::identify(cg.as_bytes())
         .filter(|i| i.is_container())
         .and_then(|i| i.container_id)
     else {
         return as_is();
     };
-    let set = shared.policies();
     let kill_disabled = shared
         .env
         .ctl
