@@ -3,7 +3,8 @@
 //! socket in a TempDir served by a thread that accepts every connection and never
 //! answers (a hung engine); the "container" is a real cgroup shaped like Docker's
 //! (`<scratch>/docker/<64 hex>`, 32 MiB, `oom_kill_disable 1`) below the test's own
-//! scratch cgroup, with a real hog stalled in it. Root and cgroup v1.
+//! scratch cgroup, with a real hog stalled in it. Root and cgroup v1. The same fake
+//! engine, answering, serves the hold-expiry resume of issue 16.4.
 
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -230,6 +231,69 @@ fn a_stall_held_for_an_unknown_name_goes_to_the_named_policy_once_the_engine_ans
     {
         eprintln!("{test}: {l}");
     }
+    drop(agent);
+    drop(s);
+    drop(engine);
+}
+
+/// Issue 16.4: at hold expiry, a loan made by a policy that matches by container name
+/// resumes under that policy (the keeper chooses with the container's metadata), not
+/// "no policy matches the cgroup any more". The engine is the fake one, answering.
+#[test]
+fn hold_expiry_resumes_the_episode_of_a_policy_that_matches_by_container_name() {
+    let test = "hold_expiry_resumes_the_episode_of_a_policy_that_matches_by_container_name";
+    let Some(()) = require_v1(test) else {
+        return;
+    };
+    let mut s = Scratch::new("resume-name");
+    s.cgroup("docker", None, false);
+    let id = "a1".repeat(32);
+    let cg = s.cgroup(&format!("docker/{id}"), Some(32 * MIB), true);
+    let sock_dir = tempfile::tempdir().unwrap();
+    let sock = sock_dir.path().join("docker.sock");
+    let engine = MuteEngine::start_waking(
+        &sock,
+        Some((Duration::ZERO, id.clone(), "db-1".to_string())),
+    );
+    let glob = format!("{}/docker/*", s.rel);
+    let db = format!(
+        "name = \"db\"\npriority = 50\n[match]\ncgroup = [\"{glob}\"]\ncontainer_name = [\"db-*\"]\n\n[[step]]\naction = \"raise_limit\"\nby = \"50%\"\nmax_extra = \"100%\"\nhold = \"1s\"\n\n[[step]]\naction = \"reclaim\"\n"
+    );
+    let agent = Agent::start(
+        &[("db.toml", &db)],
+        &["--docker-socket", sock.to_str().unwrap()],
+    );
+    let w = agent.expect("watch", &cg.rel, Duration::from_secs(15));
+    assert_eq!(w["policy"], "db", "{w}");
+    let hog = s.hog(&cg, &["--touch", "40M", "--hold", "60s"]);
+    assert!(
+        hog.report(Duration::from_secs(15)).is_some(),
+        "log:\n{}",
+        agent.log()
+    );
+    let r = agent.expect("resolved", &cg.rel, Duration::from_secs(5));
+    assert_eq!(r["by_action"], "raise_limit", "{r}");
+    // The hold (1 s) expires with 40 MiB still used against 32: the episode resumes.
+    let resumed = agent
+        .wait_for(Duration::from_secs(15), |v| {
+            v["cgroup"] == cg.rel.as_str() && v["event"] == "oom" && v["resumed"] == true
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "the episode was not resumed at hold expiry; audit:\n{:?}\nlog:\n{}",
+                agent.audit(),
+                agent.log()
+            )
+        });
+    assert_eq!(resumed["policy"], "db", "{resumed}");
+    assert_eq!(resumed["start_step"], 1, "{resumed}");
+    assert!(
+        !agent
+            .log()
+            .contains("no policy matches the cgroup any more"),
+        "{}",
+        agent.log()
+    );
     drop(agent);
     drop(s);
     drop(engine);
