@@ -81,6 +81,7 @@ pub fn run(cfg: Config, policies: PolicySet, reload: crate::config::Reload) -> a
         holds,
         moves,
         containers,
+        metadata_wait: cfg.container_metadata_wait,
     });
     loan::keeper::recover(&shared, found);
 

@@ -53,6 +53,9 @@ pub struct Config {
     /// True when the socket was named (config or flag): its absence is then worth a
     /// warning.
     pub docker_socket_explicit: bool,
+    /// How long a stall waits for its container's metadata when a policy keyed on it
+    /// (name, label, image) could apply; then it is handled audit-only.
+    pub container_metadata_wait: Duration,
 }
 
 impl Default for Config {
@@ -82,6 +85,7 @@ impl Default for Config {
             unresolved_retry_max: Duration::from_secs(300),
             docker_socket: Some(DEFAULT_DOCKER_SOCKET.into()),
             docker_socket_explicit: false,
+            container_metadata_wait: Duration::from_secs(2),
         }
     }
 }
@@ -106,6 +110,7 @@ struct RawConfig {
     mlock: Option<bool>,
     unresolved_retry_max: Option<Spanned<Dur>>,
     docker_socket: Option<String>,
+    container_metadata_wait: Option<Spanned<Dur>>,
 }
 
 /// The shortest interval accepted for a timer or poll: zero would spin a CPU.
@@ -209,6 +214,11 @@ impl Config {
             )?,
             docker_socket,
             docker_socket_explicit,
+            container_metadata_wait: interval(
+                raw.container_metadata_wait,
+                "container_metadata_wait",
+                d.container_metadata_wait,
+            )?,
         })
     }
 
@@ -242,7 +252,8 @@ impl Config {
             mlock,
             trust,
             unresolved_retry_max,
-            docker_socket
+            docker_socket,
+            container_metadata_wait
         );
         kept
     }
@@ -280,6 +291,16 @@ mod tests {
         assert!(c.docker_socket_explicit);
         let n = Config::parse("docker_socket = \"none\"\n", "c.toml").unwrap();
         assert_eq!(n.docker_socket, None);
+    }
+
+    #[test]
+    fn container_metadata_wait_default_value_and_position() {
+        let d = Config::parse("", "c.toml").unwrap();
+        assert_eq!(d.container_metadata_wait, Duration::from_secs(2));
+        let c = Config::parse("container_metadata_wait = \"500ms\"\n", "c.toml").unwrap();
+        assert_eq!(c.container_metadata_wait, Duration::from_millis(500));
+        let e = Config::parse("\ncontainer_metadata_wait = \"0ms\"\n", "c.toml").unwrap_err();
+        assert!(e.starts_with("c.toml:2:27: "), "{e}");
     }
 
     #[test]

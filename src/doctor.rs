@@ -7,7 +7,10 @@
 //!   cgroup or any ancestor (`hierarchical_memory_limit`): nothing stops it before the
 //!   host runs out, and the kernel will not kill inside it.
 //! - `uncovered` (v1): `oom_kill_disable 1` under a limit, so it can stall, and no policy
-//!   covers it (policies that match by container metadata are not evaluated here).
+//!   covers it. Policies that match by container metadata are evaluated with what the
+//!   Docker engine lists (when its socket answers); a container whose metadata is not
+//!   known, where such a policy could outrank the one chosen without it, is a note
+//!   ("not checked"), never attributed to the lower policy (issue 16.4).
 //! - `loan_outstanding`: a limit the agent lent and has not given back (the journal in
 //!   the state dir); `hold_expired` when its hold is over.
 //! - `early_cannot_work`: a covered cgroup whose policy's `[early]` threshold cannot
@@ -16,6 +19,7 @@
 //! - `policy_matches_nothing`: a policy that covers no cgroup below the root (one that
 //!   matches by container metadata is reported as not checked).
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -23,7 +27,7 @@ use serde::Serialize;
 
 use crate::cgroup::{self, parse::is_unlimited, CgroupPath, Controller, Hierarchy, Kind};
 use crate::journal::{Journal, LoanRecord};
-use crate::policy::PolicySet;
+use crate::policy::{ContainerInfo, PolicySet};
 
 /// One thing that puts the host at risk.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -57,18 +61,37 @@ pub enum DoctorError {
 }
 
 /// Scans the hierarchy at `cgroup_root` (or a subtree of it) against `policies` and the
-/// loans journaled in `state_dir`.
+/// loans journaled in `state_dir`, with the containers the Docker engine at
+/// `docker_socket` lists (when given and it answers).
 pub fn run(
     policies: &PolicySet,
     cgroup_root: &Path,
     proc_root: &Path,
     state_dir: &Path,
+    docker_socket: Option<&Path>,
 ) -> Result<Report, DoctorError> {
     let ctl = cgroup::open(Hierarchy::detect(cgroup_root, proc_root)?)?;
     let loans = Journal::read_only(state_dir)
         .load()
         .map_err(|e| e.to_string());
-    Ok(diagnose(ctl.as_ref(), policies, loans, now_ms()))
+    let mut containers = HashMap::new();
+    let mut engine_note = None;
+    if let Some(sock) = docker_socket {
+        let engine =
+            crate::container::docker::Engine::new(sock, crate::container::cache::REQUEST_TIMEOUT);
+        match engine.list() {
+            Ok(metas) => containers.extend(metas.into_iter().map(|m| (m.id, m.info))),
+            Err(e) => {
+                engine_note = Some(format!(
+                    "the Docker engine at {} did not list its containers: {e}",
+                    sock.display()
+                ))
+            }
+        }
+    }
+    let mut r = diagnose(ctl.as_ref(), policies, loans, now_ms(), &containers);
+    r.notes.extend(engine_note);
+    Ok(r)
 }
 
 fn now_ms() -> u64 {
@@ -82,12 +105,14 @@ fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
 }
 
-/// The checks, on any controller (a TempDir fake in unit tests).
+/// The checks, on any controller (a TempDir fake in unit tests); `containers`: the
+/// metadata of the containers known, by full id.
 pub fn diagnose(
     ctl: &dyn Controller,
     policies: &PolicySet,
     loans: Result<Vec<LoanRecord>, String>,
     now_unix_ms: u64,
+    containers: &HashMap<String, ContainerInfo>,
 ) -> Report {
     let h = ctl.hierarchy();
     let v1 = h.kind() == Kind::V1;
@@ -102,7 +127,28 @@ pub fn diagnose(
         };
         scanned += 1;
         let kill_disabled = v1 && st.oom_kill_disable;
-        let selected = policies.select(cg, kill_disabled, None);
+        let id = crate::container::identify(cg.as_bytes())
+            .filter(|i| i.is_container())
+            .and_then(|i| i.container_id);
+        let info = id.as_ref().and_then(|id| containers.get(id));
+        let mut selected = policies.select(cg, kill_disabled, info);
+        // Without the container's metadata the choice may be the wrong one: a policy
+        // keyed on it could outrank what was chosen. Say so; check nothing against it.
+        let mut unknown = false;
+        if id.is_some() && info.is_none() {
+            if let Some(over) =
+                policies.outranking_container_policy(cg, kill_disabled, selected.map(|p| &**p))
+            {
+                notes.push(format!(
+                    "{cg}: container metadata unknown, and policy {} ({}) matches by container metadata and could apply instead of {}: not checked",
+                    over.name,
+                    over.source,
+                    selected.map_or("no policy".to_string(), |p| format!("policy {}", p.name))
+                ));
+                selected = None;
+                unknown = true;
+            }
+        }
         if let Some(p) = selected {
             if let Some(i) = policies.policies().iter().position(|q| q.name == p.name) {
                 used[i] = true;
@@ -123,7 +169,7 @@ pub fn diagnose(
                 .or(limit);
             match effective {
                 Some(l) if !is_unlimited(l) => {
-                    if selected.is_none() {
+                    if selected.is_none() && !unknown {
                         findings.push(Finding {
                             kind: "uncovered",
                             cgroup: Some(cg.clone()),
@@ -362,7 +408,7 @@ mod tests {
             "name = \"app\"\n[match]\ncgroup = [\"/app\"]\n{STEP}"
         )]);
         let ctl = V1::new(Hierarchy::fake(t.path(), Kind::V1));
-        let r = diagnose(&ctl, &p, Ok(vec![]), 0);
+        let r = diagnose(&ctl, &p, Ok(vec![]), 0, &HashMap::new());
         assert_eq!(kinds(&r), vec![]);
         assert_eq!(r.scanned, 2);
         assert!(r.text().contains("nothing found"));
@@ -416,7 +462,7 @@ mod tests {
             resume_step: 1,
             identity: None,
         };
-        let r = diagnose(&ctl, &p, Ok(vec![loan]), 5000);
+        let r = diagnose(&ctl, &p, Ok(vec![loan]), 5000, &HashMap::new());
         let mut got = kinds(&r);
         got.sort();
         assert_eq!(
@@ -446,12 +492,62 @@ mod tests {
         assert_eq!(json["findings"].as_array().unwrap().len(), 6);
     }
 
+    /// Issue 16.4: a container's cgroup is judged with its metadata. Covered by the
+    /// policy naming it when the engine listed it; when its metadata is unknown and a
+    /// policy keyed on it could outrank the catch-all, a note, and the catch-all's
+    /// `[early]` is not held against it.
+    #[test]
+    fn container_cgroups_are_judged_with_their_metadata() {
+        let id = "d".repeat(64);
+        let cg = format!("/docker/{id}");
+        let t = tempfile::tempdir().unwrap();
+        cgroup(t.path(), "", false, UNLIMITED, 0);
+        cgroup(t.path(), "/docker", false, UNLIMITED, 0);
+        cgroup(t.path(), &cg, true, 64 * MIB, 60 * MIB);
+        // No container: the catch-all's own, its [early] fine.
+        cgroup(t.path(), "/docker/other", true, 64 * MIB, 0);
+        let db =
+            format!("name = \"db\"\npriority = 50\n[match]\ncontainer_name = [\"db-*\"]\n{STEP}");
+        let all = format!(
+            "name = \"all\"\n[match]\ncgroup = [\"/docker/*\"]\n{STEP}[early]\nat = \"50%\"\n[[early.step]]\naction = \"reclaim\"\n"
+        );
+        let ctl = V1::new(Hierarchy::fake(t.path(), Kind::V1));
+        let mut known = HashMap::new();
+        known.insert(
+            id.clone(),
+            ContainerInfo {
+                name: "db-1".into(),
+                ..Default::default()
+            },
+        );
+        // Named by `db` alone: covered when the engine told the name (the other one
+        // is not).
+        let other = vec![("uncovered", "/docker/other".to_string())];
+        let r = diagnose(&ctl, &set(&[&db]), Ok(vec![]), 0, &known);
+        assert_eq!(kinds(&r), other);
+        // With the catch-all too: `db` wins, and its (absent) [early] is what counts.
+        let r = diagnose(&ctl, &set(&[&all, &db]), Ok(vec![]), 0, &known);
+        assert_eq!(kinds(&r), vec![]);
+        // Unknown: neither uncovered nor judged under the catch-all; a note says why.
+        for (policies, want) in [(set(&[&db]), other), (set(&[&all, &db]), vec![])] {
+            let r = diagnose(&ctl, &policies, Ok(vec![]), 0, &HashMap::new());
+            assert_eq!(kinds(&r), want);
+            assert!(
+                r.notes
+                    .iter()
+                    .any(|n| n.contains(&cg) && n.contains("container metadata unknown")),
+                "{:?}",
+                r.notes
+            );
+        }
+    }
+
     #[test]
     fn an_unreadable_journal_is_a_note() {
         let t = tempfile::tempdir().unwrap();
         cgroup(t.path(), "", false, UNLIMITED, 0);
         let ctl = V1::new(Hierarchy::fake(t.path(), Kind::V1));
-        let r = diagnose(&ctl, &set(&[]), Err("bad line".into()), 0);
+        let r = diagnose(&ctl, &set(&[]), Err("bad line".into()), 0, &HashMap::new());
         assert!(r.findings.is_empty());
         assert!(r.notes[0].contains("bad line"));
     }
@@ -465,7 +561,7 @@ mod tests {
         let ctl = V1::new(Hierarchy::fake(t.path(), Kind::V1));
         let state = t.path().join("no-state");
         let loans = Journal::read_only(&state).load().map_err(|e| e.to_string());
-        let r = diagnose(&ctl, &set(&[]), loans, 0);
+        let r = diagnose(&ctl, &set(&[]), loans, 0, &HashMap::new());
         assert_eq!(kinds(&r), vec![("uncovered", "/orphan".to_string())]);
         assert_eq!(snapshot(t.path()), before);
         assert!(!state.exists());

@@ -90,12 +90,19 @@ fn ms(d: Duration) -> f64 {
 /// starts, an `action` line per step (with `early: true`), then `early_resolved` or
 /// `early_unresolved`.
 pub fn run(shared: &Shared, job: &Job) -> End {
-    let policy = &job.policy;
     let cg = &job.cgroup;
+    let ctl = shared.env.ctl.as_ref();
+    // As for a stall (crate::identity): without the container's metadata, a policy
+    // keyed on it may outrank this one; wait for it (until the wall), else audit-only.
+    let settled = crate::identity::settle(shared, cg, &job.policy, shared.metadata_wait, &|| {
+        shared.stop.load(Ordering::SeqCst)
+            || shared.dispatcher.stopping()
+            || matches!(ctl.oom_state(cg), Ok(Some(st)) if st.under_oom)
+    });
+    let policy = &settled.policy;
     let Some(early) = policy.early.as_ref() else {
         return End::unresolved("the policy has no [early] steps");
     };
-    let ctl = shared.env.ctl.as_ref();
     let audit_mode = policy.mode == Mode::Audit;
     let Some((fired_limit, fired_usage)) = look(ctl, cg) else {
         return End::Gone;
@@ -110,6 +117,7 @@ pub fn run(shared: &Shared, job: &Job) -> End {
     if let Some(t) = early.threshold(fired_limit) {
         rec.set("threshold", t);
     }
+    rec.merge(settled.fields());
     shared.audit.log(rec);
 
     let stopping = || shared.stop.load(Ordering::SeqCst) || shared.dispatcher.stopping();

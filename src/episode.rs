@@ -242,21 +242,31 @@ fn diagnose(action: &Action, report: &Report) -> Option<(String, String)> {
 /// Runs one episode to its end and writes its audit lines. A retry of an unresolved
 /// stall (`job.retry > 0`) writes only what changed something, and a reminder.
 pub fn run(shared: &Shared, job: &Job) -> End {
-    let policy = &job.policy;
+    let stopping = || shared.stop.load(Ordering::SeqCst) || shared.dispatcher.stopping();
+    // A policy keyed on the container's metadata may outrank the one handed over:
+    // wait (bounded) for the metadata, or go audit-only (issue 16.2).
+    let settled = crate::identity::settle(
+        shared,
+        &job.cgroup,
+        &job.policy,
+        shared.metadata_wait,
+        &stopping,
+    );
+    let policy = &settled.policy;
     let audit_mode = policy.mode == Mode::Audit;
     let quiet = job.retry > 0;
     let cg = &job.cgroup;
     let ctl = shared.env.ctl.as_ref();
     // Written before the first action: a long first step must not hide the episode.
     if job.resume {
-        shared.audit.log(
-            Record::new("oom", cg)
-                .with("policy", policy.name.clone())
-                .with("episode", job.episode)
-                .with("resumed", true)
-                .with("reason", "hold expired with usage above the original limit")
-                .with("start_step", job.start_step),
-        );
+        let mut rec = Record::new("oom", cg)
+            .with("policy", policy.name.clone())
+            .with("episode", job.episode)
+            .with("resumed", true)
+            .with("reason", "hold expired with usage above the original limit")
+            .with("start_step", job.start_step);
+        rec.merge(settled.fields());
+        shared.audit.log(rec);
     } else if !quiet {
         shared.metrics.oom_event(&policy.name);
         let mut rec = Record::new("oom", cg)
@@ -280,11 +290,11 @@ pub fn run(shared: &Shared, job: &Job) -> End {
             }
             (None, None) => {}
         }
+        rec.merge(settled.fields());
         shared.audit.log(rec);
     }
     crate::loan::fault::point("episode_start");
 
-    let stopping = || shared.stop.load(Ordering::SeqCst) || shared.dispatcher.stopping();
     let check = || -> State {
         if job.resume {
             loan_given_back(shared, cg)
@@ -417,6 +427,7 @@ pub fn run(shared: &Shared, job: &Job) -> End {
         match check() {
             State::Gone => End::Gone,
             State::Recovered(at) if !audit_mode => resolved(job, last_step, at),
+            _ if settled.unknown.is_some() => End::unresolved(METADATA_UNKNOWN),
             _ if audit_mode => End::unresolved("audit mode"),
             _ => {
                 let reason = if diagnoses.is_empty() {
@@ -480,6 +491,9 @@ pub fn run(shared: &Shared, job: &Job) -> End {
                 .with("episode", job.episode)
                 .with("policy", policy.name.clone())
                 .with("reason", reason.clone());
+            if settled.unknown.is_some() {
+                rec.merge(settled.fields());
+            }
             if quiet {
                 // A reminder: the stall goes on; the next try backs off further.
                 rec.set("reminder", true);
@@ -507,6 +521,10 @@ pub fn run(shared: &Shared, job: &Job) -> End {
     }
     end
 }
+
+/// The reason of a stall handled audit-only because the container's metadata, which a
+/// higher-priority policy matches on, was unknown (see [`crate::identity`]).
+pub const METADATA_UNKNOWN: &str = "container metadata unknown: audit only";
 
 fn resolved(job: &Job, by_step: Option<usize>, at: Instant) -> End {
     End::Resolved {
@@ -547,6 +565,107 @@ fn settle(
 mod tests {
     use super::*;
     use crate::policy::PolicySet;
+
+    /// Issue 16.2 on a whole episode: a stuck container cgroup whose name is unknown
+    /// (a cache that is never filled), handed the catch-all that kills while a policy
+    /// by container name (audit) ranks above it. The kill step only says what it
+    /// would do, the real child in the cgroup lives, and the audit says why.
+    #[test]
+    fn an_episode_without_the_container_name_does_not_kill_with_the_catch_all() {
+        const ID: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("memory");
+        let proc_root = t.path().join("proc");
+        let cgdir = root.join("docker").join(ID);
+        std::fs::create_dir_all(&cgdir).unwrap();
+        std::fs::write(
+            cgdir.join("memory.oom_control"),
+            "oom_kill_disable 1\nunder_oom 1\n",
+        )
+        .unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        std::fs::write(cgdir.join("cgroup.procs"), format!("{pid}\n")).unwrap();
+        // What the victim reader and the pidfd re-check read of the child.
+        let d = proc_root.join(pid.to_string());
+        std::fs::create_dir_all(&d).unwrap();
+        for f in ["stat", "status", "cmdline"] {
+            let real = std::fs::read(format!("/proc/{pid}/{f}")).unwrap();
+            std::fs::write(d.join(f), real).unwrap();
+        }
+        std::fs::write(d.join("oom_score"), "0\n").unwrap();
+        std::fs::write(d.join("oom_score_adj"), "0\n").unwrap();
+        std::fs::write(d.join("cgroup"), format!("5:memory:/docker/{ID}\n")).unwrap();
+
+        let all = crate::policy::load_str(
+            "name='all'\npriority=0\n[match]\ncgroup=['/docker/*']\n[[step]]\naction='kill'\nsettle='50ms'\n",
+            "all.toml",
+        )
+        .unwrap();
+        let db = crate::policy::load_str(
+            "name='db'\nmode='audit'\npriority=50\n[match]\ncontainer_name=['db-*']\n[[step]]\naction='kill'\n",
+            "db.toml",
+        )
+        .unwrap();
+        let (tx, _rx) = crossbeam_channel::unbounded();
+        let mut shared = Shared::for_test(
+            t.path(),
+            &root,
+            vec![all, db],
+            Arc::new(crate::container::Containers::detached().unwrap()),
+            tx,
+            Duration::from_millis(200),
+        );
+        shared.env.proc_root = proc_root;
+        let cg = CgroupPath::new(&format!("/docker/{ID}"));
+        let policy = shared.policies().select(&cg, true, None).cloned().unwrap();
+        assert_eq!(policy.name, "all");
+        let job = Job {
+            cgroup: cg.clone(),
+            policy,
+            episode: 1,
+            detected: Instant::now(),
+            start_step: 0,
+            resume: false,
+            retry: 0,
+            remind: true,
+            early: false,
+            cause: Default::default(),
+            pinned: None,
+        };
+        let end = run(&shared, &job);
+        std::thread::sleep(Duration::from_millis(100));
+        let alive = matches!(child.try_wait(), Ok(None));
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(alive, "the catch-all killed a container of unknown name");
+        assert!(
+            matches!(&end, End::Unresolved { reason, .. } if reason == METADATA_UNKNOWN),
+            "{end:?}"
+        );
+        assert!(shared.audit.flush(Duration::from_secs(5)));
+        let lines: Vec<Value> = std::fs::read_to_string(t.path().join("audit.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let oom = lines.iter().find(|l| l["event"] == "oom").unwrap();
+        assert_eq!(oom["metadata"], "unknown", "{oom}");
+        assert_eq!(oom["outranked_by"], "db", "{oom}");
+        assert!(oom["metadata_wait_ms"].as_f64().unwrap() >= 200.0, "{oom}");
+        let act = lines.iter().find(|l| l["event"] == "action").unwrap();
+        assert_eq!(
+            (act["outcome"].as_str(), act["mode"].as_str()),
+            (Some("would"), Some("audit")),
+            "{act}"
+        );
+        let un = lines.iter().find(|l| l["event"] == "unresolved").unwrap();
+        assert_eq!(un["reason"], METADATA_UNKNOWN, "{un}");
+        assert_eq!(un["metadata"], "unknown", "{un}");
+    }
 
     /// The embedded default's step named `name` (reclaim, raise_limit, signal, kill).
     fn action(name: &str) -> Action {

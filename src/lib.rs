@@ -18,6 +18,7 @@ pub mod explain;
 pub mod hog;
 pub mod hold;
 pub mod holder;
+pub mod identity;
 pub mod journal;
 pub mod loan;
 pub mod metrics;

@@ -145,13 +145,17 @@ fn doctor(
         }
     };
     let root = cgroup_root.unwrap_or_else(|| Config::default().cgroup_root);
-    let report = match oomwake::doctor::run(&set, &root, std::path::Path::new("/proc"), state_dir) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("oomwake doctor: {e}");
-            return ExitCode::from(2);
-        }
-    };
+    // Container metadata for the policies that match on it, when the engine is there.
+    let sock = std::path::Path::new(config::DEFAULT_DOCKER_SOCKET);
+    let sock = sock.exists().then_some(sock);
+    let report =
+        match oomwake::doctor::run(&set, &root, std::path::Path::new("/proc"), state_dir, sock) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("oomwake doctor: {e}");
+                return ExitCode::from(2);
+            }
+        };
     if json {
         match serde_json::to_string_pretty(&report) {
             Ok(s) => println!("{s}"),

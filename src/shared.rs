@@ -35,6 +35,9 @@ pub struct Shared {
     pub moves: Arc<crate::moves::Moves>,
     /// Container metadata from the Docker Engine API (disabled: never finds anything).
     pub containers: Arc<crate::container::Containers>,
+    /// How long an episode waits for a container's metadata when a policy keyed on it
+    /// could apply (see [`crate::identity`]).
+    pub metadata_wait: Duration,
 }
 
 impl Shared {
@@ -48,6 +51,40 @@ impl Shared {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// A shared state on a fake v1 tree at `root` (tests): audit log `dir/audit.jsonl`,
+    /// no journal, episodes handed to `jobs`.
+    #[cfg(test)]
+    pub fn for_test(
+        dir: &std::path::Path,
+        root: &std::path::Path,
+        policies: Vec<crate::policy::Policy>,
+        containers: Arc<crate::container::Containers>,
+        jobs: crossbeam_channel::Sender<crate::dispatcher::Job>,
+        metadata_wait: Duration,
+    ) -> Shared {
+        use crate::cgroup::{v1::V1, Hierarchy, Kind};
+        Shared {
+            env: Env {
+                ctl: Box::new(V1::new(Hierarchy::fake(root, Kind::V1))),
+                proc_root: "/proc".into(),
+                self_pid: 0,
+                loans: crate::loan::LoanBook::new(None),
+            },
+            audit: Audit::file(&dir.join("audit.jsonl"))
+                .expect("a test audit log")
+                .with_containers(containers.clone()),
+            metrics: Metrics::default(),
+            dispatcher: Dispatcher::new(jobs, Duration::from_secs(60), 1, 1),
+            policies: RwLock::new(Arc::new(PolicySet::new(policies, false))),
+            settle_poll: Duration::from_millis(1),
+            stop: AtomicBool::new(false),
+            holds: crate::hold::Holds::in_memory(),
+            moves: Arc::new(crate::moves::Moves::new().expect("an eventfd")),
+            containers,
+            metadata_wait,
+        }
     }
 }
 

@@ -688,6 +688,9 @@ impl Watcher {
             };
             log::debug!("{cg}: container metadata changed; choosing its policy again");
             self.reconsider(&cg, &policies, "container changed");
+            // A stall held while the metadata was unknown is retried now, under the
+            // policy it names (see crate::identity).
+            self.shared.dispatcher.kick(&cg);
             self.status_dirty = true;
         }
     }
@@ -1485,6 +1488,7 @@ mod tests {
             moves: Arc::new(crate::moves::Moves::new().unwrap()),
             containers: containers
                 .unwrap_or_else(|| Arc::new(crate::container::Containers::disabled())),
+            metadata_wait: Duration::from_secs(2),
         })
     }
 
@@ -1633,6 +1637,88 @@ mod tests {
     /// A container whose cgroup appears before the engine names it (the usual order:
     /// runc makes the cgroup, then Docker reports the start) is watched as soon as the
     /// name arrives, and unwatched when the container is renamed away from the policy.
+    /// Issue 16.2: a stall held unresolved while its container's metadata was unknown
+    /// (its retry backed off) is due again as soon as the metadata arrives.
+    #[test]
+    fn a_stall_held_without_metadata_is_retried_when_it_arrives() {
+        let id = "9".repeat(64);
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("cg");
+        let dir = root.join("docker").join(&id);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("memory.oom_control"),
+            "oom_kill_disable 1\nunder_oom 1\noom_kill 0\n",
+        )
+        .unwrap();
+        let all = crate::policy::load::load_str(
+            "name='all'\n[match]\ncgroup=['/docker/*']\n[[step]]\naction='kill'\n",
+            "all.toml",
+        )
+        .unwrap();
+        let db = crate::policy::load::load_str(
+            "name='db'\nmode='audit'\npriority=50\n[match]\ncontainer_name=['db-*']\n[[step]]\naction='kill'\n",
+            "db.toml",
+        )
+        .unwrap();
+        let containers = Arc::new(crate::container::Containers::detached().unwrap());
+        let shared = test_shared(
+            t.path(),
+            Box::new(crate::cgroup::v1::V1::new(Hierarchy::fake(&root, Kind::V1))),
+            vec![all, db],
+            Some(containers.clone()),
+        );
+        let cfg = test_config(t.path(), &root);
+        std::fs::create_dir_all(&cfg.state_dir).unwrap();
+        let mut w =
+            Watcher::new(shared.clone(), &cfg, Box::new(|| Err("no reload".into()))).unwrap();
+        let cg = CgroupPath::new(&format!("/docker/{id}"));
+        let policy = w.watched(&cg).map(|x| x.policy.clone()).unwrap();
+        assert_eq!(policy.name, "all");
+        // The episode ran audit-only for want of the name: the stall waits for a retry.
+        let job = crate::dispatcher::Job {
+            cgroup: cg.clone(),
+            policy,
+            episode: 1,
+            detected: Instant::now(),
+            start_step: 0,
+            resume: false,
+            retry: 0,
+            remind: true,
+            early: false,
+            cause: Default::default(),
+            pinned: None,
+        };
+        let end = crate::dispatcher::End::Unresolved {
+            reason: crate::episode::METADATA_UNKNOWN.into(),
+            help: String::new(),
+            failed: false,
+        };
+        let picture = crate::dispatcher::Picture {
+            limit: 1,
+            usage: 1,
+            tasks: 1,
+        };
+        shared.dispatcher.finish(&job, &end, Some(picture));
+        assert_eq!(shared.dispatcher.waiting_pictures().len(), 1);
+        containers.put(crate::container::Meta {
+            id: id.clone(),
+            info: crate::policy::ContainerInfo {
+                name: "db-1".into(),
+                ..Default::default()
+            },
+        });
+        w.on_containers();
+        assert_eq!(
+            w.watched(&cg).map(|x| x.policy.name.clone()).as_deref(),
+            Some("db")
+        );
+        assert!(
+            shared.dispatcher.waiting_pictures().is_empty(),
+            "the held stall's retry is due now"
+        );
+    }
+
     #[test]
     fn metadata_arriving_after_the_cgroup_is_matched_at_once() {
         let id = "e".repeat(64);

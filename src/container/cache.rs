@@ -37,7 +37,12 @@ enum Msg {
     Event(Event),
     /// The event loop met a container cgroup whose id is not in the cache.
     Lookup(String),
+    /// The engine does not answer (why): what is unknown stays unknown meanwhile.
+    Down(String),
 }
+
+/// Why nothing is known yet, before the engine first answered.
+const NOT_YET: &str = "no answer from the engine yet (the agent is starting)";
 
 /// The metadata of the containers the engine reported, by full id.
 pub struct Containers {
@@ -47,6 +52,9 @@ pub struct Containers {
     wake: Option<EventFd>,
     tx: Option<Sender<Msg>>,
     socket: Option<PathBuf>,
+    /// None while the engine answers (listed after its last connection); otherwise
+    /// why it does not: what [`Containers::unknown_reason`] says.
+    down: Mutex<Option<String>>,
 }
 
 impl Containers {
@@ -58,6 +66,7 @@ impl Containers {
             wake: None,
             tx: None,
             socket: None,
+            down: Mutex::new(Some(NOT_YET.to_string())),
         }
     }
 
@@ -93,6 +102,7 @@ impl Containers {
             wake: Some(wake),
             tx: Some(tx.clone()),
             socket: Some(socket.to_path_buf()),
+            down: Mutex::new(Some(NOT_YET.to_string())),
         });
         let engine = Engine::new(socket, REQUEST_TIMEOUT);
         {
@@ -114,6 +124,34 @@ impl Containers {
 
     pub fn socket(&self) -> Option<&Path> {
         self.socket.as_deref()
+    }
+
+    /// True when an engine is followed (or looked for), or the cache is filled by hand
+    /// ([`Containers::detached`]): container metadata may become known. False for
+    /// [`Containers::disabled`], where it never does.
+    pub fn enabled(&self) -> bool {
+        self.wake.is_some()
+    }
+
+    /// Why the metadata of container `id` is not in the cache, for the audit line of a
+    /// stall that had to go without it.
+    pub fn unknown_reason(&self, id: &str) -> String {
+        let down = self.down.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let sock = self
+            .socket
+            .as_deref()
+            .map_or_else(|| "-".to_string(), |p| p.display().to_string());
+        match down {
+            Some(why) => format!("the Docker engine at {sock} does not answer: {why}"),
+            None => format!(
+                "the Docker engine at {sock} answers but has not described container {} (inspect pending, dropped or failed)",
+                super::id::short(id)
+            ),
+        }
+    }
+
+    fn set_down(&self, why: Option<String>) {
+        *self.down.lock().unwrap_or_else(|p| p.into_inner()) = why;
     }
 
     /// The eventfd that becomes readable when metadata changed (None when disabled).
@@ -282,14 +320,18 @@ fn follow_events(engine: Engine, tx: Sender<Msg>, quiet_when_absent: bool) {
                 if closed {
                     return;
                 }
+                let why = res
+                    .err()
+                    .map_or("engine stopped".to_string(), |e| e.to_string());
                 log::warn!(
-                    "docker: the events stream of {} ended ({}); matching by cgroup goes on, reconnecting",
+                    "docker: the events stream of {} ended ({why}); matching by cgroup goes on, reconnecting",
                     engine.socket.display(),
-                    res.err().map_or("engine stopped".to_string(), |e| e.to_string())
                 );
+                let _ = tx.try_send(Msg::Down(format!("the events stream ended ({why})")));
                 down_said = true;
             }
             Err(e) => {
+                let _ = tx.try_send(Msg::Down(e.to_string()));
                 // No socket at the default path: a host without Docker, not an outage.
                 let quiet = quiet_when_absent && !engine.socket.exists();
                 if !down_said && !quiet {
@@ -325,9 +367,14 @@ fn keep_current(engine: Engine, rx: Receiver<Msg>, cache: std::sync::Weak<Contai
                 Ok(metas) => {
                     log::info!("docker: {} running container(s) known", metas.len());
                     c.replace_all(metas);
+                    c.set_down(None);
                 }
-                Err(e) => log::warn!("docker: listing containers: {e}"),
+                Err(e) => {
+                    log::warn!("docker: listing containers: {e}");
+                    c.set_down(Some(format!("listing containers: {e}")));
+                }
             },
+            Msg::Down(why) => c.set_down(Some(why)),
             Msg::Event(ev) => c.apply(&ev, inspect),
             Msg::Lookup(id) => {
                 if c.get(&id).is_none() {

@@ -200,8 +200,12 @@ pub fn run(shared: Arc<Shared>, every: Duration) {
 /// Resumes the episode of a loan whose hold expired with a workload that does not fit.
 /// The loan belongs to the cgroup, not to a policy name: the policy is the one that
 /// matches the cgroup now (a reload may have renamed, changed or removed the one that
-/// lent), and the step the one after its `raise_limit`. With no such policy or step, or
-/// an audit-mode policy, the keeper gives the loan back as soon as the workload fits.
+/// lent), chosen with the container's metadata as known now (a policy may match by
+/// name, label or image), and the step the one after its `raise_limit`. With no such
+/// policy or step, or an audit-mode policy, the keeper gives the loan back as soon as
+/// the workload fits. When the metadata is unknown and a policy keyed on it could
+/// apply, the resumed episode waits for it and otherwise runs audit-only
+/// ([`crate::identity`]); the keeper asks again at the next expiry.
 fn resume(shared: &Shared, cg: &CgroupPath, lent_by: &str, episode: u64, journaled: usize) {
     let set = shared.policies();
     let kill_disabled = shared
@@ -211,10 +215,28 @@ fn resume(shared: &Shared, cg: &CgroupPath, lent_by: &str, episode: u64, journal
         .ok()
         .flatten()
         .is_none_or(|s| s.oom_kill_disable);
-    let Some(p) = set.select(cg, kill_disabled, None).cloned() else {
-        log::warn!(
-            "{cg}: hold expired, usage does not fit the original limit, and no policy matches the cgroup any more (it was {lent_by}); the loan is given back once the workload fits"
-        );
+    let meta = shared.container_info(cg);
+    let info = meta.as_deref().map(|m| &m.info);
+    let Some(p) = set.select(cg, kill_disabled, info).cloned() else {
+        let unknown = crate::container::identify(cg.as_bytes())
+            .filter(|i| i.is_container() && info.is_none())
+            .and_then(|i| i.container_id)
+            .filter(|_| {
+                set.outranking_container_policy(cg, kill_disabled, None)
+                    .is_some()
+            });
+        match &unknown {
+            Some(id) => log::warn!(
+                "{cg}: hold expired, usage does not fit the original limit, and the container's metadata is unknown ({}), so no policy keyed on it can be chosen (it was {lent_by}); asking again at the next expiry, and the loan is given back once the workload fits",
+                shared.containers.unknown_reason(id)
+            ),
+            None => log::warn!(
+                "{cg}: hold expired, usage does not fit the original limit, and no policy matches the cgroup any more (it was {lent_by}); the loan is given back once the workload fits"
+            ),
+        }
+        if let Some(id) = unknown {
+            shared.containers.request(&id);
+        }
         return;
     };
     if p.mode == Mode::Audit {
@@ -263,4 +285,110 @@ pub fn restore_all(shared: &Shared) {
     }
     audit_given_up(shared);
     shared.env.loans.fsync_and_compact_if_long();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::container::{Containers, Meta};
+    use crate::policy::{load_str, ContainerInfo, Policy};
+
+    const ID: &str = "cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc";
+
+    const LEND_THEN: &str = "[[step]]\naction='raise_limit'\nby='50%'\nmax_extra='100%'\nhold='1s'\n[[step]]\naction='kill'\n";
+
+    fn policies(catch_all: bool) -> Vec<Policy> {
+        let mut v = vec![load_str(
+            &format!("name='db'\npriority=50\n[match]\ncontainer_name=['db-*']\n{LEND_THEN}"),
+            "db.toml",
+        )
+        .unwrap()];
+        if catch_all {
+            v.push(
+                load_str(
+                    &format!("name='all'\npriority=0\n[match]\ncgroup=['/docker/*']\n{LEND_THEN}"),
+                    "all.toml",
+                )
+                .unwrap(),
+            );
+        }
+        v
+    }
+
+    /// A fake tree with the container's cgroup, a shared state on it, and the
+    /// dispatcher's job queue.
+    fn setup(
+        containers: Containers,
+        catch_all: bool,
+    ) -> (
+        tempfile::TempDir,
+        Shared,
+        crossbeam_channel::Receiver<crate::dispatcher::Job>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("memory");
+        let cgdir = root.join("docker").join(ID);
+        std::fs::create_dir_all(&cgdir).unwrap();
+        std::fs::write(
+            cgdir.join("memory.oom_control"),
+            "oom_kill_disable 1\nunder_oom 0\n",
+        )
+        .unwrap();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let shared = Shared::for_test(
+            dir.path(),
+            &root,
+            policies(catch_all),
+            Arc::new(containers),
+            tx,
+            Duration::from_millis(100),
+        );
+        (dir, shared, rx)
+    }
+
+    fn db_meta() -> Meta {
+        Meta {
+            id: ID.into(),
+            info: ContainerInfo {
+                name: "db-1".into(),
+                ..Default::default()
+            },
+        }
+    }
+
+    /// Issue 16.4: at hold expiry, the episode of a workload whose policy matches by
+    /// container name resumes under that policy (not "no policy matches", nor the
+    /// catch-all), with the metadata the cache has.
+    #[test]
+    fn hold_expiry_resumes_under_the_policy_that_matches_by_container_name() {
+        let cg = CgroupPath::new(&format!("/docker/{ID}"));
+        for catch_all in [false, true] {
+            let (_d, shared, rx) = setup(Containers::fixed(vec![db_meta()]), catch_all);
+            resume(&shared, &cg, "db", 7, 1);
+            let job = rx
+                .try_recv()
+                .unwrap_or_else(|_| panic!("no episode resumed (catch-all {catch_all})"));
+            assert_eq!(job.policy.name, "db", "catch-all {catch_all}");
+            assert_eq!((job.episode, job.start_step, job.resume), (7, 1, true));
+        }
+    }
+
+    /// Unknown metadata at hold expiry: with no other policy, nothing resumes (asked
+    /// again at the next expiry); with a catch-all, its episode resumes but runs
+    /// audit-only (crate::identity), never its kill.
+    #[test]
+    fn hold_expiry_with_unknown_metadata_fails_closed() {
+        let cg = CgroupPath::new(&format!("/docker/{ID}"));
+        let (_d, shared, rx) = setup(Containers::detached().unwrap(), false);
+        resume(&shared, &cg, "db", 7, 1);
+        assert!(rx.try_recv().is_err());
+
+        let (_d, shared, rx) = setup(Containers::detached().unwrap(), true);
+        resume(&shared, &cg, "db", 7, 1);
+        let job = rx.try_recv().expect("the catch-all's episode is resumed");
+        assert_eq!(job.policy.name, "all");
+        let s = crate::identity::settle(&shared, &cg, &job.policy, shared.metadata_wait, &|| false);
+        assert_eq!(s.policy.mode, Mode::Audit, "the catch-all must not act");
+        assert_eq!(s.unknown.map(|u| u.outranked_by).as_deref(), Some("db"));
+    }
 }

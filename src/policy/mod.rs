@@ -308,6 +308,40 @@ impl PolicySet {
         best
     }
 
+    /// The first policy keyed on container metadata (`container_name`, `label`,
+    /// `image`) whose cgroup globs hold for `cg` and that would be chosen over `chosen`
+    /// (`None`: over nothing) if the container's metadata matched it: while that
+    /// metadata is unknown, acting with `chosen` could be acting with the wrong policy
+    /// (a catch-all's kill for a workload another policy only audits). Fail closed on
+    /// such a cgroup (see [`crate::identity`]).
+    pub fn outranking_container_policy(
+        &self,
+        cg: &CgroupPath,
+        kill_disabled: bool,
+        chosen: Option<&Policy>,
+    ) -> Option<&Arc<Policy>> {
+        // Where `chosen` stands in file order (ties go to the first).
+        let at = chosen.and_then(|c| self.policies.iter().position(|p| std::ptr::eq(&**p, c)));
+        self.policies.iter().enumerate().find_map(|(i, p)| {
+            if !p.matcher.needs_container()
+                || (p.matcher.require_oom_kill_disable && !kill_disabled)
+                || (!p.matcher.cgroup.is_empty()
+                    && !p.matcher.cgroup.iter().any(|g| g.matches(cg.as_str())))
+            {
+                return None;
+            }
+            let wins = match chosen {
+                None => true,
+                Some(c) if std::ptr::eq(&**p, c) => false,
+                Some(c) => {
+                    p.priority > c.priority
+                        || (p.priority == c.priority && at.is_none_or(|a| i < a))
+                }
+            };
+            wins.then_some(p)
+        })
+    }
+
     /// True if some policy could apply to `cg` once `oom_kill_disable` is set: such a
     /// cgroup is a candidate the sweep keeps an eye on.
     pub fn could_match(&self, cg: &CgroupPath, container: Option<&ContainerInfo>) -> bool {
@@ -386,6 +420,52 @@ mod tests {
         assert!(p.matcher.matches(&cg, Some(&c)));
         c.name = "web-1".into();
         assert!(!p.matcher.matches(&cg, Some(&c)));
+    }
+
+    /// Issue 16.2: a catch-all that kills and a policy by container name that only
+    /// audits. Without the container's name, `select` gives the catch-all; the set
+    /// says that a container-keyed policy could outrank it there, and with the name
+    /// the container-keyed one is chosen.
+    #[test]
+    fn a_container_keyed_policy_outranks_a_catch_all_while_metadata_is_unknown() {
+        let db = policy(
+            "name='db'\nmode='audit'\npriority=50\n[match]\ncontainer_name=['db-*']\n[[step]]\naction='kill'\n",
+        );
+        let all = policy(
+            "name='all'\npriority=0\n[match]\ncgroup=['/docker/*']\n[[step]]\naction='kill'\n",
+        );
+        let web = policy(
+            "name='web'\npriority=50\n[match]\ncgroup=['/web/*']\nlabel={tier='web'}\n[[step]]\naction='kill'\n",
+        );
+        let set = PolicySet::new(vec![all, db, web], false);
+        let cg = CgroupPath::new(&format!("/docker/{}", "a".repeat(64)));
+        let chosen = set.select(&cg, true, None).unwrap();
+        assert_eq!(chosen.name, "all");
+        let over = set.outranking_container_policy(&cg, true, Some(chosen));
+        assert_eq!(over.map(|p| p.name.as_str()), Some("db"));
+        // Where nothing is chosen without metadata, any container-keyed policy whose
+        // cgroup globs hold outranks that (the first in file order is named).
+        let elsewhere = CgroupPath::new("/web/x");
+        assert!(set.select(&elsewhere, true, None).is_none());
+        let only_web = PolicySet::new(vec![Policy::clone(&set.policies()[2])], false);
+        let over = only_web.outranking_container_policy(&elsewhere, true, None);
+        assert_eq!(over.map(|p| p.name.as_str()), Some("web"));
+        // ... and not where they do not.
+        assert!(only_web
+            .outranking_container_policy(&CgroupPath::new("/other"), true, None)
+            .is_none());
+        // v1: a cgroup the kernel OOM-kills itself is no policy's.
+        assert!(set.outranking_container_policy(&cg, false, None).is_none());
+        // A container-keyed policy never outranks itself, nor one above it.
+        let db = set.policies().iter().find(|p| p.name == "db").unwrap();
+        assert!(set
+            .outranking_container_policy(&cg, true, Some(db))
+            .is_none());
+        let known = ContainerInfo {
+            name: "db-1".into(),
+            ..Default::default()
+        };
+        assert_eq!(set.select(&cg, true, Some(&known)).unwrap().name, "db");
     }
 
     #[test]
