@@ -1,8 +1,9 @@
 //! StrictModes for what the agent trusts: policy files (their `exec` runs as root), the
-//! policies directory, the config file and the state dir. Like sshd, a path is trusted
-//! only if it and every directory above it is owned by root (or by the user running
-//! oomwake, so that `oomwake check` works for an unprivileged user on their own files)
-//! and is not writable by group or others. A root-owned sticky directory such as /tmp is
+//! policies directory, the config file, the state dir and the Docker socket (whoever
+//! serves it names the containers policies match on: [`check_socket`]). Like sshd, a
+//! path is trusted only if it and every directory above it is owned by root (or by the
+//! user running oomwake, so that `oomwake check` works for an unprivileged user on their
+//! own files) and is not writable by group or others. A root-owned sticky directory such as /tmp is
 //! accepted above the path: nobody else can rename or replace what root put there.
 //!
 //! On a read-only mount (a ConfigMap volume) write bits are ignored: nobody can write.

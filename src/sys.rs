@@ -260,10 +260,16 @@ pub fn connect_unix(path: &Path, timeout: Duration) -> io::Result<std::os::unix:
     }
     // SAFETY: the kernel just returned `raw` as a fresh fd that nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let secs: libc::time_t = timeout.as_secs().try_into().unwrap_or(libc::time_t::MAX);
     // Zero would mean no timeout at all: at least a microsecond.
+    let micros = if secs == 0 {
+        timeout.subsec_micros().max(1)
+    } else {
+        timeout.subsec_micros()
+    };
     let tv = libc::timeval {
-        tv_sec: timeout.as_secs().try_into().unwrap_or(libc::time_t::MAX),
-        tv_usec: timeout.subsec_micros().max(u32::from(timeout.is_zero())) as libc::suseconds_t,
+        tv_sec: secs,
+        tv_usec: micros as libc::suseconds_t,
     };
     // SAFETY: fd is a live socket; tv is a timeval that outlives the call, and its size
     // is passed.

@@ -720,13 +720,13 @@ mod tests {
             })
             .expect("the stream was dropped")
             .expect("the stream opened");
-            let e = r.unwrap_err();
-            assert!(e.to_string().contains("an event over"), "{e}");
             let sent = sent.join().unwrap();
             assert!(
                 sent < MAX_EVENT + (8 << 20),
                 "{sent} bytes sent before the client gave up"
             );
+            let e = r.unwrap_err();
+            assert!(e.to_string().contains("an event over"), "{e}");
         }
     }
 }

@@ -49,7 +49,8 @@ pub enum HttpError {
         target: String,
         status: u16,
     },
-    #[error("{path}: not used: {source}")]
+    /// The message of `source` names the path that failed (the socket or a directory).
+    #[error("{source}")]
     Untrusted {
         path: PathBuf,
         #[source]
