@@ -387,6 +387,10 @@ fn read_events_with(
         if whole {
             deliver(&item, &mut f)?;
             item.clear();
+            // The memory of one large event is not kept (it would stay locked).
+            if item.capacity() > 64 << 10 {
+                item = Vec::new();
+            }
             split = Split::default();
         }
     }
