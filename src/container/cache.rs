@@ -10,6 +10,10 @@
 //! cache. Every change of a container's metadata is queued for the event loop and
 //! wakes it through an eventfd, so that a cgroup seen before its metadata is matched
 //! again as soon as the name is known.
+//!
+//! Every connection first checks the socket (its owner, its directories and the peer
+//! serving it: see [`super::http`]); a refused socket gives no metadata, with one error
+//! logged, and is checked again at each reconnection.
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, BorrowedFd};

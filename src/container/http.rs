@@ -57,7 +57,7 @@ pub enum HttpError {
         source: PermError,
     },
     #[error(
-        "{path}: served by uid {uid}, neither root nor the socket's owner (uid {owner}): refusing to trust it as the Docker socket{hint}"
+        "{path}: served by uid {uid}, neither root nor the socket's owner (uid {owner}): refusing to trust it as the Docker socket (fix: serve it as root{hint})"
     )]
     Peer {
         path: PathBuf,
