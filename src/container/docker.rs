@@ -645,6 +645,44 @@ mod tests {
         );
     }
 
+    /// Items are split by their JSON nesting, in any chunking: braces, brackets and
+    /// escaped quotes inside strings do not end an item.
+    #[test]
+    fn events_split_in_any_chunking() {
+        struct ByteAtATime<'a>(&'a [u8]);
+        impl Read for ByteAtATime<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                match (self.0.split_first(), buf.first_mut()) {
+                    (Some((&b, rest)), Some(out)) => {
+                        *out = b;
+                        self.0 = rest;
+                        Ok(1)
+                    }
+                    _ => Ok(0),
+                }
+            }
+        }
+        let mut got = Vec::new();
+        read_events(&mut ByteAtATime(EVENTS), |e| got.push(e.action)).unwrap();
+        assert_eq!(got, ["create", "start", "rename", "die", "destroy"]);
+        let odd = br#"{"Action":"rename","Actor":{"ID":"a","Attributes":{"name":"x}\"{[\\"}}}{"Action":"die"}"#;
+        let mut names = Vec::new();
+        read_events(&mut ByteAtATime(odd), |e| {
+            names.push((e.action.clone(), e.name().map(str::to_string)))
+        })
+        .unwrap();
+        assert_eq!(
+            names,
+            [
+                ("rename".to_string(), Some("x}\"{[\\".to_string())),
+                ("die".to_string(), None)
+            ]
+        );
+        // An item cut by the end of the stream, or a stray closing bracket: errors.
+        assert!(read_events(&mut &br#"{"Action":"die""#[..], |_| {}).is_err());
+        assert!(read_events(&mut &b"]"[..], |_| {}).is_err());
+    }
+
     /// The stream may be silent for ever between events, but an event that has begun
     /// must be whole within the timeout (it waited for ever, 1.5 s a byte).
     #[test]
