@@ -190,3 +190,72 @@ fn explain_fails_on_a_path_it_cannot_read() {
         "{err}"
     );
 }
+
+/// A fake engine on `sock` that answers every connection with a response head trickled
+/// a byte every 1.5 s (never a newline), for as long as the test runs.
+fn trickling_engine(sock: &std::path::Path) {
+    use std::io::{Read, Write};
+    let l = std::os::unix::net::UnixListener::bind(sock).unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            std::thread::spawn(move || {
+                let mut req = [0u8; 1024];
+                let _ = s.read(&mut req);
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nX-Slow: ");
+                while s.write_all(b"a").is_ok() {
+                    std::thread::sleep(std::time::Duration::from_millis(1500));
+                }
+            });
+        }
+    });
+}
+
+/// Runs `cmd`, killed (by its pid) after `limit`; None if it had to be killed.
+fn output_within(mut cmd: Command, limit: std::time::Duration) -> Option<std::process::Output> {
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let end = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < end {
+        if child.try_wait().unwrap().is_some() {
+            return Some(child.wait_with_output().unwrap());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+/// `explain NAME` asks the engine about the container: an engine that trickles its
+/// answer a byte every 1.5 s held it for ever; the 2 s deadline holds for every byte.
+#[test]
+fn explain_a_name_gives_up_on_a_trickling_engine() {
+    let t = tempfile::tempdir().unwrap();
+    let sock = t.path().join("docker.sock");
+    trickling_engine(&sock);
+    std::fs::write(
+        t.path().join("api.toml"),
+        "[match]\ncgroup = [\"/docker/*\"]\n[[step]]\naction = \"reclaim\"\n",
+    )
+    .unwrap();
+    let mut cmd = Command::new(oomwake_bin());
+    cmd.args(["explain", "--policies"])
+        .arg(t.path())
+        .arg("--cgroup-root")
+        .arg(t.path())
+        .arg("--docker-socket")
+        .arg(&sock)
+        .arg("api-1");
+    let started = std::time::Instant::now();
+    let out = output_within(cmd, std::time::Duration::from_secs(10))
+        .expect("explain returned within 10 s");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("timed out after 2s"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(6));
+}

@@ -44,8 +44,12 @@ int main(int argc, char **argv) {
 /// Root, v1, and an engine that answers; `None`: skip (already said why).
 fn require_docker(test: &str) -> Option<()> {
     require_v1(test)?;
-    let ping =
-        oomwake::container::http::get_body(Path::new(SOCKET), "/_ping", Duration::from_secs(5));
+    let ping = oomwake::container::http::get_body(
+        Path::new(SOCKET),
+        None,
+        "/_ping",
+        Duration::from_secs(5),
+    );
     match ping {
         Ok(_) => Some(()),
         Err(e) if std::env::var("OOMWAKE_REQUIRE_DOCKER").as_deref() == Ok("1") => {

@@ -51,8 +51,10 @@ pub fn run(cfg: Config, policies: PolicySet, reload: crate::config::Reload) -> a
     let holds = crate::hold::Holds::open(&cfg.state_dir)
         .with_context(|| "cannot read the journal of held memory.high values; refusing to start")?;
     let containers = match &cfg.docker_socket {
-        Some(sock) => crate::container::Containers::start(sock, !cfg.docker_socket_explicit)
-            .with_context(|| format!("starting the Docker client for {}", sock.display()))?,
+        Some(sock) => {
+            crate::container::Containers::start(sock, !cfg.docker_socket_explicit, cfg.insecure())
+                .with_context(|| format!("starting the Docker client for {}", sock.display()))?
+        }
         None => Arc::new(crate::container::Containers::disabled()),
     };
     let audit = match &cfg.audit_log {

@@ -205,6 +205,9 @@ fn explain_target(
                     return Err(format!("container {arg} is not running: it has no cgroup"))
                 }
                 Ok(None) => {}
+                Err(err) if err.is_untrusted() => {
+                    log::error!("docker: {err}; taking {arg:?} as a cgroup path")
+                }
                 Err(err) => log::warn!("docker: {err}; taking {arg:?} as a cgroup path"),
             }
         }
@@ -216,7 +219,11 @@ fn explain_target(
         .and_then(|i| i.container_id);
     let meta = match (id, engine) {
         (Some(id), Some(e)) => e.inspect(&id).unwrap_or_else(|err| {
-            log::warn!("docker: {err}");
+            if err.is_untrusted() {
+                log::error!("docker: {err}; the container's name, labels and image are unknown");
+            } else {
+                log::warn!("docker: {err}");
+            }
             None
         }),
         _ => None,
@@ -410,6 +417,7 @@ fn cli_main() -> ExitCode {
                     &s,
                     oomwake::container::cache::REQUEST_TIMEOUT,
                 )
+                .insecure(insecure_policies)
             });
             let (cgroup, container) = match explain_target(&cgroup, &root, engine.as_ref()) {
                 Ok(t) => t,

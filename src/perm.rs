@@ -1,8 +1,9 @@
 //! StrictModes for what the agent trusts: policy files (their `exec` runs as root), the
-//! policies directory, the config file and the state dir. Like sshd, a path is trusted
-//! only if it and every directory above it is owned by root (or by the user running
-//! oomwake, so that `oomwake check` works for an unprivileged user on their own files)
-//! and is not writable by group or others. A root-owned sticky directory such as /tmp is
+//! policies directory, the config file, the state dir and the Docker socket (whoever
+//! serves it names the containers policies match on: [`check_socket`]). Like sshd, a
+//! path is trusted only if it and every directory above it is owned by root (or by the
+//! user running oomwake, so that `oomwake check` works for an unprivileged user on their
+//! own files) and is not writable by group or others. A root-owned sticky directory such as /tmp is
 //! accepted above the path: nobody else can rename or replace what root put there.
 //!
 //! On a read-only mount (a ConfigMap volume) write bits are ignored: nobody can write.
@@ -63,7 +64,8 @@ impl Owners {
         }
     }
 
-    fn allowed(&self, uid: u32) -> bool {
+    /// Whether a file owned by `uid` may be trusted.
+    pub fn allowed(&self, uid: u32) -> bool {
         uid == 0 || Some(uid) == self.me
     }
 }
@@ -97,6 +99,18 @@ fn check_from(
     } else {
         format!(" as {what}{through}")
     };
+    check_real(&real, what, owners, first_above, true)
+}
+
+/// The walk of [`check_from`] over `real`, a canonical path, and its ancestors.
+/// `mode_of_self`: whether `real`'s own write bits count (not for a socket).
+fn check_real(
+    real: &Path,
+    what: String,
+    owners: Owners,
+    first_above: usize,
+    mode_of_self: bool,
+) -> Result<(), PermError> {
     for (i, p) in real.ancestors().enumerate() {
         let md = std::fs::metadata(p).map_err(|error| PermError::Io {
             path: p.to_path_buf(),
@@ -113,7 +127,8 @@ fn check_from(
         }
         let above = i + first_above > 0;
         let sticky_root_dir = above && md.is_dir() && md.uid() == 0 && mode & STICKY != 0;
-        if mode & GROUP_OTHER_WRITE != 0 && !sticky_root_dir && !read_only_mount(p) {
+        let counts = i > 0 || mode_of_self;
+        if counts && mode & GROUP_OTHER_WRITE != 0 && !sticky_root_dir && !read_only_mount(p) {
             return Err(PermError::Writable {
                 path: p.to_path_buf(),
                 mode,
@@ -123,6 +138,32 @@ fn check_from(
         }
     }
     Ok(())
+}
+
+/// Checks a unix socket the agent connects to (the Docker socket): its owner, who bound
+/// it and so whoever serves it, must be root (or the caller), and every directory above
+/// it must pass as for a policy file, so that nobody else can put another socket in its
+/// place. The socket's own mode is not checked: write permission on a socket is
+/// permission to connect to it (Docker grants it to a group). Returns the resolved path,
+/// the one to connect to (a link could be turned after the check), and the owner's uid.
+pub fn check_socket(path: &Path, what: &str, owners: Owners) -> Result<(PathBuf, u32), PermError> {
+    let real = path.canonicalize().map_err(|error| PermError::Io {
+        path: path.to_path_buf(),
+        error,
+    })?;
+    let owner = std::fs::metadata(&real)
+        .map_err(|error| PermError::Io {
+            path: real.clone(),
+            error,
+        })?
+        .uid();
+    let through = if real == path {
+        String::new()
+    } else {
+        format!(" (reached through {})", path.display())
+    };
+    check_real(&real, format!(" as {what}{through}"), owners, 0, false)?;
+    Ok((real, owner))
 }
 
 /// On a read-only mount the write bits mean nothing: a Kubernetes ConfigMap volume

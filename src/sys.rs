@@ -1,6 +1,7 @@
 //! The agent's only `unsafe`: thin wrappers over the Linux syscalls that neither std nor
 //! nix expose in the shape we need (pidfds, process_mrelease, mlockall, statfs magic,
-//! and [`spawn`]: starting a hook without copying the agent's memory).
+//! a unix socket connection with a deadline and its peer's uid, and [`spawn`]: starting
+//! a hook without copying the agent's memory).
 //!
 //! Everything here returns `io::Result` and owns its file descriptors, so callers never
 //! see a raw fd or errno.
@@ -232,6 +233,102 @@ pub fn fs_magic(path: &Path) -> io::Result<i64> {
     let st = unsafe { buf.assume_init() };
     #[allow(clippy::unnecessary_cast)]
     Ok(st.f_type as i64)
+}
+
+/// A stream connection to the unix socket at `path`, made within `timeout`. A plain
+/// connect(2) waits for ever when the listener's backlog is full (an engine that stopped
+/// accepting): the kernel bounds that wait by the socket's send timeout, set first here.
+/// After `timeout`, `ErrorKind::WouldBlock` (EAGAIN).
+pub fn connect_unix(path: &Path, timeout: Duration) -> io::Result<std::os::unix::net::UnixStream> {
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain old data; all zeroes is a valid (empty) value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "socket path too long or contains NUL",
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, &s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = s as libc::c_char;
+    }
+    // SAFETY: socket takes its arguments by value and returns a new fd or -1.
+    let raw = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned `raw` as a fresh fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let secs: libc::time_t = timeout.as_secs().try_into().unwrap_or(libc::time_t::MAX);
+    // Zero would mean no timeout at all: at least a microsecond.
+    let micros = if secs == 0 {
+        timeout.subsec_micros().max(1)
+    } else {
+        timeout.subsec_micros()
+    };
+    let tv = libc::timeval {
+        tv_sec: secs,
+        tv_usec: micros as libc::suseconds_t,
+    };
+    // SAFETY: fd is a live socket; tv is a timeval that outlives the call, and its size
+    // is passed.
+    let ret = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    loop {
+        // SAFETY: fd is a live socket; addr is an initialised sockaddr_un that outlives
+        // the call, and its size is passed.
+        let ret = unsafe {
+            libc::connect(
+                fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_un).cast(),
+                std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+            )
+        };
+        if ret == 0 {
+            return Ok(std::os::unix::net::UnixStream::from(fd));
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// The effective uid of the process at the other end of a connected unix socket, as the
+/// kernel recorded it when that end called listen(2) or connect(2) (SO_PEERCRED).
+pub fn peer_uid(stream: &std::os::unix::net::UnixStream) -> io::Result<u32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: the fd is a live socket owned by `stream`; cred and len are writable and
+    // outlive the call, and len holds cred's size.
+    let ret = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred.uid)
 }
 
 /// The PID of the calling process.

@@ -10,6 +10,10 @@
 //! cache. Every change of a container's metadata is queued for the event loop and
 //! wakes it through an eventfd, so that a cgroup seen before its metadata is matched
 //! again as soon as the name is known.
+//!
+//! Every connection first checks the socket (its owner, its directories and the peer
+//! serving it: see [`super::http`]); a refused socket gives no metadata, with one error
+//! logged, and is checked again at each reconnection.
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, BorrowedFd};
@@ -91,8 +95,14 @@ impl Containers {
 
     /// Starts the threads that follow the engine at `socket`. `quiet_when_absent`: a
     /// socket that does not exist is not worth a warning (the default path on a host
-    /// without Docker); it is retried all the same, quietly.
-    pub fn start(socket: &Path, quiet_when_absent: bool) -> std::io::Result<Arc<Containers>> {
+    /// without Docker); it is retried all the same, quietly. The socket is used only
+    /// while it, its directories and its server are root's (checked at every
+    /// connection), unless `insecure` (`--insecure-policies`).
+    pub fn start(
+        socket: &Path,
+        quiet_when_absent: bool,
+        insecure: bool,
+    ) -> std::io::Result<Arc<Containers>> {
         let wake = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
             .map_err(std::io::Error::from)?;
         let (tx, rx) = crossbeam_channel::bounded(LOOKUP_QUEUE);
@@ -104,7 +114,7 @@ impl Containers {
             socket: Some(socket.to_path_buf()),
             down: Mutex::new(Some(NOT_YET.to_string())),
         });
-        let engine = Engine::new(socket, REQUEST_TIMEOUT);
+        let engine = Engine::new(socket, REQUEST_TIMEOUT).insecure(insecure);
         {
             let engine = engine.clone();
             std::thread::Builder::new()
@@ -296,9 +306,11 @@ impl Containers {
 fn follow_events(engine: Engine, tx: Sender<Msg>, quiet_when_absent: bool) {
     let mut backoff = BACKOFF_FIRST;
     let mut down_said = false;
+    let mut refusal_said = false;
     loop {
         match engine.events() {
             Ok(stream) => {
+                refusal_said = false;
                 if down_said {
                     log::info!("docker: {} answers again", engine.socket.display());
                 } else {
@@ -330,8 +342,22 @@ fn follow_events(engine: Engine, tx: Sender<Msg>, quiet_when_absent: bool) {
                 let _ = tx.try_send(Msg::Down(format!("the events stream ended ({why})")));
                 down_said = true;
             }
+            Err(e) if e.is_untrusted() => {
+                // Whoever serves the socket would choose the policies of containers.
+                let _ = tx.try_send(Msg::Down(e.to_string()));
+                if !refusal_said {
+                    log::error!(
+                        "docker: {e}; container names, labels and images are unknown while it is refused (checked again at every reconnection; matching by cgroup goes on)"
+                    );
+                    refusal_said = true;
+                    down_said = true;
+                } else {
+                    log::debug!("docker: {e}");
+                }
+            }
             Err(e) => {
                 let _ = tx.try_send(Msg::Down(e.to_string()));
+                refusal_said = false;
                 // No socket at the default path: a host without Docker, not an outage.
                 let quiet = quiet_when_absent && !engine.socket.exists();
                 if !down_said && !quiet {
@@ -581,7 +607,7 @@ mod tests {
         let sock = dir.path().join("docker.sock");
         let b = "b".repeat(64);
         let engine = FakeEngine::start(&sock, vec![meta(A, "api"), meta(&b, "web")]);
-        let c = Containers::start(&sock, false).unwrap();
+        let c = Containers::start(&sock, false, false).unwrap();
         wait("the listing is loaded", || c.get(A).is_some());
         // A container created later arrives by its event (and an inspect).
         let d = "d".repeat(64);
@@ -605,6 +631,30 @@ mod tests {
         }
         assert!(t.elapsed() < Duration::from_secs(1));
         assert!(!c.take_changed().is_empty());
+    }
+
+    /// A socket another user owns gives no metadata (its listing would choose policies),
+    /// and is checked again at each reconnection: once root's, it is followed.
+    #[test]
+    fn an_untrusted_socket_gives_no_metadata_until_it_is_fixed() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to chown");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("docker.sock");
+        let _engine = FakeEngine::start(&sock, vec![meta(A, "api")]);
+        std::os::unix::fs::chown(&sock, Some(65534), None).unwrap();
+        let c = Containers::start(&sock, false, false).unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        c.request(A);
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(c.get(A).is_none(), "metadata from a socket uid 65534 owns");
+        // The operator's opt-in (--insecure-policies) takes it as it is.
+        let insecure = Containers::start(&sock, false, true).unwrap();
+        wait("the insecure client lists", || insecure.get(A).is_some());
+        std::os::unix::fs::chown(&sock, Some(0), None).unwrap();
+        wait("the fixed socket is followed", || c.get(A).is_some());
     }
 
     #[test]

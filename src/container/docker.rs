@@ -4,14 +4,20 @@
 //! parsed; everything from the engine is data that may be missing or odd (no unwrap).
 
 use std::collections::BTreeMap;
-use std::io::Read;
+use std::io::{self, BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::http::{self, HttpError};
+use super::http::{self, BodyRead, HttpError};
+use crate::perm::Owners;
 use crate::policy::ContainerInfo;
+
+/// Largest event of the events stream (an event carries the container's labels, and
+/// Docker accepts a label of a megabyte): a longer one drops the stream, which is then
+/// opened again (the containers are listed again).
+pub const MAX_EVENT: usize = 4 << 20;
 
 /// What the agent knows of one container: what policies match and audit lines carry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -184,12 +190,19 @@ pub fn events_target() -> String {
     )
 }
 
-/// A client of one engine socket; every call but the events stream has a deadline.
+/// A client of one engine socket; every call but the events stream has a deadline (and
+/// each event of that stream, once it starts, has one too).
 #[derive(Debug, Clone)]
 pub struct Engine {
     pub socket: PathBuf,
     pub timeout: Duration,
+    /// Who may own the socket, its directories and its server (None: anyone,
+    /// `--insecure-policies`).
+    pub trust: Option<Owners>,
 }
+
+/// Added to the message of a refused socket: how to accept it anyway.
+const INSECURE_HINT: &str = ", or pass --insecure-policies";
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -208,14 +221,30 @@ impl EngineError {
     pub fn is_not_found(&self) -> bool {
         matches!(self, EngineError::Http(e) if e.is_not_found())
     }
+
+    /// The socket was refused by the trust check (see [`HttpError::is_untrusted`]).
+    pub fn is_untrusted(&self) -> bool {
+        matches!(self, EngineError::Http(e) if e.is_untrusted())
+    }
 }
 
 impl Engine {
+    /// A client that uses the socket only if it, its directories and its server are
+    /// root's (or the caller's): see [`crate::perm::check_socket`].
     pub fn new(socket: &Path, timeout: Duration) -> Engine {
         Engine {
             socket: socket.to_path_buf(),
             timeout,
+            trust: Some(Owners::current(INSECURE_HINT)),
         }
+    }
+
+    /// Trusts the socket whoever owns or serves it (`--insecure-policies`).
+    pub fn insecure(mut self, insecure: bool) -> Engine {
+        if insecure {
+            self.trust = None;
+        }
+        self
     }
 
     fn json_err(&self, target: &str, source: serde_json::Error) -> EngineError {
@@ -229,7 +258,7 @@ impl Engine {
     /// The running containers.
     pub fn list(&self) -> Result<Vec<Meta>, EngineError> {
         let target = "/containers/json";
-        let body = http::get_body(&self.socket, target, self.timeout)?;
+        let body = http::get_body(&self.socket, self.trust, target, self.timeout)?;
         parse_list(&body).map_err(|e| self.json_err(target, e))
     }
 
@@ -250,7 +279,7 @@ impl Engine {
             return Ok(None);
         }
         let target = format!("/containers/{id}/json");
-        match http::get_body(&self.socket, &target, self.timeout) {
+        match http::get_body(&self.socket, self.trust, &target, self.timeout) {
             Ok(body) => parse_inspect_with_pid(&body)
                 .map(Some)
                 .map_err(|e| self.json_err(&target, e)),
@@ -259,44 +288,178 @@ impl Engine {
         }
     }
 
-    /// Opens the events stream; its reads wait as long as the engine is silent.
+    /// Opens the events stream; its reads wait as long as the engine is silent, and
+    /// each event, once its first byte came, must be whole within the timeout.
     pub fn events(&self) -> Result<Events, EngineError> {
         let target = events_target();
-        let resp = http::get(&self.socket, &target, self.timeout, None)?;
-        Ok(Events { resp })
+        let resp = http::get(
+            &self.socket,
+            self.trust,
+            &target,
+            self.timeout,
+            BodyRead::Stream,
+        )?;
+        Ok(Events {
+            resp,
+            within: self.timeout,
+        })
     }
 }
 
 /// The open events stream.
 pub struct Events {
     resp: http::Response,
+    within: Duration,
 }
 
 impl Events {
-    /// Calls `f` for every event until the stream ends (engine stopped) or fails.
-    pub fn for_each(mut self, f: impl FnMut(Event)) -> std::io::Result<()> {
-        read_events(self.resp.body(), f)
+    /// Calls `f` for every event until the stream ends (engine stopped) or fails (an
+    /// event over [`MAX_EVENT`] bytes, or not whole within the timeout, fails it).
+    pub fn for_each(mut self, f: impl FnMut(Event)) -> io::Result<()> {
+        let deadline = self.resp.deadline();
+        let within = self.within;
+        read_events_with(self.resp.body(), &mut || deadline.idle(within), f)
     }
 }
 
 /// The events of a stream of JSON objects (one per line, in any chunking).
 ///
-/// Each item is taken as raw text and then parsed into an [`Event`], never into a
-/// `serde_json::Value`: serde_json skips unknown and raw values without recursion, so
-/// the deepest item it accepts (127 levels) needs a few KiB of stack, where building a
-/// `Value` of it took more than 256 KiB in a debug build (this runs on a small,
-/// locked stack: `sys::THREAD_STACK`).
-pub fn read_events(r: &mut dyn Read, mut f: impl FnMut(Event)) -> std::io::Result<()> {
-    let stream =
-        serde_json::Deserializer::from_reader(r).into_iter::<Box<serde_json::value::RawValue>>();
-    for v in stream {
-        let v = v.map_err(std::io::Error::other)?;
-        // An event of a shape this version does not know is skipped, not fatal.
-        if let Ok(ev) = serde_json::from_str::<Event>(v.get()) {
-            f(ev);
+/// Items are split here, each at most [`MAX_EVENT`] bytes (an endless item is an error,
+/// not a buffer that grows), then parsed into an [`Event`], never into a
+/// `serde_json::Value`: serde_json skips unknown values without recursion, so the
+/// deepest item needs a few KiB of stack, where building a `Value` of it took more than
+/// 256 KiB in a debug build (this runs on a small, locked stack: `sys::THREAD_STACK`).
+pub fn read_events(r: &mut dyn Read, f: impl FnMut(Event)) -> io::Result<()> {
+    read_events_with(r, &mut || {}, f)
+}
+
+/// [`read_events`]; `idle` is called before waiting for the next item (the stream's
+/// deadline is then lifted until its first byte).
+fn read_events_with(
+    r: &mut dyn Read,
+    idle: &mut dyn FnMut(),
+    mut f: impl FnMut(Event),
+) -> io::Result<()> {
+    let mut r = BufReader::with_capacity(16 << 10, r);
+    let mut item = Vec::new();
+    let mut split = Split::default();
+    loop {
+        if item.is_empty() {
+            idle();
+        }
+        let buf = r.fill_buf()?;
+        if buf.is_empty() {
+            if item.is_empty() {
+                return Ok(());
+            }
+            if !split.can_end() {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the events stream ended inside an event",
+                ));
+            }
+            deliver(&item, &mut f)?;
+            return Ok(());
+        }
+        let mut used = 0;
+        let mut whole = false;
+        for &b in buf {
+            used += 1;
+            if item.is_empty() && b.is_ascii_whitespace() {
+                continue;
+            }
+            let (keep, end) = split.step(b)?;
+            if keep {
+                item.push(b);
+            }
+            if end {
+                whole = true;
+                break;
+            }
+        }
+        r.consume(used);
+        if item.len() > MAX_EVENT {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("an event over {MAX_EVENT} bytes: dropping the stream"),
+            ));
+        }
+        if whole {
+            deliver(&item, &mut f)?;
+            item.clear();
+            // The memory of one large event is not kept (it would stay locked).
+            if item.capacity() > 64 << 10 {
+                item = Vec::new();
+            }
+            split = Split::default();
         }
     }
+}
+
+/// Hands one item to `f` if it is an event; an item that is not JSON ends the stream.
+fn deliver(item: &[u8], f: &mut impl FnMut(Event)) -> io::Result<()> {
+    // Checked whole first, without building anything (and without recursion).
+    serde_json::from_slice::<serde::de::IgnoredAny>(item).map_err(io::Error::other)?;
+    // An event of a shape this version does not know is skipped, not fatal.
+    if let Ok(ev) = serde_json::from_slice::<Event>(item) {
+        f(ev);
+    }
     Ok(())
+}
+
+/// Where one top-level JSON item of a stream ends: nesting is counted, not stacked.
+#[derive(Default)]
+struct Split {
+    depth: usize,
+    started: bool,
+    in_str: bool,
+    esc: bool,
+    /// A bare scalar (number, `true`...), which ends at whitespace.
+    scalar: bool,
+}
+
+impl Split {
+    /// Takes the next byte of an item: whether to keep it, and whether the item ends.
+    fn step(&mut self, b: u8) -> io::Result<(bool, bool)> {
+        let first = !self.started;
+        self.started = true;
+        if self.in_str {
+            if self.esc {
+                self.esc = false;
+            } else if b == b'\\' {
+                self.esc = true;
+            } else if b == b'"' {
+                self.in_str = false;
+                return Ok((true, self.depth == 0));
+            }
+            return Ok((true, false));
+        }
+        if self.scalar {
+            if b.is_ascii_whitespace() {
+                return Ok((false, true));
+            }
+            return Ok((true, false));
+        }
+        match b {
+            b'"' => self.in_str = true,
+            b'{' | b'[' => self.depth += 1,
+            b'}' | b']' => {
+                self.depth = self
+                    .depth
+                    .checked_sub(1)
+                    .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unbalanced JSON"))?;
+                return Ok((true, self.depth == 0));
+            }
+            _ if first => self.scalar = true,
+            _ => {}
+        }
+        Ok((true, false))
+    }
+
+    /// Whether the end of the stream may end the item (a bare scalar).
+    fn can_end(&self) -> bool {
+        self.scalar
+    }
 }
 
 #[cfg(test)]
@@ -443,5 +606,169 @@ mod tests {
         assert!(e.inspect("a b\r\nHost: x").unwrap().is_none());
         assert!(e.inspect("../../version").unwrap().is_none());
         assert!(e.inspect("").unwrap().is_none());
+    }
+
+    use crate::container::http::fake::{endless, serve_with, trickle, within};
+    use std::time::Instant;
+
+    const CHUNKED: &[u8] = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
+
+    /// `oomwake explain NAME` inspects the container by name through this call: an
+    /// engine that trickles its head kept it waiting for ever.
+    #[test]
+    fn inspect_by_name_holds_its_deadline_against_a_trickling_engine() {
+        let (_d, p, _sent) = serve_with(|s| trickle(s, b"HTTP/1.1 200 OK\r\n", b'x'));
+        let t = Instant::now();
+        let e = within(Duration::from_secs(5), move || {
+            Engine::new(&p, Duration::from_secs(2)).inspect_with_pid("api-1")
+        })
+        .expect("inspect returned within 5 s")
+        .unwrap_err();
+        assert!(
+            matches!(e, EngineError::Http(HttpError::Timeout { .. })),
+            "{e}"
+        );
+        assert!(t.elapsed() >= Duration::from_millis(1900));
+    }
+
+    #[test]
+    fn opening_the_events_stream_holds_its_deadline() {
+        let (_d, p, _sent) = serve_with(|s| trickle(s, b"HTTP/1.1 200 OK\r\nX: ", b'x'));
+        let r = within(Duration::from_secs(5), move || {
+            Engine::new(&p, Duration::from_secs(2)).events().map(|_| ())
+        })
+        .expect("events() returned within 5 s");
+        assert!(
+            matches!(r, Err(EngineError::Http(HttpError::Timeout { .. }))),
+            "{:?}",
+            r.err()
+        );
+    }
+
+    /// Items are split by their JSON nesting, in any chunking: braces, brackets and
+    /// escaped quotes inside strings do not end an item.
+    #[test]
+    fn events_split_in_any_chunking() {
+        struct ByteAtATime<'a>(&'a [u8]);
+        impl Read for ByteAtATime<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                match (self.0.split_first(), buf.first_mut()) {
+                    (Some((&b, rest)), Some(out)) => {
+                        *out = b;
+                        self.0 = rest;
+                        Ok(1)
+                    }
+                    _ => Ok(0),
+                }
+            }
+        }
+        let mut got = Vec::new();
+        read_events(&mut ByteAtATime(EVENTS), |e| got.push(e.action)).unwrap();
+        assert_eq!(got, ["create", "start", "rename", "die", "destroy"]);
+        let odd = br#"{"Action":"rename","Actor":{"ID":"a","Attributes":{"name":"x}\"{[\\"}}}{"Action":"die"}"#;
+        let mut names = Vec::new();
+        read_events(&mut ByteAtATime(odd), |e| {
+            names.push((e.action.clone(), e.name().map(str::to_string)))
+        })
+        .unwrap();
+        assert_eq!(
+            names,
+            [
+                ("rename".to_string(), Some("x}\"{[\\".to_string())),
+                ("die".to_string(), None)
+            ]
+        );
+        // An item cut by the end of the stream, or a stray closing bracket: errors.
+        assert!(read_events(&mut &br#"{"Action":"die""#[..], |_| {}).is_err());
+        assert!(read_events(&mut &b"]"[..], |_| {}).is_err());
+    }
+
+    /// The stream may be silent for ever between events, but an event that has begun
+    /// must be whole within the timeout (it waited for ever, 1.5 s a byte).
+    #[test]
+    fn an_event_trickled_byte_by_byte_drops_the_stream() {
+        let (_d, p, _sent) = serve_with(|s| {
+            let mut head = CHUNKED.to_vec();
+            // A whole event first, then one that never ends, in one big chunk.
+            let ev = br#"{"Type":"container","Action":"start","Actor":{"ID":"a"}}"#;
+            head.extend(format!("{:x}\r\n", ev.len()).as_bytes());
+            head.extend(ev);
+            head.extend(b"\r\n1000\r\n{\"Type\":\"container\",\"x\":\"");
+            trickle(s, &head, b'a')
+        });
+        let t = Instant::now();
+        let (got, r) = within(Duration::from_secs(8), move || {
+            let mut got = Vec::new();
+            let r = Engine::new(&p, Duration::from_secs(2))
+                .events()
+                .map(|st| st.for_each(|e| got.push(e.action)));
+            (got, r)
+        })
+        .expect("the stream was dropped within 8 s");
+        let r = r.expect("the stream opened");
+        assert!(r.is_err(), "a half event is no end of stream");
+        assert_eq!(got, ["start"]);
+        assert!(t.elapsed() >= Duration::from_millis(1900));
+    }
+
+    /// A silent stream is not dropped: events far apart still arrive.
+    #[test]
+    fn a_silent_events_stream_is_kept() {
+        let (_d, p, _sent) = serve_with(|mut s| {
+            use std::io::Write;
+            let ev = br#"{"Type":"container","Action":"die","Actor":{"ID":"a"}}"#;
+            let chunk = |s: &mut std::os::unix::net::UnixStream| {
+                let _ = s.write_all(format!("{:x}\r\n", ev.len() + 1).as_bytes());
+                let _ = s.write_all(ev);
+                let _ = s.write_all(b"\n\r\n");
+            };
+            let _ = s.write_all(CHUNKED);
+            chunk(&mut s);
+            std::thread::sleep(Duration::from_millis(2500));
+            chunk(&mut s);
+            let _ = s.write_all(b"0\r\n\r\n");
+            0
+        });
+        let mut got = 0;
+        Engine::new(&p, Duration::from_millis(1000))
+            .events()
+            .unwrap()
+            .for_each(|_| got += 1)
+            .unwrap();
+        assert_eq!(got, 2);
+    }
+
+    /// One endless event (a string that never closes, an array nested for ever) was
+    /// buffered whole: here 64 MiB (the fake engine's cap); from a real engine, until
+    /// the agent's memory cgroup killed it.
+    #[test]
+    fn an_endless_event_is_cut_at_the_event_bound() {
+        let mut string = b"1000\r\n".to_vec();
+        string.extend([b'a'; 0x1000]);
+        string.extend(b"\r\n");
+        let mut nested = b"1000\r\n".to_vec();
+        nested.extend([b'['; 0x1000]);
+        nested.extend(b"\r\n");
+        let open = br#"{"Type":"container","x":""#;
+        let mut pre_string = format!("{:x}\r\n", open.len()).into_bytes();
+        pre_string.extend(open);
+        pre_string.extend(b"\r\n");
+        for (pre, unit) in [(pre_string, string), (Vec::new(), nested)] {
+            let (_d, p, sent) = serve_with(move |s| endless(s, CHUNKED, &pre, &unit));
+            let r = within(Duration::from_secs(30), move || {
+                Engine::new(&p, Duration::from_secs(20))
+                    .events()
+                    .map(|st| st.for_each(|_| {}))
+            })
+            .expect("the stream was dropped")
+            .expect("the stream opened");
+            let sent = sent.join().unwrap();
+            assert!(
+                sent < MAX_EVENT + (8 << 20),
+                "{sent} bytes sent before the client gave up"
+            );
+            let e = r.unwrap_err();
+            assert!(e.to_string().contains("an event over"), "{e}");
+        }
     }
 }
