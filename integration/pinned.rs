@@ -105,6 +105,15 @@ fn pinned_stall_without_an_oom_is_resolved_by_the_policy() {
     assert_eq!(oom["trigger"], "pinned", "{oom}");
     assert_eq!(oom["under_oom"], 0);
     assert!(oom["failcnt_delta"].as_u64().unwrap_or(0) > 0, "{oom}");
+    // The evidence: no page charged or uncharged over at least one sweep interval.
+    assert!(
+        oom["progress_events"].as_u64().is_some_and(|n| n <= 8),
+        "{oom}"
+    );
+    assert!(
+        oom["window_ms"].as_u64().is_some_and(|ms| ms >= 500),
+        "{oom}"
+    );
     let r = agent.expect("resolved", &cg.rel, Duration::from_secs(5));
     assert_eq!(r["by_action"], "raise_limit");
     assert_eq!(r["episode"], oom["episode"]);
@@ -140,6 +149,35 @@ fn pinned_stall_in_audit_mode_is_logged_once_and_left_alone() {
     assert!(agent.events("resolved", &cg.rel).is_empty());
     assert_eq!(cg.limit(), 16 * MIB);
     assert!(lines.try_recv().is_err(), "audit mode must not unpin it");
+}
+
+#[test]
+fn a_policy_with_pinned_false_leaves_a_pinned_stall_alone() {
+    let name = "a_policy_with_pinned_false_leaves_a_pinned_stall_alone";
+    let Some(()) = require_v1(name) else { return };
+    let Some(prog) = pinned_program() else {
+        return required(name, "cannot build integration/pinned/pinned.c (gcc)");
+    };
+    let mut s = Scratch::new("pinned-off");
+    let cg = s.cgroup("", Some(16 * MIB), true);
+    let lines = pinned_and_silent(&mut s, &cg, &prog, 20);
+    let agent = Agent::start(
+        &[("p.toml", &policy("off", &cg.rel, "pinned = false", RAISE))],
+        &[],
+    );
+    agent.expect("watch", &cg.rel, Duration::from_secs(10));
+    // Four sweeps: the same workload is detected in two when the key is not set.
+    let before = failcnt(&cg);
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(failcnt(&cg) > before, "the workload stopped retrying");
+    assert!(
+        agent.events("oom", &cg.rel).is_empty(),
+        "{:?}\nlog:\n{}",
+        agent.audit(),
+        agent.log()
+    );
+    assert_eq!(cg.limit(), 16 * MIB);
+    assert!(lines.try_recv().is_err(), "unpinned by someone");
 }
 
 /// Compiles integration/jvm/Pause.java into a temporary directory.
@@ -194,4 +232,104 @@ fn jvm_above_its_limit_never_pauses_for_seconds_without_an_oom() {
         agent.audit(),
         agent.log()
     );
+}
+
+/// Issue 16 item 1: a cgroup at its wall that makes progress is not pinned. An idle
+/// holder takes 62 MiB of 64 MiB; a writer puts 250 MB files on disk (not tmpfs) through
+/// the 2 MiB left, again and again for about 5 s. failcnt rises by thousands a second,
+/// usage sits at the limit and the file cache never exceeds the headroom (under 1/32 of
+/// the limit), but every write completes: reclaim turns the page cache over. The policy
+/// has a kill step; nothing may be killed and no episode may start.
+#[test]
+fn writer_through_the_headroom_of_a_full_cgroup_is_not_pinned() {
+    let name = "writer_through_the_headroom_of_a_full_cgroup_is_not_pinned";
+    let Some(()) = require_v1(name) else { return };
+    let disk = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let fs = nix::sys::statfs::statfs(disk.path()).unwrap();
+    if fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC {
+        return required(
+            name,
+            "CARGO_TARGET_TMPDIR is on tmpfs: the writer needs a disk",
+        );
+    }
+    let mut s = Scratch::new("pinned-writer");
+    let cg = s.cgroup("", Some(64 * MIB), true);
+    let agent = Agent::start(&[("p.toml", &policy("writer", &cg.rel, "", KILL))], &[]);
+    agent.expect("watch", &cg.rel, Duration::from_secs(10));
+    let holder = s.hog(
+        &cg,
+        &["--touch", "62M", "--hold", "600s", "--tag", "holder"],
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || cg.usage() >= 62 * MIB),
+        "the holder never filled its 62 MiB (usage {})",
+        cg.usage()
+    );
+    let failcnt_before = failcnt(&cg);
+    let mut cmd = Command::new("bash");
+    cmd.arg("-c")
+        .arg(
+            "echo $$ > \"$1/cgroup.procs\" || exit 1
+             end=$((SECONDS + 5)); n=0
+             while [ $SECONDS -lt $end ]; do
+                 dd if=/dev/zero of=\"$2/f\" bs=1M count=250 2>/dev/null || exit 1
+                 n=$((n + 1)); echo \"wrote $n\"
+             done
+             echo \"done $n\"",
+        )
+        .arg("writer")
+        .arg(&cg.dir)
+        .arg(disk.path());
+    let (_, lines) = s.spawn(cmd);
+    let mut at_wall = false;
+    let mut most_file = 0u64;
+    let done = loop {
+        match lines.recv_timeout(Duration::from_millis(50)) {
+            Ok(l) if l.starts_with("done") => break Some(l),
+            Ok(_) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(_) => break None,
+        }
+        at_wall |= cg.usage() + MIB >= cg.limit();
+        let stat = read(&cg.dir.join("memory.stat"));
+        let file: u64 = stat
+            .lines()
+            .filter(|l| {
+                l.starts_with("total_inactive_file ") || l.starts_with("total_active_file ")
+            })
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum();
+        most_file = most_file.max(file);
+        assert!(!cg.under_oom(), "a real OOM: not the workload under test");
+    };
+    let done = done.unwrap_or_else(|| panic!("the writer failed\nlog:\n{}", agent.log()));
+    let writes: u32 = done
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let failed = failcnt(&cg) - failcnt_before;
+    eprintln!(
+        "{name}: {writes} files of 250 MB, failcnt +{failed}, file cache at most {most_file} bytes"
+    );
+    // Two more sweeps after the last write.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        s.alive(holder.pid),
+        "the idle holder was killed\naudit:\n{:?}\nlog:\n{}",
+        agent.audit(),
+        agent.log()
+    );
+    assert!(
+        agent.events("oom", &cg.rel).is_empty() && agent.events("action", &cg.rel).is_empty(),
+        "an episode started for a cgroup making progress\naudit:\n{:?}",
+        agent.audit()
+    );
+    // And it was the workload the old rule took for a stall.
+    assert!(writes >= 2, "the writer made no progress: {done}");
+    assert!(
+        failed > 1000,
+        "failcnt rose by only {failed}: not at the wall"
+    );
+    assert!(at_wall, "usage never reached the limit");
+    assert!(most_file < 64 * MIB / 32, "{most_file} bytes of file cache");
 }

@@ -1100,6 +1100,8 @@ mod tests {
             usage: 16 << 20,
             limit: 16 << 20,
             file_bytes: 0,
+            progress_events: 0,
+            window_ms: 1000,
         };
         let (a, b) = (CgroupPath::new("/a"), CgroupPath::new("/b"));
         d.trigger_pinned(&a, audit.clone(), Instant::now(), pin)
