@@ -18,16 +18,21 @@ fn required(name: &str, what: &str) {
     eprintln!("{name}: skipped: {what}");
 }
 
-/// Compiles integration/pinned/pinned.c, once per test binary run (tests run in
+/// Compiles integration/pinned/NAME.c, once per test binary run (tests run in
 /// parallel: a second compile over a binary another test runs would fail with ETXTBSY).
-fn pinned_program() -> Option<PathBuf> {
-    static BUILT: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
-    BUILT
-        .get_or_init(|| {
+fn c_program(name: &'static str) -> Option<PathBuf> {
+    type Built = std::sync::Mutex<std::collections::HashMap<&'static str, Option<PathBuf>>>;
+    static BUILT: std::sync::OnceLock<Built> = std::sync::OnceLock::new();
+    let mut built = BUILT.get_or_init(Default::default).lock().ok()?;
+    built
+        .entry(name)
+        .or_insert_with(|| {
             let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("pinned");
             std::fs::create_dir_all(&dir).ok()?;
-            let out = dir.join(format!("pinned-{}", std::process::id()));
-            let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("integration/pinned/pinned.c");
+            let out = dir.join(format!("{name}-{}", std::process::id()));
+            let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("integration/pinned")
+                .join(format!("{name}.c"));
             let st = Command::new("gcc")
                 .args(["-O2", "-Wall", "-o"])
                 .arg(&out)
@@ -37,6 +42,10 @@ fn pinned_program() -> Option<PathBuf> {
             st.success().then_some(out)
         })
         .clone()
+}
+
+fn pinned_program() -> Option<PathBuf> {
+    c_program("pinned")
 }
 
 fn failcnt(cg: &Cg) -> u64 {
@@ -332,4 +341,85 @@ fn writer_through_the_headroom_of_a_full_cgroup_is_not_pinned() {
     );
     assert!(at_wall, "usage never reached the limit");
     assert!(most_file < 64 * MIB / 32, "{most_file} bytes of file cache");
+}
+
+/// Progress that moves no page: a process looking up names that do not exist next to
+/// an idle holder of 62 MiB of 64 MiB. Each lookup leaves a negative dentry (kernel
+/// memory); at the wall reclaim frees old ones for the new. failcnt rises by thousands
+/// a second, usage sits at the limit, there is no file cache and `total_pgpgin` /
+/// `total_pgpgout` stand still, but the process runs flat out and its lookups go on.
+/// Nothing may be killed.
+#[test]
+fn lookups_at_the_wall_that_move_no_page_are_not_pinned() {
+    let name = "lookups_at_the_wall_that_move_no_page_are_not_pinned";
+    let Some(()) = require_v1(name) else { return };
+    let Some(prog) = c_program("lookups") else {
+        return required(name, "cannot build integration/pinned/lookups.c (gcc)");
+    };
+    let names = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mut s = Scratch::new("pinned-lookups");
+    let cg = s.cgroup("", Some(64 * MIB), true);
+    let agent = Agent::start(&[("p.toml", &policy("lookups", &cg.rel, "", KILL))], &[]);
+    agent.expect("watch", &cg.rel, Duration::from_secs(10));
+    let holder = s.hog(
+        &cg,
+        &["--touch", "62M", "--hold", "600s", "--tag", "holder"],
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || cg.usage() >= 62 * MIB),
+        "the holder never filled its 62 MiB (usage {})",
+        cg.usage()
+    );
+    let failcnt_before = failcnt(&cg);
+    let pgpg = || {
+        read(&cg.dir.join("memory.stat"))
+            .lines()
+            .filter(|l| l.starts_with("total_pgpgin ") || l.starts_with("total_pgpgout "))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum::<u64>()
+    };
+    let pgpg_before = pgpg();
+    let mut cmd = Command::new(&prog);
+    cmd.arg(&cg.dir).arg(names.path()).arg("5");
+    let (_, lines) = s.spawn(cmd);
+    assert!(line(&lines, "start", Duration::from_secs(10)).is_some());
+    let mut at_wall = false;
+    let done = loop {
+        match lines.recv_timeout(Duration::from_millis(50)) {
+            Ok(l) if l.starts_with("done") => break Some(l),
+            Ok(_) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(_) => break None,
+        }
+        at_wall |= cg.usage() + MIB >= cg.limit();
+        assert!(!cg.under_oom(), "a real OOM: not the workload under test");
+    };
+    let pgpg_moved = pgpg() - pgpg_before;
+    let done = done.unwrap_or_else(|| panic!("the lookups failed\nlog:\n{}", agent.log()));
+    let lookups: u64 = done
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let failed = failcnt(&cg) - failcnt_before;
+    eprintln!("{name}: {lookups} lookups, failcnt +{failed}, page charge events +{pgpg_moved}");
+    // Two more sweeps after the last lookup.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        s.alive(holder.pid),
+        "the idle holder was killed\naudit:\n{:?}\nlog:\n{}",
+        agent.audit(),
+        agent.log()
+    );
+    assert!(
+        agent.events("oom", &cg.rel).is_empty() && agent.events("action", &cg.rel).is_empty(),
+        "an episode started for a cgroup making progress\naudit:\n{:?}",
+        agent.audit()
+    );
+    // And it was at the wall, failing charges, all along.
+    assert!(lookups > 100_000, "the lookups made no progress: {done}");
+    assert!(
+        failed > 1000,
+        "failcnt rose by only {failed}: not at the wall"
+    );
+    assert!(at_wall, "usage never reached the limit");
 }

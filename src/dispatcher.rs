@@ -1101,6 +1101,7 @@ mod tests {
             limit: 16 << 20,
             file_bytes: 0,
             progress_events: 0,
+            cpu_ms: 0,
             window_ms: 1000,
         };
         let (a, b) = (CgroupPath::new("/a"), CgroupPath::new("/b"));

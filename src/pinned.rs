@@ -11,6 +11,11 @@
 //! page charged or uncharged is counted by `memory.stat` (`total_pgpgin`,
 //! `total_pgpgout`, in charge events); a pinned cgroup moves neither, a cgroup making
 //! progress at its wall moves both (measured: 0 against about 9,700 a second each).
+//! Progress that moves no page (kernel objects made and freed, the dentries and slab
+//! that reclaim frees for them: a process looking up names at the wall moved no page
+//! counter either) still needs the CPU: the cgroup's processes used 60-80 % of a CPU
+//! there, against 0-1 % for the pinned workload, which sleeps between its failed
+//! retries. cgroup v1 has no per-cgroup PSI or reclaim counter to ask instead.
 //!
 //! The rule, judged by the sweep on each watched v1 cgroup that is not under OOM (and
 //! whose policy has not set `pinned = false`):
@@ -19,14 +24,17 @@
 //!   reclaim: the file pages (`total_inactive_file` + `total_active_file`) are below
 //!   [`little_cache`] (1/32 of the limit). The page counters are noted then.
 //! - *pinned*: at a later sweep (at most [`SUSPECT_FOR`] later) failcnt has risen again
-//!   since, the cgroup is still at the wall with little cache, and the page counters
-//!   moved by at most [`STILL_EVENTS`] since they were noted: charges kept failing over
-//!   at least one whole sweep interval and not a page came or went.
+//!   since, the cgroup is still at the wall with little cache, the page counters
+//!   moved by at most [`STILL_EVENTS`] since they were noted, and the same processes
+//!   used at most [`IDLE_PERCENT`] of a CPU meanwhile (utime + stime of
+//!   `/proc/PID/stat`, for up to [`MAX_TASKS`] processes of `cgroup.procs`): charges
+//!   kept failing over at least one whole sweep interval, not a page came or went, and
+//!   nothing ran.
 //!
-//! A suspect whose counters moved starts over (noted again if failcnt rose, else
+//! A suspect whose counters moved (or whose processes ran, came or went) starts over (noted again if failcnt rose, else
 //! dropped); one that left the wall, or was not confirmed within [`SUSPECT_FOR`], is
-//! dropped. Only `memory.failcnt` is read at every sweep; usage, limit and `memory.stat`
-//! when it rose or while the cgroup is a suspect. Swap is not counted as reclaimable:
+//! dropped. Only `memory.failcnt` is read at every sweep; usage, limit, `memory.stat`
+//! and the processes' `/proc/PID/stat` when it rose or while the cgroup is a suspect. Swap is not counted as reclaimable:
 //! with swap, anonymous memory can make room, and swapping moves the page counters.
 
 use std::collections::BTreeMap;
@@ -58,6 +66,17 @@ impl Progress {
     }
 }
 
+/// The cgroup's processes: which ones, and the CPU time they have used. Progress that
+/// moves no page (kernel objects made and freed, dentries and slab reclaimed) still
+/// needs the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tasks {
+    /// A fingerprint of the set of PIDs: a process started or gone is a change.
+    pub pids: u64,
+    /// utime + stime of all of them, in milliseconds.
+    pub cpu_ms: u64,
+}
+
 /// What the sweep reads of a cgroup whose failcnt rose (or that is a suspect).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Wall {
@@ -66,6 +85,9 @@ pub struct Wall {
     /// Reclaimable file pages (`total_inactive_file` + `total_active_file`).
     pub file_bytes: u64,
     pub progress: Progress,
+    /// None when they could not all be read (or there are more than [`MAX_TASKS`]):
+    /// then nothing proves the cgroup idle, and it is not judged pinned.
+    pub tasks: Option<Tasks>,
 }
 
 impl Wall {
@@ -85,6 +107,7 @@ pub struct Suspect {
     pub since: Instant,
     pub failcnt: u64,
     pub progress: Progress,
+    pub tasks: Option<Tasks>,
 }
 
 /// A pinned stall as detected: what the `oom` audit line reports.
@@ -99,6 +122,9 @@ pub struct Pinned {
     /// Page charge events (`total_pgpgin` + `total_pgpgout`) over the window: at most
     /// [`STILL_EVENTS`].
     pub progress_events: u64,
+    /// CPU time the cgroup's processes used over the window: at most [`IDLE_PERCENT`]
+    /// of it.
+    pub cpu_ms: u64,
     /// How long the evidence was gathered: from the sweep that first saw the cgroup
     /// cornered to the one that judged it pinned.
     pub window_ms: u64,
@@ -117,6 +143,15 @@ pub enum Verdict {
 /// Page charge events a pinned cgroup may still show over its window: a pinned cgroup
 /// showed none, one streaming a file through 2 MiB of headroom about 9,700 a second.
 pub const STILL_EVENTS: u64 = 8;
+
+/// The most CPU (percent of the window, over all the cgroup's processes) a pinned
+/// cgroup may use: the pinned workload used 0-1 %, a process making and freeing kernel
+/// objects at the wall (no page moves) 60-80 %.
+pub const IDLE_PERCENT: u64 = 10;
+
+/// The CPU evidence is read for at most this many processes; a larger cgroup is never
+/// judged pinned.
+pub const MAX_TASKS: usize = 256;
 
 /// How long a suspect waits for the failed charge that confirms it. A cgroup at its
 /// wall where charges fail once in a while (an idle holder, a runtime that handles
@@ -158,6 +193,56 @@ pub fn progress(stat: &BTreeMap<String, u64>) -> Option<Progress> {
     })
 }
 
+/// utime + stime in clock ticks from `/proc/PID/stat` (fields 14 and 15; the comm may
+/// hold spaces and parentheses, so count from the last `)`).
+pub fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    let rest: Vec<&str> = stat
+        .get(stat.rfind(')')? + 1..)?
+        .split_whitespace()
+        .collect();
+    // rest[0] is field 3 (state).
+    let utime: u64 = rest.get(11)?.parse().ok()?;
+    let stime: u64 = rest.get(12)?.parse().ok()?;
+    Some(utime.saturating_add(stime))
+}
+
+/// The processes `pids` as read under `proc_root` now; None if one could not be read
+/// (gone meanwhile, or /proc unreadable) or there are more than [`MAX_TASKS`].
+pub fn tasks(proc_root: &std::path::Path, pids: &[i32]) -> Option<Tasks> {
+    if pids.len() > MAX_TASKS {
+        return None;
+    }
+    let hz = match nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK) {
+        Ok(Some(t)) if t > 0 => t as u64,
+        _ => 100,
+    };
+    let mut sorted = pids.to_vec();
+    sorted.sort_unstable();
+    let mut ticks = 0u64;
+    let mut fp = sorted.len() as u64;
+    for pid in sorted {
+        let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join("stat")).ok()?;
+        ticks = ticks.saturating_add(parse_cpu_ticks(&text)?);
+        fp = fp.wrapping_mul(0x100_0000_01b3) ^ pid as u64;
+    }
+    Some(Tasks {
+        pids: fp,
+        cpu_ms: ticks.saturating_mul(1000) / hz,
+    })
+}
+
+/// CPU used between two reads of the same processes, if it was little enough to call
+/// them idle over `window`; None if the set changed, a read is missing, or they were busy.
+fn idle_cpu(then: Option<Tasks>, now: Option<Tasks>, window: Duration) -> Option<u64> {
+    let (a, b) = (then?, now?);
+    if a.pids != b.pids {
+        return None;
+    }
+    let used = b.cpu_ms.checked_sub(a.cpu_ms)?;
+    (used.saturating_mul(100) <= IDLE_PERCENT.saturating_mul(window.as_millis() as u64))
+        .then_some(used)
+}
+
 /// One sweep's verdict at `now`. `prev`/`cur` are failcnt at the previous and this
 /// sweep, `suspect` what an earlier sweep noted. `wall` reads usage, limit and
 /// `memory.stat`; it is called only when failcnt rose or a suspect is followed, and
@@ -186,6 +271,7 @@ pub fn judge(
                 since: now,
                 failcnt: cur.failcnt,
                 progress: w.progress,
+                tasks: w.tasks,
             })
         } else {
             Verdict::Clear
@@ -199,6 +285,11 @@ pub fn judge(
         // Pages came and went: progress. Start over.
         return note();
     }
+    let window = now.saturating_duration_since(s.since);
+    let Some(cpu_ms) = idle_cpu(s.tasks, w.tasks, window) else {
+        // Busy (or other processes, or unknown): nothing proves it stuck.
+        return note();
+    };
     match cur.failcnt.checked_sub(s.failcnt) {
         Some(d) if d > 0 => Verdict::Pinned(Pinned {
             failcnt_delta: d,
@@ -206,7 +297,8 @@ pub fn judge(
             limit: w.limit,
             file_bytes: w.file_bytes,
             progress_events: moved,
-            window_ms: now.saturating_duration_since(s.since).as_millis() as u64,
+            cpu_ms,
+            window_ms: window.as_millis() as u64,
         }),
         // No charge tried since: still a suspect, nothing proven.
         Some(_) => Verdict::Suspect(s),
@@ -226,7 +318,20 @@ mod tests {
         Look { failcnt }
     }
 
+    /// The pinned workload's one process, asleep.
+    const IDLE: Option<Tasks> = Some(Tasks { pids: 7, cpu_ms: 0 });
+
     fn wall(usage: u64, limit: u64, file_bytes: u64, pgpg: (u64, u64)) -> Option<Wall> {
+        busy(usage, limit, file_bytes, pgpg, IDLE)
+    }
+
+    fn busy(
+        usage: u64,
+        limit: u64,
+        file_bytes: u64,
+        pgpg: (u64, u64),
+        tasks: Option<Tasks>,
+    ) -> Option<Wall> {
         Some(Wall {
             usage,
             limit,
@@ -235,6 +340,7 @@ mod tests {
                 pgpgin: pgpg.0,
                 pgpgout: pgpg.1,
             },
+            tasks,
         })
     }
 
@@ -264,9 +370,26 @@ mod tests {
                 limit: 16 * MIB,
                 file_bytes: 0,
                 progress_events: 0,
+                cpu_ms: 0,
                 window_ms: 1000,
             })
         );
+        // 1 % of a CPU (as measured) is idle; 10 % is the most.
+        for cpu_ms in [10, 100] {
+            let v = judge(t0 + SEC, look(1360), look(2710), Some(s), || {
+                busy(
+                    16 * MIB,
+                    16 * MIB,
+                    0,
+                    (500, 400),
+                    Some(Tasks { pids: 7, cpu_ms }),
+                )
+            });
+            assert!(
+                matches!(v, Verdict::Pinned(p) if p.cpu_ms == cpu_ms),
+                "{v:?}"
+            );
+        }
         // A few stray events are tolerated.
         let v = judge(t0 + SEC, look(1360), look(1361), Some(s), || {
             wall(16 * MIB, 16 * MIB, 0, (504, 404))
@@ -311,6 +434,87 @@ mod tests {
             wall(64 * MIB, 64 * MIB, 0, (100 + STILL_EVENTS, 101))
         });
         assert!(matches!(v, Verdict::Suspect(_)), "{v:?}");
+    }
+
+    /// A process looking up names at the wall as measured: failcnt +50,000-90,000 a
+    /// second, usage at the limit, no file cache, the page counters still (the dentries
+    /// it makes and reclaim frees are no pages of the LRU), 60-80 % of a CPU.
+    #[test]
+    fn a_busy_cgroup_that_moves_no_page_is_not_pinned() {
+        let t0 = Instant::now();
+        let tasks = |cpu_ms| Some(Tasks { pids: 9, cpu_ms });
+        let mut s = suspect(judge(t0, look(0), look(50_000), None, || {
+            busy(64 * MIB, 64 * MIB, 0, (0, 0), tasks(0))
+        }));
+        for i in 1..10u32 {
+            let v = judge(
+                t0 + SEC * i,
+                look(50_000 * u64::from(i)),
+                look(50_000 * u64::from(i + 1)),
+                Some(s),
+                || busy(64 * MIB, 64 * MIB, 0, (0, 0), tasks(600 * u64::from(i))),
+            );
+            s = suspect(v);
+        }
+        // Just above 10 % of the window.
+        let s = suspect(judge(t0, look(0), look(1), None, || {
+            busy(MIB, MIB, 0, (0, 0), tasks(0))
+        }));
+        let v = judge(t0 + SEC, look(1), look(2), Some(s), || {
+            busy(MIB, MIB, 0, (0, 0), tasks(101))
+        });
+        assert!(matches!(v, Verdict::Suspect(_)), "{v:?}");
+        // Other processes than at the first look: something happened.
+        let v = judge(t0 + SEC, look(1), look(2), Some(s), || {
+            busy(
+                MIB,
+                MIB,
+                0,
+                (0, 0),
+                Some(Tasks {
+                    pids: 10,
+                    cpu_ms: 0,
+                }),
+            )
+        });
+        assert!(matches!(v, Verdict::Suspect(_)), "{v:?}");
+        // Processes that could not be read prove nothing.
+        let v = judge(t0 + SEC, look(1), look(2), Some(s), || {
+            busy(MIB, MIB, 0, (0, 0), None)
+        });
+        assert!(matches!(v, Verdict::Suspect(_)), "{v:?}");
+    }
+
+    #[test]
+    fn cpu_ticks_count_from_the_last_parenthesis() {
+        let stat = "42 (a) b (c)) S 1 42 42 0 -1 4194560 100 0 0 0 250 31 0 0 20 0 1 0 99 0 0";
+        assert_eq!(parse_cpu_ticks(stat), Some(281));
+        assert_eq!(parse_cpu_ticks("42 (x) S 1 2"), None);
+        assert_eq!(parse_cpu_ticks("no parenthesis"), None);
+    }
+
+    #[test]
+    fn tasks_reads_each_process_and_fingerprints_the_set() {
+        let root = tempfile::tempdir().unwrap();
+        let put = |pid: i32, utime: u64| {
+            let d = root.path().join(pid.to_string());
+            std::fs::create_dir_all(&d).unwrap();
+            let line = format!("{pid} (w) S 1 1 1 0 -1 0 0 0 0 0 {utime} 0 0 0 20 0 1 0 5 0 0");
+            std::fs::write(d.join("stat"), line).unwrap();
+        };
+        put(10, 100);
+        put(11, 50);
+        let a = tasks(root.path(), &[11, 10]).unwrap();
+        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .unwrap()
+            .unwrap() as u64;
+        assert_eq!(a.cpu_ms, 150 * 1000 / hz);
+        assert_eq!(tasks(root.path(), &[10, 11]).unwrap().pids, a.pids);
+        assert_ne!(tasks(root.path(), &[10]).unwrap().pids, a.pids);
+        // A process gone (or unreadable): unknown.
+        assert_eq!(tasks(root.path(), &[10, 12]), None);
+        let many: Vec<i32> = (0..=MAX_TASKS as i32).collect();
+        assert_eq!(tasks(root.path(), &many), None);
     }
 
     #[test]

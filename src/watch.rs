@@ -1073,7 +1073,7 @@ impl Watcher {
     /// `memory.failcnt`, and more only when it rose or the cgroup is a suspect (see
     /// [`crate::pinned`]). Nothing for a policy with `pinned = false`.
     fn look_pinned(&mut self, cg: &CgroupPath, at: Instant) -> Option<crate::pinned::Pinned> {
-        use crate::pinned::{file_bytes, judge, progress, Look, Verdict, Wall};
+        use crate::pinned::{file_bytes, judge, progress, tasks, Look, Verdict, Wall};
         if !self.watched(cg)?.policy.pinned {
             let c = self.candidates.get_mut(cg)?;
             c.failcnt = None;
@@ -1081,6 +1081,7 @@ impl Watcher {
             return None;
         }
         let ctl = self.shared.env.ctl.as_ref();
+        let proc_root = self.shared.env.proc_root.as_path();
         let now = match ctl.failcnt(cg) {
             Ok(n) => n?,
             Err(e) => {
@@ -1097,11 +1098,13 @@ impl Watcher {
             c.suspect.take(),
             || {
                 let stat = ctl.stat(cg).ok()??;
+                let pids = ctl.procs(cg).ok().flatten();
                 Some(Wall {
                     usage: ctl.usage(cg).ok()??,
                     limit: ctl.limits(cg).ok()??.memory,
                     file_bytes: file_bytes(&stat)?,
                     progress: progress(&stat)?,
+                    tasks: pids.and_then(|p| tasks(proc_root, &p)),
                 })
             },
         );
@@ -1125,12 +1128,13 @@ impl Watcher {
             .trigger_pinned(cg, policy, detected, p)
         {
             log::info!(
-                "{cg}: pinned at its limit ({} of {} bytes, failcnt +{}, {} bytes of file cache, {} page charge events in {} ms) without an OOM: episode {id}",
+                "{cg}: pinned at its limit ({} of {} bytes, failcnt +{}, {} bytes of file cache, {} page charge events and {} ms of CPU in {} ms) without an OOM: episode {id}",
                 p.usage,
                 p.limit,
                 p.failcnt_delta,
                 p.file_bytes,
                 p.progress_events,
+                p.cpu_ms,
                 p.window_ms
             );
         }
