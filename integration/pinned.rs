@@ -18,16 +18,21 @@ fn required(name: &str, what: &str) {
     eprintln!("{name}: skipped: {what}");
 }
 
-/// Compiles integration/pinned/pinned.c, once per test binary run (tests run in
+/// Compiles integration/pinned/NAME.c, once per test binary run (tests run in
 /// parallel: a second compile over a binary another test runs would fail with ETXTBSY).
-fn pinned_program() -> Option<PathBuf> {
-    static BUILT: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
-    BUILT
-        .get_or_init(|| {
+fn c_program(name: &'static str) -> Option<PathBuf> {
+    type Built = std::sync::Mutex<std::collections::HashMap<&'static str, Option<PathBuf>>>;
+    static BUILT: std::sync::OnceLock<Built> = std::sync::OnceLock::new();
+    let mut built = BUILT.get_or_init(Default::default).lock().ok()?;
+    built
+        .entry(name)
+        .or_insert_with(|| {
             let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("pinned");
             std::fs::create_dir_all(&dir).ok()?;
-            let out = dir.join(format!("pinned-{}", std::process::id()));
-            let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("integration/pinned/pinned.c");
+            let out = dir.join(format!("{name}-{}", std::process::id()));
+            let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("integration/pinned")
+                .join(format!("{name}.c"));
             let st = Command::new("gcc")
                 .args(["-O2", "-Wall", "-o"])
                 .arg(&out)
@@ -37,6 +42,10 @@ fn pinned_program() -> Option<PathBuf> {
             st.success().then_some(out)
         })
         .clone()
+}
+
+fn pinned_program() -> Option<PathBuf> {
+    c_program("pinned")
 }
 
 fn failcnt(cg: &Cg) -> u64 {
@@ -105,6 +114,15 @@ fn pinned_stall_without_an_oom_is_resolved_by_the_policy() {
     assert_eq!(oom["trigger"], "pinned", "{oom}");
     assert_eq!(oom["under_oom"], 0);
     assert!(oom["failcnt_delta"].as_u64().unwrap_or(0) > 0, "{oom}");
+    // The evidence: no page charged or uncharged over at least one sweep interval.
+    assert!(
+        oom["progress_events"].as_u64().is_some_and(|n| n <= 8),
+        "{oom}"
+    );
+    assert!(
+        oom["window_ms"].as_u64().is_some_and(|ms| ms >= 500),
+        "{oom}"
+    );
     let r = agent.expect("resolved", &cg.rel, Duration::from_secs(5));
     assert_eq!(r["by_action"], "raise_limit");
     assert_eq!(r["episode"], oom["episode"]);
@@ -140,6 +158,35 @@ fn pinned_stall_in_audit_mode_is_logged_once_and_left_alone() {
     assert!(agent.events("resolved", &cg.rel).is_empty());
     assert_eq!(cg.limit(), 16 * MIB);
     assert!(lines.try_recv().is_err(), "audit mode must not unpin it");
+}
+
+#[test]
+fn a_policy_with_pinned_false_leaves_a_pinned_stall_alone() {
+    let name = "a_policy_with_pinned_false_leaves_a_pinned_stall_alone";
+    let Some(()) = require_v1(name) else { return };
+    let Some(prog) = pinned_program() else {
+        return required(name, "cannot build integration/pinned/pinned.c (gcc)");
+    };
+    let mut s = Scratch::new("pinned-off");
+    let cg = s.cgroup("", Some(16 * MIB), true);
+    let lines = pinned_and_silent(&mut s, &cg, &prog, 20);
+    let agent = Agent::start(
+        &[("p.toml", &policy("off", &cg.rel, "pinned = false", RAISE))],
+        &[],
+    );
+    agent.expect("watch", &cg.rel, Duration::from_secs(10));
+    // Four sweeps: the same workload is detected in two when the key is not set.
+    let before = failcnt(&cg);
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(failcnt(&cg) > before, "the workload stopped retrying");
+    assert!(
+        agent.events("oom", &cg.rel).is_empty(),
+        "{:?}\nlog:\n{}",
+        agent.audit(),
+        agent.log()
+    );
+    assert_eq!(cg.limit(), 16 * MIB);
+    assert!(lines.try_recv().is_err(), "unpinned by someone");
 }
 
 /// Compiles integration/jvm/Pause.java into a temporary directory.
@@ -194,4 +241,194 @@ fn jvm_above_its_limit_never_pauses_for_seconds_without_an_oom() {
         agent.audit(),
         agent.log()
     );
+}
+
+/// Issue 16 item 1: a cgroup at its wall that makes progress is not pinned. An idle
+/// holder takes 62 MiB of 64 MiB; a writer puts 250 MB files on disk (not tmpfs) through
+/// the 2 MiB left, again and again for about 5 s. failcnt rises by thousands a second,
+/// usage sits at the limit and the file cache never exceeds the headroom (under 1/32 of
+/// the limit), but every write completes: reclaim turns the page cache over. The policy
+/// has a kill step; nothing may be killed and no episode may start.
+#[test]
+fn writer_through_the_headroom_of_a_full_cgroup_is_not_pinned() {
+    let name = "writer_through_the_headroom_of_a_full_cgroup_is_not_pinned";
+    let Some(()) = require_v1(name) else { return };
+    // A directory on a disk: page cache that must be written back and reclaimed, not
+    // tmpfs (whose pages cannot be dropped without swap).
+    let on_disk = |d: &str| {
+        let fs = nix::sys::statfs::statfs(d).ok()?;
+        // ramfs has no constant in nix or libc (linux/magic.h).
+        let ramfs = nix::sys::statfs::FsType(0x8584_58f6);
+        let t = fs.filesystem_type();
+        (t != nix::sys::statfs::TMPFS_MAGIC && t != ramfs)
+            .then(|| tempfile::tempdir_in(d).ok())
+            .flatten()
+    };
+    let Some(disk) = on_disk(env!("CARGO_TARGET_TMPDIR")).or_else(|| on_disk("/var/tmp")) else {
+        return required(
+            name,
+            "neither CARGO_TARGET_TMPDIR nor /var/tmp is on a disk",
+        );
+    };
+    let mut s = Scratch::new("pinned-writer");
+    let cg = s.cgroup("", Some(64 * MIB), true);
+    let agent = Agent::start(&[("p.toml", &policy("writer", &cg.rel, "", KILL))], &[]);
+    agent.expect("watch", &cg.rel, Duration::from_secs(10));
+    let holder = s.hog(
+        &cg,
+        &["--touch", "62M", "--hold", "600s", "--tag", "holder"],
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || cg.usage() >= 62 * MIB),
+        "the holder never filled its 62 MiB (usage {})",
+        cg.usage()
+    );
+    let failcnt_before = failcnt(&cg);
+    let mut cmd = Command::new("bash");
+    cmd.arg("-c")
+        .arg(
+            "echo $$ > \"$1/cgroup.procs\" || exit 1
+             end=$((SECONDS + 5)); n=0
+             while [ $SECONDS -lt $end ]; do
+                 dd if=/dev/zero of=\"$2/f\" bs=1M count=250 2>/dev/null || exit 1
+                 n=$((n + 1)); echo \"wrote $n\"
+             done
+             echo \"done $n\"",
+        )
+        .arg("writer")
+        .arg(&cg.dir)
+        .arg(disk.path());
+    let (_, lines) = s.spawn(cmd);
+    let mut at_wall = false;
+    let mut most_file = 0u64;
+    let done = loop {
+        match lines.recv_timeout(Duration::from_millis(50)) {
+            Ok(l) if l.starts_with("done") => break Some(l),
+            Ok(_) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(_) => break None,
+        }
+        at_wall |= cg.usage() + MIB >= cg.limit();
+        let stat = read(&cg.dir.join("memory.stat"));
+        let file: u64 = stat
+            .lines()
+            .filter(|l| {
+                l.starts_with("total_inactive_file ") || l.starts_with("total_active_file ")
+            })
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum();
+        most_file = most_file.max(file);
+        assert!(!cg.under_oom(), "a real OOM: not the workload under test");
+    };
+    let done = done.unwrap_or_else(|| panic!("the writer failed\nlog:\n{}", agent.log()));
+    let writes: u32 = done
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let failed = failcnt(&cg) - failcnt_before;
+    eprintln!(
+        "{name}: {writes} files of 250 MB, failcnt +{failed}, file cache at most {most_file} bytes"
+    );
+    // Two more sweeps after the last write.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        s.alive(holder.pid),
+        "the idle holder was killed\naudit:\n{:?}\nlog:\n{}",
+        agent.audit(),
+        agent.log()
+    );
+    assert!(
+        agent.events("oom", &cg.rel).is_empty() && agent.events("action", &cg.rel).is_empty(),
+        "an episode started for a cgroup making progress\naudit:\n{:?}",
+        agent.audit()
+    );
+    // And it was the workload the old rule took for a stall.
+    assert!(writes >= 2, "the writer made no progress: {done}");
+    assert!(
+        failed > 1000,
+        "failcnt rose by only {failed}: not at the wall"
+    );
+    assert!(at_wall, "usage never reached the limit");
+    assert!(most_file < 64 * MIB / 32, "{most_file} bytes of file cache");
+}
+
+/// Progress that moves no page: a process looking up names that do not exist next to
+/// an idle holder of 62 MiB of 64 MiB. Each lookup leaves a negative dentry (kernel
+/// memory); at the wall reclaim frees old ones for the new. failcnt rises by thousands
+/// a second, usage sits at the limit, there is no file cache and `total_pgpgin` /
+/// `total_pgpgout` stand still, but the process runs flat out and its lookups go on.
+/// Nothing may be killed.
+#[test]
+fn lookups_at_the_wall_that_move_no_page_are_not_pinned() {
+    let name = "lookups_at_the_wall_that_move_no_page_are_not_pinned";
+    let Some(()) = require_v1(name) else { return };
+    let Some(prog) = c_program("lookups") else {
+        return required(name, "cannot build integration/pinned/lookups.c (gcc)");
+    };
+    let names = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mut s = Scratch::new("pinned-lookups");
+    let cg = s.cgroup("", Some(64 * MIB), true);
+    let agent = Agent::start(&[("p.toml", &policy("lookups", &cg.rel, "", KILL))], &[]);
+    agent.expect("watch", &cg.rel, Duration::from_secs(10));
+    let holder = s.hog(
+        &cg,
+        &["--touch", "62M", "--hold", "600s", "--tag", "holder"],
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || cg.usage() >= 62 * MIB),
+        "the holder never filled its 62 MiB (usage {})",
+        cg.usage()
+    );
+    let failcnt_before = failcnt(&cg);
+    let pgpg = || {
+        read(&cg.dir.join("memory.stat"))
+            .lines()
+            .filter(|l| l.starts_with("total_pgpgin ") || l.starts_with("total_pgpgout "))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum::<u64>()
+    };
+    let pgpg_before = pgpg();
+    let mut cmd = Command::new(&prog);
+    cmd.arg(&cg.dir).arg(names.path()).arg("5");
+    let (_, lines) = s.spawn(cmd);
+    assert!(line(&lines, "start", Duration::from_secs(10)).is_some());
+    let mut at_wall = false;
+    let done = loop {
+        match lines.recv_timeout(Duration::from_millis(50)) {
+            Ok(l) if l.starts_with("done") => break Some(l),
+            Ok(_) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(_) => break None,
+        }
+        at_wall |= cg.usage() + MIB >= cg.limit();
+        assert!(!cg.under_oom(), "a real OOM: not the workload under test");
+    };
+    let pgpg_moved = pgpg() - pgpg_before;
+    let done = done.unwrap_or_else(|| panic!("the lookups failed\nlog:\n{}", agent.log()));
+    let lookups: u64 = done
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let failed = failcnt(&cg) - failcnt_before;
+    eprintln!("{name}: {lookups} lookups, failcnt +{failed}, page charge events +{pgpg_moved}");
+    // Two more sweeps after the last lookup.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        s.alive(holder.pid),
+        "the idle holder was killed\naudit:\n{:?}\nlog:\n{}",
+        agent.audit(),
+        agent.log()
+    );
+    assert!(
+        agent.events("oom", &cg.rel).is_empty() && agent.events("action", &cg.rel).is_empty(),
+        "an episode started for a cgroup making progress\naudit:\n{:?}",
+        agent.audit()
+    );
+    // And it was at the wall, failing charges, all along.
+    assert!(lookups > 100_000, "the lookups made no progress: {done}");
+    assert!(
+        failed > 1000,
+        "failcnt rose by only {failed}: not at the wall"
+    );
+    assert!(at_wall, "usage never reached the limit");
 }

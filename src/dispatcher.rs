@@ -1251,6 +1251,9 @@ mod tests {
             usage: 16 << 20,
             limit: 16 << 20,
             file_bytes: 0,
+            progress_events: 0,
+            cpu_ms: 0,
+            window_ms: 1000,
         };
         let (a, b) = (CgroupPath::new("/a"), CgroupPath::new("/b"));
         d.trigger_pinned(&a, audit.clone(), Instant::now(), pin)

@@ -284,6 +284,9 @@ pub fn run(shared: &Shared, job: &Job) -> End {
                 rec.set("usage", p.usage);
                 rec.set("limit", p.limit);
                 rec.set("file_bytes", p.file_bytes);
+                rec.set("progress_events", p.progress_events);
+                rec.set("cpu_ms", p.cpu_ms);
+                rec.set("window_ms", p.window_ms);
             }
             (None, None) if ctl.hierarchy().kind() == crate::cgroup::Kind::V1 => {
                 rec.set("under_oom", 1)

@@ -70,6 +70,9 @@ struct Candidate {
     /// `memory.failcnt` at the last sweep, for the pinned-stall rule (see
     /// [`crate::pinned`]); None after an OOM, so that its failures are not counted.
     failcnt: Option<u64>,
+    /// Seen at its wall with little cache by an earlier sweep: what the pinned-stall
+    /// rule compares the next looks with.
+    suspect: Option<crate::pinned::Suspect>,
 }
 
 struct Watched {
@@ -1050,10 +1053,11 @@ impl Watcher {
             if st.under_oom {
                 if let Some(c) = self.candidates.get_mut(&cg) {
                     c.failcnt = None;
+                    c.suspect = None;
                 }
             }
             let pinned = if watched && !st.under_oom {
-                self.look_pinned(&cg)
+                self.look_pinned(&cg, now)
             } else {
                 None
             };
@@ -1091,10 +1095,18 @@ impl Watcher {
     }
 
     /// The pinned-stall rule's look at a watched cgroup not under OOM: one read of
-    /// `memory.failcnt`, and more only when it rose (see [`crate::pinned`]).
-    fn look_pinned(&mut self, cg: &CgroupPath) -> Option<crate::pinned::Pinned> {
-        use crate::pinned::{file_bytes, judge, Look};
+    /// `memory.failcnt`, and more only when it rose or the cgroup is a suspect (see
+    /// [`crate::pinned`]). Nothing for a policy with `pinned = false`.
+    fn look_pinned(&mut self, cg: &CgroupPath, at: Instant) -> Option<crate::pinned::Pinned> {
+        use crate::pinned::{file_bytes, judge, progress, tasks, Look, Verdict, Wall};
+        if !self.watched(cg)?.policy.pinned {
+            let c = self.candidates.get_mut(cg)?;
+            c.failcnt = None;
+            c.suspect = None;
+            return None;
+        }
         let ctl = self.shared.env.ctl.as_ref();
+        let proc_root = self.shared.env.proc_root.as_path();
         let now = match ctl.failcnt(cg) {
             Ok(n) => n?,
             Err(e) => {
@@ -1102,13 +1114,33 @@ impl Watcher {
                 return None;
             }
         };
-        let prev = self.candidates.get_mut(cg)?.failcnt.replace(now)?;
-        judge(
+        let c = self.candidates.get_mut(cg)?;
+        let prev = c.failcnt.replace(now)?;
+        let verdict = judge(
+            at,
             Look { failcnt: prev },
             Look { failcnt: now },
-            || Some((ctl.usage(cg).ok()??, ctl.limits(cg).ok()??.memory)),
-            || file_bytes(&ctl.stat(cg).ok()??),
-        )
+            c.suspect.take(),
+            || {
+                let stat = ctl.stat(cg).ok()??;
+                let pids = ctl.procs(cg).ok().flatten();
+                Some(Wall {
+                    usage: ctl.usage(cg).ok()??,
+                    limit: ctl.limits(cg).ok()??.memory,
+                    file_bytes: file_bytes(&stat)?,
+                    progress: progress(&stat)?,
+                    tasks: pids.and_then(|p| tasks(proc_root, &p)),
+                })
+            },
+        );
+        match verdict {
+            Verdict::Clear => None,
+            Verdict::Suspect(s) => {
+                c.suspect = Some(s);
+                None
+            }
+            Verdict::Pinned(p) => Some(p),
+        }
     }
 
     fn trigger_pinned(&mut self, cg: &CgroupPath, detected: Instant, p: crate::pinned::Pinned) {
@@ -1121,11 +1153,14 @@ impl Watcher {
             .trigger_pinned(cg, policy, detected, p)
         {
             log::info!(
-                "{cg}: pinned at its limit ({} of {} bytes, failcnt +{}, {} bytes of file cache) without an OOM: episode {id}",
+                "{cg}: pinned at its limit ({} of {} bytes, failcnt +{}, {} bytes of file cache, {} page charge events and {} ms of CPU in {} ms) without an OOM: episode {id}",
                 p.usage,
                 p.limit,
                 p.failcnt_delta,
-                p.file_bytes
+                p.file_bytes,
+                p.progress_events,
+                p.cpu_ms,
+                p.window_ms
             );
         }
     }

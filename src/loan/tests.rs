@@ -604,6 +604,7 @@ fn policy_with(steps: Vec<Action>) -> Policy {
         source: String::new(),
         v2: Default::default(),
         early: None,
+        pinned: true,
     }
 }
 

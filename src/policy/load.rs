@@ -113,6 +113,7 @@ struct RawPolicy {
     steps: Vec<Spanned<RawStep>>,
     v2: Option<RawV2>,
     early: Option<Spanned<RawEarly>>,
+    pinned: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -419,6 +420,7 @@ pub fn load_one(text: &str, file: &str) -> Result<(Policy, Vec<String>), LoadErr
         steps,
         source: file.to_string(),
         v2,
+        pinned: raw.pinned.unwrap_or(true),
     };
     Ok((policy, ctx.warnings.into_inner()))
 }
@@ -1306,6 +1308,23 @@ level = 1
     fn position_counts_characters() {
         assert_eq!(position("ab\ncé d", 7), (2, 4));
         assert_eq!(position("", 0), (1, 1));
+    }
+
+    #[test]
+    fn pinned_detection_is_on_by_default_and_a_policy_can_opt_out() {
+        let kill = "[[step]]\naction = \"kill\"\n";
+        assert!(load_str(&format!("{HEAD}{kill}"), "p.toml").unwrap().pinned);
+        let p = load_str(&format!("pinned = false\n{HEAD}{kill}"), "p.toml").unwrap();
+        assert!(!p.pinned);
+        let p = load_str(&format!("pinned = true\n{HEAD}{kill}"), "p.toml").unwrap();
+        assert!(p.pinned);
+        // Not a boolean: the position of the value.
+        let e = err(&format!("name = \"x\"\npinned = \"no\"\n{HEAD}{kill}"));
+        assert!(e.starts_with("p.toml:2:10: "), "{e}");
+        assert!(e.contains("bool"), "{e}");
+        // It belongs at the top level: inside [match] it is an unknown key.
+        let e = err(&format!("{HEAD}pinned = false\n{kill}"));
+        assert!(e.starts_with("p.toml:3:1: ") && e.contains("pinned"), "{e}");
     }
 
     const EARLY: &str = "[early]\nat = \"75%\"\n[[early.step]]\naction = \"raise_limit\"\nby = \"50%\"\nmax_extra = \"100%\"\n[[step]]\naction = \"kill\"\n";

@@ -51,6 +51,10 @@ pub struct Policy {
     pub v2: V2Keys,
     /// `[early]`: act before the wall (None: only when the cgroup stalls).
     pub early: Option<Early>,
+    /// `pinned`: run the steps for a stall the kernel never reports, a v1 cgroup pinned
+    /// at its limit without an OOM ([`crate::pinned`]; default true). False: only OOMs
+    /// (and `[early]`) start episodes.
+    pub pinned: bool,
 }
 
 /// The `[early]` table: when usage crosses `at`, run `steps` so that the workload never
