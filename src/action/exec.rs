@@ -16,6 +16,7 @@ use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::unistd::pipe2;
 
+use crate::policy::Trust;
 use crate::sys::spawn::{SpawnRequest, Spawned};
 
 use super::{Env, Outcome, Report, StepCtx};
@@ -121,6 +122,7 @@ fn spawn(
     ctx: &StepCtx,
     command: &[String],
     dir: &std::path::Path,
+    program: &File,
 ) -> std::io::Result<(Spawned, File, File)> {
     let (out_r, out_w) = pipe2(OFlag::O_CLOEXEC)?;
     let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC)?;
@@ -146,6 +148,7 @@ fn spawn(
     let adj = env.proc_root.join("self/oom_score_adj");
     let req = SpawnRequest {
         program: OsStr::new(&command[0]),
+        program_fd: Some(program.as_fd()),
         args: command.iter().map(OsStr::new).collect(),
         env: inherited
             .iter()
@@ -161,15 +164,34 @@ fn spawn(
     Ok((child, File::from(out_r), File::from(err_r)))
 }
 
-pub fn run(env: &Env, ctx: &StepCtx, command: &[String], timeout: Duration) -> Report {
+/// Runs the hook. Its program is judged again first, on the descriptor it is then
+/// executed from ([`crate::perm::open_program`]): since the policy was loaded the file
+/// (or a directory above it) may have changed hands, and a path checked and then run
+/// could be swapped in between.
+pub fn run(
+    env: &Env,
+    ctx: &StepCtx,
+    command: &[String],
+    timeout: Duration,
+    trust: Trust,
+) -> Report {
     let Some(prog) = command.first() else {
         return Report::failed("empty command");
     };
     if ctx.audit {
         return Report::new(Outcome::Would).with("command", command.to_vec());
     }
+    let program = match crate::perm::open_program(
+        std::path::Path::new(prog),
+        "an exec hook",
+        trust.checks(),
+        true,
+    ) {
+        Ok(f) => f,
+        Err(e) => return Report::failed(e.to_string()).with("command", command.to_vec()),
+    };
     let dir = env.ctl.hierarchy().dir(ctx.cgroup);
-    let (mut child, out, err) = match spawn(env, ctx, command, &dir) {
+    let (mut child, out, err) = match spawn(env, ctx, command, &dir, &program) {
         Ok(started) => started,
         Err(e) => return Report::failed(format!("{prog}: {e}")).with("command", command.to_vec()),
     };
@@ -264,7 +286,7 @@ mod tests {
             out.display()
         );
         let cmd = vec!["/bin/sh".to_string(), "-c".to_string(), script];
-        let r = run(&env, &ctx, &cmd, Duration::from_secs(10));
+        let r = run(&env, &ctx, &cmd, Duration::from_secs(10), Trust::Strict);
         assert_eq!(r.outcome, Outcome::Failed);
         assert_eq!(r.fields["exit_code"], 3);
         assert_eq!(
@@ -276,12 +298,13 @@ mod tests {
             &ctx,
             &["/bin/true".to_string()],
             Duration::from_secs(10),
+            Trust::Strict,
         );
         assert_eq!(r.outcome, Outcome::Done);
         assert_eq!(r.fields["exit_code"], 0);
         let audit = testing::ctx(&cg, &set.policies()[0], true);
         assert_eq!(
-            run(&env, &audit, &cmd, Duration::from_secs(1)).outcome,
+            run(&env, &audit, &cmd, Duration::from_secs(1), Trust::Strict).outcome,
             Outcome::Would
         );
     }
@@ -303,7 +326,7 @@ mod tests {
                       i=$((i+1)); done; echo 'hook \"complains\"' >&2"
                 .to_string(),
         );
-        let r = run(&env, &ctx, &cmd, Duration::from_secs(20));
+        let r = run(&env, &ctx, &cmd, Duration::from_secs(20), Trust::Strict);
         assert_eq!(r.outcome, Outcome::Done, "{r:?}");
         let stdout = r.fields["stdout"].as_str().unwrap();
         assert_eq!(stdout.len(), OUTPUT_CAP);
@@ -321,6 +344,7 @@ mod tests {
             &ctx,
             &sh("echo small".into()),
             Duration::from_secs(10),
+            Trust::Strict,
         );
         assert_eq!(r.fields["stdout"], "small\n");
         assert_eq!(r.fields["output_truncated"], false);
@@ -350,7 +374,7 @@ mod tests {
             "sleep 60 & echo $! > {p}.tmp; mv {p}.tmp {p}; wait",
             p = pidfile.display()
         ));
-        let r = run(&env, &ctx, &cmd, Duration::from_millis(1500));
+        let r = run(&env, &ctx, &cmd, Duration::from_millis(1500), Trust::Strict);
         assert!(
             r.error.as_deref().unwrap_or("").contains("timed out"),
             "{r:?}"
@@ -416,7 +440,7 @@ mod tests {
         ));
         let (r, after) = {
             let _g = AdjGuard::set(500);
-            let r = run(&env, &ctx, &cmd, Duration::from_secs(10));
+            let r = run(&env, &ctx, &cmd, Duration::from_secs(10), Trust::Strict);
             (
                 r,
                 std::fs::read_to_string("/proc/self/oom_score_adj").unwrap(),
@@ -440,13 +464,13 @@ mod tests {
         let ctx = testing::ctx(&cg, &set.policies()[0], false);
         let start = Instant::now();
         let cmd = vec!["/bin/sleep".to_string(), "30".to_string()];
-        let r = run(&env, &ctx, &cmd, Duration::from_millis(200));
+        let r = run(&env, &ctx, &cmd, Duration::from_millis(200), Trust::Strict);
         assert_eq!(r.outcome, Outcome::Failed);
         assert!(r.error.unwrap().contains("timed out"));
         assert!(start.elapsed() < Duration::from_secs(10));
         let missing = vec!["/nonexistent/prog".to_string()];
         assert_eq!(
-            run(&env, &ctx, &missing, Duration::from_secs(1)).outcome,
+            run(&env, &ctx, &missing, Duration::from_secs(1), Trust::Strict).outcome,
             Outcome::Failed
         );
     }

@@ -18,13 +18,16 @@ use super::{
     Action, Ceiling, Early, Match, Mode, Policy, PolicySet, Raise, Step, V2Keys, VictimOrder,
     VictimSpec,
 };
-use crate::perm::{Owners, PermError};
+use crate::perm::{Checks, Owners, PermError};
 
 pub const EMBEDDED_DEFAULT: &str = include_str!("default.toml");
 
 const DEFAULT_SETTLE: Duration = Duration::from_millis(500);
 const DEFAULT_HOLD: Duration = Duration::from_secs(60);
 const DEFAULT_RESTORE_BELOW: f64 = 0.9;
+/// `restore_below` under this is accepted with a warning: reached only by a workload
+/// that has shed nearly all its memory.
+const MIN_QUIET_RESTORE_BELOW: f64 = 0.01;
 const DEFAULT_RESTORE_AFTER: Duration = Duration::from_secs(5);
 const DEFAULT_GRACE: Duration = Duration::from_secs(5);
 const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(10);
@@ -90,14 +93,21 @@ pub enum Trust {
 
 const INSECURE_HINT: &str = ", or pass --insecure-policies for development";
 
-fn check_trust(path: &Path, what: &str, trust: Trust) -> Result<(), LoadError> {
-    match trust {
-        Trust::Strict => Ok(crate::perm::check(
-            path,
-            what,
-            Owners::current(INSECURE_HINT),
-        )?),
-        Trust::Insecure => Ok(()),
+impl Trust {
+    /// What [`crate::perm`] judges under this trust.
+    pub fn checks(self) -> Checks {
+        match self {
+            Trust::Strict => Checks::Strict(Owners::current(INSECURE_HINT)),
+            Trust::Insecure => Checks::Insecure,
+        }
+    }
+}
+
+/// A [`PermError`] as a load error: one that is only about reading keeps `PATH: error`.
+fn perm_error(e: PermError) -> LoadError {
+    match e {
+        PermError::Io { path, error } => LoadError::Io { path, error },
+        e => LoadError::Insecure(e),
     }
 }
 
@@ -286,6 +296,9 @@ struct Ctx<'a> {
     file: &'a str,
     /// `FILE:LINE:COL: warning: ...` for values that load but are likely mistakes.
     warnings: std::cell::RefCell<Vec<String>>,
+    /// The program of each `exec` step and where its `command` is, for the owner and
+    /// mode checks of [`load_files_with`].
+    hooks: std::cell::RefCell<Vec<(String, Range<usize>)>>,
 }
 
 impl Ctx<'_> {
@@ -358,10 +371,18 @@ pub fn load_str(text: &str, file: &str) -> Result<Policy, LoadError> {
 /// [`load_str`], with the warnings (`FILE:LINE:COL: warning: ...`) for values that are
 /// accepted but likely mistakes.
 pub fn load_one(text: &str, file: &str) -> Result<(Policy, Vec<String>), LoadError> {
+    load_inner(text, file).map(|(p, w, _)| (p, w))
+}
+
+/// A policy, its warnings, and the program and `command` span of each `exec` step.
+type Loaded = (Policy, Vec<String>, Vec<(String, Range<usize>)>);
+
+fn load_inner(text: &str, file: &str) -> Result<Loaded, LoadError> {
     let ctx = Ctx {
         text,
         file,
         warnings: Default::default(),
+        hooks: Default::default(),
     };
     let raw: RawPolicy = toml::from_str(text).map_err(|e| LoadError::toml(text, file, &e))?;
     let name = match &raw.name {
@@ -420,7 +441,7 @@ pub fn load_one(text: &str, file: &str) -> Result<(Policy, Vec<String>), LoadErr
         source: file.to_string(),
         v2,
     };
-    Ok((policy, ctx.warnings.into_inner()))
+    Ok((policy, ctx.warnings.into_inner(), ctx.hooks.into_inner()))
 }
 
 /// `[early]`: `at` must lie strictly between nothing and the wall (100% would fire
@@ -596,12 +617,30 @@ fn build_step(ctx: &Ctx, s: &RawStep) -> Result<Step, LoadError> {
                 .as_ref()
                 .map(|p| p.get_ref().0)
                 .unwrap_or(DEFAULT_RESTORE_BELOW);
+            let restore_span = s.restore_below.as_ref().map(|p| p.span());
             if restore_below > 1.0 {
-                let span = s.restore_below.as_ref().map(|p| p.span());
                 return Err(ctx.err(
-                    span,
+                    restore_span,
                     "`restore_below` is a share of the original limit: at most 100%",
                 ));
+            }
+            // The loan comes back once usage is below this share of the original: usage
+            // is never below 0 bytes, so 0% would keep the loan for good (not at hold
+            // expiry, not at shutdown).
+            if restore_below <= 0.0 {
+                return Err(ctx.err(
+                    restore_span,
+                    "`restore_below` of 0% can never be reached (usage is never below 0 bytes): the loan would never be given back; give e.g. \"90%\"",
+                ));
+            }
+            if restore_below < MIN_QUIET_RESTORE_BELOW {
+                ctx.warn(
+                    restore_span,
+                    format!(
+                        "`restore_below` of {}%: the loan is given back only once the workload has almost no memory left",
+                        restore_below * 100.0
+                    ),
+                );
             }
             let hold = dur(&s.hold).unwrap_or(DEFAULT_HOLD);
             if hold.is_zero() {
@@ -698,11 +737,15 @@ fn build_step(ctx: &Ctx, s: &RawStep) -> Result<Step, LoadError> {
                     format!("`command` must not contain a NUL byte ({arg:?}): execve could never run it"),
                 ));
             }
+            if let Some(c) = &s.command {
+                ctx.hooks.borrow_mut().push((command[0].clone(), c.span()));
+            }
             Action::Exec {
                 command,
                 timeout: ctx
                     .wait(&s.timeout, "timeout", false)?
                     .unwrap_or(DEFAULT_EXEC_TIMEOUT),
+                trust: Trust::Strict,
             }
         }
         ActionKind::DropCaches => {
@@ -754,33 +797,58 @@ pub fn load_files(files: &[PathBuf]) -> Result<PolicySet, Vec<LoadError>> {
     load_files_with(files, Trust::Strict)
 }
 
+/// Opens and reads a policy file through [`crate::perm`]: each directory on the way and
+/// the file itself judged on the descriptor it is then read from; only a regular file,
+/// of at most [`crate::perm::MAX_FILE`] bytes.
+fn read_policy(open: Result<std::fs::File, PermError>, path: &Path) -> Result<String, LoadError> {
+    let file = open.map_err(perm_error)?;
+    crate::perm::read_text(file, path, "a policy file").map_err(perm_error)
+}
+
 /// [`load_files`] with an explicit [`Trust`].
 pub fn load_files_with(files: &[PathBuf], trust: Trust) -> Result<PolicySet, Vec<LoadError>> {
+    let checks = trust.checks();
+    let texts = files
+        .iter()
+        .map(|path| {
+            let open = crate::perm::open_file(path, "a policy file", checks);
+            (path.clone(), read_policy(open, path))
+        })
+        .collect();
+    load_texts(texts, trust)
+}
+
+/// Loads the policies read from their files, in the order given.
+fn load_texts(
+    texts: Vec<(PathBuf, Result<String, LoadError>)>,
+    trust: Trust,
+) -> Result<PolicySet, Vec<LoadError>> {
     let mut policies = Vec::new();
     let mut warnings = Vec::new();
     let mut errors = Vec::new();
     let mut seen: HashMap<String, String> = HashMap::new();
-    for path in files {
+    for (path, text) in texts {
         // A dangling link, a loop, a directory named *.toml or a permission problem is
         // an error like an invalid file: skipping it could leave a weaker policy in force.
-        let text = match std::fs::read_to_string(path) {
+        let text = match text {
             Ok(t) => t,
-            Err(error) => {
-                errors.push(LoadError::Io {
-                    path: path.clone(),
-                    error,
-                });
+            Err(e) => {
+                errors.push(e);
                 continue;
             }
         };
-        if let Err(e) = check_trust(path, "a policy file", trust) {
-            errors.push(e);
-            continue;
-        }
         let file = path.display().to_string();
-        match load_one(&text, &file) {
-            Ok((p, w)) => {
+        match load_inner(&text, &file) {
+            Ok((mut p, w, hooks)) => {
                 warnings.extend(w);
+                match check_hooks(&text, &file, &hooks, trust) {
+                    Ok(w) => warnings.extend(w),
+                    Err(e) => {
+                        errors.push(e);
+                        continue;
+                    }
+                }
+                set_exec_trust(&mut p, trust);
                 if let Some(first) = seen.get(&p.name) {
                     errors.push(LoadError::at(
                         &text,
@@ -803,6 +871,45 @@ pub fn load_files_with(files: &[PathBuf], trust: Trust) -> Result<PolicySet, Vec
     }
 }
 
+/// The owner and mode checks of each `exec` step's program (it runs as root), at the
+/// position of its `command`: the program and every directory above it. One that does
+/// not exist (yet) is a warning: the step fails until it does, and it is judged again
+/// before each run.
+fn check_hooks(
+    text: &str,
+    file: &str,
+    hooks: &[(String, Range<usize>)],
+    trust: Trust,
+) -> Result<Vec<String>, LoadError> {
+    let mut warnings = Vec::new();
+    if trust == Trust::Insecure {
+        return Ok(warnings);
+    }
+    for (program, span) in hooks {
+        match crate::perm::open_program(Path::new(program), "an exec hook", trust.checks(), false) {
+            Ok(_) => {}
+            Err(e) if e.is_not_found() => {
+                let (line, col) = position(text, span.start);
+                warnings.push(format!(
+                    "{file}:{line}:{col}: warning: {e}: the step fails until it exists"
+                ));
+            }
+            Err(e) => return Err(LoadError::at(text, file, Some(span.clone()), e.to_string())),
+        }
+    }
+    Ok(warnings)
+}
+
+/// Exec steps run their program under the trust the policy was loaded with.
+fn set_exec_trust(p: &mut Policy, trust: Trust) {
+    let early = p.early.iter_mut().flat_map(|e| e.steps.iter_mut());
+    for step in p.steps.iter_mut().chain(early) {
+        if let Action::Exec { trust: t, .. } = &mut step.action {
+            *t = trust;
+        }
+    }
+}
+
 fn name_span(text: &str) -> Option<Range<usize>> {
     #[derive(Deserialize)]
     struct NameOnly {
@@ -822,40 +929,39 @@ pub fn load_dir(dir: &Path) -> Result<PolicySet, Vec<LoadError>> {
 
 /// Loads every entry named `*.toml` in `dir` (but not hidden ones, `.*`), sorted by file
 /// name. Each must be a readable policy file: an entry that cannot be read (dangling
-/// symlink, loop, permission denied, a directory) is an error, never skipped. Only a
-/// directory that does not exist or has no `*.toml` entry at all gives the embedded
-/// default.
+/// symlink, loop, permission denied, a directory, a FIFO, a device) is an error, never
+/// skipped. Only a directory that does not exist or has no `*.toml` entry at all gives
+/// the embedded default. The directory is opened once and judged on its descriptor, and
+/// each file is opened from that descriptor (see [`crate::perm`]).
 pub fn load_dir_with(dir: &Path, trust: Trust) -> Result<PolicySet, Vec<LoadError>> {
-    let io = |path: &Path, error| {
-        vec![LoadError::Io {
-            path: path.to_path_buf(),
-            error,
-        }]
+    let checked = match crate::perm::open_dir(dir, "the policies directory", trust.checks()) {
+        Ok(d) => d,
+        Err(e) if e.is_not_found() => return Ok(PolicySet::embedded_default()),
+        Err(e) => return Err(vec![perm_error(e)]),
     };
-    let entries = match std::fs::read_dir(dir) {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Ok(PolicySet::embedded_default())
-        }
-        Err(e) => return Err(io(dir, e)),
-    };
-    check_trust(dir, "the policies directory", trust).map_err(|e| vec![e])?;
-    let mut files: Vec<PathBuf> = Vec::new();
-    for e in entries {
-        let e = e.map_err(|e| io(dir, e))?;
-        let path = e.path();
+    let mut names: Vec<std::ffi::OsString> = checked
+        .names()
+        .map_err(|e| vec![perm_error(e)])?
+        .into_iter()
         // Hidden entries are never policies: an editor's lock link (`.#p.toml`, which
         // dangles by design) must not make a reload fail.
-        let hidden = e.file_name().as_encoded_bytes().starts_with(b".");
-        if !hidden && path.extension().is_some_and(|x| x == "toml") {
-            files.push(path);
-        }
-    }
-    files.sort();
-    if files.is_empty() {
+        .filter(|n| !n.as_encoded_bytes().starts_with(b"."))
+        .filter(|n| Path::new(n).extension().is_some_and(|x| x == "toml"))
+        .collect();
+    names.sort();
+    if names.is_empty() {
         return Ok(PolicySet::embedded_default());
     }
-    load_files_with(&files, trust)
+    let texts = names
+        .iter()
+        .map(|n| {
+            let path = dir.join(n);
+            let open = checked.open_file(n, "a policy file");
+            let text = read_policy(open, &path);
+            (path, text)
+        })
+        .collect();
+    load_texts(texts, trust)
 }
 
 #[cfg(test)]
