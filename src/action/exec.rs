@@ -474,4 +474,113 @@ mod tests {
             Outcome::Failed
         );
     }
+
+    fn chmod(p: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    /// The `exec` step of a policy file naming `hook`, loaded with StrictModes.
+    fn hook_policy(t: &Path, hook: &Path) -> PolicySet {
+        let p = t.join("p.toml");
+        std::fs::write(
+            &p,
+            format!(
+                "[match]\ncgroup = [\"/x\"]\n[[step]]\naction = \"exec\"\ncommand = [\"{}\", \"arg1\"]\n",
+                hook.display()
+            ),
+        )
+        .unwrap();
+        crate::policy::load_files(&[p]).unwrap()
+    }
+
+    #[test]
+    fn a_hook_made_untrusted_after_load_is_refused_before_it_runs() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to chown");
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let env = testing::env(t.path(), Path::new("/proc"));
+        let bin = t.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        chmod(&bin, 0o755);
+        let hook = bin.join("hook");
+        let marker = t.path().join("ran");
+        std::fs::write(
+            &hook,
+            format!("#!/bin/sh\necho \"$1\" > {}\n", marker.display()),
+        )
+        .unwrap();
+        chmod(&hook, 0o755);
+        let set = hook_policy(t.path(), &hook);
+        let policy = &set.policies()[0];
+        let cg = CgroupPath::new("/x");
+        let ctx = testing::ctx(&cg, policy, false);
+        let step = &policy.steps[0].action;
+        let r = crate::action::perform(&env, &ctx, step);
+        assert_eq!(r.outcome, Outcome::Done, "{r:?}");
+        assert_eq!(std::fs::read_to_string(&marker).unwrap(), "arg1\n");
+        std::fs::remove_file(&marker).unwrap();
+        // Uid 65534 is given the hook after the policy was loaded: not run as root.
+        std::os::unix::fs::chown(&hook, Some(65534), None).unwrap();
+        let r = crate::action::perform(&env, &ctx, step);
+        assert_eq!(r.outcome, Outcome::Failed, "{r:?}");
+        let e = r.error.unwrap_or_default();
+        assert!(
+            e.starts_with(&format!("{}: owned by uid 65534", hook.display())),
+            "{e}"
+        );
+        assert!(!marker.exists(), "the untrusted hook ran");
+        // Root's again, but its directory writable by others.
+        std::os::unix::fs::chown(&hook, Some(0), None).unwrap();
+        chmod(&bin, 0o777);
+        let r = crate::action::perform(&env, &ctx, step);
+        let e = r.error.unwrap_or_default();
+        assert!(
+            e.starts_with(&format!("{}: writable by group or others", bin.display())),
+            "{e}"
+        );
+        assert!(!marker.exists(), "the untrusted hook ran");
+    }
+
+    #[test]
+    fn scripts_run_from_their_descriptor_with_or_without_a_shebang() {
+        // execveat(AT_EMPTY_PATH) hands a `#!` script's interpreter /dev/fd/N, which it
+        // can open only if the descriptor survives the exec; a script without `#!` goes
+        // to /bin/sh the same way.
+        let t = tempfile::tempdir().unwrap();
+        let env = testing::env(t.path(), Path::new("/proc"));
+        let set = PolicySet::embedded_default();
+        let cg = CgroupPath::new("/x");
+        let ctx = testing::ctx(&cg, &set.policies()[0], false);
+        for (name, head) in [("with", "#!/bin/sh\n"), ("without", "")] {
+            let hook = t.path().join(name);
+            let out = t.path().join(format!("{name}.out"));
+            std::fs::write(
+                &hook,
+                format!("{head}echo \"{name} $1\" > {}\n", out.display()),
+            )
+            .unwrap();
+            chmod(&hook, 0o755);
+            let cmd = vec![hook.display().to_string(), "arg1".to_string()];
+            let r = run(&env, &ctx, &cmd, Duration::from_secs(10), Trust::Strict);
+            assert_eq!(r.outcome, Outcome::Done, "{name}: {r:?}");
+            assert_eq!(
+                std::fs::read_to_string(&out).unwrap(),
+                format!("{name} arg1\n")
+            );
+        }
+        // A binary keeps its descriptor close-on-exec: it has no descriptor of itself.
+        let cmd = vec![
+            "/bin/ls".to_string(),
+            "-l".to_string(),
+            "/proc/self/fd".to_string(),
+        ];
+        let r = run(&env, &ctx, &cmd, Duration::from_secs(10), Trust::Strict);
+        assert_eq!(r.outcome, Outcome::Done, "{r:?}");
+        let ls = std::fs::canonicalize("/bin/ls").unwrap();
+        let fds = r.fields["stdout"].as_str().unwrap();
+        assert!(!fds.contains(&format!("-> {}", ls.display())), "{fds}");
+    }
 }

@@ -143,10 +143,12 @@ struct RawV2 {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawMatch {
-    cgroup: Option<Vec<Glob>>,
-    container_name: Option<Vec<Glob>>,
+    // Globs are compiled in `load_inner`: a bad one is reported at its own position in
+    // the list (an error while deserializing an element points at the whole array).
+    cgroup: Option<Vec<Spanned<String>>>,
+    container_name: Option<Vec<Spanned<String>>>,
     label: Option<BTreeMap<String, String>>,
-    image: Option<Vec<Glob>>,
+    image: Option<Vec<Spanned<String>>>,
     require_oom_kill_disable: Option<bool>,
 }
 
@@ -402,11 +404,17 @@ fn load_inner(text: &str, file: &str) -> Result<Loaded, LoadError> {
             .to_string(),
     };
     let m = raw.matcher.get_ref();
+    let globs = |g: &Option<Vec<Spanned<String>>>| -> Result<Vec<Glob>, LoadError> {
+        g.iter()
+            .flatten()
+            .map(|g| Glob::new(g.get_ref()).map_err(|e| ctx.err(Some(g.span()), e)))
+            .collect()
+    };
     let matcher = Match {
-        cgroup: m.cgroup.clone().unwrap_or_default(),
-        container_name: m.container_name.clone().unwrap_or_default(),
+        cgroup: globs(&m.cgroup)?,
+        container_name: globs(&m.container_name)?,
         label: m.label.clone().unwrap_or_default(),
-        image: m.image.clone().unwrap_or_default(),
+        image: globs(&m.image)?,
         require_oom_kill_disable: m.require_oom_kill_disable.unwrap_or(true),
     };
     if matcher.cgroup.is_empty() && !matcher.needs_container() {
@@ -1504,5 +1512,333 @@ level = 1
         let at_key = EARLY.replace("max_extra", "restore_below = \"80%\"\nmax_extra");
         let (_, w) = load_one(&format!("{HEAD}{at_key}"), "p.toml").unwrap();
         assert!(w[0].starts_with("p.toml:8:17: warning: "), "{w:?}");
+    }
+
+    #[test]
+    fn restore_below_that_can_never_be_reached_is_refused_at_its_position() {
+        // Usage is never below 0 bytes: such a loan was kept for good.
+        for v in ["0%", "0.0%", "-0%"] {
+            let e = step_err(&format!(
+                "action = \"raise_limit\"\nby = \"10%\"\nmax_extra = \"25%\"\nrestore_below = \"{v}\"\n"
+            ));
+            assert!(
+                e.starts_with("p.toml:7:17: ") && e.contains("can never be reached"),
+                "{v}: {e}"
+            );
+        }
+        // In an [early] step too.
+        let early = EARLY.replace("max_extra", "restore_below = \"0%\"\nmax_extra");
+        let e = err(&format!("{HEAD}{early}"));
+        assert!(e.starts_with("p.toml:8:17: "), "{e}");
+        // Reachable, if only by a workload that shed almost everything: a warning.
+        let w = step_warnings(
+            "action = \"raise_limit\"\nby = \"10%\"\nmax_extra = \"25%\"\nrestore_below = \"0.5%\"\n",
+        );
+        assert!(
+            w.iter()
+                .any(|w| w.starts_with("p.toml:7:17: warning: `restore_below` of 0.5%")),
+            "{w:?}"
+        );
+    }
+
+    #[test]
+    fn a_glob_with_too_many_double_stars_is_refused_at_its_position() {
+        let e = err(&format!(
+            "[match]\ncgroup = [\"/a\", \"{}/x\"]\n[[step]]\naction = \"kill\"\n",
+            "/**".repeat(9)
+        ));
+        assert!(
+            e.starts_with("p.toml:2:17: ") && e.contains("at most 8"),
+            "{e}"
+        );
+    }
+
+    fn is_root() -> bool {
+        nix::unistd::geteuid().is_root()
+    }
+
+    fn chmod(p: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    fn named(name: &str) -> String {
+        format!("name = \"{name}\"\n{HEAD}[[step]]\naction = \"reclaim\"\n")
+    }
+
+    /// Runs `f` on a thread of its own: None if it has not returned within `limit` (the
+    /// thread is left behind).
+    fn within<T: Send + 'static>(
+        limit: Duration,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Option<T> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(limit).ok()
+    }
+
+    fn dir_errors(dir: &Path, trust: Trust) -> Option<Result<usize, Vec<String>>> {
+        let dir = dir.to_path_buf();
+        within(Duration::from_secs(5), move || {
+            load_dir_with(&dir, trust)
+                .map(|s| s.policies().len())
+                .map_err(|e| e.iter().map(|e| e.to_string()).collect())
+        })
+    }
+
+    /// A root-owned tree: `etc/` (0755) with `good.toml` (0644), and `shared/`, a
+    /// root-owned sticky directory anyone may write to, like /tmp.
+    fn shared_tree() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let t = tempfile::tempdir().unwrap();
+        let etc = t.path().join("etc");
+        std::fs::create_dir(&etc).unwrap();
+        chmod(&etc, 0o755);
+        std::fs::write(etc.join("good.toml"), named("good")).unwrap();
+        chmod(&etc.join("good.toml"), 0o644);
+        let shared = t.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        chmod(&shared, 0o1777);
+        (t, etc, shared)
+    }
+
+    #[test]
+    fn a_policy_link_another_user_owns_is_refused_and_its_flipped_target_never_read() {
+        if !is_root() {
+            eprintln!("skipped: needs root to chown");
+            return;
+        }
+        let (t, etc, shared) = shared_tree();
+        let user = t.path().join("user");
+        std::fs::create_dir(&user).unwrap();
+        std::fs::write(user.join("evil.toml"), named("planted")).unwrap();
+        std::os::unix::fs::chown(&user, Some(65534), Some(65534)).unwrap();
+        std::os::unix::fs::chown(user.join("evil.toml"), Some(65534), Some(65534)).unwrap();
+        // User 65534's link in the sticky directory, to root's trusted file: its target
+        // passed the old check (which judged the target only), and the user can turn it
+        // elsewhere at any moment.
+        let link = shared.join("p.toml");
+        std::os::unix::fs::symlink(etc.join("good.toml"), &link).unwrap();
+        std::os::unix::fs::lchown(&link, Some(65534), Some(65534)).unwrap();
+        let errs = load_files(std::slice::from_ref(&link)).unwrap_err();
+        let e = errs[0].to_string();
+        assert!(
+            e.starts_with(&format!(
+                "{}: a symbolic link owned by uid 65534",
+                link.display()
+            )),
+            "{e}"
+        );
+        // The user flips it between their file and root's while the policy is loaded
+        // over and over: the user's policy is never loaded.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flipper = {
+            let (stop, shared, link) = (stop.clone(), shared.clone(), link.clone());
+            let targets = [etc.join("good.toml"), user.join("evil.toml")];
+            std::thread::spawn(move || {
+                let tmp = shared.join(".flip");
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = std::fs::remove_file(&tmp);
+                    std::os::unix::fs::symlink(&targets[i % 2], &tmp).unwrap();
+                    std::os::unix::fs::lchown(&tmp, Some(65534), Some(65534)).unwrap();
+                    std::fs::rename(&tmp, &link).unwrap();
+                    i += 1;
+                }
+            })
+        };
+        let mut planted = 0;
+        for _ in 0..300 {
+            if let Ok(set) = load_files(std::slice::from_ref(&link)) {
+                planted += usize::from(set.policies()[0].name == "planted");
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        flipper.join().unwrap();
+        assert_eq!(planted, 0, "the user's policy was loaded");
+        // With --insecure-policies links are followed whoever owns them.
+        std::fs::remove_file(&link).unwrap();
+        std::os::unix::fs::symlink(etc.join("good.toml"), &link).unwrap();
+        std::os::unix::fs::lchown(&link, Some(65534), Some(65534)).unwrap();
+        let set = load_files_with(std::slice::from_ref(&link), Trust::Insecure).unwrap();
+        assert_eq!(set.policies()[0].name, "good");
+    }
+
+    #[test]
+    fn a_link_on_the_way_is_followed_only_if_root_owns_it() {
+        if !is_root() {
+            eprintln!("skipped: needs root to chown");
+            return;
+        }
+        let (_t, _etc, shared) = shared_tree();
+        // Root's link in the sticky directory: only root can replace it (a ConfigMap's
+        // `..data` links, a merged /usr's /bin are such links).
+        let d = shared.join("d");
+        std::os::unix::fs::symlink("../etc", &d).unwrap();
+        let file = d.join("good.toml");
+        let set = load_files(std::slice::from_ref(&file)).unwrap();
+        assert_eq!(set.policies()[0].name, "good");
+        assert_eq!(load_dir(&d).unwrap().policies().len(), 1);
+        // Another user's link as a directory on the way: refused, file and directory.
+        std::os::unix::fs::lchown(&d, Some(65534), None).unwrap();
+        let e = load_files(std::slice::from_ref(&file)).unwrap_err()[0].to_string();
+        assert!(
+            e.starts_with(&format!(
+                "{}: a symbolic link owned by uid 65534",
+                d.display()
+            )),
+            "{e}"
+        );
+        assert!(
+            e.contains(&format!("reached through {}", file.display())),
+            "{e}"
+        );
+        let e = load_dir(&d).unwrap_err()[0].to_string();
+        assert!(e.contains("a symbolic link owned by uid 65534"), "{e}");
+        assert!(load_files_with(std::slice::from_ref(&file), Trust::Insecure).is_ok());
+    }
+
+    #[test]
+    fn a_fifo_named_toml_is_refused_without_blocking() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::write(t.path().join("a.toml"), named("a")).unwrap();
+        nix::unistd::mkfifo(
+            &t.path().join("b.toml"),
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        )
+        .unwrap();
+        for trust in [Trust::Strict, Trust::Insecure] {
+            let errs = dir_errors(t.path(), trust)
+                .expect("loading the policies blocked on a FIFO")
+                .unwrap_err();
+            assert_eq!(errs.len(), 1, "{errs:?}");
+            assert!(
+                errs[0].starts_with(&format!(
+                    "{}: a FIFO, not a regular file",
+                    t.path().join("b.toml").display()
+                )),
+                "{errs:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_link_to_dev_zero_is_refused_without_reading_it() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::write(t.path().join("a.toml"), named("a")).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", t.path().join("z.toml")).unwrap();
+        for trust in [Trust::Strict, Trust::Insecure] {
+            let errs = dir_errors(t.path(), trust)
+                .expect("loading the policies kept reading /dev/zero")
+                .unwrap_err();
+            assert_eq!(errs.len(), 1, "{errs:?}");
+            assert!(
+                errs[0].starts_with("/dev/zero: a character device, not a regular file")
+                    && errs[0].contains(&format!(
+                        "reached through {}",
+                        t.path().join("z.toml").display()
+                    )),
+                "{errs:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_policy_file_over_the_size_bound_is_refused_with_its_name() {
+        let t = tempfile::tempdir().unwrap();
+        let big = t.path().join("big.toml");
+        let head = named("big");
+        let pad = crate::perm::MAX_FILE as usize - head.len() - 1;
+        // Exactly the bound: loads.
+        std::fs::write(&big, format!("{head}#{}", "x".repeat(pad))).unwrap();
+        assert_eq!(
+            std::fs::metadata(&big).unwrap().len(),
+            crate::perm::MAX_FILE
+        );
+        load_files(std::slice::from_ref(&big)).unwrap();
+        // One byte more: refused, naming the file.
+        std::fs::write(&big, format!("{head}#{}", "x".repeat(pad + 1))).unwrap();
+        let e = load_files(std::slice::from_ref(&big)).unwrap_err()[0].to_string();
+        assert!(
+            e.starts_with(&format!("{}: larger than 1048576 bytes", big.display())),
+            "{e}"
+        );
+        let errs = dir_errors(t.path(), Trust::Strict).unwrap().unwrap_err();
+        assert!(errs[0].contains("larger than 1048576 bytes"), "{errs:?}");
+    }
+
+    #[test]
+    fn a_hook_program_another_user_owns_or_may_write_is_refused_at_its_command() {
+        if !is_root() {
+            eprintln!("skipped: needs root to chown");
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let bin = t.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        chmod(&bin, 0o755);
+        let hook = bin.join("hook");
+        std::fs::write(&hook, "#!/bin/sh\ntrue\n").unwrap();
+        chmod(&hook, 0o755);
+        let p = t.path().join("p.toml");
+        let cmd = format!("command = [\"{}\", \"x\"]\n", hook.display());
+        std::fs::write(&p, format!("{HEAD}[[step]]\naction = \"exec\"\n{cmd}")).unwrap();
+        let load = |trust| {
+            load_files_with(std::slice::from_ref(&p), trust)
+                .map(|s| s.warnings().to_vec())
+                .map_err(|e| e[0].to_string())
+        };
+        assert_eq!(load(Trust::Strict), Ok(vec![]));
+        let at = format!("{}:5:11: ", p.display());
+        std::os::unix::fs::chown(&hook, Some(65534), None).unwrap();
+        let e = load(Trust::Strict).unwrap_err();
+        assert!(
+            e.starts_with(&format!("{at}{}: owned by uid 65534", hook.display())),
+            "{e}"
+        );
+        assert!(e.contains("as an exec hook"), "{e}");
+        assert!(load(Trust::Insecure).is_ok());
+        std::os::unix::fs::chown(&hook, Some(0), None).unwrap();
+        chmod(&hook, 0o757);
+        let e = load(Trust::Strict).unwrap_err();
+        assert!(
+            e.starts_with(&at) && e.contains("writable by group or others"),
+            "{e}"
+        );
+        chmod(&hook, 0o755);
+        chmod(&bin, 0o777);
+        let e = load(Trust::Strict).unwrap_err();
+        assert!(
+            e.starts_with(&format!("{at}{}: writable", bin.display())),
+            "{e}"
+        );
+        chmod(&bin, 0o755);
+        // In [early] too.
+        std::os::unix::fs::chown(&hook, Some(65534), None).unwrap();
+        std::fs::write(
+            &p,
+            format!("{HEAD}[early]\nat = \"75%\"\n[[early.step]]\naction = \"exec\"\n{cmd}[[step]]\naction = \"kill\"\n"),
+        )
+        .unwrap();
+        let e = load(Trust::Strict).unwrap_err();
+        assert!(
+            e.starts_with(&format!("{}:7:11: ", p.display())) && e.contains("uid 65534"),
+            "{e}"
+        );
+        // A program that is not there yet: a warning at the command.
+        std::fs::write(
+            &p,
+            format!(
+                "{HEAD}[[step]]\naction = \"exec\"\ncommand = [\"{}\"]\n",
+                bin.join("nope").display()
+            ),
+        )
+        .unwrap();
+        let w = load(Trust::Strict).unwrap();
+        assert!(
+            w.len() == 1 && w[0].starts_with(&format!("{at}warning: ")),
+            "{w:?}"
+        );
     }
 }

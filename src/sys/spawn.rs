@@ -511,4 +511,38 @@ mod tests {
             "the child outlived its handle"
         );
     }
+
+    #[test]
+    fn a_program_given_as_a_descriptor_runs_what_was_opened_not_what_the_path_names_now() {
+        let t = tempfile::tempdir().unwrap();
+        let hook = t.path().join("hook");
+        std::fs::write(&hook, "#!/bin/sh\necho first \"$1\"\n").unwrap();
+        std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let opened = std::fs::File::open(&hook).unwrap();
+        // The path now names another file.
+        let other = t.path().join("other");
+        std::fs::write(&other, "#!/bin/sh\necho second\n").unwrap();
+        std::fs::set_permissions(&other, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        std::fs::rename(&other, &hook).unwrap();
+        let null = devnull();
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let adj = std::path::Path::new("/proc/self/oom_score_adj");
+        let req = SpawnRequest {
+            program: hook.as_os_str(),
+            program_fd: Some(opened.as_fd()),
+            args: vec![OsStr::new("hook"), OsStr::new("one")],
+            env: vec![],
+            stdio: [null.as_fd(), w.as_fd(), null.as_fd()],
+            oom_score_adj: adj.as_os_str(),
+        };
+        let mut child = spawn(&req).expect("the opened hook did not start");
+        drop(req);
+        drop(w);
+        assert!(child.wait().unwrap().success());
+        let mut out = String::new();
+        std::fs::File::from(r).read_to_string(&mut out).unwrap();
+        assert_eq!(out, "first one\n");
+    }
 }
