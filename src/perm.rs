@@ -839,4 +839,41 @@ mod tests {
         std::os::unix::fs::chown(dir.join("oomwake.toml"), Some(4321), None).unwrap();
         assert!(check_existing_part(&dir.join("oomwake.toml"), "config", ROOT_ONLY).is_err());
     }
+
+    #[test]
+    fn a_configmap_layout_is_read_through_roots_links() {
+        // kubelet's layout: a.toml -> ..data/a.toml, ..data -> ..2026_12_07 (a dir).
+        let (_t, dir, _file) = tree();
+        let ts = dir.join("..2026_12_07");
+        std::fs::create_dir(&ts).unwrap();
+        chmod(&ts, 0o755);
+        std::fs::write(ts.join("b.toml"), "b = 1\n").unwrap();
+        chmod(&ts.join("b.toml"), 0o644);
+        symlink("..2026_12_07", dir.join("..data")).unwrap();
+        symlink("..data/b.toml", dir.join("b.toml")).unwrap();
+        let me = Owners::current("");
+        let d = open_dir(&dir, "policies", Checks::Strict(me)).unwrap();
+        let mut names = d.names().unwrap();
+        names.sort();
+        assert_eq!(names, ["..2026_12_07", "..data", "a.toml", "b.toml"]);
+        let f = d.open_file(OsStr::new("b.toml"), "policy file").unwrap();
+        assert_eq!(read_text(f, &dir.join("b.toml"), "").unwrap(), "b = 1\n");
+        // The same through `..` and a relative path from the working directory.
+        let via = dir.join("..2026_12_07/../b.toml");
+        let f = open_file(&via, "policy file", Checks::Strict(me)).unwrap();
+        assert_eq!(read_text(f, &via, "").unwrap(), "b = 1\n");
+        // A directory is not a file to read, nor a file a directory.
+        let e = open_file(&ts, "", Checks::Strict(me))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("a directory, not a regular file"), "{e}");
+        assert!(open_dir(&dir.join("a.toml"), "", Checks::Strict(me)).is_err());
+        // A link loop ends with ELOOP, not a hang.
+        symlink("loop.toml", dir.join("loop.toml")).unwrap();
+        let e = d.open_file(OsStr::new("loop.toml"), "").unwrap_err();
+        assert!(
+            matches!(&e, PermError::Io { error, .. } if error.raw_os_error() == Some(libc::ELOOP)),
+            "{e}"
+        );
+    }
 }
