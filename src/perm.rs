@@ -630,6 +630,22 @@ pub fn open_program(
     Ok(File::from(fd))
 }
 
+/// The interpreter a script names on its `#!` line (read from `file`, at offset 0, without
+/// moving it), if it starts with one and names an absolute path. The kernel resolves it
+/// by path when the script runs: the agent judges it first with [`open_program`].
+pub fn interpreter(file: &File) -> Option<PathBuf> {
+    use std::os::unix::fs::FileExt;
+    let mut head = [0u8; 256];
+    let n = file.read_at(&mut head, 0).ok()?;
+    let line = head[..n].strip_prefix(b"#!")?;
+    let line = line.split(|&b| b == b'\n').next()?;
+    let path = line
+        .split(|b| b.is_ascii_whitespace())
+        .find(|w| !w.is_empty())?;
+    path.starts_with(b"/")
+        .then(|| PathBuf::from(OsStr::from_bytes(path)))
+}
+
 /// The whole text of a file opened by [`open_file`], at most [`MAX_FILE`] bytes.
 pub fn read_text(file: File, path: &Path, what: &str) -> Result<String, PermError> {
     let too_large = || PermError::TooLarge {

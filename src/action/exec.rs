@@ -190,6 +190,13 @@ pub fn run(
         Ok(f) => f,
         Err(e) => return Report::failed(e.to_string()).with("command", command.to_vec()),
     };
+    // A script's interpreter runs as root too (the kernel finds it by path).
+    if let Some(interp) = crate::perm::interpreter(&program) {
+        let what = "the interpreter of an exec hook";
+        if let Err(e) = crate::perm::open_program(&interp, what, trust.checks(), false) {
+            return Report::failed(e.to_string()).with("command", command.to_vec());
+        }
+    }
     let dir = env.ctl.hierarchy().dir(ctx.cgroup);
     let (mut child, out, err) = match spawn(env, ctx, command, &dir, &program) {
         Ok(started) => started,
@@ -542,6 +549,31 @@ mod tests {
             "{e}"
         );
         assert!(!marker.exists(), "the untrusted hook ran");
+        chmod(&bin, 0o755);
+        // Its interpreter given to uid 65534: not run either.
+        let interp = bin.join("interp");
+        std::fs::copy("/bin/sh", &interp).unwrap();
+        std::os::unix::fs::chown(&interp, Some(65534), None).unwrap();
+        std::fs::write(
+            &hook,
+            format!(
+                "#!{}\necho \"$1\" > {}\n",
+                interp.display(),
+                marker.display()
+            ),
+        )
+        .unwrap();
+        let r = crate::action::perform(&env, &ctx, step);
+        let e = r.error.unwrap_or_default();
+        assert!(
+            e.starts_with(&format!("{}: owned by uid 65534", interp.display())),
+            "{e}"
+        );
+        assert!(!marker.exists(), "the untrusted interpreter ran");
+        std::os::unix::fs::chown(&interp, Some(0), None).unwrap();
+        let r = crate::action::perform(&env, &ctx, step);
+        assert_eq!(r.outcome, Outcome::Done, "{r:?}");
+        assert!(marker.exists());
     }
 
     #[test]

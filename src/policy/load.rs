@@ -894,8 +894,27 @@ fn check_hooks(
         return Ok(warnings);
     }
     for (program, span) in hooks {
-        match crate::perm::open_program(Path::new(program), "an exec hook", trust.checks(), false) {
-            Ok(_) => {}
+        let judged =
+            crate::perm::open_program(Path::new(program), "an exec hook", trust.checks(), false)
+                .and_then(|_| {
+                    // A script's interpreter runs as root too. (A hook this user cannot
+                    // read is judged before each run, when the agent reads it as root.)
+                    let interp = std::fs::File::open(program)
+                        .ok()
+                        .and_then(|f| crate::perm::interpreter(&f));
+                    match interp {
+                        Some(i) => crate::perm::open_program(
+                            &i,
+                            "the interpreter of an exec hook",
+                            trust.checks(),
+                            false,
+                        )
+                        .map(|_| ()),
+                        None => Ok(()),
+                    }
+                });
+        match judged {
+            Ok(()) => {}
             Err(e) if e.is_not_found() => {
                 let (line, col) = position(text, span.start);
                 warnings.push(format!(
@@ -1814,6 +1833,18 @@ level = 1
             "{e}"
         );
         chmod(&bin, 0o755);
+        // The interpreter a script names runs as root as well.
+        let interp = bin.join("interp");
+        std::fs::copy("/bin/sh", &interp).unwrap();
+        std::os::unix::fs::chown(&interp, Some(65534), None).unwrap();
+        std::fs::write(&hook, format!("#!{} -e\ntrue\n", interp.display())).unwrap();
+        let e = load(Trust::Strict).unwrap_err();
+        assert!(
+            e.starts_with(&format!("{at}{}: owned by uid 65534", interp.display()))
+                && e.contains("as the interpreter of an exec hook"),
+            "{e}"
+        );
+        std::fs::write(&hook, "#!/bin/sh\ntrue\n").unwrap();
         // In [early] too.
         std::os::unix::fs::chown(&hook, Some(65534), None).unwrap();
         std::fs::write(
