@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -899,7 +900,10 @@ fn check_hooks(
                 .and_then(|_| {
                     // A script's interpreter runs as root too. (A hook this user cannot
                     // read is judged before each run, when the agent reads it as root.)
-                    let interp = std::fs::File::open(program)
+                    let interp = std::fs::OpenOptions::new()
+                        .read(true)
+                        .custom_flags(libc::O_NONBLOCK)
+                        .open(program)
                         .ok()
                         .and_then(|f| crate::perm::interpreter(&f));
                     match interp {
