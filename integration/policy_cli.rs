@@ -417,3 +417,121 @@ fn a_fatal_error_prints_its_cause_once() {
     let cause = std::io::Error::from_raw_os_error(libc::ENOENT).to_string();
     assert_eq!(err.matches(&cause).count(), 1, "{err}");
 }
+
+/// `oomwake ARGS`, stopped (by its PID) if it has not exited within `limit`: None then.
+fn oomwake_within(args: &[&str], limit: Duration) -> Option<(i32, String, String)> {
+    let mut child = Command::new(oomwake_bin())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let exited = wait_until(limit, || matches!(child.try_wait(), Ok(Some(_))));
+    if !exited {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    exited.then(|| text(&out))
+}
+
+/// A FIFO named `*.toml` used to block `check` (and a reload, on the agent's event loop)
+/// in open(2); another user's link in the directory was judged by its target only.
+#[test]
+fn check_refuses_a_fifo_and_a_link_another_user_owns_without_blocking() {
+    let t = agent_dir(&inert_policy("audit"));
+    let dir = t.path().join("policies");
+    let dir_s = dir.to_str().unwrap();
+    let fifo = dir.join("fifo.toml");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+    let (code, out, err) = oomwake_within(&["check", "--policies", dir_s], Duration::from_secs(20))
+        .expect("check blocked on a FIFO named *.toml");
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains(&format!("{}: a FIFO, not a regular file", fifo.display())),
+        "{err}"
+    );
+    std::fs::remove_file(&fifo).unwrap();
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped the link case: needs root to chown");
+        return;
+    }
+    // A link to root's own policy, but owned by uid 65534: they can point it anywhere.
+    let link = dir.join("link.toml");
+    std::os::unix::fs::symlink(dir.join("inert.toml"), &link).unwrap();
+    std::os::unix::fs::lchown(&link, Some(65534), Some(65534)).unwrap();
+    let (code, out, err) = oomwake(&["check", "--policies", dir_s]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains(&format!(
+            "{}: a symbolic link owned by uid 65534",
+            link.display()
+        )),
+        "{err}"
+    );
+    std::fs::remove_file(&link).unwrap();
+    let (code, out, err) = oomwake(&["check", "--policies", dir_s]);
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+/// A hook another user owns ran as root after they rewrote it; `restore_below = "0%"`
+/// kept a loan for good. Both are refused by `check`, at the value's position.
+#[test]
+fn check_refuses_an_untrusted_hook_and_an_unreachable_restore_below_at_their_positions() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to chown");
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let hook = t.path().join("hook");
+    std::fs::write(&hook, "#!/bin/sh\ntrue\n").unwrap();
+    chmod(&hook, 0o755);
+    std::os::unix::fs::chown(&hook, Some(65534), Some(65534)).unwrap();
+    let p = t.path().join("p.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "[match]\ncgroup = [\"/a\"]\n[[step]]\naction = \"exec\"\ncommand = [\"{}\"]\n",
+            hook.display()
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = oomwake(&["check", p.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains(&format!(
+            "{}:5:11: {}: owned by uid 65534",
+            p.display(),
+            hook.display()
+        )),
+        "{err}"
+    );
+    let (code, out, err) = oomwake(&["check", "--insecure-policies", p.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    std::fs::write(
+        &p,
+        "[match]\ncgroup = [\"/a\"]\n[[step]]\naction = \"raise_limit\"\nby = \"10%\"\nmax_extra = \"25%\"\nrestore_below = \"0%\"\n",
+    )
+    .unwrap();
+    let (code, out, err) = oomwake(&["check", p.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains(&format!("{}:7:17: ", p.display())) && err.contains("never be reached"),
+        "{err}"
+    );
+}
+
+/// The config file is read like a policy file: a FIFO put in its place used to block
+/// the agent's start (and a SIGHUP reload) for good.
+#[test]
+fn run_refuses_a_config_that_is_a_fifo_without_blocking() {
+    let t = agent_dir(&inert_policy("audit"));
+    let cfg = t.path().join("oomwake.toml");
+    nix::unistd::mkfifo(&cfg, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+    let (code, log) = run_agent(t.path(), &[], Duration::from_secs(20));
+    assert_eq!(code, Some(1), "it did not exit:\n{log}");
+    assert!(
+        log.contains(&format!("{}: a FIFO, not a regular file", cfg.display())),
+        "{log}"
+    );
+    assert!(log.contains("not starting"), "{log}");
+}

@@ -123,3 +123,36 @@ fn sighup_keeps_the_old_policies_when_a_file_dangles_or_the_dir_is_untrusted() {
     assert_eq!(status(&agent)["policies"][0], "audited");
     assert!(agent.running());
 }
+
+/// A FIFO named `*.toml` planted in the policies directory used to block the reload in
+/// open(2) on the event loop, for good: refused at once now, and the next reload works.
+#[test]
+fn sighup_refuses_a_fifo_named_toml_without_blocking() {
+    let Some(()) = require_v1("sighup_refuses_a_fifo_named_toml_without_blocking") else {
+        return;
+    };
+    let s = Scratch::new("reloadfifo");
+    let cg = s.cgroup("", Some(32 * MIB), true);
+    let mut agent = Agent::start(
+        &[(
+            "p.toml",
+            &policy("audited", &cg.rel, "mode = \"audit\"", RAISE),
+        )],
+        &[],
+    );
+    agent.expect("watch", &cg.rel, Duration::from_secs(10));
+    let dir = agent.tmp.path().join("policies");
+    let fifo = dir.join("q.toml");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+    let log = reload(&agent, 1);
+    assert!(log.contains("reload refused"), "{log}");
+    assert!(
+        log.contains(&format!("{}: a FIFO, not a regular file", fifo.display())),
+        "{log}"
+    );
+    std::fs::remove_file(&fifo).unwrap();
+    let log = reload(&agent, 2);
+    assert!(log.contains("reloaded: 1 policy"), "{log}");
+    assert_eq!(status(&agent)["policies"][0], "audited");
+    assert!(agent.running());
+}

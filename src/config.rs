@@ -145,11 +145,29 @@ pub type Reload = Box<dyn FnMut() -> Result<Reloaded, String> + Send>;
 
 impl Config {
     /// Loads `path`; a missing file gives the defaults. Errors read `FILE:LINE:COL: msg`.
-    pub fn load(path: &Path) -> Result<Config, String> {
-        let text = match std::fs::read_to_string(path) {
+    /// The file is opened once and judged on that descriptor like a policy file (see
+    /// [`crate::perm`]): owner and mode of it and of every directory and link on the
+    /// way (unless `trust` is insecure), a regular file of at most
+    /// [`crate::perm::MAX_FILE`] bytes. A missing file is judged by the nearest
+    /// directory that exists.
+    pub fn load(path: &Path, trust: Trust) -> Result<Config, String> {
+        const WHAT: &str = "the config file";
+        let checks = trust.checks();
+        let read = crate::perm::open_file(path, WHAT, checks)
+            .and_then(|f| crate::perm::read_text(f, path, WHAT));
+        let text = match read {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Config::default()),
-            Err(e) => return Err(format!("{}: {e}", path.display())),
+            Err(e) if e.is_not_found() => {
+                if let crate::perm::Checks::Strict(owners) = checks {
+                    crate::perm::check_existing_part(path, WHAT, owners)
+                        .map_err(|e| e.to_string())?;
+                }
+                return Ok(Config::default());
+            }
+            Err(crate::perm::PermError::Io { path, error }) => {
+                return Err(format!("{}: {error}", path.display()))
+            }
+            Err(e) => return Err(e.to_string()),
         };
         Config::parse(&text, &path.display().to_string())
     }
@@ -270,7 +288,7 @@ mod tests {
 
     #[test]
     fn missing_file_is_defaults() {
-        let c = Config::load(Path::new("/nonexistent/oomwake.toml")).unwrap();
+        let c = Config::load(Path::new("/nonexistent/oomwake.toml"), Trust::Strict).unwrap();
         assert_eq!(c.sweep_interval, Duration::from_secs(1));
         assert!(c.events);
     }

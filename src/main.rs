@@ -258,11 +258,9 @@ fn cli_main() -> ExitCode {
         } => {
             let trust = trust(insecure_policies);
             let build = move || -> Result<Config, String> {
-                if trust == Trust::Strict {
-                    perm::check_existing_part(&config, "the config file", owners())
-                        .map_err(|e| e.to_string())?;
-                }
-                let mut cfg = Config::load(&config)?;
+                // Judged on the descriptor it is read from (a missing one by where it
+                // would be).
+                let mut cfg = Config::load(&config, trust)?;
                 if let Some(p) = &policies {
                     cfg.policies = p.clone();
                 }

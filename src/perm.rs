@@ -1,18 +1,45 @@
 //! StrictModes for what the agent trusts: policy files (their `exec` runs as root), the
-//! policies directory, the config file, the state dir and the Docker socket (whoever
-//! serves it names the containers policies match on: [`check_socket`]). Like sshd, a
-//! path is trusted only if it and every directory above it is owned by root (or by the
-//! user running oomwake, so that `oomwake check` works for an unprivileged user on their
-//! own files) and is not writable by group or others. A root-owned sticky directory such as /tmp is
-//! accepted above the path: nobody else can rename or replace what root put there.
+//! policies directory, hook programs, the config file, the state dir and the Docker
+//! socket (whoever serves it names the containers policies match on: [`check_socket`]).
+//! Like sshd, a path is trusted only if it and every directory above it is owned by root
+//! (or by the user running oomwake, so that `oomwake check` works for an unprivileged
+//! user on their own files) and is not writable by group or others. A root-owned sticky
+//! directory such as /tmp is accepted above the path: nobody else can rename or replace
+//! what root put there.
 //!
 //! On a read-only mount (a ConfigMap volume) write bits are ignored: nobody can write.
 //!
-//! Symlinks are resolved first: the file actually read and its real ancestors are what
-//! must be safe (the link itself lives in a directory that is checked on its own).
+//! What is read or run is opened once and judged on its descriptor ([`open_file`],
+//! [`open_dir`], [`open_program`]): the path is walked from `/` one component at a time
+//! with `openat(O_NOFOLLOW)`, each directory checked on the descriptor the next step
+//! opens from, and the file read (or executed) from the descriptor that was checked, so
+//! that nothing can be swapped between the check and the use. A symbolic link on the way
+//! is followed only if it is itself owned by root (or the caller), since its directory
+//! is checked already (a ConfigMap's `..data` links, a merged `/usr`'s `/bin`): a link
+//! another user planted in a sticky directory is refused, whatever it points to. Only
+//! regular files are read (a FIFO would block, `/dev/zero` never ends), and at most
+//! [`MAX_FILE`] bytes of them. With `--insecure-policies` ([`Checks::Insecure`]) owners
+//! and modes are not looked at and links are followed, but the kind and size still are.
+//!
+//! [`check`] and [`check_existing_part`] judge a path that is not read here (the state
+//! dir, the audit log before it is created).
 
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::sys::stat::{FileStat, Mode, SFlag};
+
+/// The most bytes of a policy or config file that are read: a bigger one is refused.
+pub const MAX_FILE: u64 = 1 << 20;
+/// Symbolic links followed on the way to one file (the kernel's own limit).
+const MAX_LINKS: usize = 40;
 
 const GROUP_OTHER_WRITE: u32 = 0o022;
 const STICKY: u32 = 0o1000;
@@ -43,6 +70,43 @@ pub enum PermError {
         what: String,
         hint: &'static str,
     },
+    #[error(
+        "{path}: a symbolic link owned by uid {uid}, not root: refusing to follow it{what} (fix: replace it with what it points to, owned by root{hint})"
+    )]
+    Link {
+        path: PathBuf,
+        uid: u32,
+        what: String,
+        hint: &'static str,
+    },
+    #[error("{path}: {kind}, not a regular file: refusing to read it{what}")]
+    NotRegular {
+        path: PathBuf,
+        kind: &'static str,
+        what: String,
+    },
+    #[error("{path}: larger than {limit} bytes: refusing to read it{what}")]
+    TooLarge {
+        path: PathBuf,
+        limit: u64,
+        what: String,
+    },
+}
+
+impl PermError {
+    /// True when the path (or a directory on it) does not exist: a missing optional file.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, PermError::Io { error, .. } if error.kind() == std::io::ErrorKind::NotFound)
+    }
+}
+
+/// What [`open_file`], [`open_dir`] and [`open_program`] judge.
+#[derive(Debug, Clone, Copy)]
+pub enum Checks {
+    /// Owners and modes of the file, its directories and the links on the way.
+    Strict(Owners),
+    /// `--insecure-policies`: only the kind of file and its size; links are followed.
+    Insecure,
 }
 
 /// What the caller trusts and who may own it.
@@ -182,6 +246,478 @@ pub fn check_existing_part(path: &Path, what: &str, owners: Owners) -> Result<()
         Some(p) => check_from(p, "", owners, 1),
         None => Ok(()),
     }
+}
+
+/// How the last component of a walk is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Last {
+    /// A directory, as an `O_PATH` descriptor to open from.
+    Dir,
+    /// A regular file to read: reopened `O_RDONLY|O_NONBLOCK` once judged.
+    Read,
+    /// A regular file only to judge (and execute): `O_PATH`, no read permission needed.
+    Path,
+}
+
+/// One step of a walk: back to `/` (an absolute link target), or a name.
+enum Step {
+    Root,
+    Name(OsString),
+}
+
+fn steps(path: &Path) -> Vec<Step> {
+    path.components()
+        .filter_map(|c| match c {
+            Component::RootDir => Some(Step::Root),
+            Component::CurDir | Component::Prefix(_) => None,
+            Component::ParentDir => Some(Step::Name("..".into())),
+            Component::Normal(n) => Some(Step::Name(n.to_os_string())),
+        })
+        .collect()
+}
+
+fn openat(dir: &OwnedFd, name: &OsStr, flags: OFlag) -> Result<OwnedFd, Errno> {
+    let fd = nix::fcntl::openat(
+        Some(dir.as_raw_fd()),
+        name,
+        flags | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
+        Mode::empty(),
+    )?;
+    // SAFETY: openat has just returned this descriptor; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn open_root() -> Result<OwnedFd, Errno> {
+    let fd = nix::fcntl::open(
+        "/",
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    // SAFETY: open has just returned this descriptor; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn fstat(fd: &OwnedFd) -> Result<FileStat, Errno> {
+    nix::sys::stat::fstat(fd.as_raw_fd())
+}
+
+fn file_type(st: &FileStat) -> SFlag {
+    SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT
+}
+
+/// What a file that is not a regular one is, for the message.
+fn kind_name(st: &FileStat) -> &'static str {
+    match file_type(st) {
+        SFlag::S_IFDIR => "a directory",
+        SFlag::S_IFIFO => "a FIFO",
+        SFlag::S_IFCHR => "a character device",
+        SFlag::S_IFBLK => "a block device",
+        SFlag::S_IFSOCK => "a socket",
+        SFlag::S_IFLNK => "a symbolic link",
+        _ => "not a file",
+    }
+}
+
+/// A walk from `/` to one path (see the module documentation).
+struct Walk<'a> {
+    checks: Checks,
+    /// What is loaded through the path, for messages.
+    what: &'a str,
+    /// The path as the caller named it.
+    given: &'a Path,
+}
+
+impl Walk<'_> {
+    fn what(&self, real: &Path) -> String {
+        let through = if real == self.given {
+            String::new()
+        } else {
+            format!(" (reached through {})", self.given.display())
+        };
+        if self.what.is_empty() {
+            through
+        } else {
+            format!(" as {}{through}", self.what)
+        }
+    }
+
+    /// An error at `path` on the way to the given path: named by the given path, and
+    /// by where it happened when that is elsewhere (a link's target, a directory).
+    fn io(&self, path: &Path, e: Errno) -> PermError {
+        let error = std::io::Error::from(e);
+        let error = if path == self.given {
+            error
+        } else {
+            std::io::Error::new(error.kind(), format!("{}: {error}", path.display()))
+        };
+        PermError::Io {
+            path: self.given.to_path_buf(),
+            error,
+        }
+    }
+
+    /// Owner and mode of what `fd` is (at `real`); `above`: a directory above what is
+    /// trusted, where a root-owned sticky directory is fine.
+    fn judge(
+        &self,
+        fd: &OwnedFd,
+        st: &FileStat,
+        real: &Path,
+        above: bool,
+    ) -> Result<(), PermError> {
+        let Checks::Strict(owners) = self.checks else {
+            return Ok(());
+        };
+        let mode = st.st_mode & 0o7777;
+        if !owners.allowed(st.st_uid) {
+            return Err(PermError::Owner {
+                path: real.to_path_buf(),
+                uid: st.st_uid,
+                what: self.what(real),
+                hint: owners.hint,
+            });
+        }
+        let sticky_root_dir =
+            above && file_type(st) == SFlag::S_IFDIR && st.st_uid == 0 && mode & STICKY != 0;
+        if mode & GROUP_OTHER_WRITE != 0 && !sticky_root_dir && !read_only_fd(fd) {
+            return Err(PermError::Writable {
+                path: real.to_path_buf(),
+                mode,
+                what: self.what(real),
+                hint: owners.hint,
+            });
+        }
+        Ok(())
+    }
+
+    /// Walks `rest` from the directory `dir` (at `real`, judged already) and opens its
+    /// last component as `last` says. Returns the descriptor, its status and its path
+    /// with every link resolved.
+    fn walk(
+        &self,
+        mut dir: OwnedFd,
+        mut real: PathBuf,
+        rest: &Path,
+        last: Last,
+    ) -> Result<(OwnedFd, FileStat, PathBuf), PermError> {
+        let mut todo: std::collections::VecDeque<Step> = steps(rest).into();
+        let mut links = 0;
+        while let Some(step) = todo.pop_front() {
+            let name = match step {
+                Step::Root => {
+                    real = PathBuf::from("/");
+                    dir = open_root().map_err(|e| self.io(&real, e))?;
+                    let st = fstat(&dir).map_err(|e| self.io(&real, e))?;
+                    self.judge(&dir, &st, &real, !todo.is_empty())?;
+                    continue;
+                }
+                Step::Name(n) => n,
+            };
+            let is_last = todo.is_empty();
+            let next = if name == ".." {
+                real.parent().unwrap_or(Path::new("/")).to_path_buf()
+            } else {
+                real.join(&name)
+            };
+            let fd = openat(&dir, &name, OFlag::O_PATH).map_err(|e| self.io(&next, e))?;
+            let st = fstat(&fd).map_err(|e| self.io(&next, e))?;
+            if file_type(&st) == SFlag::S_IFLNK {
+                links += 1;
+                if links > MAX_LINKS {
+                    return Err(self.io(&next, Errno::ELOOP));
+                }
+                if let Checks::Strict(owners) = self.checks {
+                    if !owners.allowed(st.st_uid) {
+                        return Err(PermError::Link {
+                            path: next.clone(),
+                            uid: st.st_uid,
+                            what: self.what(&next),
+                            hint: owners.hint,
+                        });
+                    }
+                }
+                // Read from the link that was judged, not again by name.
+                let target = nix::fcntl::readlinkat(Some(fd.as_raw_fd()), "")
+                    .map_err(|e| self.io(&next, e))?;
+                for s in steps(Path::new(&target)).into_iter().rev() {
+                    todo.push_front(s);
+                }
+                continue;
+            }
+            let is_dir = file_type(&st) == SFlag::S_IFDIR;
+            if !is_last {
+                if !is_dir {
+                    return Err(self.io(&next, Errno::ENOTDIR));
+                }
+                self.judge(&fd, &st, &next, true)?;
+                dir = fd;
+                real = next;
+                continue;
+            }
+            return self.finish(fd, st, next, &dir, &name, last);
+        }
+        // The path ended at a directory already open (`/`, or a link to `.`).
+        let st = fstat(&dir).map_err(|e| self.io(&real, e))?;
+        let fd = dir;
+        match last {
+            Last::Dir => {
+                self.judge(&fd, &st, &real, false)?;
+                Ok((fd, st, real))
+            }
+            Last::Read | Last::Path => Err(PermError::NotRegular {
+                what: self.what(&real),
+                path: real,
+                kind: "a directory",
+            }),
+        }
+    }
+
+    /// The last component, open as `O_PATH` at `real` (`name` in `dir`): judged, and
+    /// reopened for reading if asked.
+    fn finish(
+        &self,
+        fd: OwnedFd,
+        st: FileStat,
+        real: PathBuf,
+        dir: &OwnedFd,
+        name: &OsStr,
+        last: Last,
+    ) -> Result<(OwnedFd, FileStat, PathBuf), PermError> {
+        let is_dir = file_type(&st) == SFlag::S_IFDIR;
+        match last {
+            Last::Dir if !is_dir => return Err(self.io(&real, Errno::ENOTDIR)),
+            Last::Read | Last::Path if file_type(&st) != SFlag::S_IFREG => {
+                return Err(PermError::NotRegular {
+                    what: self.what(&real),
+                    path: real,
+                    kind: kind_name(&st),
+                })
+            }
+            _ => {}
+        }
+        self.judge(&fd, &st, &real, false)?;
+        if last != Last::Read {
+            return Ok((fd, st, real));
+        }
+        // Opened again to read, in a directory judged above: without blocking (a FIFO
+        // put there since would block the open), and only if it is still the same file.
+        let rd = openat(
+            dir,
+            name,
+            OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY,
+        )
+        .map_err(|e| self.io(&real, e))?;
+        let now = fstat(&rd).map_err(|e| self.io(&real, e))?;
+        if file_type(&now) != SFlag::S_IFREG {
+            return Err(PermError::NotRegular {
+                what: self.what(&real),
+                path: real,
+                kind: kind_name(&now),
+            });
+        }
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) {
+            // Replaced between the two opens: judge what is there now.
+            return Err(self.io(&real, Errno::ESTALE));
+        }
+        self.judge(&rd, &now, &real, false)?;
+        Ok((rd, now, real))
+    }
+
+    /// Walks `path` from `/` (a relative path from the working directory).
+    fn walk_from_root(
+        &self,
+        path: &Path,
+        last: Last,
+    ) -> Result<(OwnedFd, FileStat, PathBuf), PermError> {
+        let abs = if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            std::env::current_dir()
+                .map_err(|error| PermError::Io {
+                    path: path.to_path_buf(),
+                    error,
+                })?
+                .join(path)
+        };
+        let root = PathBuf::from("/");
+        let dir = open_root().map_err(|e| self.io(&root, e))?;
+        let st = fstat(&dir).map_err(|e| self.io(&root, e))?;
+        let only_root = steps(&abs).iter().all(|s| matches!(s, Step::Root));
+        if !only_root {
+            self.judge(&dir, &st, &root, true)?;
+        }
+        self.walk(dir, root, &abs, last)
+    }
+}
+
+fn read_only_fd(fd: &OwnedFd) -> bool {
+    use nix::sys::statvfs::{fstatvfs, FsFlags};
+    fstatvfs(fd.as_fd()).is_ok_and(|s| s.flags().contains(FsFlags::ST_RDONLY))
+}
+
+/// A directory opened and judged by [`open_dir`]: what is in it is opened from its
+/// descriptor, never again through its path.
+#[derive(Debug)]
+pub struct CheckedDir {
+    fd: OwnedFd,
+    real: PathBuf,
+    given: PathBuf,
+    checks: Checks,
+}
+
+impl CheckedDir {
+    /// The names in the directory (without `.` and `..`), unsorted.
+    pub fn names(&self) -> Result<Vec<OsString>, PermError> {
+        let io = |e: Errno| PermError::Io {
+            path: self.given.clone(),
+            error: e.into(),
+        };
+        let fd = openat(
+            &self.fd,
+            OsStr::new("."),
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+        )
+        .map_err(io)?;
+        // SAFETY: fdopendir takes over the descriptor (released from its owner here) and
+        // closedir below closes it; readdir's entries are read before the next call.
+        unsafe {
+            let d = libc::fdopendir(std::os::fd::IntoRawFd::into_raw_fd(fd));
+            if d.is_null() {
+                return Err(io(Errno::last()));
+            }
+            let mut names = Vec::new();
+            let end = loop {
+                Errno::clear();
+                let e = libc::readdir64(d);
+                if e.is_null() {
+                    break match Errno::last_raw() {
+                        0 => Ok(()),
+                        n => Err(io(Errno::from_raw(n))),
+                    };
+                }
+                let n = std::ffi::CStr::from_ptr((*e).d_name.as_ptr());
+                let n = OsStr::from_bytes(n.to_bytes());
+                if n != "." && n != ".." {
+                    names.push(n.to_os_string());
+                }
+            };
+            libc::closedir(d);
+            end.map(|()| names)
+        }
+    }
+
+    /// Opens `name` in this directory to read it, judged like [`open_file`].
+    pub fn open_file(&self, name: &OsStr, what: &str) -> Result<File, PermError> {
+        let given = self.given.join(name);
+        let w = Walk {
+            checks: self.checks,
+            what,
+            given: &given,
+        };
+        let dir = self.fd.try_clone().map_err(|error| PermError::Io {
+            path: self.given.clone(),
+            error,
+        })?;
+        let (fd, _, _) = w.walk(dir, self.real.clone(), Path::new(name), Last::Read)?;
+        Ok(File::from(fd))
+    }
+}
+
+/// Opens the directory `path`, walking and judging every component (see the module
+/// documentation).
+pub fn open_dir(path: &Path, what: &str, checks: Checks) -> Result<CheckedDir, PermError> {
+    let w = Walk {
+        checks,
+        what,
+        given: path,
+    };
+    let (fd, _, real) = w.walk_from_root(path, Last::Dir)?;
+    Ok(CheckedDir {
+        fd,
+        real,
+        given: path.to_path_buf(),
+        checks,
+    })
+}
+
+/// Opens the regular file `path` to read it (read it with [`read_text`]), walking and
+/// judging every component on the way and the file itself on the descriptor returned.
+pub fn open_file(path: &Path, what: &str, checks: Checks) -> Result<File, PermError> {
+    let w = Walk {
+        checks,
+        what,
+        given: path,
+    };
+    let (fd, _, _) = w.walk_from_root(path, Last::Read)?;
+    Ok(File::from(fd))
+}
+
+/// Opens the program `path` as [`open_file`] judges a file: to read it (`read`, what
+/// the agent does before it runs it from that descriptor) or only to judge it (`O_PATH`,
+/// for `check` run by a user who may not read it).
+pub fn open_program(
+    path: &Path,
+    what: &str,
+    checks: Checks,
+    read: bool,
+) -> Result<File, PermError> {
+    let w = Walk {
+        checks,
+        what,
+        given: path,
+    };
+    let last = if read { Last::Read } else { Last::Path };
+    let (fd, _, _) = w.walk_from_root(path, last)?;
+    Ok(File::from(fd))
+}
+
+/// The interpreter a script names on its `#!` line (read from `file`, at offset 0, without
+/// moving it), if it starts with one and names an absolute path. The kernel resolves it
+/// by path when the script runs: the agent judges it first with [`open_program`].
+pub fn interpreter(file: &File) -> Option<PathBuf> {
+    use std::os::unix::fs::FileExt;
+    let mut head = [0u8; 256];
+    let n = file.read_at(&mut head, 0).ok()?;
+    let line = head[..n].strip_prefix(b"#!")?;
+    let line = line.split(|&b| b == b'\n').next()?;
+    let path = line
+        .split(|b| b.is_ascii_whitespace())
+        .find(|w| !w.is_empty())?;
+    path.starts_with(b"/")
+        .then(|| PathBuf::from(OsStr::from_bytes(path)))
+}
+
+/// The whole text of a file opened by [`open_file`], at most [`MAX_FILE`] bytes.
+pub fn read_text(file: File, path: &Path, what: &str) -> Result<String, PermError> {
+    let too_large = || PermError::TooLarge {
+        path: path.to_path_buf(),
+        limit: MAX_FILE,
+        what: if what.is_empty() {
+            String::new()
+        } else {
+            format!(" as {what}")
+        },
+    };
+    let io = |error| PermError::Io {
+        path: path.to_path_buf(),
+        error,
+    };
+    if file.metadata().map_err(io)?.len() > MAX_FILE {
+        return Err(too_large());
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() as u64 > MAX_FILE {
+        return Err(too_large());
+    }
+    String::from_utf8(bytes).map_err(|_| {
+        io(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "stream did not contain valid UTF-8",
+        ))
+    })
 }
 
 #[cfg(test)]
@@ -359,5 +895,42 @@ mod tests {
         std::fs::write(dir.join("oomwake.toml"), "").unwrap();
         std::os::unix::fs::chown(dir.join("oomwake.toml"), Some(4321), None).unwrap();
         assert!(check_existing_part(&dir.join("oomwake.toml"), "config", ROOT_ONLY).is_err());
+    }
+
+    #[test]
+    fn a_configmap_layout_is_read_through_roots_links() {
+        // kubelet's layout: a.toml -> ..data/a.toml, ..data -> ..2026_12_07 (a dir).
+        let (_t, dir, _file) = tree();
+        let ts = dir.join("..2026_12_07");
+        std::fs::create_dir(&ts).unwrap();
+        chmod(&ts, 0o755);
+        std::fs::write(ts.join("b.toml"), "b = 1\n").unwrap();
+        chmod(&ts.join("b.toml"), 0o644);
+        symlink("..2026_12_07", dir.join("..data")).unwrap();
+        symlink("..data/b.toml", dir.join("b.toml")).unwrap();
+        let me = Owners::current("");
+        let d = open_dir(&dir, "policies", Checks::Strict(me)).unwrap();
+        let mut names = d.names().unwrap();
+        names.sort();
+        assert_eq!(names, ["..2026_12_07", "..data", "a.toml", "b.toml"]);
+        let f = d.open_file(OsStr::new("b.toml"), "policy file").unwrap();
+        assert_eq!(read_text(f, &dir.join("b.toml"), "").unwrap(), "b = 1\n");
+        // The same through `..` and a relative path from the working directory.
+        let via = dir.join("..2026_12_07/../b.toml");
+        let f = open_file(&via, "policy file", Checks::Strict(me)).unwrap();
+        assert_eq!(read_text(f, &via, "").unwrap(), "b = 1\n");
+        // A directory is not a file to read, nor a file a directory.
+        let e = open_file(&ts, "", Checks::Strict(me))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("a directory, not a regular file"), "{e}");
+        assert!(open_dir(&dir.join("a.toml"), "", Checks::Strict(me)).is_err());
+        // A link loop ends with ELOOP, not a hang.
+        symlink("loop.toml", dir.join("loop.toml")).unwrap();
+        let e = d.open_file(OsStr::new("loop.toml"), "").unwrap_err();
+        assert!(
+            matches!(&e, PermError::Io { error, .. } if error.raw_os_error() == Some(libc::ELOOP)),
+            "{e}"
+        );
     }
 }

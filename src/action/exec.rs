@@ -16,6 +16,7 @@ use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::unistd::pipe2;
 
+use crate::policy::Trust;
 use crate::sys::spawn::{SpawnRequest, Spawned};
 
 use super::{Env, Outcome, Report, StepCtx};
@@ -121,6 +122,7 @@ fn spawn(
     ctx: &StepCtx,
     command: &[String],
     dir: &std::path::Path,
+    program: &File,
 ) -> std::io::Result<(Spawned, File, File)> {
     let (out_r, out_w) = pipe2(OFlag::O_CLOEXEC)?;
     let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC)?;
@@ -146,6 +148,7 @@ fn spawn(
     let adj = env.proc_root.join("self/oom_score_adj");
     let req = SpawnRequest {
         program: OsStr::new(&command[0]),
+        program_fd: Some(program.as_fd()),
         args: command.iter().map(OsStr::new).collect(),
         env: inherited
             .iter()
@@ -161,15 +164,41 @@ fn spawn(
     Ok((child, File::from(out_r), File::from(err_r)))
 }
 
-pub fn run(env: &Env, ctx: &StepCtx, command: &[String], timeout: Duration) -> Report {
+/// Runs the hook. Its program is judged again first, on the descriptor it is then
+/// executed from ([`crate::perm::open_program`]): since the policy was loaded the file
+/// (or a directory above it) may have changed hands, and a path checked and then run
+/// could be swapped in between.
+pub fn run(
+    env: &Env,
+    ctx: &StepCtx,
+    command: &[String],
+    timeout: Duration,
+    trust: Trust,
+) -> Report {
     let Some(prog) = command.first() else {
         return Report::failed("empty command");
     };
     if ctx.audit {
         return Report::new(Outcome::Would).with("command", command.to_vec());
     }
+    let program = match crate::perm::open_program(
+        std::path::Path::new(prog),
+        "an exec hook",
+        trust.checks(),
+        true,
+    ) {
+        Ok(f) => f,
+        Err(e) => return Report::failed(e.to_string()).with("command", command.to_vec()),
+    };
+    // A script's interpreter runs as root too (the kernel finds it by path).
+    if let Some(interp) = crate::perm::interpreter(&program) {
+        let what = "the interpreter of an exec hook";
+        if let Err(e) = crate::perm::open_program(&interp, what, trust.checks(), false) {
+            return Report::failed(e.to_string()).with("command", command.to_vec());
+        }
+    }
     let dir = env.ctl.hierarchy().dir(ctx.cgroup);
-    let (mut child, out, err) = match spawn(env, ctx, command, &dir) {
+    let (mut child, out, err) = match spawn(env, ctx, command, &dir, &program) {
         Ok(started) => started,
         Err(e) => return Report::failed(format!("{prog}: {e}")).with("command", command.to_vec()),
     };
@@ -264,7 +293,7 @@ mod tests {
             out.display()
         );
         let cmd = vec!["/bin/sh".to_string(), "-c".to_string(), script];
-        let r = run(&env, &ctx, &cmd, Duration::from_secs(10));
+        let r = run(&env, &ctx, &cmd, Duration::from_secs(10), Trust::Strict);
         assert_eq!(r.outcome, Outcome::Failed);
         assert_eq!(r.fields["exit_code"], 3);
         assert_eq!(
@@ -276,12 +305,13 @@ mod tests {
             &ctx,
             &["/bin/true".to_string()],
             Duration::from_secs(10),
+            Trust::Strict,
         );
         assert_eq!(r.outcome, Outcome::Done);
         assert_eq!(r.fields["exit_code"], 0);
         let audit = testing::ctx(&cg, &set.policies()[0], true);
         assert_eq!(
-            run(&env, &audit, &cmd, Duration::from_secs(1)).outcome,
+            run(&env, &audit, &cmd, Duration::from_secs(1), Trust::Strict).outcome,
             Outcome::Would
         );
     }
@@ -303,7 +333,7 @@ mod tests {
                       i=$((i+1)); done; echo 'hook \"complains\"' >&2"
                 .to_string(),
         );
-        let r = run(&env, &ctx, &cmd, Duration::from_secs(20));
+        let r = run(&env, &ctx, &cmd, Duration::from_secs(20), Trust::Strict);
         assert_eq!(r.outcome, Outcome::Done, "{r:?}");
         let stdout = r.fields["stdout"].as_str().unwrap();
         assert_eq!(stdout.len(), OUTPUT_CAP);
@@ -321,6 +351,7 @@ mod tests {
             &ctx,
             &sh("echo small".into()),
             Duration::from_secs(10),
+            Trust::Strict,
         );
         assert_eq!(r.fields["stdout"], "small\n");
         assert_eq!(r.fields["output_truncated"], false);
@@ -350,7 +381,7 @@ mod tests {
             "sleep 60 & echo $! > {p}.tmp; mv {p}.tmp {p}; wait",
             p = pidfile.display()
         ));
-        let r = run(&env, &ctx, &cmd, Duration::from_millis(1500));
+        let r = run(&env, &ctx, &cmd, Duration::from_millis(1500), Trust::Strict);
         assert!(
             r.error.as_deref().unwrap_or("").contains("timed out"),
             "{r:?}"
@@ -416,7 +447,7 @@ mod tests {
         ));
         let (r, after) = {
             let _g = AdjGuard::set(500);
-            let r = run(&env, &ctx, &cmd, Duration::from_secs(10));
+            let r = run(&env, &ctx, &cmd, Duration::from_secs(10), Trust::Strict);
             (
                 r,
                 std::fs::read_to_string("/proc/self/oom_score_adj").unwrap(),
@@ -440,14 +471,148 @@ mod tests {
         let ctx = testing::ctx(&cg, &set.policies()[0], false);
         let start = Instant::now();
         let cmd = vec!["/bin/sleep".to_string(), "30".to_string()];
-        let r = run(&env, &ctx, &cmd, Duration::from_millis(200));
+        let r = run(&env, &ctx, &cmd, Duration::from_millis(200), Trust::Strict);
         assert_eq!(r.outcome, Outcome::Failed);
         assert!(r.error.unwrap().contains("timed out"));
         assert!(start.elapsed() < Duration::from_secs(10));
         let missing = vec!["/nonexistent/prog".to_string()];
         assert_eq!(
-            run(&env, &ctx, &missing, Duration::from_secs(1)).outcome,
+            run(&env, &ctx, &missing, Duration::from_secs(1), Trust::Strict).outcome,
             Outcome::Failed
         );
+    }
+
+    fn chmod(p: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    /// The `exec` step of a policy file naming `hook`, loaded with StrictModes.
+    fn hook_policy(t: &Path, hook: &Path) -> PolicySet {
+        let p = t.join("p.toml");
+        std::fs::write(
+            &p,
+            format!(
+                "[match]\ncgroup = [\"/x\"]\n[[step]]\naction = \"exec\"\ncommand = [\"{}\", \"arg1\"]\n",
+                hook.display()
+            ),
+        )
+        .unwrap();
+        crate::policy::load_files(&[p]).unwrap()
+    }
+
+    #[test]
+    fn a_hook_made_untrusted_after_load_is_refused_before_it_runs() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to chown");
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let env = testing::env(t.path(), Path::new("/proc"));
+        let bin = t.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        chmod(&bin, 0o755);
+        let hook = bin.join("hook");
+        let marker = t.path().join("ran");
+        std::fs::write(
+            &hook,
+            format!("#!/bin/sh\necho \"$1\" > {}\n", marker.display()),
+        )
+        .unwrap();
+        chmod(&hook, 0o755);
+        let set = hook_policy(t.path(), &hook);
+        let policy = &set.policies()[0];
+        let cg = CgroupPath::new("/x");
+        let ctx = testing::ctx(&cg, policy, false);
+        let step = &policy.steps[0].action;
+        let r = crate::action::perform(&env, &ctx, step);
+        assert_eq!(r.outcome, Outcome::Done, "{r:?}");
+        assert_eq!(std::fs::read_to_string(&marker).unwrap(), "arg1\n");
+        std::fs::remove_file(&marker).unwrap();
+        // Uid 65534 is given the hook after the policy was loaded: not run as root.
+        std::os::unix::fs::chown(&hook, Some(65534), None).unwrap();
+        let r = crate::action::perform(&env, &ctx, step);
+        assert_eq!(r.outcome, Outcome::Failed, "{r:?}");
+        let e = r.error.unwrap_or_default();
+        assert!(
+            e.starts_with(&format!("{}: owned by uid 65534", hook.display())),
+            "{e}"
+        );
+        assert!(!marker.exists(), "the untrusted hook ran");
+        // Root's again, but its directory writable by others.
+        std::os::unix::fs::chown(&hook, Some(0), None).unwrap();
+        chmod(&bin, 0o777);
+        let r = crate::action::perform(&env, &ctx, step);
+        let e = r.error.unwrap_or_default();
+        assert!(
+            e.starts_with(&format!("{}: writable by group or others", bin.display())),
+            "{e}"
+        );
+        assert!(!marker.exists(), "the untrusted hook ran");
+        chmod(&bin, 0o755);
+        // Its interpreter given to uid 65534: not run either.
+        let interp = bin.join("interp");
+        std::fs::copy("/bin/sh", &interp).unwrap();
+        std::os::unix::fs::chown(&interp, Some(65534), None).unwrap();
+        std::fs::write(
+            &hook,
+            format!(
+                "#!{}\necho \"$1\" > {}\n",
+                interp.display(),
+                marker.display()
+            ),
+        )
+        .unwrap();
+        let r = crate::action::perform(&env, &ctx, step);
+        let e = r.error.unwrap_or_default();
+        assert!(
+            e.starts_with(&format!("{}: owned by uid 65534", interp.display())),
+            "{e}"
+        );
+        assert!(!marker.exists(), "the untrusted interpreter ran");
+        std::os::unix::fs::chown(&interp, Some(0), None).unwrap();
+        let r = crate::action::perform(&env, &ctx, step);
+        assert_eq!(r.outcome, Outcome::Done, "{r:?}");
+        assert!(marker.exists());
+    }
+
+    #[test]
+    fn scripts_run_from_their_descriptor_with_or_without_a_shebang() {
+        // execveat(AT_EMPTY_PATH) hands a `#!` script's interpreter /dev/fd/N, which it
+        // can open only if the descriptor survives the exec; a script without `#!` goes
+        // to /bin/sh the same way.
+        let t = tempfile::tempdir().unwrap();
+        let env = testing::env(t.path(), Path::new("/proc"));
+        let set = PolicySet::embedded_default();
+        let cg = CgroupPath::new("/x");
+        let ctx = testing::ctx(&cg, &set.policies()[0], false);
+        for (name, head) in [("with", "#!/bin/sh\n"), ("without", "")] {
+            let hook = t.path().join(name);
+            let out = t.path().join(format!("{name}.out"));
+            std::fs::write(
+                &hook,
+                format!("{head}echo \"{name} $1\" > {}\n", out.display()),
+            )
+            .unwrap();
+            chmod(&hook, 0o755);
+            let cmd = vec![hook.display().to_string(), "arg1".to_string()];
+            let r = run(&env, &ctx, &cmd, Duration::from_secs(10), Trust::Strict);
+            assert_eq!(r.outcome, Outcome::Done, "{name}: {r:?}");
+            assert_eq!(
+                std::fs::read_to_string(&out).unwrap(),
+                format!("{name} arg1\n")
+            );
+        }
+        // A binary keeps its descriptor close-on-exec: it has no descriptor of itself.
+        let cmd = vec![
+            "/bin/ls".to_string(),
+            "-l".to_string(),
+            "/proc/self/fd".to_string(),
+        ];
+        let r = run(&env, &ctx, &cmd, Duration::from_secs(10), Trust::Strict);
+        assert_eq!(r.outcome, Outcome::Done, "{r:?}");
+        let ls = std::fs::canonicalize("/bin/ls").unwrap();
+        let fds = r.fields["stdout"].as_str().unwrap();
+        assert!(!fds.contains(&format!("-> {}", ls.display())), "{fds}");
     }
 }

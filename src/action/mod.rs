@@ -131,7 +131,11 @@ pub fn perform(env: &Env, ctx: &StepCtx, action: &Action) -> Report {
         } => kill::signal_victim(env, ctx, victim, *signal, Some(*grace)),
         Action::Kill { victim } => kill::signal_victim(env, ctx, victim, libc::SIGKILL, None),
         Action::KillAll => kill::kill_all(env, ctx),
-        Action::Exec { command, timeout } => exec::run(env, ctx, command, *timeout),
+        Action::Exec {
+            command,
+            timeout,
+            trust,
+        } => exec::run(env, ctx, command, *timeout, *trust),
     }
 }
 

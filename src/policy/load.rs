@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -18,13 +19,16 @@ use super::{
     Action, Ceiling, Early, Match, Mode, Policy, PolicySet, Raise, Step, V2Keys, VictimOrder,
     VictimSpec,
 };
-use crate::perm::{Owners, PermError};
+use crate::perm::{Checks, Owners, PermError};
 
 pub const EMBEDDED_DEFAULT: &str = include_str!("default.toml");
 
 const DEFAULT_SETTLE: Duration = Duration::from_millis(500);
 const DEFAULT_HOLD: Duration = Duration::from_secs(60);
 const DEFAULT_RESTORE_BELOW: f64 = 0.9;
+/// `restore_below` under this is accepted with a warning: reached only by a workload
+/// that has shed nearly all its memory.
+const MIN_QUIET_RESTORE_BELOW: f64 = 0.01;
 const DEFAULT_RESTORE_AFTER: Duration = Duration::from_secs(5);
 const DEFAULT_GRACE: Duration = Duration::from_secs(5);
 const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(10);
@@ -90,14 +94,21 @@ pub enum Trust {
 
 const INSECURE_HINT: &str = ", or pass --insecure-policies for development";
 
-fn check_trust(path: &Path, what: &str, trust: Trust) -> Result<(), LoadError> {
-    match trust {
-        Trust::Strict => Ok(crate::perm::check(
-            path,
-            what,
-            Owners::current(INSECURE_HINT),
-        )?),
-        Trust::Insecure => Ok(()),
+impl Trust {
+    /// What [`crate::perm`] judges under this trust.
+    pub fn checks(self) -> Checks {
+        match self {
+            Trust::Strict => Checks::Strict(Owners::current(INSECURE_HINT)),
+            Trust::Insecure => Checks::Insecure,
+        }
+    }
+}
+
+/// A [`PermError`] as a load error: one that is only about reading keeps `PATH: error`.
+fn perm_error(e: PermError) -> LoadError {
+    match e {
+        PermError::Io { path, error } => LoadError::Io { path, error },
+        e => LoadError::Insecure(e),
     }
 }
 
@@ -134,10 +145,12 @@ struct RawV2 {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawMatch {
-    cgroup: Option<Vec<Glob>>,
-    container_name: Option<Vec<Glob>>,
+    // Globs are compiled in `load_inner`: a bad one is reported at its own position in
+    // the list (an error while deserializing an element points at the whole array).
+    cgroup: Option<Vec<Spanned<String>>>,
+    container_name: Option<Vec<Spanned<String>>>,
     label: Option<BTreeMap<String, String>>,
-    image: Option<Vec<Glob>>,
+    image: Option<Vec<Spanned<String>>>,
     require_oom_kill_disable: Option<bool>,
 }
 
@@ -287,6 +300,9 @@ struct Ctx<'a> {
     file: &'a str,
     /// `FILE:LINE:COL: warning: ...` for values that load but are likely mistakes.
     warnings: std::cell::RefCell<Vec<String>>,
+    /// The program of each `exec` step and where its `command` is, for the owner and
+    /// mode checks of [`load_files_with`].
+    hooks: std::cell::RefCell<Vec<(String, Range<usize>)>>,
 }
 
 impl Ctx<'_> {
@@ -359,10 +375,18 @@ pub fn load_str(text: &str, file: &str) -> Result<Policy, LoadError> {
 /// [`load_str`], with the warnings (`FILE:LINE:COL: warning: ...`) for values that are
 /// accepted but likely mistakes.
 pub fn load_one(text: &str, file: &str) -> Result<(Policy, Vec<String>), LoadError> {
+    load_inner(text, file).map(|(p, w, _)| (p, w))
+}
+
+/// A policy, its warnings, and the program and `command` span of each `exec` step.
+type Loaded = (Policy, Vec<String>, Vec<(String, Range<usize>)>);
+
+fn load_inner(text: &str, file: &str) -> Result<Loaded, LoadError> {
     let ctx = Ctx {
         text,
         file,
         warnings: Default::default(),
+        hooks: Default::default(),
     };
     let raw: RawPolicy = toml::from_str(text).map_err(|e| LoadError::toml(text, file, &e))?;
     let name = match &raw.name {
@@ -382,11 +406,17 @@ pub fn load_one(text: &str, file: &str) -> Result<(Policy, Vec<String>), LoadErr
             .to_string(),
     };
     let m = raw.matcher.get_ref();
+    let globs = |g: &Option<Vec<Spanned<String>>>| -> Result<Vec<Glob>, LoadError> {
+        g.iter()
+            .flatten()
+            .map(|g| Glob::new(g.get_ref()).map_err(|e| ctx.err(Some(g.span()), e)))
+            .collect()
+    };
     let matcher = Match {
-        cgroup: m.cgroup.clone().unwrap_or_default(),
-        container_name: m.container_name.clone().unwrap_or_default(),
+        cgroup: globs(&m.cgroup)?,
+        container_name: globs(&m.container_name)?,
         label: m.label.clone().unwrap_or_default(),
-        image: m.image.clone().unwrap_or_default(),
+        image: globs(&m.image)?,
         require_oom_kill_disable: m.require_oom_kill_disable.unwrap_or(true),
     };
     if matcher.cgroup.is_empty() && !matcher.needs_container() {
@@ -422,7 +452,7 @@ pub fn load_one(text: &str, file: &str) -> Result<(Policy, Vec<String>), LoadErr
         v2,
         pinned: raw.pinned.unwrap_or(true),
     };
-    Ok((policy, ctx.warnings.into_inner()))
+    Ok((policy, ctx.warnings.into_inner(), ctx.hooks.into_inner()))
 }
 
 /// `[early]`: `at` must lie strictly between nothing and the wall (100% would fire
@@ -598,12 +628,30 @@ fn build_step(ctx: &Ctx, s: &RawStep) -> Result<Step, LoadError> {
                 .as_ref()
                 .map(|p| p.get_ref().0)
                 .unwrap_or(DEFAULT_RESTORE_BELOW);
+            let restore_span = s.restore_below.as_ref().map(|p| p.span());
             if restore_below > 1.0 {
-                let span = s.restore_below.as_ref().map(|p| p.span());
                 return Err(ctx.err(
-                    span,
+                    restore_span,
                     "`restore_below` is a share of the original limit: at most 100%",
                 ));
+            }
+            // The loan comes back once usage is below this share of the original: usage
+            // is never below 0 bytes, so 0% would keep the loan for good (not at hold
+            // expiry, not at shutdown).
+            if restore_below <= 0.0 {
+                return Err(ctx.err(
+                    restore_span,
+                    "`restore_below` of 0% can never be reached (usage is never below 0 bytes): the loan would never be given back; give e.g. \"90%\"",
+                ));
+            }
+            if restore_below < MIN_QUIET_RESTORE_BELOW {
+                ctx.warn(
+                    restore_span,
+                    format!(
+                        "`restore_below` of {}%: the loan is given back only once the workload has almost no memory left",
+                        restore_below * 100.0
+                    ),
+                );
             }
             let hold = dur(&s.hold).unwrap_or(DEFAULT_HOLD);
             if hold.is_zero() {
@@ -700,11 +748,15 @@ fn build_step(ctx: &Ctx, s: &RawStep) -> Result<Step, LoadError> {
                     format!("`command` must not contain a NUL byte ({arg:?}): execve could never run it"),
                 ));
             }
+            if let Some(c) = &s.command {
+                ctx.hooks.borrow_mut().push((command[0].clone(), c.span()));
+            }
             Action::Exec {
                 command,
                 timeout: ctx
                     .wait(&s.timeout, "timeout", false)?
                     .unwrap_or(DEFAULT_EXEC_TIMEOUT),
+                trust: Trust::Strict,
             }
         }
         ActionKind::DropCaches => {
@@ -756,33 +808,58 @@ pub fn load_files(files: &[PathBuf]) -> Result<PolicySet, Vec<LoadError>> {
     load_files_with(files, Trust::Strict)
 }
 
+/// Opens and reads a policy file through [`crate::perm`]: each directory on the way and
+/// the file itself judged on the descriptor it is then read from; only a regular file,
+/// of at most [`crate::perm::MAX_FILE`] bytes.
+fn read_policy(open: Result<std::fs::File, PermError>, path: &Path) -> Result<String, LoadError> {
+    let file = open.map_err(perm_error)?;
+    crate::perm::read_text(file, path, "a policy file").map_err(perm_error)
+}
+
 /// [`load_files`] with an explicit [`Trust`].
 pub fn load_files_with(files: &[PathBuf], trust: Trust) -> Result<PolicySet, Vec<LoadError>> {
+    let checks = trust.checks();
+    let texts = files
+        .iter()
+        .map(|path| {
+            let open = crate::perm::open_file(path, "a policy file", checks);
+            (path.clone(), read_policy(open, path))
+        })
+        .collect();
+    load_texts(texts, trust)
+}
+
+/// Loads the policies read from their files, in the order given.
+fn load_texts(
+    texts: Vec<(PathBuf, Result<String, LoadError>)>,
+    trust: Trust,
+) -> Result<PolicySet, Vec<LoadError>> {
     let mut policies = Vec::new();
     let mut warnings = Vec::new();
     let mut errors = Vec::new();
     let mut seen: HashMap<String, String> = HashMap::new();
-    for path in files {
+    for (path, text) in texts {
         // A dangling link, a loop, a directory named *.toml or a permission problem is
         // an error like an invalid file: skipping it could leave a weaker policy in force.
-        let text = match std::fs::read_to_string(path) {
+        let text = match text {
             Ok(t) => t,
-            Err(error) => {
-                errors.push(LoadError::Io {
-                    path: path.clone(),
-                    error,
-                });
+            Err(e) => {
+                errors.push(e);
                 continue;
             }
         };
-        if let Err(e) = check_trust(path, "a policy file", trust) {
-            errors.push(e);
-            continue;
-        }
         let file = path.display().to_string();
-        match load_one(&text, &file) {
-            Ok((p, w)) => {
+        match load_inner(&text, &file) {
+            Ok((mut p, w, hooks)) => {
                 warnings.extend(w);
+                match check_hooks(&text, &file, &hooks, trust) {
+                    Ok(w) => warnings.extend(w),
+                    Err(e) => {
+                        errors.push(e);
+                        continue;
+                    }
+                }
+                set_exec_trust(&mut p, trust);
                 if let Some(first) = seen.get(&p.name) {
                     errors.push(LoadError::at(
                         &text,
@@ -805,6 +882,67 @@ pub fn load_files_with(files: &[PathBuf], trust: Trust) -> Result<PolicySet, Vec
     }
 }
 
+/// The owner and mode checks of each `exec` step's program (it runs as root), at the
+/// position of its `command`: the program and every directory above it. One that does
+/// not exist (yet) is a warning: the step fails until it does, and it is judged again
+/// before each run.
+fn check_hooks(
+    text: &str,
+    file: &str,
+    hooks: &[(String, Range<usize>)],
+    trust: Trust,
+) -> Result<Vec<String>, LoadError> {
+    let mut warnings = Vec::new();
+    if trust == Trust::Insecure {
+        return Ok(warnings);
+    }
+    for (program, span) in hooks {
+        let judged =
+            crate::perm::open_program(Path::new(program), "an exec hook", trust.checks(), false)
+                .and_then(|_| {
+                    // A script's interpreter runs as root too. (A hook this user cannot
+                    // read is judged before each run, when the agent reads it as root.)
+                    let interp = std::fs::OpenOptions::new()
+                        .read(true)
+                        .custom_flags(libc::O_NONBLOCK)
+                        .open(program)
+                        .ok()
+                        .and_then(|f| crate::perm::interpreter(&f));
+                    match interp {
+                        Some(i) => crate::perm::open_program(
+                            &i,
+                            "the interpreter of an exec hook",
+                            trust.checks(),
+                            false,
+                        )
+                        .map(|_| ()),
+                        None => Ok(()),
+                    }
+                });
+        match judged {
+            Ok(()) => {}
+            Err(e) if e.is_not_found() => {
+                let (line, col) = position(text, span.start);
+                warnings.push(format!(
+                    "{file}:{line}:{col}: warning: {e}: the step fails until it exists"
+                ));
+            }
+            Err(e) => return Err(LoadError::at(text, file, Some(span.clone()), e.to_string())),
+        }
+    }
+    Ok(warnings)
+}
+
+/// Exec steps run their program under the trust the policy was loaded with.
+fn set_exec_trust(p: &mut Policy, trust: Trust) {
+    let early = p.early.iter_mut().flat_map(|e| e.steps.iter_mut());
+    for step in p.steps.iter_mut().chain(early) {
+        if let Action::Exec { trust: t, .. } = &mut step.action {
+            *t = trust;
+        }
+    }
+}
+
 fn name_span(text: &str) -> Option<Range<usize>> {
     #[derive(Deserialize)]
     struct NameOnly {
@@ -824,40 +962,39 @@ pub fn load_dir(dir: &Path) -> Result<PolicySet, Vec<LoadError>> {
 
 /// Loads every entry named `*.toml` in `dir` (but not hidden ones, `.*`), sorted by file
 /// name. Each must be a readable policy file: an entry that cannot be read (dangling
-/// symlink, loop, permission denied, a directory) is an error, never skipped. Only a
-/// directory that does not exist or has no `*.toml` entry at all gives the embedded
-/// default.
+/// symlink, loop, permission denied, a directory, a FIFO, a device) is an error, never
+/// skipped. Only a directory that does not exist or has no `*.toml` entry at all gives
+/// the embedded default. The directory is opened once and judged on its descriptor, and
+/// each file is opened from that descriptor (see [`crate::perm`]).
 pub fn load_dir_with(dir: &Path, trust: Trust) -> Result<PolicySet, Vec<LoadError>> {
-    let io = |path: &Path, error| {
-        vec![LoadError::Io {
-            path: path.to_path_buf(),
-            error,
-        }]
+    let checked = match crate::perm::open_dir(dir, "the policies directory", trust.checks()) {
+        Ok(d) => d,
+        Err(e) if e.is_not_found() => return Ok(PolicySet::embedded_default()),
+        Err(e) => return Err(vec![perm_error(e)]),
     };
-    let entries = match std::fs::read_dir(dir) {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Ok(PolicySet::embedded_default())
-        }
-        Err(e) => return Err(io(dir, e)),
-    };
-    check_trust(dir, "the policies directory", trust).map_err(|e| vec![e])?;
-    let mut files: Vec<PathBuf> = Vec::new();
-    for e in entries {
-        let e = e.map_err(|e| io(dir, e))?;
-        let path = e.path();
+    let mut names: Vec<std::ffi::OsString> = checked
+        .names()
+        .map_err(|e| vec![perm_error(e)])?
+        .into_iter()
         // Hidden entries are never policies: an editor's lock link (`.#p.toml`, which
         // dangles by design) must not make a reload fail.
-        let hidden = e.file_name().as_encoded_bytes().starts_with(b".");
-        if !hidden && path.extension().is_some_and(|x| x == "toml") {
-            files.push(path);
-        }
-    }
-    files.sort();
-    if files.is_empty() {
+        .filter(|n| !n.as_encoded_bytes().starts_with(b"."))
+        .filter(|n| Path::new(n).extension().is_some_and(|x| x == "toml"))
+        .collect();
+    names.sort();
+    if names.is_empty() {
         return Ok(PolicySet::embedded_default());
     }
-    load_files_with(&files, trust)
+    let texts = names
+        .iter()
+        .map(|n| {
+            let path = dir.join(n);
+            let open = checked.open_file(n, "a policy file");
+            let text = read_policy(open, &path);
+            (path, text)
+        })
+        .collect();
+    load_texts(texts, trust)
 }
 
 #[cfg(test)]
@@ -1417,5 +1554,345 @@ level = 1
         let at_key = EARLY.replace("max_extra", "restore_below = \"80%\"\nmax_extra");
         let (_, w) = load_one(&format!("{HEAD}{at_key}"), "p.toml").unwrap();
         assert!(w[0].starts_with("p.toml:8:17: warning: "), "{w:?}");
+    }
+
+    #[test]
+    fn restore_below_that_can_never_be_reached_is_refused_at_its_position() {
+        // Usage is never below 0 bytes: such a loan was kept for good.
+        for v in ["0%", "0.0%", "-0%"] {
+            let e = step_err(&format!(
+                "action = \"raise_limit\"\nby = \"10%\"\nmax_extra = \"25%\"\nrestore_below = \"{v}\"\n"
+            ));
+            assert!(
+                e.starts_with("p.toml:7:17: ") && e.contains("can never be reached"),
+                "{v}: {e}"
+            );
+        }
+        // In an [early] step too.
+        let early = EARLY.replace("max_extra", "restore_below = \"0%\"\nmax_extra");
+        let e = err(&format!("{HEAD}{early}"));
+        assert!(e.starts_with("p.toml:8:17: "), "{e}");
+        // Reachable, if only by a workload that shed almost everything: a warning.
+        let w = step_warnings(
+            "action = \"raise_limit\"\nby = \"10%\"\nmax_extra = \"25%\"\nrestore_below = \"0.5%\"\n",
+        );
+        assert!(
+            w.iter()
+                .any(|w| w.starts_with("p.toml:7:17: warning: `restore_below` of 0.5%")),
+            "{w:?}"
+        );
+    }
+
+    #[test]
+    fn a_glob_with_too_many_double_stars_is_refused_at_its_position() {
+        let e = err(&format!(
+            "[match]\ncgroup = [\"/a\", \"{}/x\"]\n[[step]]\naction = \"kill\"\n",
+            "/**".repeat(9)
+        ));
+        assert!(
+            e.starts_with("p.toml:2:17: ") && e.contains("at most 8"),
+            "{e}"
+        );
+    }
+
+    fn is_root() -> bool {
+        nix::unistd::geteuid().is_root()
+    }
+
+    fn chmod(p: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    fn named(name: &str) -> String {
+        format!("name = \"{name}\"\n{HEAD}[[step]]\naction = \"reclaim\"\n")
+    }
+
+    /// Runs `f` on a thread of its own: None if it has not returned within `limit` (the
+    /// thread is left behind).
+    fn within<T: Send + 'static>(
+        limit: Duration,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Option<T> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(limit).ok()
+    }
+
+    fn dir_errors(dir: &Path, trust: Trust) -> Option<Result<usize, Vec<String>>> {
+        let dir = dir.to_path_buf();
+        within(Duration::from_secs(5), move || {
+            load_dir_with(&dir, trust)
+                .map(|s| s.policies().len())
+                .map_err(|e| e.iter().map(|e| e.to_string()).collect())
+        })
+    }
+
+    /// A root-owned tree: `etc/` (0755) with `good.toml` (0644), and `shared/`, a
+    /// root-owned sticky directory anyone may write to, like /tmp.
+    fn shared_tree() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let t = tempfile::tempdir().unwrap();
+        let etc = t.path().join("etc");
+        std::fs::create_dir(&etc).unwrap();
+        chmod(&etc, 0o755);
+        std::fs::write(etc.join("good.toml"), named("good")).unwrap();
+        chmod(&etc.join("good.toml"), 0o644);
+        let shared = t.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        chmod(&shared, 0o1777);
+        (t, etc, shared)
+    }
+
+    #[test]
+    fn a_policy_link_another_user_owns_is_refused_and_its_flipped_target_never_read() {
+        if !is_root() {
+            eprintln!("skipped: needs root to chown");
+            return;
+        }
+        let (t, etc, shared) = shared_tree();
+        let user = t.path().join("user");
+        std::fs::create_dir(&user).unwrap();
+        std::fs::write(user.join("evil.toml"), named("planted")).unwrap();
+        std::os::unix::fs::chown(&user, Some(65534), Some(65534)).unwrap();
+        std::os::unix::fs::chown(user.join("evil.toml"), Some(65534), Some(65534)).unwrap();
+        // User 65534's link in the sticky directory, to root's trusted file: its target
+        // passed the old check (which judged the target only), and the user can turn it
+        // elsewhere at any moment.
+        let link = shared.join("p.toml");
+        std::os::unix::fs::symlink(etc.join("good.toml"), &link).unwrap();
+        std::os::unix::fs::lchown(&link, Some(65534), Some(65534)).unwrap();
+        let errs = load_files(std::slice::from_ref(&link)).unwrap_err();
+        let e = errs[0].to_string();
+        assert!(
+            e.starts_with(&format!(
+                "{}: a symbolic link owned by uid 65534",
+                link.display()
+            )),
+            "{e}"
+        );
+        // The user flips it between their file and root's while the policy is loaded
+        // over and over: the user's policy is never loaded.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flipper = {
+            let (stop, shared, link) = (stop.clone(), shared.clone(), link.clone());
+            let targets = [etc.join("good.toml"), user.join("evil.toml")];
+            std::thread::spawn(move || {
+                let tmp = shared.join(".flip");
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = std::fs::remove_file(&tmp);
+                    std::os::unix::fs::symlink(&targets[i % 2], &tmp).unwrap();
+                    std::os::unix::fs::lchown(&tmp, Some(65534), Some(65534)).unwrap();
+                    std::fs::rename(&tmp, &link).unwrap();
+                    i += 1;
+                }
+            })
+        };
+        let mut planted = 0;
+        for _ in 0..300 {
+            if let Ok(set) = load_files(std::slice::from_ref(&link)) {
+                planted += usize::from(set.policies()[0].name == "planted");
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        flipper.join().unwrap();
+        assert_eq!(planted, 0, "the user's policy was loaded");
+        // With --insecure-policies links are followed whoever owns them.
+        std::fs::remove_file(&link).unwrap();
+        std::os::unix::fs::symlink(etc.join("good.toml"), &link).unwrap();
+        std::os::unix::fs::lchown(&link, Some(65534), Some(65534)).unwrap();
+        let set = load_files_with(std::slice::from_ref(&link), Trust::Insecure).unwrap();
+        assert_eq!(set.policies()[0].name, "good");
+    }
+
+    #[test]
+    fn a_link_on_the_way_is_followed_only_if_root_owns_it() {
+        if !is_root() {
+            eprintln!("skipped: needs root to chown");
+            return;
+        }
+        let (_t, _etc, shared) = shared_tree();
+        // Root's link in the sticky directory: only root can replace it (a ConfigMap's
+        // `..data` links, a merged /usr's /bin are such links).
+        let d = shared.join("d");
+        std::os::unix::fs::symlink("../etc", &d).unwrap();
+        let file = d.join("good.toml");
+        let set = load_files(std::slice::from_ref(&file)).unwrap();
+        assert_eq!(set.policies()[0].name, "good");
+        assert_eq!(load_dir(&d).unwrap().policies().len(), 1);
+        // Another user's link as a directory on the way: refused, file and directory.
+        std::os::unix::fs::lchown(&d, Some(65534), None).unwrap();
+        let e = load_files(std::slice::from_ref(&file)).unwrap_err()[0].to_string();
+        assert!(
+            e.starts_with(&format!(
+                "{}: a symbolic link owned by uid 65534",
+                d.display()
+            )),
+            "{e}"
+        );
+        assert!(
+            e.contains(&format!("reached through {}", file.display())),
+            "{e}"
+        );
+        let e = load_dir(&d).unwrap_err()[0].to_string();
+        assert!(e.contains("a symbolic link owned by uid 65534"), "{e}");
+        assert!(load_files_with(std::slice::from_ref(&file), Trust::Insecure).is_ok());
+    }
+
+    #[test]
+    fn a_fifo_named_toml_is_refused_without_blocking() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::write(t.path().join("a.toml"), named("a")).unwrap();
+        nix::unistd::mkfifo(
+            &t.path().join("b.toml"),
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        )
+        .unwrap();
+        for trust in [Trust::Strict, Trust::Insecure] {
+            let errs = dir_errors(t.path(), trust)
+                .expect("loading the policies blocked on a FIFO")
+                .unwrap_err();
+            assert_eq!(errs.len(), 1, "{errs:?}");
+            assert!(
+                errs[0].starts_with(&format!(
+                    "{}: a FIFO, not a regular file",
+                    t.path().join("b.toml").display()
+                )),
+                "{errs:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_link_to_dev_zero_is_refused_without_reading_it() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::write(t.path().join("a.toml"), named("a")).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", t.path().join("z.toml")).unwrap();
+        for trust in [Trust::Strict, Trust::Insecure] {
+            let errs = dir_errors(t.path(), trust)
+                .expect("loading the policies kept reading /dev/zero")
+                .unwrap_err();
+            assert_eq!(errs.len(), 1, "{errs:?}");
+            assert!(
+                errs[0].starts_with("/dev/zero: a character device, not a regular file")
+                    && errs[0].contains(&format!(
+                        "reached through {}",
+                        t.path().join("z.toml").display()
+                    )),
+                "{errs:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_policy_file_over_the_size_bound_is_refused_with_its_name() {
+        let t = tempfile::tempdir().unwrap();
+        let big = t.path().join("big.toml");
+        let head = named("big");
+        let pad = crate::perm::MAX_FILE as usize - head.len() - 1;
+        // Exactly the bound: loads.
+        std::fs::write(&big, format!("{head}#{}", "x".repeat(pad))).unwrap();
+        assert_eq!(
+            std::fs::metadata(&big).unwrap().len(),
+            crate::perm::MAX_FILE
+        );
+        load_files(std::slice::from_ref(&big)).unwrap();
+        // One byte more: refused, naming the file.
+        std::fs::write(&big, format!("{head}#{}", "x".repeat(pad + 1))).unwrap();
+        let e = load_files(std::slice::from_ref(&big)).unwrap_err()[0].to_string();
+        assert!(
+            e.starts_with(&format!("{}: larger than 1048576 bytes", big.display())),
+            "{e}"
+        );
+        let errs = dir_errors(t.path(), Trust::Strict).unwrap().unwrap_err();
+        assert!(errs[0].contains("larger than 1048576 bytes"), "{errs:?}");
+    }
+
+    #[test]
+    fn a_hook_program_another_user_owns_or_may_write_is_refused_at_its_command() {
+        if !is_root() {
+            eprintln!("skipped: needs root to chown");
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let bin = t.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        chmod(&bin, 0o755);
+        let hook = bin.join("hook");
+        std::fs::write(&hook, "#!/bin/sh\ntrue\n").unwrap();
+        chmod(&hook, 0o755);
+        let p = t.path().join("p.toml");
+        let cmd = format!("command = [\"{}\", \"x\"]\n", hook.display());
+        std::fs::write(&p, format!("{HEAD}[[step]]\naction = \"exec\"\n{cmd}")).unwrap();
+        let load = |trust| {
+            load_files_with(std::slice::from_ref(&p), trust)
+                .map(|s| s.warnings().to_vec())
+                .map_err(|e| e[0].to_string())
+        };
+        assert_eq!(load(Trust::Strict), Ok(vec![]));
+        let at = format!("{}:5:11: ", p.display());
+        std::os::unix::fs::chown(&hook, Some(65534), None).unwrap();
+        let e = load(Trust::Strict).unwrap_err();
+        assert!(
+            e.starts_with(&format!("{at}{}: owned by uid 65534", hook.display())),
+            "{e}"
+        );
+        assert!(e.contains("as an exec hook"), "{e}");
+        assert!(load(Trust::Insecure).is_ok());
+        std::os::unix::fs::chown(&hook, Some(0), None).unwrap();
+        chmod(&hook, 0o757);
+        let e = load(Trust::Strict).unwrap_err();
+        assert!(
+            e.starts_with(&at) && e.contains("writable by group or others"),
+            "{e}"
+        );
+        chmod(&hook, 0o755);
+        chmod(&bin, 0o777);
+        let e = load(Trust::Strict).unwrap_err();
+        assert!(
+            e.starts_with(&format!("{at}{}: writable", bin.display())),
+            "{e}"
+        );
+        chmod(&bin, 0o755);
+        // The interpreter a script names runs as root as well.
+        let interp = bin.join("interp");
+        std::fs::copy("/bin/sh", &interp).unwrap();
+        std::os::unix::fs::chown(&interp, Some(65534), None).unwrap();
+        std::fs::write(&hook, format!("#!{} -e\ntrue\n", interp.display())).unwrap();
+        let e = load(Trust::Strict).unwrap_err();
+        assert!(
+            e.starts_with(&format!("{at}{}: owned by uid 65534", interp.display()))
+                && e.contains("as the interpreter of an exec hook"),
+            "{e}"
+        );
+        std::fs::write(&hook, "#!/bin/sh\ntrue\n").unwrap();
+        // In [early] too.
+        std::os::unix::fs::chown(&hook, Some(65534), None).unwrap();
+        std::fs::write(
+            &p,
+            format!("{HEAD}[early]\nat = \"75%\"\n[[early.step]]\naction = \"exec\"\n{cmd}[[step]]\naction = \"kill\"\n"),
+        )
+        .unwrap();
+        let e = load(Trust::Strict).unwrap_err();
+        assert!(
+            e.starts_with(&format!("{}:7:11: ", p.display())) && e.contains("uid 65534"),
+            "{e}"
+        );
+        // A program that is not there yet: a warning at the command.
+        std::fs::write(
+            &p,
+            format!(
+                "{HEAD}[[step]]\naction = \"exec\"\ncommand = [\"{}\"]\n",
+                bin.join("nope").display()
+            ),
+        )
+        .unwrap();
+        let w = load(Trust::Strict).unwrap();
+        assert!(
+            w.len() == 1 && w[0].starts_with(&format!("{at}warning: ")),
+            "{w:?}"
+        );
     }
 }

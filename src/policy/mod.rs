@@ -164,6 +164,8 @@ pub enum Action {
     Exec {
         command: Vec<String>,
         timeout: Duration,
+        /// How the program is judged before each run (`--insecure-policies`: not).
+        trust: Trust,
     },
     DropCaches {
         level: u8,

@@ -29,6 +29,14 @@
 //! without `#!`) is handed to `/bin/sh`, as `execvp` does and as the fork-based hooks did
 //! (std's `Command` ends in `execvp`). A failure is written into a slot the parent reads
 //! once the child has gone or exec'd.
+//!
+//! A program given as an open descriptor (`program_fd`: the hook file whose owner and
+//! mode were judged on that descriptor) is executed from it with
+//! `execveat(fd, "", AT_EMPTY_PATH)`, never again through its path. For a script (`#!`)
+//! the kernel hands the interpreter `/dev/fd/N`, which it must be able to open after the
+//! exec: the child (whose descriptor table is its own copy) clears close-on-exec on that
+//! descriptor first, or the exec fails with ENOENT. A binary's descriptor stays
+//! close-on-exec. The ENOEXEC fallback gives the shell `/dev/fd/N` the same way.
 
 use std::ffi::{CString, OsStr};
 use std::io;
@@ -47,7 +55,11 @@ const SH: &std::ffi::CStr = c"/bin/sh";
 /// What to start: an absolute program path, its arguments (the first one is `argv[0]`),
 /// its whole environment, and the descriptors that become its stdin, stdout and stderr.
 pub struct SpawnRequest<'a> {
+    /// The program's path: what `execve` runs when `program_fd` is None, and what
+    /// messages name.
     pub program: &'a OsStr,
+    /// The program, opened (for reading) and judged: executed from this descriptor.
+    pub program_fd: Option<BorrowedFd<'a>>,
     pub args: Vec<&'a OsStr>,
     pub env: Vec<(&'a OsStr, &'a OsStr)>,
     pub stdio: [BorrowedFd<'a>; 3],
@@ -66,6 +78,10 @@ pub struct Spawned {
 /// Everything the child reads, prepared before the clone: the child must not allocate.
 struct ChildArgs {
     program: *const libc::c_char,
+    /// The program's descriptor (above 2), or -1: run `program` by path.
+    program_fd: libc::c_int,
+    /// The program starts with `#!`: its descriptor must survive the exec.
+    script: bool,
     argv: *const *const libc::c_char,
     envp: *const *const libc::c_char,
     /// `/bin/sh`, the program, then `argv[1..]`: the ENOEXEC fallback (as `execvp`).
@@ -110,11 +126,38 @@ pub fn spawn(req: &SpawnRequest<'_>) -> io::Result<Spawned> {
     argv.push(std::ptr::null());
     let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
     envp.push(std::ptr::null());
-    let mut sh_argv: Vec<*const libc::c_char> = vec![SH.as_ptr(), program.as_ptr()];
+    // Above 0, 1 and 2, which the child replaces: a copy the child execs from, closed
+    // here when the spawn is over.
+    let program_fd = match req.program_fd {
+        Some(fd) => Some(fd.try_clone_to_owned().and_then(|fd| {
+            // SAFETY: F_DUPFD_CLOEXEC on a descriptor we own returns a new one or -1.
+            let high = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
+            if high < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: fcntl has just returned this descriptor; nothing else owns it.
+            Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(high) })
+        })?),
+        None => None,
+    };
+    let script = program_fd.as_ref().is_some_and(|fd| {
+        let mut head = [0u8; 2];
+        // SAFETY: pread writes at most 2 bytes into `head`, on this stack.
+        let n = unsafe { libc::pread(fd.as_raw_fd(), head.as_mut_ptr().cast(), 2, 0) };
+        n == 2 && head == *b"#!"
+    });
+    // What the shell of the ENOEXEC fallback reads: the judged descriptor, not the path.
+    let fd_path = match &program_fd {
+        Some(fd) => CString::new(format!("/dev/fd/{}", fd.as_raw_fd()))?,
+        None => program.clone(),
+    };
+    let mut sh_argv: Vec<*const libc::c_char> = vec![SH.as_ptr(), fd_path.as_ptr()];
     sh_argv.extend(args.iter().skip(1).map(|a| a.as_ptr()));
     sh_argv.push(std::ptr::null());
     let child = ChildArgs {
         program: program.as_ptr(),
+        program_fd: program_fd.as_ref().map_or(-1, |fd| fd.as_raw_fd()),
+        script,
         argv: argv.as_ptr(),
         envp: envp.as_ptr(),
         sh_argv: sh_argv.as_ptr(),
@@ -246,7 +289,25 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         let mut none: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut none);
         libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
-        libc::execve(a.program, a.argv, a.envp);
+        if a.program_fd >= 0 {
+            if a.script && libc::fcntl(a.program_fd, libc::F_SETFD, 0) < 0 {
+                fail(a);
+            }
+            libc::syscall(
+                libc::SYS_execveat,
+                a.program_fd,
+                c"".as_ptr(),
+                a.argv,
+                a.envp,
+                libc::AT_EMPTY_PATH,
+            );
+            if *libc::__errno_location() == libc::ENOEXEC {
+                // The shell opens /dev/fd/N: kept open across its exec.
+                libc::fcntl(a.program_fd, libc::F_SETFD, 0);
+            }
+        } else {
+            libc::execve(a.program, a.argv, a.envp);
+        }
         if *libc::__errno_location() == libc::ENOEXEC {
             // Not a format the kernel runs: a script without `#!`, for the shell, as
             // execvp does. Should the shell fail too, the hook's own ENOEXEC is reported.
@@ -340,6 +401,7 @@ mod tests {
         let adj = std::path::Path::new("/proc/self/oom_score_adj");
         let req = SpawnRequest {
             program: OsStr::new("/bin/sh"),
+            program_fd: None,
             args: vec![
                 OsStr::new("sh"),
                 OsStr::new("-c"),
@@ -366,6 +428,7 @@ mod tests {
         let adj = std::path::Path::new("/proc/self/oom_score_adj");
         let req = SpawnRequest {
             program: OsStr::new("/nonexistent/hook"),
+            program_fd: None,
             args: vec![OsStr::new("hook")],
             env: vec![],
             stdio: [null.as_fd(), null.as_fd(), null.as_fd()],
@@ -394,6 +457,7 @@ mod tests {
         let adj = std::path::Path::new("/proc/self/oom_score_adj");
         let req = SpawnRequest {
             program: script.as_os_str(),
+            program_fd: None,
             args: vec![OsStr::new("hook"), OsStr::new("one")],
             env: vec![],
             stdio: [null.as_fd(), w.as_fd(), null.as_fd()],
@@ -413,6 +477,7 @@ mod tests {
         let null = devnull();
         let req = SpawnRequest {
             program: OsStr::new("/bin/true"),
+            program_fd: None,
             args: vec![OsStr::new("true")],
             env: vec![],
             stdio: [null.as_fd(), null.as_fd(), null.as_fd()],
@@ -427,6 +492,7 @@ mod tests {
         let adj = std::path::Path::new("/proc/self/oom_score_adj");
         let req = SpawnRequest {
             program: OsStr::new("/bin/sleep"),
+            program_fd: None,
             args: vec![OsStr::new("sleep"), OsStr::new("30")],
             env: vec![],
             stdio: [null.as_fd(), null.as_fd(), null.as_fd()],
@@ -444,5 +510,39 @@ mod tests {
             !std::path::Path::new(&format!("/proc/{pid}")).exists(),
             "the child outlived its handle"
         );
+    }
+
+    #[test]
+    fn a_program_given_as_a_descriptor_runs_what_was_opened_not_what_the_path_names_now() {
+        let t = tempfile::tempdir().unwrap();
+        let hook = t.path().join("hook");
+        std::fs::write(&hook, "#!/bin/sh\necho first \"$1\"\n").unwrap();
+        std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let opened = std::fs::File::open(&hook).unwrap();
+        // The path now names another file.
+        let other = t.path().join("other");
+        std::fs::write(&other, "#!/bin/sh\necho second\n").unwrap();
+        std::fs::set_permissions(&other, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        std::fs::rename(&other, &hook).unwrap();
+        let null = devnull();
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let adj = std::path::Path::new("/proc/self/oom_score_adj");
+        let req = SpawnRequest {
+            program: hook.as_os_str(),
+            program_fd: Some(opened.as_fd()),
+            args: vec![OsStr::new("hook"), OsStr::new("one")],
+            env: vec![],
+            stdio: [null.as_fd(), w.as_fd(), null.as_fd()],
+            oom_score_adj: adj.as_os_str(),
+        };
+        let mut child = spawn(&req).expect("the opened hook did not start");
+        drop(req);
+        drop(w);
+        assert!(child.wait().unwrap().success());
+        let mut out = String::new();
+        std::fs::File::from(r).read_to_string(&mut out).unwrap();
+        assert_eq!(out, "first one\n");
     }
 }
