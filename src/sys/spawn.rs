@@ -221,16 +221,26 @@ pub fn spawn(req: &SpawnRequest<'_>) -> io::Result<Spawned> {
     }
 }
 
-/// The child's whole life before `execve`. It shares the parent's memory (and, until it
-/// changes them, its signal dispositions are a copy), so it only makes system calls
-/// through libc wrappers that touch nothing but their arguments and errno.
+/// The child's whole life before `execve`. It shares the parent's memory, and also the
+/// parent thread's thread-local storage: without CLONE_SETTLS its thread pointer is the
+/// parent thread's, so `errno` (and anything else thread-local a libc function touches)
+/// is the parent thread's. That is sound only because the parent thread is suspended
+/// until the child has exec'd or exited (CLONE_VFORK) and reads nothing the child may
+/// have written but the `error` slot (it reads errno only when clone itself failed, when
+/// no child ran). So the child makes only system calls, through wrappers that touch
+/// their arguments, the stack and errno: raw `syscall(2)` where glibc's wrapper is a
+/// cancellation point (open, write, close: those update the cancellation state in the
+/// parent thread's `struct pthread`, as glibc's own posix_spawn avoids by using raw
+/// system calls), and glibc's plain wrappers for the rest (sigaction, setpgid, fcntl
+/// with F_DUPFD_CLOEXEC/F_SETFD, dup2, sigprocmask, execve), none of which is a
+/// cancellation point.
 extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` is the `ChildArgs` the parent passed to clone, alive until we exec
     // or exit (CLONE_VFORK).
     let a = unsafe { &*(arg as *const ChildArgs) };
     /// Hands errno to the parent and ends the child.
     fn fail(a: &ChildArgs) -> ! {
-        // SAFETY: errno is this thread's; reading it has no other effect.
+        // SAFETY: reading errno (the suspended parent thread's, see above) has no effect.
         let errno = unsafe { *libc::__errno_location() };
         a.error
             .store(if errno == 0 { libc::EIO } else { errno }, Ordering::SeqCst);
@@ -238,8 +248,9 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         // flushing stdio buffers that belong to the parent.
         unsafe { libc::_exit(127) }
     }
-    // SAFETY: every call below is a plain system-call wrapper, called with pointers to
-    // values on this stack or prepared by the parent, which stay valid.
+    // SAFETY: every call below is a system call (raw, or through a glibc wrapper that is
+    // not a cancellation point: see the function's doc), called with pointers to values
+    // on this stack or prepared by the parent, which stay valid while it is suspended.
     unsafe {
         // Handlers installed by the agent would run here on the agent's memory, and
         // SIGPIPE is ignored by the Rust runtime: a hook starts with the defaults.
@@ -263,14 +274,19 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             fail(a);
         }
         // Not the agent's -1000: the hook and whatever it forks can be OOM-killed.
-        let fd = libc::open(a.oom_score_adj, libc::O_WRONLY | libc::O_CLOEXEC);
+        let fd = libc::syscall(
+            libc::SYS_openat,
+            libc::AT_FDCWD,
+            a.oom_score_adj,
+            libc::O_WRONLY | libc::O_CLOEXEC,
+        );
         if fd < 0 {
             fail(a);
         }
-        if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+        if libc::syscall(libc::SYS_write, fd, b"0".as_ptr(), 1usize) != 1 {
             fail(a);
         }
-        libc::close(fd);
+        libc::syscall(libc::SYS_close, fd);
         // First copy every source above 2, then put the copies in place: a source that
         // is itself 0, 1 or 2 is not overwritten before it is used.
         let mut high = [-1; 3];
