@@ -14,6 +14,21 @@ fn no_given_up(agent: &Agent, cg: &str) {
     assert!(g.is_empty(), "loan given up: {g:?}\nlog:\n{}", agent.log());
 }
 
+/// Starts an agent with the EXTENDING policy (named "up") on `cg` and `rec` as the only
+/// line of its journal, as a crashed agent would have left it.
+fn start_with_journaled_loan(cg: &Cg, rec: &serde_json::Value) -> Agent {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tmp.path().join("policies")).unwrap();
+    std::fs::create_dir_all(tmp.path().join("state")).unwrap();
+    std::fs::write(
+        tmp.path().join("policies/p.toml"),
+        policy("up", &cg.rel, "", EXTENDING),
+    )
+    .unwrap();
+    std::fs::write(tmp.path().join("state/loans.log"), format!("{rec}\n")).unwrap();
+    Agent::start_in(tmp, &[])
+}
+
 const EXTENDING: &str = r#"
 [[step]]
 action = "raise_limit"
@@ -91,14 +106,6 @@ fn memsw_left_raised_by_a_crash_is_given_back_at_start() {
         return;
     }
     write(&sw, &(48 * MIB).to_string());
-    let tmp = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(tmp.path().join("policies")).unwrap();
-    std::fs::create_dir_all(tmp.path().join("state")).unwrap();
-    std::fs::write(
-        tmp.path().join("policies/p.toml"),
-        policy("up", &cg.rel, "", EXTENDING),
-    )
-    .unwrap();
     // The raise as journaled before its writes; the hold is long over.
     let rec = serde_json::json!({"op": "put", "loan": {
         "cgroup": cg.rel, "policy": "up", "episode": 1,
@@ -106,8 +113,7 @@ fn memsw_left_raised_by_a_crash_is_given_back_at_start() {
         "lent": {"memory": 48 * MIB, "memsw": 48 * MIB},
         "started_unix_ms": 1, "hold_until_unix_ms": 2,
         "restore_below_bytes": 29 * MIB, "restore_after_ms": 300, "resume_step": 1}});
-    std::fs::write(tmp.path().join("state/loans.log"), format!("{rec}\n")).unwrap();
-    let agent = Agent::start_in(tmp, &[]);
+    let agent = start_with_journaled_loan(&cg, &rec);
     let restore = agent.expect("restore", &cg.rel, Duration::from_secs(10));
     assert_eq!(restore["reason"], "startup");
     assert_eq!(cg.limit(), 32 * MIB);
@@ -135,14 +141,6 @@ fn a_cgroup_made_again_at_a_loans_path_is_not_restored_onto() {
     let cg = s.cgroup("c", Some(40 * MIB), true);
     assert_ne!(std::fs::metadata(&cg.dir).unwrap().ino(), lent_to);
     let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(tmp.path().join("policies")).unwrap();
-    std::fs::create_dir_all(tmp.path().join("state")).unwrap();
-    std::fs::write(
-        tmp.path().join("policies/p.toml"),
-        policy("up", &cg.rel, "", EXTENDING),
-    )
-    .unwrap();
     let rec = serde_json::json!({"op": "put", "loan": {
         "cgroup": cg.rel, "policy": "up", "episode": 1,
         "original": {"memory": 32 * MIB, "memsw": null},
@@ -150,8 +148,7 @@ fn a_cgroup_made_again_at_a_loans_path_is_not_restored_onto() {
         "started_unix_ms": 1, "hold_until_unix_ms": 2,
         "restore_below_bytes": 29 * MIB, "restore_after_ms": 300, "resume_step": 1,
         "identity": {"ino": lent_to, "boot": boot.trim()}}});
-    std::fs::write(tmp.path().join("state/loans.log"), format!("{rec}\n")).unwrap();
-    let agent = Agent::start_in(tmp, &[]);
+    let agent = start_with_journaled_loan(&cg, &rec);
     let g = agent.expect("loan_given_up", &cg.rel, Duration::from_secs(10));
     assert_eq!(g["reason"], "cgroup replaced", "{g}");
     assert_eq!(g["current_limit"], 40 * MIB, "{g}");

@@ -579,13 +579,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let root = t.path().join("memory");
         let proc_root = t.path().join("proc");
-        let cgdir = root.join("docker").join(ID);
-        std::fs::create_dir_all(&cgdir).unwrap();
-        std::fs::write(
-            cgdir.join("memory.oom_control"),
-            "oom_kill_disable 1\nunder_oom 1\n",
-        )
-        .unwrap();
+        let cgdir = crate::shared::fake_container_cgroup(&root, ID, true);
         let mut child = std::process::Command::new("sleep")
             .arg("60")
             .spawn()

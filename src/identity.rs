@@ -201,13 +201,7 @@ mod tests {
     fn fixture(containers: Containers) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("memory");
-        let cgdir = root.join("docker").join(ID);
-        std::fs::create_dir_all(&cgdir).unwrap();
-        std::fs::write(
-            cgdir.join("memory.oom_control"),
-            "oom_kill_disable 1\nunder_oom 1\n",
-        )
-        .unwrap();
+        crate::shared::fake_container_cgroup(&root, ID, true);
         let (tx, _rx) = crossbeam_channel::unbounded();
         let shared = Shared::for_test(
             dir.path(),

@@ -88,6 +88,20 @@ impl Shared {
     }
 }
 
+/// A fake v1 container cgroup `<root>/docker/<id>` (tests) with `oom_kill_disable 1` and
+/// the given `under_oom`; returns its directory.
+#[cfg(test)]
+pub fn fake_container_cgroup(root: &std::path::Path, id: &str, under_oom: bool) -> PathBuf {
+    let dir = root.join("docker").join(id);
+    std::fs::create_dir_all(&dir).expect("a fake cgroup directory");
+    std::fs::write(
+        dir.join("memory.oom_control"),
+        format!("oom_kill_disable 1\nunder_oom {}\n", u8::from(under_oom)),
+    )
+    .expect("a fake memory.oom_control");
+    dir
+}
+
 /// What `oomwake status` shows, written by the agent to `<state_dir>/status.json`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Status {

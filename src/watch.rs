@@ -1669,23 +1669,54 @@ mod tests {
         }
     }
 
-    /// A container whose cgroup appears before the engine names it (the usual order:
-    /// runc makes the cgroup, then Docker reports the start) is watched as soon as the
-    /// name arrives, and unwatched when the container is renamed away from the policy.
+    /// A watcher on the fake v1 tree at `root`, its state and audit log in `dir`.
+    fn v1_watcher(
+        dir: &Path,
+        root: &Path,
+        policies: Vec<crate::policy::Policy>,
+        containers: Option<Arc<crate::container::Containers>>,
+    ) -> (Arc<Shared>, Watcher) {
+        let shared = test_shared(
+            dir,
+            Box::new(crate::cgroup::v1::V1::new(Hierarchy::fake(root, Kind::V1))),
+            policies,
+            containers,
+        );
+        let cfg = test_config(dir, root);
+        std::fs::create_dir_all(&cfg.state_dir).unwrap();
+        let w = Watcher::new(shared.clone(), &cfg, Box::new(|| Err("no reload".into()))).unwrap();
+        (shared, w)
+    }
+
+    /// A watcher on a fake v1 tree holding one container cgroup `/docker/<id>`
+    /// (`oom_kill_disable 1`, `under_oom` as given), with `policies` and a Docker cache
+    /// the test fills: (its directory, the shared state, the watcher, the cgroup, the
+    /// cache).
+    fn container_watcher(
+        id: &str,
+        under_oom: bool,
+        policies: Vec<crate::policy::Policy>,
+    ) -> (
+        tempfile::TempDir,
+        Arc<Shared>,
+        Watcher,
+        CgroupPath,
+        Arc<crate::container::Containers>,
+    ) {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("cg");
+        crate::shared::fake_container_cgroup(&root, id, under_oom);
+        let containers = Arc::new(crate::container::Containers::detached().unwrap());
+        let (shared, w) = v1_watcher(t.path(), &root, policies, Some(containers.clone()));
+        let cg = CgroupPath::new(&format!("/docker/{id}"));
+        (t, shared, w, cg, containers)
+    }
+
     /// Issue 16.2: a stall held unresolved while its container's metadata was unknown
     /// (its retry backed off) is due again as soon as the metadata arrives.
     #[test]
     fn a_stall_held_without_metadata_is_retried_when_it_arrives() {
         let id = "9".repeat(64);
-        let t = tempfile::tempdir().unwrap();
-        let root = t.path().join("cg");
-        let dir = root.join("docker").join(&id);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(
-            dir.join("memory.oom_control"),
-            "oom_kill_disable 1\nunder_oom 1\noom_kill 0\n",
-        )
-        .unwrap();
         let all = crate::policy::load::load_str(
             "name='all'\n[match]\ncgroup=['/docker/*']\n[[step]]\naction='kill'\n",
             "all.toml",
@@ -1696,18 +1727,7 @@ mod tests {
             "db.toml",
         )
         .unwrap();
-        let containers = Arc::new(crate::container::Containers::detached().unwrap());
-        let shared = test_shared(
-            t.path(),
-            Box::new(crate::cgroup::v1::V1::new(Hierarchy::fake(&root, Kind::V1))),
-            vec![all, db],
-            Some(containers.clone()),
-        );
-        let cfg = test_config(t.path(), &root);
-        std::fs::create_dir_all(&cfg.state_dir).unwrap();
-        let mut w =
-            Watcher::new(shared.clone(), &cfg, Box::new(|| Err("no reload".into()))).unwrap();
-        let cg = CgroupPath::new(&format!("/docker/{id}"));
+        let (_t, shared, mut w, cg, containers) = container_watcher(&id, true, vec![all, db]);
         let policy = w.watched(&cg).map(|x| x.policy.clone()).unwrap();
         assert_eq!(policy.name, "all");
         // The episode ran audit-only for want of the name: the stall waits for a retry.
@@ -1754,18 +1774,12 @@ mod tests {
         );
     }
 
+    /// A container whose cgroup appears before the engine names it (the usual order:
+    /// runc makes the cgroup, then Docker reports the start) is watched as soon as the
+    /// name arrives, and unwatched when the container is renamed away from the policy.
     #[test]
     fn metadata_arriving_after_the_cgroup_is_matched_at_once() {
         let id = "e".repeat(64);
-        let t = tempfile::tempdir().unwrap();
-        let root = t.path().join("cg");
-        let dir = root.join("docker").join(&id);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(
-            dir.join("memory.oom_control"),
-            "oom_kill_disable 1\nunder_oom 0\noom_kill 0\n",
-        )
-        .unwrap();
         let policy = crate::policy::load::load_str(
             "[match]\ncontainer_name = [\"api\"]\n[[step]]\naction = \"kill\"\n",
             "p.toml",
@@ -1776,18 +1790,7 @@ mod tests {
             "q.toml",
         )
         .unwrap();
-        let containers = Arc::new(crate::container::Containers::detached().unwrap());
-        let shared = test_shared(
-            t.path(),
-            Box::new(crate::cgroup::v1::V1::new(Hierarchy::fake(&root, Kind::V1))),
-            vec![policy, other],
-            Some(containers.clone()),
-        );
-        let cfg = test_config(t.path(), &root);
-        std::fs::create_dir_all(&cfg.state_dir).unwrap();
-        let mut w =
-            Watcher::new(shared.clone(), &cfg, Box::new(|| Err("no reload".into()))).unwrap();
-        let cg = CgroupPath::new(&format!("/docker/{id}"));
+        let (t, shared, mut w, cg, containers) = container_watcher(&id, false, vec![policy, other]);
         assert!(w.watched(&cg).is_none(), "no name yet: no policy matches");
         let meta = |name: &str| crate::container::Meta {
             id: id.clone(),
@@ -1862,16 +1865,7 @@ mod tests {
             "p.toml",
         )
         .unwrap();
-        let shared = test_shared(
-            t.path(),
-            Box::new(crate::cgroup::v1::V1::new(Hierarchy::fake(&root, Kind::V1))),
-            vec![policy],
-            None,
-        );
-        let cfg = test_config(t.path(), &root);
-        std::fs::create_dir_all(&cfg.state_dir).unwrap();
-        let mut w =
-            Watcher::new(shared.clone(), &cfg, Box::new(|| Err("no reload".into()))).unwrap();
+        let (_shared, mut w) = v1_watcher(t.path(), &root, vec![policy], None);
         let make = |name: &str| {
             let dir = root.join("docker").join(name);
             std::fs::create_dir_all(&dir).unwrap();
@@ -2018,16 +2012,7 @@ mod tests {
             "p.toml",
         )
         .unwrap();
-        let shared = test_shared(
-            t.path(),
-            Box::new(crate::cgroup::v1::V1::new(Hierarchy::fake(&root, Kind::V1))),
-            vec![policy],
-            None,
-        );
-        let cfg = test_config(t.path(), &root);
-        std::fs::create_dir_all(&cfg.state_dir).unwrap();
-        let mut w =
-            Watcher::new(shared.clone(), &cfg, Box::new(|| Err("no reload".into()))).unwrap();
+        let (_shared, mut w) = v1_watcher(t.path(), &root, vec![policy], None);
         let cg = CgroupPath::new("/app");
         assert!(w.watched(&cg).is_some());
         // What a kept-open file of the removed cgroup reads: gone (ENODEV), while a new

@@ -327,13 +327,7 @@ mod tests {
     ) {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("memory");
-        let cgdir = root.join("docker").join(ID);
-        std::fs::create_dir_all(&cgdir).unwrap();
-        std::fs::write(
-            cgdir.join("memory.oom_control"),
-            "oom_kill_disable 1\nunder_oom 0\n",
-        )
-        .unwrap();
+        crate::shared::fake_container_cgroup(&root, ID, false);
         let (tx, rx) = crossbeam_channel::unbounded();
         let shared = Shared::for_test(
             dir.path(),
