@@ -47,6 +47,26 @@ pub struct Job {
     pub pinned: Option<crate::pinned::Pinned>,
 }
 
+impl Job {
+    /// A new stall's episode from its first step: not resumed, not a retry, not early,
+    /// with no cause recorded (set the fields that differ).
+    pub fn new(cgroup: CgroupPath, policy: Arc<Policy>, episode: u64, detected: Instant) -> Job {
+        Job {
+            cgroup,
+            policy,
+            episode,
+            detected,
+            start_step: 0,
+            resume: false,
+            retry: 0,
+            remind: true,
+            early: false,
+            cause: Cause::default(),
+            pinned: None,
+        }
+    }
+}
+
 /// What noticed a stall.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Trigger {
@@ -520,17 +540,11 @@ impl Dispatcher {
             },
         );
         let job = Job {
-            cgroup: cg.clone(),
-            policy,
-            episode,
-            detected,
-            start_step: 0,
-            resume: false,
             retry,
             remind,
-            early: false,
             cause,
             pinned,
+            ..Job::new(cg.clone(), policy, episode, detected)
         };
         if self.tx.send(job).is_err() {
             match prev {
@@ -576,17 +590,8 @@ impl Dispatcher {
             },
         );
         let job = Job {
-            cgroup: cg.clone(),
-            policy,
-            episode,
-            detected,
-            start_step: 0,
-            resume: false,
-            retry: 0,
-            remind: true,
             early: true,
-            cause: Cause::default(),
-            pinned: None,
+            ..Job::new(cg.clone(), policy, episode, detected)
         };
         if self.tx.send(job).is_err() {
             match prev {
@@ -627,17 +632,9 @@ impl Dispatcher {
             self.generation.fetch_add(1, Ordering::Relaxed);
         }
         let job = Job {
-            cgroup: cg.clone(),
-            policy,
-            episode,
-            detected: Instant::now(),
             start_step: step,
             resume: true,
-            retry: 0,
-            remind: true,
-            early: false,
-            cause: Cause::default(),
-            pinned: None,
+            ..Job::new(cg.clone(), policy, episode, Instant::now())
         };
         if self.tx.send(job).is_err() {
             match prev {

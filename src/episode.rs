@@ -620,19 +620,7 @@ mod tests {
         let cg = CgroupPath::new(&format!("/docker/{ID}"));
         let policy = shared.policies().select(&cg, true, None).cloned().unwrap();
         assert_eq!(policy.name, "all");
-        let job = Job {
-            cgroup: cg.clone(),
-            policy,
-            episode: 1,
-            detected: Instant::now(),
-            start_step: 0,
-            resume: false,
-            retry: 0,
-            remind: true,
-            early: false,
-            cause: Default::default(),
-            pinned: None,
-        };
+        let job = Job::new(cg.clone(), policy, 1, Instant::now());
         let end = run(&shared, &job);
         std::thread::sleep(Duration::from_millis(100));
         let alive = matches!(child.try_wait(), Ok(None));

@@ -1731,19 +1731,7 @@ mod tests {
         let policy = w.watched(&cg).map(|x| x.policy.clone()).unwrap();
         assert_eq!(policy.name, "all");
         // The episode ran audit-only for want of the name: the stall waits for a retry.
-        let job = crate::dispatcher::Job {
-            cgroup: cg.clone(),
-            policy,
-            episode: 1,
-            detected: Instant::now(),
-            start_step: 0,
-            resume: false,
-            retry: 0,
-            remind: true,
-            early: false,
-            cause: Default::default(),
-            pinned: None,
-        };
+        let job = crate::dispatcher::Job::new(cg.clone(), policy, 1, Instant::now());
         let end = crate::dispatcher::End::Unresolved {
             reason: crate::episode::METADATA_UNKNOWN.into(),
             help: String::new(),
