@@ -96,13 +96,7 @@ pub fn settle(
     else {
         return as_is();
     };
-    let kill_disabled = shared
-        .env
-        .ctl
-        .oom_state(cg)
-        .ok()
-        .flatten()
-        .is_none_or(|s| s.oom_kill_disable);
+    let kill_disabled = shared.kill_disabled(cg);
     let Some(over) = set
         .outranking_container_policy(cg, kill_disabled, Some(&**policy))
         .map(|p| p.name.clone())

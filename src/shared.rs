@@ -53,6 +53,17 @@ impl Shared {
             .clone()
     }
 
+    /// Whether `cg`'s OOM killer is off, for choosing its policy (v1 `oom_kill_disable`;
+    /// unknown, unreadable or gone counts as off: the policy of a stuck cgroup).
+    pub fn kill_disabled(&self, cg: &CgroupPath) -> bool {
+        self.env
+            .ctl
+            .oom_state(cg)
+            .ok()
+            .flatten()
+            .is_none_or(|s| s.oom_kill_disable)
+    }
+
     /// A shared state on a fake v1 tree at `root` (tests): audit log `dir/audit.jsonl`,
     /// no journal, episodes handed to `jobs`.
     #[cfg(test)]

@@ -208,13 +208,7 @@ pub fn run(shared: Arc<Shared>, every: Duration) {
 /// ([`crate::identity`]); the keeper asks again at the next expiry.
 fn resume(shared: &Shared, cg: &CgroupPath, lent_by: &str, episode: u64, journaled: usize) {
     let set = shared.policies();
-    let kill_disabled = shared
-        .env
-        .ctl
-        .oom_state(cg)
-        .ok()
-        .flatten()
-        .is_none_or(|s| s.oom_kill_disable);
+    let kill_disabled = shared.kill_disabled(cg);
     let meta = shared.container_info(cg);
     let info = meta.as_deref().map(|m| &m.info);
     let Some(p) = set.select(cg, kill_disabled, info).cloned() else {
