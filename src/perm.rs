@@ -671,6 +671,59 @@ pub fn open_program(
     Ok(File::from(fd))
 }
 
+/// A program to run, as [`open_program_to_run`] opened and judged it.
+#[derive(Debug)]
+pub struct Program {
+    /// The directory it is in (its real one, links resolved), opened and judged.
+    pub dir: CheckedDir,
+    /// Its name in `dir`: a regular file, not a link.
+    pub name: OsString,
+    /// The file, opened for reading and judged.
+    pub file: File,
+}
+
+impl CheckedDir {
+    /// The directory's descriptor (to open or execute what is in it).
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// Opens the program `path` to run it: judged as [`open_program`] judges it, then its
+/// real directory (every link on the way resolved) opened and judged, and the file opened
+/// again from that directory and judged, which must be the same file. The caller runs
+/// it as `execveat(dir, name, AT_SYMLINK_NOFOLLOW)`: the name is in a directory nobody
+/// but root (or the agent's user) can change, so what runs is what was judged.
+pub fn open_program_to_run(path: &Path, what: &str, checks: Checks) -> Result<Program, PermError> {
+    let w = Walk {
+        checks,
+        what,
+        given: path,
+    };
+    let (fd, st, real) = w.walk_from_root(path, Last::Read)?;
+    let (Some(parent), Some(name)) = (real.parent(), real.file_name()) else {
+        return Err(w.io(&real, Errno::EISDIR));
+    };
+    let dir = open_dir(parent, what, checks)?;
+    let file = dir.open_file(name, what)?;
+    let again = fstat(&OwnedFd::from(file.try_clone().map_err(|error| {
+        PermError::Io {
+            path: real.clone(),
+            error,
+        }
+    })?))
+    .map_err(|e| w.io(&real, e))?;
+    if (again.st_dev, again.st_ino) != (st.st_dev, st.st_ino) {
+        return Err(w.io(&real, Errno::ESTALE));
+    }
+    drop(fd);
+    Ok(Program {
+        dir,
+        name: name.to_os_string(),
+        file,
+    })
+}
+
 /// The interpreter a script names on its `#!` line (read from `file`, at offset 0, without
 /// moving it), if it starts with one and names an absolute path. The kernel resolves it
 /// by path when the script runs: the agent judges it first with [`open_program`].

@@ -122,7 +122,7 @@ fn spawn(
     ctx: &StepCtx,
     command: &[String],
     dir: &std::path::Path,
-    program: &File,
+    program: &crate::perm::Program,
 ) -> std::io::Result<(Spawned, File, File)> {
     let (out_r, out_w) = pipe2(OFlag::O_CLOEXEC)?;
     let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC)?;
@@ -148,7 +148,8 @@ fn spawn(
     let adj = env.proc_root.join("self/oom_score_adj");
     let req = SpawnRequest {
         program: OsStr::new(&command[0]),
-        program_fd: Some(program.as_fd()),
+        program_at: Some((program.dir.as_fd(), program.name.as_os_str())),
+        program_fd: Some(program.file.as_fd()),
         args: command.iter().map(OsStr::new).collect(),
         env: inherited
             .iter()
@@ -181,17 +182,16 @@ pub fn run(
     if ctx.audit {
         return Report::new(Outcome::Would).with("command", command.to_vec());
     }
-    let program = match crate::perm::open_program(
+    let program = match crate::perm::open_program_to_run(
         std::path::Path::new(prog),
         "an exec hook",
         trust.checks(),
-        true,
     ) {
-        Ok(f) => f,
+        Ok(p) => p,
         Err(e) => return Report::failed(e.to_string()).with("command", command.to_vec()),
     };
     // A script's interpreter runs as root too (the kernel finds it by path).
-    if let Some(interp) = crate::perm::interpreter(&program) {
+    if let Some(interp) = crate::perm::interpreter(&program.file) {
         let what = "the interpreter of an exec hook";
         if let Err(e) = crate::perm::open_program(&interp, what, trust.checks(), false) {
             return Report::failed(e.to_string()).with("command", command.to_vec());
@@ -577,10 +577,10 @@ mod tests {
     }
 
     #[test]
-    fn scripts_run_from_their_descriptor_with_or_without_a_shebang() {
-        // execveat(AT_EMPTY_PATH) hands a `#!` script's interpreter /dev/fd/N, which it
-        // can open only if the descriptor survives the exec; a script without `#!` goes
-        // to /bin/sh the same way.
+    fn scripts_run_from_their_directory_with_or_without_a_shebang() {
+        // execveat(dir, name) hands a `#!` script's interpreter /dev/fd/D/NAME, which it
+        // can open only if the directory's descriptor survives the exec; a script
+        // without `#!` goes to /bin/sh the same way.
         let t = tempfile::tempdir().unwrap();
         let env = testing::env(t.path(), Path::new("/proc"));
         let set = PolicySet::embedded_default();
@@ -603,7 +603,8 @@ mod tests {
                 format!("{name} arg1\n")
             );
         }
-        // A binary keeps its descriptor close-on-exec: it has no descriptor of itself.
+        // A binary keeps the directory's descriptor close-on-exec: it inherits neither
+        // its directory nor itself.
         let cmd = vec![
             "/bin/ls".to_string(),
             "-l".to_string(),
@@ -614,5 +615,7 @@ mod tests {
         let ls = std::fs::canonicalize("/bin/ls").unwrap();
         let fds = r.fields["stdout"].as_str().unwrap();
         assert!(!fds.contains(&format!("-> {}", ls.display())), "{fds}");
+        let bin = ls.parent().unwrap();
+        assert!(!fds.contains(&format!("-> {}\n", bin.display())), "{fds}");
     }
 }

@@ -30,13 +30,17 @@
 //! (std's `Command` ends in `execvp`). A failure is written into a slot the parent reads
 //! once the child has gone or exec'd.
 //!
-//! A program given as an open descriptor (`program_fd`: the hook file whose owner and
-//! mode were judged on that descriptor) is executed from it with
-//! `execveat(fd, "", AT_EMPTY_PATH)`, never again through its path. For a script (`#!`)
-//! the kernel hands the interpreter `/dev/fd/N`, which it must be able to open after the
-//! exec: the child (whose descriptor table is its own copy) clears close-on-exec on that
-//! descriptor first, or the exec fails with ENOENT. A binary's descriptor stays
-//! close-on-exec. The ENOEXEC fallback gives the shell `/dev/fd/N` the same way.
+//! A program given as a judged directory and a name in it (`program_at`: the hook's
+//! directory, whose owner and mode were judged on that descriptor, so nobody but root
+//! can change what the name holds) is executed with `execveat(dir, name,
+//! AT_SYMLINK_NOFOLLOW)`, never again through its path from `/`. The process is named
+//! after the program (`comm`), as for `execve`; executing the file's own descriptor
+//! (`AT_EMPTY_PATH`) named it after the descriptor, "3", on kernels before 6.x
+//! (Debian 12's 6.1 among them). For a script (`#!`) the kernel hands the interpreter
+//! `/dev/fd/D/NAME`, which it must be able to open after the exec: the child (whose
+//! descriptor table is its own copy) clears close-on-exec on the directory's
+//! descriptor first, or the exec fails with ENOENT. For a binary it stays close-on-exec.
+//! The ENOEXEC fallback gives the shell `/dev/fd/D/NAME` the same way.
 
 use std::ffi::{CString, OsStr};
 use std::io;
@@ -58,7 +62,14 @@ pub struct SpawnRequest<'a> {
     /// The program's path: what `execve` runs when `program_fd` is None, and what
     /// messages name.
     pub program: &'a OsStr,
-    /// The program, opened (for reading) and judged: executed from this descriptor.
+    /// The program as judged: the directory it is in, opened and judged, and its name
+    /// there (not a link). Executed as `execveat(dir, name, AT_SYMLINK_NOFOLLOW)`,
+    /// never again through its path from `/`: the directory is one nobody but root may
+    /// change. (Not `execveat(fd, "", AT_EMPTY_PATH)` on the file itself: before Linux
+    /// 6.x the kernel then names the process after the descriptor, `comm` "3", in `ps`,
+    /// `top` and the journal.)
+    pub program_at: Option<(BorrowedFd<'a>, &'a OsStr)>,
+    /// The program file, opened for reading (its first two bytes tell a `#!` script).
     pub program_fd: Option<BorrowedFd<'a>>,
     pub args: Vec<&'a OsStr>,
     pub env: Vec<(&'a OsStr, &'a OsStr)>,
@@ -78,9 +89,12 @@ pub struct Spawned {
 /// Everything the child reads, prepared before the clone: the child must not allocate.
 struct ChildArgs {
     program: *const libc::c_char,
-    /// The program's descriptor (above 2), or -1: run `program` by path.
-    program_fd: libc::c_int,
-    /// The program starts with `#!`: its descriptor must survive the exec.
+    /// The program's directory descriptor (above 2), or -1: run `program` by path.
+    program_dir: libc::c_int,
+    /// The program's name in `program_dir`.
+    program_name: *const libc::c_char,
+    /// The program starts with `#!`: the directory's descriptor must survive the exec
+    /// (the interpreter opens `/dev/fd/D/NAME`).
     script: bool,
     argv: *const *const libc::c_char,
     envp: *const *const libc::c_char,
@@ -128,8 +142,8 @@ pub fn spawn(req: &SpawnRequest<'_>) -> io::Result<Spawned> {
     envp.push(std::ptr::null());
     // Above 0, 1 and 2, which the child replaces: a copy the child execs from, closed
     // here when the spawn is over.
-    let program_fd = match req.program_fd {
-        Some(fd) => Some(fd.try_clone_to_owned().and_then(|fd| {
+    let program_dir = match req.program_at {
+        Some((dir, _)) => Some(dir.try_clone_to_owned().and_then(|fd| {
             // SAFETY: F_DUPFD_CLOEXEC on a descriptor we own returns a new one or -1.
             let high = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
             if high < 0 {
@@ -140,15 +154,23 @@ pub fn spawn(req: &SpawnRequest<'_>) -> io::Result<Spawned> {
         })?),
         None => None,
     };
-    let script = program_fd.as_ref().is_some_and(|fd| {
+    let program_name = match req.program_at {
+        Some((_, name)) => cstring(name)?,
+        None => CString::default(),
+    };
+    let script = req.program_fd.is_some_and(|fd| {
         let mut head = [0u8; 2];
         // SAFETY: pread writes at most 2 bytes into `head`, on this stack.
         let n = unsafe { libc::pread(fd.as_raw_fd(), head.as_mut_ptr().cast(), 2, 0) };
         n == 2 && head == *b"#!"
     });
-    // What the shell of the ENOEXEC fallback reads: the judged descriptor, not the path.
-    let fd_path = match &program_fd {
-        Some(fd) => CString::new(format!("/dev/fd/{}", fd.as_raw_fd()))?,
+    // What the shell of the ENOEXEC fallback reads: the file in the judged directory.
+    let fd_path = match &program_dir {
+        Some(fd) => {
+            let mut p = format!("/dev/fd/{}/", fd.as_raw_fd()).into_bytes();
+            p.extend_from_slice(program_name.as_bytes());
+            CString::new(p)?
+        }
         None => program.clone(),
     };
     let mut sh_argv: Vec<*const libc::c_char> = vec![SH.as_ptr(), fd_path.as_ptr()];
@@ -156,7 +178,8 @@ pub fn spawn(req: &SpawnRequest<'_>) -> io::Result<Spawned> {
     sh_argv.push(std::ptr::null());
     let child = ChildArgs {
         program: program.as_ptr(),
-        program_fd: program_fd.as_ref().map_or(-1, |fd| fd.as_raw_fd()),
+        program_dir: program_dir.as_ref().map_or(-1, |fd| fd.as_raw_fd()),
+        program_name: program_name.as_ptr(),
         script,
         argv: argv.as_ptr(),
         envp: envp.as_ptr(),
@@ -305,21 +328,21 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         let mut none: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut none);
         libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
-        if a.program_fd >= 0 {
-            if a.script && libc::fcntl(a.program_fd, libc::F_SETFD, 0) < 0 {
+        if a.program_dir >= 0 {
+            if a.script && libc::fcntl(a.program_dir, libc::F_SETFD, 0) < 0 {
                 fail(a);
             }
             libc::syscall(
                 libc::SYS_execveat,
-                a.program_fd,
-                c"".as_ptr(),
+                a.program_dir,
+                a.program_name,
                 a.argv,
                 a.envp,
-                libc::AT_EMPTY_PATH,
+                libc::AT_SYMLINK_NOFOLLOW,
             );
             if *libc::__errno_location() == libc::ENOEXEC {
-                // The shell opens /dev/fd/N: kept open across its exec.
-                libc::fcntl(a.program_fd, libc::F_SETFD, 0);
+                // The shell opens /dev/fd/D/NAME: kept open across its exec.
+                libc::fcntl(a.program_dir, libc::F_SETFD, 0);
             }
         } else {
             libc::execve(a.program, a.argv, a.envp);
@@ -417,6 +440,7 @@ mod tests {
         let adj = std::path::Path::new("/proc/self/oom_score_adj");
         let req = SpawnRequest {
             program: OsStr::new("/bin/sh"),
+            program_at: None,
             program_fd: None,
             args: vec![
                 OsStr::new("sh"),
@@ -444,6 +468,7 @@ mod tests {
         let adj = std::path::Path::new("/proc/self/oom_score_adj");
         let req = SpawnRequest {
             program: OsStr::new("/nonexistent/hook"),
+            program_at: None,
             program_fd: None,
             args: vec![OsStr::new("hook")],
             env: vec![],
@@ -473,6 +498,7 @@ mod tests {
         let adj = std::path::Path::new("/proc/self/oom_score_adj");
         let req = SpawnRequest {
             program: script.as_os_str(),
+            program_at: None,
             program_fd: None,
             args: vec![OsStr::new("hook"), OsStr::new("one")],
             env: vec![],
@@ -493,6 +519,7 @@ mod tests {
         let null = devnull();
         let req = SpawnRequest {
             program: OsStr::new("/bin/true"),
+            program_at: None,
             program_fd: None,
             args: vec![OsStr::new("true")],
             env: vec![],
@@ -508,6 +535,7 @@ mod tests {
         let adj = std::path::Path::new("/proc/self/oom_score_adj");
         let req = SpawnRequest {
             program: OsStr::new("/bin/sleep"),
+            program_at: None,
             program_fd: None,
             args: vec![OsStr::new("sleep"), OsStr::new("30")],
             env: vec![],
@@ -528,37 +556,48 @@ mod tests {
         );
     }
 
+    /// A program given as a judged directory and a name runs from that directory, not
+    /// from what the path names now, and is named after itself (`comm`), not after a
+    /// descriptor (as `execveat(fd, "", AT_EMPTY_PATH)` named it before Linux 6.x).
     #[test]
-    fn a_program_given_as_a_descriptor_runs_what_was_opened_not_what_the_path_names_now() {
+    fn a_program_given_as_its_directory_runs_from_it_under_its_own_name() {
         let t = tempfile::tempdir().unwrap();
-        let hook = t.path().join("hook");
-        std::fs::write(&hook, "#!/bin/sh\necho first \"$1\"\n").unwrap();
-        std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        let write_hook = |dir: &std::path::Path, word: &str| {
+            std::fs::create_dir_all(dir).unwrap();
+            let hook = dir.join("hook");
+            std::fs::write(
+                &hook,
+                format!("#!/bin/sh\necho {word} \"$1\" \"$(cat /proc/$$/comm)\"\n"),
+            )
             .unwrap();
-        let opened = std::fs::File::open(&hook).unwrap();
-        // The path now names another file.
-        let other = t.path().join("other");
-        std::fs::write(&other, "#!/bin/sh\necho second\n").unwrap();
-        std::fs::set_permissions(&other, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
-        std::fs::rename(&other, &hook).unwrap();
+            std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .unwrap();
+            hook
+        };
+        let hook = write_hook(&t.path().join("bin"), "first");
+        let dir = std::fs::File::open(t.path().join("bin")).unwrap();
+        let file = std::fs::File::open(&hook).unwrap();
+        // The path now names another directory with another hook.
+        std::fs::rename(t.path().join("bin"), t.path().join("old")).unwrap();
+        write_hook(&t.path().join("bin"), "second");
         let null = devnull();
         let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
         let adj = std::path::Path::new("/proc/self/oom_score_adj");
         let req = SpawnRequest {
             program: hook.as_os_str(),
-            program_fd: Some(opened.as_fd()),
+            program_at: Some((dir.as_fd(), OsStr::new("hook"))),
+            program_fd: Some(file.as_fd()),
             args: vec![OsStr::new("hook"), OsStr::new("one")],
             env: vec![],
             stdio: [null.as_fd(), w.as_fd(), null.as_fd()],
             oom_score_adj: adj.as_os_str(),
         };
-        let mut child = spawn(&req).expect("the opened hook did not start");
+        let mut child = spawn(&req).expect("the judged hook did not start");
         drop(req);
         drop(w);
         assert!(child.wait().unwrap().success());
         let mut out = String::new();
         std::fs::File::from(r).read_to_string(&mut out).unwrap();
-        assert_eq!(out, "first one\n");
+        assert_eq!(out, "first one hook\n");
     }
 }
