@@ -674,9 +674,10 @@ pub fn open_program(
 /// A program to run, as [`open_program_to_run`] opened and judged it.
 #[derive(Debug)]
 pub struct Program {
-    /// The directory it is in (its real one, links resolved), opened and judged.
+    /// The directory its path names it in (links above it resolved), opened and judged.
     pub dir: CheckedDir,
-    /// Its name in `dir`: a regular file, not a link.
+    /// Its name in `dir`, as the command gives it: the file, or a link to it that the
+    /// walk judged (root's, like everything it leads through).
     pub name: OsString,
     /// The file, opened for reading and judged.
     pub file: File,
@@ -689,34 +690,24 @@ impl CheckedDir {
     }
 }
 
-/// Opens the program `path` to run it: judged as [`open_program`] judges it, then its
-/// real directory (every link on the way resolved) opened and judged, and the file opened
-/// again from that directory and judged, which must be the same file. The caller runs
-/// it as `execveat(dir, name, AT_SYMLINK_NOFOLLOW)`: the name is in a directory nobody
-/// but root (or the agent's user) can change, so what runs is what was judged.
+/// Opens the program `path` to run it: its directory (the path's parent, every link on
+/// the way resolved) opened and judged, and the file opened from that directory by the
+/// path's last name and judged, with every link it leads through. The caller runs it as
+/// `execveat(dir, name, 0)`: the name and every link behind it are in directories
+/// nobody but root (or the agent's user) can change, so what runs is what was judged,
+/// and the process is named as for `execve(path)` (`/bin/sleep` as "sleep", even where
+/// it is a link to a multi-call binary).
 pub fn open_program_to_run(path: &Path, what: &str, checks: Checks) -> Result<Program, PermError> {
     let w = Walk {
         checks,
         what,
         given: path,
     };
-    let (fd, st, real) = w.walk_from_root(path, Last::Read)?;
-    let (Some(parent), Some(name)) = (real.parent(), real.file_name()) else {
-        return Err(w.io(&real, Errno::EISDIR));
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(w.io(path, Errno::EISDIR));
     };
     let dir = open_dir(parent, what, checks)?;
     let file = dir.open_file(name, what)?;
-    let again = fstat(&OwnedFd::from(file.try_clone().map_err(|error| {
-        PermError::Io {
-            path: real.clone(),
-            error,
-        }
-    })?))
-    .map_err(|e| w.io(&real, e))?;
-    if (again.st_dev, again.st_ino) != (st.st_dev, st.st_ino) {
-        return Err(w.io(&real, Errno::ESTALE));
-    }
-    drop(fd);
     Ok(Program {
         dir,
         name: name.to_os_string(),

@@ -618,4 +618,26 @@ mod tests {
         let bin = ls.parent().unwrap();
         assert!(!fds.contains(&format!("-> {}\n", bin.display())), "{fds}");
     }
+
+    /// A hook named by a link (`/bin/sleep` to a multi-call busybox) runs under the
+    /// link's name, as `execve` of its path would name it: the VM's busybox `sleep` ran
+    /// as "busybox" when the link was resolved before the exec, and before that as "3"
+    /// (the descriptor) on Debian's 6.1 kernel.
+    #[test]
+    fn a_hook_named_by_a_link_runs_under_the_links_name() {
+        let t = tempfile::tempdir().unwrap();
+        let env = testing::env(t.path(), Path::new("/proc"));
+        let set = PolicySet::embedded_default();
+        let cg = CgroupPath::new("/x");
+        let ctx = testing::ctx(&cg, &set.policies()[0], false);
+        let real = t.path().join("multicall");
+        std::fs::write(&real, "#!/bin/sh\ncat /proc/$$/comm\n").unwrap();
+        chmod(&real, 0o755);
+        let link = t.path().join("alias");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let cmd = vec![link.display().to_string()];
+        let r = run(&env, &ctx, &cmd, Duration::from_secs(10), Trust::Strict);
+        assert_eq!(r.outcome, Outcome::Done, "{r:?}");
+        assert_eq!(r.fields["stdout"].as_str(), Some("alias\n"), "{r:?}");
+    }
 }

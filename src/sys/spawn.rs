@@ -32,8 +32,8 @@
 //!
 //! A program given as a judged directory and a name in it (`program_at`: the hook's
 //! directory, whose owner and mode were judged on that descriptor, so nobody but root
-//! can change what the name holds) is executed with `execveat(dir, name,
-//! AT_SYMLINK_NOFOLLOW)`, never again through its path from `/`. The process is named
+//! can change what the name holds) is executed with `execveat(dir, name, 0)`, never
+//! again through its path from `/`. The process is named
 //! after the program (`comm`), as for `execve`; executing the file's own descriptor
 //! (`AT_EMPTY_PATH`) named it after the descriptor, "3", on kernels before 6.x
 //! (Debian 12's 6.1 among them). For a script (`#!`) the kernel hands the interpreter
@@ -62,10 +62,10 @@ pub struct SpawnRequest<'a> {
     /// The program's path: what `execve` runs when `program_fd` is None, and what
     /// messages name.
     pub program: &'a OsStr,
-    /// The program as judged: the directory it is in, opened and judged, and its name
-    /// there (not a link). Executed as `execveat(dir, name, AT_SYMLINK_NOFOLLOW)`,
-    /// never again through its path from `/`: the directory is one nobody but root may
-    /// change. (Not `execveat(fd, "", AT_EMPTY_PATH)` on the file itself: before Linux
+    /// The program as judged: the directory its path names it in, opened and judged,
+    /// and its name there (the file, or a link the caller judged with what it leads
+    /// to). Executed as `execveat(dir, name, 0)`, never again through its path from `/`:
+    /// the directory is one nobody but root may change. (Not `execveat(fd, "", AT_EMPTY_PATH)` on the file itself: before Linux
     /// 6.x the kernel then names the process after the descriptor, `comm` "3", in `ps`,
     /// `top` and the journal.)
     pub program_at: Option<(BorrowedFd<'a>, &'a OsStr)>,
@@ -338,7 +338,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 a.program_name,
                 a.argv,
                 a.envp,
-                libc::AT_SYMLINK_NOFOLLOW,
+                0,
             );
             if *libc::__errno_location() == libc::ENOEXEC {
                 // The shell opens /dev/fd/D/NAME: kept open across its exec.
