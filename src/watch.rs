@@ -672,9 +672,11 @@ impl Watcher {
         if !ident.is_container() {
             return None;
         }
+        let docker_may_know = ident.docker_may_know();
         let id = ident.container_id?;
         let info = self.shared.containers.get(&id);
-        if info.is_none() {
+        // containerd's and CRI-O's containers: Docker would answer 404 to each.
+        if info.is_none() && docker_may_know {
             self.shared.containers.request(&id);
         }
         self.by_container.insert(id, cg.clone());
