@@ -168,6 +168,34 @@ pub fn settle(
     }
 }
 
+/// True when a v2 hold of `policy` on `cg` must wait: the container's metadata is not
+/// known yet (and may still come) and a policy keyed on it could outrank `policy`. The
+/// watcher makes the hold once the metadata is known, or the engine says it has no
+/// such container.
+pub fn hold_waits_for_metadata(
+    shared: &Shared,
+    cg: &CgroupPath,
+    policy: &Policy,
+    kill_disabled: bool,
+) -> bool {
+    let containers = &shared.containers;
+    let set = shared.policies();
+    if !containers.enabled() || !set.policies().iter().any(|p| p.matcher.needs_container()) {
+        return false;
+    }
+    let Some(id) = crate::container::identify(cg.as_bytes())
+        .filter(|i| i.docker_may_know())
+        .and_then(|i| i.container_id)
+    else {
+        return false;
+    };
+    containers.get(&id).is_none()
+        && !containers.is_absent(&id)
+        && set
+            .outranking_container_policy(cg, kill_disabled, Some(policy))
+            .is_some()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
