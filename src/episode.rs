@@ -253,6 +253,16 @@ pub fn run(shared: &Shared, job: &Job) -> End {
         &stopping,
     );
     let policy = &settled.policy;
+    // A resumed episode's step was chosen in the policy it was handed; when the
+    // metadata that came during the wait chose another, its step is the one after that
+    // policy's raise_limit (as after a reload that changed the policy), not the same
+    // index in another list of steps.
+    let start_step = if job.resume && !Arc::ptr_eq(policy, &job.policy) && settled.unknown.is_none()
+    {
+        crate::loan::resume_step(policy, job.start_step).unwrap_or(policy.steps.len())
+    } else {
+        job.start_step
+    };
     let audit_mode = policy.mode == Mode::Audit;
     let quiet = job.retry > 0;
     let cg = &job.cgroup;
@@ -264,7 +274,7 @@ pub fn run(shared: &Shared, job: &Job) -> End {
             .with("episode", job.episode)
             .with("resumed", true)
             .with("reason", "hold expired with usage above the original limit")
-            .with("start_step", job.start_step);
+            .with("start_step", start_step);
         rec.merge(settled.fields());
         shared.audit.log(rec);
     } else if !quiet {
@@ -322,7 +332,7 @@ pub fn run(shared: &Shared, job: &Job) -> End {
     // stall ended by the kill, not a stall left behind.
     let mut killed_by: Option<usize> = None;
     let end = 'steps: {
-        for (i, step) in policy.steps.iter().enumerate().skip(job.start_step) {
+        for (i, step) in policy.steps.iter().enumerate().skip(start_step) {
             if stopping() {
                 break 'steps End::Stopped;
             }
@@ -650,6 +660,88 @@ mod tests {
         let un = lines.iter().find(|l| l["event"] == "unresolved").unwrap();
         assert_eq!(un["reason"], METADATA_UNKNOWN, "{un}");
         assert_eq!(un["metadata"], "unknown", "{un}");
+    }
+
+    /// A resumed episode (hold expiry) handed the catch-all, with its step after the
+    /// catch-all's raise_limit, while the container's name was unknown; the name came
+    /// during the wait and chose `db`. The episode ran `db`'s steps from the
+    /// catch-all's index: here its kill, skipping the reclaim after its own
+    /// raise_limit. The step is the one after `db`'s raise_limit.
+    #[test]
+    fn a_resumed_episode_whose_policy_changes_with_the_metadata_starts_after_its_raise() {
+        const ID: &str = "dddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddd";
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("memory");
+        let cgdir = root.join("docker").join(ID);
+        std::fs::create_dir_all(&cgdir).unwrap();
+        std::fs::write(
+            cgdir.join("memory.oom_control"),
+            "oom_kill_disable 1\nunder_oom 1\n",
+        )
+        .unwrap();
+        const RAISE: &str = "[[step]]\naction='raise_limit'\nby='50%'\nmax_extra='100%'\n";
+        let all = crate::policy::load_str(
+            &format!("name='all'\nmode='audit'\npriority=0\n[match]\ncgroup=['/docker/*']\n[[step]]\naction='reclaim'\n{RAISE}[[step]]\naction='kill'\n"),
+            "all.toml",
+        )
+        .unwrap();
+        let db = crate::policy::load_str(
+            &format!("name='db'\nmode='audit'\npriority=50\n[match]\ncontainer_name=['db-*']\n{RAISE}[[step]]\naction='reclaim'\n[[step]]\naction='kill'\n"),
+            "db.toml",
+        )
+        .unwrap();
+        let (tx, _rx) = crossbeam_channel::unbounded();
+        let shared = Shared::for_test(
+            t.path(),
+            &root,
+            vec![all, db],
+            Arc::new(crate::container::Containers::detached().unwrap()),
+            tx,
+            Duration::from_secs(5),
+        );
+        let cg = CgroupPath::new(&format!("/docker/{ID}"));
+        let policy = shared.policies().select(&cg, true, None).cloned().unwrap();
+        assert_eq!(policy.name, "all");
+        // What the keeper hands over: the catch-all, at the step after its raise_limit.
+        let start_step = crate::loan::resume_step(&policy, 1).unwrap();
+        assert_eq!(start_step, 2);
+        let job = Job {
+            cgroup: cg.clone(),
+            policy,
+            episode: 1,
+            detected: Instant::now(),
+            start_step,
+            resume: true,
+            retry: 0,
+            remind: true,
+            early: false,
+            cause: Default::default(),
+            pinned: None,
+        };
+        let containers = shared.containers.clone();
+        let put = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            containers.put(crate::container::Meta {
+                id: ID.into(),
+                info: crate::policy::ContainerInfo {
+                    name: "db-1".into(),
+                    ..Default::default()
+                },
+            });
+        });
+        let _ = run(&shared, &job);
+        put.join().unwrap();
+        assert!(shared.audit.flush(Duration::from_secs(5)));
+        let text = std::fs::read_to_string(t.path().join("audit.jsonl")).unwrap();
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let oom = lines.iter().find(|l| l["event"] == "oom").unwrap();
+        assert_eq!(oom["policy"], "db", "{text}");
+        assert_eq!(oom["start_step"], 1, "{text}");
+        let first = lines.iter().find(|l| l["event"] == "action").unwrap();
+        assert_eq!(first["action"], "reclaim", "{text}");
     }
 
     /// The embedded default's step named `name` (reclaim, raise_limit, signal, kill).

@@ -90,8 +90,10 @@ pub fn settle(
     if !set.policies().iter().any(|p| p.matcher.needs_container()) {
         return as_is();
     }
+    // Only the Docker engine describes containers: one of containerd or CRI-O has no
+    // metadata to wait for, and no policy keyed on it can match (as with no engine).
     let Some(id) = crate::container::identify(cg.as_bytes())
-        .filter(|i| i.is_container())
+        .filter(|i| i.docker_may_know())
         .and_then(|i| i.container_id)
     else {
         return as_is();
@@ -112,6 +114,15 @@ pub fn settle(
             return Settled {
                 policy: chosen.unwrap_or_else(|| policy.clone()),
                 waited,
+                unknown: None,
+            };
+        }
+        if containers.is_absent(&id) {
+            // The engine said it has no such container: its metadata will not come,
+            // and no policy keyed on it can match; the choice stands.
+            return Settled {
+                policy: policy.clone(),
+                waited: asked.then(|| start.elapsed()),
                 unknown: None,
             };
         }
@@ -149,6 +160,34 @@ pub fn settle(
             fallback: policy.name.clone(),
         }),
     }
+}
+
+/// True when a v2 hold of `policy` on `cg` must wait: the container's metadata is not
+/// known yet (and may still come) and a policy keyed on it could outrank `policy`. The
+/// watcher makes the hold once the metadata is known, or the engine says it has no
+/// such container.
+pub fn hold_waits_for_metadata(
+    shared: &Shared,
+    cg: &CgroupPath,
+    policy: &Policy,
+    kill_disabled: bool,
+) -> bool {
+    let containers = &shared.containers;
+    let set = shared.policies();
+    if !containers.enabled() || !set.policies().iter().any(|p| p.matcher.needs_container()) {
+        return false;
+    }
+    let Some(id) = crate::container::identify(cg.as_bytes())
+        .filter(|i| i.docker_may_know())
+        .and_then(|i| i.container_id)
+    else {
+        return false;
+    };
+    containers.get(&id).is_none()
+        && !containers.is_absent(&id)
+        && set
+            .outranking_container_policy(cg, kill_disabled, Some(policy))
+            .is_some()
 }
 
 #[cfg(test)]
@@ -193,14 +232,18 @@ mod tests {
     }
 
     fn fixture(containers: Containers) -> Fixture {
+        fixture_at(containers, &format!("/docker/{ID}"), policies())
+    }
+
+    fn fixture_at(containers: Containers, cg: &str, policies: Vec<Policy>) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("memory");
-        crate::shared::fake_container_cgroup(&root, ID, true);
+        crate::shared::fake_cgroup(&root, cg, true);
         let (tx, _rx) = crossbeam_channel::unbounded();
         let shared = Shared::for_test(
             dir.path(),
             &root,
-            policies(),
+            policies,
             Arc::new(containers),
             tx,
             Duration::from_secs(2),
@@ -208,7 +251,7 @@ mod tests {
         Fixture {
             _dir: dir,
             shared,
-            cg: CgroupPath::new(&format!("/docker/{ID}")),
+            cg: CgroupPath::new(cg),
         }
     }
 
@@ -323,5 +366,82 @@ mod tests {
         let s = settle(&f.shared, &f.cg, &all, Duration::from_secs(10), &|| true);
         assert!(t.elapsed() < Duration::from_secs(1));
         assert_eq!(s.policy.mode, Mode::Audit);
+    }
+
+    /// `db` by name above a catch-all of every pod's containers.
+    fn kube_policies() -> Vec<Policy> {
+        vec![
+            load_str(
+                "name='all'\npriority=0\n[match]\ncgroup=['/kubepods/**']\n[[step]]\naction='kill'\n",
+                "all.toml",
+            )
+            .unwrap(),
+            load_str(
+                "name='db'\nmode='audit'\npriority=50\n[match]\ncontainer_name=['db-*']\n[[step]]\naction='kill'\n",
+                "db.toml",
+            )
+            .unwrap(),
+        ]
+    }
+
+    /// A containerd or CRI-O container (a Kubernetes node that also runs Docker, or
+    /// follows the default socket): the Docker engine never describes it, so no policy
+    /// keyed on container metadata can match it. Its stall waited 2 s and ran
+    /// audit-only at every retry: never rescued.
+    #[test]
+    fn a_container_docker_never_describes_is_not_held_for_its_metadata() {
+        for cg in [
+            format!("/kubepods/burstable/pod0a1b2c3d-0000-4000-8000-000000000001/cri-containerd-{ID}.scope"),
+            format!("/kubepods/besteffort/pod0a1b2c3d-0000-4000-8000-000000000001/crio-{ID}.scope"),
+        ] {
+            let f = fixture_at(Containers::detached().unwrap(), &cg, kube_policies());
+            let all = chosen(&f);
+            assert_eq!(all.name, "all");
+            let t = Instant::now();
+            let s = settle(&f.shared, &f.cg, &all, Duration::from_millis(300), &|| false);
+            assert!(t.elapsed() < Duration::from_millis(250), "{cg}: {:?}", t.elapsed());
+            assert_eq!(s.policy.mode, Mode::Enforce, "{cg}");
+            assert!(s.unknown.is_none() && s.waited.is_none(), "{cg}");
+        }
+        // A bare id below kubepods may be Docker's (dockershim): waited for.
+        let cg = format!("/kubepods/besteffort/pod0a1b2c3d-0000-4000-8000-000000000001/{ID}");
+        let f = fixture_at(Containers::detached().unwrap(), &cg, kube_policies());
+        let s = settle(
+            &f.shared,
+            &f.cg,
+            &chosen(&f),
+            Duration::from_millis(50),
+            &|| false,
+        );
+        assert_eq!(s.policy.mode, Mode::Audit);
+    }
+
+    /// The engine answered that it has no such container (404: a cgroup named like
+    /// one of its containers that it did not make, or one already removed): nothing
+    /// keyed on its metadata can match, the choice stands (before: audit-only at every
+    /// retry, never rescued).
+    #[test]
+    fn a_container_the_engine_does_not_know_keeps_the_choice() {
+        let f = fixture(Containers::detached().unwrap());
+        let all = chosen(&f);
+        let containers = f.shared.containers.clone();
+        let answer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            containers.set_absent(ID);
+        });
+        let t = Instant::now();
+        let s = settle(&f.shared, &f.cg, &all, Duration::from_secs(10), &|| false);
+        answer.join().unwrap();
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        assert_eq!(
+            (s.policy.name.as_str(), s.policy.mode),
+            ("all", Mode::Enforce)
+        );
+        assert!(s.unknown.is_none());
+        // Described later (created again by that id): the container-keyed policy.
+        f.shared.containers.put(db_meta());
+        assert!(!f.shared.containers.is_absent(ID));
+        let s = settle(&f.shared, &f.cg, &all, Duration::from_secs(10), &|| false);
+        assert_eq!(s.policy.name, "db");
     }
 }

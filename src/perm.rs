@@ -210,7 +210,13 @@ fn check_real(
 /// place. The socket's own mode is not checked: write permission on a socket is
 /// permission to connect to it (Docker grants it to a group). Returns the resolved path,
 /// the one to connect to (a link could be turned after the check), and the owner's uid.
+///
+/// The path as given is walked too, like a policy file's: every directory and link on
+/// the way to the socket must be root's (or the caller's), so that nobody else can turn
+/// a link after the check to another socket root serves (dockerd's metrics socket,
+/// containerd's debug socket: both answer 404 to every container).
 pub fn check_socket(path: &Path, what: &str, owners: Owners) -> Result<(PathBuf, u32), PermError> {
+    check_socket_links(path, what, owners, 0)?;
     let real = path.canonicalize().map_err(|error| PermError::Io {
         path: path.to_path_buf(),
         error,
@@ -228,6 +234,77 @@ pub fn check_socket(path: &Path, what: &str, owners: Owners) -> Result<(PathBuf,
     };
     check_real(&real, format!(" as {what}{through}"), owners, 0, false)?;
     Ok((real, owner))
+}
+
+/// The directories above `path` and, if its last component is a link, the link and
+/// then its target's path the same way.
+fn check_socket_links(
+    path: &Path,
+    what: &str,
+    owners: Owners,
+    depth: usize,
+) -> Result<(), PermError> {
+    let Some(name) = path.file_name() else {
+        return Ok(());
+    };
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let w = Walk {
+        checks: Checks::Strict(owners),
+        what,
+        given: parent,
+    };
+    let (dir, _, _) = w.walk_from_root(parent, Last::Parent)?;
+    let Some(target) = link_target(&dir, path, name, what, owners)? else {
+        return Ok(());
+    };
+    if depth >= MAX_LINKS {
+        return Err(PermError::Io {
+            path: path.to_path_buf(),
+            error: Errno::ELOOP.into(),
+        });
+    }
+    // Messages about what is beyond the link say which path led there.
+    let through;
+    let what = if depth == 0 {
+        through = format!("{what} (reached through {})", path.display());
+        &through
+    } else {
+        what
+    };
+    check_socket_links(&parent.join(target), what, owners, depth + 1)
+}
+
+/// The target of `name` in `dir` (at `path`) if it is a link (None if it is not), once
+/// its owner is judged.
+fn link_target(
+    dir: &OwnedFd,
+    path: &Path,
+    name: &OsStr,
+    what: &str,
+    owners: Owners,
+) -> Result<Option<PathBuf>, PermError> {
+    let io = |e: Errno| PermError::Io {
+        path: path.to_path_buf(),
+        error: e.into(),
+    };
+    let fd = openat(dir, name, OFlag::O_PATH).map_err(io)?;
+    let st = fstat(&fd).map_err(io)?;
+    if file_type(&st) != SFlag::S_IFLNK {
+        return Ok(None);
+    }
+    if !owners.allowed(st.st_uid) {
+        return Err(PermError::Link {
+            path: path.to_path_buf(),
+            uid: st.st_uid,
+            what: format!(" as {what}"),
+            hint: owners.hint,
+        });
+    }
+    let target = nix::fcntl::readlinkat(Some(fd.as_raw_fd()), "").map_err(io)?;
+    Ok(Some(PathBuf::from(target)))
 }
 
 /// On a read-only mount the write bits mean nothing: a Kubernetes ConfigMap volume
@@ -253,6 +330,9 @@ pub fn check_existing_part(path: &Path, what: &str, owners: Owners) -> Result<()
 enum Last {
     /// A directory, as an `O_PATH` descriptor to open from.
     Dir,
+    /// The directory that holds what is trusted (a socket): as `Dir`, and a sticky
+    /// root-owned directory passes (nobody else can replace root's entry in it).
+    Parent,
     /// A regular file to read: reopened `O_RDONLY|O_NONBLOCK` once judged.
     Read,
     /// A regular file only to judge (and execute): `O_PATH`, no read permission needed.
@@ -460,8 +540,8 @@ impl Walk<'_> {
         let st = fstat(&dir).map_err(|e| self.io(&real, e))?;
         let fd = dir;
         match last {
-            Last::Dir => {
-                self.judge(&fd, &st, &real, false)?;
+            Last::Dir | Last::Parent => {
+                self.judge(&fd, &st, &real, last == Last::Parent)?;
                 Ok((fd, st, real))
             }
             Last::Read | Last::Path => Err(PermError::NotRegular {
@@ -485,7 +565,7 @@ impl Walk<'_> {
     ) -> Result<(OwnedFd, FileStat, PathBuf), PermError> {
         let is_dir = file_type(&st) == SFlag::S_IFDIR;
         match last {
-            Last::Dir if !is_dir => return Err(self.io(&real, Errno::ENOTDIR)),
+            Last::Dir | Last::Parent if !is_dir => return Err(self.io(&real, Errno::ENOTDIR)),
             Last::Read | Last::Path if file_type(&st) != SFlag::S_IFREG => {
                 return Err(PermError::NotRegular {
                     what: self.what(&real),
@@ -495,7 +575,7 @@ impl Walk<'_> {
             }
             _ => {}
         }
-        self.judge(&fd, &st, &real, false)?;
+        self.judge(&fd, &st, &real, last == Last::Parent)?;
         if last != Last::Read {
             return Ok((fd, st, real));
         }

@@ -99,11 +99,11 @@ impl Shared {
     }
 }
 
-/// A fake v1 container cgroup `<root>/docker/<id>` (tests) with `oom_kill_disable 1` and
-/// the given `under_oom`; returns its directory.
+/// A fake v1 cgroup `<root><cg>` (tests) with `oom_kill_disable 1` and the given
+/// `under_oom`; returns its directory.
 #[cfg(test)]
-pub fn fake_container_cgroup(root: &std::path::Path, id: &str, under_oom: bool) -> PathBuf {
-    let dir = root.join("docker").join(id);
+pub fn fake_cgroup(root: &std::path::Path, cg: &str, under_oom: bool) -> PathBuf {
+    let dir = root.join(cg.trim_start_matches('/'));
     std::fs::create_dir_all(&dir).expect("a fake cgroup directory");
     std::fs::write(
         dir.join("memory.oom_control"),
@@ -111,6 +111,12 @@ pub fn fake_container_cgroup(root: &std::path::Path, id: &str, under_oom: bool) 
     )
     .expect("a fake memory.oom_control");
     dir
+}
+
+/// [`fake_cgroup`] at Docker's `/docker/<id>`.
+#[cfg(test)]
+pub fn fake_container_cgroup(root: &std::path::Path, id: &str, under_oom: bool) -> PathBuf {
+    fake_cgroup(root, &format!("/docker/{id}"), under_oom)
 }
 
 /// What `oomwake status` shows, written by the agent to `<state_dir>/status.json`.

@@ -85,6 +85,9 @@ struct Watched {
     retry: Retry,
     /// `[early]`: the usage threshold registered for the current limit.
     early: Option<Threshold>,
+    /// The policy's v2 hold waits for the container's metadata
+    /// ([`crate::identity::hold_waits_for_metadata`]).
+    hold_deferred: bool,
 }
 
 /// A usage threshold eventfd and what it was registered for.
@@ -672,9 +675,11 @@ impl Watcher {
         if !ident.is_container() {
             return None;
         }
+        let docker_may_know = ident.docker_may_know();
         let id = ident.container_id?;
         let info = self.shared.containers.get(&id);
-        if info.is_none() {
+        // containerd's and CRI-O's containers: Docker would answer 404 to each.
+        if info.is_none() && docker_may_know {
             self.shared.containers.request(&id);
         }
         self.by_container.insert(id, cg.clone());
@@ -757,7 +762,10 @@ impl Watcher {
                 self.watch(cg, new);
             }
             (Some(old), Some(new)) => {
-                let hold_changed = old.v2.hold_at != new.v2.hold_at || old.mode != new.mode;
+                let deferred = self.watched(cg).is_some_and(|w| w.hold_deferred);
+                let defer = new.v2.hold_at.is_some() && self.hold_waits(cg, &new);
+                let hold_changed =
+                    old.v2.hold_at != new.v2.hold_at || old.mode != new.mode || deferred != defer;
                 let early_changed =
                     !Arc::ptr_eq(&old, &new) && (old.early.is_some() || new.early.is_some());
                 if let Some(w) = self.candidates.get_mut(cg).and_then(|c| c.watched.as_mut()) {
@@ -767,8 +775,14 @@ impl Watcher {
                     self.arm_early(cg, Instant::now());
                 }
                 if hold_changed {
+                    if let Some(w) = self.candidates.get_mut(cg).and_then(|c| c.watched.as_mut()) {
+                        w.hold_deferred = false;
+                    }
                     if new.v2.hold_at.is_none() {
                         self.release_hold(cg, reason);
+                    } else if defer {
+                        self.release_hold(cg, reason);
+                        self.defer_hold(cg, &new);
                     } else {
                         self.apply_hold(cg, &new);
                     }
@@ -812,12 +826,37 @@ impl Watcher {
             policy,
             retry: Retry::new(),
             early: None,
+            hold_deferred: false,
         });
         self.arm_early(cg, Instant::now());
         self.status_dirty = true;
         self.update_watched_metric();
         if let Some(p) = self.watched(cg).map(|w| w.policy.clone()) {
-            self.apply_hold(cg, &p);
+            if p.v2.hold_at.is_some() && self.hold_waits(cg, &p) {
+                self.defer_hold(cg, &p);
+            } else {
+                self.apply_hold(cg, &p);
+            }
+        }
+    }
+
+    /// Whether the hold of `policy` on `cg` waits for the container's metadata.
+    fn hold_waits(&self, cg: &CgroupPath, policy: &Policy) -> bool {
+        let kill_disabled = self
+            .candidates
+            .get(cg)
+            .and_then(|c| c.kill_disabled)
+            .unwrap_or(true);
+        crate::identity::hold_waits_for_metadata(&self.shared, cg, policy, kill_disabled)
+    }
+
+    fn defer_hold(&mut self, cg: &CgroupPath, policy: &Policy) {
+        log::info!(
+            "{cg}: the hold of policy {} waits for the container's metadata (a policy keyed on it may apply)",
+            policy.name
+        );
+        if let Some(w) = self.candidates.get_mut(cg).and_then(|c| c.watched.as_mut()) {
+            w.hold_deferred = true;
         }
     }
 
@@ -1898,6 +1937,76 @@ mod tests {
         std::fs::remove_dir_all(&c).unwrap();
         w.forget_subtree(&CgroupPath::new("/docker/c"), "removed");
         assert!(w.fresh.is_empty());
+    }
+
+    /// v2: a container cgroup seen before its name, under a catch-all that holds at
+    /// 75% while a policy by container name (no hold) ranks above it. The catch-all's
+    /// memory.high was written at once: the lower policy acted on a workload whose
+    /// metadata was unknown. The hold waits for the metadata: none when the name selects
+    /// `db`, the catch-all's once the engine says the container is not its own.
+    #[test]
+    fn no_hold_of_a_lower_policy_while_the_container_name_is_unknown() {
+        const MIB: u64 = 1 << 20;
+        let id = "a".repeat(64);
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("cg");
+        let ctr = root.join("docker").join(&id);
+        std::fs::create_dir_all(&ctr).unwrap();
+        for (f, v) in [
+            ("memory.max", (64 * MIB).to_string()),
+            ("memory.high", "max".to_string()),
+            ("memory.current", (10 * MIB).to_string()),
+            (
+                "memory.events",
+                "high 0\nmax 0\noom 0\noom_kill 0\n".to_string(),
+            ),
+        ] {
+            std::fs::write(ctr.join(f), v).unwrap();
+        }
+        let load = |text: &str, name: &str| crate::policy::load::load_str(text, name).unwrap();
+        let policies = vec![
+            load(
+                "name='all'\npriority=0\n[match]\ncgroup=['/docker/*']\n[v2]\nhold_at='75%'\n[[step]]\naction='kill'\n",
+                "all.toml",
+            ),
+            load(
+                "name='db'\nmode='audit'\npriority=50\n[match]\ncontainer_name=['db-*']\n[[step]]\naction='kill'\n",
+                "db.toml",
+            ),
+        ];
+        let containers = Arc::new(crate::container::Containers::detached().unwrap());
+        let shared = test_shared(
+            t.path(),
+            Box::new(V2::new(Hierarchy::fake(&root, Kind::V2))),
+            policies,
+            Some(containers.clone()),
+        );
+        let cfg = test_config(t.path(), &root);
+        std::fs::create_dir_all(&cfg.state_dir).unwrap();
+        let mut w =
+            Watcher::new(shared.clone(), &cfg, Box::new(|| Err("no reload".into()))).unwrap();
+        let cg = CgroupPath::new(&format!("/docker/{id}"));
+        assert_eq!(
+            w.watched(&cg).map(|x| x.policy.name.clone()).as_deref(),
+            Some("all")
+        );
+        let high = || std::fs::read_to_string(ctr.join("memory.high")).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(
+            high(),
+            "max",
+            "the catch-all held a container of unknown name"
+        );
+        // The engine says it has no such container: the catch-all's hold is made.
+        containers.set_absent(&id);
+        w.on_containers();
+        let held = (48 * MIB).to_string();
+        let until = Instant::now() + Duration::from_secs(10);
+        while high() != held && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(high(), held);
+        w.release_holds("shutdown");
     }
 
     #[test]

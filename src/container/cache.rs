@@ -59,7 +59,14 @@ pub struct Containers {
     /// None while the engine answers (listed after its last connection); otherwise
     /// why it does not: what [`Containers::unknown_reason`] says.
     down: Mutex<Option<String>>,
+    /// Ids the engine said it has no container of (404) since it was last listed:
+    /// cgroups named like a container that this engine did not make (another engine's,
+    /// or a container already removed). At most [`ABSENT_MAX`].
+    absent: Mutex<HashSet<String>>,
 }
+
+/// Most ids remembered as absent (more: the set starts over, and they are asked again).
+const ABSENT_MAX: usize = 4096;
 
 impl Containers {
     /// No engine: lookups find nothing, the loop is never woken.
@@ -71,6 +78,7 @@ impl Containers {
             tx: None,
             socket: None,
             down: Mutex::new(Some(NOT_YET.to_string())),
+            absent: Mutex::new(HashSet::new()),
         }
     }
 
@@ -113,6 +121,7 @@ impl Containers {
             tx: Some(tx.clone()),
             socket: Some(socket.to_path_buf()),
             down: Mutex::new(Some(NOT_YET.to_string())),
+            absent: Mutex::new(HashSet::new()),
         });
         let engine = Engine::new(socket, REQUEST_TIMEOUT).insecure(insecure);
         {
@@ -160,6 +169,30 @@ impl Containers {
         }
     }
 
+    /// True when the engine answered that it has no container `id` (since it was last
+    /// listed): its metadata will not come, so no policy keyed on it can match.
+    pub fn is_absent(&self, id: &str) -> bool {
+        self.absent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(id)
+    }
+
+    /// Records the engine's answer that it has no container `id`, and wakes the loop
+    /// (a stall held while waiting for the metadata is retried).
+    pub(crate) fn set_absent(&self, id: &str) {
+        {
+            let mut a = self.absent.lock().unwrap_or_else(|p| p.into_inner());
+            if a.len() >= ABSENT_MAX {
+                a.clear();
+            }
+            if !a.insert(id.to_string()) {
+                return;
+            }
+        }
+        self.mark(id.to_string());
+    }
+
     fn set_down(&self, why: Option<String>) {
         *self.down.lock().unwrap_or_else(|p| p.into_inner()) = why;
     }
@@ -202,7 +235,7 @@ impl Containers {
     /// the request, and the next discovery of the cgroup asks again).
     pub fn request(&self, id: &str) {
         if let Some(tx) = &self.tx {
-            if self.get(id).is_none() {
+            if self.get(id).is_none() && !self.is_absent(id) {
                 let _ = tx.try_send(Msg::Lookup(id.to_string()));
             }
         }
@@ -219,6 +252,10 @@ impl Containers {
     /// Inserts or replaces; marks a change (and wakes the loop) only when it differs.
     pub fn put(&self, m: Meta) {
         let id = m.id.clone();
+        self.absent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
         let m = Arc::new(m);
         let old = self
             .map
@@ -243,6 +280,11 @@ impl Containers {
 
     /// Makes the cache hold exactly `metas` (after a (re)connection).
     fn replace_all(&self, metas: Vec<Meta>) {
+        // A (re)connected engine is asked again about what it did not know.
+        self.absent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         let now: HashSet<String> = metas.iter().map(|m| m.id.clone()).collect();
         let gone: Vec<String> = self
             .map
@@ -377,12 +419,9 @@ fn follow_events(engine: Engine, tx: Sender<Msg>, quiet_when_absent: bool) {
 
 /// The `docker` thread: the only writer of the cache.
 fn keep_current(engine: Engine, rx: Receiver<Msg>, cache: std::sync::Weak<Containers>) {
-    let inspect = |id: &str| match engine.inspect(id) {
-        Ok(m) => m,
-        Err(e) => {
-            log::debug!("docker: inspect {id}: {e}");
-            None
-        }
+    let inspect = |id: &str| match lookup(&engine, id) {
+        Lookup::Found(m) => Some(m),
+        Lookup::Absent | Lookup::Failed => None,
     };
     for msg in rx {
         let Some(c) = cache.upgrade() else {
@@ -404,11 +443,42 @@ fn keep_current(engine: Engine, rx: Receiver<Msg>, cache: std::sync::Weak<Contai
             Msg::Event(ev) => c.apply(&ev, inspect),
             Msg::Lookup(id) => {
                 if c.get(&id).is_none() {
-                    if let Some(m) = inspect(&id) {
-                        c.put(m);
+                    match lookup(&engine, &id) {
+                        Lookup::Found(m) => c.put(m),
+                        Lookup::Absent => c.set_absent(&id),
+                        Lookup::Failed => {}
                     }
                 }
             }
+        }
+    }
+}
+
+/// What the engine said about one container.
+enum Lookup {
+    Found(Meta),
+    /// It has no such container (404).
+    Absent,
+    /// No usable answer (logged).
+    Failed,
+}
+
+/// Inspects container `id`; an answer about another container is no answer (it would
+/// be cached under that other id and choose its policy).
+fn lookup(engine: &Engine, id: &str) -> Lookup {
+    match engine.inspect(id) {
+        Ok(Some(m)) if m.id == id => Lookup::Found(m),
+        Ok(Some(m)) => {
+            log::warn!(
+                "docker: asked about container {id}, the engine described {:?}: ignored",
+                m.id
+            );
+            Lookup::Failed
+        }
+        Ok(None) => Lookup::Absent,
+        Err(e) => {
+            log::debug!("docker: inspect {id}: {e}");
+            Lookup::Failed
         }
     }
 }
@@ -507,6 +577,12 @@ mod tests {
 
     impl FakeEngine {
         fn start(path: &Path, list: Vec<Meta>) -> FakeEngine {
+            FakeEngine::lying(path, list, None)
+        }
+
+        /// [`FakeEngine::start`], and an inspect of an id it does not list answers
+        /// with `lie` (another container's metadata) instead of 404.
+        fn lying(path: &Path, list: Vec<Meta>, lie: Option<Meta>) -> FakeEngine {
             use std::io::{Read, Write};
             let _ = std::fs::remove_file(path);
             let l = std::os::unix::net::UnixListener::bind(path).unwrap();
@@ -539,6 +615,7 @@ mod tests {
                             } else {
                                 list.iter()
                                     .find(|m| target == format!("/containers/{}/json", m.id))
+                                    .or(lie.as_ref())
                                     .map(json)
                             };
                             let reply = match body {
@@ -655,6 +732,49 @@ mod tests {
         wait("the insecure client lists", || insecure.get(A).is_some());
         std::os::unix::fs::chown(&sock, Some(0), None).unwrap();
         wait("the fixed socket is followed", || c.get(A).is_some());
+    }
+
+    /// An inspect of container A answered with container B's metadata was cached
+    /// under B's id: B's name (and the policy it selects) came from an answer about A.
+    /// It is ignored, and A stays unknown (not absent).
+    #[test]
+    fn an_answer_about_another_container_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("docker.sock");
+        let b = "b".repeat(64);
+        let _engine = FakeEngine::lying(&sock, vec![meta(&b, "web")], Some(meta(&b, "db-1")));
+        let c = Containers::start(&sock, false, true).unwrap();
+        wait("the listing is loaded", || c.get(&b).is_some());
+        c.request(A);
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(
+            c.get(&b).unwrap().info.name,
+            "web",
+            "B renamed by an answer about A"
+        );
+        assert!(c.get(A).is_none() && !c.is_absent(A));
+    }
+
+    /// A lookup the engine answers with 404 marks the id absent (and wakes the loop);
+    /// metadata for it later, or a new listing, clears that.
+    #[test]
+    fn a_container_the_engine_does_not_know_is_marked_absent() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("docker.sock");
+        let b = "b".repeat(64);
+        let _engine = FakeEngine::start(&sock, vec![meta(&b, "web")]);
+        let c = Containers::start(&sock, false, true).unwrap();
+        wait("the listing is loaded", || c.get(&b).is_some());
+        c.take_changed();
+        c.request(A);
+        wait("the 404 is recorded", || c.is_absent(A));
+        assert_eq!(c.take_changed(), vec![A.to_string()]);
+        assert!(!c.is_absent(&b));
+        c.put(meta(A, "api"));
+        assert!(!c.is_absent(A));
+        c.set_absent(A);
+        c.replace_all(vec![meta(&b, "web")]);
+        assert!(!c.is_absent(A), "a new listing asks again");
     }
 
     #[test]

@@ -802,6 +802,62 @@ mod tests {
         assert!(e.to_string().contains("reached through"), "{e}");
     }
 
+    /// The path as configured is judged too, not only where it leads: a link another
+    /// user owns, or one in a directory another user owns, can be turned after the
+    /// check to another socket root serves (dockerd's metrics socket and containerd's
+    /// debug socket answer 404 to every container: its metadata is then "absent").
+    /// Both were followed.
+    #[test]
+    fn a_link_to_the_socket_that_another_user_can_turn_is_refused() {
+        if !is_root() {
+            eprintln!("skipped: needs root to chown");
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        chmod(t.path(), 0o755);
+        let dir = t.path().join("run");
+        std::fs::create_dir(&dir).unwrap();
+        chmod(&dir, 0o755);
+        let sock = dir.join("docker.sock");
+        answer_forever(&sock);
+        // A link in a directory uid 65534 owns (they can replace it at will).
+        let theirs = t.path().join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        chmod(&theirs, 0o755);
+        std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+        let link = theirs.join("docker.sock");
+        std::os::unix::fs::symlink(&sock, &link).unwrap();
+        let e = get_body(&link, ROOT_ONLY, "/x", Duration::from_secs(5)).unwrap_err();
+        assert!(e.is_untrusted(), "{e}");
+        assert!(e.to_string().contains("owned by uid 65534"), "{e}");
+        assert_eq!(
+            get_body(&link, None, "/x", Duration::from_secs(5)).unwrap(),
+            b"[]",
+            "the operator opted in"
+        );
+        // A link uid 65534 owns, in root's directory.
+        let link2 = t.path().join("docker.sock");
+        std::os::unix::fs::symlink(&sock, &link2).unwrap();
+        std::os::unix::fs::lchown(&link2, Some(65534), None).unwrap();
+        let e = get_body(&link2, ROOT_ONLY, "/x", Duration::from_secs(5)).unwrap_err();
+        assert!(e.is_untrusted(), "{e}");
+        assert!(e.to_string().contains("65534"), "{e}");
+        // A chain through root's links in root's directories is fine; one through
+        // theirs is not.
+        std::os::unix::fs::lchown(&link2, Some(0), None).unwrap();
+        let link3 = dir.join("via.sock");
+        std::os::unix::fs::symlink(&link2, &link3).unwrap();
+        assert_eq!(
+            get_body(&link3, ROOT_ONLY, "/x", Duration::from_secs(5)).unwrap(),
+            b"[]"
+        );
+        let link4 = dir.join("via-theirs.sock");
+        std::os::unix::fs::symlink(&link, &link4).unwrap();
+        let e = get_body(&link4, ROOT_ONLY, "/x", Duration::from_secs(5)).unwrap_err();
+        assert!(e.to_string().contains("owned by uid 65534"), "{e}");
+        assert!(e.to_string().contains("reached through"), "{e}");
+    }
+
     /// A socket file root owns, served by another user (SO_PEERCRED): refused.
     #[test]
     fn a_socket_served_by_another_user_is_refused() {

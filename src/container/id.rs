@@ -64,6 +64,13 @@ impl Identity {
     pub fn is_container(&self) -> bool {
         self.container_id.is_some() && self.runtime != Some(Runtime::CrioConmon)
     }
+
+    /// True when the Docker engine may be the one that made this container (its cgroup
+    /// names Docker, or no engine at all); containerd's and CRI-O's containers it
+    /// never describes.
+    pub fn docker_may_know(&self) -> bool {
+        self.is_container() && matches!(self.runtime, Some(Runtime::Docker | Runtime::Unknown))
+    }
 }
 
 impl fmt::Display for Identity {
