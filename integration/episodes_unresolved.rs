@@ -245,6 +245,15 @@ fn a_panic_in_an_episode_is_audited_and_the_cgroup_is_still_rescued() {
         "took {:?}",
         t.elapsed()
     );
+    // The victim dies before the episode writes its `resolved` line (seen in the VM):
+    // wait for the lines, then count them.
+    let two = |event: &str| {
+        wait_until(Duration::from_secs(5), || {
+            agent.events(event, &cg.rel).len() >= 2
+        })
+    };
+    assert!(two("oom") && two("resolved"), "{:#?}", agent.audit());
+    std::thread::sleep(Duration::from_millis(200));
     assert_eq!(
         agent.events("oom", &cg.rel).len(),
         2,
