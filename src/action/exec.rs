@@ -190,12 +190,12 @@ pub fn run(
         Ok(f) => f,
         Err(e) => return Report::failed(e.to_string()).with("command", command.to_vec()),
     };
-    // A script's interpreter runs as root too (the kernel finds it by path).
-    if let Some(interp) = crate::perm::interpreter(&program) {
-        let what = "the interpreter of an exec hook";
-        if let Err(e) = crate::perm::open_program(&interp, what, trust.checks(), false) {
-            return Report::failed(e.to_string()).with("command", command.to_vec());
-        }
+    // A script's interpreter (and its own, for a chain of `#!`) runs as root too: the
+    // kernel finds it by path.
+    if let Err(e) =
+        crate::perm::check_interpreters(&program, std::path::Path::new(prog), trust.checks())
+    {
+        return Report::failed(e.to_string()).with("command", command.to_vec());
     }
     let dir = env.ctl.hierarchy().dir(ctx.cgroup);
     let (mut child, out, err) = match spawn(env, ctx, command, &dir, &program) {

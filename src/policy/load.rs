@@ -4,7 +4,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -900,23 +899,19 @@ fn check_hooks(
         let judged =
             crate::perm::open_program(Path::new(program), "an exec hook", trust.checks(), false)
                 .and_then(|_| {
-                    // A script's interpreter runs as root too. (A hook this user cannot
-                    // read is judged before each run, when the agent reads it as root.)
-                    let interp = std::fs::OpenOptions::new()
-                        .read(true)
-                        .custom_flags(libc::O_NONBLOCK)
-                        .open(program)
-                        .ok()
-                        .and_then(|f| crate::perm::interpreter(&f));
-                    match interp {
-                        Some(i) => crate::perm::open_program(
-                            &i,
-                            "the interpreter of an exec hook",
-                            trust.checks(),
-                            false,
-                        )
-                        .map(|_| ()),
-                        None => Ok(()),
+                    // A script's interpreter (and its own, for a chain) runs as root too.
+                    // (A hook this user cannot read is judged before each run, when the
+                    // agent reads it as root.)
+                    match crate::perm::open_program(
+                        Path::new(program),
+                        "an exec hook",
+                        trust.checks(),
+                        true,
+                    ) {
+                        Ok(f) => {
+                            crate::perm::check_interpreters(&f, Path::new(program), trust.checks())
+                        }
+                        Err(_) => Ok(()),
                     }
                 });
         match judged {
