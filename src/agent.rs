@@ -38,10 +38,17 @@ pub fn run(cfg: Config, policies: PolicySet, reload: crate::config::Reload) -> a
     let h = Hierarchy::detect(&cfg.cgroup_root, &cfg.proc_root)?;
     let ctl = cgroup::open(h)?;
     loan::fault::init();
+    // The start judged the nearest directory that existed: made now if missing, the
+    // state dir is judged again as it is, before anything in it is read (in a sticky
+    // directory such as /tmp, another user could have made it in between, theirs).
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
+    if let crate::perm::Checks::Strict(owners) = cfg.trust.checks() {
+        crate::perm::check(&cfg.state_dir, "the state dir", owners)
+            .with_context(|| "untrusted state dir, not starting")?;
+    }
     // A dry run reads the journal and never writes it (nor any cgroup).
     let journal = if cfg.dry_run {
-        std::fs::create_dir_all(&cfg.state_dir)
-            .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
         Journal::read_only(&cfg.state_dir)
     } else {
         Journal::open(&cfg.state_dir)?

@@ -478,17 +478,45 @@ fn fnv1a64(b: &[u8]) -> u64 {
 /// is `Insecure`, owned by root (or the agent's effective uid) and not writable by group
 /// or others. The directories above are checked at start ([`crate::perm`]).
 pub fn open_log(path: &Path, trust: Trust) -> Result<File, AuditError> {
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o640)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
-        .open(path)
-        .map_err(|error| AuditError::Open {
-            path: path.to_path_buf(),
-            error,
-        })?;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::fs::MetadataExt;
+    let open_error = |error: io::Error| AuditError::Open {
+        path: path.to_path_buf(),
+        error,
+    };
+    // The directory is walked and judged first (a link on the way is followed only if
+    // it is root's), and the file opened (or created) in the directory judged: a link
+    // another user puts in place of a directory above cannot aim root's appends (or the
+    // file's creation) elsewhere, between the check and the open or ever.
+    let name = path
+        .file_name()
+        .ok_or_else(|| open_error(io::Error::from(io::ErrorKind::InvalidInput)))?;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let checks = match trust {
+        Trust::Strict => crate::perm::Checks::Strict(crate::perm::Owners::current(
+            ", or pass --insecure-policies for development",
+        )),
+        Trust::Insecure => crate::perm::Checks::Insecure,
+    };
+    let dir = crate::perm::open_dir_above(parent, "the audit log's directory", checks)?;
+    let fd = nix::fcntl::openat(
+        Some(dir.as_fd().as_raw_fd()),
+        name,
+        nix::fcntl::OFlag::O_WRONLY
+            | nix::fcntl::OFlag::O_APPEND
+            | nix::fcntl::OFlag::O_CREAT
+            | nix::fcntl::OFlag::O_NOFOLLOW
+            | nix::fcntl::OFlag::O_NONBLOCK
+            | nix::fcntl::OFlag::O_CLOEXEC
+            | nix::fcntl::OFlag::O_NOCTTY,
+        nix::sys::stat::Mode::from_bits_truncate(0o640),
+    )
+    .map_err(|e| open_error(e.into()))?;
+    // SAFETY: openat has just returned this descriptor; nothing else owns it.
+    let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
     let md = file.metadata().map_err(|error| AuditError::Open {
         path: path.to_path_buf(),
         error,
@@ -514,10 +542,6 @@ pub fn open_log(path: &Path, trust: Trust) -> Result<File, AuditError> {
                 mode: mode & 0o7777,
             });
         }
-        // The file is checked on the descriptor above; the directories above it on
-        // their paths, as at start (a link planted there is refused by O_NOFOLLOW).
-        let owners = crate::perm::Owners::current(", or pass --insecure-policies for development");
-        crate::perm::check_existing_part(path, "the audit log", owners)?;
     }
     // Writes to a regular file ignore O_NONBLOCK; cleared all the same.
     use nix::fcntl::{fcntl, FcntlArg, OFlag};
@@ -951,6 +975,62 @@ mod tests {
         let text = std::fs::read_to_string(&old).unwrap();
         assert!(text.contains("/no-reader"), "{text}");
         assert!(text.contains("/reader"), "{text}");
+    }
+
+    /// A directory above the log that another user swaps for a link to a root-owned
+    /// directory: refused (the link is theirs), and nothing is created or appended to
+    /// where it points, at start as at a reopen.
+    #[test]
+    fn a_link_another_user_put_above_the_log_is_not_followed() {
+        use std::os::unix::fs::PermissionsExt;
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to chown");
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let mode = |p: &Path, m| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m));
+        mode(t.path(), 0o755).unwrap();
+        // Root's directory with a root file in it (think /etc and /etc/passwd).
+        let target = t.path().join("etc");
+        std::fs::create_dir(&target).unwrap();
+        mode(&target, 0o755).unwrap();
+        std::fs::write(target.join("passwd"), "root:x:0:0::/root:/bin/sh\n").unwrap();
+        mode(&target.join("passwd"), 0o644).unwrap();
+        // A sticky root directory (think /tmp) where nobody put a link.
+        let tmp = t.path().join("tmp");
+        std::fs::create_dir(&tmp).unwrap();
+        mode(&tmp, 0o1777).unwrap();
+        let link = tmp.join("logs");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        std::os::unix::fs::lchown(&link, Some(65534), Some(65534)).unwrap();
+        for name in ["passwd", "new.jsonl"] {
+            let e = open_log(&link.join(name), Trust::Strict)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("a symbolic link owned by uid 65534"), "{e}");
+        }
+        assert!(
+            !target.join("new.jsonl").exists(),
+            "created through the link"
+        );
+        // At a reopen too: the log's directory swapped for the link is refused.
+        let dir = tmp.join("log");
+        std::fs::create_dir(&dir).unwrap();
+        mode(&dir, 0o755).unwrap();
+        let a = Audit::file(&dir.join("passwd")).unwrap();
+        std::fs::rename(&dir, tmp.join("log.old")).unwrap();
+        std::os::unix::fs::symlink(&target, &dir).unwrap();
+        std::os::unix::fs::lchown(&dir, Some(65534), Some(65534)).unwrap();
+        a.reopen().unwrap();
+        a.log(Record::new("watch", &CgroupPath::new("/x")));
+        assert!(a.flush(Duration::from_secs(5)));
+        assert_eq!(
+            std::fs::read_to_string(target.join("passwd")).unwrap(),
+            "root:x:0:0::/root:/bin/sh\n",
+            "appended through nobody's link"
+        );
+        let old = std::fs::read_to_string(tmp.join("log.old/passwd")).unwrap();
+        assert!(old.contains("\"/x\""), "{old}");
     }
 
     /// Issue 16.5: the reopen checks what it opened like the start does: a file owned

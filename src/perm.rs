@@ -134,8 +134,10 @@ impl Owners {
     }
 }
 
-/// Checks `path` (which must exist) and every directory above it. `what` names what
-/// was being loaded through it ("policy file", "config"), for the message.
+/// Checks `path` (which must exist, of any kind) and every directory above it, walking
+/// it from `/` as [`open_file`] does: a symbolic link on the way is followed only if it
+/// is root's (or the caller's). `what` names what was being loaded through it ("state
+/// dir", "the audit log"), for the message.
 pub fn check(path: &Path, what: &str, owners: Owners) -> Result<(), PermError> {
     check_from(path, what, owners, 0)
 }
@@ -149,21 +151,13 @@ fn check_from(
     owners: Owners,
     first_above: usize,
 ) -> Result<(), PermError> {
-    let real = path.canonicalize().map_err(|error| PermError::Io {
-        path: path.to_path_buf(),
-        error,
-    })?;
-    let through = if real == path {
-        String::new()
-    } else {
-        format!(" (reached through {})", path.display())
+    let w = Walk {
+        checks: Checks::Strict(owners),
+        what,
+        given: path,
+        last_above: first_above > 0,
     };
-    let what = if what.is_empty() {
-        through
-    } else {
-        format!(" as {what}{through}")
-    };
-    check_real(&real, what, owners, first_above, true)
+    w.walk_from_root(path, Last::Any).map(|_| ())
 }
 
 /// The walk of [`check_from`] over `real`, a canonical path, and its ancestors.
@@ -255,6 +249,7 @@ fn check_socket_links(
         checks: Checks::Strict(owners),
         what,
         given: parent,
+        last_above: false,
     };
     let (dir, _, _) = w.walk_from_root(parent, Last::Parent)?;
     let Some(target) = link_target(&dir, path, name, what, owners)? else {
@@ -337,6 +332,8 @@ enum Last {
     Read,
     /// A regular file only to judge (and execute): `O_PATH`, no read permission needed.
     Path,
+    /// Anything, only to judge: `O_PATH` ([`check`]).
+    Any,
 }
 
 /// One step of a walk: back to `/` (an absolute link target), or a name.
@@ -405,6 +402,10 @@ struct Walk<'a> {
     what: &'a str,
     /// The path as the caller named it.
     given: &'a Path,
+    /// The last component is a directory above what is trusted, where a root-owned
+    /// sticky directory is fine (the directory of the audit log, the nearest existing
+    /// ancestor of a path not created yet).
+    last_above: bool,
 }
 
 impl Walk<'_> {
@@ -540,8 +541,8 @@ impl Walk<'_> {
         let st = fstat(&dir).map_err(|e| self.io(&real, e))?;
         let fd = dir;
         match last {
-            Last::Dir | Last::Parent => {
-                self.judge(&fd, &st, &real, last == Last::Parent)?;
+            Last::Dir | Last::Parent | Last::Any => {
+                self.judge(&fd, &st, &real, self.last_above || last == Last::Parent)?;
                 Ok((fd, st, real))
             }
             Last::Read | Last::Path => Err(PermError::NotRegular {
@@ -575,7 +576,7 @@ impl Walk<'_> {
             }
             _ => {}
         }
-        self.judge(&fd, &st, &real, last == Last::Parent)?;
+        self.judge(&fd, &st, &real, self.last_above || last == Last::Parent)?;
         if last != Last::Read {
             return Ok((fd, st, real));
         }
@@ -646,6 +647,11 @@ pub struct CheckedDir {
 }
 
 impl CheckedDir {
+    /// The directory's descriptor (`O_PATH`), to open or create what is in it.
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
     /// The names in the directory (without `.` and `..`), unsorted.
     pub fn names(&self) -> Result<Vec<OsString>, PermError> {
         let io = |e: Errno| PermError::Io {
@@ -693,6 +699,7 @@ impl CheckedDir {
             checks: self.checks,
             what,
             given: &given,
+            last_above: false,
         };
         let dir = self.fd.try_clone().map_err(|error| PermError::Io {
             path: self.given.clone(),
@@ -710,6 +717,25 @@ pub fn open_dir(path: &Path, what: &str, checks: Checks) -> Result<CheckedDir, P
         checks,
         what,
         given: path,
+        last_above: false,
+    };
+    let (fd, _, real) = w.walk_from_root(path, Last::Dir)?;
+    Ok(CheckedDir {
+        fd,
+        real,
+        given: path.to_path_buf(),
+        checks,
+    })
+}
+
+/// Like [`open_dir`] for the directory a file is created in (the audit log's): a
+/// root-owned sticky directory such as /tmp is fine there, as above a trusted path.
+pub fn open_dir_above(path: &Path, what: &str, checks: Checks) -> Result<CheckedDir, PermError> {
+    let w = Walk {
+        checks,
+        what,
+        given: path,
+        last_above: true,
     };
     let (fd, _, real) = w.walk_from_root(path, Last::Dir)?;
     Ok(CheckedDir {
@@ -727,6 +753,7 @@ pub fn open_file(path: &Path, what: &str, checks: Checks) -> Result<File, PermEr
         checks,
         what,
         given: path,
+        last_above: false,
     };
     let (fd, _, _) = w.walk_from_root(path, Last::Read)?;
     Ok(File::from(fd))
@@ -745,6 +772,7 @@ pub fn open_program(
         checks,
         what,
         given: path,
+        last_above: false,
     };
     let last = if read { Last::Read } else { Last::Path };
     let (fd, _, _) = w.walk_from_root(path, last)?;
@@ -763,13 +791,6 @@ pub struct Program {
     pub file: File,
 }
 
-impl CheckedDir {
-    /// The directory's descriptor (to open or execute what is in it).
-    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        self.fd.as_fd()
-    }
-}
-
 /// Opens the program `path` to run it: its directory (the path's parent, every link on
 /// the way resolved) opened and judged, and the file opened from that directory by the
 /// path's last name and judged, with every link it leads through. The caller runs it as
@@ -782,6 +803,7 @@ pub fn open_program_to_run(path: &Path, what: &str, checks: Checks) -> Result<Pr
         checks,
         what,
         given: path,
+        last_above: false,
     };
     let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
         return Err(w.io(path, Errno::EISDIR));
@@ -795,20 +817,74 @@ pub fn open_program_to_run(path: &Path, what: &str, checks: Checks) -> Result<Pr
     })
 }
 
-/// The interpreter a script names on its `#!` line (read from `file`, at offset 0, without
-/// moving it), if it starts with one and names an absolute path. The kernel resolves it
-/// by path when the script runs: the agent judges it first with [`open_program`].
+/// Levels of `#!` the kernel follows (an interpreter that is itself a script, and so
+/// on) before it gives up with ELOOP: `exec_binprm`'s limit.
+const MAX_INTERPRETERS: usize = 5;
+
+/// The interpreter a script names on its `#!` line (read from `file`, at offset 0,
+/// without moving it), parsed as the kernel does (`binfmt_script`): the first 256 bytes,
+/// blanks (space, tab) skipped after `#!`, the name ending at a blank, a NUL or the end
+/// of the line. None if the file does not start with `#!` (or cannot be read).
 pub fn interpreter(file: &File) -> Option<PathBuf> {
     use std::os::unix::fs::FileExt;
     let mut head = [0u8; 256];
     let n = file.read_at(&mut head, 0).ok()?;
     let line = head[..n].strip_prefix(b"#!")?;
     let line = line.split(|&b| b == b'\n').next()?;
-    let path = line
-        .split(|b| b.is_ascii_whitespace())
-        .find(|w| !w.is_empty())?;
-    path.starts_with(b"/")
-        .then(|| PathBuf::from(OsStr::from_bytes(path)))
+    let blank = |b: &u8| *b == b' ' || *b == b'\t';
+    let start = line.iter().position(|b| !blank(b))?;
+    let name = line[start..]
+        .split(|b| blank(b) || *b == 0)
+        .next()
+        .filter(|n| !n.is_empty())?;
+    Some(PathBuf::from(OsStr::from_bytes(name)))
+}
+
+/// Judges the `#!` interpreters of the program open as `file` (at `path`), which run as
+/// root too and which the kernel finds by path: each one as [`open_program`] judges a
+/// program, and, since an interpreter may itself be a script, its own interpreter in
+/// turn, as deep as the kernel goes. A relative interpreter is refused: the kernel
+/// resolves it from the working directory of whoever runs the hook. An interpreter this
+/// user cannot read (`check` as a user) is judged but not looked into.
+pub fn check_interpreters(file: &File, path: &Path, checks: Checks) -> Result<(), PermError> {
+    const WHAT: &str = "the interpreter of an exec hook";
+    let mut script = path.to_path_buf();
+    let mut next = interpreter(file);
+    for _ in 0..MAX_INTERPRETERS {
+        let Some(interp) = next else {
+            return Ok(());
+        };
+        if !interp.is_absolute() {
+            return Err(PermError::Io {
+                path: script,
+                error: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "its `#!` interpreter {} is a relative path, found from the working directory of whoever runs it: refusing it (fix: an absolute path)",
+                        interp.display()
+                    ),
+                ),
+            });
+        }
+        let f = match open_program(&interp, WHAT, checks, true) {
+            Ok(f) => f,
+            Err(PermError::Io { error, .. })
+                if error.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                return open_program(&interp, WHAT, checks, false).map(|_| ());
+            }
+            Err(e) => return Err(e),
+        };
+        next = interpreter(&f);
+        script = interp;
+    }
+    match next {
+        None => Ok(()),
+        Some(_) => Err(PermError::Io {
+            path: path.to_path_buf(),
+            error: Errno::ELOOP.into(),
+        }),
+    }
 }
 
 /// The whole text of a file opened by [`open_file`], at most [`MAX_FILE`] bytes.
@@ -962,6 +1038,81 @@ mod tests {
         assert!(
             e.contains(&format!("reached through {}", link.display())),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn check_does_not_follow_a_link_another_user_owns() {
+        if !is_root() {
+            eprintln!("skipped: needs root to chown");
+            return;
+        }
+        let (t, dir, file) = tree();
+        chmod(t.path(), 0o755);
+        // nobody's own directory, and in it a link to root's policies.
+        let home = t.path().join("home");
+        std::fs::create_dir(&home).unwrap();
+        std::os::unix::fs::chown(&home, Some(65534), Some(65534)).unwrap();
+        let link = home.join("pol");
+        symlink(&dir, &link).unwrap();
+        std::os::unix::fs::lchown(&link, Some(65534), Some(65534)).unwrap();
+        let e = check(&link.join("a.toml"), "the audit log", ROOT_ONLY)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("owned by uid 65534"), "{e}");
+        assert!(check_existing_part(&link.join("new"), "the state dir", ROOT_ONLY).is_err());
+        // The same link in a sticky root directory: refused as a link.
+        chmod(&home, 0o1777);
+        std::os::unix::fs::chown(&home, Some(0), Some(0)).unwrap();
+        let e = check(&link.join("a.toml"), "", ROOT_ONLY)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("a symbolic link owned by uid 65534"), "{e}");
+        // Root's own link is followed.
+        std::os::unix::fs::lchown(&link, Some(0), Some(0)).unwrap();
+        check(&link.join("a.toml"), "", ROOT_ONLY).unwrap();
+        check(&file, "", ROOT_ONLY).unwrap();
+    }
+
+    #[test]
+    fn interpreters_are_judged_down_a_chain_and_relative_ones_refused() {
+        if !is_root() {
+            eprintln!("skipped: needs root to chown");
+            return;
+        }
+        let (t, dir, _file) = tree();
+        chmod(t.path(), 0o755);
+        let script = |name: &str, text: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            chmod(&p, 0o755);
+            p
+        };
+        let open = |p: &Path| open_program(p, "", Checks::Strict(ROOT_ONLY), true).unwrap();
+        let evil = script("evil", "#!/bin/sh\n");
+        std::os::unix::fs::chown(&evil, Some(65534), None).unwrap();
+        let wrap = script("wrap", &format!("#!{}\n", evil.display()));
+        let hook = script("hook", &format!("#! \t{} -x\necho\n", wrap.display()));
+        let e = check_interpreters(&open(&hook), &hook, Checks::Strict(ROOT_ONLY))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("owned by uid 65534"), "{e}");
+        std::os::unix::fs::chown(&evil, Some(0), None).unwrap();
+        check_interpreters(&open(&hook), &hook, Checks::Strict(ROOT_ONLY)).unwrap();
+        // The kernel finds a relative interpreter from the working directory.
+        let rel = script("rel", "#!tmp/evil\n");
+        let e = check_interpreters(&open(&rel), &rel, Checks::Strict(ROOT_ONLY))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("relative path"), "{e}");
+        // A loop of scripts ends, as the kernel's does.
+        let a = dir.join("loop");
+        script("loop", &format!("#!{}\n", a.display()));
+        assert!(check_interpreters(&open(&a), &a, Checks::Strict(ROOT_ONLY)).is_err());
+        assert_eq!(
+            interpreter(&open(&hook)).unwrap(),
+            wrap,
+            "blanks skipped, arguments cut"
         );
     }
 

@@ -123,6 +123,7 @@ fn spawn(
     command: &[String],
     dir: &std::path::Path,
     program: &crate::perm::Program,
+    trust: Trust,
 ) -> std::io::Result<(Spawned, File, File)> {
     let (out_r, out_w) = pipe2(OFlag::O_CLOEXEC)?;
     let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC)?;
@@ -141,9 +142,17 @@ fn spawn(
         ),
     ];
     // The agent's environment, with the episode's variables in place of any of the same
-    // name.
+    // name, and only the trusted directories of its PATH.
     let inherited: Vec<(OsString, OsString)> = std::env::vars_os()
         .filter(|(k, _)| !ours.iter().any(|(name, _)| k == name))
+        .map(|(k, v)| {
+            let v = if k == "PATH" {
+                trusted_path(&v, trust.checks())
+            } else {
+                v
+            };
+            (k, v)
+        })
         .collect();
     let adj = env.proc_root.join("self/oom_score_adj");
     let req = SpawnRequest {
@@ -163,6 +172,31 @@ fn spawn(
     // The write ends are the child's now: the pipes end when it (and what it started)
     // is gone.
     Ok((child, File::from(out_r), File::from(err_r)))
+}
+
+/// The directories of `path` (a PATH value) a hook may look programs up in: absolute
+/// ones that pass the owner and mode checks. A hook runs as root, and what it runs by
+/// name (`#!/usr/bin/env python3`, `sh -c 'curl ...'`) is found there: a directory of
+/// another user's (an operator's own `~/bin`), or the working directory (an empty entry,
+/// `.`), would be theirs to plant a program in.
+fn trusted_path(path: &OsStr, checks: crate::perm::Checks) -> OsString {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let crate::perm::Checks::Strict(owners) = checks else {
+        return path.to_os_string();
+    };
+    let kept: Vec<&[u8]> = path
+        .as_bytes()
+        .split(|&b| b == b':')
+        .filter(|d| {
+            let dir = std::path::Path::new(OsStr::from_bytes(d));
+            let ok = dir.is_absolute() && crate::perm::check(dir, "", owners).is_ok();
+            if !ok && !d.is_empty() && dir.exists() {
+                log::debug!("exec: {} left out of the hook's PATH", dir.display());
+            }
+            ok
+        })
+        .collect();
+    OsString::from_vec(kept.join(&b':'))
 }
 
 /// Runs the hook. Its program is judged again first, on the descriptor it is then
@@ -190,15 +224,15 @@ pub fn run(
         Ok(p) => p,
         Err(e) => return Report::failed(e.to_string()).with("command", command.to_vec()),
     };
-    // A script's interpreter runs as root too (the kernel finds it by path).
-    if let Some(interp) = crate::perm::interpreter(&program.file) {
-        let what = "the interpreter of an exec hook";
-        if let Err(e) = crate::perm::open_program(&interp, what, trust.checks(), false) {
-            return Report::failed(e.to_string()).with("command", command.to_vec());
-        }
+    // A script's interpreter (and its own, for a chain of `#!`) runs as root too: the
+    // kernel finds it by path.
+    if let Err(e) =
+        crate::perm::check_interpreters(&program.file, std::path::Path::new(prog), trust.checks())
+    {
+        return Report::failed(e.to_string()).with("command", command.to_vec());
     }
     let dir = env.ctl.hierarchy().dir(ctx.cgroup);
-    let (mut child, out, err) = match spawn(env, ctx, command, &dir, &program) {
+    let (mut child, out, err) = match spawn(env, ctx, command, &dir, &program, trust) {
         Ok(started) => started,
         Err(e) => return Report::failed(format!("{prog}: {e}")).with("command", command.to_vec()),
     };
@@ -313,6 +347,39 @@ mod tests {
         assert_eq!(
             run(&env, &audit, &cmd, Duration::from_secs(1), Trust::Strict).outcome,
             Outcome::Would
+        );
+    }
+
+    #[test]
+    fn the_hooks_path_keeps_only_trusted_directories() {
+        use std::os::unix::fs::PermissionsExt;
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to chown");
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let mine = t.path().join("mine");
+        let theirs = t.path().join("theirs");
+        for d in [&mine, &theirs] {
+            std::fs::create_dir(d).unwrap();
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        std::os::unix::fs::chown(&theirs, Some(65534), None).unwrap();
+        let path = format!(
+            "{}::.:/usr/bin:{}:bin:{}",
+            theirs.display(),
+            mine.display(),
+            t.path().join("missing").display()
+        );
+        let strict = Trust::Strict.checks();
+        assert_eq!(
+            trusted_path(OsStr::new(&path), strict),
+            OsString::from(format!("/usr/bin:{}", mine.display()))
+        );
+        let insecure = Trust::Insecure.checks();
+        assert_eq!(
+            trusted_path(OsStr::new(&path), insecure),
+            OsString::from(&path)
         );
     }
 

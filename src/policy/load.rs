@@ -4,7 +4,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -302,7 +301,7 @@ struct Ctx<'a> {
     warnings: std::cell::RefCell<Vec<String>>,
     /// The program of each `exec` step and where its `command` is, for the owner and
     /// mode checks of [`load_files_with`].
-    hooks: std::cell::RefCell<Vec<(String, Range<usize>)>>,
+    hooks: std::cell::RefCell<Vec<(Vec<String>, Range<usize>)>>,
 }
 
 impl Ctx<'_> {
@@ -379,7 +378,7 @@ pub fn load_one(text: &str, file: &str) -> Result<(Policy, Vec<String>), LoadErr
 }
 
 /// A policy, its warnings, and the program and `command` span of each `exec` step.
-type Loaded = (Policy, Vec<String>, Vec<(String, Range<usize>)>);
+type Loaded = (Policy, Vec<String>, Vec<(Vec<String>, Range<usize>)>);
 
 fn load_inner(text: &str, file: &str) -> Result<Loaded, LoadError> {
     let ctx = Ctx {
@@ -749,7 +748,7 @@ fn build_step(ctx: &Ctx, s: &RawStep) -> Result<Step, LoadError> {
                 ));
             }
             if let Some(c) = &s.command {
-                ctx.hooks.borrow_mut().push((command[0].clone(), c.span()));
+                ctx.hooks.borrow_mut().push((command.clone(), c.span()));
             }
             Action::Exec {
                 command,
@@ -889,34 +888,47 @@ fn load_texts(
 fn check_hooks(
     text: &str,
     file: &str,
-    hooks: &[(String, Range<usize>)],
+    hooks: &[(Vec<String>, Range<usize>)],
     trust: Trust,
 ) -> Result<Vec<String>, LoadError> {
     let mut warnings = Vec::new();
     if trust == Trust::Insecure {
         return Ok(warnings);
     }
-    for (program, span) in hooks {
+    for (command, span) in hooks {
+        let program = &command[0];
+        // An argument that names a file the hook may read or run as root (`/bin/sh
+        // /home/u/hook.sh`): judged like the program, a warning only (an argument may
+        // as well be a file the hook writes, or a path to a workload's own data).
+        for arg in &command[1..] {
+            let path = Path::new(arg);
+            if !path.is_absolute() || !path.is_file() {
+                continue;
+            }
+            let what = "an argument of an exec hook";
+            if let Err(e) = crate::perm::open_program(path, what, trust.checks(), false) {
+                let (line, col) = position(text, span.start);
+                warnings.push(format!(
+                    "{file}:{line}:{col}: warning: {e}: the hook runs as root and may read or run it"
+                ));
+            }
+        }
         let judged =
             crate::perm::open_program(Path::new(program), "an exec hook", trust.checks(), false)
                 .and_then(|_| {
-                    // A script's interpreter runs as root too. (A hook this user cannot
-                    // read is judged before each run, when the agent reads it as root.)
-                    let interp = std::fs::OpenOptions::new()
-                        .read(true)
-                        .custom_flags(libc::O_NONBLOCK)
-                        .open(program)
-                        .ok()
-                        .and_then(|f| crate::perm::interpreter(&f));
-                    match interp {
-                        Some(i) => crate::perm::open_program(
-                            &i,
-                            "the interpreter of an exec hook",
-                            trust.checks(),
-                            false,
-                        )
-                        .map(|_| ()),
-                        None => Ok(()),
+                    // A script's interpreter (and its own, for a chain) runs as root too.
+                    // (A hook this user cannot read is judged before each run, when the
+                    // agent reads it as root.)
+                    match crate::perm::open_program(
+                        Path::new(program),
+                        "an exec hook",
+                        trust.checks(),
+                        true,
+                    ) {
+                        Ok(f) => {
+                            crate::perm::check_interpreters(&f, Path::new(program), trust.checks())
+                        }
+                        Err(_) => Ok(()),
                     }
                 });
         match judged {
@@ -1808,6 +1820,44 @@ level = 1
         );
         let errs = dir_errors(t.path(), Trust::Strict).unwrap().unwrap_err();
         assert!(errs[0].contains("larger than 1048576 bytes"), "{errs:?}");
+    }
+
+    #[test]
+    fn a_script_handed_to_a_trusted_program_is_judged_too_with_a_warning() {
+        if !is_root() {
+            eprintln!("skipped: needs root to chown");
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let home = t.path().join("home");
+        std::fs::create_dir(&home).unwrap();
+        chmod(&home, 0o755);
+        let script = home.join("hook.sh");
+        std::fs::write(&script, "true\n").unwrap();
+        chmod(&script, 0o644);
+        let p = t.path().join("p.toml");
+        let cmd = format!(
+            "command = [\"/bin/sh\", \"{}\", \"/nope\"]\n",
+            script.display()
+        );
+        std::fs::write(&p, format!("{HEAD}[[step]]\naction = \"exec\"\n{cmd}")).unwrap();
+        let load = || {
+            load_files_with(std::slice::from_ref(&p), Trust::Strict)
+                .map(|s| s.warnings().to_vec())
+                .unwrap()
+        };
+        assert_eq!(load(), Vec::<String>::new());
+        std::os::unix::fs::chown(&home, Some(65534), None).unwrap();
+        let w = load();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with(&format!(
+                "{}:5:11: warning: {}: owned by uid 65534",
+                p.display(),
+                home.display()
+            )) && w[0].contains("as an argument of an exec hook"),
+            "{w:?}"
+        );
     }
 
     #[test]
