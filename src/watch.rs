@@ -1123,7 +1123,7 @@ impl Watcher {
             c.suspect.take(),
             || {
                 let stat = ctl.stat(cg).ok()??;
-                let pids = ctl.procs(cg).ok().flatten();
+                let pids = subtree_procs(ctl, cg);
                 Some(Wall {
                     usage: ctl.usage(cg).ok()??,
                     limit: ctl.limits(cg).ok()??.memory,
@@ -1481,6 +1481,33 @@ fn at_own_limit(ctl: &dyn crate::cgroup::Controller, cg: &CgroupPath) -> bool {
     };
     let unlimited = crate::cgroup::parse::is_unlimited(limits.memory);
     matches!(ctl.usage(cg), Ok(Some(u)) if !unlimited && crate::pinned::at_wall(u, limits.memory))
+}
+
+/// The processes of `cg` and of every cgroup below it, for the pinned rule's CPU
+/// evidence: a limit on a parent (a pod) with its processes in children (containers)
+/// is the usual layout, and the parent's own `cgroup.procs` is empty there, which
+/// would prove any busy subtree idle. `None` when the subtree could not all be listed
+/// or read, or holds more than [`crate::pinned::MAX_TASKS`] processes: then nothing
+/// proves it idle.
+fn subtree_procs(ctl: &dyn crate::cgroup::Controller, cg: &CgroupPath) -> Option<Vec<i32>> {
+    let (cgroups, complete) = ctl.hierarchy().walk_checked(cg);
+    if !complete || cgroups.first() != Some(cg) {
+        return None;
+    }
+    let mut pids = Vec::new();
+    for c in &cgroups {
+        match ctl.procs(c) {
+            Ok(Some(p)) => pids.extend(p),
+            // A child removed since the walk: its processes are gone or moved (the
+            // fingerprint of the set tells the next look).
+            Ok(None) if c != cg => {}
+            _ => return None,
+        }
+        if pids.len() > crate::pinned::MAX_TASKS {
+            return None;
+        }
+    }
+    Some(pids)
 }
 
 #[cfg(test)]
