@@ -521,3 +521,69 @@ fn pinned_stall_in_a_child_of_the_limited_cgroup_is_resolved() {
     assert_eq!(r["by_action"], "raise_limit");
     assert!(pod.limit() > 16 * MIB);
 }
+
+/// The lookups at the wall under a short `sweep_interval` (allowed down to 1ms): the
+/// CPU time of `/proc/PID/stat` moves in clock ticks (10 ms at USER_HZ 100), so over a
+/// window shorter than a few ticks a process running flat out can show no CPU used at
+/// all, and the page counters of a workload that moves no page stand still. Nothing
+/// may be killed.
+#[test]
+fn lookups_at_the_wall_under_a_short_sweep_interval_are_not_pinned() {
+    let name = "lookups_at_the_wall_under_a_short_sweep_interval_are_not_pinned";
+    let Some(()) = require_v1(name) else { return };
+    let Some(prog) = c_program("lookups") else {
+        return required(name, "cannot build integration/pinned/lookups.c (gcc)");
+    };
+    let names = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mut s = Scratch::new("pinned-lookups-fast");
+    // The agent's root is the scratch tree: its paths start there.
+    let cg = s.cgroup("w", Some(64 * MIB), true);
+    let tmp = Agent::dir(&[("p.toml", &policy("lookups", "/w", "", KILL))]);
+    std::fs::write(
+        tmp.path().join("oomwake.toml"),
+        "sweep_interval = \"10ms\"\n",
+    )
+    .unwrap();
+    let agent = Agent::start_in_root(tmp, &s.dir, &[]);
+    agent.expect("watch", "/w", Duration::from_secs(10));
+    let holder = s.hog(
+        &cg,
+        &["--touch", "62M", "--hold", "600s", "--tag", "holder"],
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || cg.usage() >= 62 * MIB),
+        "the holder never filled its 62 MiB (usage {})",
+        cg.usage()
+    );
+    let failcnt_before = failcnt(&cg);
+    let mut cmd = Command::new(&prog);
+    cmd.arg(&cg.dir).arg(names.path()).arg("5");
+    let (_, lines) = s.spawn(cmd);
+    assert!(line(&lines, "start", Duration::from_secs(10)).is_some());
+    let done = loop {
+        match lines.recv_timeout(Duration::from_millis(50)) {
+            Ok(l) if l.starts_with("done") => break Some(l),
+            Ok(_) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(_) => break None,
+        }
+        assert!(!cg.under_oom(), "a real OOM: not the workload under test");
+    };
+    let failed = failcnt(&cg) - failcnt_before;
+    std::thread::sleep(Duration::from_millis(500));
+    eprintln!("{name}: {done:?}, failcnt +{failed}");
+    assert!(
+        s.alive(holder.pid),
+        "the idle holder was killed\naudit:\n{:?}",
+        agent.audit()
+    );
+    assert!(
+        agent.events("oom", "/w").is_empty() && agent.events("action", "/w").is_empty(),
+        "an episode started for a cgroup making progress\naudit:\n{:?}",
+        agent.audit()
+    );
+    assert!(done.is_some(), "the lookups failed");
+    assert!(
+        failed > 1000,
+        "failcnt rose by only {failed}: not at the wall"
+    );
+}
