@@ -262,8 +262,28 @@ pub fn judge(
     suspect: Option<Suspect>,
     wall: impl FnOnce() -> Option<Wall>,
 ) -> Verdict {
+    judge_every(now, prev, cur, suspect, Duration::ZERO, wall)
+}
+
+/// How long a suspect is followed when the sweep comes every `sweep`: [`SUSPECT_FOR`],
+/// or three sweeps when that is longer (a sweep interval above 10 s would otherwise
+/// drop every suspect before the next look, and no pinned stall would ever be found).
+pub fn suspect_for(sweep: Duration) -> Duration {
+    SUSPECT_FOR.max(sweep.saturating_mul(3))
+}
+
+/// [`judge`] for a sweep that comes every `sweep` (see [`suspect_for`]).
+pub fn judge_every(
+    now: Instant,
+    prev: Look,
+    cur: Look,
+    suspect: Option<Suspect>,
+    sweep: Duration,
+    wall: impl FnOnce() -> Option<Wall>,
+) -> Verdict {
     let rose = cur.failcnt > prev.failcnt;
-    let suspect = suspect.filter(|s| now.saturating_duration_since(s.since) <= SUSPECT_FOR);
+    let follow = suspect_for(sweep);
+    let suspect = suspect.filter(|s| now.saturating_duration_since(s.since) <= follow);
     if !rose && suspect.is_none() {
         return Verdict::Clear;
     }
@@ -570,6 +590,24 @@ mod tests {
             matches!(v, Verdict::Suspect(n) if n.since == t0 + ms * 10),
             "{v:?}"
         );
+    }
+
+    /// A sweep interval above 10 s: the suspect waits for the next sweep.
+    #[test]
+    fn a_long_sweep_interval_still_finds_a_pinned_cgroup() {
+        let t0 = Instant::now();
+        let every = Duration::from_secs(30);
+        let w = || wall(16 * MIB, 16 * MIB, 0, (7, 7));
+        let s = suspect(judge_every(t0, look(1), look(2), None, every, w));
+        assert!(matches!(
+            judge_every(t0 + every, look(2), look(3), Some(s), every, w),
+            Verdict::Pinned(_)
+        ));
+        // The default still drops it after 10 s.
+        assert!(matches!(
+            judge(t0 + every, look(2), look(3), Some(s), w),
+            Verdict::Suspect(n) if n.since == t0 + every
+        ));
     }
 
     #[test]

@@ -1098,7 +1098,7 @@ impl Watcher {
     /// `memory.failcnt`, and more only when it rose or the cgroup is a suspect (see
     /// [`crate::pinned`]). Nothing for a policy with `pinned = false`.
     fn look_pinned(&mut self, cg: &CgroupPath, at: Instant) -> Option<crate::pinned::Pinned> {
-        use crate::pinned::{file_bytes, judge, progress, tasks, Look, Verdict, Wall};
+        use crate::pinned::{file_bytes, judge_every, progress, tasks, Look, Verdict, Wall};
         if !self.watched(cg)?.policy.pinned {
             let c = self.candidates.get_mut(cg)?;
             c.failcnt = None;
@@ -1116,11 +1116,12 @@ impl Watcher {
         };
         let c = self.candidates.get_mut(cg)?;
         let prev = c.failcnt.replace(now)?;
-        let verdict = judge(
+        let verdict = judge_every(
             at,
             Look { failcnt: prev },
             Look { failcnt: now },
             c.suspect.take(),
+            self.sweep_every,
             || {
                 let stat = ctl.stat(cg).ok()??;
                 let pids = subtree_procs(ctl, cg);
