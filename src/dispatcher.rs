@@ -97,6 +97,11 @@ pub struct Cause {
 /// the other way round.
 pub const HANDED_OVER: &str = "the limit was reached: the OOM episode follows";
 
+/// The start of the reason of an episode that panicked (a bug): what its steps did
+/// before the panic is unknown, so a stall that ends after it is not said to have ended
+/// by itself (a kill may have ended it just before the panic).
+pub const PANICKED: &str = "the episode panicked";
+
 /// How an episode ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum End {
@@ -276,6 +281,9 @@ pub struct StallEnded {
     pub policy: String,
     pub episode: u64,
     pub since: SystemTime,
+    /// Nothing the agent did can have ended it: false when the last episode panicked
+    /// (its steps may have acted before the panic).
+    pub unaided: bool,
 }
 
 impl Dispatcher {
@@ -788,6 +796,7 @@ impl Dispatcher {
                         policy: s.policy.clone(),
                         episode: s.episode,
                         since: s.since,
+                        unaided: !s.reason.starts_with(PANICKED),
                     });
                     false
                 }
@@ -1205,8 +1214,29 @@ mod tests {
         let ended = d.clear_held(&b);
         assert_eq!(ended.len(), 1);
         assert_eq!(ended[0].episode, id);
+        assert!(ended[0].unaided);
         assert!(d.stuck().is_empty());
         assert!(d.trigger(&b, p, Instant::now()).unwrap() > id);
+    }
+
+    /// A stall whose episode panicked (after a kill, say) and that then ends is not
+    /// reported as ended by itself.
+    #[test]
+    fn a_stall_ending_after_a_panic_is_not_unaided() {
+        let (d, rx, _) = dispatcher(1, 1);
+        let p = enforce();
+        let c = CgroupPath::new("/c");
+        d.trigger(&c, p.clone(), Instant::now()).unwrap();
+        let job = rx.try_recv().unwrap();
+        let end = End::Unresolved {
+            reason: format!("{PANICKED}: boom"),
+            help: String::new(),
+            failed: true,
+        };
+        d.finish(&job, &end, None);
+        let ended = d.clear_held(&c);
+        assert_eq!(ended.len(), 1);
+        assert!(!ended[0].unaided);
     }
 
     #[test]

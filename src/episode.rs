@@ -73,7 +73,7 @@ pub fn worker(shared: Arc<Shared>, rx: crossbeam_channel::Receiver<Job>) {
             );
             if !finished.get() {
                 let end = End::Unresolved {
-                    reason: format!("the episode panicked: {msg}"),
+                    reason: format!("{}: {msg}", crate::dispatcher::PANICKED),
                     help: String::new(),
                     failed: true,
                 };
@@ -123,11 +123,11 @@ fn panicked(shared: &Shared, job: &Job, payload: &(dyn std::any::Any + Send)) ->
         Record::new("unresolved", &job.cgroup)
             .with("episode", job.episode)
             .with("policy", job.policy.name.clone())
-            .with("reason", "the episode panicked")
+            .with("reason", crate::dispatcher::PANICKED)
             .with("error", msg.clone()),
     );
     End::Unresolved {
-        reason: format!("the episode panicked: {msg}"),
+        reason: format!("{}: {msg}", crate::dispatcher::PANICKED),
         help: String::new(),
         failed: true,
     }

@@ -1079,7 +1079,7 @@ impl Watcher {
                             .with("policy", end.policy)
                             .with("stalled_ms", stalled.as_millis() as u64)
                             .with("by_step", serde_json::Value::Null)
-                            .with("unaided", true),
+                            .with("unaided", end.unaided),
                     );
                 }
             }
