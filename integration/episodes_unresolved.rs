@@ -285,7 +285,9 @@ fn a_panic_after_a_kill_is_not_audited_as_a_stall_that_ended_unaided() {
     std::thread::sleep(Duration::from_millis(2500));
     let audit = agent.audit();
     eprintln!("{name}: {audit:#?}");
-    for r in agent.events("resolved", "/w") {
+    let resolved = agent.events("resolved", "/w");
+    assert_eq!(resolved.len(), 1, "{audit:#?}");
+    for r in resolved {
         assert_ne!(
             r["unaided"], true,
             "a stall ended by a kill audited as unaided: {r}\naudit:\n{audit:#?}"
