@@ -587,3 +587,48 @@ fn lookups_at_the_wall_under_a_short_sweep_interval_are_not_pinned() {
         "failcnt rose by only {failed}: not at the wall"
     );
 }
+
+/// A pinned stall left unresolved (the policy's only step cannot help) ends: the pinned
+/// workload is gone, and a healthy process fills the room up to the wall again, where it
+/// sits without a failed charge. The stall is closed (`resolved`, unaided) and no
+/// longer listed as stuck: at the wall is not stuck when no charge fails.
+#[test]
+fn a_held_pinned_stall_ends_when_charges_stop_failing_though_at_the_wall() {
+    let name = "a_held_pinned_stall_ends_when_charges_stop_failing_though_at_the_wall";
+    let Some(()) = require_v1(name) else { return };
+    let Some(prog) = pinned_program() else {
+        return required(name, "cannot build integration/pinned/pinned.c (gcc)");
+    };
+    let mut s = Scratch::new("pinned-held");
+    let cg = s.cgroup("w", Some(16 * MIB), true);
+    let steps = "[[step]]\naction = \"exec\"\ncommand = [\"/bin/true\"]\n";
+    let tmp = Agent::dir(&[("p.toml", &policy("p", "/w", "", steps))]);
+    let mut cmd = Command::new(&prog);
+    cmd.arg(&cg.dir).arg("20");
+    let (pinned, lines) = s.spawn(cmd);
+    assert!(line(&lines, "filled", Duration::from_secs(20)).is_some());
+    let agent = Agent::start_in_root(tmp, &s.dir, &[]);
+    let u = agent.expect("unresolved", "/w", Duration::from_secs(10));
+    assert_eq!(u["reason"], "all steps done", "{u}");
+    // The stall ends; a healthy holder sits 1/2 MiB below the limit.
+    s.kill_hog(pinned);
+    let holder = s.hog(
+        &cg,
+        &["--touch", "15M", "--hold", "120s", "--tag", "holder"],
+    );
+    assert!(wait_until(Duration::from_secs(10), || cg.usage() >= 15 * MIB));
+    let failed = failcnt(&cg);
+    let status = || read(&agent.tmp.path().join("state/status.json"));
+    let r = agent.expect("resolved", "/w", Duration::from_secs(15));
+    assert_eq!(r["unaided"], true, "{r}");
+    assert_eq!(r["episode"], u["episode"], "{r}");
+    assert!(
+        wait_until(Duration::from_secs(3), || !status().contains("\"/w\"")
+            || !status().contains("all steps done")),
+        "still listed as stuck: {}",
+        status()
+    );
+    assert_eq!(failcnt(&cg), failed, "charges failed meanwhile");
+    assert!(cg.usage() + MIB >= cg.limit(), "not at the wall");
+    assert!(s.alive(holder.pid));
+}

@@ -73,6 +73,10 @@ struct Candidate {
     /// Seen at its wall with little cache by an earlier sweep: what the pinned-stall
     /// rule compares the next looks with.
     suspect: Option<crate::pinned::Suspect>,
+    /// The sweep that last saw `memory.failcnt` rise: a pinned stall held here goes on
+    /// only while its charges still fail (a cgroup that sits at its wall without a failed
+    /// charge, an idle holder or page cache, is not stuck).
+    failcnt_rose: Option<Instant>,
 }
 
 struct Watched {
@@ -1116,6 +1120,9 @@ impl Watcher {
         };
         let c = self.candidates.get_mut(cg)?;
         let prev = c.failcnt.replace(now)?;
+        if now > prev {
+            c.failcnt_rose = Some(at);
+        }
         let verdict = judge_every(
             at,
             Look { failcnt: prev },
@@ -1167,16 +1174,25 @@ impl Watcher {
     }
 
     /// Whether a stall held at `cg` (or an ancestor) is a pinned one still at its
-    /// wall: `under_oom 0` does not end it.
+    /// wall, its charges still failing: `under_oom 0` does not end it, but a cgroup
+    /// back at its wall without a failed charge since [`crate::pinned::suspect_for`]
+    /// (the pinned workload gone, an idle holder or page cache filling the room) is no
+    /// longer stuck.
     fn held_at_wall(&self, cg: &CgroupPath) -> bool {
         let ctl = self.shared.env.ctl.as_ref();
+        let failing = crate::pinned::suspect_for(self.sweep_every);
         self.shared.dispatcher.held_at(cg).iter().any(|h| {
-            matches!(
-                (ctl.usage(h), ctl.limits(h)),
-                (Ok(Some(u)), Ok(Some(l)))
-                    if !crate::cgroup::parse::is_unlimited(l.memory)
-                        && crate::pinned::at_wall(u, l.memory)
-            )
+            let still_failing = self
+                .candidates
+                .get(h)
+                .is_none_or(|c| c.failcnt_rose.is_some_and(|t| t.elapsed() <= failing));
+            still_failing
+                && matches!(
+                    (ctl.usage(h), ctl.limits(h)),
+                    (Ok(Some(u)), Ok(Some(l)))
+                        if !crate::cgroup::parse::is_unlimited(l.memory)
+                            && crate::pinned::at_wall(u, l.memory)
+                )
         })
     }
 
