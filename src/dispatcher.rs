@@ -174,6 +174,9 @@ struct Stuck {
     picture: Option<Picture>,
     /// A pinned stall (see [`crate::pinned`]): `under_oom 0` does not end it.
     pinned: bool,
+    /// When the stall was first seen (its first episode's detection): a retry that
+    /// resolves it counts its `stalled_ms` from then, not from the retry.
+    detected: Instant,
 }
 
 /// A stuck, unresolved cgroup as `oomwake status` shows it.
@@ -518,6 +521,8 @@ impl Dispatcher {
         // for the tail of a stall above.
         let first = self.seen().remove(cg);
         let detected = first.map_or(detected, |f| f.min(detected));
+        // A retry of a stall left unresolved: the stall began with its first episode.
+        let detected = held.as_ref().map_or(detected, |s| s.detected.min(detected));
         let prev = active.insert(
             cg.clone(),
             Active::Running {
@@ -723,6 +728,7 @@ impl Dispatcher {
                     failed: *failed,
                     pinned: job.pinned.is_some(),
                     picture,
+                    detected: held.as_ref().map_or(job.detected, |s| s.detected),
                 };
                 active.insert(job.cgroup.clone(), Active::Stuck(stuck));
                 self.generation.fetch_add(1, Ordering::Relaxed);
@@ -1221,6 +1227,30 @@ mod tests {
 
     /// A stall whose episode panicked (after a kill, say) and that then ends is not
     /// reported as ended by itself.
+    /// A retry counts the stall from its first episode's detection (README: a stall
+    /// counts from when the agent first saw it), not from the retry.
+    #[test]
+    fn a_retry_counts_the_stall_from_when_it_was_first_seen() {
+        let (d, rx, _) = dispatcher(1, 1);
+        let p = enforce();
+        let c = CgroupPath::new("/c");
+        let first = Instant::now();
+        d.trigger(&c, p.clone(), first).unwrap();
+        let job = rx.try_recv().unwrap();
+        d.finish(&job, &End::unresolved("no candidate victim"), None);
+        assert!(d.kick(&c));
+        let later = first + Duration::from_secs(4);
+        d.trigger(&c, p.clone(), later).unwrap();
+        let retry = rx.try_recv().unwrap();
+        assert_eq!(retry.retry, 1);
+        assert_eq!(retry.detected, first);
+        // And the next retry too.
+        d.finish(&retry, &End::unresolved("no candidate victim"), None);
+        assert!(d.kick(&c));
+        d.trigger(&c, p, later + Duration::from_secs(8)).unwrap();
+        assert_eq!(rx.try_recv().unwrap().detected, first);
+    }
+
     #[test]
     fn a_stall_ending_after_a_panic_is_not_unaided() {
         let (d, rx, _) = dispatcher(1, 1);
