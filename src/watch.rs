@@ -806,6 +806,17 @@ impl Watcher {
         };
         // Keep open what an episode here needs: no kernel allocation on the OOM path.
         self.shared.env.ctl.prepare(cg);
+        if policy.pinned {
+            if let Ok(Some(l)) = self.shared.env.ctl.limits(cg) {
+                if memsw_walls_first(l) {
+                    log::warn!(
+                        "{cg}: its memsw limit ({}) is its memory limit ({}): charges fail at memsw first, where the kernel counts no failcnt, so a stall pinned at this wall cannot be seen (only real OOMs are)",
+                        l.memsw.unwrap_or_default(),
+                        l.memory
+                    );
+                }
+            }
+        }
         self.tokens.insert(token, cg.clone());
         self.shared
             .audit
@@ -1500,6 +1511,24 @@ fn at_own_limit(ctl: &dyn crate::cgroup::Controller, cg: &CgroupPath) -> bool {
     matches!(ctl.usage(cg), Ok(Some(u)) if !unlimited && crate::pinned::at_wall(u, limits.memory))
 }
 
+/// Whether a v1 cgroup's memsw limit is (within the wall margin) its memory limit:
+/// then its charges fail on the memsw counter first (without swap the two usages are
+/// equal), and the kernel counts `failcnt` on the memory counter only
+/// (`memory.memsw.failcnt` reads 0: measured on 6.18), so the pinned rule, which needs
+/// a failcnt rise, never sees a stall at this wall (Docker's `--memory-swap` equal to
+/// `--memory`).
+fn memsw_walls_first(l: crate::cgroup::Limits) -> bool {
+    use crate::cgroup::parse::is_unlimited;
+    match l.memsw {
+        Some(sw) if !is_unlimited(sw) && !is_unlimited(l.memory) => {
+            sw <= l
+                .memory
+                .saturating_add(crate::pinned::wall_margin(l.memory))
+        }
+        _ => false,
+    }
+}
+
 /// The processes of `cg` and of every cgroup below it, for the pinned rule's CPU
 /// evidence: a limit on a parent (a pod) with its processes in children (containers)
 /// is the usual layout, and the parent's own `cgroup.procs` is empty there, which
@@ -1536,6 +1565,22 @@ mod tests {
     use std::sync::Mutex;
 
     const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn a_memsw_limit_at_the_memory_limit_walls_first() {
+        let l = |memory: u64, memsw: Option<u64>| Limits {
+            memory,
+            memsw,
+            high: None,
+        };
+        let unl = 9_223_372_036_854_771_712;
+        assert!(memsw_walls_first(l(16 * MIB, Some(16 * MIB))));
+        assert!(memsw_walls_first(l(16 * MIB, Some(16 * MIB + MIB / 2))));
+        assert!(!memsw_walls_first(l(16 * MIB, Some(32 * MIB))));
+        assert!(!memsw_walls_first(l(16 * MIB, Some(unl))));
+        assert!(!memsw_walls_first(l(16 * MIB, None)));
+        assert!(!memsw_walls_first(l(unl, Some(unl))));
+    }
 
     /// The agent's shared state for a watcher test: `ctl`, `policies`, the audit log in
     /// `dir`, and a Docker cache when given (its metadata then goes into audit lines).
