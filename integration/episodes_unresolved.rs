@@ -267,3 +267,39 @@ fn a_panic_in_an_episode_is_audited_and_the_cgroup_is_still_rescued() {
         agent.audit()
     );
 }
+
+/// A panic after a step that did act (a SIGKILL that ended the stall) must not leave an
+/// audit trail saying the stall ended by itself: the kill is what ended it.
+#[test]
+fn a_panic_after_a_kill_is_not_audited_as_a_stall_that_ended_unaided() {
+    let name = "a_panic_after_a_kill_is_not_audited_as_a_stall_that_ended_unaided";
+    let Some(()) = require_v1(name) else {
+        return;
+    };
+    let mut s = Scratch::new("panic-after-kill");
+    let cg = s.cgroup("w", Some(32 * MIB), true);
+    let tmp = Agent::dir(&[("p.toml", &policy("p", "/w", "", KILL))]);
+    let agent = Agent::start_in_full_env(tmp, &s.dir, &[("OOMWAKE_FAULT", "after_step:panic:1")]);
+    agent.expect("watch", "/w", Duration::from_secs(10));
+    let hog = s.hog(&cg, &["--touch", "40M", "--hold", "120s", "--tag", "first"]);
+    assert!(
+        wait_until(Duration::from_secs(10), || !s.alive(hog.pid)),
+        "never rescued; audit:\n{:#?}\nlog:\n{}",
+        agent.audit(),
+        agent.log()
+    );
+    let u = agent.expect("unresolved", "/w", Duration::from_secs(10));
+    assert_eq!(u["reason"], "the episode panicked", "{u}");
+    // Two more sweeps.
+    std::thread::sleep(Duration::from_millis(2500));
+    let audit = agent.audit();
+    eprintln!("{name}: {audit:#?}");
+    let resolved = agent.events("resolved", "/w");
+    assert_eq!(resolved.len(), 1, "{audit:#?}");
+    for r in resolved {
+        assert_ne!(
+            r["unaided"], true,
+            "a stall ended by a kill audited as unaided: {r}\naudit:\n{audit:#?}"
+        );
+    }
+}

@@ -432,3 +432,203 @@ fn lookups_at_the_wall_that_move_no_page_are_not_pinned() {
     );
     assert!(at_wall, "usage never reached the limit");
 }
+
+/// The same lookups at the wall, with the limit on a parent (a pod) and the processes
+/// in a child without a limit of its own (a container): the parent's `cgroup.procs` is
+/// empty, so its processes' CPU must be read from the whole subtree, or the idle test
+/// proves nothing and the busy cgroup is taken for pinned. Nothing may be killed.
+#[test]
+fn lookups_in_a_child_of_the_limited_cgroup_are_not_pinned() {
+    let name = "lookups_in_a_child_of_the_limited_cgroup_are_not_pinned";
+    let Some(()) = require_v1(name) else { return };
+    let Some(prog) = c_program("lookups") else {
+        return required(name, "cannot build integration/pinned/lookups.c (gcc)");
+    };
+    let names = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mut s = Scratch::new("pinned-lookups-child");
+    let pod = s.cgroup("", Some(64 * MIB), true);
+    let ctr = s.cgroup("c", None, false);
+    let agent = Agent::start(&[("p.toml", &policy("lookups", &pod.rel, "", KILL))], &[]);
+    agent.expect("watch", &pod.rel, Duration::from_secs(10));
+    let holder = s.hog(
+        &ctr,
+        &["--touch", "62M", "--hold", "600s", "--tag", "holder"],
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || pod.usage() >= 62 * MIB),
+        "the holder never filled its 62 MiB (usage {})",
+        pod.usage()
+    );
+    let failcnt_before = failcnt(&pod);
+    let mut cmd = Command::new(&prog);
+    cmd.arg(&ctr.dir).arg(names.path()).arg("5");
+    let (_, lines) = s.spawn(cmd);
+    assert!(line(&lines, "start", Duration::from_secs(10)).is_some());
+    let done = loop {
+        match lines.recv_timeout(Duration::from_millis(50)) {
+            Ok(l) if l.starts_with("done") => break Some(l),
+            Ok(_) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(_) => break None,
+        }
+        assert!(!pod.under_oom(), "a real OOM: not the workload under test");
+    };
+    let failed = failcnt(&pod) - failcnt_before;
+    std::thread::sleep(Duration::from_millis(2500));
+    eprintln!("{name}: {done:?}, failcnt +{failed}");
+    assert!(
+        s.alive(holder.pid),
+        "the idle holder was killed\naudit:\n{:?}\nlog:\n{}",
+        agent.audit(),
+        agent.log()
+    );
+    assert!(
+        agent.events("oom", &pod.rel).is_empty() && agent.events("action", &pod.rel).is_empty(),
+        "an episode started for a cgroup making progress\naudit:\n{:?}",
+        agent.audit()
+    );
+    assert!(done.is_some(), "the lookups failed");
+    assert!(
+        failed > 1000,
+        "failcnt rose by only {failed}: not at the wall"
+    );
+}
+
+/// A pinned workload in a child of the limited cgroup (a container in a pod) is still
+/// found pinned: its CPU is read from the subtree, and it sleeps between retries.
+#[test]
+fn pinned_stall_in_a_child_of_the_limited_cgroup_is_resolved() {
+    let name = "pinned_stall_in_a_child_of_the_limited_cgroup_is_resolved";
+    let Some(()) = require_v1(name) else { return };
+    let Some(prog) = pinned_program() else {
+        return required(name, "cannot build integration/pinned/pinned.c (gcc)");
+    };
+    let mut s = Scratch::new("pinned-child");
+    let pod = s.cgroup("", Some(16 * MIB), true);
+    let ctr = s.cgroup("c", None, false);
+    let mut cmd = Command::new(&prog);
+    cmd.arg(&ctr.dir).arg("20");
+    let (_, lines) = s.spawn(cmd);
+    assert!(
+        line(&lines, "filled", Duration::from_secs(20)).is_some(),
+        "the pinned workload never filled its cgroup"
+    );
+    let agent = Agent::start(&[("p.toml", &policy("pinned", &pod.rel, "", RAISE))], &[]);
+    let progress = line(&lines, "progress", Duration::from_secs(20));
+    assert!(progress.is_some(), "never unpinned\nlog:\n{}", agent.log());
+    let oom = agent.expect("oom", &pod.rel, Duration::from_secs(5));
+    assert_eq!(oom["trigger"], "pinned", "{oom}");
+    let r = agent.expect("resolved", &pod.rel, Duration::from_secs(5));
+    assert_eq!(r["by_action"], "raise_limit");
+    assert!(pod.limit() > 16 * MIB);
+}
+
+/// The lookups at the wall under a short `sweep_interval` (allowed down to 1ms): the
+/// CPU time of `/proc/PID/stat` moves in clock ticks (10 ms at USER_HZ 100), so over a
+/// window shorter than a few ticks a process running flat out can show no CPU used at
+/// all, and the page counters of a workload that moves no page stand still. Nothing
+/// may be killed.
+#[test]
+fn lookups_at_the_wall_under_a_short_sweep_interval_are_not_pinned() {
+    let name = "lookups_at_the_wall_under_a_short_sweep_interval_are_not_pinned";
+    let Some(()) = require_v1(name) else { return };
+    let Some(prog) = c_program("lookups") else {
+        return required(name, "cannot build integration/pinned/lookups.c (gcc)");
+    };
+    let names = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mut s = Scratch::new("pinned-lookups-fast");
+    // The agent's root is the scratch tree: its paths start there.
+    let cg = s.cgroup("w", Some(64 * MIB), true);
+    let tmp = Agent::dir(&[("p.toml", &policy("lookups", "/w", "", KILL))]);
+    std::fs::write(
+        tmp.path().join("oomwake.toml"),
+        "sweep_interval = \"10ms\"\n",
+    )
+    .unwrap();
+    let agent = Agent::start_in_root(tmp, &s.dir, &[]);
+    agent.expect("watch", "/w", Duration::from_secs(10));
+    let holder = s.hog(
+        &cg,
+        &["--touch", "62M", "--hold", "600s", "--tag", "holder"],
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || cg.usage() >= 62 * MIB),
+        "the holder never filled its 62 MiB (usage {})",
+        cg.usage()
+    );
+    let failcnt_before = failcnt(&cg);
+    let mut cmd = Command::new(&prog);
+    cmd.arg(&cg.dir).arg(names.path()).arg("5");
+    let (_, lines) = s.spawn(cmd);
+    assert!(line(&lines, "start", Duration::from_secs(10)).is_some());
+    let done = loop {
+        match lines.recv_timeout(Duration::from_millis(50)) {
+            Ok(l) if l.starts_with("done") => break Some(l),
+            Ok(_) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(_) => break None,
+        }
+        assert!(!cg.under_oom(), "a real OOM: not the workload under test");
+    };
+    let failed = failcnt(&cg) - failcnt_before;
+    std::thread::sleep(Duration::from_millis(500));
+    eprintln!("{name}: {done:?}, failcnt +{failed}");
+    assert!(
+        s.alive(holder.pid),
+        "the idle holder was killed\naudit:\n{:?}",
+        agent.audit()
+    );
+    assert!(
+        agent.events("oom", "/w").is_empty() && agent.events("action", "/w").is_empty(),
+        "an episode started for a cgroup making progress\naudit:\n{:?}",
+        agent.audit()
+    );
+    assert!(done.is_some(), "the lookups failed");
+    assert!(
+        failed > 1000,
+        "failcnt rose by only {failed}: not at the wall"
+    );
+}
+
+/// A pinned stall left unresolved (the policy's only step cannot help) ends: the pinned
+/// workload is gone, and a healthy process fills the room up to the wall again, where it
+/// sits without a failed charge. The stall is closed (`resolved`, unaided) and no
+/// longer listed as stuck: at the wall is not stuck when no charge fails.
+#[test]
+fn a_held_pinned_stall_ends_when_charges_stop_failing_though_at_the_wall() {
+    let name = "a_held_pinned_stall_ends_when_charges_stop_failing_though_at_the_wall";
+    let Some(()) = require_v1(name) else { return };
+    let Some(prog) = pinned_program() else {
+        return required(name, "cannot build integration/pinned/pinned.c (gcc)");
+    };
+    let mut s = Scratch::new("pinned-held");
+    let cg = s.cgroup("w", Some(16 * MIB), true);
+    let steps = "[[step]]\naction = \"exec\"\ncommand = [\"/bin/true\"]\n";
+    let tmp = Agent::dir(&[("p.toml", &policy("p", "/w", "", steps))]);
+    let mut cmd = Command::new(&prog);
+    cmd.arg(&cg.dir).arg("20");
+    let (pinned, lines) = s.spawn(cmd);
+    assert!(line(&lines, "filled", Duration::from_secs(20)).is_some());
+    let agent = Agent::start_in_root(tmp, &s.dir, &[]);
+    let u = agent.expect("unresolved", "/w", Duration::from_secs(10));
+    assert_eq!(u["reason"], "all steps done", "{u}");
+    // The stall ends; a healthy holder sits 1/2 MiB below the limit.
+    s.kill_hog(pinned);
+    let holder = s.hog(
+        &cg,
+        &["--touch", "15M", "--hold", "120s", "--tag", "holder"],
+    );
+    assert!(wait_until(Duration::from_secs(10), || cg.usage() >= 15 * MIB));
+    let failed = failcnt(&cg);
+    let status = || read(&agent.tmp.path().join("state/status.json"));
+    let r = agent.expect("resolved", "/w", Duration::from_secs(15));
+    assert_eq!(r["unaided"], true, "{r}");
+    assert_eq!(r["episode"], u["episode"], "{r}");
+    assert!(
+        wait_until(Duration::from_secs(3), || !status().contains("\"/w\"")
+            || !status().contains("all steps done")),
+        "still listed as stuck: {}",
+        status()
+    );
+    assert_eq!(failcnt(&cg), failed, "charges failed meanwhile");
+    assert!(cg.usage() + MIB >= cg.limit(), "not at the wall");
+    assert!(s.alive(holder.pid));
+}

@@ -117,6 +117,11 @@ pub struct Cause {
 /// the other way round.
 pub const HANDED_OVER: &str = "the limit was reached: the OOM episode follows";
 
+/// The start of the reason of an episode that panicked (a bug): what its steps did
+/// before the panic is unknown, so a stall that ends after it is not said to have ended
+/// by itself (a kill may have ended it just before the panic).
+pub const PANICKED: &str = "the episode panicked";
+
 /// How an episode ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum End {
@@ -189,6 +194,9 @@ struct Stuck {
     picture: Option<Picture>,
     /// A pinned stall (see [`crate::pinned`]): `under_oom 0` does not end it.
     pinned: bool,
+    /// When the stall was first seen (its first episode's detection): a retry that
+    /// resolves it counts its `stalled_ms` from then, not from the retry.
+    detected: Instant,
 }
 
 /// A stuck, unresolved cgroup as `oomwake status` shows it.
@@ -296,6 +304,9 @@ pub struct StallEnded {
     pub policy: String,
     pub episode: u64,
     pub since: SystemTime,
+    /// Nothing the agent did can have ended it: false when the last episode panicked
+    /// (its steps may have acted before the panic).
+    pub unaided: bool,
 }
 
 impl Dispatcher {
@@ -530,6 +541,8 @@ impl Dispatcher {
         // for the tail of a stall above.
         let first = self.seen().remove(cg);
         let detected = first.map_or(detected, |f| f.min(detected));
+        // A retry of a stall left unresolved: the stall began with its first episode.
+        let detected = held.as_ref().map_or(detected, |s| s.detected.min(detected));
         let prev = active.insert(
             cg.clone(),
             Active::Running {
@@ -712,6 +725,7 @@ impl Dispatcher {
                     failed: *failed,
                     pinned: job.pinned.is_some(),
                     picture,
+                    detected: held.as_ref().map_or(job.detected, |s| s.detected),
                 };
                 active.insert(job.cgroup.clone(), Active::Stuck(stuck));
                 self.generation.fetch_add(1, Ordering::Relaxed);
@@ -785,6 +799,7 @@ impl Dispatcher {
                         policy: s.policy.clone(),
                         episode: s.episode,
                         since: s.since,
+                        unaided: !s.reason.starts_with(PANICKED),
                     });
                     false
                 }
@@ -1202,8 +1217,53 @@ mod tests {
         let ended = d.clear_held(&b);
         assert_eq!(ended.len(), 1);
         assert_eq!(ended[0].episode, id);
+        assert!(ended[0].unaided);
         assert!(d.stuck().is_empty());
         assert!(d.trigger(&b, p, Instant::now()).unwrap() > id);
+    }
+
+    /// A stall whose episode panicked (after a kill, say) and that then ends is not
+    /// reported as ended by itself.
+    /// A retry counts the stall from its first episode's detection (README: a stall
+    /// counts from when the agent first saw it), not from the retry.
+    #[test]
+    fn a_retry_counts_the_stall_from_when_it_was_first_seen() {
+        let (d, rx, _) = dispatcher(1, 1);
+        let p = enforce();
+        let c = CgroupPath::new("/c");
+        let first = Instant::now();
+        d.trigger(&c, p.clone(), first).unwrap();
+        let job = rx.try_recv().unwrap();
+        d.finish(&job, &End::unresolved("no candidate victim"), None);
+        assert!(d.kick(&c));
+        let later = first + Duration::from_secs(4);
+        d.trigger(&c, p.clone(), later).unwrap();
+        let retry = rx.try_recv().unwrap();
+        assert_eq!(retry.retry, 1);
+        assert_eq!(retry.detected, first);
+        // And the next retry too.
+        d.finish(&retry, &End::unresolved("no candidate victim"), None);
+        assert!(d.kick(&c));
+        d.trigger(&c, p, later + Duration::from_secs(8)).unwrap();
+        assert_eq!(rx.try_recv().unwrap().detected, first);
+    }
+
+    #[test]
+    fn a_stall_ending_after_a_panic_is_not_unaided() {
+        let (d, rx, _) = dispatcher(1, 1);
+        let p = enforce();
+        let c = CgroupPath::new("/c");
+        d.trigger(&c, p.clone(), Instant::now()).unwrap();
+        let job = rx.try_recv().unwrap();
+        let end = End::Unresolved {
+            reason: format!("{PANICKED}: boom"),
+            help: String::new(),
+            failed: true,
+        };
+        d.finish(&job, &end, None);
+        let ended = d.clear_held(&c);
+        assert_eq!(ended.len(), 1);
+        assert!(!ended[0].unaided);
     }
 
     #[test]

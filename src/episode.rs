@@ -73,7 +73,7 @@ pub fn worker(shared: Arc<Shared>, rx: crossbeam_channel::Receiver<Job>) {
             );
             if !finished.get() {
                 let end = End::Unresolved {
-                    reason: format!("the episode panicked: {msg}"),
+                    reason: format!("{}: {msg}", crate::dispatcher::PANICKED),
                     help: String::new(),
                     failed: true,
                 };
@@ -111,23 +111,36 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 
 /// An episode panicked: says so (log and `unresolved` audit line) and ends it as an
 /// episode whose action failed, so that the stall is retried a second later.
+/// A retry that panics again says so only at the retries that remind (1, 2, 4, 8 ...:
+/// a stall whose episode panics every time is retried every second, and must not
+/// write a line a second for ever).
 fn panicked(shared: &Shared, job: &Job, payload: &(dyn std::any::Any + Send)) -> End {
     let msg = panic_message(payload);
-    log::error!(
-        "{}: episode {} panicked: {msg}; the stall is retried",
-        job.cgroup,
-        job.episode
-    );
     shared.metrics.unresolved(&job.policy.name);
-    shared.audit.log(
-        Record::new("unresolved", &job.cgroup)
+    if job.remind {
+        log::error!(
+            "{}: episode {} panicked: {msg}; the stall is retried",
+            job.cgroup,
+            job.episode
+        );
+        let mut rec = Record::new("unresolved", &job.cgroup)
             .with("episode", job.episode)
             .with("policy", job.policy.name.clone())
-            .with("reason", "the episode panicked")
-            .with("error", msg.clone()),
-    );
+            .with("reason", crate::dispatcher::PANICKED)
+            .with("error", msg.clone());
+        if job.retry > 0 {
+            rec = rec.with("reminder", true).with("retry", job.retry);
+        }
+        shared.audit.log(rec);
+    } else {
+        log::debug!(
+            "{}: episode {} panicked again: {msg}",
+            job.cgroup,
+            job.episode
+        );
+    }
     End::Unresolved {
-        reason: format!("the episode panicked: {msg}"),
+        reason: format!("{}: {msg}", crate::dispatcher::PANICKED),
         help: String::new(),
         failed: true,
     }
@@ -660,6 +673,67 @@ mod tests {
         let un = lines.iter().find(|l| l["event"] == "unresolved").unwrap();
         assert_eq!(un["reason"], METADATA_UNKNOWN, "{un}");
         assert_eq!(un["metadata"], "unknown", "{un}");
+    }
+
+    /// An episode that panics at every retry (retried every second) writes its
+    /// `unresolved` line at the retries that remind only.
+    #[test]
+    fn a_stall_panicking_at_every_retry_is_not_audited_every_second() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("memory");
+        std::fs::create_dir_all(&root).unwrap();
+        let p = crate::policy::load_str(
+            "name='p'\n[match]\ncgroup=['/a']\n[[step]]\naction='kill'\n",
+            "p.toml",
+        )
+        .unwrap();
+        let (tx, _rx) = crossbeam_channel::unbounded();
+        let shared = Shared::for_test(
+            t.path(),
+            &root,
+            vec![p],
+            Arc::new(crate::container::Containers::disabled()),
+            tx,
+            Duration::ZERO,
+        );
+        let policy = shared.policies().policies()[0].clone();
+        let job = |retry: u32, remind: bool| Job {
+            cgroup: CgroupPath::new("/a"),
+            policy: policy.clone(),
+            episode: 7,
+            detected: Instant::now(),
+            start_step: 0,
+            resume: false,
+            retry,
+            remind,
+            early: false,
+            cause: Default::default(),
+            pinned: None,
+        };
+        // The first episode, then retries 1 to 8 (reminding at 1, 2, 4 and 8).
+        let payload: Box<dyn std::any::Any + Send> = Box::new("boom");
+        for (retry, remind) in (0..=8u32).map(|r| (r, r == 0 || r.is_power_of_two())) {
+            let end = panicked(&shared, &job(retry, remind), payload.as_ref());
+            assert!(
+                matches!(end, End::Unresolved { failed: true, .. }),
+                "{end:?}"
+            );
+        }
+        assert!(shared.audit.flush(Duration::from_secs(5)));
+        let lines: Vec<Value> = std::fs::read_to_string(t.path().join("audit.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let retries: Vec<Value> = lines.iter().map(|l| l["retry"].clone()).collect();
+        assert_eq!(
+            retries,
+            vec![Value::Null, 1.into(), 2.into(), 4.into(), 8.into()],
+            "{lines:?}"
+        );
+        assert!(lines
+            .iter()
+            .all(|l| l["reason"] == crate::dispatcher::PANICKED && l["error"] == "boom"));
     }
 
     /// A resumed episode (hold expiry) handed the catch-all, with its step after the

@@ -23,7 +23,8 @@
 //!   (within [`wall_margin`]: the larger of 1 MiB and 1% of it) and little is left to
 //!   reclaim: the file pages (`total_inactive_file` + `total_active_file`) are below
 //!   [`little_cache`] (1/32 of the limit). The page counters are noted then.
-//! - *pinned*: at a later sweep (at most [`SUSPECT_FOR`] later) failcnt has risen again
+//! - *pinned*: at a later sweep (at least [`MIN_WINDOW`] and at most [`SUSPECT_FOR`]
+//!   later) failcnt has risen again
 //!   since, the cgroup is still at the wall with little cache, the page counters
 //!   moved by at most [`STILL_EVENTS`] since they were noted, and the same processes
 //!   used at most [`IDLE_PERCENT`] of a CPU meanwhile (utime + stime of
@@ -153,6 +154,13 @@ pub const IDLE_PERCENT: u64 = 10;
 /// judged pinned.
 pub const MAX_TASKS: usize = 256;
 
+/// The shortest window that can judge a cgroup pinned, whatever the sweep interval:
+/// `/proc/PID/stat` counts CPU time in clock ticks (10 ms at USER_HZ 100), so a
+/// process running flat out shows no CPU at all over a window of a few milliseconds
+/// (measured: 0 ms over 9 ms with `sweep_interval = "10ms"`, and its idle neighbour was
+/// killed). Over 500 ms, [`IDLE_PERCENT`] is 5 ticks.
+pub const MIN_WINDOW: Duration = Duration::from_millis(500);
+
 /// How long a suspect waits for the failed charge that confirms it. A cgroup at its
 /// wall where charges fail once in a while (an idle holder, a runtime that handles
 /// ENOMEM) is not followed for ever.
@@ -254,8 +262,28 @@ pub fn judge(
     suspect: Option<Suspect>,
     wall: impl FnOnce() -> Option<Wall>,
 ) -> Verdict {
+    judge_every(now, prev, cur, suspect, Duration::ZERO, wall)
+}
+
+/// How long a suspect is followed when the sweep comes every `sweep`: [`SUSPECT_FOR`],
+/// or three sweeps when that is longer (a sweep interval above 10 s would otherwise
+/// drop every suspect before the next look, and no pinned stall would ever be found).
+pub fn suspect_for(sweep: Duration) -> Duration {
+    SUSPECT_FOR.max(sweep.saturating_mul(3))
+}
+
+/// [`judge`] for a sweep that comes every `sweep` (see [`suspect_for`]).
+pub fn judge_every(
+    now: Instant,
+    prev: Look,
+    cur: Look,
+    suspect: Option<Suspect>,
+    sweep: Duration,
+    wall: impl FnOnce() -> Option<Wall>,
+) -> Verdict {
     let rose = cur.failcnt > prev.failcnt;
-    let suspect = suspect.filter(|s| now.saturating_duration_since(s.since) <= SUSPECT_FOR);
+    let follow = suspect_for(sweep);
+    let suspect = suspect.filter(|s| now.saturating_duration_since(s.since) <= follow);
     if !rose && suspect.is_none() {
         return Verdict::Clear;
     }
@@ -290,6 +318,11 @@ pub fn judge(
         // Busy (or other processes, or unknown): nothing proves it stuck.
         return note();
     };
+    if window < MIN_WINDOW {
+        // Too short to tell idle from busy (a short `sweep_interval`): CPU time moves
+        // in clock ticks. Keep gathering from the first look.
+        return Verdict::Suspect(s);
+    }
     match cur.failcnt.checked_sub(s.failcnt) {
         Some(d) if d > 0 => Verdict::Pinned(Pinned {
             failcnt_delta: d,
@@ -515,6 +548,66 @@ mod tests {
         assert_eq!(tasks(root.path(), &[10, 12]), None);
         let many: Vec<i32> = (0..=MAX_TASKS as i32).collect();
         assert_eq!(tasks(root.path(), &many), None);
+    }
+
+    /// A short sweep interval: a busy process can show no CPU tick over a few ms. The
+    /// first look's evidence is kept until the window is long enough to judge.
+    #[test]
+    fn a_window_too_short_to_count_cpu_ticks_judges_nothing() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis(1);
+        let w = || wall(16 * MIB, 16 * MIB, 0, (7, 7));
+        let s = suspect(judge(t0, look(1), look(2), None, w));
+        for i in [10u32, 100, 499] {
+            assert_eq!(
+                judge(t0 + ms * i, look(2), look(3), Some(s), w),
+                Verdict::Suspect(s),
+                "{i} ms"
+            );
+        }
+        assert!(matches!(
+            judge(t0 + MIN_WINDOW, look(3), look(4), Some(s), w),
+            Verdict::Pinned(Pinned {
+                window_ms: 500,
+                failcnt_delta: 2,
+                ..
+            })
+        ));
+        // Busy within the short window still starts over.
+        let v = judge(t0 + ms * 10, look(2), look(3), Some(s), || {
+            busy(
+                16 * MIB,
+                16 * MIB,
+                0,
+                (7, 7),
+                Some(Tasks {
+                    pids: 7,
+                    cpu_ms: 10,
+                }),
+            )
+        });
+        assert!(
+            matches!(v, Verdict::Suspect(n) if n.since == t0 + ms * 10),
+            "{v:?}"
+        );
+    }
+
+    /// A sweep interval above 10 s: the suspect waits for the next sweep.
+    #[test]
+    fn a_long_sweep_interval_still_finds_a_pinned_cgroup() {
+        let t0 = Instant::now();
+        let every = Duration::from_secs(30);
+        let w = || wall(16 * MIB, 16 * MIB, 0, (7, 7));
+        let s = suspect(judge_every(t0, look(1), look(2), None, every, w));
+        assert!(matches!(
+            judge_every(t0 + every, look(2), look(3), Some(s), every, w),
+            Verdict::Pinned(_)
+        ));
+        // The default still drops it after 10 s.
+        assert!(matches!(
+            judge(t0 + every, look(2), look(3), Some(s), w),
+            Verdict::Suspect(n) if n.since == t0 + every
+        ));
     }
 
     #[test]

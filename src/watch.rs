@@ -73,6 +73,10 @@ struct Candidate {
     /// Seen at its wall with little cache by an earlier sweep: what the pinned-stall
     /// rule compares the next looks with.
     suspect: Option<crate::pinned::Suspect>,
+    /// The sweep that last saw `memory.failcnt` rise: a pinned stall held here goes on
+    /// only while its charges still fail (a cgroup that sits at its wall without a failed
+    /// charge, an idle holder or page cache, is not stuck).
+    failcnt_rose: Option<Instant>,
 }
 
 struct Watched {
@@ -816,6 +820,17 @@ impl Watcher {
         };
         // Keep open what an episode here needs: no kernel allocation on the OOM path.
         self.shared.env.ctl.prepare(cg);
+        if policy.pinned {
+            if let Ok(Some(l)) = self.shared.env.ctl.limits(cg) {
+                if memsw_walls_first(l) {
+                    log::warn!(
+                        "{cg}: its memsw limit ({}) is its memory limit ({}): charges fail at memsw first, where the kernel counts no failcnt, so a stall pinned at this wall cannot be seen (only real OOMs are)",
+                        l.memsw.unwrap_or_default(),
+                        l.memory
+                    );
+                }
+            }
+        }
         self.tokens.insert(token, cg.clone());
         self.shared
             .audit
@@ -1118,7 +1133,7 @@ impl Watcher {
                             .with("policy", end.policy)
                             .with("stalled_ms", stalled.as_millis() as u64)
                             .with("by_step", serde_json::Value::Null)
-                            .with("unaided", true),
+                            .with("unaided", end.unaided),
                     );
                 }
             }
@@ -1137,7 +1152,7 @@ impl Watcher {
     /// `memory.failcnt`, and more only when it rose or the cgroup is a suspect (see
     /// [`crate::pinned`]). Nothing for a policy with `pinned = false`.
     fn look_pinned(&mut self, cg: &CgroupPath, at: Instant) -> Option<crate::pinned::Pinned> {
-        use crate::pinned::{file_bytes, judge, progress, tasks, Look, Verdict, Wall};
+        use crate::pinned::{file_bytes, judge_every, progress, tasks, Look, Verdict, Wall};
         if !self.watched(cg)?.policy.pinned {
             let c = self.candidates.get_mut(cg)?;
             c.failcnt = None;
@@ -1155,14 +1170,18 @@ impl Watcher {
         };
         let c = self.candidates.get_mut(cg)?;
         let prev = c.failcnt.replace(now)?;
-        let verdict = judge(
+        if now > prev {
+            c.failcnt_rose = Some(at);
+        }
+        let verdict = judge_every(
             at,
             Look { failcnt: prev },
             Look { failcnt: now },
             c.suspect.take(),
+            self.sweep_every,
             || {
                 let stat = ctl.stat(cg).ok()??;
-                let pids = ctl.procs(cg).ok().flatten();
+                let pids = subtree_procs(ctl, cg);
                 Some(Wall {
                     usage: ctl.usage(cg).ok()??,
                     limit: ctl.limits(cg).ok()??.memory,
@@ -1205,16 +1224,25 @@ impl Watcher {
     }
 
     /// Whether a stall held at `cg` (or an ancestor) is a pinned one still at its
-    /// wall: `under_oom 0` does not end it.
+    /// wall, its charges still failing: `under_oom 0` does not end it, but a cgroup
+    /// back at its wall without a failed charge since [`crate::pinned::suspect_for`]
+    /// (the pinned workload gone, an idle holder or page cache filling the room) is no
+    /// longer stuck.
     fn held_at_wall(&self, cg: &CgroupPath) -> bool {
         let ctl = self.shared.env.ctl.as_ref();
+        let failing = crate::pinned::suspect_for(self.sweep_every);
         self.shared.dispatcher.held_at(cg).iter().any(|h| {
-            matches!(
-                (ctl.usage(h), ctl.limits(h)),
-                (Ok(Some(u)), Ok(Some(l)))
-                    if !crate::cgroup::parse::is_unlimited(l.memory)
-                        && crate::pinned::at_wall(u, l.memory)
-            )
+            let still_failing = self
+                .candidates
+                .get(h)
+                .is_none_or(|c| c.failcnt_rose.is_some_and(|t| t.elapsed() <= failing));
+            still_failing
+                && matches!(
+                    (ctl.usage(h), ctl.limits(h)),
+                    (Ok(Some(u)), Ok(Some(l)))
+                        if !crate::cgroup::parse::is_unlimited(l.memory)
+                            && crate::pinned::at_wall(u, l.memory)
+                )
         })
     }
 
@@ -1522,6 +1550,51 @@ fn at_own_limit(ctl: &dyn crate::cgroup::Controller, cg: &CgroupPath) -> bool {
     matches!(ctl.usage(cg), Ok(Some(u)) if !unlimited && crate::pinned::at_wall(u, limits.memory))
 }
 
+/// Whether a v1 cgroup's memsw limit is (within the wall margin) its memory limit:
+/// then its charges fail on the memsw counter first (without swap the two usages are
+/// equal), and the kernel counts `failcnt` on the memory counter only
+/// (`memory.memsw.failcnt` reads 0: measured on 6.18), so the pinned rule, which needs
+/// a failcnt rise, never sees a stall at this wall (Docker's `--memory-swap` equal to
+/// `--memory`).
+fn memsw_walls_first(l: crate::cgroup::Limits) -> bool {
+    use crate::cgroup::parse::is_unlimited;
+    match l.memsw {
+        Some(sw) if !is_unlimited(sw) && !is_unlimited(l.memory) => {
+            sw <= l
+                .memory
+                .saturating_add(crate::pinned::wall_margin(l.memory))
+        }
+        _ => false,
+    }
+}
+
+/// The processes of `cg` and of every cgroup below it, for the pinned rule's CPU
+/// evidence: a limit on a parent (a pod) with its processes in children (containers)
+/// is the usual layout, and the parent's own `cgroup.procs` is empty there, which
+/// would prove any busy subtree idle. `None` when the subtree could not all be listed
+/// or read, or holds more than [`crate::pinned::MAX_TASKS`] processes: then nothing
+/// proves it idle.
+fn subtree_procs(ctl: &dyn crate::cgroup::Controller, cg: &CgroupPath) -> Option<Vec<i32>> {
+    let (cgroups, complete) = ctl.hierarchy().walk_checked(cg);
+    if !complete || cgroups.first() != Some(cg) {
+        return None;
+    }
+    let mut pids = Vec::new();
+    for c in &cgroups {
+        match ctl.procs(c) {
+            Ok(Some(p)) => pids.extend(p),
+            // A child removed since the walk: its processes are gone or moved (the
+            // fingerprint of the set tells the next look).
+            Ok(None) if c != cg => {}
+            _ => return None,
+        }
+        if pids.len() > crate::pinned::MAX_TASKS {
+            return None;
+        }
+    }
+    Some(pids)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1531,6 +1604,22 @@ mod tests {
     use std::sync::Mutex;
 
     const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn a_memsw_limit_at_the_memory_limit_walls_first() {
+        let l = |memory: u64, memsw: Option<u64>| Limits {
+            memory,
+            memsw,
+            high: None,
+        };
+        let unl = 9_223_372_036_854_771_712;
+        assert!(memsw_walls_first(l(16 * MIB, Some(16 * MIB))));
+        assert!(memsw_walls_first(l(16 * MIB, Some(16 * MIB + MIB / 2))));
+        assert!(!memsw_walls_first(l(16 * MIB, Some(32 * MIB))));
+        assert!(!memsw_walls_first(l(16 * MIB, Some(unl))));
+        assert!(!memsw_walls_first(l(16 * MIB, None)));
+        assert!(!memsw_walls_first(l(unl, Some(unl))));
+    }
 
     /// The agent's shared state for a watcher test: `ctl`, `policies`, the audit log in
     /// `dir`, and a Docker cache when given (its metadata then goes into audit lines).

@@ -364,6 +364,11 @@ impl Agent {
         Agent::start_in_full(tmp, Path::new(MEMROOT), extra, env)
     }
 
+    /// [`Agent::start_in_root`] with extra environment variables.
+    pub fn start_in_full_env(tmp: tempfile::TempDir, root: &Path, env: &[(&str, &str)]) -> Agent {
+        Agent::start_in_full(tmp, root, &[], env)
+    }
+
     fn start_in_full(
         tmp: tempfile::TempDir,
         root: &Path,

@@ -598,6 +598,15 @@ impl LoanBook {
         let cur = ctl.limits(cg)?.ok_or(LoanError::Gone)?;
         let existing = self.lock().get(cg).map(|l| (l.rec.clone(), l.hold));
         let existing = match existing {
+            // The cgroup lent to was removed and made again here (a container restarted)
+            // before the keeper's turn: its loan is not this cgroup's to extend (its
+            // restore would find the cgroup replaced and leave this raise in place).
+            Some((rec, _)) if self.replaced(ctl, &rec) => {
+                if !dry {
+                    self.give_up(&rec, Some(cur.memory), REPLACED);
+                }
+                None
+            }
             Some((rec, _)) if !self.holds_ours(&rec, cur) => {
                 if !dry {
                     self.give_up(&rec, Some(cur.memory), "limit changed by someone else");

@@ -721,3 +721,40 @@ fn a_raise_of_another_cgroup_still_journals_first() {
     b.release();
     h.join().unwrap().unwrap();
 }
+
+/// A cgroup removed and made again at the loan's path (a container restarted) with its
+/// old limit, which OOMs before the keeper's next turn: the raise is a new loan to the
+/// new cgroup, not an extension of the old cgroup's loan that the next restore gives up
+/// as "cgroup replaced", leaving the new cgroup's raised limit in place for good.
+#[test]
+fn a_raise_on_a_cgroup_made_again_is_a_new_loan_that_is_given_back() {
+    let d = Double::new(4096);
+    let cg = d.cgroup("app", 64 * MIB, None, 64 * MIB);
+    let book = LoanBook::new(None);
+    let r = raise(Duration::from_secs(60));
+    lend(&book, &d, &cg, r.clone(), 1);
+    assert_eq!(d.limit(&cg), 80 * MIB);
+    // Moved aside rather than removed, so that its inode cannot be reused at once.
+    std::fs::rename(d.root.join("app"), d.root.join("app-old")).unwrap();
+    let again = d.cgroup("app", 64 * MIB, None, 64 * MIB);
+    assert_eq!(again, cg);
+    assert_eq!(
+        lend(&book, &d, &cg, r, 2),
+        Lend::Raised {
+            old: 64 * MIB,
+            new: 80 * MIB
+        }
+    );
+    let given_up = book.take_given_up();
+    assert_eq!(given_up.len(), 1, "{given_up:?}");
+    assert_eq!(given_up[0].why, REPLACED);
+    d.set_usage(&cg, 10 * MIB);
+    assert_eq!(
+        book.restore(&d, &cg).unwrap(),
+        Restore::Restored {
+            old: 80 * MIB,
+            new: 64 * MIB
+        }
+    );
+    assert_eq!(d.limit(&cg), 64 * MIB);
+}
