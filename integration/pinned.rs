@@ -352,6 +352,88 @@ fn writer_through_the_headroom_of_a_full_cgroup_is_not_pinned() {
     assert!(most_file < 64 * MIB / 32, "{most_file} bytes of file cache");
 }
 
+/// What [`lookups_beside_an_idle_holder`] saw.
+struct LookupsRun {
+    holder: Hog,
+    /// The lookups program's last line ("done N ..."), if it finished.
+    done: Option<String>,
+    /// How far `limited`'s failcnt rose while it ran.
+    failed: u64,
+    /// Whether `limited` was seen at its wall meanwhile.
+    at_wall: bool,
+}
+
+/// An idle holder of 62 MiB in `workload` (below or at `limited`, the cgroup with the
+/// 64 MiB limit the agent watches), then the lookups program (negative dentries: progress
+/// at the wall that moves no page) in `workload` for 5 s.
+fn lookups_beside_an_idle_holder(
+    s: &mut Scratch,
+    limited: &Cg,
+    workload: &Cg,
+    prog: &Path,
+    names: &Path,
+) -> LookupsRun {
+    let holder = s.hog(
+        workload,
+        &["--touch", "62M", "--hold", "600s", "--tag", "holder"],
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || limited.usage() >= 62 * MIB),
+        "the holder never filled its 62 MiB (usage {})",
+        limited.usage()
+    );
+    let failcnt_before = failcnt(limited);
+    let mut cmd = Command::new(prog);
+    cmd.arg(&workload.dir).arg(names).arg("5");
+    let (_, lines) = s.spawn(cmd);
+    assert!(line(&lines, "start", Duration::from_secs(10)).is_some());
+    let mut at_wall = false;
+    let done = loop {
+        match lines.recv_timeout(Duration::from_millis(50)) {
+            Ok(l) if l.starts_with("done") => break Some(l),
+            Ok(_) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(_) => break None,
+        }
+        at_wall |= limited.usage() + MIB >= limited.limit();
+        assert!(
+            !limited.under_oom(),
+            "a real OOM: not the workload under test"
+        );
+    };
+    LookupsRun {
+        holder,
+        done,
+        failed: failcnt(limited) - failcnt_before,
+        at_wall,
+    }
+}
+
+/// The agent left `rel` alone: the holder lives, no episode started, and the run was a
+/// real one (the lookups finished, charges failed at the wall).
+fn assert_left_alone(s: &mut Scratch, agent: &Agent, rel: &str, run: &LookupsRun) {
+    assert!(
+        s.alive(run.holder.pid),
+        "the idle holder was killed\naudit:\n{:?}\nlog:\n{}",
+        agent.audit(),
+        agent.log()
+    );
+    assert!(
+        agent.events("oom", rel).is_empty() && agent.events("action", rel).is_empty(),
+        "an episode started for a cgroup making progress\naudit:\n{:?}",
+        agent.audit()
+    );
+    assert!(
+        run.done.is_some(),
+        "the lookups failed\nlog:\n{}",
+        agent.log()
+    );
+    assert!(
+        run.failed > 1000,
+        "failcnt rose by only {}: not at the wall",
+        run.failed
+    );
+}
+
 /// Progress that moves no page: a process looking up names that do not exist next to
 /// an idle holder of 62 MiB of 64 MiB. Each lookup leaves a negative dentry (kernel
 /// memory); at the wall reclaim frees old ones for the new. failcnt rises by thousands
@@ -370,16 +452,6 @@ fn lookups_at_the_wall_that_move_no_page_are_not_pinned() {
     let cg = s.cgroup("", Some(64 * MIB), true);
     let agent = Agent::start(&[("p.toml", &policy("lookups", &cg.rel, "", KILL))], &[]);
     agent.expect("watch", &cg.rel, Duration::from_secs(10));
-    let holder = s.hog(
-        &cg,
-        &["--touch", "62M", "--hold", "600s", "--tag", "holder"],
-    );
-    assert!(
-        wait_until(Duration::from_secs(20), || cg.usage() >= 62 * MIB),
-        "the holder never filled its 62 MiB (usage {})",
-        cg.usage()
-    );
-    let failcnt_before = failcnt(&cg);
     let pgpg = || {
         read(&cg.dir.join("memory.stat"))
             .lines()
@@ -388,49 +460,27 @@ fn lookups_at_the_wall_that_move_no_page_are_not_pinned() {
             .sum::<u64>()
     };
     let pgpg_before = pgpg();
-    let mut cmd = Command::new(&prog);
-    cmd.arg(&cg.dir).arg(names.path()).arg("5");
-    let (_, lines) = s.spawn(cmd);
-    assert!(line(&lines, "start", Duration::from_secs(10)).is_some());
-    let mut at_wall = false;
-    let done = loop {
-        match lines.recv_timeout(Duration::from_millis(50)) {
-            Ok(l) if l.starts_with("done") => break Some(l),
-            Ok(_) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-            Err(_) => break None,
-        }
-        at_wall |= cg.usage() + MIB >= cg.limit();
-        assert!(!cg.under_oom(), "a real OOM: not the workload under test");
-    };
+    let run = lookups_beside_an_idle_holder(&mut s, &cg, &cg, &prog, names.path());
     let pgpg_moved = pgpg() - pgpg_before;
-    let done = done.unwrap_or_else(|| panic!("the lookups failed\nlog:\n{}", agent.log()));
-    let lookups: u64 = done
-        .split_whitespace()
-        .nth(1)
-        .and_then(|n| n.parse().ok())
+    let lookups: u64 = run
+        .done
+        .as_deref()
+        .and_then(|d| d.split_whitespace().nth(1)?.parse().ok())
         .unwrap_or(0);
-    let failed = failcnt(&cg) - failcnt_before;
-    eprintln!("{name}: {lookups} lookups, failcnt +{failed}, page charge events +{pgpg_moved}");
+    eprintln!(
+        "{name}: {lookups} lookups, failcnt +{}, page charge events +{pgpg_moved}",
+        run.failed
+    );
     // Two more sweeps after the last lookup.
     std::thread::sleep(Duration::from_millis(2500));
+    assert_left_alone(&mut s, &agent, &cg.rel, &run);
+    // And it was at the wall, failing charges, all along, making progress.
     assert!(
-        s.alive(holder.pid),
-        "the idle holder was killed\naudit:\n{:?}\nlog:\n{}",
-        agent.audit(),
-        agent.log()
+        lookups > 100_000,
+        "the lookups made no progress: {:?}",
+        run.done
     );
-    assert!(
-        agent.events("oom", &cg.rel).is_empty() && agent.events("action", &cg.rel).is_empty(),
-        "an episode started for a cgroup making progress\naudit:\n{:?}",
-        agent.audit()
-    );
-    // And it was at the wall, failing charges, all along.
-    assert!(lookups > 100_000, "the lookups made no progress: {done}");
-    assert!(
-        failed > 1000,
-        "failcnt rose by only {failed}: not at the wall"
-    );
-    assert!(at_wall, "usage never reached the limit");
+    assert!(run.at_wall, "usage never reached the limit");
 }
 
 /// The same lookups at the wall, with the limit on a parent (a pod) and the processes
@@ -450,47 +500,10 @@ fn lookups_in_a_child_of_the_limited_cgroup_are_not_pinned() {
     let ctr = s.cgroup("c", None, false);
     let agent = Agent::start(&[("p.toml", &policy("lookups", &pod.rel, "", KILL))], &[]);
     agent.expect("watch", &pod.rel, Duration::from_secs(10));
-    let holder = s.hog(
-        &ctr,
-        &["--touch", "62M", "--hold", "600s", "--tag", "holder"],
-    );
-    assert!(
-        wait_until(Duration::from_secs(20), || pod.usage() >= 62 * MIB),
-        "the holder never filled its 62 MiB (usage {})",
-        pod.usage()
-    );
-    let failcnt_before = failcnt(&pod);
-    let mut cmd = Command::new(&prog);
-    cmd.arg(&ctr.dir).arg(names.path()).arg("5");
-    let (_, lines) = s.spawn(cmd);
-    assert!(line(&lines, "start", Duration::from_secs(10)).is_some());
-    let done = loop {
-        match lines.recv_timeout(Duration::from_millis(50)) {
-            Ok(l) if l.starts_with("done") => break Some(l),
-            Ok(_) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-            Err(_) => break None,
-        }
-        assert!(!pod.under_oom(), "a real OOM: not the workload under test");
-    };
-    let failed = failcnt(&pod) - failcnt_before;
+    let run = lookups_beside_an_idle_holder(&mut s, &pod, &ctr, &prog, names.path());
     std::thread::sleep(Duration::from_millis(2500));
-    eprintln!("{name}: {done:?}, failcnt +{failed}");
-    assert!(
-        s.alive(holder.pid),
-        "the idle holder was killed\naudit:\n{:?}\nlog:\n{}",
-        agent.audit(),
-        agent.log()
-    );
-    assert!(
-        agent.events("oom", &pod.rel).is_empty() && agent.events("action", &pod.rel).is_empty(),
-        "an episode started for a cgroup making progress\naudit:\n{:?}",
-        agent.audit()
-    );
-    assert!(done.is_some(), "the lookups failed");
-    assert!(
-        failed > 1000,
-        "failcnt rose by only {failed}: not at the wall"
-    );
+    eprintln!("{name}: {:?}, failcnt +{}", run.done, run.failed);
+    assert_left_alone(&mut s, &agent, &pod.rel, &run);
 }
 
 /// A pinned workload in a child of the limited cgroup (a container in a pod) is still
@@ -546,46 +559,10 @@ fn lookups_at_the_wall_under_a_short_sweep_interval_are_not_pinned() {
     .unwrap();
     let agent = Agent::start_in_root(tmp, &s.dir, &[]);
     agent.expect("watch", "/w", Duration::from_secs(10));
-    let holder = s.hog(
-        &cg,
-        &["--touch", "62M", "--hold", "600s", "--tag", "holder"],
-    );
-    assert!(
-        wait_until(Duration::from_secs(20), || cg.usage() >= 62 * MIB),
-        "the holder never filled its 62 MiB (usage {})",
-        cg.usage()
-    );
-    let failcnt_before = failcnt(&cg);
-    let mut cmd = Command::new(&prog);
-    cmd.arg(&cg.dir).arg(names.path()).arg("5");
-    let (_, lines) = s.spawn(cmd);
-    assert!(line(&lines, "start", Duration::from_secs(10)).is_some());
-    let done = loop {
-        match lines.recv_timeout(Duration::from_millis(50)) {
-            Ok(l) if l.starts_with("done") => break Some(l),
-            Ok(_) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-            Err(_) => break None,
-        }
-        assert!(!cg.under_oom(), "a real OOM: not the workload under test");
-    };
-    let failed = failcnt(&cg) - failcnt_before;
+    let run = lookups_beside_an_idle_holder(&mut s, &cg, &cg, &prog, names.path());
     std::thread::sleep(Duration::from_millis(500));
-    eprintln!("{name}: {done:?}, failcnt +{failed}");
-    assert!(
-        s.alive(holder.pid),
-        "the idle holder was killed\naudit:\n{:?}",
-        agent.audit()
-    );
-    assert!(
-        agent.events("oom", "/w").is_empty() && agent.events("action", "/w").is_empty(),
-        "an episode started for a cgroup making progress\naudit:\n{:?}",
-        agent.audit()
-    );
-    assert!(done.is_some(), "the lookups failed");
-    assert!(
-        failed > 1000,
-        "failcnt rose by only {failed}: not at the wall"
-    );
+    eprintln!("{name}: {:?}, failcnt +{}", run.done, run.failed);
+    assert_left_alone(&mut s, &agent, "/w", &run);
 }
 
 /// A pinned stall left unresolved (the policy's only step cannot help) ends: the pinned
