@@ -152,10 +152,8 @@ fn check_from(
     first_above: usize,
 ) -> Result<(), PermError> {
     let w = Walk {
-        checks: Checks::Strict(owners),
-        what,
-        given: path,
         last_above: first_above > 0,
+        ..Walk::new(Checks::Strict(owners), what, path)
     };
     w.walk_from_root(path, Last::Any).map(|_| ())
 }
@@ -245,13 +243,10 @@ fn check_socket_links(
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let w = Walk {
-        checks: Checks::Strict(owners),
-        what,
-        given: parent,
-        last_above: false,
-    };
-    let (dir, _, _) = w.walk_from_root(parent, Last::Parent)?;
+    // The directory that holds the socket: a sticky root-owned one passes (nobody else
+    // can replace root's entry in it).
+    let w = Walk::new(Checks::Strict(owners), what, parent).above();
+    let (dir, _, _) = w.walk_from_root(parent, Last::Dir)?;
     let Some(target) = link_target(&dir, path, name, what, owners)? else {
         return Ok(());
     };
@@ -325,9 +320,6 @@ pub fn check_existing_part(path: &Path, what: &str, owners: Owners) -> Result<()
 enum Last {
     /// A directory, as an `O_PATH` descriptor to open from.
     Dir,
-    /// The directory that holds what is trusted (a socket): as `Dir`, and a sticky
-    /// root-owned directory passes (nobody else can replace root's entry in it).
-    Parent,
     /// A regular file to read: reopened `O_RDONLY|O_NONBLOCK` once judged.
     Read,
     /// A regular file only to judge (and execute): `O_PATH`, no read permission needed.
@@ -408,7 +400,24 @@ struct Walk<'a> {
     last_above: bool,
 }
 
-impl Walk<'_> {
+impl<'a> Walk<'a> {
+    fn new(checks: Checks, what: &'a str, given: &'a Path) -> Walk<'a> {
+        Walk {
+            checks,
+            what,
+            given,
+            last_above: false,
+        }
+    }
+
+    /// The last component is a directory above what is trusted (see `last_above`).
+    fn above(self) -> Walk<'a> {
+        Walk {
+            last_above: true,
+            ..self
+        }
+    }
+
     fn what(&self, real: &Path) -> String {
         let through = if real == self.given {
             String::new()
@@ -541,8 +550,8 @@ impl Walk<'_> {
         let st = fstat(&dir).map_err(|e| self.io(&real, e))?;
         let fd = dir;
         match last {
-            Last::Dir | Last::Parent | Last::Any => {
-                self.judge(&fd, &st, &real, self.last_above || last == Last::Parent)?;
+            Last::Dir | Last::Any => {
+                self.judge(&fd, &st, &real, self.last_above)?;
                 Ok((fd, st, real))
             }
             Last::Read | Last::Path => Err(PermError::NotRegular {
@@ -566,7 +575,7 @@ impl Walk<'_> {
     ) -> Result<(OwnedFd, FileStat, PathBuf), PermError> {
         let is_dir = file_type(&st) == SFlag::S_IFDIR;
         match last {
-            Last::Dir | Last::Parent if !is_dir => return Err(self.io(&real, Errno::ENOTDIR)),
+            Last::Dir if !is_dir => return Err(self.io(&real, Errno::ENOTDIR)),
             Last::Read | Last::Path if file_type(&st) != SFlag::S_IFREG => {
                 return Err(PermError::NotRegular {
                     what: self.what(&real),
@@ -576,7 +585,7 @@ impl Walk<'_> {
             }
             _ => {}
         }
-        self.judge(&fd, &st, &real, self.last_above || last == Last::Parent)?;
+        self.judge(&fd, &st, &real, self.last_above)?;
         if last != Last::Read {
             return Ok((fd, st, real));
         }
@@ -695,12 +704,7 @@ impl CheckedDir {
     /// Opens `name` in this directory to read it, judged like [`open_file`].
     pub fn open_file(&self, name: &OsStr, what: &str) -> Result<File, PermError> {
         let given = self.given.join(name);
-        let w = Walk {
-            checks: self.checks,
-            what,
-            given: &given,
-            last_above: false,
-        };
+        let w = Walk::new(self.checks, what, &given);
         let dir = self.fd.try_clone().map_err(|error| PermError::Io {
             path: self.given.clone(),
             error,
@@ -713,48 +717,29 @@ impl CheckedDir {
 /// Opens the directory `path`, walking and judging every component (see the module
 /// documentation).
 pub fn open_dir(path: &Path, what: &str, checks: Checks) -> Result<CheckedDir, PermError> {
-    let w = Walk {
-        checks,
-        what,
-        given: path,
-        last_above: false,
-    };
-    let (fd, _, real) = w.walk_from_root(path, Last::Dir)?;
-    Ok(CheckedDir {
-        fd,
-        real,
-        given: path.to_path_buf(),
-        checks,
-    })
+    checked_dir(Walk::new(checks, what, path))
 }
 
 /// Like [`open_dir`] for the directory a file is created in (the audit log's): a
 /// root-owned sticky directory such as /tmp is fine there, as above a trusted path.
 pub fn open_dir_above(path: &Path, what: &str, checks: Checks) -> Result<CheckedDir, PermError> {
-    let w = Walk {
-        checks,
-        what,
-        given: path,
-        last_above: true,
-    };
-    let (fd, _, real) = w.walk_from_root(path, Last::Dir)?;
+    checked_dir(Walk::new(checks, what, path).above())
+}
+
+fn checked_dir(w: Walk<'_>) -> Result<CheckedDir, PermError> {
+    let (fd, _, real) = w.walk_from_root(w.given, Last::Dir)?;
     Ok(CheckedDir {
         fd,
         real,
-        given: path.to_path_buf(),
-        checks,
+        given: w.given.to_path_buf(),
+        checks: w.checks,
     })
 }
 
 /// Opens the regular file `path` to read it (read it with [`read_text`]), walking and
 /// judging every component on the way and the file itself on the descriptor returned.
 pub fn open_file(path: &Path, what: &str, checks: Checks) -> Result<File, PermError> {
-    let w = Walk {
-        checks,
-        what,
-        given: path,
-        last_above: false,
-    };
+    let w = Walk::new(checks, what, path);
     let (fd, _, _) = w.walk_from_root(path, Last::Read)?;
     Ok(File::from(fd))
 }
@@ -768,12 +753,7 @@ pub fn open_program(
     checks: Checks,
     read: bool,
 ) -> Result<File, PermError> {
-    let w = Walk {
-        checks,
-        what,
-        given: path,
-        last_above: false,
-    };
+    let w = Walk::new(checks, what, path);
     let last = if read { Last::Read } else { Last::Path };
     let (fd, _, _) = w.walk_from_root(path, last)?;
     Ok(File::from(fd))
@@ -799,12 +779,7 @@ pub struct Program {
 /// and the process is named as for `execve(path)` (`/bin/sleep` as "sleep", even where
 /// it is a link to a multi-call binary).
 pub fn open_program_to_run(path: &Path, what: &str, checks: Checks) -> Result<Program, PermError> {
-    let w = Walk {
-        checks,
-        what,
-        given: path,
-        last_above: false,
-    };
+    let w = Walk::new(checks, what, path);
     let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
         return Err(w.io(path, Errno::EISDIR));
     };
