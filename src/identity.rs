@@ -92,10 +92,7 @@ pub fn settle(
     }
     // Only the Docker engine describes containers: one of containerd or CRI-O has no
     // metadata to wait for, and no policy keyed on it can match (as with no engine).
-    let Some(id) = crate::container::identify(cg.as_bytes())
-        .filter(|i| i.docker_may_know())
-        .and_then(|i| i.container_id)
-    else {
+    let Some(id) = crate::container::docker_id(cg.as_bytes()) else {
         return as_is();
     };
     let kill_disabled = shared.kill_disabled(cg);
@@ -127,8 +124,8 @@ pub fn settle(
             };
         }
         if !containers.enabled() {
-            // No engine configured: metadata never becomes known, and policies keyed
-            // on it never match (as `check` warns); nothing to wait for.
+            // No engine (a fixed listing, or none): what is not known now never will be,
+            // and policies keyed on it never match (as `check` warns); nothing to wait for.
             return as_is();
         }
         if !asked {
@@ -177,10 +174,7 @@ pub fn hold_waits_for_metadata(
     if !containers.enabled() || !set.policies().iter().any(|p| p.matcher.needs_container()) {
         return false;
     }
-    let Some(id) = crate::container::identify(cg.as_bytes())
-        .filter(|i| i.docker_may_know())
-        .and_then(|i| i.container_id)
-    else {
+    let Some(id) = crate::container::docker_id(cg.as_bytes()) else {
         return false;
     };
     containers.get(&id).is_none()

@@ -95,7 +95,7 @@ impl Wall {
     /// At the limit with little to reclaim: the state a pinned cgroup is in (but also a
     /// cgroup streaming files through a small headroom; the page counters tell them
     /// apart).
-    fn cornered(&self) -> bool {
+    pub(crate) fn cornered(&self) -> bool {
         !crate::cgroup::parse::is_unlimited(self.limit)
             && at_wall(self.usage, self.limit)
             && self.file_bytes < little_cache(self.limit)

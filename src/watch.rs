@@ -1181,14 +1181,19 @@ impl Watcher {
             self.sweep_every,
             || {
                 let stat = ctl.stat(cg).ok()??;
-                let pids = subtree_procs(ctl, cg);
-                Some(Wall {
+                let mut wall = Wall {
                     usage: ctl.usage(cg).ok()??,
                     limit: ctl.limits(cg).ok()??.memory,
                     file_bytes: file_bytes(&stat)?,
                     progress: progress(&stat)?,
-                    tasks: pids.and_then(|p| tasks(proc_root, &p)),
-                })
+                    tasks: None,
+                };
+                // The processes (a walk and a /proc read each) only for a cgroup
+                // cornered at its wall: one full of page cache is judged clear without.
+                if wall.cornered() {
+                    wall.tasks = subtree_procs(ctl, cg).and_then(|p| tasks(proc_root, &p));
+                }
+                Some(wall)
             },
         );
         match verdict {

@@ -398,11 +398,13 @@ fn read_events_with(
 
 /// Hands one item to `f` if it is an event; an item that is not JSON ends the stream.
 fn deliver(item: &[u8], f: &mut impl FnMut(Event)) -> io::Result<()> {
-    // Checked whole first, without building anything (and without recursion).
-    serde_json::from_slice::<serde::de::IgnoredAny>(item).map_err(io::Error::other)?;
-    // An event of a shape this version does not know is skipped, not fatal.
-    if let Ok(ev) = serde_json::from_slice::<Event>(item) {
-        f(ev);
+    match serde_json::from_slice::<Event>(item) {
+        Ok(ev) => f(ev),
+        // An event of a shape this version does not know is skipped, not fatal; an item
+        // that is not JSON at all (checked without building anything) is.
+        Err(_) => {
+            serde_json::from_slice::<serde::de::IgnoredAny>(item).map_err(io::Error::other)?;
+        }
     }
     Ok(())
 }

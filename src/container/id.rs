@@ -94,6 +94,14 @@ pub fn is_full_id(s: &[u8]) -> bool {
     s.len() == 64 && s.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
 }
 
+/// The id of the container whose own cgroup `path` is, when Docker may describe it
+/// (not containerd's or CRI-O's): the id to look its metadata up by.
+pub fn docker_id(path: &[u8]) -> Option<String> {
+    identify(path)
+        .filter(Identity::docker_may_know)
+        .and_then(|i| i.container_id)
+}
+
 /// The identity of the cgroup at `path` (raw bytes, `/`-separated, as in
 /// /proc/PID/cgroup or [`crate::cgroup::CgroupPath::as_bytes`]). `None` when the path
 /// names neither a container nor a pod.

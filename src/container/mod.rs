@@ -10,4 +10,4 @@ pub mod id;
 
 pub use cache::Containers;
 pub use docker::Meta;
-pub use id::{identify, Identity, Runtime};
+pub use id::{docker_id, identify, Identity, Runtime};

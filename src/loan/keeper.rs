@@ -212,10 +212,8 @@ fn resume(shared: &Shared, cg: &CgroupPath, lent_by: &str, episode: u64, journal
     let meta = shared.container_info(cg);
     let info = meta.as_deref().map(|m| &m.info);
     let Some(p) = set.select(cg, kill_disabled, info).cloned() else {
-        let unknown = crate::container::identify(cg.as_bytes())
-            .filter(|i| i.docker_may_know() && info.is_none())
-            .and_then(|i| i.container_id)
-            .filter(|id| !shared.containers.is_absent(id))
+        let unknown = crate::container::docker_id(cg.as_bytes())
+            .filter(|id| info.is_none() && !shared.containers.is_absent(id))
             .filter(|_| {
                 set.outranking_container_policy(cg, kill_disabled, None)
                     .is_some()
