@@ -495,12 +495,7 @@ pub fn open_log(path: &Path, trust: Trust) -> Result<File, AuditError> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let checks = match trust {
-        Trust::Strict => crate::perm::Checks::Strict(crate::perm::Owners::current(
-            ", or pass --insecure-policies for development",
-        )),
-        Trust::Insecure => crate::perm::Checks::Insecure,
-    };
+    let checks = trust.checks();
     let dir = crate::perm::open_dir_above(parent, "the audit log's directory", checks)?;
     let fd = nix::fcntl::openat(
         Some(dir.as_fd().as_raw_fd()),
@@ -517,10 +512,7 @@ pub fn open_log(path: &Path, trust: Trust) -> Result<File, AuditError> {
     .map_err(|e| open_error(e.into()))?;
     // SAFETY: openat has just returned this descriptor; nothing else owns it.
     let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    let md = file.metadata().map_err(|error| AuditError::Open {
-        path: path.to_path_buf(),
-        error,
-    })?;
+    let md = file.metadata().map_err(open_error)?;
     let mode = md.mode();
     if !md.file_type().is_file() {
         return Err(AuditError::NotRegular {
@@ -528,9 +520,8 @@ pub fn open_log(path: &Path, trust: Trust) -> Result<File, AuditError> {
             mode,
         });
     }
-    if trust == Trust::Strict {
-        let me = nix::unistd::geteuid().as_raw();
-        if md.uid() != 0 && md.uid() != me {
+    if let crate::perm::Checks::Strict(owners) = checks {
+        if !owners.allowed(md.uid()) {
             return Err(AuditError::Owner {
                 path: path.to_path_buf(),
                 uid: md.uid(),
@@ -543,15 +534,7 @@ pub fn open_log(path: &Path, trust: Trust) -> Result<File, AuditError> {
             });
         }
     }
-    // Writes to a regular file ignore O_NONBLOCK; cleared all the same.
-    use nix::fcntl::{fcntl, FcntlArg, OFlag};
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
-    if let Ok(fl) = fcntl(fd, FcntlArg::F_GETFL) {
-        let _ = fcntl(
-            fd,
-            FcntlArg::F_SETFL(OFlag::from_bits_truncate(fl) & !OFlag::O_NONBLOCK),
-        );
-    }
+    // O_NONBLOCK stays: writes to a regular file ignore it.
     Ok(file)
 }
 

@@ -629,13 +629,9 @@ impl<'a> Walk<'a> {
                 })?
                 .join(path)
         };
+        // `abs` starts with `/`: the walk's first step opens and judges it.
         let root = PathBuf::from("/");
         let dir = open_root().map_err(|e| self.io(&root, e))?;
-        let st = fstat(&dir).map_err(|e| self.io(&root, e))?;
-        let only_root = steps(&abs).iter().all(|s| matches!(s, Step::Root));
-        if !only_root {
-            self.judge(&dir, &st, &root, true)?;
-        }
         self.walk(dir, root, &abs, last)
     }
 }

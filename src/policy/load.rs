@@ -913,24 +913,14 @@ fn check_hooks(
                 ));
             }
         }
-        let judged =
-            crate::perm::open_program(Path::new(program), "an exec hook", trust.checks(), false)
-                .and_then(|_| {
-                    // A script's interpreter (and its own, for a chain) runs as root too.
-                    // (A hook this user cannot read is judged before each run, when the
-                    // agent reads it as root.)
-                    match crate::perm::open_program(
-                        Path::new(program),
-                        "an exec hook",
-                        trust.checks(),
-                        true,
-                    ) {
-                        Ok(f) => {
-                            crate::perm::check_interpreters(&f, Path::new(program), trust.checks())
-                        }
-                        Err(_) => Ok(()),
-                    }
-                });
+        // Opened to read (a script's interpreter, and its own for a chain, runs as root
+        // too); a hook this user cannot read is only judged (O_PATH), and its
+        // interpreters are judged before each run, when the agent reads it as root.
+        let (program, checks) = (Path::new(program), trust.checks());
+        let judged = match crate::perm::open_program(program, "an exec hook", checks, true) {
+            Ok(f) => crate::perm::check_interpreters(&f, program, checks),
+            Err(_) => crate::perm::open_program(program, "an exec hook", checks, false).map(|_| ()),
+        };
         match judged {
             Ok(()) => {}
             Err(e) if e.is_not_found() => {
