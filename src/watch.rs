@@ -1241,13 +1241,7 @@ impl Watcher {
                 .candidates
                 .get(h)
                 .is_none_or(|c| c.failcnt_rose.is_some_and(|t| t.elapsed() <= failing));
-            still_failing
-                && matches!(
-                    (ctl.usage(h), ctl.limits(h)),
-                    (Ok(Some(u)), Ok(Some(l)))
-                        if !crate::cgroup::parse::is_unlimited(l.memory)
-                            && crate::pinned::at_wall(u, l.memory)
-                )
+            still_failing && at_own_limit(ctl, h)
         })
     }
 

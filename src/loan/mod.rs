@@ -442,6 +442,20 @@ impl LoanBook {
     }
 
     /// Gives a loan up for good and queues the fact for the audit log.
+    /// Gives the loan up (and says so) when the cgroup at its path is not the one lent
+    /// to, or holds a limit the agent never wrote: true when it did.
+    fn given_up_as_not_ours(&self, ctl: &dyn Controller, rec: &LoanRecord, cur: Limits) -> bool {
+        let why = if self.replaced(ctl, rec) {
+            REPLACED
+        } else if !self.holds_ours(rec, cur) {
+            "limit changed by someone else"
+        } else {
+            return false;
+        };
+        self.give_up(rec, Some(cur.memory), why);
+        true
+    }
+
     /// True when the cgroup at the loan's path is not the one lent to (removed and made
     /// again, or from another boot). Unknown (an old journal, a failed read) is not
     /// "replaced": the limit checks of [`LoanBook::holds_ours`] still apply.
@@ -886,14 +900,7 @@ impl LoanBook {
                 new: target.memory,
             });
         }
-        if self.replaced(ctl, &rec) {
-            self.give_up(&rec, Some(cur.memory), REPLACED);
-            return Ok(Restore::GivenUp {
-                current: cur.memory,
-            });
-        }
-        if !self.holds_ours(&rec, cur) {
-            self.give_up(&rec, Some(cur.memory), "limit changed by someone else");
+        if self.given_up_as_not_ours(ctl, &rec, cur) {
             return Ok(Restore::GivenUp {
                 current: cur.memory,
             });
@@ -1025,12 +1032,7 @@ impl LoanBook {
                 return true;
             }
         };
-        if self.replaced(ctl, &rec) {
-            self.give_up(&rec, Some(cur.memory), REPLACED);
-            return false;
-        }
-        if !self.holds_ours(&rec, cur) {
-            self.give_up(&rec, Some(cur.memory), "limit changed by someone else");
+        if self.given_up_as_not_ours(ctl, &rec, cur) {
             return false;
         }
         if cur == rec.original
