@@ -179,7 +179,7 @@ fn a_container_started_after_the_agent_is_watched_and_rescued() {
 
 /// The README's `docker run` line of the Docker quick start (the block after its
 /// `docker-quick-start` marker), split into words (it has no quotes).
-fn readme_run_line() -> Vec<String> {
+pub(crate) fn readme_run_line() -> Vec<String> {
     let readme = read(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"));
     let marker = "<!-- docker-quick-start:";
     let at = readme
@@ -199,7 +199,7 @@ fn readme_run_line() -> Vec<String> {
 
 /// Replaces the word `from` by `to` in `words`, exactly once (so that a changed README
 /// line fails here instead of being run half substituted).
-fn substitute(words: &mut [String], from: &str, to: &str) {
+pub(crate) fn substitute(words: &mut [String], from: &str, to: &str) {
     let hits: Vec<usize> = (0..words.len()).filter(|&i| words[i] == from).collect();
     assert_eq!(
         hits.len(),
@@ -210,7 +210,7 @@ fn substitute(words: &mut [String], from: &str, to: &str) {
 }
 
 /// CapEff of a process as a bit set.
-fn effective_caps(pid: i32) -> u64 {
+pub(crate) fn effective_caps(pid: i32) -> u64 {
     let status = read(std::path::Path::new(&format!("/proc/{pid}/status")));
     status
         .lines()
@@ -219,8 +219,8 @@ fn effective_caps(pid: i32) -> u64 {
         .unwrap_or(u64::MAX)
 }
 
-const CAP_KILL: u64 = 1 << 5;
-const CAP_IPC_LOCK: u64 = 1 << 14;
+pub(crate) const CAP_KILL: u64 = 1 << 5;
+pub(crate) const CAP_IPC_LOCK: u64 = 1 << 14;
 
 /// The sidecar started by the README's line, with this run's policies and state; the
 /// words of the line other than the four substituted ones are run as written.

@@ -17,6 +17,7 @@ mod demo;
 mod docker;
 mod docker_meta;
 mod docker_names;
+mod docker_pod;
 mod docker_unknown;
 mod doctor;
 mod early;

@@ -1,0 +1,486 @@
+//! Issue 17.3: the Docker sidecar in a shared parent, on the real engine (root, cgroup
+//! v1, cgroupfs driver). A scratch parent cgroup carries the limit and
+//! `oom_kill_disable`, and is the `--cgroup-parent` of the sidecar (started by the
+//! README's quick start line), of a workload container that grows past the parent's
+//! limit, and of a small container that must survive. The sidecar's only policy targets
+//! the parent with a kill step (no raise_limit): the agent must end the stall it shares,
+//! within 1 s, by killing the grower.
+//!
+//! The second test first warms the sidecar's heap: hundreds of watched cgroups and
+//! several stalls resolved (and `oomwake status` run) before the stall that matters.
+//!
+//! Latencies go to target/tmp/docker-measure.log (see [`measure`]).
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::Value;
+
+use crate::common::docker::*;
+use crate::common::*;
+use crate::docker::{effective_caps, readme_run_line, substitute, CAP_IPC_LOCK, CAP_KILL};
+
+/// The parent's limit: the sidecar (about 15-25 MiB locked), the small container and the
+/// grower share it.
+const LIMIT: u64 = 192 * MIB;
+/// MiB the grower touches: far past the limit.
+const GROWER_MIB: &str = "400";
+/// MiB the small task touches (then it sleeps): it must survive.
+const SMALL_MIB: &str = "4";
+/// From the stall to the kill, at most.
+const KILL_WITHIN_MS: f64 = 1000.0;
+/// Warm-up: idle cgroups watched, then stalls resolved, before the stall that matters.
+const WARM_IDLE: usize = 300;
+const WARM_STALLS: usize = 5;
+
+/// One pod test at a time: both drive the machine (2 cores here) to a wall, and each
+/// measures a latency the other would disturb.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// The scratch parent: Docker's `--cgroup-parent` for every container of the test, made
+/// in the memory hierarchy first so that it carries the limit and `oom_kill_disable`
+/// before any container starts. Dropping it removes it from every hierarchy.
+struct Pod {
+    parent: CgroupParent,
+    cg: Cg,
+}
+
+fn pod(what: &str) -> Pod {
+    let parent = CgroupParent::new(what);
+    let dir = Path::new(MEMROOT).join(parent.rel.trim_start_matches('/'));
+    std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+    write(&dir.join("memory.limit_in_bytes"), &LIMIT.to_string());
+    write(&dir.join("memory.oom_control"), "1");
+    let cg = Cg {
+        rel: parent.rel.clone(),
+        dir,
+    };
+    Pod { parent, cg }
+}
+
+/// Host processes (hogs of the warm-up) started by the test; killed when dropped.
+struct Hogs(Vec<Child>);
+
+impl Drop for Hogs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The sidecar, started by the README's quick start line with this test's policies and
+/// state, below `parent` (`--cgroup-parent`, and our label so that a killed test run's
+/// sidecar is swept). The line's other words are run as written.
+fn start_pod_sidecar(
+    engine: &Engine,
+    image: &SidecarImage,
+    dir: &Path,
+    parent: &CgroupParent,
+    what: &str,
+) -> Container {
+    let mut words = readme_run_line();
+    assert_eq!(words[..2], ["docker", "run"], "{words:?}");
+    let name = format!("oomwake-it-{}-pod-{what}", std::process::id());
+    substitute(&mut words, "oomwake", &name);
+    substitute(
+        &mut words,
+        "/etc/oomwake/policies:/etc/oomwake/policies:ro",
+        &format!("{}/policies:/etc/oomwake/policies:ro", dir.display()),
+    );
+    substitute(
+        &mut words,
+        "/var/lib/oomwake:/var/lib/oomwake",
+        &format!("{}/state:/var/lib/oomwake", dir.display()),
+    );
+    substitute(&mut words, "oomwake:latest", &image.tag);
+    let label = format!("{LABEL}={}", std::process::id());
+    let extra = ["--cgroup-parent", &parent.rel, "--label", &label];
+    let mut args: Vec<&str> = vec!["run"];
+    args.extend_from_slice(&extra);
+    args.extend(words[2..].iter().map(String::as_str));
+    let id = match engine.try_run(&args, Duration::from_secs(60)) {
+        Ok(id) => id,
+        Err(e) => {
+            let _ = engine.try_run(&["rm", "-f", &name], Duration::from_secs(30));
+            panic!("the README's run line with --cgroup-parent failed: {e}");
+        }
+    };
+    Container::adopt(engine, id, name)
+}
+
+/// The sidecar's audit lines (its `docker logs`, one JSON object a line).
+fn audit(sidecar: &Container) -> Vec<Value> {
+    sidecar
+        .logs()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Waits (bounded) for a sidecar audit line matching `pred`.
+fn wait_audit(
+    sidecar: &Container,
+    timeout: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> Option<Value> {
+    let end = Instant::now() + timeout;
+    loop {
+        if let Some(v) = audit(sidecar).into_iter().find(|v| pred(v)) {
+            return Some(v);
+        }
+        if Instant::now() >= end {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The sidecar's audit lines about `cgroup`, for failure messages.
+fn about(sidecar: &Container, cgroup: &str) -> String {
+    audit(sidecar)
+        .into_iter()
+        .filter(|v| v["cgroup"] == cgroup || v["event"] == "log")
+        .map(|v| v.to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn time_of(ts: &str) -> SystemTime {
+    humantime::parse_rfc3339_weak(ts.trim_end_matches('Z'))
+        .unwrap_or_else(|e| panic!("timestamp {ts:?}: {e}"))
+}
+
+/// Milliseconds from `a` to `b` (RFC 3339 timestamps; negative if `b` is earlier).
+fn ms_between(a: &str, b: &str) -> f64 {
+    let (a, b) = (time_of(a), time_of(b));
+    match b.duration_since(a) {
+        Ok(d) => d.as_secs_f64() * 1000.0,
+        Err(e) => -e.duration().as_secs_f64() * 1000.0,
+    }
+}
+
+/// `VmRSS` and `VmLck` of a process, in KiB.
+fn rss_lck_kib(pid: i32) -> (u64, u64) {
+    let status = read(Path::new(&format!("/proc/{pid}/status")));
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmLck:"))
+}
+
+/// `oomwake status` inside the sidecar (`docker exec`); its output.
+fn status_in(sidecar: &Container) -> String {
+    sidecar
+        .engine
+        .try_run(
+            &["exec", &sidecar.id, "/usr/bin/oomwake", "status"],
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|e| panic!("oomwake status in the sidecar: {e}"))
+}
+
+/// The warm-up: `WARM_IDLE` cgroups below the parent watched, then `WARM_STALLS` stalls
+/// of host hogs in cgroups of their own (16 MiB, below the parent: the agent does not
+/// share them) resolved by the sidecar's kill, with `oomwake status` after each.
+fn warm_up(name: &str, pod: &Pod, sidecar: &Container, hogs: &mut Hogs) {
+    let started = Instant::now();
+    let prefix = format!("{}/warm-", pod.cg.rel);
+    for i in 0..WARM_IDLE {
+        let dir = pod.cg.dir.join(format!("warm-idle-{i}"));
+        std::fs::create_dir(&dir).unwrap();
+        write(&dir.join("memory.oom_control"), "1");
+    }
+    let all_watched = wait_until(Duration::from_secs(60), || {
+        audit(sidecar)
+            .iter()
+            .filter(|v| {
+                v["event"] == "watch"
+                    && v["cgroup"]
+                        .as_str()
+                        .is_some_and(|c| c.starts_with(&format!("{prefix}idle-")))
+            })
+            .count()
+            >= WARM_IDLE
+    });
+    assert!(
+        all_watched,
+        "the sidecar did not watch the {WARM_IDLE} idle cgroups:\n{}",
+        sidecar.logs()
+    );
+    for round in 0..WARM_STALLS {
+        let rel = format!("{prefix}stall-{round}");
+        let dir = pod.cg.dir.join(format!("warm-stall-{round}"));
+        std::fs::create_dir(&dir).unwrap();
+        write(&dir.join("memory.limit_in_bytes"), &(16 * MIB).to_string());
+        write(&dir.join("memory.oom_control"), "1");
+        assert!(
+            wait_audit(sidecar, Duration::from_secs(20), |v| v["event"] == "watch"
+                && v["cgroup"] == rel.as_str())
+            .is_some(),
+            "not watched: {rel}\n{}",
+            sidecar.logs()
+        );
+        let hog = Command::new(hog_bin())
+            .arg("--join")
+            .arg(&dir)
+            .args(["--touch", "48M", "--hold", "60s"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn oomwake-hog");
+        hogs.0.push(hog);
+        let r = wait_audit(sidecar, Duration::from_secs(30), |v| {
+            v["event"] == "resolved" && v["cgroup"] == rel.as_str()
+        });
+        let Some(r) = r else {
+            panic!(
+                "warm-up stall {round} not resolved:\n{}",
+                about(sidecar, &rel)
+            );
+        };
+        assert_eq!(r["by_action"], "kill", "{r}");
+        let hog = hogs.0.last_mut().unwrap();
+        let exited = wait_until(Duration::from_secs(10), || {
+            matches!(hog.try_wait(), Ok(Some(_)))
+        });
+        assert!(exited, "the warm-up hog {round} still runs");
+        let out = status_in(sidecar);
+        assert!(out.contains("oomwake running"), "{out}");
+    }
+    measure(
+        name,
+        &format!(
+            "warm-up: {WARM_IDLE} idle cgroups watched, {WARM_STALLS} stalls resolved by kill, status run {WARM_STALLS} times, in {} ms",
+            started.elapsed().as_millis()
+        ),
+    );
+}
+
+/// The whole scenario; `warm` runs the warm-up before the stall that matters.
+fn pod_stall(name: &str, warm: bool) {
+    let Some(engine) = require_docker(name) else {
+        return;
+    };
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let sidecar_img = sidecar_image(&engine);
+    let toucher = image(&engine, Workload::Toucher);
+    // Dropped in reverse: containers first, then the hogs, then the parent cgroup.
+    let pod = pod(if warm { "warm" } else { "pod" });
+    let mut hogs = Hogs(Vec::new());
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    std::fs::create_dir(dir.path().join("state")).unwrap();
+    std::fs::write(
+        dir.path().join("policies/pod.toml"),
+        policy("pod", &pod.cg.rel, "", KILL),
+    )
+    .unwrap();
+    if warm {
+        std::fs::write(
+            dir.path().join("policies/warm.toml"),
+            policy("warm", &format!("{}/warm-*", pod.cg.rel), "", KILL),
+        )
+        .unwrap();
+    }
+    let rel = pod.cg.rel.as_str();
+
+    let sidecar = start_pod_sidecar(
+        &engine,
+        &sidecar_img,
+        dir.path(),
+        &pod.parent,
+        if warm { "warm" } else { "cold" },
+    );
+    assert!(
+        wait_audit(&sidecar, Duration::from_secs(60), |v| v["event"] == "watch"
+            && v["cgroup"] == rel)
+        .is_some(),
+        "the sidecar never watched the parent {rel}:\n{}",
+        sidecar.logs()
+    );
+    let sidecar_pid = sidecar.pid();
+    let sidecar_cg = sidecar.cgroup();
+    assert!(
+        sidecar_cg.starts_with(&format!("{rel}/")),
+        "the sidecar runs in {sidecar_cg}, not below the parent {rel}"
+    );
+    assert_eq!(
+        effective_caps(sidecar_pid),
+        CAP_KILL | CAP_IPC_LOCK,
+        "the sidecar's effective capabilities"
+    );
+    let logs = sidecar.logs();
+    assert!(logs.contains("memory locked"), "mlockall worked:\n{logs}");
+    assert!(
+        logs.contains("the agent runs inside"),
+        "the sidecar says it shares a managed cgroup:\n{logs}"
+    );
+    if warm {
+        warm_up(name, &pod, &sidecar, &mut hogs);
+    }
+    let (rss, lck) = rss_lck_kib(sidecar_pid);
+    measure(
+        name,
+        &format!(
+            "sidecar before the stall: VmRSS {rss} KiB, VmLck {lck} KiB, parent usage {} KiB of {} KiB",
+            pod.cg.usage() >> 10,
+            LIMIT >> 10
+        ),
+    );
+
+    // The small task, then the grower: both below the parent, no limit of their own.
+    let small = run_container(&toucher, Some(&pod.parent), "small", &[], &[SMALL_MIB]);
+    assert!(
+        small
+            .wait_log(Duration::from_secs(30), |l| l
+                == format!("done {SMALL_MIB}"))
+            .is_some(),
+        "{}",
+        small.logs()
+    );
+    let small_pid = small.pid();
+    let episodes_before = audit(&sidecar)
+        .iter()
+        .filter(|v| v["event"] == "oom" && v["cgroup"] == rel)
+        .count();
+    assert_eq!(episodes_before, 0, "{}", about(&sidecar, rel));
+    let grower = run_container(&toucher, Some(&pod.parent), "grower", &[], &[GROWER_MIB]);
+    let grower_cg = format!("{rel}/{}", grower.id);
+
+    let oom = wait_audit(&sidecar, Duration::from_secs(60), |v| {
+        v["event"] == "oom" && v["cgroup"] == rel
+    });
+    let Some(oom) = oom else {
+        panic!(
+            "no oom line for the parent; under_oom {}, grower logs tail: {:?}\n{}",
+            pod.cg.under_oom(),
+            grower.logs().lines().last(),
+            sidecar.logs()
+        );
+    };
+    // The kill: any episode's (a retry may be the one), but within the bound.
+    let kill = wait_audit(&sidecar, Duration::from_secs(10), |v| {
+        v["event"] == "action"
+            && v["cgroup"] == rel
+            && v["action"] == "kill"
+            && v["outcome"] == "done"
+    });
+    let Some(kill) = kill else {
+        panic!(
+            "the sidecar did not kill in the parent it shares within 10 s of its oom line; under_oom {}, grower running {}; audit about {rel}:\n{}",
+            pod.cg.under_oom(),
+            grower.running(),
+            about(&sidecar, rel)
+        );
+    };
+    let oom_ts = oom["ts"].as_str().unwrap_or_default();
+    let kill_ts = kill["ts"].as_str().unwrap_or_default();
+    let audit_ms = ms_between(oom_ts, kill_ts);
+    // The audit line names the victim: the grower, in its container's cgroup.
+    assert_eq!(kill["victim_cgroup"], grower_cg.as_str(), "{kill}");
+    assert_eq!(kill["comm"], "toucher", "{kill}");
+    assert_eq!(kill["signal"], "SIGKILL", "{kill}");
+    assert!(
+        kill["rss_bytes"].as_u64().unwrap_or(0) > 64 * MIB,
+        "the largest process is the grower: {kill}"
+    );
+    assert_ne!(kill["pid"], small_pid, "{kill}");
+    assert_ne!(kill["pid"], sidecar_pid, "{kill}");
+
+    // The workload's side: its last progress line to its end, on the engine's clock.
+    assert!(
+        wait_until(Duration::from_secs(10), || !grower.running()),
+        "the grower still runs after the kill line {kill}"
+    );
+    assert_eq!(grower.inspect("{{.State.ExitCode}}"), "137");
+    let finished = grower.inspect("{{.State.FinishedAt}}");
+    let last_touch = grower
+        .engine
+        .run(&["logs", "-t", &grower.id])
+        .lines()
+        .rev()
+        .find(|l| l.contains(" touched "))
+        .map(|l| l.split_whitespace().next().unwrap_or_default().to_string())
+        .unwrap_or_else(|| panic!("no touched line from the grower"));
+    let workload_ms = ms_between(&last_touch, &finished);
+
+    // The killing episode's end (an earlier episode may have ended unaided, when the
+    // grower got a few pages for a moment).
+    let resolved = wait_audit(&sidecar, Duration::from_secs(10), |v| {
+        v["event"] == "resolved" && v["cgroup"] == rel && v["episode"] == kill["episode"]
+    });
+    let Some(resolved) = resolved else {
+        panic!("no resolved line for {rel}:\n{}", about(&sidecar, rel));
+    };
+    measure(
+        name,
+        &format!(
+            "oom line to kill line {audit_ms:.0} ms (audit ts); grower's last touched line to its exit {workload_ms:.0} ms (docker logs -t, State.FinishedAt); stalled_ms {}, first_action_ms {}, victim rss {} MiB, episode {}",
+            resolved["stalled_ms"],
+            resolved["first_action_ms"],
+            kill["rss_bytes"].as_u64().unwrap_or(0) >> 20,
+            kill["episode"]
+        ),
+    );
+    assert_eq!(resolved["by_action"], "kill", "{resolved}");
+    assert!(
+        audit_ms <= KILL_WITHIN_MS,
+        "kill {audit_ms:.0} ms after the oom line:\n{}",
+        about(&sidecar, rel)
+    );
+    assert!(
+        workload_ms <= KILL_WITHIN_MS,
+        "grower ended {workload_ms:.0} ms after its last progress line (last touched {last_touch}, finished {finished})"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || !pod.cg.under_oom()),
+        "the parent is still under OOM"
+    );
+
+    // The small task and the sidecar live; the sidecar answers.
+    assert!(small.running(), "the small container was stopped");
+    assert_eq!(small.pid(), small_pid, "the small task was replaced");
+    assert!(sidecar.running(), "the sidecar died");
+    assert_eq!(sidecar.pid(), sidecar_pid, "the sidecar was restarted");
+    let out = status_in(&sidecar);
+    assert!(out.contains("oomwake running"), "{out}");
+    assert!(out.contains(rel), "status names the parent: {out}");
+
+    // SIGTERM (docker stop) stops it cleanly, well before docker's SIGKILL.
+    let t = Instant::now();
+    sidecar.engine.run(&["stop", "-t", "20", &sidecar.id]);
+    let stop_ms = t.elapsed().as_millis();
+    let code = sidecar.inspect("{{.State.ExitCode}}");
+    measure(
+        name,
+        &format!("docker stop of the sidecar {stop_ms} ms, exit code {code}"),
+    );
+    assert_eq!(code, "0", "{}", sidecar.logs());
+    assert!(stop_ms < 15_000, "docker stop took {stop_ms} ms");
+    assert!(small.running(), "the small container goes on");
+}
+
+#[test]
+fn docker_pod_sidecar_kills_the_grower_in_the_parent_it_shares() {
+    pod_stall(
+        "docker_pod_sidecar_kills_the_grower_in_the_parent_it_shares",
+        false,
+    );
+}
+
+#[test]
+fn docker_pod_sidecar_with_a_warm_heap_kills_the_grower_in_the_parent_it_shares() {
+    pod_stall(
+        "docker_pod_sidecar_with_a_warm_heap_kills_the_grower_in_the_parent_it_shares",
+        true,
+    );
+}
