@@ -55,6 +55,7 @@ fn kill_all_spares_a_shielded_task_in_a_stuck_cgroup() {
         proc_root: proc_dir.path().to_path_buf(),
         self_pid: std::process::id() as i32,
         loans: LoanBook::new(None),
+        armed: oomwake::armed::Armed::new(),
     };
     let set = PolicySet::embedded_default();
     let path = CgroupPath::new(&cg.rel);

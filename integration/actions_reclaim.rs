@@ -60,6 +60,7 @@ fn reclaim_is_cut_short_by_its_timeout() {
         proc_root: "/proc".into(),
         self_pid: std::process::id() as i32,
         loans: LoanBook::new(None),
+        armed: oomwake::armed::Armed::new(),
     };
     let set = PolicySet::embedded_default();
     let path = CgroupPath::new(&cg.rel);

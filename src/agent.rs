@@ -80,6 +80,7 @@ pub fn run(cfg: Config, policies: PolicySet, reload: crate::config::Reload) -> a
             proc_root: cfg.proc_root.clone(),
             self_pid: crate::sys::getpid(),
             loans,
+            armed: crate::armed::Armed::new(),
         },
         audit,
         metrics: Metrics::default(),

@@ -179,6 +179,7 @@ fn explain_text(
         proc_root: proc_root.to_path_buf(),
         self_pid: crate::sys::getpid(),
         loans: LoanBook::new(None),
+        armed: crate::armed::Armed::new(),
     };
     if let Some(e) = &p.early {
         let limit = env.ctl.limits(cg).ok().flatten().map(|l| l.memory);

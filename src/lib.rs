@@ -4,6 +4,7 @@
 
 pub mod action;
 pub mod agent;
+pub mod armed;
 pub mod audit;
 pub mod cgroup;
 pub mod config;

@@ -82,6 +82,7 @@ impl Shared {
                 proc_root: "/proc".into(),
                 self_pid: 0,
                 loans: crate::loan::LoanBook::new(None),
+                armed: crate::armed::Armed::new(),
             },
             audit: Audit::file(&dir.join("audit.jsonl"))
                 .expect("a test audit log")

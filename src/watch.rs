@@ -185,7 +185,15 @@ pub struct Watcher {
     holder: crate::holder::Holder,
     /// Cgroups discovered while running with the OOM killer still on.
     fresh: Vec<Fresh>,
+    /// v1 usage thresholds on the kill kit's cgroup ([`crate::armed`]): each crossing
+    /// refreshes the kit while there is still room to open files. With the cgroup and
+    /// the limit they were registered for.
+    kit_fds: Vec<(u64, crate::cgroup::StallFd)>,
+    kit_for: Option<(CgroupPath, u64)>,
 }
+
+/// Where usage thresholds refresh the kill kit, in quarters of the limit (and 9/10).
+const KIT_THRESHOLDS: [(u64, u64); 4] = [(1, 4), (1, 2), (3, 4), (9, 10)];
 
 fn io_err(e: nix::Error) -> std::io::Error {
     std::io::Error::from(e)
@@ -252,10 +260,13 @@ impl Watcher {
             status_sig: (0, 0, 0, 0),
             holder,
             fresh: Vec::new(),
+            kit_fds: Vec::new(),
+            kit_for: None,
         };
         w.discover(&CgroupPath::root());
         // What exists at start is not being set up: the sweep covers its changes.
         w.fresh.clear();
+        w.refresh_kit();
         // Holds journaled by an earlier run on cgroups no longer watched go back now.
         for cg in w.shared.holds.cgroups() {
             if w.watched(&cg).is_none() {
@@ -326,6 +337,11 @@ impl Watcher {
     }
 
     fn on_eventfd(&mut self, token: u64, detected: Instant) {
+        if let Some((_, fd)) = self.kit_fds.iter().find(|(t, _)| *t == token) {
+            fd.clear();
+            self.refresh_kit();
+            return;
+        }
         let Some(cg) = self.tokens.get(&token).cloned() else {
             return;
         };
@@ -1138,6 +1154,7 @@ impl Watcher {
                 }
             }
         }
+        self.refresh_kit();
         self.shared
             .metrics
             .set_stuck(&self.shared.dispatcher.stuck_by_policy());
@@ -1145,6 +1162,74 @@ impl Watcher {
         if self.status_dirty || sig != self.status_sig {
             self.status_sig = sig;
             self.write_status(true);
+        }
+    }
+
+    /// The kill kit's subtree: the highest watched cgroup that holds the agent and
+    /// whose policy signals processes (None when the agent shares no such cgroup).
+    fn kit_top(&self) -> Option<CgroupPath> {
+        let mut top = None;
+        let mut cg = self.shared.env.loans.own_cgroup();
+        while let Some(c) = cg {
+            if self.watched(&c).is_some_and(|w| w.policy.signals()) {
+                top = Some(c.clone());
+            }
+            cg = c.parent();
+        }
+        top
+    }
+
+    /// Refreshes the kill kit ([`crate::armed`]), at every sweep and when usage climbs
+    /// towards the limit; not while its cgroup is at the wall (nothing new opens there,
+    /// and the kit as armed before is what the kill reads), and follows its limit with
+    /// the usage thresholds.
+    fn refresh_kit(&mut self) {
+        let top = self.kit_top();
+        let env = &self.shared.env;
+        if let Some(t) = &top {
+            if matches!(env.ctl.oom_state(t), Ok(Some(st)) if st.under_oom) {
+                return;
+            }
+        }
+        env.armed
+            .refresh(env.ctl.as_ref(), &env.proc_root, env.self_pid, top.as_ref());
+        let limit = top
+            .as_ref()
+            .and_then(|t| env.ctl.limits(t).ok().flatten())
+            .map(|l| l.memory);
+        let want = top.zip(limit);
+        if want == self.kit_for {
+            return;
+        }
+        for (_, fd) in self.kit_fds.drain(..) {
+            let _ = self.epoll.delete(fd.as_fd());
+        }
+        self.kit_for = want.clone();
+        let Some((top, limit)) = want else {
+            return;
+        };
+        if !self.events || crate::cgroup::parse::is_unlimited(limit) {
+            return;
+        }
+        for (num, den) in KIT_THRESHOLDS {
+            let bytes = limit / den * num;
+            let fd = match self.shared.env.ctl.register_threshold(&top, bytes) {
+                Ok(Some(fd)) => fd,
+                Ok(None) => return,
+                Err(e) => {
+                    log::debug!("{top}: kill kit threshold: {e}");
+                    continue;
+                }
+            };
+            let token = self.next_token;
+            self.next_token += 1;
+            if self
+                .epoll
+                .add(fd.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, token))
+                .is_ok()
+            {
+                self.kit_fds.push((token, fd));
+            }
         }
     }
 
@@ -1639,6 +1724,7 @@ mod tests {
                 proc_root: "/proc".into(),
                 self_pid: 0,
                 loans: crate::loan::LoanBook::new(None),
+                armed: crate::armed::Armed::new(),
             },
             audit,
             metrics: crate::metrics::Metrics::default(),

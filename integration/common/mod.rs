@@ -369,18 +369,46 @@ impl Agent {
         Agent::start_in_full(tmp, root, &[], env)
     }
 
+    /// [`Agent::start_in_root`] with the agent inside the cgroup directory `join` from
+    /// its first instruction (a shell joins it, then becomes the agent).
+    pub fn start_joined(tmp: tempfile::TempDir, root: &Path, join: &Path) -> Agent {
+        Agent::start_full(tmp, root, &[], &[], Some(join))
+    }
+
     fn start_in_full(
         tmp: tempfile::TempDir,
         root: &Path,
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Agent {
+        Agent::start_full(tmp, root, extra, env, None)
+    }
+
+    fn start_full(
+        tmp: tempfile::TempDir,
+        root: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        join: Option<&Path>,
+    ) -> Agent {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(tmp.path().join("agent.log"))
             .unwrap();
-        let child = Command::new(oomwake_bin())
+        let mut cmd = match join {
+            Some(dir) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg("echo $$ > \"$1/cgroup.procs\" && shift && exec \"$@\"")
+                    .arg("sh")
+                    .arg(dir)
+                    .arg(oomwake_bin());
+                c
+            }
+            None => Command::new(oomwake_bin()),
+        };
+        let child = cmd
             .arg("run")
             .arg("--config")
             .arg(tmp.path().join("oomwake.toml"))

@@ -4,6 +4,7 @@
 //! `process_mrelease` frees the victim's memory without waiting for it to run.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{Env, Outcome, Report, StepCtx};
@@ -73,6 +74,65 @@ fn victim_fields(r: Report, t: &Task, sig: i32) -> Report {
 /// for want of memory (the agent shares the stuck cgroup).
 pub const UNREADABLE: &str = "no victim can be read in a cgroup the agent shares";
 
+/// Where a kill step's tasks and pidfds come from: `/proc` read now with a pidfd opened
+/// per victim, or, in a cgroup the agent shares, the kill kit armed ahead of time
+/// ([`crate::armed`]), which needs no new kernel memory at the wall.
+enum Source {
+    Live,
+    Armed(crate::armed::Listing),
+}
+
+impl Source {
+    fn of(env: &Env, ctx: &StepCtx) -> Source {
+        if env.loans.inside(ctx.cgroup) {
+            if let Some(l) = env.armed.listing(&env.proc_root, ctx.cgroup, env.self_pid) {
+                return Source::Armed(l);
+            }
+        }
+        Source::Live
+    }
+
+    /// Every task of the subtree, shielded ones included.
+    fn tasks(&self, env: &Env, ctx: &StepCtx) -> Vec<Task> {
+        match self {
+            Source::Live => {
+                victim::subtree_tasks(env.ctl.as_ref(), &env.proc_root, ctx.cgroup, env.self_pid)
+            }
+            Source::Armed(l) => l.tasks.clone(),
+        }
+    }
+
+    /// A pidfd confirmed to be `t`, inside the cgroup's subtree. `Ok(None)`: gone.
+    fn pidfd(
+        &self,
+        env: &Env,
+        t: &Task,
+        within: &CgroupPath,
+    ) -> Result<Option<Arc<PidFd>>, String> {
+        match self {
+            Source::Live => verified_pidfd(env, t, within).map(|p| p.map(Arc::new)),
+            // Listed in the subtree's task lists just now, read through kept files, and
+            // the pidfd is alive: a live PID is one process, so it is that task.
+            Source::Armed(l) => Ok(l.pidfd(t.pid).cloned()),
+        }
+    }
+
+    /// What the listing could not read.
+    fn gaps(&self) -> victim::Gaps {
+        match self {
+            Source::Live => victim::take_gaps(),
+            Source::Armed(l) => l.gaps.clone(),
+        }
+    }
+
+    fn via(&self) -> &'static str {
+        match self {
+            Source::Live => "proc",
+            Source::Armed(_) => "armed",
+        }
+    }
+}
+
 /// Sends `sig` to the best victim of the subtree; with `grace`, waits up to that long
 /// for it to exit (or for the cgroup to recover).
 pub fn signal_victim(
@@ -83,18 +143,27 @@ pub fn signal_victim(
     grace: Option<Duration>,
 ) -> Report {
     victim::take_gaps();
-    let tasks = victim::candidates(env.ctl.as_ref(), &env.proc_root, ctx.cgroup, env.self_pid);
+    let source = Source::of(env, ctx);
+    let mut tasks = source.tasks(env, ctx);
+    tasks.retain(|t| !t.shielded());
+    if let Source::Armed(l) = &source {
+        // In a cgroup the agent shares, a task it could not read may be the one that
+        // grows: it does not choose among the others.
+        if l.gaps.any() {
+            return refused(l.gaps.clone());
+        }
+    }
     let ranked = victim::rank(&tasks, spec);
     let Some(first) = ranked.first() else {
-        return nobody(env, ctx, "no candidate process in the cgroup");
+        return nobody(env, ctx, &source, "no candidate process in the cgroup");
     };
     if ctx.audit {
-        return victim_fields(Report::new(Outcome::Would), first, sig);
+        return victim_fields(Report::new(Outcome::Would), first, sig).with("via", source.via());
     }
     // The first choice may have exited between reading /proc and opening the pidfd;
     // fall back to the next in order rather than to nobody.
     for t in ranked.iter().take(4) {
-        let pfd = match verified_pidfd(env, t, ctx.cgroup) {
+        let pfd = match source.pidfd(env, t, ctx.cgroup) {
             Ok(Some(p)) => p,
             Ok(None) => continue,
             Err(e) => return victim_fields(Report::failed(e), t, sig),
@@ -105,7 +174,7 @@ pub fn signal_victim(
             }
             return victim_fields(Report::failed(format!("pidfd_send_signal: {e}")), t, sig);
         }
-        let mut rep = victim_fields(Report::new(Outcome::Done), t, sig);
+        let mut rep = victim_fields(Report::new(Outcome::Done), t, sig).with("via", source.via());
         if sig == libc::SIGKILL {
             match pfd.process_mrelease() {
                 Ok(()) => rep = rep.with("mreleased", true),
@@ -128,8 +197,18 @@ pub fn signal_victim(
     nobody(
         env,
         ctx,
+        &source,
         "every candidate exited or left the cgroup before it could be signalled",
     )
+}
+
+/// The report of a kill step in a cgroup the agent shares whose armed listing has a
+/// gap: it names the gap and chooses nobody.
+fn refused(gaps: victim::Gaps) -> Report {
+    Report::skipped(format!(
+        "{UNREADABLE}: {} (not choosing among the tasks it knows while one it cannot read may be the one that grows)",
+        gaps.first.as_deref().unwrap_or("a task list could not be read")
+    ))
 }
 
 /// The report when no victim could be signalled. A listing with gaps is not an empty
@@ -138,8 +217,8 @@ pub fn signal_victim(
 /// any such gap is the wall itself (ENOMEM on every open or buffer that a read needs;
 /// which one fails first varies with the kernel's per-CPU pre-charged stock), and the
 /// report says that no victim can be read there.
-fn nobody(env: &Env, ctx: &StepCtx, otherwise: &str) -> Report {
-    nobody_because(victim::take_gaps(), env.loans.inside(ctx.cgroup), otherwise)
+fn nobody(env: &Env, ctx: &StepCtx, source: &Source, otherwise: &str) -> Report {
+    nobody_because(source.gaps(), env.loans.inside(ctx.cgroup), otherwise)
 }
 
 fn nobody_because(gaps: victim::Gaps, inside: bool, otherwise: &str) -> Report {
@@ -183,17 +262,21 @@ fn wait_exit(pfd: &PidFd, total: Duration, still_stuck: &dyn Fn() -> bool) -> bo
 /// is empty or five rounds have passed (tasks may fork meanwhile). Tasks shielded with
 /// oom_score_adj -1000 are spared, as by every other action, and reported as `spared`.
 pub fn kill_all(env: &Env, ctx: &StepCtx) -> Report {
-    let list = || -> (Vec<Task>, Vec<Task>) {
-        victim::subtree_tasks(env.ctl.as_ref(), &env.proc_root, ctx.cgroup, env.self_pid)
+    // Each round lists again (tasks may fork meanwhile), from the same kind of source.
+    let list = || -> (Source, Vec<Task>, Vec<Task>) {
+        victim::take_gaps();
+        let source = Source::of(env, ctx);
+        let (alive, shielded) = source
+            .tasks(env, ctx)
             .into_iter()
-            .partition(|t| !t.shielded())
+            .partition(|t| !t.shielded());
+        (source, alive, shielded)
     };
-    victim::take_gaps();
-    let (first, shielded) = list();
+    let (mut source, first, shielded) = list();
     let mut spared: Vec<i32> = shielded.iter().map(|t| t.pid).collect();
     if first.is_empty() {
         let r = if spared.is_empty() {
-            nobody(env, ctx, "no process in the cgroup")
+            nobody(env, ctx, &source, "no process in the cgroup")
         } else {
             Report::skipped("every process in the cgroup is shielded (oom_score_adj -1000)")
         };
@@ -207,8 +290,9 @@ pub fn kill_all(env: &Env, ctx: &StepCtx) -> Report {
             .with("signal", "SIGKILL");
     }
     // v2: one write to cgroup.kill kills the whole subtree, forks included; it spares
-    // nobody, so only when no task is shielded.
-    if spared.is_empty() {
+    // nobody, so only when no task is shielded, and never in a cgroup that holds the
+    // agent (it would be killed too).
+    if spared.is_empty() && !env.loans.inside(ctx.cgroup) {
         match env.ctl.kill_all(ctx.cgroup) {
             Ok(true) => {
                 let pids: Vec<i32> = first.iter().map(|t| t.pid).collect();
@@ -231,7 +315,7 @@ pub fn kill_all(env: &Env, ctx: &StepCtx) -> Report {
             break;
         }
         for t in &tasks {
-            match verified_pidfd(env, t, ctx.cgroup) {
+            match source.pidfd(env, t, ctx.cgroup) {
                 Ok(Some(pfd)) => match pfd.send_signal(libc::SIGKILL) {
                     Ok(()) => {
                         let _ = pfd.process_mrelease();
@@ -251,7 +335,8 @@ pub fn kill_all(env: &Env, ctx: &StepCtx) -> Report {
             let left = deadline.saturating_duration_since(Instant::now());
             let _ = p.wait_exit(left);
         }
-        let (next, shielded) = list();
+        let (next_source, next, shielded) = list();
+        source = next_source;
         for t in shielded {
             if !spared.contains(&t.pid) {
                 spared.push(t.pid);
@@ -270,7 +355,11 @@ pub fn kill_all(env: &Env, ctx: &StepCtx) -> Report {
     rep = rep
         .with("pids", killed)
         .with("spared", spared)
-        .with("signal", "SIGKILL");
+        .with("signal", "SIGKILL")
+        .with("via", source.via());
+    if let Some(gap) = source.gaps().first {
+        rep = rep.with("unread", gap);
+    }
     rep
 }
 
@@ -390,6 +479,144 @@ mod tests {
         assert_eq!(normal_signal, Some(libc::SIGKILL));
         assert!(shielded_alive);
         assert_eq!(r.fields["spared"], serde_json::json!([sp]));
+    }
+
+    /// An env whose agent shares `/cg` (its own cgroup is `/cg/agent`), with the kill
+    /// kit armed for `/cg`: the task list `cg/cgroup.procs` lists `pids`.
+    fn shared_env(t: &Path, pids: &[i32]) -> Env {
+        let (cg_root, proc_root) = (t.join("cg"), t.join("proc"));
+        std::fs::create_dir_all(cg_root.join("cg/agent")).unwrap();
+        std::fs::write(cg_root.join("cg/agent/cgroup.procs"), "").unwrap();
+        let list: String = pids.iter().map(|p| format!("{p}\n")).collect();
+        std::fs::write(cg_root.join("cg/cgroup.procs"), list).unwrap();
+        let env = testing::env(&cg_root, &proc_root);
+        env.loans.set_own_cgroup(Some(CgroupPath::new("/cg/agent")));
+        env.armed.refresh(
+            env.ctl.as_ref(),
+            &proc_root,
+            env.self_pid,
+            Some(&CgroupPath::new("/cg")),
+        );
+        env
+    }
+
+    fn largest() -> crate::policy::VictimSpec {
+        crate::policy::VictimSpec {
+            order: crate::policy::VictimOrder::LargestRss,
+            prefer: Vec::new(),
+            avoid: Vec::new(),
+        }
+    }
+
+    /// In a cgroup the agent shares, the kill chooses and signals through the kit
+    /// armed ahead of time: the audit says `via: armed`, and the victim is the task.
+    #[test]
+    fn inside_a_shared_cgroup_the_kill_goes_through_the_armed_kit() {
+        let t = tempfile::tempdir().unwrap();
+        let mut victim = sleeper();
+        let vp = victim.id() as i32;
+        fake_proc(&t.path().join("proc"), vp, 0);
+        let env = shared_env(t.path(), &[vp]);
+        assert_eq!(env.armed.summary().0, 1, "the task was not armed");
+        let set = PolicySet::embedded_default();
+        let cg = CgroupPath::new("/cg");
+        let ctx = testing::ctx(&cg, &set.policies()[0], false);
+        let r = signal_victim(&env, &ctx, &largest(), libc::SIGKILL, None);
+        assert_eq!(r.outcome, Outcome::Done, "{r:?}");
+        assert_eq!(r.fields["via"], "armed");
+        assert_eq!(r.fields["pid"], vp);
+        assert_eq!(ended_by(&mut victim), Some(libc::SIGKILL));
+    }
+
+    /// Never the wrong kill: a task that appeared in the shared cgroup since the kit was
+    /// armed and cannot be read now may be the one that grows, so the kill chooses
+    /// nobody rather than the known task (which would be the wrong one), and says why.
+    #[test]
+    fn inside_a_shared_cgroup_an_unknown_task_makes_the_kill_refuse() {
+        let t = tempfile::tempdir().unwrap();
+        let mut known = sleeper();
+        let mut unknown = sleeper();
+        let (kp, up) = (known.id() as i32, unknown.id() as i32);
+        let proc_root = t.path().join("proc");
+        fake_proc(&proc_root, kp, 0);
+        let env = shared_env(t.path(), &[kp]);
+        // Appears after arming, and its /proc cannot be read (a directory where the
+        // stat file should be: EISDIR, as ENOMEM is at the wall).
+        std::fs::create_dir_all(proc_root.join(format!("{up}/stat"))).unwrap();
+        std::fs::write(t.path().join("cg/cg/cgroup.procs"), format!("{kp}\n{up}\n")).unwrap();
+        let set = PolicySet::embedded_default();
+        let cg = CgroupPath::new("/cg");
+        let ctx = testing::ctx(&cg, &set.policies()[0], false);
+        let r = signal_victim(&env, &ctx, &largest(), libc::SIGKILL, None);
+        // Audit mode refuses the same way: it would not know whom either.
+        let audit = testing::ctx(&cg, &set.policies()[0], true);
+        let would = signal_victim(&env, &audit, &largest(), libc::SIGKILL, None);
+        let known_alive = matches!(known.try_wait(), Ok(None));
+        for c in [&mut known, &mut unknown] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        assert_eq!(r.outcome, Outcome::Skipped, "{r:?}");
+        let err = r.error.unwrap_or_default();
+        assert!(err.starts_with(UNREADABLE), "{err}");
+        assert!(err.contains(&format!("pid {up}")), "{err}");
+        assert!(known_alive, "the known task was killed");
+        assert_eq!(would.outcome, Outcome::Skipped, "{would:?}");
+    }
+
+    /// A task armed before the wall that exited since is not signalled (its kept files
+    /// read empty), and a listing outside the armed subtree is not the kit's.
+    #[test]
+    fn the_kit_lists_only_live_tasks_of_its_own_subtree() {
+        let t = tempfile::tempdir().unwrap();
+        let mut gone = sleeper();
+        let gp = gone.id() as i32;
+        fake_proc(&t.path().join("proc"), gp, 0);
+        let env = shared_env(t.path(), &[gp]);
+        let _ = gone.kill();
+        let _ = gone.wait();
+        let proc_root = t.path().join("proc");
+        assert!(env
+            .armed
+            .listing(&proc_root, &CgroupPath::new("/other"), env.self_pid)
+            .is_none());
+        let l = env
+            .armed
+            .listing(&proc_root, &CgroupPath::new("/cg"), env.self_pid)
+            .unwrap();
+        assert!(!l.gaps.any(), "{:?}", l.gaps);
+        // The fake stat file still reads (it is a copy), but the pidfd is dead: the
+        // kill finds nobody to signal.
+        let set = PolicySet::embedded_default();
+        let cg = CgroupPath::new("/cg");
+        let ctx = testing::ctx(&cg, &set.policies()[0], false);
+        let r = signal_victim(&env, &ctx, &largest(), libc::SIGKILL, None);
+        assert_eq!(r.outcome, Outcome::Skipped, "{r:?}");
+    }
+
+    /// `kill_all` of a cgroup that holds the agent never writes v2's `cgroup.kill`,
+    /// which would kill the agent too.
+    #[test]
+    fn kill_all_of_a_cgroup_the_agent_shares_does_not_use_cgroup_kill() {
+        use crate::cgroup::{v2::V2, Hierarchy, Kind};
+        let t = tempfile::tempdir().unwrap();
+        let mut normal = sleeper();
+        let np = normal.id() as i32;
+        fake_proc(&t.path().join("proc"), np, 0);
+        let mut env = shared_env(t.path(), &[np]);
+        let cg_root = t.path().join("cg");
+        std::fs::write(cg_root.join("cg/cgroup.kill"), "").unwrap();
+        env.ctl = Box::new(V2::new(Hierarchy::fake(&cg_root, Kind::V2)));
+        let set = PolicySet::embedded_default();
+        let cg = CgroupPath::new("/cg");
+        let r = kill_all(&env, &testing::ctx(&cg, &set.policies()[0], false));
+        assert_eq!(ended_by(&mut normal), Some(libc::SIGKILL), "{r:?}");
+        assert_eq!(
+            std::fs::read_to_string(cg_root.join("cg/cgroup.kill")).unwrap(),
+            "",
+            "cgroup.kill would kill the agent: {r:?}"
+        );
+        assert_eq!(r.fields["via"], "armed");
     }
 
     #[test]

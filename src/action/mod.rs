@@ -21,6 +21,8 @@ pub struct Env {
     pub proc_root: PathBuf,
     pub self_pid: i32,
     pub loans: LoanBook,
+    /// What a kill needs in a cgroup the agent shares, kept ready ([`crate::armed`]).
+    pub armed: crate::armed::Armed,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,6 +157,7 @@ pub(crate) mod testing {
             proc_root: proc_root.to_path_buf(),
             self_pid: 0,
             loans: LoanBook::new(None),
+            armed: crate::armed::Armed::new(),
         }
     }
 

@@ -59,6 +59,20 @@ pub struct Policy {
 
 /// The `[early]` table: when usage crosses `at`, run `steps` so that the workload never
 /// reaches its limit (v1: a usage threshold eventfd).
+impl Policy {
+    /// True if a step (an early one included) signals a process: the kill kit is kept
+    /// for such a policy's cgroup when the agent shares it ([`crate::armed`]).
+    pub fn signals(&self) -> bool {
+        let early = self.early.iter().flat_map(|e| e.steps.iter());
+        self.steps.iter().chain(early).any(|s| {
+            matches!(
+                s.action,
+                Action::Kill { .. } | Action::Signal { .. } | Action::KillAll
+            )
+        })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Early {
     /// A share of the current limit (it moves with a loan), or a usage in bytes.
