@@ -8,6 +8,9 @@
 //!
 //! The second test first warms the sidecar's heap: hundreds of watched cgroups and
 //! several stalls resolved (and `oomwake status` run) before the stall that matters.
+//! The third starts the grower with `docker exec` in the small task's container, a few
+//! seconds after that container started: the victim is a new process in a cgroup the
+//! agent has known for a while, and the small task beside it must survive.
 //!
 //! Latencies go to target/tmp/docker-measure.log (see [`measure`]).
 
@@ -269,8 +272,21 @@ fn warm_up(name: &str, pod: &Pod, idle: &Scratch, sidecar: &Container, hogs: &mu
     );
 }
 
-/// The whole scenario; `warm` runs the warm-up before the stall that matters.
-fn pod_stall(name: &str, warm: bool) {
+/// Where the grower comes from, and what comes before it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// A container of its own, started once the sidecar watches the parent.
+    Cold,
+    /// The same after [`warm_up`].
+    Warm,
+    /// `docker exec` into the small task's container, a few seconds after that
+    /// container started: a new process in a cgroup the agent already knows.
+    Exec,
+}
+
+/// The whole scenario.
+fn pod_stall(name: &str, mode: Mode) {
+    let warm = mode == Mode::Warm;
     let Some(engine) = require_docker(name) else {
         return;
     };
@@ -278,7 +294,12 @@ fn pod_stall(name: &str, warm: bool) {
     let sidecar_img = sidecar_image(&engine);
     let toucher = image(&engine, Workload::Toucher);
     // Dropped in reverse: containers first, then the hogs, then the cgroups.
-    let pod = pod(if warm { "warm" } else { "pod" });
+    let what = match mode {
+        Mode::Cold => "cold",
+        Mode::Warm => "warm",
+        Mode::Exec => "exec",
+    };
+    let pod = pod(what);
     let idle = Scratch::new("pod-idle");
     let mut hogs = Hogs(Vec::new());
     let dir = tempfile::tempdir().unwrap();
@@ -301,13 +322,7 @@ fn pod_stall(name: &str, warm: bool) {
     }
     let rel = pod.cg.rel.as_str();
 
-    let sidecar = start_pod_sidecar(
-        &engine,
-        &sidecar_img,
-        dir.path(),
-        &pod.parent,
-        if warm { "warm" } else { "cold" },
-    );
+    let sidecar = start_pod_sidecar(&engine, &sidecar_img, dir.path(), &pod.parent, what);
     assert!(
         wait_audit(&sidecar, Duration::from_secs(60), |v| v["event"] == "watch"
             && v["cgroup"] == rel)
@@ -361,10 +376,27 @@ fn pod_stall(name: &str, warm: bool) {
         .filter(|v| v["event"] == "oom" && v["cgroup"] == rel)
         .count();
     assert_eq!(episodes_before, 0, "{}", about(&sidecar, rel));
-    let grower = run_container(&toucher, Some(&pod.parent), "grower", &[], &[GROWER_MIB]);
-    let grower_cg = format!("{rel}/{}", grower.id);
-    // 0 when it is already gone (the kill can come before `docker inspect` answers).
-    let grower_pid = grower.pid();
+    // Exec: the grower joins the small task's container, whose cgroup the agent has
+    // known (and listed) for a while. Nothing here reads that cgroup's task list (a
+    // fresh read refreshes what every reader of the list sees on cgroup v1).
+    let (grower, grower_cg, grower_pid) = if mode == Mode::Exec {
+        let small_cg = small.cgroup();
+        std::thread::sleep(Duration::from_millis(2500));
+        small
+            .engine
+            .run(&["exec", "-d", &small.id, "/toucher", GROWER_MIB]);
+        (None, small_cg, 0)
+    } else {
+        let g = run_container(&toucher, Some(&pod.parent), "grower", &[], &[GROWER_MIB]);
+        let cg = format!("{rel}/{}", g.id);
+        // 0 when it is already gone (the kill can come before `docker inspect` answers).
+        let pid = g.pid();
+        (Some(g), cg, pid)
+    };
+    let grower_running = || match &grower {
+        Some(g) => g.running(),
+        None => false,
+    };
 
     let oom = wait_audit(&sidecar, Duration::from_secs(60), |v| {
         v["event"] == "oom" && v["cgroup"] == rel
@@ -373,7 +405,12 @@ fn pod_stall(name: &str, warm: bool) {
         panic!(
             "no oom line for the parent; under_oom {}, grower logs tail: {:?}\n{}",
             pod.cg.under_oom(),
-            grower.logs().lines().last(),
+            grower
+                .as_ref()
+                .map(|g| g.logs())
+                .unwrap_or_default()
+                .lines()
+                .last(),
             sidecar.logs()
         );
     };
@@ -388,7 +425,7 @@ fn pod_stall(name: &str, warm: bool) {
         panic!(
             "the sidecar did not kill in the parent it shares within 10 s of its oom line; under_oom {}, grower running {}; audit about {rel}:\n{}",
             pod.cg.under_oom(),
-            grower.running(),
+            grower_running(),
             about(&sidecar, rel)
         );
     };
@@ -427,12 +464,15 @@ fn pod_stall(name: &str, warm: bool) {
     );
 
     // The workload's side: its last progress line to its end, on the engine's clock.
-    let stopped = wait_until(Duration::from_secs(10), || !grower.running());
+    let victim_proc = format!("/proc/{}", kill["pid"]);
+    let stopped = wait_until(Duration::from_secs(10), || {
+        !grower_running() && !Path::new(&victim_proc).exists()
+    });
     check(
         stopped,
         "the grower still runs 10 s after the kill line".into(),
     );
-    let workload_ms = if stopped {
+    let workload_ms = if let (true, Some(grower)) = (stopped, &grower) {
         let code = grower.inspect("{{.State.ExitCode}}");
         check(
             code == "137",
@@ -537,7 +577,7 @@ fn pod_stall(name: &str, warm: bool) {
 fn docker_pod_sidecar_kills_the_grower_in_the_parent_it_shares() {
     pod_stall(
         "docker_pod_sidecar_kills_the_grower_in_the_parent_it_shares",
-        false,
+        Mode::Cold,
     );
 }
 
@@ -545,6 +585,14 @@ fn docker_pod_sidecar_kills_the_grower_in_the_parent_it_shares() {
 fn docker_pod_sidecar_with_a_warm_heap_kills_the_grower_in_the_parent_it_shares() {
     pod_stall(
         "docker_pod_sidecar_with_a_warm_heap_kills_the_grower_in_the_parent_it_shares",
-        true,
+        Mode::Warm,
+    );
+}
+
+#[test]
+fn docker_pod_sidecar_kills_a_grower_execd_beside_the_small_task() {
+    pod_stall(
+        "docker_pod_sidecar_kills_a_grower_execd_beside_the_small_task",
+        Mode::Exec,
     );
 }
