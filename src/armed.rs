@@ -229,8 +229,13 @@ impl Armed {
                 continue;
             }
             if let Some(e) = st.tasks.get_mut(&pid) {
-                e.task.cgroup = cg;
-                continue;
+                // The same process still (its kept stat reads, with its start time)?
+                // Else the PID was reused: armed anew below.
+                if e.alive() {
+                    e.task.cgroup = cg;
+                    continue;
+                }
+                st.tasks.remove(&pid);
             }
             if st.tasks.len() >= MAX_TASKS {
                 incomplete = Some(format!(
@@ -296,7 +301,10 @@ impl Armed {
                 if pid <= 1 || pid == self_pid {
                     continue;
                 }
-                let Some(e) = st.tasks.get(&pid) else {
+                // Not armed, or armed as a process that has exited since (the PID was
+                // reused): a task the kit does not know.
+                let armed = st.tasks.get(&pid).and_then(|e| e.now().map(|n| (e, n)));
+                let Some((e, (pages, adj))) = armed else {
                     // Not armed: appeared since the last refresh. Read live if the
                     // kernel lets it (outside the wall it does).
                     victim::take_gaps();
@@ -320,29 +328,6 @@ impl Armed {
                     }
                     continue;
                 };
-                let stat = match read_kept(&e.stat) {
-                    Ok(s) => s,
-                    Err(err) if is_gone(&err) => continue,
-                    Err(err) => {
-                        gap(
-                            format!("/proc/{pid}/stat: {err}"),
-                            err.raw_os_error() == Some(libc::ENOMEM),
-                        );
-                        continue;
-                    }
-                };
-                // An exited task reads empty (or ESRCH): skipped; a start time that
-                // differs cannot happen through a kept file, but is checked anyway.
-                let Some((pages, start)) = parse_stat_rss(&stat) else {
-                    continue;
-                };
-                if start != e.task.start_ticks {
-                    continue;
-                }
-                let adj = read_kept(&e.adj)
-                    .ok()
-                    .and_then(|s| s.trim().parse::<i64>().ok())
-                    .unwrap_or(victim::SHIELDED);
                 let mut t = e.task.clone();
                 t.rss_bytes = pages.saturating_mul(crate::loan::kernel_page_size());
                 t.oom_score_adj = adj;
@@ -356,6 +341,30 @@ impl Armed {
             pidfds,
             gaps,
         })
+    }
+}
+
+impl Entry {
+    /// RSS in pages and oom_score_adj now, read through the kept files; None once the
+    /// process has exited (its kept files answer ESRCH or nothing). An unreadable
+    /// oom_score_adj counts as shielded.
+    fn now(&self) -> Option<(u64, i64)> {
+        let (pages, start) = parse_stat_rss(&read_kept(&self.stat).ok()?)?;
+        if start != self.task.start_ticks {
+            return None;
+        }
+        let adj = read_kept(&self.adj)
+            .ok()
+            .and_then(|s| s.trim().parse::<i64>().ok())
+            .unwrap_or(victim::SHIELDED);
+        Some((pages, adj))
+    }
+
+    fn alive(&self) -> bool {
+        read_kept(&self.stat)
+            .ok()
+            .and_then(|s| parse_stat_rss(&s))
+            .is_some_and(|(_, start)| start == self.task.start_ticks)
     }
 }
 

@@ -237,7 +237,7 @@ fn diagnose(action: &Action, report: &Report) -> Option<(String, String)> {
         {
             (
                 "victims unreadable".to_string(),
-                "the agent runs inside this stuck cgroup, where no file can be opened (ENOMEM), so no process can be chosen or signalled through a pidfd: give the agent a cgroup of its own, or put a raise_limit step in the policy".to_string(),
+                "the agent runs inside this stuck cgroup, where no file can be opened (ENOMEM), and a task it had not seen before the wall (or beyond its kill kit's 128 tasks and 64 cgroups) cannot be read there: give the agent a cgroup of its own, or end the policy with a raise_limit or kernel_oom_kill step".to_string(),
             )
         }
         Action::Signal { .. } | Action::Kill { .. } | Action::KillAll

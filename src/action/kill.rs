@@ -594,6 +594,43 @@ mod tests {
         assert_eq!(r.outcome, Outcome::Skipped, "{r:?}");
     }
 
+    /// A PID armed as one process and listed later as another (the first exited and
+    /// the PID was reused) is not taken for the armed one: its kept files no longer
+    /// describe it (a different start time here), so it is read anew.
+    #[test]
+    fn a_reused_pid_is_read_anew_not_taken_for_the_armed_process() {
+        let t = tempfile::tempdir().unwrap();
+        let mut child = sleeper();
+        let pid = child.id() as i32;
+        let proc_root = t.path().join("proc");
+        fake_proc(&proc_root, pid, 0);
+        let env = shared_env(t.path(), &[pid]);
+        let stat_path = proc_root.join(format!("{pid}/stat"));
+        let real = std::fs::read_to_string(&stat_path).unwrap();
+        let (_, start) = crate::armed::parse_stat_rss(&real).unwrap();
+        // The "new" process behind the PID: another start time in every /proc file.
+        let close = real.rfind(')').unwrap();
+        let mut fields: Vec<String> = real[close + 2..]
+            .split_whitespace()
+            .map(String::from)
+            .collect();
+        fields[19] = (start + 1000).to_string();
+        let newer = format!("{} {}", &real[..=close], fields.join(" "));
+        std::fs::write(&stat_path, &newer).unwrap();
+        let l = env
+            .armed
+            .listing(&proc_root, &CgroupPath::new("/cg"), env.self_pid)
+            .unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(l.tasks.len(), 1, "{:?}", l.tasks);
+        assert_eq!(
+            l.tasks[0].start_ticks,
+            start + 1000,
+            "taken for the armed one"
+        );
+    }
+
     /// `kill_all` of a cgroup that holds the agent never writes v2's `cgroup.kill`,
     /// which would kill the agent too.
     #[test]
