@@ -341,8 +341,10 @@ fn pod_stall(name: &str, mode: Mode) {
         CAP_KILL | CAP_IPC_LOCK,
         "the sidecar's effective capabilities"
     );
+    // Written once the hierarchy is watched, just after the watch lines.
+    let locked = sidecar.wait_log(Duration::from_secs(10), |l| l.contains("memory locked"));
     let logs = sidecar.logs();
-    assert!(logs.contains("memory locked"), "mlockall worked:\n{logs}");
+    assert!(locked.is_some(), "mlockall worked:\n{logs}");
     assert!(
         logs.contains("the agent runs inside"),
         "the sidecar says it shares a managed cgroup:\n{logs}"
