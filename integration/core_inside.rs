@@ -236,7 +236,14 @@ fn agent_inside_kills_at_its_own_wall_through_its_kill_kit() {
     );
     let audit = tmp.path().join("audit.jsonl");
     let lines = || audit_of(&audit, &cg.rel);
-    let hog = s.hog(&cg, &["--touch", "160M", "--hold", "30s"]);
+    let go = tmp.path().join("go");
+    let barrier = format!("{}:1M", go.display());
+    let hog = s.hog(
+        &cg,
+        &["--touch", "160M", "--hold", "30s", "--barrier", &barrier],
+    );
+    wait_armed(&tmp.path().join("state"), hog.pid);
+    write(&go, "");
     let mut parked = false;
     let resolved = wait_until(Duration::from_secs(20), || {
         parked |= any_thread_in_oom_wait(agent_pid);
@@ -299,7 +306,15 @@ fn a_sidecar_in_its_pod_kills_the_grower_at_the_pods_wall_every_time() {
         &policy("pod", &pod.rel, "", KILL_SETTLE),
     );
     let audit = tmp.path().join("audit.jsonl");
-    let took = pod_rounds(&mut s, (&pod, &app), agent_pid, &audit, rounds, "armed");
+    let state = tmp.path().join("state");
+    let took = pod_rounds(
+        &mut s,
+        (&pod, &app),
+        agent_pid,
+        &audit,
+        rounds,
+        Some(&state),
+    );
     let status = Command::new(oomwake_bin())
         .args(["status", "--state-dir"])
         .arg(tmp.path().join("state"))
@@ -337,7 +352,7 @@ fn the_same_pod_with_the_agent_outside_kills_the_grower_every_time() {
     agent.expect("watch", &pod.rel, Duration::from_secs(20));
     let audit = agent.tmp.path().join("audit.jsonl");
     let pid = agent.child.id() as i32;
-    let took = pod_rounds(&mut s, (&pod, &app), pid, &audit, rounds, "proc");
+    let took = pod_rounds(&mut s, (&pod, &app), pid, &audit, rounds, None);
     eprintln!(
         "kill with the agent outside the pod, {rounds} rounds: {}",
         spread(took)
@@ -367,19 +382,42 @@ fn spread(mut took: Vec<i64>) -> String {
     )
 }
 
+/// Waits until the agent's `status.json` in `state` shows `pid` in its kill kit.
+fn wait_armed(state: &std::path::Path, pid: i32) {
+    let armed = || {
+        serde_json::from_str::<serde_json::Value>(&read(&state.join("status.json")))
+            .ok()
+            .and_then(|v| v["kill_kit"]["pids"].as_array().cloned())
+            .is_some_and(|p| p.iter().any(|x| x == pid))
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), armed),
+        "the kill kit never showed pid {pid}: {}",
+        read(&state.join("status.json"))
+    );
+}
+
 /// `rounds` stalls of `pod`, each by a new grower in `app` beside a small task: each
-/// grower is killed (through `via`, named in the audit) within 1 s of the stall and the
-/// stall resolved; the small task and the agent live and no agent thread sleeps in the
-/// OOM wait. Returns the stall-to-kill times in ms (from the agent's `oom` line to its
-/// kill line).
+/// grower is killed (named in the audit) within 1 s of the stall and the stall
+/// resolved; the small task and the agent live and no agent thread sleeps in the OOM
+/// wait. With the agent's `state` directory (the agent shares the pod), each grower
+/// waits after its first MiB until `status` shows it in the kill kit, and the kill
+/// must go through the kit; without, through `/proc`. (A grower that fills the pod
+/// before the agent has seen it at all is not armed: the kill refuses then, see
+/// `action::kill::tests::inside_a_shared_cgroup_an_unknown_task_makes_the_kill_refuse`;
+/// the kit refreshes at every sweep and each quarter of the limit, so only a task that
+/// grows to the wall faster than the agent's loop runs is missed.) Returns the
+/// stall-to-kill times in ms (from the agent's `oom` line to its kill line).
 fn pod_rounds(
     s: &mut Scratch,
     (pod, app): (&Cg, &Cg),
     agent_pid: i32,
     audit: &std::path::Path,
     rounds: usize,
-    via: &str,
+    state: Option<&std::path::Path>,
 ) -> Vec<i64> {
+    let via = if state.is_some() { "armed" } else { "proc" };
+    let barriers = tempfile::tempdir().unwrap();
     let lines = || audit_of(audit, &pod.rel);
     let small = s.hog(app, &["--touch", "8M", "--hold", "600s"]);
     assert!(
@@ -389,7 +427,16 @@ fn pod_rounds(
     let mut took = Vec::new();
     let mut parked = false;
     for round in 0..rounds {
-        let grower = s.hog(app, &["--touch", "200M", "--hold", "60s"]);
+        let go = barriers.path().join(format!("go-{round}"));
+        let barrier = format!("{}:1M", go.display());
+        let grower = s.hog(
+            app,
+            &["--touch", "200M", "--hold", "60s", "--barrier", &barrier],
+        );
+        if let Some(state) = state {
+            wait_armed(state, grower.pid);
+        }
+        write(&go, "");
         let mut kill = None;
         let ok = wait_until(Duration::from_secs(15), || {
             parked |= any_thread_in_oom_wait(agent_pid);

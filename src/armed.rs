@@ -55,6 +55,8 @@ struct State {
     /// `cgroup.procs` of each cgroup of the subtree, open and read once.
     cgroups: Vec<(CgroupPath, File)>,
     tasks: HashMap<i32, Entry>,
+    /// Changes whenever the armed tasks or the subtree change (for `status.json`).
+    generation: u64,
     /// Why the last refresh could not arm everything it listed: a cgroup beyond
     /// [`MAX_CGROUPS`] or a task beyond [`MAX_TASKS`]. None when it could.
     incomplete: Option<String>,
@@ -67,6 +69,20 @@ struct Entry {
     pidfd: Arc<PidFd>,
     stat: File,
     adj: File,
+}
+
+/// The kit as `oomwake status` shows it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct KitStatus {
+    /// The cgroup whose subtree is armed.
+    pub cgroup: CgroupPath,
+    /// The armed tasks' PIDs, in order.
+    pub pids: Vec<i32>,
+    /// How many cgroups of the subtree have their task list kept open.
+    pub cgroups: usize,
+    /// Why not everything is armed (more tasks or cgroups than the kit holds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incomplete: Option<String>,
 }
 
 /// A task list read at the wall through the armed descriptors.
@@ -135,11 +151,29 @@ impl Armed {
         self.lock().top.clone()
     }
 
-    /// How many tasks and cgroups are armed, and why not all if not (for `status`,
-    /// logs and tests).
+    /// How many tasks and cgroups are armed, and why not all if not (for logs and
+    /// tests).
     pub fn summary(&self) -> (usize, usize, Option<String>) {
         let st = self.lock();
         (st.tasks.len(), st.cgroups.len(), st.incomplete.clone())
+    }
+
+    /// What `status.json` shows; None when nothing is armed.
+    pub fn status(&self) -> Option<KitStatus> {
+        let st = self.lock();
+        let mut pids: Vec<i32> = st.tasks.keys().copied().collect();
+        pids.sort_unstable();
+        Some(KitStatus {
+            cgroup: st.top.clone()?,
+            pids,
+            cgroups: st.cgroups.len(),
+            incomplete: st.incomplete.clone(),
+        })
+    }
+
+    /// Changes whenever what [`Armed::status`] shows changes.
+    pub fn generation(&self) -> u64 {
+        self.lock().generation
     }
 
     /// Arms `top`'s subtree (or disarms, with None): called by the watcher at every
@@ -164,6 +198,7 @@ impl Armed {
             }
             *st = State {
                 top: top.cloned(),
+                generation: st.generation + 1,
                 ..State::default()
             };
         }
@@ -219,9 +254,11 @@ impl Armed {
         });
         // A task no list shows any more is gone (or moved out); with a list unread,
         // its tasks are kept (their kept files tell at the wall whether they live).
+        let before = st.tasks.len();
         if all_read {
             st.tasks.retain(|pid, _| listed.contains_key(pid));
         }
+        let mut changed = st.tasks.len() != before;
         let mut pids: Vec<(i32, CgroupPath)> = listed.into_iter().collect();
         pids.sort_by_key(|(p, _)| *p);
         for (pid, cg) in pids {
@@ -236,6 +273,7 @@ impl Armed {
                     continue;
                 }
                 st.tasks.remove(&pid);
+                changed = true;
             }
             if st.tasks.len() >= MAX_TASKS {
                 incomplete = Some(format!(
@@ -246,6 +284,7 @@ impl Armed {
             match arm_task(proc_root, pid, &cg) {
                 Ok(Some(entry)) => {
                     st.tasks.insert(pid, entry);
+                    changed = true;
                 }
                 Ok(None) => {}
                 // Read live at the wall, or a gap there.
@@ -260,6 +299,9 @@ impl Armed {
             if st.incomplete.as_ref() != Some(why) {
                 log::warn!("kill kit for {top}: {why}");
             }
+        }
+        if changed || st.incomplete != incomplete {
+            st.generation += 1;
         }
         st.incomplete = incomplete;
     }

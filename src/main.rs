@@ -631,6 +631,20 @@ fn status(state_dir: &std::path::Path, json: bool) -> ExitCode {
         };
         p!("  {}  [{}]{container}", Esc(&w.cgroup), Esc(&w.policy));
     }
+    if let Some(k) = &st.kill_kit {
+        p!(
+            "kill kit (the agent shares {}): {} task{} and {} cgroup{} kept ready{}",
+            Esc(&k.cgroup),
+            k.pids.len(),
+            if k.pids.len() == 1 { "" } else { "s" },
+            k.cgroups,
+            if k.cgroups == 1 { "" } else { "s" },
+            match &k.incomplete {
+                Some(why) => format!(", incomplete: {}", Esc(why)),
+                None => String::new(),
+            }
+        );
+    }
     if !st.episodes_running.is_empty() {
         p!("episodes running:");
         for c in &st.episodes_running {

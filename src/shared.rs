@@ -141,6 +141,10 @@ pub struct Status {
     /// v2: cgroups whose memory.high the agent holds (`[v2] hold_at`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub holds: Vec<crate::hold::HoldRecord>,
+    /// The kill kit, when the agent shares a watched cgroup whose policy signals
+    /// ([`crate::armed`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kill_kit: Option<crate::armed::KitStatus>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -181,7 +181,7 @@ pub struct Watcher {
     /// operator's reload is not lost (issue 6.11).
     reload_deferred: bool,
     status_dirty: bool,
-    status_sig: (u64, usize, u64, u64),
+    status_sig: (u64, usize, u64, u64, u64),
     holder: crate::holder::Holder,
     /// Cgroups discovered while running with the OOM killer still on.
     fresh: Vec<Fresh>,
@@ -257,7 +257,7 @@ impl Watcher {
             dry_run: cfg.dry_run,
             reload_deferred: false,
             status_dirty: true,
-            status_sig: (0, 0, 0, 0),
+            status_sig: (0, 0, 0, 0, 0),
             holder,
             fresh: Vec::new(),
             kit_fds: Vec::new(),
@@ -1400,12 +1400,13 @@ impl Watcher {
     }
 
     /// Changes `oomwake status` should show: loans, running episodes, holds.
-    fn status_signature(&self) -> (u64, usize, u64, u64) {
+    fn status_signature(&self) -> (u64, usize, u64, u64, u64) {
         (
             self.shared.env.loans.generation(),
             self.shared.dispatcher.running_count(),
             self.shared.dispatcher.generation(),
             self.shared.holds.generation(),
+            self.shared.env.armed.generation(),
         )
     }
 
@@ -1596,6 +1597,7 @@ impl Watcher {
             loans: self.shared.env.loans.records(),
             journal_damage: self.shared.env.loans.journal_damage(),
             holds: self.shared.holds.records(),
+            kill_kit: self.shared.env.armed.status(),
         };
         let path = self.state_dir.join("status.json");
         let tmp = self.state_dir.join("status.json.tmp");
