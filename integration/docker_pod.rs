@@ -142,11 +142,16 @@ fn wait_audit(
     }
 }
 
-/// The sidecar's audit lines about `cgroup`, for failure messages.
+/// The sidecar's audit lines about `cgroup` and its subtree (the warm-up's episodes,
+/// whose victims the kill kit may still list), and its log lines, for failure messages.
 fn about(sidecar: &Container, cgroup: &str) -> String {
+    let below = format!("{cgroup}/");
     audit(sidecar)
         .into_iter()
-        .filter(|v| v["cgroup"] == cgroup || v["event"] == "log")
+        .filter(|v| {
+            let c = v["cgroup"].as_str().unwrap_or("");
+            v["event"] == "log" || c == cgroup || (c.starts_with(&below) && v["event"] != "watch")
+        })
         .map(|v| v.to_string())
         .collect::<Vec<_>>()
         .join("\n")
