@@ -27,6 +27,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -35,7 +36,8 @@ use crate::cgroup::{CgroupPath, Controller};
 use crate::sys::PidFd;
 use crate::victim::{self, Gaps, Task};
 
-/// At most this many cgroups of the shared subtree are armed (one descriptor each).
+/// At most this many cgroups of the shared subtree are armed (two descriptors each:
+/// the task list and the directory, re-read at the wall for a child made since).
 pub const MAX_CGROUPS: usize = 64;
 /// At most this many tasks are armed (three descriptors each). A pod with more is
 /// armed only in part, and a kill at its wall refuses (the listing has a gap).
@@ -52,8 +54,9 @@ struct State {
     /// The subtree armed: the highest watched cgroup that holds the agent (and has a
     /// step that signals), or none.
     top: Option<CgroupPath>,
-    /// `cgroup.procs` of each cgroup of the subtree, open and read once.
-    cgroups: Vec<(CgroupPath, File)>,
+    /// Each cgroup of the subtree: its `cgroup.procs`, open and read once, and its
+    /// directory, open, to tell at the wall a child cgroup made since.
+    cgroups: Vec<(CgroupPath, File, File)>,
     tasks: HashMap<i32, Entry>,
     /// Changes whenever the armed tasks or the subtree change (for `status.json`).
     generation: u64,
@@ -213,12 +216,12 @@ impl Armed {
         // is a gap there. Only the bounds make the kit incomplete for good.
         let (walked, complete) = ctl.hierarchy().walk_checked(top);
         if complete {
-            st.cgroups.retain(|(cg, _)| walked.contains(cg));
+            st.cgroups.retain(|(cg, _, _)| walked.contains(cg));
         } else {
             log::debug!("kill kit: {top}: the subtree could not be listed");
         }
         for cg in walked {
-            if st.cgroups.iter().any(|(c, _)| *c == cg) {
+            if st.cgroups.iter().any(|(c, _, _)| *c == cg) {
                 continue;
             }
             if st.cgroups.len() >= MAX_CGROUPS {
@@ -227,9 +230,18 @@ impl Armed {
                 ));
                 break;
             }
-            let path = ctl.hierarchy().dir(&cg).join("cgroup.procs");
-            match File::open(&path) {
-                Ok(f) => st.cgroups.push((cg, f)),
+            let dir = ctl.hierarchy().dir(&cg);
+            let path = dir.join("cgroup.procs");
+            let opened = File::open(&path).and_then(|procs| {
+                use std::os::unix::fs::OpenOptionsExt;
+                let d = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+                    .open(&dir)?;
+                Ok((procs, d))
+            });
+            match opened {
+                Ok((procs, d)) => st.cgroups.push((cg, procs, d)),
                 Err(e) if is_gone(&e) => {}
                 Err(e) => log::debug!("kill kit: {}: {e}", path.display()),
             }
@@ -237,7 +249,7 @@ impl Armed {
         // The tasks now, by cgroup.
         let mut listed: HashMap<i32, CgroupPath> = HashMap::new();
         let mut all_read = true;
-        st.cgroups.retain(|(cg, f)| match read_kept(f) {
+        st.cgroups.retain(|(cg, f, _)| match read_kept(f) {
             Ok(text) => {
                 for pid in parse_pids(&text) {
                     listed.insert(pid, cg.clone());
@@ -327,7 +339,28 @@ impl Armed {
         }
         let mut tasks = Vec::new();
         let mut pidfds = HashMap::new();
-        for (cg, f) in st.cgroups.iter().filter(|(cg, _)| cg.is_within(within)) {
+        for (cg, f, dir) in st.cgroups.iter().filter(|(cg, _, _)| cg.is_within(within)) {
+            // A child cgroup the kit has not seen (made since the last refresh) holds
+            // tasks no kept list shows: a gap. Listed through the kept directory
+            // (getdents from offset 0 needs no new kernel memory).
+            match subdirs(dir) {
+                Ok(names) => {
+                    for name in names {
+                        let child = cg.join(std::ffi::OsStr::from_bytes(&name));
+                        if !st.cgroups.iter().any(|(c, _, _)| *c == child) {
+                            gap(
+                                format!("the cgroup {child} appeared since the agent last looked"),
+                                false,
+                            );
+                        }
+                    }
+                }
+                Err(e) if is_gone(&e) || e.raw_os_error() == Some(libc::ENODEV) => continue,
+                Err(e) => gap(
+                    format!("{cg}: listing its children: {e}"),
+                    e.raw_os_error() == Some(libc::ENOMEM),
+                ),
+            }
             let text = match read_kept(f) {
                 Ok(t) => t,
                 Err(e) if is_gone(&e) || e.raw_os_error() == Some(libc::ENODEV) => continue,
@@ -407,6 +440,47 @@ impl Entry {
             .ok()
             .and_then(|s| parse_stat_rss(&s))
             .is_some_and(|(_, start)| start == self.task.start_ticks)
+    }
+}
+
+/// The names of the subdirectories of an open directory, read with getdents64 from
+/// offset 0 into a buffer on the stack (no allocation in the kernel: a kept kernfs
+/// directory can be listed at the wall).
+fn subdirs(dir: &File) -> std::io::Result<Vec<Vec<u8>>> {
+    use std::os::fd::AsRawFd;
+    let fd = dir.as_raw_fd();
+    // SAFETY: lseek on a descriptor we own; no memory is passed.
+    if unsafe { libc::lseek(fd, 0, libc::SEEK_SET) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        // SAFETY: the kernel writes at most buf.len() bytes of dirent64 records into
+        // our stack buffer, and returns how many.
+        let n = unsafe { libc::syscall(libc::SYS_getdents64, fd, buf.as_mut_ptr(), buf.len()) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if n == 0 {
+            return Ok(out);
+        }
+        let n = n as usize;
+        let mut off = 0;
+        // struct linux_dirent64: u64 ino, i64 off, u16 reclen, u8 type, name (NUL-ended).
+        while off + 19 <= n {
+            let reclen = u16::from_ne_bytes([buf[off + 16], buf[off + 17]]) as usize;
+            if reclen == 0 || off + reclen > n {
+                break;
+            }
+            let kind = buf[off + 18];
+            let name = &buf[off + 19..off + reclen];
+            let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
+            if kind == libc::DT_DIR && name != b"." && name != b".." {
+                out.push(name.to_vec());
+            }
+            off += reclen;
+        }
     }
 }
 

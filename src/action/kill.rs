@@ -594,6 +594,31 @@ mod tests {
         assert_eq!(r.outcome, Outcome::Skipped, "{r:?}");
     }
 
+    /// A child cgroup made in the shared cgroup since the kit was armed may hold the
+    /// task that grows, and its task list is not kept: the kill refuses and names it
+    /// rather than choose among the tasks it knows.
+    #[test]
+    fn inside_a_shared_cgroup_a_child_cgroup_made_since_makes_the_kill_refuse() {
+        let t = tempfile::tempdir().unwrap();
+        let mut known = sleeper();
+        let kp = known.id() as i32;
+        fake_proc(&t.path().join("proc"), kp, 0);
+        let env = shared_env(t.path(), &[kp]);
+        assert_eq!(env.armed.summary().1, 2, "/cg and /cg/agent are kept");
+        std::fs::create_dir(t.path().join("cg/cg/new")).unwrap();
+        let set = PolicySet::embedded_default();
+        let cg = CgroupPath::new("/cg");
+        let ctx = testing::ctx(&cg, &set.policies()[0], false);
+        let r = signal_victim(&env, &ctx, &largest(), libc::SIGKILL, None);
+        let known_alive = matches!(known.try_wait(), Ok(None));
+        let _ = known.kill();
+        let _ = known.wait();
+        assert_eq!(r.outcome, Outcome::Skipped, "{r:?}");
+        let err = r.error.unwrap_or_default();
+        assert!(err.contains("/cg/new appeared since"), "{err}");
+        assert!(known_alive, "the known task was killed");
+    }
+
     /// A PID armed as one process and listed later as another (the first exited and
     /// the PID was reused) is not taken for the armed one: its kept files no longer
     /// describe it (a different start time here), so it is read anew.
