@@ -6,8 +6,11 @@
 //!
 //! v1: `oom_kill_disable` 0 through the `memory.oom_control` descriptor kept open for
 //! the cgroup (the write wakes the sleepers; the first charge that fails again runs the
-//! kernel's OOM killer), wait for the file's `oom_kill` counter to rise, and 1 again
-//! in every case. The kernel chooses within the memory cgroup that is out of memory:
+//! kernel's OOM killer), wait for the kill, and 1 again in every case. The kill is
+//! seen as the file's `oom_kill` counter rising, or as the kernel's log line naming a
+//! victim of this cgroup's OOM ([`crate::kmsg`]): v1 counts a kill only in the
+//! victim's own cgroup, so a kill in a child of the stuck cgroup leaves the stuck
+//! cgroup's counter where it was. The kernel chooses within the memory cgroup that is out of memory:
 //! the stuck cgroup, which is the one the episode runs on (a parent whose limit was hit
 //! has the episode, not its child).
 //!
@@ -71,22 +74,37 @@ enum Waited {
     TimedOut,
 }
 
-/// Waits for the `oom_kill` counter to rise above `before`, at most `timeout`.
+/// How long the stall must look over before the wait ends without a kill seen: the
+/// write wakes the sleepers, which leave the OOM wait (under_oom may read 0) before they
+/// charge again and the kernel kills.
+const RECOVER_GRACE: Duration = Duration::from_millis(100);
+
+/// Waits for the kernel to kill: the `oom_kill` counter above `before`, or a victim of
+/// the cgroup in the kernel's log (v1 counts a kill in the victim's own cgroup only,
+/// not in the stuck parent), at most `timeout`.
 fn wait_for_kill(
     env: &Env,
     ctx: &StepCtx,
     before: u64,
+    mark: Option<&kmsg::Mark>,
+    dir: &Path,
     timeout: Duration,
     start: Instant,
 ) -> Waited {
+    let mut clear_since: Option<Instant> = None;
     loop {
         if oom_kills(env, ctx.cgroup).is_some_and(|n| n > before) {
+            return Waited::Killed;
+        }
+        if mark.is_some_and(|m| !kmsg::victims(&m.lines(), dir).0.is_empty()) {
             return Waited::Killed;
         }
         if (ctx.cancelled)() {
             return Waited::Cancelled;
         }
-        if !(ctx.still_stuck)() {
+        if (ctx.still_stuck)() {
+            clear_since = None;
+        } else if clear_since.get_or_insert_with(Instant::now).elapsed() >= RECOVER_GRACE {
             return Waited::Recovered;
         }
         if start.elapsed() >= timeout {
@@ -109,24 +127,27 @@ fn retried<E: ToString>(mut f: impl FnMut() -> Result<(), E>) -> Result<u32, Str
     Err(last)
 }
 
-/// The victims named by the kernel's log since `mark`, as audit fields.
-fn name_victims(r: &mut Report, mark: Option<&kmsg::Mark>, dir: &Path, kills: u64) {
+/// The victims named by the kernel's log since `mark`, as audit fields; returns how
+/// many there are. `expect`: a kill happened or may have (wait a little for its line).
+fn name_victims(r: &mut Report, mark: Option<&kmsg::Mark>, dir: &Path, expect: u64) -> u64 {
     let Some(mark) = mark else {
         r.fields.insert("victim".into(), "unknown".into());
         r.fields.insert(
             "victim_unknown".into(),
             "/dev/kmsg could not be read at start".into(),
         );
-        return;
+        return 0;
     };
-    if kills == 0 {
-        return;
-    }
     // The counter rises before the kernel prints the kill.
-    let until = Instant::now() + KMSG_WAIT;
+    let until = Instant::now()
+        + if expect > 0 {
+            KMSG_WAIT
+        } else {
+            Duration::ZERO
+        };
     let (found, unattributed) = loop {
         let (v, u) = kmsg::victims(&mark.lines(), dir);
-        if v.len() as u64 >= kills || Instant::now() >= until {
+        if v.len() as u64 >= expect.max(1) || Instant::now() >= until {
             break (v, u);
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -145,7 +166,7 @@ fn name_victims(r: &mut Report, mark: Option<&kmsg::Mark>, dir: &Path, kills: u6
                 r.fields.insert("victims".into(), all.into());
             }
         }
-        None => {
+        None if expect > 0 => {
             r.fields.insert("victim".into(), "unknown".into());
             r.fields.insert(
                 "victim_unknown".into(),
@@ -157,7 +178,9 @@ fn name_victims(r: &mut Report, mark: Option<&kmsg::Mark>, dir: &Path, kills: u6
                 .into(),
             );
         }
+        None => {}
     }
+    found.len() as u64
 }
 
 fn v1(env: &Env, ctx: &StepCtx, timeout: Duration) -> Report {
@@ -208,7 +231,15 @@ fn v1(env: &Env, ctx: &StepCtx, timeout: Duration) -> Report {
                 "descriptor".into(),
                 if *kept { "kept" } else { "opened" }.into(),
             );
-            wait_for_kill(env, ctx, state.oom_kill, timeout, start)
+            wait_for_kill(
+                env,
+                ctx,
+                state.oom_kill,
+                mark.as_ref(),
+                &dir,
+                timeout,
+                start,
+            )
         }
         Err(_) => Waited::TimedOut,
     };
@@ -216,8 +247,10 @@ fn v1(env: &Env, ctx: &StepCtx, timeout: Duration) -> Report {
     // Always, whatever happened: the operator's setting back.
     let back = retried(|| env.ctl.set_oom_kill_disable(cg, true).map(|_| ()));
     let after = oom_kills(env, cg).unwrap_or(state.oom_kill);
-    let kills = after.saturating_sub(state.oom_kill);
-    r = r.with("oom_kills", kills).with("waited_ms", waited_ms);
+    let counted = after.saturating_sub(state.oom_kill);
+    r = r
+        .with("oom_kill_counter_delta", counted)
+        .with("waited_ms", waited_ms);
     match &back {
         Ok(_) => {
             r = r.with("oom_kill_disable_restored", true);
@@ -234,7 +267,10 @@ fn v1(env: &Env, ctx: &StepCtx, timeout: Duration) -> Report {
                 .with("restore_error", e.clone());
         }
     }
-    name_victims(&mut r, mark.as_ref(), &dir, kills);
+    let expect = u64::from(waited != Waited::TimedOut && waited != Waited::Cancelled).max(counted);
+    let named = name_victims(&mut r, mark.as_ref(), &dir, expect);
+    let kills = counted.max(named);
+    r = r.with("oom_kills", kills);
     finish(r, handed.err().map(|e| e.to_string()), waited, kills, &back)
 }
 
@@ -333,16 +369,16 @@ fn v2(env: &Env, ctx: &StepCtx, timeout: Duration) -> Report {
         let start = Instant::now();
         let handed = env.ctl.set_limits(cg, cur, lifted);
         let waited = match &handed {
-            Ok(()) => wait_for_kill(env, ctx, before, timeout, start),
+            Ok(()) => wait_for_kill(env, ctx, before, mark.as_ref(), &dir, timeout, start),
             Err(_) => Waited::TimedOut,
         };
         let waited_ms = start.elapsed().as_millis() as u64;
         let back = retried(|| env.ctl.set_limits(cg, lifted, cur));
         let after = oom_kills(env, cg).unwrap_or(before);
-        let kills = after.saturating_sub(before);
+        let counted = after.saturating_sub(before);
         let mut r = fields(base(Outcome::Done, None))
             .with("oom_kill_before", before)
-            .with("oom_kills", kills)
+            .with("oom_kill_counter_delta", counted)
             .with("waited_ms", waited_ms)
             .with("high_restored", back.is_ok());
         if let Err(e) = &back {
@@ -351,7 +387,11 @@ fn v2(env: &Env, ctx: &StepCtx, timeout: Duration) -> Report {
             );
             r = r.with("restore_error", e.clone());
         }
-        name_victims(&mut r, mark.as_ref(), &dir, kills);
+        let expect =
+            u64::from(waited != Waited::TimedOut && waited != Waited::Cancelled).max(counted);
+        let named = name_victims(&mut r, mark.as_ref(), &dir, expect);
+        let kills = counted.max(named);
+        r = r.with("oom_kills", kills);
         finish(r, handed.err().map(|e| e.to_string()), waited, kills, &back)
     })
 }
