@@ -81,7 +81,10 @@ const RECOVER_GRACE: Duration = Duration::from_millis(100);
 
 /// Waits for the kernel to kill: the `oom_kill` counter above `before`, or a victim of
 /// the cgroup in the kernel's log (v1 counts a kill in the victim's own cgroup only,
-/// not in the stuck parent), at most `timeout`.
+/// not in the stuck parent), at most `timeout`. `end_when_clear`: also end once the
+/// stall has looked over for [`RECOVER_GRACE`] (v1; on v2 lifting the hold is what
+/// makes it look over, while the workload grows on to memory.max).
+#[allow(clippy::too_many_arguments)]
 fn wait_for_kill(
     env: &Env,
     ctx: &StepCtx,
@@ -90,6 +93,7 @@ fn wait_for_kill(
     dir: &Path,
     timeout: Duration,
     start: Instant,
+    end_when_clear: bool,
 ) -> Waited {
     let mut clear_since: Option<Instant> = None;
     loop {
@@ -102,7 +106,7 @@ fn wait_for_kill(
         if (ctx.cancelled)() {
             return Waited::Cancelled;
         }
-        if (ctx.still_stuck)() {
+        if !end_when_clear || (ctx.still_stuck)() {
             clear_since = None;
         } else if clear_since.get_or_insert_with(Instant::now).elapsed() >= RECOVER_GRACE {
             return Waited::Recovered;
@@ -239,6 +243,7 @@ fn v1(env: &Env, ctx: &StepCtx, timeout: Duration) -> Report {
                 &dir,
                 timeout,
                 start,
+                true,
             )
         }
         Err(_) => Waited::TimedOut,
@@ -369,7 +374,9 @@ fn v2(env: &Env, ctx: &StepCtx, timeout: Duration) -> Report {
         let start = Instant::now();
         let handed = env.ctl.set_limits(cg, cur, lifted);
         let waited = match &handed {
-            Ok(()) => wait_for_kill(env, ctx, before, mark.as_ref(), &dir, timeout, start),
+            Ok(()) => {
+                wait_for_kill(env, ctx, before, mark.as_ref(), &dir, timeout, start, false)
+            }
             Err(_) => Waited::TimedOut,
         };
         let waited_ms = start.elapsed().as_millis() as u64;

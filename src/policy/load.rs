@@ -496,6 +496,19 @@ fn build_early(ctx: &Ctx, e: &Spanned<RawEarly>) -> Result<Early, LoadError> {
         .iter()
         .map(|s| build_step(ctx, s.get_ref()))
         .collect::<Result<Vec<_>, _>>()?;
+    // Before the wall no charge fails, so the kernel would kill nothing during the
+    // hand-off, or, should the workload reach the wall meanwhile, at a moment no step
+    // chose.
+    if let Some(raw) = r
+        .steps
+        .iter()
+        .find(|s| *s.get_ref().action.get_ref() == ActionKind::KernelOomKill)
+    {
+        return Err(ctx.err(
+            Some(raw.get_ref().action.span()),
+            "`kernel_oom_kill` cannot be an [[early.step]]: the kernel's OOM killer acts only at the wall; put it in [[step]]",
+        ));
+    }
     // An early loan given back with usage still above the threshold leaves the
     // workload past a threshold that fires only on the next upward crossing: the next
     // approach to the wall would be met by the OOM steps, not the early ones.
@@ -1333,6 +1346,11 @@ level = 1
         let e = step_err("action = \"kernel_oom_kill\"\ntimeout = \"90s\"\n");
         assert!(
             e.starts_with("p.toml:5:11: ") && e.contains("at most 1m"),
+            "{e}"
+        );
+        let e = err(&format!("{HEAD}[early]\nat = \"75%\"\n[[early.step]]\naction = \"kernel_oom_kill\"\n[[step]]\naction = \"kill\"\n"));
+        assert!(
+            e.starts_with("p.toml:6:10: ") && e.contains("only at the wall"),
             "{e}"
         );
         let e = step_err("action = \"kernel_oom_kil\"\n");
