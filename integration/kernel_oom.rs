@@ -248,6 +248,14 @@ fn kernel_oom_kill_from_inside_the_stuck_pod_kills_the_grower_only() {
     assert!(s.alive(agent_pid), "the agent died; log:\n{}", log());
     assert_eq!(oom_kill_disable(&pod), Some(true));
     assert!(resolved, "never resolved; log:\n{}", log());
+    let stalled = audit()
+        .into_iter()
+        .find(|v| v["event"] == "resolved" && v["cgroup"] == "/pod")
+        .map(|v| v["stalled_ms"].clone());
+    eprintln!(
+        "kernel_oom_kill inside: waited_ms {} (write -> kill seen), stalled_ms {:?} (oom seen -> resolved)",
+        act["waited_ms"], stalled
+    );
     if act.get("pid").is_some() {
         assert_eq!(act["pid"], grower.pid, "{act}");
     } else {
@@ -260,4 +268,53 @@ fn kernel_oom_kill_from_inside_the_stuck_pod_kills_the_grower_only() {
     );
     assert!(wait_until(Duration::from_secs(10), || !s.alive(agent_pid)));
     s.kill_hog(small.pid);
+}
+
+/// The agent dies between its two writes (oom_kill_disable 0 written, 1 not yet): the
+/// record it wrote before the first one makes the next start put 1 back.
+#[test]
+fn kernel_oom_kill_interrupted_by_a_crash_is_put_back_at_the_next_start() {
+    let Some(()) = require_v1("kernel_oom_kill_crash") else {
+        return;
+    };
+    let mut s = Scratch::new("koom-crash");
+    let cg = s.cgroup("w", Some(64 * MIB), true);
+    let tmp = Agent::dir(&[("p.toml", &policy("p", "/w", "", STEP))]);
+    let mut agent =
+        Agent::start_in_full_env(tmp, &s.dir, &[("OOMWAKE_FAULT", "handoff_enabled:abort")]);
+    agent.expect("watch", "/w", Duration::from_secs(10));
+    let hog = s.hog(&cg, &["--touch", "200M", "--hold", "60s"]);
+    assert!(
+        wait_until(Duration::from_secs(20), || !agent.running()),
+        "the agent did not abort; log:\n{}",
+        agent.log()
+    );
+    assert!(
+        agent.log().contains("aborting at handoff_enabled"),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(
+        oom_kill_disable(&cg),
+        Some(false),
+        "the crash left the kernel's killer on"
+    );
+    // (The kernel's OOM killer, enabled, has taken the hog by now.)
+    assert_eq!(s.exit_signal(hog.pid), Some(libc::SIGKILL));
+    let agent = Agent::start_in_root(agent.crash(), &s.dir, &[]);
+    let rec = agent.expect("oom_kill_disable_restored", "/w", Duration::from_secs(10));
+    assert_eq!(rec["result"], "restored", "{rec}");
+    assert_eq!(rec["reason"], "startup", "{rec}");
+    assert_eq!(oom_kill_disable(&cg), Some(true));
+    assert!(
+        !agent
+            .tmp
+            .path()
+            .join("state")
+            .read_dir()
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("kernel-oom-")),
+        "the record was left behind"
+    );
 }

@@ -555,12 +555,25 @@ fn check_validates_kernel_oom_kill_steps() {
         "{err}"
     );
     let root = env!("CARGO_MANIFEST_DIR");
+    if !Path::new(root)
+        .join("packaging/docker/policies/api.toml")
+        .exists()
+    {
+        // The VM carries the binaries, not the repository.
+        return;
+    }
     let (code, out, err) = oomwake(&[
         "check",
         &format!("{root}/policies/sidecar.toml"),
         &format!("{root}/packaging/docker/policies/api.toml"),
     ]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("kill -> kernel_oom_kill"), "{out}");
-    assert!(out.contains("kill -> kernel_oom_kill"), "{out}");
+    assert!(
+        out.contains("sidecar") && out.contains("kill -> kernel_oom_kill"),
+        "{out}"
+    );
+    assert!(
+        out.contains("raise_limit -> signal -> kill -> kernel_oom_kill"),
+        "{out}"
+    );
 }

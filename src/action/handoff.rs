@@ -217,6 +217,7 @@ fn v1(env: &Env, ctx: &StepCtx, timeout: Duration) -> Report {
     let mark = kmsg::mark();
     let start = Instant::now();
     let handed = env.ctl.set_oom_kill_disable(cg, false);
+    crate::loan::fault::point("handoff_enabled");
     let mut r = base(Outcome::Done, None)
         .with("oom_kill_before", state.oom_kill)
         .with("timeout_ms", timeout.as_millis() as u64);
