@@ -68,6 +68,8 @@ fn oom_kills(env: &Env, cg: &CgroupPath) -> Option<u64> {
 /// How the wait for the kernel ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Waited {
+    /// The first write failed: nothing was handed over.
+    NotHanded,
     Killed,
     Recovered,
     Cancelled,
@@ -247,7 +249,7 @@ fn v1(env: &Env, ctx: &StepCtx, timeout: Duration) -> Report {
                 true,
             )
         }
-        Err(_) => Waited::TimedOut,
+        Err(_) => Waited::NotHanded,
     };
     let waited_ms = start.elapsed().as_millis() as u64;
     // Always, whatever happened: the operator's setting back.
@@ -273,7 +275,7 @@ fn v1(env: &Env, ctx: &StepCtx, timeout: Duration) -> Report {
                 .with("restore_error", e.clone());
         }
     }
-    let expect = u64::from(waited != Waited::TimedOut && waited != Waited::Cancelled).max(counted);
+    let expect = u64::from(matches!(waited, Waited::Killed | Waited::Recovered)).max(counted);
     let named = name_victims(&mut r, mark.as_ref(), &dir, expect);
     let kills = counted.max(named);
     r = r.with("oom_kills", kills);
@@ -293,6 +295,7 @@ fn finish(
     r.fields.insert(
         "ended".into(),
         match waited {
+            Waited::NotHanded => "not_handed",
             Waited::Killed => "killed",
             Waited::Recovered => "recovered",
             Waited::Cancelled => "cancelled",
@@ -378,7 +381,7 @@ fn v2(env: &Env, ctx: &StepCtx, timeout: Duration) -> Report {
             Ok(()) => {
                 wait_for_kill(env, ctx, before, mark.as_ref(), &dir, timeout, start, false)
             }
-            Err(_) => Waited::TimedOut,
+            Err(_) => Waited::NotHanded,
         };
         let waited_ms = start.elapsed().as_millis() as u64;
         let back = retried(|| env.ctl.set_limits(cg, lifted, cur));
@@ -395,8 +398,7 @@ fn v2(env: &Env, ctx: &StepCtx, timeout: Duration) -> Report {
             );
             r = r.with("restore_error", e.clone());
         }
-        let expect =
-            u64::from(waited != Waited::TimedOut && waited != Waited::Cancelled).max(counted);
+        let expect = u64::from(matches!(waited, Waited::Killed | Waited::Recovered)).max(counted);
         let named = name_victims(&mut r, mark.as_ref(), &dir, expect);
         let kills = counted.max(named);
         r = r.with("oom_kills", kills);
@@ -579,6 +581,76 @@ mod tests {
         assert_eq!(
             std::fs::read_to_string(root.path().join("pod/memory.oom_control")).unwrap(),
             "1"
+        );
+    }
+
+    fn v2_env(max: &str, high: &str) -> (tempfile::TempDir, Env, CgroupPath) {
+        let root = tempfile::tempdir().unwrap();
+        let d = root.path().join("app");
+        std::fs::create_dir(&d).unwrap();
+        std::fs::write(d.join("memory.max"), max).unwrap();
+        std::fs::write(d.join("memory.high"), high).unwrap();
+        std::fs::write(d.join("memory.current"), "50331648\n").unwrap();
+        std::fs::write(
+            d.join("memory.events"),
+            "low 0\nhigh 9\nmax 0\noom 0\noom_kill 0\n",
+        )
+        .unwrap();
+        let env = Env {
+            ctl: Box::new(crate::cgroup::v2::V2::new(crate::cgroup::Hierarchy::fake(
+                root.path(),
+                Kind::V2,
+            ))),
+            proc_root: root.path().to_path_buf(),
+            self_pid: 0,
+            loans: crate::loan::LoanBook::new(None),
+        };
+        (root, env, CgroupPath::new("/app"))
+    }
+
+    #[test]
+    fn v2_without_a_limit_or_a_hold_below_it_is_skipped_with_the_reason() {
+        let p = policy();
+        let (_t, env, cg) = v2_env("max\n", "50331648\n");
+        let r = kernel_oom_kill(&env, &testing::ctx(&cg, &p, false), Duration::from_secs(2));
+        assert_eq!(r.outcome, Outcome::Skipped);
+        assert!(r.error.unwrap().contains("memory.max is max"));
+        let (_t, env, cg) = v2_env("67108864\n", "max\n");
+        let r = kernel_oom_kill(&env, &testing::ctx(&cg, &p, false), Duration::from_secs(2));
+        assert_eq!(r.outcome, Outcome::Skipped);
+        assert!(r.error.unwrap().contains("not below memory.max"));
+    }
+
+    #[test]
+    fn v2_audit_mode_names_the_counter_and_lifts_nothing() {
+        let p = policy();
+        let (t, env, cg) = v2_env("67108864\n", "50331648\n");
+        let r = kernel_oom_kill(&env, &testing::ctx(&cg, &p, true), Duration::from_secs(2));
+        assert_eq!(r.outcome, Outcome::Would, "{r:?}");
+        assert_eq!(r.fields["file"], "memory.events");
+        assert_eq!(r.fields["memory_high"], 48u64 << 20);
+        assert_eq!(r.fields["memory_max"], 64u64 << 20);
+        assert_eq!(
+            std::fs::read_to_string(t.path().join("app/memory.high")).unwrap(),
+            "50331648\n"
+        );
+    }
+
+    #[test]
+    fn v2_puts_the_hold_back_when_the_kernel_kills_nothing() {
+        let p = policy();
+        let (t, env, cg) = v2_env("67108864\n", "50331648\n");
+        let r = kernel_oom_kill(
+            &env,
+            &testing::ctx(&cg, &p, false),
+            Duration::from_millis(30),
+        );
+        assert_eq!(r.outcome, Outcome::Failed, "{r:?}");
+        assert_eq!(r.fields["high_restored"], true);
+        assert_eq!(r.fields["ended"], "timed_out");
+        assert_eq!(
+            std::fs::read_to_string(t.path().join("app/memory.high")).unwrap(),
+            "50331648"
         );
     }
 
