@@ -596,15 +596,12 @@ mod tests {
             "low 0\nhigh 9\nmax 0\noom 0\noom_kill 0\n",
         )
         .unwrap();
-        let env = Env {
-            ctl: Box::new(crate::cgroup::v2::V2::new(crate::cgroup::Hierarchy::fake(
-                root.path(),
-                Kind::V2,
-            ))),
-            proc_root: root.path().to_path_buf(),
-            self_pid: 0,
-            loans: crate::loan::LoanBook::new(None),
-        };
+        // The v1 fixture with a v2 controller on the same directory.
+        let mut env = testing::env(root.path(), root.path());
+        env.ctl = Box::new(crate::cgroup::v2::V2::new(crate::cgroup::Hierarchy::fake(
+            root.path(),
+            Kind::V2,
+        )));
         (root, env, CgroupPath::new("/app"))
     }
 
