@@ -37,6 +37,11 @@ pub fn load_policies(cfg: &Config) -> Result<PolicySet, String> {
 pub fn run(cfg: Config, policies: PolicySet, reload: crate::config::Reload) -> anyhow::Result<()> {
     let h = Hierarchy::detect(&cfg.cgroup_root, &cfg.proc_root)?;
     let ctl = cgroup::open(h)?;
+    // For kernel_oom_kill's record of its victims: opened now, as the agent may share
+    // a cgroup where nothing can be opened at the wall. Optional.
+    if let Err(e) = crate::kmsg::open_at_start(std::path::Path::new("/dev/kmsg")) {
+        log::info!("/dev/kmsg: {e}: kernel_oom_kill steps will not name their victims");
+    }
     loan::fault::init();
     // The start judged the nearest directory that existed: made now if missing, the
     // state dir is judged again as it is, before anything in it is read (in a sticky
@@ -94,6 +99,21 @@ pub fn run(cfg: Config, policies: PolicySet, reload: crate::config::Reload) -> a
         metadata_wait: cfg.container_metadata_wait,
     });
     loan::keeper::recover(&shared, found);
+    if !cfg.dry_run {
+        // A kernel_oom_kill hand-off of the previous run that did not put
+        // oom_kill_disable back (the agent died between its two writes).
+        let ctl = shared.env.ctl.as_ref();
+        for (cg, result) in crate::action::handoff::recover(ctl, &cfg.state_dir) {
+            log::warn!(
+                "{cg}: a kernel_oom_kill hand-off was interrupted; oom_kill_disable 1: {result}"
+            );
+            shared.audit.log(
+                crate::audit::Record::new("oom_kill_disable_restored", &cg)
+                    .with("reason", "startup")
+                    .with("result", result),
+            );
+        }
+    }
 
     {
         let weak = Arc::downgrade(&shared);

@@ -91,7 +91,9 @@ pub fn worker(shared: Arc<Shared>, rx: crossbeam_channel::Receiver<Job>) {
 /// (for the watchdog's [`Liveness`](crate::notify::Liveness)).
 pub fn step_bound(step: &crate::policy::Step) -> Duration {
     let waits = match &step.action {
-        Action::Reclaim { timeout } | Action::Exec { timeout, .. } => *timeout,
+        Action::Reclaim { timeout }
+        | Action::Exec { timeout, .. }
+        | Action::KernelOomKill { timeout } => *timeout,
         Action::Signal { grace, .. } => *grace,
         _ => Duration::ZERO,
     };
