@@ -322,6 +322,8 @@ fn protect_self(cfg: &Config) -> bool {
     // the usual soft limit of 1024 descriptors.
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        // Hooks get the limit the agent started with, not the raised one.
+        crate::sys::spawn::remember_nofile_soft(soft);
         if soft < hard {
             if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
                 log::warn!("cannot raise the open-file limit from {soft} to {hard}: {e}");

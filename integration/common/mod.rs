@@ -375,12 +375,32 @@ impl Agent {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Agent {
+        Agent::start_wrapped(tmp, root, &[], extra, env)
+    }
+
+    /// [`Agent::start_in_root`] through `wrapper` (a command that ends by running its
+    /// arguments: `prlimit ...`, `unshare ...`): `child` is then the wrapper's process.
+    pub fn start_wrapped(
+        tmp: tempfile::TempDir,
+        root: &Path,
+        wrapper: &[&str],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agent {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(tmp.path().join("agent.log"))
             .unwrap();
-        let child = Command::new(oomwake_bin())
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(oomwake_bin());
+                c
+            }
+            None => Command::new(oomwake_bin()),
+        };
+        let child = cmd
             .arg("run")
             .arg("--config")
             .arg(tmp.path().join("oomwake.toml"))

@@ -22,10 +22,11 @@
 //! mapping is not populated, the child parks in the OOM wait at its first write, and the
 //! episode's thread waits for it forever.
 //!
-//! The child, sharing the parent's memory, only makes system calls: it resets the
-//! handlers of caught signals and SIGPIPE to their defaults, moves into a process group
-//! of its own, writes 0 to its `oom_score_adj`, sets up its three standard descriptors,
-//! unblocks signals and calls `execve`. A file the kernel refuses with ENOEXEC (a script
+//! The child, sharing the parent's memory, only makes system calls: it resets every
+//! signal (caught or ignored) to its default, moves into a process group of its own,
+//! writes 0 to its `oom_score_adj`, sets the soft open-file limit the agent started
+//! with, sets up its three standard descriptors, unblocks signals and calls `execve`.
+//! A file the kernel refuses with ENOEXEC (a script
 //! without `#!`) is handed to `/bin/sh`, as `execvp` does and as the fork-based hooks did
 //! (std's `Command` ends in `execvp`). A failure is written into a slot the parent reads
 //! once the child has gone or exec'd.
@@ -76,6 +77,35 @@ pub struct SpawnRequest<'a> {
     pub stdio: [BorrowedFd<'a>; 3],
     /// The child's own `/proc/self/oom_score_adj` (under the agent's proc root).
     pub oom_score_adj: &'a OsStr,
+    /// The soft RLIMIT_NOFILE the child gets (clamped to the hard limit), or None to
+    /// keep the agent's: the agent raises its own to the hard limit at start (one
+    /// descriptor per watched cgroup), which a hook must not inherit (`select(2)` and
+    /// programs that walk every descriptor up to the limit break or crawl).
+    pub nofile_soft: Option<u64>,
+}
+
+/// The soft RLIMIT_NOFILE the agent started with, before it raised its own (see
+/// [`remember_nofile_soft`]); `u64::MAX` while none was remembered.
+static START_NOFILE_SOFT: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(u64::MAX);
+
+/// Remembers the soft RLIMIT_NOFILE the agent started with, before it raises it: what
+/// hooks get ([`SpawnRequest::nofile_soft`]). The first call wins.
+pub fn remember_nofile_soft(soft: u64) {
+    let _ = START_NOFILE_SOFT.compare_exchange(
+        u64::MAX,
+        soft,
+        std::sync::atomic::Ordering::SeqCst,
+        std::sync::atomic::Ordering::SeqCst,
+    );
+}
+
+/// The soft RLIMIT_NOFILE the agent started with, if it was remembered.
+pub fn start_nofile_soft() -> Option<u64> {
+    match START_NOFILE_SOFT.load(std::sync::atomic::Ordering::SeqCst) {
+        u64::MAX => None,
+        v => Some(v),
+    }
 }
 
 /// A process started by [`spawn`]: the leader of its own process group, not yet reaped.
@@ -102,6 +132,8 @@ struct ChildArgs {
     sh_argv: *const *const libc::c_char,
     stdio: [libc::c_int; 3],
     oom_score_adj: *const libc::c_char,
+    /// The RLIMIT_NOFILE to set in the child (soft, hard), or None.
+    nofile: Option<libc::rlimit64>,
     /// errno of the step that failed in the child, 0 while none did.
     error: AtomicI32,
 }
@@ -186,6 +218,7 @@ pub fn spawn(req: &SpawnRequest<'_>) -> io::Result<Spawned> {
         sh_argv: sh_argv.as_ptr(),
         stdio: req.stdio.map(|fd| fd.as_raw_fd()),
         oom_score_adj: adj.as_ptr(),
+        nofile: req.nofile_soft.and_then(nofile_for_child),
         error: AtomicI32::new(0),
     };
 
@@ -244,6 +277,23 @@ pub fn spawn(req: &SpawnRequest<'_>) -> io::Result<Spawned> {
     }
 }
 
+/// The RLIMIT_NOFILE a child started with soft limit `soft` gets: `soft` (at most the
+/// agent's hard limit) and the agent's hard limit. None when it is what the agent has.
+fn nofile_for_child(soft: u64) -> Option<libc::rlimit64> {
+    // SAFETY: an all-zero rlimit64 is valid; prlimit64 writes only into `cur`.
+    let mut cur: libc::rlimit64 = unsafe { std::mem::zeroed() };
+    // SAFETY: pid 0 is this process; a NULL new limit only reads.
+    let ret = unsafe { libc::prlimit64(0, libc::RLIMIT_NOFILE, std::ptr::null(), &mut cur) };
+    if ret != 0 {
+        return None;
+    }
+    let soft = soft.min(cur.rlim_max);
+    (soft != cur.rlim_cur).then_some(libc::rlimit64 {
+        rlim_cur: soft,
+        rlim_max: cur.rlim_max,
+    })
+}
+
 /// The child's whole life before `execve`. It shares the parent's memory, and also the
 /// parent thread's thread-local storage: without CLONE_SETTLS its thread pointer is the
 /// parent thread's, so `errno` (and anything else thread-local a libc function touches)
@@ -254,9 +304,9 @@ pub fn spawn(req: &SpawnRequest<'_>) -> io::Result<Spawned> {
 /// their arguments, the stack and errno: raw `syscall(2)` where glibc's wrapper is a
 /// cancellation point (open, write, close: those update the cancellation state in the
 /// parent thread's `struct pthread`, as glibc's own posix_spawn avoids by using raw
-/// system calls), and glibc's plain wrappers for the rest (sigaction, setpgid, fcntl
-/// with F_DUPFD_CLOEXEC/F_SETFD, dup2, sigprocmask, execve), none of which is a
-/// cancellation point.
+/// system calls; rt_sigaction and prlimit64 are raw too), and glibc's plain wrappers for
+/// the rest (setpgid, fcntl with F_DUPFD_CLOEXEC/F_SETFD, dup2, sigprocmask, execve),
+/// none of which is a cancellation point.
 extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` is the `ChildArgs` the parent passed to clone, alive until we exec
     // or exit (CLONE_VFORK).
@@ -275,22 +325,26 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     // not a cancellation point: see the function's doc), called with pointers to values
     // on this stack or prepared by the parent, which stay valid while it is suspended.
     unsafe {
-        // Handlers installed by the agent would run here on the agent's memory, and
-        // SIGPIPE is ignored by the Rust runtime: a hook starts with the defaults.
+        // Handlers installed by the agent would run here on the agent's memory, and a
+        // hook starts with every signal at its default: caught ones (the agent's), and
+        // ignored ones too, which exec would keep: SIGPIPE (ignored by the Rust runtime,
+        // and by systemd for services), and whatever the agent's own parent ignored
+        // (`nohup`, a shell's background job; a test harness here ignored signal 32).
+        // Raw rt_sigaction: glibc's wrapper refuses 32 and 33 (its own). An all-zero
+        // kernel sigaction is SIG_DFL with no flags and an empty mask on every
+        // architecture's layout (at most four words).
+        let dfl = [0u64; 4];
         for sig in 1..libc::SIGRTMAX() + 1 {
             if sig == libc::SIGKILL || sig == libc::SIGSTOP {
                 continue;
             }
-            let mut cur: libc::sigaction = std::mem::zeroed();
-            if libc::sigaction(sig, std::ptr::null(), &mut cur) != 0 {
-                continue;
-            }
-            let caught = cur.sa_sigaction != libc::SIG_DFL && cur.sa_sigaction != libc::SIG_IGN;
-            if caught || sig == libc::SIGPIPE {
-                let mut dfl: libc::sigaction = std::mem::zeroed();
-                dfl.sa_sigaction = libc::SIG_DFL;
-                libc::sigaction(sig, &dfl, std::ptr::null_mut());
-            }
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                dfl.as_ptr(),
+                std::ptr::null_mut::<u64>(),
+                8usize,
+            );
         }
         // A group of its own, so that a timeout kills what the hook started too.
         if libc::setpgid(0, 0) != 0 {
@@ -310,6 +364,19 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             fail(a);
         }
         libc::syscall(libc::SYS_close, fd);
+        // The open-file limit the agent started with, not the one it raised for itself.
+        // Limits live in the signal struct, which a clone without CLONE_THREAD does not
+        // share: this changes the child's alone (tested). Lowering a soft limit needs no
+        // privilege; should it fail, the hook runs with the agent's.
+        if let Some(lim) = &a.nofile {
+            libc::syscall(
+                libc::SYS_prlimit64,
+                0,
+                libc::RLIMIT_NOFILE,
+                lim as *const libc::rlimit64,
+                std::ptr::null_mut::<libc::rlimit64>(),
+            );
+        }
         // First copy every source above 2, then put the copies in place: a source that
         // is itself 0, 1 or 2 is not overwritten before it is used.
         let mut high = [-1; 3];
@@ -452,6 +519,7 @@ mod tests {
             env: vec![(OsStr::new("X"), OsStr::new("ex"))],
             stdio: [null.as_fd(), w.as_fd(), w.as_fd()],
             oom_score_adj: adj.as_os_str(),
+            nofile_soft: None,
         };
         let mut child = spawn(&req).unwrap();
         drop(req);
@@ -460,6 +528,51 @@ mod tests {
         std::fs::File::from(r).read_to_string(&mut out).unwrap();
         assert_eq!(out, "zero one ex\n0\n");
         assert_eq!(child.wait().unwrap().code(), Some(3));
+    }
+
+    /// The child gets the soft open-file limit it is given (the agent's at start), and
+    /// the agent keeps its own: limits are not shared by a clone without CLONE_THREAD.
+    #[test]
+    fn the_child_gets_the_given_open_file_limit_and_default_signals_and_the_parent_keeps_its_own() {
+        use nix::sys::resource::{getrlimit, Resource};
+        let before = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        let want = before.0.min(before.1).min(777);
+        assert!(want > 3, "soft limit {before:?} too low for the test");
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let null = devnull();
+        let adj = std::path::Path::new("/proc/self/oom_score_adj");
+        let req = SpawnRequest {
+            program: OsStr::new("/bin/sh"),
+            program_at: None,
+            program_fd: None,
+            args: vec![
+                OsStr::new("sh"),
+                OsStr::new("-c"),
+                OsStr::new(
+                    "echo $(ulimit -Sn) $(ulimit -Hn); grep -E '^Sig(Blk|Ign)' /proc/$$/status",
+                ),
+            ],
+            env: vec![],
+            stdio: [null.as_fd(), w.as_fd(), w.as_fd()],
+            oom_score_adj: adj.as_os_str(),
+            nofile_soft: Some(want),
+        };
+        let mut child = spawn(&req).unwrap();
+        drop(req);
+        drop(w);
+        let mut out = String::new();
+        std::fs::File::from(r).read_to_string(&mut out).unwrap();
+        assert_eq!(child.wait().unwrap().code(), Some(0));
+        // Nothing blocked or ignored either, though this process ignores SIGPIPE (the
+        // Rust runtime does).
+        assert_eq!(
+            out,
+            format!(
+                "{want} {}\nSigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n",
+                before.1
+            )
+        );
+        assert_eq!(getrlimit(Resource::RLIMIT_NOFILE).unwrap(), before);
     }
 
     #[test]
@@ -474,6 +587,7 @@ mod tests {
             env: vec![],
             stdio: [null.as_fd(), null.as_fd(), null.as_fd()],
             oom_score_adj: adj.as_os_str(),
+            nofile_soft: None,
         };
         let err = spawn(&req).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
@@ -504,6 +618,7 @@ mod tests {
             env: vec![],
             stdio: [null.as_fd(), w.as_fd(), null.as_fd()],
             oom_score_adj: adj.as_os_str(),
+            nofile_soft: None,
         };
         let mut child = spawn(&req).expect("a script without #! did not start");
         drop(req);
@@ -525,6 +640,7 @@ mod tests {
             env: vec![],
             stdio: [null.as_fd(), null.as_fd(), null.as_fd()],
             oom_score_adj: OsStr::new("/nonexistent/oom_score_adj"),
+            nofile_soft: None,
         };
         assert_eq!(spawn(&req).unwrap_err().kind(), io::ErrorKind::NotFound);
     }
@@ -541,6 +657,7 @@ mod tests {
             env: vec![],
             stdio: [null.as_fd(), null.as_fd(), null.as_fd()],
             oom_score_adj: adj.as_os_str(),
+            nofile_soft: None,
         };
         let child = spawn(&req).unwrap();
         let pid = child.id();
@@ -591,6 +708,7 @@ mod tests {
             env: vec![],
             stdio: [null.as_fd(), w.as_fd(), null.as_fd()],
             oom_score_adj: adj.as_os_str(),
+            nofile_soft: None,
         };
         let mut child = spawn(&req).expect("the judged hook did not start");
         drop(req);
