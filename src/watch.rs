@@ -185,6 +185,10 @@ pub struct Watcher {
     holder: crate::holder::Holder,
     /// Cgroups discovered while running with the OOM killer still on.
     fresh: Vec<Fresh>,
+    /// The agent is PID 1 of its PID namespace (a container without `--init`) or a
+    /// child subreaper: what its hooks leave behind becomes its children, reaped at
+    /// every sweep ([`crate::sys::spawn::reap_orphans`]).
+    reap_orphans: bool,
 }
 
 fn io_err(e: nix::Error) -> std::io::Error {
@@ -252,7 +256,14 @@ impl Watcher {
             status_sig: (0, 0, 0, 0),
             holder,
             fresh: Vec::new(),
+            reap_orphans: crate::sys::gets_orphans(),
         };
+        if w.reap_orphans {
+            log::info!(
+                "the agent is PID {} and gets orphaned processes (PID 1 of its namespace, or a subreaper): it reaps them at every sweep",
+                crate::sys::getpid()
+            );
+        }
         w.discover(&CgroupPath::root());
         // What exists at start is not being set up: the sweep covers its changes.
         w.fresh.clear();
@@ -318,6 +329,12 @@ impl Watcher {
             }
             if now >= next_sweep {
                 self.sweep_due();
+                if self.reap_orphans {
+                    let reaped = crate::sys::spawn::reap_orphans();
+                    if !reaped.is_empty() {
+                        log::debug!("reaped orphaned processes {reaped:?}");
+                    }
+                }
                 next_sweep = now + self.sweep_every;
             }
             // Pinged only while the workers and the loan keeper are alive too.

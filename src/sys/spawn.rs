@@ -116,6 +116,68 @@ pub struct Spawned {
     reaped: bool,
 }
 
+/// Hooks started and not reaped yet: their [`Spawned`] reaps them (and reads their
+/// exit status), never [`reap_orphans`].
+static HOOKS: std::sync::Mutex<Vec<i32>> = std::sync::Mutex::new(Vec::new());
+
+/// Held shared from before a hook's clone until its PID is in [`HOOKS`], and taken
+/// exclusively (without waiting) by [`reap_orphans`]: a hook that ends at once is never
+/// taken for an orphan.
+static SPAWNING: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+fn hooks() -> std::sync::MutexGuard<'static, Vec<i32>> {
+    HOOKS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Reaps the agent's children that have ended and are not hooks a [`Spawned`] still
+/// owns: the processes a hook left behind, which the kernel hands to the agent when it
+/// is PID 1 of a PID namespace (a container started without `--init`) or a child
+/// subreaper. Without it they stay zombies for good. Never waits; returns the PIDs
+/// reaped. It looks with `waitid(WNOWAIT)`, which shows one ended child at a time: when
+/// that one is a hook whose episode has not read its status yet, the rest wait for the
+/// next call. The agent's only other children would be `std::process::Command` ones,
+/// which it does not start while it runs (`oomwake demo` is not the agent).
+pub fn reap_orphans() -> Vec<i32> {
+    reap_where(libc::P_ALL, 0)
+}
+
+fn reap_where(idtype: libc::idtype_t, id: libc::id_t) -> Vec<i32> {
+    let mut reaped = Vec::new();
+    // A spawn between its clone and its registration: next time.
+    let Ok(_gate) = SPAWNING.try_write() else {
+        return reaped;
+    };
+    loop {
+        // SAFETY: an all-zero siginfo_t is valid; waitid writes into it only.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `info` lives on this stack; WNOWAIT leaves the child as it is.
+        let ret = unsafe {
+            libc::waitid(
+                idtype,
+                id,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        if ret < 0 {
+            // ECHILD (no child at all), or EINTR: nothing more now.
+            break;
+        }
+        // SAFETY: waitid filled in a SIGCHLD siginfo (si_pid 0: no child has ended).
+        let pid = unsafe { info.si_pid() };
+        if pid <= 0 || hooks().contains(&pid) {
+            break;
+        }
+        let mut status = 0;
+        // SAFETY: reaps exactly this ended child; status is on this stack.
+        if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } != pid {
+            break;
+        }
+        reaped.push(pid);
+    }
+    reaped
+}
+
 /// Everything the child reads, prepared before the clone: the child must not allocate.
 struct ChildArgs {
     program: *const libc::c_char,
@@ -246,6 +308,8 @@ pub fn spawn(req: &SpawnRequest<'_>) -> io::Result<Spawned> {
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
         old
     };
+    // Until the child's PID is registered, the orphan reaper keeps off.
+    let gate = SPAWNING.read().unwrap_or_else(|p| p.into_inner());
     // SAFETY: `child_main` only makes async-signal-safe calls on the pointers in
     // `child`, all of which (and the CStrings and arrays they point into) outlive the
     // call: with CLONE_VFORK this thread does not return from clone before the child
@@ -266,6 +330,8 @@ pub fn spawn(req: &SpawnRequest<'_>) -> io::Result<Spawned> {
     if pid < 0 {
         return Err(clone_error);
     }
+    hooks().push(pid);
+    drop(gate);
     let mut spawned = Spawned { pid, reaped: false };
     match child.error.load(Ordering::SeqCst) {
         0 => Ok(spawned),
@@ -452,6 +518,7 @@ impl Spawned {
                 return Ok(None);
             }
             self.reaped = true;
+            hooks().retain(|&p| p != self.pid);
             return Ok(Some(ExitStatus::from_raw(status)));
         }
     }
@@ -573,6 +640,60 @@ mod tests {
             )
         );
         assert_eq!(getrlimit(Resource::RLIMIT_NOFILE).unwrap(), before);
+    }
+
+    fn zombie(pid: i32) -> bool {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z'))
+    }
+
+    fn until_zombie(pid: i32) {
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !zombie(pid) {
+            assert!(std::time::Instant::now() < end, "{pid} never ended");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    /// The orphan reaper takes an ended child that is not a hook, and leaves an ended
+    /// hook to its `Spawned`, whose exit status stays readable. (Each child leads a
+    /// process group of its own, which the reaper is told to look in: other tests'
+    /// children are not touched.)
+    #[test]
+    fn the_reaper_leaves_an_ended_hook_to_its_owner_and_reaps_other_children() {
+        let null = devnull();
+        let adj = std::path::Path::new("/proc/self/oom_score_adj");
+        let req = SpawnRequest {
+            program: OsStr::new("/bin/sh"),
+            program_at: None,
+            program_fd: None,
+            args: vec![OsStr::new("sh"), OsStr::new("-c"), OsStr::new("exit 7")],
+            env: vec![],
+            stdio: [null.as_fd(), null.as_fd(), null.as_fd()],
+            oom_score_adj: adj.as_os_str(),
+            nofile_soft: None,
+        };
+        let mut hook = spawn(&req).unwrap();
+        until_zombie(hook.id());
+        assert!(reap_where(libc::P_PGID, hook.id() as libc::id_t).is_empty());
+        assert_eq!(hook.wait().unwrap().code(), Some(7));
+        assert!(
+            !hooks().contains(&hook.id()),
+            "still registered once reaped"
+        );
+
+        use std::os::unix::process::CommandExt;
+        // Reaped below by the reaper, not by a wait of its own.
+        #[allow(clippy::zombie_processes)]
+        let other = std::process::Command::new("/bin/true")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pid = other.id() as i32;
+        until_zombie(pid);
+        assert_eq!(reap_where(libc::P_PGID, pid as libc::id_t), vec![pid]);
+        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
     }
 
     #[test]
