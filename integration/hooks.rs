@@ -98,6 +98,18 @@ timeout = "5s"
 settle = "10ms"
 "#;
 
+/// SIGKILL to a process when dropped (still running: the test failed).
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
 /// Every child of `pid` (of any of its threads: a hook is the child of the episode
 /// worker that started it, an orphan the child of the main thread) with its state.
 fn children(pid: i32) -> Vec<(i32, char)> {
@@ -157,6 +169,8 @@ fn as_pid_1_the_agent_reaps_what_its_hooks_leave_and_stops_on_sigterm() {
         "unshare started no agent; log:\n{}",
         agent.log()
     );
+    // Killing unshare would leave the agent running: a failed test kills the agent.
+    let guard = KillOnDrop(agent_pid);
     let status = read(std::path::Path::new(&format!("/proc/{agent_pid}/status")));
     let nspid = status
         .lines()
@@ -167,11 +181,6 @@ fn as_pid_1_the_agent_reaps_what_its_hooks_leave_and_stops_on_sigterm() {
         "not PID 1 of its namespace: {nspid}"
     );
     agent.expect("watch", "/w", Duration::from_secs(10));
-    assert!(
-        agent.log().contains("gets orphaned processes"),
-        "{}",
-        agent.log()
-    );
     let hog = s.hog(&_cg, &["--touch", "40M", "--hold", "30s"]);
     let exec = agent
         .wait_for(Duration::from_secs(30), |v| {
@@ -194,6 +203,11 @@ fn as_pid_1_the_agent_reaps_what_its_hooks_leave_and_stops_on_sigterm() {
         children(agent_pid),
         agent.log()
     );
+    assert!(
+        agent.log().contains("gets orphaned processes"),
+        "{}",
+        agent.log()
+    );
     s.kill_hog(hog.pid);
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(agent_pid),
@@ -207,5 +221,7 @@ fn as_pid_1_the_agent_reaps_what_its_hooks_leave_and_stops_on_sigterm() {
         "the agent as PID 1 did not stop on SIGTERM; log:\n{}",
         agent.log()
     );
+    // Gone: its PID is not ours to signal any more.
+    std::mem::forget(guard);
     eprintln!("{name}: orphans seen before the reap: {orphans:?}");
 }
