@@ -289,12 +289,12 @@ fn agent_inside_says_why_a_kill_cannot_act_and_the_next_step_resolves() {
     eprintln!("kill step inside: {} {}", kill["outcome"], kill["error"]);
 }
 
-/// Other cgroups' episodes keep the pool busy (a hook sleeping 3 s) when the
-/// cgroup the agent shares reaches its wall: the pool (1 worker at least, 8 at most)
-/// would start a thread for that stall, whose stack is charged to the stuck cgroup.
-/// It does not: the stall goes to the reserved worker (or the pool's free one) and is
-/// resolved by its raise; no agent thread sleeps in the OOM wait; the other stalls are
-/// resolved too.
+/// Other cgroups' episodes keep the whole pool busy (3 workers at most, each with a
+/// hook sleeping 3 s) when the cgroup the agent shares reaches its wall. Its stall does
+/// not wait for them (before the fix it did, about 3 s: until a hook ended), nor for a
+/// thread the pool might start (its stack is charged to the stuck cgroup): the reserved
+/// worker resolves it by its raise at once. No agent thread sleeps in the OOM wait; the
+/// other stalls are resolved too.
 #[test]
 fn agent_inside_starts_no_worker_in_its_stuck_cgroup_while_others_stall() {
     let name = "agent_inside_starts_no_worker_in_its_stuck_cgroup_while_others_stall";
@@ -332,7 +332,7 @@ hold = "60s"
         .map(|(a, b)| (a.as_str(), b.as_str()))
         .collect();
     let (agent_pid, tmp, _out) =
-        start_inside_with(&mut s, &pod, &refs, Some("workers = 1\nmax_workers = 8\n"));
+        start_inside_with(&mut s, &pod, &refs, Some("workers = 1\nmax_workers = 3\n"));
     let audit = tmp.path().join("audit.jsonl");
     let lines = || -> Vec<serde_json::Value> {
         read(&audit)
@@ -363,13 +363,15 @@ hold = "60s"
     );
     let _pod_hog = s.hog(&pod, &["--touch", "160M", "--hold", "30s"]);
     let mut parked = false;
+    let mut pod_resolved = None;
     let resolved = wait_until(Duration::from_secs(30), || {
         parked |= any_thread_in_oom_wait(agent_pid);
-        lines().iter().any(|v| {
+        pod_resolved = lines().into_iter().find(|v| {
             v["event"] == "resolved"
                 && v["cgroup"] == pod.rel.as_str()
                 && v["by_action"] == "raise_limit"
-        })
+        });
+        pod_resolved.is_some()
     });
     let agent_log = || read(&tmp.path().join("agent.log"));
     assert!(
@@ -380,6 +382,15 @@ hold = "60s"
         threads(agent_pid),
         read(&audit),
         agent_log()
+    );
+    // Not behind the busy pool: the hooks sleep 3 s.
+    let stalled = pod_resolved.as_ref().unwrap()["stalled_ms"]
+        .as_f64()
+        .unwrap_or(f64::MAX);
+    assert!(
+        stalled < 1000.0,
+        "the agent's own stall waited {stalled} ms; audit:\n{}",
+        read(&audit)
     );
     for x in &xs {
         assert!(
@@ -408,7 +419,7 @@ hold = "60s"
     }
     let log = stops_on_sigterm(&mut s, agent_pid, &tmp);
     eprintln!(
-        "{name}: threads before the stalls: {before}; growth refused: {}",
+        "{name}: the agent's own stall: {stalled} ms; threads before the stalls: {before}; growth refused: {}",
         log.lines()
             .filter(|l| l.contains("no new episode worker is started"))
             .count()
