@@ -5,12 +5,13 @@ use std::time::Duration;
 
 use crate::common::*;
 
-/// Prints what the hook inherited: its open-file limits, oom_score_adj, and its
-/// shell's blocked and ignored signals.
+/// Prints what the hook inherited: its open-file limits, oom_score_adj, and the
+/// blocked and ignored signals the shell had when it exec'd grep (not the shell's own
+/// status read by a child: the shell blocks every signal while it waits for one).
 const REPORT_HOOK: &str = r#"
 [[step]]
 action = "exec"
-command = ["/bin/sh", "-c", "echo $(ulimit -Sn) $(ulimit -Hn) $(cat /proc/self/oom_score_adj); grep -E '^Sig(Blk|Ign)' /proc/$$/status"]
+command = ["/bin/sh", "-c", "echo $(ulimit -Sn) $(ulimit -Hn) $(cat /proc/self/oom_score_adj); exec grep -E '^Sig(Blk|Ign)' /proc/self/status"]
 timeout = "5s"
 settle = "10ms"
 "#;

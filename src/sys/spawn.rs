@@ -616,7 +616,7 @@ mod tests {
                 OsStr::new("sh"),
                 OsStr::new("-c"),
                 OsStr::new(
-                    "echo $(ulimit -Sn) $(ulimit -Hn); grep -E '^Sig(Blk|Ign)' /proc/$$/status",
+                    "echo $(ulimit -Sn) $(ulimit -Hn); exec grep -E '^Sig(Blk|Ign)' /proc/self/status",
                 ),
             ],
             env: vec![],
