@@ -25,6 +25,7 @@ mod episodes_lifecycle;
 mod episodes_subtree;
 mod episodes_unresolved;
 mod golang;
+mod hooks;
 mod kernel_oom;
 mod loans;
 mod loans_failure;
