@@ -501,6 +501,148 @@ fn ts_ms(v: &serde_json::Value) -> i64 {
     t.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
 }
 
+/// Other cgroups' episodes keep the whole pool busy (3 workers at most, each with a
+/// hook sleeping 3 s) when the cgroup the agent shares reaches its wall. Its stall does
+/// not wait for them (before the fix it did, about 3 s: until a hook ended), nor for a
+/// thread the pool might start (its stack is charged to the stuck cgroup): the reserved
+/// worker resolves it by its raise at once. No agent thread sleeps in the OOM wait; the
+/// other stalls are resolved too.
+#[test]
+fn agent_inside_starts_no_worker_in_its_stuck_cgroup_while_others_stall() {
+    let name = "agent_inside_starts_no_worker_in_its_stuck_cgroup_while_others_stall";
+    let Some(()) = require_v1(name) else { return };
+    let mut s = Scratch::new("inside-pool");
+    let pod = s.cgroup("pod", Some(128 * MIB), true);
+    let xs: Vec<Cg> = (0..3)
+        .map(|i| s.cgroup(&format!("x{i}"), Some(32 * MIB), true))
+        .collect();
+    // A hook that sleeps keeps the worker busy (the hook itself started before the
+    // agent's cgroup hit its wall: it is the agent's child, charged there too).
+    let busy = r#"
+[[step]]
+action = "exec"
+command = ["/bin/sleep", "3"]
+timeout = "10s"
+settle = "10ms"
+
+[[step]]
+action = "raise_limit"
+by = "50%"
+max_extra = "100%"
+hold = "60s"
+"#;
+    let mut files: Vec<(String, String)> =
+        vec![("pod.toml".into(), policy("pod", &pod.rel, "", LOAN))];
+    for (i, x) in xs.iter().enumerate() {
+        files.push((
+            format!("x{i}.toml"),
+            policy(&format!("x{i}"), &x.rel, "", busy),
+        ));
+    }
+    let refs: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    let (agent_pid, tmp, _out) = start_inside_with(
+        &mut s,
+        &pod,
+        &pod,
+        &refs,
+        Some("workers = 1\nmax_workers = 3\n"),
+    );
+    let audit = tmp.path().join("audit.jsonl");
+    let lines = || -> Vec<serde_json::Value> {
+        read(&audit)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    let has = |ev: &str, cg: &str| {
+        lines()
+            .iter()
+            .any(|v| v["event"] == ev && v["cgroup"] == cg)
+    };
+    for x in &xs {
+        assert!(wait_until(Duration::from_secs(10), || has("watch", &x.rel)));
+    }
+    let before = threads(agent_pid);
+    let mut hogs = Vec::new();
+    for x in &xs {
+        hogs.push(s.hog(x, &["--touch", "40M", "--hold", "30s"]));
+    }
+    // Their episodes run (raised, settling 3 s) when the agent's cgroup hits its wall.
+    assert!(
+        wait_until(Duration::from_secs(10), || xs
+            .iter()
+            .all(|x| has("oom", &x.rel))),
+        "not every other cgroup stalled; audit:\n{}",
+        read(&audit)
+    );
+    let _pod_hog = s.hog(&pod, &["--touch", "160M", "--hold", "30s"]);
+    let mut parked = false;
+    let mut pod_resolved = None;
+    let resolved = wait_until(Duration::from_secs(30), || {
+        parked |= any_thread_in_oom_wait(agent_pid);
+        pod_resolved = lines().into_iter().find(|v| {
+            v["event"] == "resolved"
+                && v["cgroup"] == pod.rel.as_str()
+                && v["by_action"] == "raise_limit"
+        });
+        pod_resolved.is_some()
+    });
+    let agent_log = || read(&tmp.path().join("agent.log"));
+    assert!(
+        resolved,
+        "the agent did not resolve its own cgroup's stall (limit {}, under_oom {}); threads: {}; audit:\n{}\nlog:\n{}",
+        pod.limit(),
+        pod.under_oom(),
+        threads(agent_pid),
+        read(&audit),
+        agent_log()
+    );
+    // Not behind the busy pool: the hooks sleep 3 s.
+    let stalled = pod_resolved.as_ref().unwrap()["stalled_ms"]
+        .as_f64()
+        .unwrap_or(f64::MAX);
+    assert!(
+        stalled < 1000.0,
+        "the agent's own stall waited {stalled} ms; audit:\n{}",
+        read(&audit)
+    );
+    for x in &xs {
+        assert!(
+            wait_until(Duration::from_secs(20), || {
+                parked |= any_thread_in_oom_wait(agent_pid);
+                has("resolved", &x.rel)
+            }),
+            "{} not resolved; audit:\n{}",
+            x.rel,
+            read(&audit)
+        );
+    }
+    assert!(
+        !parked,
+        "an agent thread slept in mem_cgroup_oom_synchronize; threads: {}; log:\n{}",
+        threads(agent_pid),
+        agent_log()
+    );
+    for v in lines() {
+        if ["oom", "resolved", "action"].contains(&v["event"].as_str().unwrap_or("")) {
+            eprintln!(
+                "{name}: {} {} {} {}",
+                v["ts"], v["event"], v["cgroup"], v["action"]
+            );
+        }
+    }
+    let log = stops_on_sigterm(&mut s, agent_pid, &tmp);
+    eprintln!(
+        "{name}: the agent's own stall: {stalled} ms; threads before the stalls: {before}; growth refused: {}",
+        log.lines()
+            .filter(|l| l.contains("no new episode worker is started"))
+            .count()
+    );
+}
+
 /// Starts the agent inside `cg` (a shell joins the cgroup, then becomes the agent: every
 /// page the agent ever faults in is charged to the cgroup it watches) with `policy_toml`
 /// as its only policy, and waits until it watches `cg` and has warned that it shares a
@@ -513,7 +655,7 @@ fn start_inside(
     cg: &Cg,
     policy_toml: &str,
 ) -> (i32, tempfile::TempDir, std::sync::mpsc::Receiver<String>) {
-    start_inside_at(s, cg, cg, policy_toml)
+    start_inside_with(s, cg, cg, &[("p.toml", policy_toml)], None)
 }
 
 /// [`start_inside`] with the agent in `join`, watching `cg` (`join` or below it).
@@ -523,9 +665,25 @@ fn start_inside_at(
     cg: &Cg,
     policy_toml: &str,
 ) -> (i32, tempfile::TempDir, std::sync::mpsc::Receiver<String>) {
+    start_inside_with(s, join, cg, &[("p.toml", policy_toml)], None)
+}
+
+/// [`start_inside_at`] with several policy files and a config file.
+fn start_inside_with(
+    s: &mut Scratch,
+    join: &Cg,
+    cg: &Cg,
+    policies: &[(&str, &str)],
+    config: Option<&str>,
+) -> (i32, tempfile::TempDir, std::sync::mpsc::Receiver<String>) {
     let tmp = tempfile::tempdir_in("/dev/shm").unwrap();
     std::fs::create_dir(tmp.path().join("policies")).unwrap();
-    std::fs::write(tmp.path().join("policies/p.toml"), policy_toml).unwrap();
+    for (name, text) in policies {
+        std::fs::write(tmp.path().join("policies").join(name), text).unwrap();
+    }
+    if let Some(c) = config {
+        std::fs::write(tmp.path().join("oomwake.toml"), c).unwrap();
+    }
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
         .arg("echo $$ > \"$1/cgroup.procs\" && exec \"$2\" run --config \"$3/oomwake.toml\" --cgroup-root \"$4\" --policies \"$3/policies\" --state-dir \"$3/state\" --audit-log \"$3/audit.jsonl\" 2>\"$3/agent.log\"")

@@ -26,6 +26,8 @@ mod episodes_lifecycle;
 mod episodes_subtree;
 mod episodes_unresolved;
 mod golang;
+mod hooks;
+mod kernel_oom;
 mod loans;
 mod loans_failure;
 mod metrics_scrape;

@@ -535,3 +535,45 @@ fn run_refuses_a_config_that_is_a_fifo_without_blocking() {
     );
     assert!(log.contains("not starting"), "{log}");
 }
+
+/// `oomwake check` takes a `kernel_oom_kill` step and refuses the keys it does not take
+/// (the kernel chooses the victim), at the key's position; the shipped sidecar policy
+/// and the Docker example pass.
+#[test]
+fn check_validates_kernel_oom_kill_steps() {
+    let t = tempfile::tempdir().unwrap();
+    let bad = t.path().join("sidecar.toml");
+    std::fs::write(
+        &bad,
+        "[match]\ncgroup = [\"/pod\"]\n[[step]]\naction = \"kernel_oom_kill\"\nvictim = \"largest_rss\"\n",
+    )
+    .unwrap();
+    let (code, out, err) = oomwake(&["check", bad.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("sidecar.toml:5:10: key `victim` does not apply to action `kernel_oom_kill`: the kernel chooses the victim itself"),
+        "{err}"
+    );
+    let root = env!("CARGO_MANIFEST_DIR");
+    if !Path::new(root)
+        .join("packaging/docker/policies/api.toml")
+        .exists()
+    {
+        // The VM carries the binaries, not the repository.
+        return;
+    }
+    let (code, out, err) = oomwake(&[
+        "check",
+        &format!("{root}/policies/sidecar.toml"),
+        &format!("{root}/packaging/docker/policies/api.toml"),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("sidecar") && out.contains("kill -> kernel_oom_kill"),
+        "{out}"
+    );
+    assert!(
+        out.contains("raise_limit -> signal -> kill -> kernel_oom_kill"),
+        "{out}"
+    );
+}

@@ -474,6 +474,92 @@ fn v2_kernel_oom_kill_is_audited() {
     assert!(rec["killed"].as_u64().unwrap_or(0) >= 1, "{rec}");
 }
 
+/// The v2 hand-off: the hold at memory.high is lifted (to `max`), the workload reaches
+/// memory.max, the kernel's OOM killer kills it (memory.events oom_kill rises), and the
+/// hold is put back. The small task beside it lives.
+#[test]
+fn v2_kernel_oom_kill_lifts_the_hold_and_puts_it_back() {
+    let Some(root) = require_v2("v2_kernel_oom_kill_lifts_the_hold_and_puts_it_back") else {
+        return;
+    };
+    let mut cg = Cg2::new(&root, "handoff", 64 * MIB, None);
+    let agent = cg.agent(
+        "handoff",
+        "[v2]\nhold_at = \"75%\"\n",
+        "[[step]]\naction = \"kernel_oom_kill\"\n",
+    );
+    agent.expect("hold", &cg.rel, T);
+    assert_eq!(cg.get("memory.high"), 48 * MIB);
+    let small = cg.hog(&["--touch", "4M", "--hold", "120s", "--tag", "small"]);
+    assert!(small.report(T).is_some());
+    let grower = cg.hog(&["--touch", "200M", "--hold", "60s", "--tag", "grower"]);
+    assert_eq!(cg.wait_exit(grower.pid, T), Some(libc::SIGKILL));
+    let act = agent
+        .wait_for(T, |v| {
+            v["event"] == "action" && v["action"] == "kernel_oom_kill"
+        })
+        .unwrap_or_else(|| fail(&agent, "no kernel_oom_kill action"));
+    println!("v2 hand-off: {act}");
+    assert_eq!(act["outcome"], "done", "{act}");
+    assert_eq!(act["via"], "kernel", "{act}");
+    assert_eq!(act["memory_high"], 48 * MIB, "{act}");
+    assert_eq!(act["memory_max"], 64 * MIB, "{act}");
+    assert_eq!(act["high_restored"], true, "{act}");
+    assert!(act["oom_kills"].as_u64() >= Some(1), "{act}");
+    assert_eq!(act["pid"], grower.pid, "{act}");
+    assert!(cg.event("oom_kill") >= 1);
+    assert_eq!(cg.get("memory.high"), 48 * MIB, "the hold is back");
+    assert!(cg.alive(small.pid), "the small task was killed");
+    let resolved = agent.expect("resolved", &cg.rel, T);
+    println!(
+        "v2-measure: held at high -> kernel_oom_kill: waited {} ms (lift -> oom_kill), resolved {} ms after detection",
+        act["waited_ms"], resolved["stalled_ms"]
+    );
+}
+
+/// With a loan out (raise_limit first, then the workload outgrows the loan too), the
+/// hand-off lifts the loan's memory.high, the kernel kills at the raised memory.max,
+/// the loan's memory.high comes back, and the loan is then given back whole (memory.max
+/// and the hold at memory.high as before the loan).
+#[test]
+fn v2_kernel_oom_kill_with_a_loan_out_gives_back_loan_and_hold() {
+    let Some(root) = require_v2("v2_kernel_oom_kill_with_a_loan_out_gives_back_loan_and_hold")
+    else {
+        return;
+    };
+    let mut cg = Cg2::new(&root, "handoff-loan", 64 * MIB, None);
+    let steps = r#"
+[[step]]
+action = "raise_limit"
+by = "50%"
+max_extra = "50%"
+hold = "60s"
+restore_below = "50%"
+restore_after = "500ms"
+settle = "300ms"
+
+[[step]]
+action = "kernel_oom_kill"
+"#;
+    let agent = cg.agent("handoff-loan", "[v2]\nhold_at = \"75%\"\n", steps);
+    agent.expect("hold", &cg.rel, T);
+    let grower = cg.hog(&["--touch", "300M", "--hold", "60s", "--tag", "grower"]);
+    assert_eq!(cg.wait_exit(grower.pid, T), Some(libc::SIGKILL));
+    let act = agent
+        .wait_for(T, |v| {
+            v["event"] == "action" && v["action"] == "kernel_oom_kill"
+        })
+        .unwrap_or_else(|| fail(&agent, "no kernel_oom_kill action"));
+    println!("v2 hand-off with a loan: {act}");
+    assert_eq!(act["outcome"], "done", "{act}");
+    assert_eq!(act["memory_max"], 96 * MIB, "the loan's memory.max: {act}");
+    assert_eq!(act["high_restored"], true, "{act}");
+    let restore = agent.expect("restore", &cg.rel, T);
+    assert_eq!(restore["new_limit"], 64 * MIB, "{restore}");
+    assert_eq!(cg.get("memory.max"), 64 * MIB);
+    assert_eq!(cg.get("memory.high"), 48 * MIB, "back to the hold");
+}
+
 #[test]
 fn v2_hold_survives_an_agent_restart_and_goes_back_with_its_policy() {
     let Some(root) = require_v2("v2_hold_survives_an_agent_restart_and_goes_back_with_its_policy")

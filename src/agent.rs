@@ -37,6 +37,11 @@ pub fn load_policies(cfg: &Config) -> Result<PolicySet, String> {
 pub fn run(cfg: Config, policies: PolicySet, reload: crate::config::Reload) -> anyhow::Result<()> {
     let h = Hierarchy::detect(&cfg.cgroup_root, &cfg.proc_root)?;
     let ctl = cgroup::open(h)?;
+    // For kernel_oom_kill's record of its victims: opened now, as the agent may share
+    // a cgroup where nothing can be opened at the wall. Optional.
+    if let Err(e) = crate::kmsg::open_at_start(std::path::Path::new("/dev/kmsg")) {
+        log::info!("/dev/kmsg: {e}: kernel_oom_kill steps will not name their victims");
+    }
     loan::fault::init();
     // The start judged the nearest directory that existed: made now if missing, the
     // state dir is judged again as it is, before anything in it is read (in a sticky
@@ -94,6 +99,21 @@ pub fn run(cfg: Config, policies: PolicySet, reload: crate::config::Reload) -> a
         metadata_wait: cfg.container_metadata_wait,
     });
     loan::keeper::recover(&shared, found);
+    if !cfg.dry_run {
+        // A kernel_oom_kill hand-off of the previous run that did not put
+        // oom_kill_disable back (the agent died between its two writes).
+        let ctl = shared.env.ctl.as_ref();
+        for (cg, result) in crate::action::handoff::recover(ctl, &cfg.state_dir) {
+            log::warn!(
+                "{cg}: a kernel_oom_kill hand-off was interrupted; oom_kill_disable 1: {result}"
+            );
+            shared.audit.log(
+                crate::audit::Record::new("oom_kill_disable_restored", &cg)
+                    .with("reason", "startup")
+                    .with("result", result),
+            );
+        }
+    }
 
     {
         let weak = Arc::downgrade(&shared);
@@ -160,7 +180,6 @@ pub fn run(cfg: Config, policies: PolicySet, reload: crate::config::Reload) -> a
             }),
         );
     }
-    let locked = protect_self(&cfg);
     // Known before the first stall: a raise of the agent's own cgroup (or an ancestor)
     // then writes the limit before the journal (see LoanBook::lend).
     let own = own_cgroup(&shared, &cfg);
@@ -170,7 +189,19 @@ pub fn run(cfg: Config, policies: PolicySet, reload: crate::config::Reload) -> a
         shared.env.ctl.prepare(own);
     }
     shared.env.loans.set_own_cgroup(own.clone());
-    warn_if_inside_managed(&shared, own.as_ref());
+    // While a cgroup holding the agent is stuck, the pool does not grow, and that
+    // cgroup's episodes go first.
+    shared.dispatcher.set_own_cgroup(own.clone());
+    if warn_if_inside_managed(&shared, own.as_ref()) {
+        // A worker of its own for the stall the agent shares, started (and locked
+        // below) before any stall: see episode::reserved_worker.
+        let s = shared.clone();
+        std::thread::Builder::new()
+            .name("episode-own".into())
+            .stack_size(crate::sys::THREAD_STACK)
+            .spawn(move || episode::reserved_worker(s))?;
+    }
+    let locked = protect_self(&cfg);
     log::info!(
         "oomwake {} watching {} ({:?}), {} polic{}{}",
         env!("CARGO_PKG_VERSION"),
@@ -243,10 +274,10 @@ fn own_cgroup(shared: &Shared, cfg: &Config) -> Option<cgroup::CgroupPath> {
 /// Says loudly when the agent runs in a cgroup that a policy manages (itself or an
 /// ancestor): it is not parked there (everything is locked) and a raise of that cgroup
 /// writes the limit before the journal, but what needs new page cache there (the
-/// audit file, status.json, the agent's log) waits for the headroom.
-fn warn_if_inside_managed(shared: &Shared, own: Option<&cgroup::CgroupPath>) {
+/// audit file, status.json, the agent's log) waits for the headroom. True if it does.
+fn warn_if_inside_managed(shared: &Shared, own: Option<&cgroup::CgroupPath>) -> bool {
     let Some(own) = own else {
-        return;
+        return false;
     };
     let policies = shared.policies();
     let mut cg = Some(own.clone());
@@ -256,10 +287,11 @@ fn warn_if_inside_managed(shared: &Shared, own: Option<&cgroup::CgroupPath>) {
             log::warn!(
                 "the agent runs inside {own}, which a policy manages ({c}): at that cgroup's wall a raise writes the limit before its journal line, and the audit log, status and exec hooks wait for the headroom; run the agent in a cgroup of its own"
             );
-            return;
+            return true;
         }
         cg = c.parent();
     }
+    false
 }
 
 /// Free heap kept resident for what runs during a stall, added once the hierarchy is
@@ -323,6 +355,8 @@ fn protect_self(cfg: &Config) -> bool {
     // the usual soft limit of 1024 descriptors.
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        // Hooks get the limit the agent started with, not the raised one.
+        crate::sys::spawn::remember_nofile_soft(soft);
         if soft < hard {
             if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
                 log::warn!("cannot raise the open-file limit from {soft} to {hard}: {e}");

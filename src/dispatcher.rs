@@ -258,6 +258,16 @@ pub struct Dispatcher {
     /// later counts its stall from then. Locked after `active`, never before.
     first_seen: Mutex<HashMap<CgroupPath, Instant>>,
     pool: Pool,
+    /// Episodes of cgroups that hold the agent (its own memory cgroup and those above
+    /// it): taken before any other job, by the reserved worker when there is one
+    /// ([`Dispatcher::next_urgent_job`]) or by the next free worker.
+    urgent: (Sender<Job>, Receiver<Job>),
+    /// The agent's own memory cgroup, when it runs in the hierarchy.
+    own: OnceLock<CgroupPath>,
+    /// The pool was refused growth for the stall at this cgroup (said once per stall).
+    refused: Mutex<Option<CgroupPath>>,
+    /// Times the pool did not grow because a cgroup holding the agent was stuck.
+    growth_refused: AtomicU64,
     /// Heartbeats of the workers (and the loan keeper) for the watchdog ping.
     pub liveness: crate::notify::Liveness,
 }
@@ -324,6 +334,10 @@ impl Dispatcher {
             stopping: AtomicBool::new(false),
             generation: AtomicU64::new(0),
             first_seen: Mutex::new(HashMap::new()),
+            urgent: crossbeam_channel::unbounded(),
+            own: OnceLock::new(),
+            refused: Mutex::new(None),
+            growth_refused: AtomicU64::new(0),
             pool: Pool {
                 min: min_workers.max(1),
                 max: max_workers.max(min_workers).max(1),
@@ -361,10 +375,97 @@ impl Dispatcher {
         }
     }
 
-    /// After queueing a job: make sure some worker is free to take it.
-    fn ensure_worker(&self) {
-        if self.pool.idle.load(Ordering::SeqCst) < self.tx.len() + 1 {
-            self.add_worker();
+    /// After queueing a job (with `active` still locked): make sure some worker is free
+    /// to take it. Not by starting a thread while a cgroup holding the agent is stuck:
+    /// the new thread's stack and its first writes are charged there, and a fault of
+    /// its (or of the caller, the event loop, writing the new thread's control block)
+    /// parks in the very stall the agent has to end. The job waits for a free worker
+    /// then; a stall of the agent's own cgroup jumps the queue (see `urgent`).
+    fn ensure_worker(&self, active: &HashMap<CgroupPath, Active>) {
+        let queued = self.tx.len() + self.urgent.1.len();
+        if self.pool.idle.load(Ordering::SeqCst) > queued {
+            return;
+        }
+        if let Some(stuck) = self.own_stuck(active) {
+            self.growth_refused.fetch_add(1, Ordering::Relaxed);
+            let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+            if refused.as_ref() != Some(&stuck) {
+                log::warn!(
+                    "{stuck}: stuck, and the agent runs inside it: no new episode worker is started until it is resolved (its stack would be charged to the stuck cgroup); {queued} episode(s) wait for one of the {} workers",
+                    self.workers()
+                );
+                *refused = Some(stuck);
+            }
+            return;
+        }
+        self.add_worker();
+    }
+
+    /// The agent's own memory cgroup (None when it runs outside the hierarchy): a stall
+    /// of it or of a cgroup above it is the agent's too.
+    pub fn set_own_cgroup(&self, own: Option<CgroupPath>) {
+        if let Some(own) = own {
+            let _ = self.own.set(own);
+        }
+    }
+
+    /// Whether `cg` holds the agent (it is the agent's memory cgroup or above it).
+    fn holds_agent(&self, cg: &CgroupPath) -> bool {
+        self.own.get().is_some_and(|own| own.is_within(cg))
+    }
+
+    /// A cgroup holding the agent that is stuck by what the dispatcher knows: an OOM
+    /// episode runs there or waits for one below it, or its stall is held (unresolved,
+    /// or in audit mode). Early episodes are no stall.
+    fn own_stuck(&self, active: &HashMap<CgroupPath, Active>) -> Option<CgroupPath> {
+        self.own.get()?;
+        for (cg, a) in active {
+            let stuck = match a {
+                Active::Running { early, .. } => !early,
+                Active::Stuck(_) | Active::AuditHeld(_) => true,
+                Active::Ended(_) => false,
+            };
+            if stuck && self.holds_agent(cg) {
+                return Some(cg.clone());
+            }
+            if let Active::Running { waiting, .. } = a {
+                if let Some((c, _, _)) = waiting.iter().find(|(c, _, _)| self.holds_agent(c)) {
+                    return Some(c.clone());
+                }
+            }
+        }
+        *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        None
+    }
+
+    /// Times the pool was not grown because a cgroup holding the agent was stuck.
+    pub fn growth_refused(&self) -> u64 {
+        self.growth_refused.load(Ordering::Relaxed)
+    }
+
+    /// Queues `job`: on the urgent queue when its cgroup holds the agent. False if the
+    /// queue is closed.
+    fn send(&self, job: Job) -> bool {
+        let queue = if self.holds_agent(&job.cgroup) {
+            &self.urgent.0
+        } else {
+            &self.tx
+        };
+        queue.send(job).is_ok()
+    }
+
+    /// For the reserved worker, started when the agent runs inside a managed cgroup: the
+    /// next episode of a cgroup holding the agent. It waits for nothing but these, so
+    /// such a stall never waits for a busy pool nor for a thread that cannot start.
+    /// `None` once the agent stops.
+    pub fn next_urgent_job(&self) -> Option<Job> {
+        loop {
+            match self.urgent.1.recv_timeout(Duration::from_millis(500)) {
+                Ok(job) => return Some(job),
+                Err(RecvTimeoutError::Timeout) if self.stopping() => return None,
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return None,
+            }
         }
     }
 
@@ -373,7 +474,15 @@ impl Dispatcher {
     pub fn next_job(&self, rx: &Receiver<Job>) -> Option<Job> {
         let pool = &self.pool;
         loop {
-            match rx.recv_timeout(WORKER_IDLE_EXIT) {
+            let got = match self.urgent.1.try_recv() {
+                Ok(job) => Ok(job),
+                Err(_) => crossbeam_channel::select! {
+                    recv(self.urgent.1) -> j => j.map_err(|_| RecvTimeoutError::Disconnected),
+                    recv(rx) -> j => j.map_err(|_| RecvTimeoutError::Disconnected),
+                    default(WORKER_IDLE_EXIT) => Err(RecvTimeoutError::Timeout),
+                },
+            };
+            match got {
                 Ok(job) => {
                     pool.idle.fetch_sub(1, Ordering::SeqCst);
                     return Some(job);
@@ -559,14 +668,14 @@ impl Dispatcher {
             pinned,
             ..Job::new(cg.clone(), policy, episode, detected)
         };
-        if self.tx.send(job).is_err() {
+        if !self.send(job) {
             match prev {
                 Some(p) => active.insert(cg.clone(), p),
                 None => active.remove(cg),
             };
             return None;
         }
-        self.ensure_worker();
+        self.ensure_worker(&active);
         Some(episode)
     }
 
@@ -606,14 +715,14 @@ impl Dispatcher {
             early: true,
             ..Job::new(cg.clone(), policy, episode, detected)
         };
-        if self.tx.send(job).is_err() {
+        if !self.send(job) {
             match prev {
                 Some(p) => active.insert(cg.clone(), p),
                 None => active.remove(cg),
             };
             return None;
         }
-        self.ensure_worker();
+        self.ensure_worker(&active);
         Some(episode)
     }
 
@@ -649,14 +758,14 @@ impl Dispatcher {
             resume: true,
             ..Job::new(cg.clone(), policy, episode, Instant::now())
         };
-        if self.tx.send(job).is_err() {
+        if !self.send(job) {
             match prev {
                 Some(p) => active.insert(cg.clone(), p),
                 None => active.remove(cg),
             };
             return false;
         }
-        self.ensure_worker();
+        self.ensure_worker(&active);
         true
     }
 
@@ -1415,5 +1524,79 @@ mod tests {
         }
         assert_eq!(d.workers(), 5);
         assert_eq!(spawned.load(Ordering::SeqCst), 5);
+    }
+
+    /// With the agent inside /pod (its own cgroup /pod/agent): while /pod is stuck the
+    /// pool does not start a thread (its stack would be charged to /pod, and the event
+    /// loop starting it could park there), however many other stalls queue; /pod's
+    /// episode goes first. Once /pod's stall is over, the pool grows again.
+    #[test]
+    fn the_pool_does_not_grow_while_a_cgroup_holding_the_agent_is_stuck() {
+        let (d, rx, spawned) = dispatcher(1, 8);
+        d.set_own_cgroup(Some(CgroupPath::new("/pod/agent")));
+        let p = enforce();
+        let pod = CgroupPath::new("/pod");
+        // The one worker is busy with /a.
+        d.trigger(&CgroupPath::new("/a"), p.clone(), Instant::now())
+            .unwrap();
+        let a = d.next_job(&rx).unwrap();
+        // (The pool keeps one worker free beyond the queue: it grew for /a.)
+        let base = spawned.load(Ordering::SeqCst);
+        d.trigger(&pod, p.clone(), Instant::now()).unwrap();
+        for i in 0..5 {
+            d.trigger(
+                &CgroupPath::new(&format!("/c{i}")),
+                p.clone(),
+                Instant::now(),
+            )
+            .unwrap();
+        }
+        assert_eq!(d.workers(), base, "the pool grew while /pod was stuck");
+        assert_eq!(spawned.load(Ordering::SeqCst), base);
+        assert!(d.growth_refused() >= 5);
+        // The next free worker takes /pod first, then the others in order.
+        d.finish(&a, &resolved(), None);
+        d.job_done();
+        let first = d.next_job(&rx).unwrap();
+        assert_eq!(first.cgroup, pod);
+        // Unresolved and held: still stuck, still no growth.
+        d.finish(&first, &End::unresolved("all steps done"), None);
+        d.job_done();
+        d.trigger(&CgroupPath::new("/d"), p.clone(), Instant::now())
+            .unwrap();
+        assert_eq!(d.workers(), base);
+        // The stall ends: the pool may grow again.
+        d.clear_held(&pod);
+        d.trigger(&CgroupPath::new("/e"), p.clone(), Instant::now())
+            .unwrap();
+        assert!(d.workers() > base, "the pool did not grow after the stall");
+        // A stall of a cgroup below the agent's (not holding it) never held growth.
+        let (d, _rx, _) = dispatcher(1, 8);
+        d.set_own_cgroup(Some(CgroupPath::new("/pod/agent")));
+        d.trigger(&CgroupPath::new("/pod/app"), p.clone(), Instant::now())
+            .unwrap();
+        d.trigger(&CgroupPath::new("/x"), p, Instant::now())
+            .unwrap();
+        assert_eq!(d.workers(), 3);
+        assert_eq!(d.growth_refused(), 0);
+    }
+
+    /// The reserved worker takes the episodes of cgroups holding the agent, and only
+    /// those: the others stay for the pool.
+    #[test]
+    fn the_reserved_worker_takes_only_the_agents_own_stalls() {
+        let (d, rx, _) = dispatcher(1, 1);
+        d.set_own_cgroup(Some(CgroupPath::new("/pod/agent")));
+        let p = enforce();
+        d.trigger(&CgroupPath::new("/a"), p.clone(), Instant::now())
+            .unwrap();
+        d.trigger(&CgroupPath::new("/pod/agent"), p.clone(), Instant::now())
+            .unwrap();
+        let own = d.next_urgent_job().unwrap();
+        assert_eq!(own.cgroup.as_str(), "/pod/agent");
+        assert_eq!(rx.try_recv().unwrap().cgroup.as_str(), "/a");
+        // Nothing else is urgent; once stopping, the reserved worker ends.
+        d.stop();
+        assert!(d.next_urgent_job().is_none());
     }
 }

@@ -32,66 +32,86 @@ enum State {
 /// second later), the cgroup's subtree is no longer marked running, and the worker
 /// goes on with the next job.
 pub fn worker(shared: Arc<Shared>, rx: crossbeam_channel::Receiver<Job>) {
-    let live = &shared.dispatcher.liveness;
     while let Some(job) = shared.dispatcher.next_job(&rx) {
-        live.worker_busy();
-        let finished = std::cell::Cell::new(false);
-        let body = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            let end = match std::panic::catch_unwind(AssertUnwindSafe(|| {
-                if job.early {
-                    crate::early::run(&shared, &job)
-                } else {
-                    run(&shared, &job)
-                }
-            })) {
-                Ok(end) => end,
-                Err(payload) => panicked(&shared, &job, payload.as_ref()),
-            };
-            let picture = match &end {
-                End::Unresolved { .. } if !job.resume && !job.early => {
-                    picture(shared.env.ctl.as_ref(), &job.cgroup)
-                }
-                _ => None,
-            };
-            let again = shared.dispatcher.finish(&job, &end, picture);
-            finished.set(true);
-            for (cg, policy, at) in again {
-                // An OOM arrived (here, or at an ancestor that waited): still stuck now?
-                if oom_state(shared.env.ctl.as_ref(), &cg) == State::Stuck {
-                    shared.dispatcher.trigger(&cg, policy, at);
-                }
-            }
-        }));
-        if let Err(payload) = body {
-            // Outside the episode (its picture, its end, the re-checks): the running
-            // mark must not outlive it.
-            let msg = panic_message(payload.as_ref());
-            log::error!(
-                "{}: episode {} worker panicked: {msg}",
-                job.cgroup,
-                job.episode
-            );
-            if !finished.get() {
-                let end = End::Unresolved {
-                    reason: format!("{}: {msg}", crate::dispatcher::PANICKED),
-                    help: String::new(),
-                    failed: true,
-                };
-                let _ = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    shared.dispatcher.finish(&job, &end, None)
-                }));
-            }
-        }
-        live.worker_idle();
+        run_job(&shared, job);
         shared.dispatcher.job_done();
     }
+}
+
+/// The reserved worker, started when the agent runs inside a managed cgroup: it runs
+/// only the episodes of cgroups that hold the agent ([`Dispatcher::next_urgent_job`]),
+/// so that the agent's own stall never waits for a busy pool, nor for a worker the pool
+/// may not start while that cgroup is stuck. Not part of the pool's count.
+///
+/// [`Dispatcher::next_urgent_job`]: crate::dispatcher::Dispatcher::next_urgent_job
+pub fn reserved_worker(shared: Arc<Shared>) {
+    while let Some(job) = shared.dispatcher.next_urgent_job() {
+        run_job(&shared, job);
+    }
+}
+
+/// Runs one job to its end and tells the dispatcher (and the re-checks it asks for).
+fn run_job(shared: &Arc<Shared>, job: Job) {
+    let shared = shared.clone();
+    let live = &shared.dispatcher.liveness;
+    live.worker_busy();
+    let finished = std::cell::Cell::new(false);
+    let body = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        let end = match std::panic::catch_unwind(AssertUnwindSafe(|| {
+            if job.early {
+                crate::early::run(&shared, &job)
+            } else {
+                run(&shared, &job)
+            }
+        })) {
+            Ok(end) => end,
+            Err(payload) => panicked(&shared, &job, payload.as_ref()),
+        };
+        let picture = match &end {
+            End::Unresolved { .. } if !job.resume && !job.early => {
+                picture(shared.env.ctl.as_ref(), &job.cgroup)
+            }
+            _ => None,
+        };
+        let again = shared.dispatcher.finish(&job, &end, picture);
+        finished.set(true);
+        for (cg, policy, at) in again {
+            // An OOM arrived (here, or at an ancestor that waited): still stuck now?
+            if oom_state(shared.env.ctl.as_ref(), &cg) == State::Stuck {
+                shared.dispatcher.trigger(&cg, policy, at);
+            }
+        }
+    }));
+    if let Err(payload) = body {
+        // Outside the episode (its picture, its end, the re-checks): the running
+        // mark must not outlive it.
+        let msg = panic_message(payload.as_ref());
+        log::error!(
+            "{}: episode {} worker panicked: {msg}",
+            job.cgroup,
+            job.episode
+        );
+        if !finished.get() {
+            let end = End::Unresolved {
+                reason: format!("{}: {msg}", crate::dispatcher::PANICKED),
+                help: String::new(),
+                failed: true,
+            };
+            let _ = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                shared.dispatcher.finish(&job, &end, None)
+            }));
+        }
+    }
+    live.worker_idle();
 }
 
 /// The longest a step may wait by its policy: its grace or timeout, and its settle
 /// (for the watchdog's [`Liveness`](crate::notify::Liveness)).
 pub fn step_bound(step: &crate::policy::Step) -> Duration {
     let waits = match &step.action {
-        Action::Reclaim { timeout } | Action::Exec { timeout, .. } => *timeout,
+        Action::Reclaim { timeout }
+        | Action::Exec { timeout, .. }
+        | Action::KernelOomKill { timeout } => *timeout,
         Action::Signal { grace, .. } => *grace,
         _ => Duration::ZERO,
     };

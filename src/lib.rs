@@ -21,6 +21,7 @@ pub mod hold;
 pub mod holder;
 pub mod identity;
 pub mod journal;
+pub mod kmsg;
 pub mod loan;
 pub mod metrics;
 pub mod moves;

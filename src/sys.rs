@@ -336,6 +336,18 @@ pub fn getpid() -> i32 {
     std::process::id() as i32
 }
 
+/// Whether processes orphaned below this one are handed to it: PID 1 of its PID
+/// namespace (a container without `--init`), or a child subreaper.
+pub fn gets_orphans() -> bool {
+    if getpid() == 1 {
+        return true;
+    }
+    let mut flag: libc::c_int = 0;
+    // SAFETY: PR_GET_CHILD_SUBREAPER writes one int at the pointer given, on this stack.
+    let ret = unsafe { libc::prctl(libc::PR_GET_CHILD_SUBREAPER, &mut flag as *mut libc::c_int) };
+    ret == 0 && flag != 0
+}
+
 /// The signal that interrupts a blocking call of one thread (see [`ThreadAlarm`]): a
 /// real-time signal nothing else in the agent uses, with a handler that does nothing.
 fn alarm_signal() -> i32 {

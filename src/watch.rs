@@ -190,6 +190,10 @@ pub struct Watcher {
     /// the limit they were registered for.
     kit_fds: Vec<(u64, crate::cgroup::StallFd)>,
     kit_for: Option<(CgroupPath, u64)>,
+    /// The agent is PID 1 of its PID namespace (a container without `--init`) or a
+    /// child subreaper: what its hooks leave behind becomes its children, reaped at
+    /// every sweep ([`crate::sys::spawn::reap_orphans`]).
+    reap_orphans: bool,
 }
 
 /// Where usage thresholds refresh the kill kit, in quarters of the limit (and 9/10).
@@ -262,7 +266,14 @@ impl Watcher {
             fresh: Vec::new(),
             kit_fds: Vec::new(),
             kit_for: None,
+            reap_orphans: crate::sys::gets_orphans(),
         };
+        if w.reap_orphans {
+            log::info!(
+                "the agent is PID {} and gets orphaned processes (PID 1 of its namespace, or a subreaper): it reaps them at every sweep",
+                crate::sys::getpid()
+            );
+        }
         w.discover(&CgroupPath::root());
         // What exists at start is not being set up: the sweep covers its changes.
         w.fresh.clear();
@@ -329,6 +340,12 @@ impl Watcher {
             }
             if now >= next_sweep {
                 self.sweep_due();
+                if self.reap_orphans {
+                    let reaped = crate::sys::spawn::reap_orphans();
+                    if !reaped.is_empty() {
+                        log::debug!("reaped orphaned processes {reaped:?}");
+                    }
+                }
                 next_sweep = now + self.sweep_every;
             }
             // Pinged only while the workers and the loan keeper are alive too.

@@ -568,6 +568,7 @@ fn policyish_text() -> impl Strategy<Value = String> {
             "\"exec\"",
             "\"reclaim\"",
             "\"drop_caches\"",
+            "\"kernel_oom_kill\"",
             "\"25%\"",
             "\"1e30%\"",
             "\"64MiB\"",

@@ -372,7 +372,9 @@ impl Agent {
     /// [`Agent::start_in_root`] with the agent inside the cgroup directory `join` from
     /// its first instruction (a shell joins it, then becomes the agent).
     pub fn start_joined(tmp: tempfile::TempDir, root: &Path, join: &Path) -> Agent {
-        Agent::start_full(tmp, root, &[], &[], Some(join))
+        let dir = join.to_str().expect("a UTF-8 cgroup path");
+        let join = "echo $$ > \"$1/cgroup.procs\" && shift && exec \"$@\"";
+        Agent::start_wrapped(tmp, root, &["sh", "-c", join, "sh", dir], &[], &[])
     }
 
     fn start_in_full(
@@ -381,29 +383,27 @@ impl Agent {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Agent {
-        Agent::start_full(tmp, root, extra, env, None)
+        Agent::start_wrapped(tmp, root, &[], extra, env)
     }
 
-    fn start_full(
+    /// [`Agent::start_in_root`] through `wrapper` (a command that ends by running its
+    /// arguments: `prlimit ...`, `unshare ...`): `child` is then the wrapper's process.
+    pub fn start_wrapped(
         tmp: tempfile::TempDir,
         root: &Path,
+        wrapper: &[&str],
         extra: &[&str],
         env: &[(&str, &str)],
-        join: Option<&Path>,
     ) -> Agent {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(tmp.path().join("agent.log"))
             .unwrap();
-        let mut cmd = match join {
-            Some(dir) => {
-                let mut c = Command::new("sh");
-                c.arg("-c")
-                    .arg("echo $$ > \"$1/cgroup.procs\" && shift && exec \"$@\"")
-                    .arg("sh")
-                    .arg(dir)
-                    .arg(oomwake_bin());
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(oomwake_bin());
                 c
             }
             None => Command::new(oomwake_bin()),

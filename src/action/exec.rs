@@ -2,7 +2,8 @@
 //! timeout after which the command and everything it started are killed.
 //!
 //! The hook runs in its own process group (killed as a whole on timeout), with
-//! `oom_score_adj` reset to 0 before exec (the agent's -1000 is not inherited), and
+//! `oom_score_adj` reset to 0 before exec (the agent's -1000 is not inherited), the
+//! soft open-file limit the agent started with (not the one it raised), and
 //! its stdout and stderr captured, bounded, into the action's audit line: never onto
 //! the agent's own stderr, which may carry the audit log.
 
@@ -167,6 +168,7 @@ fn spawn(
             .collect(),
         stdio: [null.as_fd(), out_w.as_fd(), err_w.as_fd()],
         oom_score_adj: adj.as_os_str(),
+        nofile_soft: crate::sys::spawn::start_nofile_soft(),
     };
     let child = crate::sys::spawn::spawn(&req)?;
     // The write ends are the child's now: the pipes end when it (and what it started)

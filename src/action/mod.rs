@@ -3,6 +3,7 @@
 //! decision (victim, new limit) and changes nothing.
 
 pub mod exec;
+pub mod handoff;
 pub mod kill;
 pub mod raise;
 pub mod reclaim;
@@ -58,12 +59,16 @@ pub struct Report {
 
 impl Report {
     /// How many processes the step SIGKILLed (`pids` of kill_all, `pid` of kill or
-    /// signal).
+    /// signal, `oom_kills` of kernel_oom_kill: the kernel's own count, also when its
+    /// record of the victim could not be read).
     pub fn sigkilled(&self) -> u64 {
         if self.outcome != Outcome::Done
             || self.fields.get("signal").and_then(Value::as_str) != Some("SIGKILL")
         {
             return 0;
+        }
+        if let Some(n) = self.fields.get("oom_kills").and_then(Value::as_u64) {
+            return n;
         }
         match (self.fields.get("pids"), self.fields.get("pid")) {
             (Some(Value::Array(pids)), _) => pids.len() as u64,
@@ -138,6 +143,7 @@ pub fn perform(env: &Env, ctx: &StepCtx, action: &Action) -> Report {
             timeout,
             trust,
         } => exec::run(env, ctx, command, *timeout, *trust),
+        Action::KernelOomKill { timeout } => handoff::kernel_oom_kill(env, ctx, *timeout),
     }
 }
 

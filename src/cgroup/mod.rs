@@ -676,6 +676,20 @@ pub trait Controller: Send + Sync {
     /// A handle that re-reads the stall state cheaply: for the safety sweep, which reads
     /// every watched cgroup every second. `Ok(None)` if the cgroup is gone.
     fn oom_probe(&self, cg: &CgroupPath) -> Result<Option<OomProbe>>;
+    /// v1: writes `oom_kill_disable` to `memory.oom_control` (false: the kernel's OOM
+    /// killer acts on the cgroup's next charge that fails, and the sleepers are woken to
+    /// make it), through the descriptor [`Controller::prepare`] kept when there is one.
+    /// `Ok(true)`: written through the kept descriptor; `Ok(false)`: through a fresh
+    /// open. Not available on v2 (no such switch there).
+    fn set_oom_kill_disable(&self, cg: &CgroupPath, _disable: bool) -> Result<bool> {
+        Err(CgroupError::Io {
+            path: self.hierarchy().dir(cg),
+            source: io::Error::new(
+                io::ErrorKind::Unsupported,
+                "oom_kill_disable exists on cgroup v1 only",
+            ),
+        })
+    }
     /// Kills every task of the cgroup and its descendants in one kernel operation where
     /// the kernel has one (v2 `cgroup.kill`). `Ok(false)`: not available, the caller
     /// kills task by task.

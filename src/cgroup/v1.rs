@@ -294,6 +294,14 @@ impl Controller for V1 {
         open.remove(&dir);
     }
 
+    fn set_oom_kill_disable(&self, cg: &CgroupPath, disable: bool) -> Result<bool> {
+        let kept = self
+            .cached(&self.h.dir(cg).join("memory.oom_control"))
+            .is_some();
+        self.write(cg, "memory.oom_control", if disable { "1" } else { "0" })?;
+        Ok(kept)
+    }
+
     fn oom_probe(&self, cg: &CgroupPath) -> Result<Option<OomProbe>> {
         OomProbe::open(
             self.h.dir(cg).join("memory.oom_control"),

@@ -7,7 +7,8 @@
 //! `after_restore_memory` (a restore lowered memory, memsw not yet),
 //! `limit_first_before_write` (a raise of the agent's own cgroup), `episode_start` (an
 //! OOM episode wrote its `oom` line, before its first step), `after_step` (an episode's
-//! step returned, before the check of its effect).
+//! step returned, before the check of its effect), `handoff_enabled` (a v1
+//! `kernel_oom_kill` wrote oom_kill_disable 0, not yet 1 again).
 //!
 //! Never set it in production: it exists so that tests can stop the agent between two
 //! writes that must both happen.

@@ -359,6 +359,26 @@ impl LoanBook {
         }
     }
 
+    /// Runs `f` holding `cg`'s gate, so that no loan write (a raise, a restore) of `cg`
+    /// happens meanwhile: for a change of the cgroup's limits made outside the book that
+    /// the book must not mistake for someone else's (the v2 hand-off to the kernel's OOM
+    /// killer lifts `memory.high` and puts it back).
+    pub fn with_gate<R>(&self, cg: &CgroupPath, f: impl FnOnce() -> R) -> R {
+        let gate = self.gate(cg);
+        let _held = lock(&gate.gate);
+        f()
+    }
+
+    /// The state directory of the journal (None: no journal, or a dry run).
+    pub fn state_dir(&self) -> Option<std::path::PathBuf> {
+        if self.read_only {
+            return None;
+        }
+        self.journal
+            .as_ref()
+            .and_then(|j| j.path().parent().map(std::path::Path::to_path_buf))
+    }
+
     /// What the kernel stores when `v` is written: whole pages, at most its maximum.
     fn stored(&self, v: u64) -> u64 {
         v.min(i64::MAX as u64) / self.page * self.page

@@ -34,6 +34,10 @@ const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_RECLAIM_TIMEOUT: Duration = Duration::from_secs(1);
 /// A reclaim longer than this is not a step of a rescue.
 const MAX_RECLAIM_TIMEOUT: Duration = Duration::from_secs(60);
+/// kernel_oom_kill: how long the kernel's OOM killer may stay enabled for one hand-off.
+/// The kernel kills within milliseconds of the write when the cgroup is at its limit.
+const DEFAULT_HANDOFF_TIMEOUT: Duration = Duration::from_secs(2);
+const MAX_HANDOFF_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The longest `settle`, `grace` or exec `timeout` accepted: the cgroup stays stalled
 /// while an episode waits, so a wait of hours is a mistake, not a policy.
@@ -163,6 +167,7 @@ enum ActionKind {
     KillAll,
     Exec,
     DropCaches,
+    KernelOomKill,
 }
 
 impl ActionKind {
@@ -175,6 +180,7 @@ impl ActionKind {
             ActionKind::KillAll => "kill_all",
             ActionKind::Exec => "exec",
             ActionKind::DropCaches => "drop_caches",
+            ActionKind::KernelOomKill => "kernel_oom_kill",
         }
     }
 
@@ -195,6 +201,7 @@ impl ActionKind {
             ActionKind::Kill => &["victim", "prefer", "avoid"],
             ActionKind::Exec => &["command", "timeout"],
             ActionKind::DropCaches => &["level"],
+            ActionKind::KernelOomKill => &["timeout"],
         }
     }
 }
@@ -489,6 +496,19 @@ fn build_early(ctx: &Ctx, e: &Spanned<RawEarly>) -> Result<Early, LoadError> {
         .iter()
         .map(|s| build_step(ctx, s.get_ref()))
         .collect::<Result<Vec<_>, _>>()?;
+    // Before the wall no charge fails, so the kernel would kill nothing during the
+    // hand-off, or, should the workload reach the wall meanwhile, at a moment no step
+    // chose.
+    if let Some(raw) = r
+        .steps
+        .iter()
+        .find(|s| *s.get_ref().action.get_ref() == ActionKind::KernelOomKill)
+    {
+        return Err(ctx.err(
+            Some(raw.get_ref().action.span()),
+            "`kernel_oom_kill` cannot be an [[early.step]]: the kernel's OOM killer acts only at the wall; put it in [[step]]",
+        ));
+    }
     // An early loan given back with usage still above the threshold leaves the
     // workload past a threshold that fires only on the next upward crossing: the next
     // approach to the wall would be met by the OOM steps, not the early ones.
@@ -546,9 +566,21 @@ fn build_step(ctx: &Ctx, s: &RawStep) -> Result<Step, LoadError> {
     let allowed = kind.keys();
     for (key, span) in s.present() {
         if !allowed.contains(&key) {
+            let why = match (kind, key) {
+                (ActionKind::KernelOomKill, "victim" | "prefer" | "avoid") => {
+                    ": the kernel chooses the victim itself (the largest by its oom_badness score; steer it with the processes' oom_score_adj)"
+                }
+                (ActionKind::KernelOomKill, "signal" | "grace") => {
+                    ": the kernel's OOM killer sends SIGKILL"
+                }
+                _ => "",
+            };
             return Err(ctx.err(
                 Some(span),
-                format!("key `{key}` does not apply to action `{}`", kind.name()),
+                format!(
+                    "key `{key}` does not apply to action `{}`{why}",
+                    kind.name()
+                ),
             ));
         }
     }
@@ -770,6 +802,23 @@ fn build_step(ctx: &Ctx, s: &RawStep) -> Result<Step, LoadError> {
                     )
                 })?;
             Action::DropCaches { level }
+        }
+        ActionKind::KernelOomKill => {
+            let timeout = ctx
+                .wait(&s.timeout, "timeout", false)?
+                .unwrap_or(DEFAULT_HANDOFF_TIMEOUT);
+            if timeout > MAX_HANDOFF_TIMEOUT {
+                let span = s.timeout.as_ref().map(|t| t.span());
+                return Err(ctx.err(
+                    span,
+                    format!(
+                        "kernel_oom_kill `timeout` of {} is too long: the kernel's OOM killer stays enabled meanwhile (at most {})",
+                        fmt_dur(timeout),
+                        fmt_dur(MAX_HANDOFF_TIMEOUT)
+                    ),
+                ));
+            }
+            Action::KernelOomKill { timeout }
         }
     };
     Ok(Step {
@@ -1264,6 +1313,51 @@ level = 1
             "name = \"a\\u0000b\"\n{HEAD}[[step]]\naction = \"exec\"\ncommand = [\"/bin/true\"]\n"
         ));
         assert!(e.starts_with("p.toml:1:8: ") && e.contains("NUL"), "{e}");
+    }
+
+    #[test]
+    fn kernel_oom_kill_parses_with_its_timeout_and_refuses_victim_keys() {
+        let p = load_str(
+            &format!("{HEAD}[[step]]\naction = \"kernel_oom_kill\"\n[[step]]\naction = \"kernel_oom_kill\"\ntimeout = \"500ms\"\n"),
+            "p.toml",
+        )
+        .unwrap();
+        match (&p.steps[0].action, &p.steps[1].action) {
+            (Action::KernelOomKill { timeout: a }, Action::KernelOomKill { timeout: b }) => {
+                assert_eq!(*a, DEFAULT_HANDOFF_TIMEOUT);
+                assert_eq!(*b, Duration::from_millis(500));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(p.steps[0].action.name(), "kernel_oom_kill");
+        let e = step_err("action = \"kernel_oom_kill\"\nvictim = \"largest_rss\"\n");
+        assert!(e.starts_with("p.toml:5:10: "), "{e}");
+        assert!(
+            e.contains("key `victim` does not apply to action `kernel_oom_kill`: the kernel chooses the victim itself"),
+            "{e}"
+        );
+        let e = step_err("action = \"kernel_oom_kill\"\nsignal = \"SIGTERM\"\n");
+        assert!(e.contains("sends SIGKILL"), "{e}");
+        let e = step_err("action = \"kernel_oom_kill\"\ntimeout = \"0s\"\n");
+        assert!(
+            e.starts_with("p.toml:5:11: ") && e.contains("greater than zero"),
+            "{e}"
+        );
+        let e = step_err("action = \"kernel_oom_kill\"\ntimeout = \"90s\"\n");
+        assert!(
+            e.starts_with("p.toml:5:11: ") && e.contains("at most 1m"),
+            "{e}"
+        );
+        let e = err(&format!("{HEAD}[early]\nat = \"75%\"\n[[early.step]]\naction = \"kernel_oom_kill\"\n[[step]]\naction = \"kill\"\n"));
+        assert!(
+            e.starts_with("p.toml:6:10: ") && e.contains("only at the wall"),
+            "{e}"
+        );
+        let e = step_err("action = \"kernel_oom_kil\"\n");
+        assert!(
+            e.starts_with("p.toml:4:10: ") && e.contains("kernel_oom_kill"),
+            "{e}"
+        );
     }
 
     fn step_err(step: &str) -> String {

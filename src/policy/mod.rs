@@ -184,6 +184,12 @@ pub enum Action {
     DropCaches {
         level: u8,
     },
+    /// Hands the stall to the kernel's own OOM killer for at most `timeout` (v1:
+    /// `oom_kill_disable` 0, then 1 again; v2: the hold at `memory.high` lifted, then
+    /// put back), and reports whom it killed ([`crate::action::handoff`]).
+    KernelOomKill {
+        timeout: Duration,
+    },
 }
 
 impl Action {
@@ -196,6 +202,7 @@ impl Action {
             Action::KillAll => "kill_all",
             Action::Exec { .. } => "exec",
             Action::DropCaches { .. } => "drop_caches",
+            Action::KernelOomKill { .. } => "kernel_oom_kill",
         }
     }
 }

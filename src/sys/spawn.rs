@@ -22,10 +22,11 @@
 //! mapping is not populated, the child parks in the OOM wait at its first write, and the
 //! episode's thread waits for it forever.
 //!
-//! The child, sharing the parent's memory, only makes system calls: it resets the
-//! handlers of caught signals and SIGPIPE to their defaults, moves into a process group
-//! of its own, writes 0 to its `oom_score_adj`, sets up its three standard descriptors,
-//! unblocks signals and calls `execve`. A file the kernel refuses with ENOEXEC (a script
+//! The child, sharing the parent's memory, only makes system calls: it resets every
+//! signal (caught or ignored) to its default, moves into a process group of its own,
+//! writes 0 to its `oom_score_adj`, sets the soft open-file limit the agent started
+//! with, sets up its three standard descriptors, unblocks signals and calls `execve`.
+//! A file the kernel refuses with ENOEXEC (a script
 //! without `#!`) is handed to `/bin/sh`, as `execvp` does and as the fork-based hooks did
 //! (std's `Command` ends in `execvp`). A failure is written into a slot the parent reads
 //! once the child has gone or exec'd.
@@ -76,6 +77,35 @@ pub struct SpawnRequest<'a> {
     pub stdio: [BorrowedFd<'a>; 3],
     /// The child's own `/proc/self/oom_score_adj` (under the agent's proc root).
     pub oom_score_adj: &'a OsStr,
+    /// The soft RLIMIT_NOFILE the child gets (clamped to the hard limit), or None to
+    /// keep the agent's: the agent raises its own to the hard limit at start (one
+    /// descriptor per watched cgroup), which a hook must not inherit (`select(2)` and
+    /// programs that walk every descriptor up to the limit break or crawl).
+    pub nofile_soft: Option<u64>,
+}
+
+/// The soft RLIMIT_NOFILE the agent started with, before it raised its own (see
+/// [`remember_nofile_soft`]); `u64::MAX` while none was remembered.
+static START_NOFILE_SOFT: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(u64::MAX);
+
+/// Remembers the soft RLIMIT_NOFILE the agent started with, before it raises it: what
+/// hooks get ([`SpawnRequest::nofile_soft`]). The first call wins.
+pub fn remember_nofile_soft(soft: u64) {
+    let _ = START_NOFILE_SOFT.compare_exchange(
+        u64::MAX,
+        soft,
+        std::sync::atomic::Ordering::SeqCst,
+        std::sync::atomic::Ordering::SeqCst,
+    );
+}
+
+/// The soft RLIMIT_NOFILE the agent started with, if it was remembered.
+pub fn start_nofile_soft() -> Option<u64> {
+    match START_NOFILE_SOFT.load(std::sync::atomic::Ordering::SeqCst) {
+        u64::MAX => None,
+        v => Some(v),
+    }
 }
 
 /// A process started by [`spawn`]: the leader of its own process group, not yet reaped.
@@ -84,6 +114,68 @@ pub struct SpawnRequest<'a> {
 pub struct Spawned {
     pid: i32,
     reaped: bool,
+}
+
+/// Hooks started and not reaped yet: their [`Spawned`] reaps them (and reads their
+/// exit status), never [`reap_orphans`].
+static HOOKS: std::sync::Mutex<Vec<i32>> = std::sync::Mutex::new(Vec::new());
+
+/// Held shared from before a hook's clone until its PID is in [`HOOKS`], and taken
+/// exclusively (without waiting) by [`reap_orphans`]: a hook that ends at once is never
+/// taken for an orphan.
+static SPAWNING: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+fn hooks() -> std::sync::MutexGuard<'static, Vec<i32>> {
+    HOOKS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Reaps the agent's children that have ended and are not hooks a [`Spawned`] still
+/// owns: the processes a hook left behind, which the kernel hands to the agent when it
+/// is PID 1 of a PID namespace (a container started without `--init`) or a child
+/// subreaper. Without it they stay zombies for good. Never waits; returns the PIDs
+/// reaped. It looks with `waitid(WNOWAIT)`, which shows one ended child at a time: when
+/// that one is a hook whose episode has not read its status yet, the rest wait for the
+/// next call. The agent's only other children would be `std::process::Command` ones,
+/// which it does not start while it runs (`oomwake demo` is not the agent).
+pub fn reap_orphans() -> Vec<i32> {
+    reap_where(libc::P_ALL, 0)
+}
+
+fn reap_where(idtype: libc::idtype_t, id: libc::id_t) -> Vec<i32> {
+    let mut reaped = Vec::new();
+    // A spawn between its clone and its registration: next time.
+    let Ok(_gate) = SPAWNING.try_write() else {
+        return reaped;
+    };
+    loop {
+        // SAFETY: an all-zero siginfo_t is valid; waitid writes into it only.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `info` lives on this stack; WNOWAIT leaves the child as it is.
+        let ret = unsafe {
+            libc::waitid(
+                idtype,
+                id,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        if ret < 0 {
+            // ECHILD (no child at all), or EINTR: nothing more now.
+            break;
+        }
+        // SAFETY: waitid filled in a SIGCHLD siginfo (si_pid 0: no child has ended).
+        let pid = unsafe { info.si_pid() };
+        if pid <= 0 || hooks().contains(&pid) {
+            break;
+        }
+        let mut status = 0;
+        // SAFETY: reaps exactly this ended child; status is on this stack.
+        if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } != pid {
+            break;
+        }
+        reaped.push(pid);
+    }
+    reaped
 }
 
 /// Everything the child reads, prepared before the clone: the child must not allocate.
@@ -102,6 +194,8 @@ struct ChildArgs {
     sh_argv: *const *const libc::c_char,
     stdio: [libc::c_int; 3],
     oom_score_adj: *const libc::c_char,
+    /// The RLIMIT_NOFILE to set in the child (soft, hard), or None.
+    nofile: Option<libc::rlimit64>,
     /// errno of the step that failed in the child, 0 while none did.
     error: AtomicI32,
 }
@@ -186,6 +280,7 @@ pub fn spawn(req: &SpawnRequest<'_>) -> io::Result<Spawned> {
         sh_argv: sh_argv.as_ptr(),
         stdio: req.stdio.map(|fd| fd.as_raw_fd()),
         oom_score_adj: adj.as_ptr(),
+        nofile: req.nofile_soft.and_then(nofile_for_child),
         error: AtomicI32::new(0),
     };
 
@@ -213,6 +308,8 @@ pub fn spawn(req: &SpawnRequest<'_>) -> io::Result<Spawned> {
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
         old
     };
+    // Until the child's PID is registered, the orphan reaper keeps off.
+    let gate = SPAWNING.read().unwrap_or_else(|p| p.into_inner());
     // SAFETY: `child_main` only makes async-signal-safe calls on the pointers in
     // `child`, all of which (and the CStrings and arrays they point into) outlive the
     // call: with CLONE_VFORK this thread does not return from clone before the child
@@ -233,6 +330,8 @@ pub fn spawn(req: &SpawnRequest<'_>) -> io::Result<Spawned> {
     if pid < 0 {
         return Err(clone_error);
     }
+    hooks().push(pid);
+    drop(gate);
     let mut spawned = Spawned { pid, reaped: false };
     match child.error.load(Ordering::SeqCst) {
         0 => Ok(spawned),
@@ -242,6 +341,23 @@ pub fn spawn(req: &SpawnRequest<'_>) -> io::Result<Spawned> {
             Err(io::Error::from_raw_os_error(errno))
         }
     }
+}
+
+/// The RLIMIT_NOFILE a child started with soft limit `soft` gets: `soft` (at most the
+/// agent's hard limit) and the agent's hard limit. None when it is what the agent has.
+fn nofile_for_child(soft: u64) -> Option<libc::rlimit64> {
+    // SAFETY: an all-zero rlimit64 is valid; prlimit64 writes only into `cur`.
+    let mut cur: libc::rlimit64 = unsafe { std::mem::zeroed() };
+    // SAFETY: pid 0 is this process; a NULL new limit only reads.
+    let ret = unsafe { libc::prlimit64(0, libc::RLIMIT_NOFILE, std::ptr::null(), &mut cur) };
+    if ret != 0 {
+        return None;
+    }
+    let soft = soft.min(cur.rlim_max);
+    (soft != cur.rlim_cur).then_some(libc::rlimit64 {
+        rlim_cur: soft,
+        rlim_max: cur.rlim_max,
+    })
 }
 
 /// The child's whole life before `execve`. It shares the parent's memory, and also the
@@ -254,9 +370,9 @@ pub fn spawn(req: &SpawnRequest<'_>) -> io::Result<Spawned> {
 /// their arguments, the stack and errno: raw `syscall(2)` where glibc's wrapper is a
 /// cancellation point (open, write, close: those update the cancellation state in the
 /// parent thread's `struct pthread`, as glibc's own posix_spawn avoids by using raw
-/// system calls), and glibc's plain wrappers for the rest (sigaction, setpgid, fcntl
-/// with F_DUPFD_CLOEXEC/F_SETFD, dup2, sigprocmask, execve), none of which is a
-/// cancellation point.
+/// system calls; rt_sigaction and prlimit64 are raw too), and glibc's plain wrappers for
+/// the rest (setpgid, fcntl with F_DUPFD_CLOEXEC/F_SETFD, dup2, sigprocmask, execve),
+/// none of which is a cancellation point.
 extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` is the `ChildArgs` the parent passed to clone, alive until we exec
     // or exit (CLONE_VFORK).
@@ -275,22 +391,26 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     // not a cancellation point: see the function's doc), called with pointers to values
     // on this stack or prepared by the parent, which stay valid while it is suspended.
     unsafe {
-        // Handlers installed by the agent would run here on the agent's memory, and
-        // SIGPIPE is ignored by the Rust runtime: a hook starts with the defaults.
+        // Handlers installed by the agent would run here on the agent's memory, and a
+        // hook starts with every signal at its default: caught ones (the agent's), and
+        // ignored ones too, which exec would keep: SIGPIPE (ignored by the Rust runtime,
+        // and by systemd for services), and whatever the agent's own parent ignored
+        // (`nohup`, a shell's background job; a test harness here ignored signal 32).
+        // Raw rt_sigaction: glibc's wrapper refuses 32 and 33 (its own). An all-zero
+        // kernel sigaction is SIG_DFL with no flags and an empty mask on every
+        // architecture's layout (at most four words).
+        let dfl = [0u64; 4];
         for sig in 1..libc::SIGRTMAX() + 1 {
             if sig == libc::SIGKILL || sig == libc::SIGSTOP {
                 continue;
             }
-            let mut cur: libc::sigaction = std::mem::zeroed();
-            if libc::sigaction(sig, std::ptr::null(), &mut cur) != 0 {
-                continue;
-            }
-            let caught = cur.sa_sigaction != libc::SIG_DFL && cur.sa_sigaction != libc::SIG_IGN;
-            if caught || sig == libc::SIGPIPE {
-                let mut dfl: libc::sigaction = std::mem::zeroed();
-                dfl.sa_sigaction = libc::SIG_DFL;
-                libc::sigaction(sig, &dfl, std::ptr::null_mut());
-            }
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                dfl.as_ptr(),
+                std::ptr::null_mut::<u64>(),
+                8usize,
+            );
         }
         // A group of its own, so that a timeout kills what the hook started too.
         if libc::setpgid(0, 0) != 0 {
@@ -310,6 +430,19 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             fail(a);
         }
         libc::syscall(libc::SYS_close, fd);
+        // The open-file limit the agent started with, not the one it raised for itself.
+        // Limits live in the signal struct, which a clone without CLONE_THREAD does not
+        // share: this changes the child's alone (tested). Lowering a soft limit needs no
+        // privilege; should it fail, the hook runs with the agent's.
+        if let Some(lim) = &a.nofile {
+            libc::syscall(
+                libc::SYS_prlimit64,
+                0,
+                libc::RLIMIT_NOFILE,
+                lim as *const libc::rlimit64,
+                std::ptr::null_mut::<libc::rlimit64>(),
+            );
+        }
         // First copy every source above 2, then put the copies in place: a source that
         // is itself 0, 1 or 2 is not overwritten before it is used.
         let mut high = [-1; 3];
@@ -385,6 +518,7 @@ impl Spawned {
                 return Ok(None);
             }
             self.reaped = true;
+            hooks().retain(|&p| p != self.pid);
             return Ok(Some(ExitStatus::from_raw(status)));
         }
     }
@@ -452,6 +586,7 @@ mod tests {
             env: vec![(OsStr::new("X"), OsStr::new("ex"))],
             stdio: [null.as_fd(), w.as_fd(), w.as_fd()],
             oom_score_adj: adj.as_os_str(),
+            nofile_soft: None,
         };
         let mut child = spawn(&req).unwrap();
         drop(req);
@@ -460,6 +595,105 @@ mod tests {
         std::fs::File::from(r).read_to_string(&mut out).unwrap();
         assert_eq!(out, "zero one ex\n0\n");
         assert_eq!(child.wait().unwrap().code(), Some(3));
+    }
+
+    /// The child gets the soft open-file limit it is given (the agent's at start), and
+    /// the agent keeps its own: limits are not shared by a clone without CLONE_THREAD.
+    #[test]
+    fn the_child_gets_the_given_open_file_limit_and_default_signals_and_the_parent_keeps_its_own() {
+        use nix::sys::resource::{getrlimit, Resource};
+        let before = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        let want = before.0.min(before.1).min(777);
+        assert!(want > 3, "soft limit {before:?} too low for the test");
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        let null = devnull();
+        let adj = std::path::Path::new("/proc/self/oom_score_adj");
+        let req = SpawnRequest {
+            program: OsStr::new("/bin/sh"),
+            program_at: None,
+            program_fd: None,
+            args: vec![
+                OsStr::new("sh"),
+                OsStr::new("-c"),
+                OsStr::new(
+                    "echo $(ulimit -Sn) $(ulimit -Hn); exec grep -E '^Sig(Blk|Ign)' /proc/self/status",
+                ),
+            ],
+            env: vec![],
+            stdio: [null.as_fd(), w.as_fd(), w.as_fd()],
+            oom_score_adj: adj.as_os_str(),
+            nofile_soft: Some(want),
+        };
+        let mut child = spawn(&req).unwrap();
+        drop(req);
+        drop(w);
+        let mut out = String::new();
+        std::fs::File::from(r).read_to_string(&mut out).unwrap();
+        assert_eq!(child.wait().unwrap().code(), Some(0));
+        // Nothing blocked or ignored either, though this process ignores SIGPIPE (the
+        // Rust runtime does).
+        assert_eq!(
+            out,
+            format!(
+                "{want} {}\nSigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n",
+                before.1
+            )
+        );
+        assert_eq!(getrlimit(Resource::RLIMIT_NOFILE).unwrap(), before);
+    }
+
+    fn zombie(pid: i32) -> bool {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z'))
+    }
+
+    fn until_zombie(pid: i32) {
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !zombie(pid) {
+            assert!(std::time::Instant::now() < end, "{pid} never ended");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    /// The orphan reaper takes an ended child that is not a hook, and leaves an ended
+    /// hook to its `Spawned`, whose exit status stays readable. (Each child leads a
+    /// process group of its own, which the reaper is told to look in: other tests'
+    /// children are not touched.)
+    #[test]
+    fn the_reaper_leaves_an_ended_hook_to_its_owner_and_reaps_other_children() {
+        let null = devnull();
+        let adj = std::path::Path::new("/proc/self/oom_score_adj");
+        let req = SpawnRequest {
+            program: OsStr::new("/bin/sh"),
+            program_at: None,
+            program_fd: None,
+            args: vec![OsStr::new("sh"), OsStr::new("-c"), OsStr::new("exit 7")],
+            env: vec![],
+            stdio: [null.as_fd(), null.as_fd(), null.as_fd()],
+            oom_score_adj: adj.as_os_str(),
+            nofile_soft: None,
+        };
+        let mut hook = spawn(&req).unwrap();
+        until_zombie(hook.id());
+        assert!(reap_where(libc::P_PGID, hook.id() as libc::id_t).is_empty());
+        assert_eq!(hook.wait().unwrap().code(), Some(7));
+        assert!(
+            !hooks().contains(&hook.id()),
+            "still registered once reaped"
+        );
+
+        use std::os::unix::process::CommandExt;
+        // Reaped below by the reaper, not by a wait of its own.
+        #[allow(clippy::zombie_processes)]
+        let other = std::process::Command::new("/bin/true")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pid = other.id() as i32;
+        until_zombie(pid);
+        assert_eq!(reap_where(libc::P_PGID, pid as libc::id_t), vec![pid]);
+        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
     }
 
     #[test]
@@ -474,6 +708,7 @@ mod tests {
             env: vec![],
             stdio: [null.as_fd(), null.as_fd(), null.as_fd()],
             oom_score_adj: adj.as_os_str(),
+            nofile_soft: None,
         };
         let err = spawn(&req).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
@@ -504,6 +739,7 @@ mod tests {
             env: vec![],
             stdio: [null.as_fd(), w.as_fd(), null.as_fd()],
             oom_score_adj: adj.as_os_str(),
+            nofile_soft: None,
         };
         let mut child = spawn(&req).expect("a script without #! did not start");
         drop(req);
@@ -525,6 +761,7 @@ mod tests {
             env: vec![],
             stdio: [null.as_fd(), null.as_fd(), null.as_fd()],
             oom_score_adj: OsStr::new("/nonexistent/oom_score_adj"),
+            nofile_soft: None,
         };
         assert_eq!(spawn(&req).unwrap_err().kind(), io::ErrorKind::NotFound);
     }
@@ -541,6 +778,7 @@ mod tests {
             env: vec![],
             stdio: [null.as_fd(), null.as_fd(), null.as_fd()],
             oom_score_adj: adj.as_os_str(),
+            nofile_soft: None,
         };
         let child = spawn(&req).unwrap();
         let pid = child.id();
@@ -591,6 +829,7 @@ mod tests {
             env: vec![],
             stdio: [null.as_fd(), w.as_fd(), null.as_fd()],
             oom_score_adj: adj.as_os_str(),
+            nofile_soft: None,
         };
         let mut child = spawn(&req).expect("the judged hook did not start");
         drop(req);
