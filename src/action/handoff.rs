@@ -29,6 +29,7 @@
 //! v2 the hold's own journal covers it: a restart holds the cgroup again.
 
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -446,10 +447,13 @@ impl Record {
             identity,
         })
         .map_err(|e| e.to_string())?;
+        // Never through a symbolic link planted in its place (the agent runs as root:
+        // following one would truncate whatever it names).
         std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .and_then(|mut f| f.write_all(&body))
             .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -657,6 +661,20 @@ mod tests {
         assert_eq!(r.sigkilled(), 2);
         let r = base(Outcome::Failed, None).with("oom_kills", 0u64);
         assert_eq!(r.sigkilled(), 0);
+    }
+
+    /// A symbolic link planted where a hand-off writes its record is not followed (the
+    /// agent is root: it would truncate the file the link names).
+    #[test]
+    fn the_crash_record_is_never_written_through_a_symlink() {
+        let state = tempfile::tempdir().unwrap();
+        let cg = CgroupPath::new("/pod");
+        let precious = state.path().join("precious");
+        std::fs::write(&precious, "keep me").unwrap();
+        std::os::unix::fs::symlink(&precious, record_path(state.path(), &cg)).unwrap();
+        let r = Record::write(state.path(), &cg, None);
+        assert!(r.is_err(), "written through the link");
+        assert_eq!(std::fs::read_to_string(&precious).unwrap(), "keep me");
     }
 
     #[test]
