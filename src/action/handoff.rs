@@ -121,6 +121,14 @@ fn wait_for_kill(
     }
 }
 
+/// The cgroup's path as the kernel's OOM summaries in `/dev/kmsg` print it (see
+/// [`kmsg::names`]).
+fn kmsg_path(env: &Env, cg: &CgroupPath) -> PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    let p = env.ctl.hierarchy().proc_path(cg);
+    PathBuf::from(std::ffi::OsStr::from_bytes(p.as_bytes()))
+}
+
 /// Tries `f` until it succeeds, [`WRITE_BACK_TRIES`] times at most.
 fn retried<E: ToString>(mut f: impl FnMut() -> Result<(), E>) -> Result<u32, String> {
     let mut last = String::new();
@@ -212,7 +220,7 @@ fn v1(env: &Env, ctx: &StepCtx, timeout: Duration) -> Report {
             .with("oom_kill", state.oom_kill)
             .with("timeout_ms", timeout.as_millis() as u64);
     }
-    let dir = env.ctl.hierarchy().dir(cg);
+    let dir = kmsg_path(env, cg);
     let record = env
         .loans
         .state_dir()
@@ -367,7 +375,7 @@ fn v2(env: &Env, ctx: &StepCtx, timeout: Duration) -> Report {
             .with("file", "memory.events")
             .with("oom_kill", before);
     }
-    let dir = env.ctl.hierarchy().dir(cg);
+    let dir = kmsg_path(env, cg);
     let lifted = Limits {
         high: Some(u64::MAX),
         ..cur
