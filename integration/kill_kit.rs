@@ -175,3 +175,40 @@ fn kit_refreshes_over_churn_leak_no_descriptor() {
     assert_eq!(kit.summary().0, 1);
     assert_eq!(kit.summary().1, 1);
 }
+
+/// A child cgroup whose name is not UTF-8 is armed like any other: its task is listed
+/// at the wall, and its name is no gap.
+#[test]
+fn kit_arms_a_child_cgroup_with_a_non_utf8_name() {
+    use std::os::unix::ffi::OsStrExt;
+    let Some(()) = require_v1("kit_arms_a_child_cgroup_with_a_non_utf8_name") else {
+        return;
+    };
+    let mut s = Scratch::new("kit-bytes");
+    let pod = s.cgroup("pod", None, false);
+    let dir = pod.dir.join(std::ffi::OsStr::from_bytes(b"c\xff\xfe"));
+    std::fs::create_dir(&dir).unwrap();
+    let child = Cg {
+        rel: String::new(),
+        dir: dir.clone(),
+    };
+    let (pid, _) = {
+        let mut cmd = std::process::Command::new("sleep");
+        cmd.arg("60");
+        s.spawn(cmd)
+    };
+    write(&child.dir.join("cgroup.procs"), &pid.to_string());
+    let ctl = ctl();
+    let kit = Armed::new();
+    let top = CgroupPath::new(&pod.rel);
+    let me = std::process::id() as i32;
+    kit.refresh(&ctl, Path::new("/proc"), me, Some(&top));
+    assert_eq!(armed_pids(&kit), vec![pid], "{:?}", kit.summary());
+    std::thread::sleep(oomwake::armed::LIST_CACHE);
+    let l = kit.listing(&ctl, Path::new("/proc"), &top, me).unwrap();
+    let listed: Vec<i32> = l.tasks.iter().map(|t| t.pid).collect();
+    assert_eq!(listed, vec![pid]);
+    assert!(!l.gaps.any(), "{:?}", l.gaps.first);
+    s.kill_hog(pid);
+    std::fs::remove_dir(&dir).unwrap();
+}
