@@ -95,17 +95,15 @@ struct Kept {
 /// kernel's delayed work).
 pub const LIST_CACHE: Duration = Duration::from_millis(1250);
 
-/// The v1 cgroup file system's magic (`CGROUP_SUPER_MAGIC`): its `cgroup.procs`
-/// lists are cached (see [`LIST_CACHE`]); v2's and a test's plain files are not.
-const CGROUP_SUPER_MAGIC: i64 = 0x27e0eb;
-
+/// True on the v1 cgroup file system, whose `cgroup.procs` lists are cached (see
+/// [`LIST_CACHE`]); v2's and a test's plain files are not.
 fn is_cgroup_v1_fs(f: &File) -> bool {
     use std::os::fd::AsRawFd;
     // SAFETY: fstatfs writes one struct statfs into the zeroed value we pass.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: as above; the descriptor is ours and open.
     let rc = unsafe { libc::fstatfs(f.as_raw_fd(), &mut st) };
-    rc == 0 && st.f_type as i64 == CGROUP_SUPER_MAGIC
+    rc == 0 && st.f_type as i64 == crate::sys::CGROUP_SUPER_MAGIC
 }
 
 struct Entry {
