@@ -221,10 +221,13 @@ fn v1(env: &Env, ctx: &StepCtx, timeout: Duration) -> Report {
             .with("timeout_ms", timeout.as_millis() as u64);
     }
     let dir = kmsg_path(env, cg);
+    // Which cgroup this is: the write-back never goes to another one made since under
+    // the same name.
+    let identity = env.ctl.hierarchy().identity(cg).ok().flatten();
     let record = env
         .loans
         .state_dir()
-        .map(|d| Record::write(&d, cg, env.ctl.hierarchy().identity(cg).ok().flatten()));
+        .map(|d| Record::write(&d, cg, identity.clone()));
     let mark = kmsg::mark();
     let start = Instant::now();
     let handed = env.ctl.set_oom_kill_disable(cg, false);
@@ -261,14 +264,46 @@ fn v1(env: &Env, ctx: &StepCtx, timeout: Duration) -> Report {
         Err(_) => Waited::NotHanded,
     };
     let waited_ms = start.elapsed().as_millis() as u64;
-    // Always, whatever happened: the operator's setting back.
-    let back = retried(|| env.ctl.set_oom_kill_disable(cg, true).map(|_| ()));
+    // Always, whatever happened: the operator's setting back, but only to the same
+    // cgroup. The write goes by the path's descriptor (kept, or re-opened and kept
+    // again once the watcher saw the path anew), so a cgroup removed meanwhile and
+    // made again under its name would get it: it is not the operator's, and 1 there
+    // would leave it with no OOM killer at all. The one removed took the setting with
+    // it.
+    let mut replaced = false;
+    let back = retried(|| {
+        if let Some(then) = &identity {
+            match env.ctl.hierarchy().identity(cg) {
+                Ok(Some(now)) if now == *then => {}
+                Ok(_) => {
+                    replaced = true;
+                    return Ok(());
+                }
+                // Cannot tell (at the wall a stat can fail): write.
+                Err(_) => {}
+            }
+        }
+        env.ctl.set_oom_kill_disable(cg, true).map(|_| ())
+    });
+    if replaced {
+        log::info!(
+            "{cg}: removed during the hand-off (or made again since): oom_kill_disable not written back"
+        );
+    }
     let after = oom_kills(env, cg).unwrap_or(state.oom_kill);
     let counted = after.saturating_sub(state.oom_kill);
     r = r
         .with("oom_kill_counter_delta", counted)
         .with("waited_ms", waited_ms);
     match &back {
+        Ok(_) if replaced => {
+            r = r
+                .with("oom_kill_disable_restored", false)
+                .with("cgroup_gone", true);
+            if let Some(Ok(rec)) = &record {
+                rec.remove();
+            }
+        }
         Ok(_) => {
             r = r.with("oom_kill_disable_restored", true);
             if let Some(Ok(rec)) = &record {
