@@ -129,6 +129,21 @@ fn kmsg_path(env: &Env, cg: &CgroupPath) -> PathBuf {
     PathBuf::from(std::ffi::OsStr::from_bytes(p.as_bytes()))
 }
 
+/// False when the cgroup at `cg`'s path is not the one whose identity was `then` (it
+/// was removed, or removed and made again): a write-back must not go there. True when
+/// it is, or when that cannot be told (no identity then, or a stat that fails now: at
+/// the wall of a cgroup the agent shares it can).
+fn same_cgroup(env: &Env, cg: &CgroupPath, then: Option<&Identity>) -> bool {
+    let Some(then) = then else {
+        return true;
+    };
+    match env.ctl.hierarchy().identity(cg) {
+        Ok(Some(now)) => now == *then,
+        Ok(None) => false,
+        Err(_) => true,
+    }
+}
+
 /// Tries `f` until it succeeds, [`WRITE_BACK_TRIES`] times at most.
 fn retried<E: ToString>(mut f: impl FnMut() -> Result<(), E>) -> Result<u32, String> {
     let mut last = String::new();
@@ -272,16 +287,9 @@ fn v1(env: &Env, ctx: &StepCtx, timeout: Duration) -> Report {
     // it.
     let mut replaced = false;
     let back = retried(|| {
-        if let Some(then) = &identity {
-            match env.ctl.hierarchy().identity(cg) {
-                Ok(Some(now)) if now == *then => {}
-                Ok(_) => {
-                    replaced = true;
-                    return Ok(());
-                }
-                // Cannot tell (at the wall a stat can fail): write.
-                Err(_) => {}
-            }
+        if !same_cgroup(env, cg, identity.as_ref()) {
+            replaced = true;
+            return Ok(());
         }
         env.ctl.set_oom_kill_disable(cg, true).map(|_| ())
     });
@@ -411,6 +419,7 @@ fn v2(env: &Env, ctx: &StepCtx, timeout: Duration) -> Report {
             .with("oom_kill", before);
     }
     let dir = kmsg_path(env, cg);
+    let identity = env.ctl.hierarchy().identity(cg).ok().flatten();
     let lifted = Limits {
         high: Some(u64::MAX),
         ..cur
@@ -428,14 +437,26 @@ fn v2(env: &Env, ctx: &StepCtx, timeout: Duration) -> Report {
             Err(_) => Waited::NotHanded,
         };
         let waited_ms = start.elapsed().as_millis() as u64;
-        let back = retried(|| env.ctl.set_limits(cg, lifted, cur));
+        // Only to the same cgroup (see v1): one made again under its name is not
+        // the one whose hold was lifted.
+        let mut replaced = false;
+        let back = retried(|| {
+            if !same_cgroup(env, cg, identity.as_ref()) {
+                replaced = true;
+                return Ok(());
+            }
+            env.ctl.set_limits(cg, lifted, cur)
+        });
         let after = oom_kills(env, cg).unwrap_or(before);
         let counted = after.saturating_sub(before);
         let mut r = fields(base(Outcome::Done, None))
             .with("oom_kill_before", before)
             .with("oom_kill_counter_delta", counted)
             .with("waited_ms", waited_ms)
-            .with("high_restored", back.is_ok());
+            .with("high_restored", back.is_ok() && !replaced);
+        if replaced {
+            r = r.with("cgroup_gone", true);
+        }
         if let Err(e) = &back {
             log::error!(
                 "{cg}: cannot put memory.high {high} back after {WRITE_BACK_TRIES} tries ({e}): the workload is held at memory.max only"
@@ -696,6 +717,46 @@ mod tests {
             std::fs::read_to_string(t.path().join("app/memory.high")).unwrap(),
             "50331648"
         );
+    }
+
+    /// The cgroup is removed and made again under its name while the hand-off waits:
+    /// the new one's memory.high is not written (it is not the cgroup whose hold was
+    /// lifted).
+    #[test]
+    fn v2_puts_no_hold_on_a_cgroup_made_again_under_the_same_name() {
+        let p = policy();
+        let (t, env, cg) = v2_env("67108864\n", "50331648\n");
+        let dir = t.path().join("app");
+        let swap = {
+            let dir = dir.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(20));
+                // Renamed away (its inode stays taken), then made again.
+                std::fs::rename(&dir, dir.with_file_name("app-old")).unwrap();
+                std::fs::create_dir(&dir).unwrap();
+                for (f, v) in [
+                    ("memory.max", "max\n"),
+                    ("memory.high", "max\n"),
+                    ("memory.current", "0\n"),
+                    ("memory.events", "low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\n"),
+                ] {
+                    std::fs::write(dir.join(f), v).unwrap();
+                }
+            })
+        };
+        let r = kernel_oom_kill(
+            &env,
+            &testing::ctx(&cg, &p, false),
+            Duration::from_millis(150),
+        );
+        swap.join().unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.join("memory.high")).unwrap(),
+            "max\n",
+            "written to the new cgroup: {r:?}"
+        );
+        assert_eq!(r.fields["high_restored"], false, "{r:?}");
+        assert_eq!(r.fields["cgroup_gone"], true, "{r:?}");
     }
 
     #[test]
