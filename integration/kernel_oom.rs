@@ -357,3 +357,52 @@ fn kernel_oom_kill_puts_nothing_on_a_cgroup_made_again_under_the_same_name() {
     assert_eq!(act["oom_kill_disable_restored"], false, "{act}");
     assert_eq!(act["cgroup_gone"], true, "{act}");
 }
+
+/// SIGTERM while a hand-off is between its two writes: the agent puts
+/// `oom_kill_disable 1` back before it exits (or leaves its record for the next start).
+#[test]
+fn kernel_oom_kill_stopped_by_sigterm_mid_hand_off_puts_oom_kill_disable_back() {
+    let Some(()) = require_v1("kernel_oom_kill_sigterm") else {
+        return;
+    };
+    let mut s = Scratch::new("koom-term");
+    // The fault point's pause holds the hand-off between its writes while SIGTERM comes.
+    let cg = s.cgroup("w", Some(64 * MIB), true);
+    let tmp = Agent::dir(&[("p.toml", &policy("p", "/w", "", STEP))]);
+    let mut agent = Agent::start_in_full_env(
+        tmp,
+        &s.dir,
+        &[("OOMWAKE_FAULT", "handoff_enabled:pause-2000")],
+    );
+    agent.expect("watch", "/w", Duration::from_secs(10));
+    let hog = s.hog(&cg, &["--touch", "200M", "--hold", "60s"]);
+    assert!(
+        wait_until(Duration::from_secs(20), || agent.log().contains("pausing")),
+        "{}",
+        agent.log()
+    );
+    agent.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(
+        wait_until(Duration::from_secs(20), || !agent.running()),
+        "the agent did not stop; log:\n{}",
+        agent.log()
+    );
+    let _ = s.exit_signal(hog.pid);
+    let record_left = agent
+        .tmp
+        .path()
+        .join("state")
+        .read_dir()
+        .unwrap()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with("kernel-oom-"));
+    assert!(
+        oom_kill_disable(&cg) == Some(true) || record_left,
+        "SIGTERM left oom_kill_disable 0 and no record; log:\n{}",
+        agent.log()
+    );
+    eprintln!(
+        "after SIGTERM: oom_kill_disable {:?}, record left {record_left}",
+        oom_kill_disable(&cg)
+    );
+}
