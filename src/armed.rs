@@ -82,6 +82,13 @@ struct Kept {
     /// the kernel caches (see [`LIST_CACHE`]).
     read_at: Instant,
     cached: bool,
+    /// v1: its `tasks` file (every thread), open and read once at arming. The kernel
+    /// caches that list apart from `cgroup.procs`, and only the wall reads it again, so
+    /// there it is fresh: when its threads are exactly those of the armed tasks it
+    /// shows, the cgroup holds no task the kit does not know, and the listing needs no
+    /// `cgroup.procs` (whose cache would make it wait, see [`LIST_CACHE`]).
+    tasks: Option<File>,
+    tasks_read_at: Instant,
 }
 
 /// How long the v1 kernel keeps a cgroup's task list after a read (`cgroup_pidlist`,
@@ -258,6 +265,8 @@ impl Armed {
         let Some(top) = top else {
             return;
         };
+        // Opened now: the wall cannot open it.
+        let _ = own_threads();
         let mut incomplete = None;
         // The cgroups of the subtree: new ones opened, removed ones dropped (only when
         // the walk saw the whole subtree).
@@ -293,12 +302,22 @@ impl Armed {
             match opened {
                 Ok((procs, d)) => {
                     let cached = is_cgroup_v1_fs(&procs);
+                    let tasks = if cached {
+                        File::open(dir.join("tasks")).ok().inspect(|f| {
+                            // Allocates the read buffer now, not at the wall.
+                            let _ = read_kept(f);
+                        })
+                    } else {
+                        None
+                    };
                     st.cgroups.push(Kept {
                         cg,
                         procs,
                         dir: d,
                         read_at: Instant::now(),
                         cached,
+                        tasks,
+                        tasks_read_at: Instant::now(),
                     })
                 }
                 Err(e) if is_gone(&e) => {}
@@ -413,8 +432,27 @@ impl Armed {
         within: &CgroupPath,
         self_pid: i32,
     ) -> Option<Listing> {
-        // Wait (without the lock: status and refresh go on) until no list of the
-        // subtree is still cached from the agent's own last read.
+        // v1: the cgroups whose `tasks` list shows exactly the threads of armed tasks
+        // (and the agent's): their processes are known without `cgroup.procs`.
+        let resolved: HashMap<CgroupPath, Vec<i32>> = {
+            let mut st = self.lock();
+            let top = st.top.as_ref()?;
+            if !within.is_within(top) {
+                return None;
+            }
+            let State {
+                cgroups,
+                tasks: armed,
+                ..
+            } = &mut *st;
+            cgroups
+                .iter_mut()
+                .filter(|k| k.cg.is_within(within))
+                .filter_map(|k| Some((k.cg.clone(), k.threads_known(armed, self_pid)?)))
+                .collect()
+        };
+        // Wait (without the lock: status and refresh go on) until no other list of
+        // the subtree is still cached from the agent's own last read.
         for _ in 0..4 {
             let wait = {
                 let st = self.lock();
@@ -424,7 +462,7 @@ impl Armed {
                 }
                 st.cgroups
                     .iter()
-                    .filter(|k| k.cached && k.cg.is_within(within))
+                    .filter(|k| k.cached && k.cg.is_within(within) && !resolved.contains_key(&k.cg))
                     .map(|k| LIST_CACHE.saturating_sub(k.read_at.elapsed()))
                     .max()
                     .unwrap_or_default()
@@ -484,25 +522,29 @@ impl Armed {
                     e.raw_os_error() == Some(libc::ENOMEM),
                 ),
             }
-            if k.cached && now.duration_since(k.read_at) < LIST_CACHE {
-                gap(
-                    format!("{cg}/cgroup.procs: the kernel's cached list may be out of date (read again too soon)"),
-                    false,
-                );
-                continue;
-            }
-            let text = match read_kept(&k.procs) {
-                Ok(t) => t,
-                Err(e) if is_gone(&e) || e.raw_os_error() == Some(libc::ENODEV) => continue,
-                Err(e) => {
+            let pids = if let Some(pids) = resolved.get(cg) {
+                pids.clone()
+            } else {
+                if k.cached && now.duration_since(k.read_at) < LIST_CACHE {
                     gap(
-                        format!("{cg}/cgroup.procs: {e}"),
-                        e.raw_os_error() == Some(libc::ENOMEM),
+                        format!("{cg}/cgroup.procs: the kernel's cached list may be out of date (read again too soon)"),
+                        false,
                     );
                     continue;
                 }
+                match read_kept(&k.procs) {
+                    Ok(t) => parse_pids(&t),
+                    Err(e) if is_gone(&e) || e.raw_os_error() == Some(libc::ENODEV) => continue,
+                    Err(e) => {
+                        gap(
+                            format!("{cg}/cgroup.procs: {e}"),
+                            e.raw_os_error() == Some(libc::ENOMEM),
+                        );
+                        continue;
+                    }
+                }
             };
-            for pid in parse_pids(&text) {
+            for pid in pids {
                 if pid <= 1 || pid == self_pid {
                     continue;
                 }
@@ -557,7 +599,10 @@ impl Armed {
                 tasks.push(t);
             }
         }
-        for k in cgroups.iter_mut().filter(|k| k.cg.is_within(within)) {
+        for k in cgroups
+            .iter_mut()
+            .filter(|k| k.cg.is_within(within) && !resolved.contains_key(&k.cg))
+        {
             k.read_at = Instant::now();
         }
         Some(Listing {
@@ -568,7 +613,64 @@ impl Armed {
     }
 }
 
+impl Kept {
+    /// v1, at the wall: the armed processes of this cgroup, when its `tasks` list (read
+    /// through the kept descriptor, fresh unless the agent read it within
+    /// [`LIST_CACHE`]) holds exactly their threads and the agent's. None when it cannot
+    /// tell: no `tasks` kept, read too recently, a read failed, or a thread it does not
+    /// account for (a task that joined since, or a thread moved on its own): the
+    /// caller then reads `cgroup.procs`.
+    fn threads_known(&mut self, armed: &HashMap<i32, Entry>, self_pid: i32) -> Option<Vec<i32>> {
+        let f = self.tasks.as_ref()?;
+        if self.tasks_read_at.elapsed() < LIST_CACHE {
+            return None;
+        }
+        let text = read_kept(f);
+        self.tasks_read_at = Instant::now();
+        let tids = parse_pids(&text.ok()?);
+        let mut known = Vec::new();
+        let mut threads = 0u64;
+        for &tid in &tids {
+            if tid == self_pid {
+                threads += own_threads()?;
+            } else if let Some(e) = armed.get(&tid) {
+                threads += e.threads()?;
+                known.push(tid);
+            }
+        }
+        (threads == tids.len() as u64).then_some(known)
+    }
+}
+
+/// The agent's own thread count (`Threads` is fixed once its pool started; read from
+/// `/proc/self/stat` through a descriptor opened once).
+fn own_threads() -> Option<u64> {
+    static SELF_STAT: std::sync::OnceLock<Option<File>> = std::sync::OnceLock::new();
+    let f = SELF_STAT
+        .get_or_init(|| {
+            let f = File::open("/proc/self/stat").ok()?;
+            let _ = read_kept(&f);
+            Some(f)
+        })
+        .as_ref()?;
+    parse_stat_threads(&read_kept(f).ok()?)
+}
+
+/// `num_threads` (field 20) of a `/proc/PID/stat` line.
+pub fn parse_stat_threads(s: &str) -> Option<u64> {
+    let close = s.rfind(')')?;
+    s.get(close + 1..)?.split_whitespace().nth(17)?.parse().ok()
+}
+
 impl Entry {
+    /// Its thread count now, through the kept `stat`; None once it has exited.
+    fn threads(&self) -> Option<u64> {
+        let text = read_kept(&self.stat).ok()?;
+        let (_, start) = parse_stat_rss(&text)?;
+        (start == self.task.start_ticks).then_some(())?;
+        parse_stat_threads(&text)
+    }
+
     /// RSS in pages and oom_score_adj now, read through the kept files; None once the
     /// process has exited (its kept files answer ESRCH or nothing). An unreadable
     /// oom_score_adj counts as shielded.
