@@ -426,6 +426,7 @@ fn pod_rounds(
     );
     let mut took = Vec::new();
     let mut parked = false;
+    let mut last_kill = std::time::Instant::now();
     for round in 0..rounds {
         let go = barriers.path().join(format!("go-{round}"));
         let barrier = format!("{}:1M", go.display());
@@ -435,6 +436,13 @@ fn pod_rounds(
         );
         if let Some(state) = state {
             wait_armed(state, grower.pid);
+            // Stalls more than LIST_CACHE apart (as stalls are, outside a test): the
+            // kit's `tasks` lists, read at the last wall, are the kernel's cached ones
+            // for that long, and the kill would wait them out.
+            let since = last_kill.elapsed();
+            if since < Duration::from_millis(1400) {
+                std::thread::sleep(Duration::from_millis(1400) - since);
+            }
         }
         write(&go, "");
         let mut kill = None;
@@ -467,11 +475,15 @@ fn pod_rounds(
             .find(|v| v["event"] == "oom" && v["episode"] == kill["episode"])
             .expect("no oom line for the kill's episode");
         let ms = ts_ms(&kill) - ts_ms(&oom);
+        // Through the kit on v1 the pod's `tasks` lists tell that no task is unknown,
+        // so the kill does not wait out the kernel's cached `cgroup.procs` of the
+        // refresh just before the wall (oomwake::armed::LIST_CACHE).
         assert!(
             ms <= 1000,
             "round {round}: the kill came {ms} ms after the stall"
         );
         took.push(ms);
+        last_kill = std::time::Instant::now();
         assert!(s.alive(small.pid), "round {round}: the small task died");
         assert!(
             wait_until(Duration::from_secs(10), || lines().iter().any(|v| {
@@ -863,4 +875,49 @@ fn a_rescue_through_an_exec_hook_faults_in_no_page_of_the_agent() {
         faults <= 5,
         "the agent took {faults} page faults over the rescue (49-120 when hooks were forked)"
     );
+}
+
+/// An agent moved into the pod after it started (its PID written into
+/// `POD/agent/cgroup.procs`) follows its own cgroup at the next sweep: the kill kit arms
+/// the pod (status shows it) and a grower is killed through it. Before, the agent
+/// judged its own cgroup once at start and went on treating the pod as not its own
+/// (no kit; a v2 `kill_all` would have written `cgroup.kill` and killed the agent).
+#[test]
+fn an_agent_moved_into_the_pod_after_start_arms_its_kill_kit() {
+    let Some(()) = require_v1("an_agent_moved_into_the_pod_after_start_arms_its_kill_kit") else {
+        return;
+    };
+    let mut s = Scratch::new("movedin");
+    let pod = s.cgroup("", Some(128 * MIB), true);
+    let agent_cg = s.cgroup("agent", None, false);
+    let app = s.cgroup("app", None, false);
+    let agent = Agent::start(
+        &[("p.toml", &policy("pod", &pod.rel, "", KILL_SETTLE))],
+        &[],
+    );
+    agent.expect("watch", &pod.rel, Duration::from_secs(20));
+    let pid = agent.child.id() as i32;
+    let state = agent.tmp.path().join("state");
+    let kit = || {
+        serde_json::from_str::<serde_json::Value>(&read(&state.join("status.json")))
+            .ok()
+            .map(|v| v["kill_kit"]["cgroup"].clone())
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        kit(),
+        Some(serde_json::Value::Null),
+        "a kit before the move"
+    );
+    write(&agent_cg.dir.join("cgroup.procs"), &pid.to_string());
+    assert!(
+        wait_until(Duration::from_secs(10), || kit()
+            == Some(serde_json::Value::String(pod.rel.clone()))),
+        "no kill kit for the pod after the move: {}\nlog:\n{}",
+        read(&state.join("status.json")),
+        agent.log()
+    );
+    assert!(agent.log().contains("the agent's memory cgroup is now"));
+    let audit = agent.tmp.path().join("audit.jsonl");
+    pod_rounds(&mut s, (&pod, &app), pid, &audit, 1, Some(&state));
 }

@@ -318,3 +318,91 @@ fn kernel_oom_kill_interrupted_by_a_crash_is_put_back_at_the_next_start() {
         "the record was left behind"
     );
 }
+
+/// The cgroup is removed and made again (a service restarted under the same name)
+/// while the hand-off waits: `oom_kill_disable 1` is not written to the new cgroup,
+/// which the operator never set (it would stall at its limit with nobody's OOM killer).
+#[test]
+fn kernel_oom_kill_puts_nothing_on_a_cgroup_made_again_under_the_same_name() {
+    let Some(()) = require_v1("kernel_oom_kill_recreated") else {
+        return;
+    };
+    let mut s = Scratch::new("koom-again");
+    let cg = s.cgroup("w", Some(64 * MIB), true);
+    let tmp = Agent::dir(&[("p.toml", &policy("p", "/w", "", STEP))]);
+    let agent = Agent::start_in_full_env(
+        tmp,
+        &s.dir,
+        &[("OOMWAKE_FAULT", "handoff_enabled:pause-3000")],
+    );
+    agent.expect("watch", "/w", Duration::from_secs(10));
+    let hog = s.hog(&cg, &["--touch", "200M", "--hold", "60s"]);
+    // The kernel, enabled by the hand-off, kills the hog during the pause.
+    assert_eq!(s.exit_signal(hog.pid), Some(libc::SIGKILL));
+    assert!(
+        wait_until(Duration::from_secs(5), || std::fs::remove_dir(&cg.dir)
+            .is_ok()),
+        "rmdir {}",
+        cg.dir.display()
+    );
+    let again = s.cgroup("w", None, false);
+    assert_eq!(oom_kill_disable(&again), Some(false));
+    let act = action_line(&agent, "/w", Duration::from_secs(15));
+    assert_eq!(
+        oom_kill_disable(&again),
+        Some(false),
+        "oom_kill_disable 1 written to the new cgroup: {act}\nlog:\n{}",
+        agent.log()
+    );
+    assert_eq!(act["oom_kill_disable_restored"], false, "{act}");
+    assert_eq!(act["cgroup_gone"], true, "{act}");
+}
+
+/// SIGTERM while a hand-off is between its two writes: the agent puts
+/// `oom_kill_disable 1` back before it exits (or leaves its record for the next start).
+#[test]
+fn kernel_oom_kill_stopped_by_sigterm_mid_hand_off_puts_oom_kill_disable_back() {
+    let Some(()) = require_v1("kernel_oom_kill_sigterm") else {
+        return;
+    };
+    let mut s = Scratch::new("koom-term");
+    // The fault point's pause holds the hand-off between its writes while SIGTERM comes.
+    let cg = s.cgroup("w", Some(64 * MIB), true);
+    let tmp = Agent::dir(&[("p.toml", &policy("p", "/w", "", STEP))]);
+    let mut agent = Agent::start_in_full_env(
+        tmp,
+        &s.dir,
+        &[("OOMWAKE_FAULT", "handoff_enabled:pause-2000")],
+    );
+    agent.expect("watch", "/w", Duration::from_secs(10));
+    let hog = s.hog(&cg, &["--touch", "200M", "--hold", "60s"]);
+    assert!(
+        wait_until(Duration::from_secs(20), || agent.log().contains("pausing")),
+        "{}",
+        agent.log()
+    );
+    agent.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(
+        wait_until(Duration::from_secs(20), || !agent.running()),
+        "the agent did not stop; log:\n{}",
+        agent.log()
+    );
+    let _ = s.exit_signal(hog.pid);
+    let record_left = agent
+        .tmp
+        .path()
+        .join("state")
+        .read_dir()
+        .unwrap()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with("kernel-oom-"));
+    assert!(
+        oom_kill_disable(&cg) == Some(true) || record_left,
+        "SIGTERM left oom_kill_disable 0 and no record; log:\n{}",
+        agent.log()
+    );
+    eprintln!(
+        "after SIGTERM: oom_kill_disable {:?}, record left {record_left}",
+        oom_kill_disable(&cg)
+    );
+}

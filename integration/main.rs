@@ -28,6 +28,7 @@ mod episodes_unresolved;
 mod golang;
 mod hooks;
 mod kernel_oom;
+mod kill_kit;
 mod loans;
 mod loans_failure;
 mod metrics_scrape;

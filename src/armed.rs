@@ -9,12 +9,16 @@
 //! towards the limit (v1 usage thresholds):
 //!
 //! - each cgroup's `cgroup.procs` of the subtree, open and read once (the kernel keeps
-//!   the read buffer with the open file; re-reading from offset 0 needs nothing new);
+//!   the read buffer with the open file; re-reading from offset 0 needs nothing new).
+//!   On v1 the kernel also caches the list itself for a second after every read, for
+//!   every descriptor that has read it before: a refresh reads through a descriptor
+//!   opened for it, and the wall reads once that second has passed ([`LIST_CACHE`]);
 //! - per task: a pidfd (opened, then its identity confirmed by start time), its facts
-//!   (comm, cmdline, oom_score, start time) and `/proc/PID/stat` and
-//!   `/proc/PID/oom_score_adj`, open, for the RSS and the shield as they are at the wall.
+//!   (comm, cmdline, oom_score, start time) and `/proc/PID/stat`,
+//!   `/proc/PID/oom_score_adj` and `/proc/PID/cgroup`, open, for the RSS, the shield
+//!   and the cgroup as they are at the wall.
 //!
-//! At the wall, [`Armed::listing`] re-reads the task lists and the two per-task files
+//! At the wall, [`Armed::listing`] re-reads the task lists and the three per-task files
 //! through those descriptors and hands the kill step a listing with a pidfd per task:
 //! choosing and signalling need no open, no new pidfd and no thread. A SIGKILL queues
 //! no `sigqueue` (the one signal allocation), and `process_mrelease` frees the victim's
@@ -31,6 +35,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::cgroup::{CgroupPath, Controller};
 use crate::sys::PidFd;
@@ -39,7 +44,8 @@ use crate::victim::{self, Gaps, Task};
 /// At most this many cgroups of the shared subtree are armed (two descriptors each:
 /// the task list and the directory, re-read at the wall for a child made since).
 pub const MAX_CGROUPS: usize = 64;
-/// At most this many tasks are armed (three descriptors each). A pod with more is
+/// At most this many tasks are armed (four descriptors each: a pidfd, and its `stat`,
+/// `oom_score_adj` and `cgroup` in `/proc`). A pod with more is
 /// armed only in part, and a kill at its wall refuses (the listing has a gap).
 pub const MAX_TASKS: usize = 128;
 
@@ -56,13 +62,55 @@ struct State {
     top: Option<CgroupPath>,
     /// Each cgroup of the subtree: its `cgroup.procs`, open and read once, and its
     /// directory, open, to tell at the wall a child cgroup made since.
-    cgroups: Vec<(CgroupPath, File, File)>,
+    cgroups: Vec<Kept>,
     tasks: HashMap<i32, Entry>,
     /// Changes whenever the armed tasks or the subtree change (for `status.json`).
     generation: u64,
     /// Why the last refresh could not arm everything it listed: a cgroup beyond
     /// [`MAX_CGROUPS`] or a task beyond [`MAX_TASKS`]. None when it could.
     incomplete: Option<String>,
+}
+
+/// One cgroup of the armed subtree.
+struct Kept {
+    cg: CgroupPath,
+    /// Its `cgroup.procs`, open and read (the last descriptor a refresh read it through).
+    procs: File,
+    /// Its directory, open.
+    dir: File,
+    /// When the agent last read its task list, and whether that list is a v1 one that
+    /// the kernel caches (see [`LIST_CACHE`]).
+    read_at: Instant,
+    cached: bool,
+    /// v1: its `tasks` file (every thread), open and read once at arming. The kernel
+    /// caches that list apart from `cgroup.procs`, and only the wall reads it again, so
+    /// there it is fresh: when its threads are exactly those of the armed tasks it
+    /// shows, the cgroup holds no task the kit does not know, and the listing needs no
+    /// `cgroup.procs` (whose cache would make it wait, see [`LIST_CACHE`]).
+    tasks: Option<File>,
+    tasks_read_at: Instant,
+}
+
+/// How long the v1 kernel keeps a cgroup's task list after a read (`cgroup_pidlist`,
+/// one per cgroup, list type and PID namespace, destroyed a second (`HZ`) after the
+/// last read by anyone). A descriptor that has read `cgroup.procs` before and reads it
+/// again from offset 0 within that second gets the list as it was loaded, not as it
+/// is: a task that joined since is missing, one that left is still there. Only a
+/// descriptor read for the first time loads the list anew. So a refresh reads through
+/// a descriptor opened for it, and the wall, which cannot open one, reads only once
+/// this long has passed since the agent's own last read (with a margin for the
+/// kernel's delayed work).
+pub const LIST_CACHE: Duration = Duration::from_millis(1250);
+
+/// True on the v1 cgroup file system, whose `cgroup.procs` lists are cached (see
+/// [`LIST_CACHE`]); v2's and a test's plain files are not.
+fn is_cgroup_v1_fs(f: &File) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fstatfs writes one struct statfs into the zeroed value we pass.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; the descriptor is ours and open.
+    let rc = unsafe { libc::fstatfs(f.as_raw_fd(), &mut st) };
+    rc == 0 && st.f_type as i64 == crate::sys::CGROUP_SUPER_MAGIC
 }
 
 struct Entry {
@@ -72,6 +120,8 @@ struct Entry {
     pidfd: Arc<PidFd>,
     stat: File,
     adj: File,
+    /// Its `/proc/PID/cgroup`, open and read once: where the task is at the wall.
+    cgroup: File,
 }
 
 /// The kit as `oomwake status` shows it.
@@ -109,6 +159,13 @@ impl Listing {
 /// Reads a small file (a task list, a `/proc` file) from offset 0 through a kept
 /// descriptor, into a buffer from the heap (its locked reserve at the wall).
 fn read_kept(f: &File) -> std::io::Result<String> {
+    let out = read_kept_bytes(f)?;
+    String::from_utf8(out).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// [`read_kept`] for a file that may hold any bytes (`/proc/PID/cgroup` names cgroups,
+/// and a cgroup's name need not be UTF-8).
+fn read_kept_bytes(f: &File) -> std::io::Result<Vec<u8>> {
     let mut out = Vec::with_capacity(4096);
     let mut buf = [0u8; 4096];
     loop {
@@ -119,7 +176,7 @@ fn read_kept(f: &File) -> std::io::Result<String> {
             Err(e) => return Err(e),
         }
     }
-    String::from_utf8(out).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    Ok(out)
 }
 
 fn parse_pids(text: &str) -> Vec<i32> {
@@ -208,6 +265,8 @@ impl Armed {
         let Some(top) = top else {
             return;
         };
+        // Opened now: the wall cannot open it.
+        let _ = own_threads();
         let mut incomplete = None;
         // The cgroups of the subtree: new ones opened, removed ones dropped (only when
         // the walk saw the whole subtree).
@@ -216,12 +275,12 @@ impl Armed {
         // is a gap there. Only the bounds make the kit incomplete for good.
         let (walked, complete) = ctl.hierarchy().walk_checked(top);
         if complete {
-            st.cgroups.retain(|(cg, _, _)| walked.contains(cg));
+            st.cgroups.retain(|k| walked.contains(&k.cg));
         } else {
             log::debug!("kill kit: {top}: the subtree could not be listed");
         }
         for cg in walked {
-            if st.cgroups.iter().any(|(c, _, _)| *c == cg) {
+            if st.cgroups.iter().any(|k| k.cg == cg) {
                 continue;
             }
             if st.cgroups.len() >= MAX_CGROUPS {
@@ -241,7 +300,26 @@ impl Armed {
                 Ok((procs, d))
             });
             match opened {
-                Ok((procs, d)) => st.cgroups.push((cg, procs, d)),
+                Ok((procs, d)) => {
+                    let cached = is_cgroup_v1_fs(&procs);
+                    let tasks = if cached {
+                        File::open(dir.join("tasks")).ok().inspect(|f| {
+                            // Allocates the read buffer now, not at the wall.
+                            let _ = read_kept(f);
+                        })
+                    } else {
+                        None
+                    };
+                    st.cgroups.push(Kept {
+                        cg,
+                        procs,
+                        dir: d,
+                        read_at: Instant::now(),
+                        cached,
+                        tasks,
+                        tasks_read_at: Instant::now(),
+                    })
+                }
                 Err(e) if is_gone(&e) => {}
                 Err(e) => log::debug!("kill kit: {}: {e}", path.display()),
             }
@@ -249,19 +327,38 @@ impl Armed {
         // The tasks now, by cgroup.
         let mut listed: HashMap<i32, CgroupPath> = HashMap::new();
         let mut all_read = true;
-        st.cgroups.retain(|(cg, f, _)| match read_kept(f) {
-            Ok(text) => {
-                for pid in parse_pids(&text) {
-                    listed.insert(pid, cg.clone());
+        // Each list read through a descriptor opened now: a kept one that has read
+        // before gets the kernel's cached list (see [`LIST_CACHE`]). One that cannot be
+        // opened is not read through the kept one either (that would keep the cached
+        // list alive): its tasks stay as armed.
+        let hierarchy = ctl.hierarchy();
+        st.cgroups.retain_mut(|k| {
+            let path = hierarchy.dir(&k.cg).join("cgroup.procs");
+            let fresh = match File::open(&path) {
+                Ok(f) => f,
+                Err(e) if is_gone(&e) => return false,
+                Err(e) => {
+                    log::debug!("kill kit: {}: {e}", path.display());
+                    all_read = false;
+                    return true;
                 }
-                true
-            }
-            // Removed (ENODEV on a kept kernfs file): dropped.
-            Err(e) if is_gone(&e) || e.raw_os_error() == Some(libc::ENODEV) => false,
-            Err(e) => {
-                log::debug!("kill kit: {cg}/cgroup.procs: {e}");
-                all_read = false;
-                true
+            };
+            match read_kept(&fresh) {
+                Ok(text) => {
+                    for pid in parse_pids(&text) {
+                        listed.insert(pid, k.cg.clone());
+                    }
+                    k.procs = fresh;
+                    k.read_at = Instant::now();
+                    true
+                }
+                // Removed (ENODEV on a kernfs file): dropped.
+                Err(e) if is_gone(&e) || e.raw_os_error() == Some(libc::ENODEV) => false,
+                Err(e) => {
+                    log::debug!("kill kit: {}: {e}", path.display());
+                    all_read = false;
+                    true
+                }
             }
         });
         // A task no list shows any more is gone (or moved out); with a list unread,
@@ -321,8 +418,65 @@ impl Armed {
     /// The tasks of `within`'s subtree as they are now, read through the armed
     /// descriptors, with a pidfd each. None when `within` is not in the armed subtree
     /// (the caller reads `/proc` as usual).
-    pub fn listing(&self, proc_root: &Path, within: &CgroupPath, self_pid: i32) -> Option<Listing> {
-        let st = self.lock();
+    ///
+    /// A v1 task list read again within [`LIST_CACHE`] of the agent's last read is the
+    /// kernel's cached one: the listing first waits until that has passed (at most
+    /// [`LIST_CACHE`], in practice only right after a refresh). Each armed task's kept
+    /// `/proc/PID/cgroup` is read as well: one listed in the subtree that is no longer
+    /// in it is never offered, and is a gap (the lists were not what they are now, so a
+    /// task that joined may be missing).
+    pub fn listing(
+        &self,
+        ctl: &dyn Controller,
+        proc_root: &Path,
+        within: &CgroupPath,
+        self_pid: i32,
+    ) -> Option<Listing> {
+        // v1: the cgroups whose `tasks` list shows exactly the threads of armed tasks
+        // (and the agent's): their processes are known without `cgroup.procs`.
+        let resolved: HashMap<CgroupPath, Vec<i32>> = {
+            let mut st = self.lock();
+            let top = st.top.as_ref()?;
+            if !within.is_within(top) {
+                return None;
+            }
+            let State {
+                cgroups,
+                tasks: armed,
+                ..
+            } = &mut *st;
+            cgroups
+                .iter_mut()
+                .filter(|k| k.cg.is_within(within))
+                .filter_map(|k| Some((k.cg.clone(), k.threads_known(armed, self_pid)?)))
+                .collect()
+        };
+        // Wait (without the lock: status and refresh go on) until no other list of
+        // the subtree is still cached from the agent's own last read.
+        for _ in 0..4 {
+            let wait = {
+                let st = self.lock();
+                let top = st.top.as_ref()?;
+                if !within.is_within(top) {
+                    return None;
+                }
+                st.cgroups
+                    .iter()
+                    .filter(|k| k.cached && k.cg.is_within(within) && !resolved.contains_key(&k.cg))
+                    .map(|k| LIST_CACHE.saturating_sub(k.read_at.elapsed()))
+                    .max()
+                    .unwrap_or_default()
+            };
+            if wait.is_zero() {
+                break;
+            }
+            log::debug!(
+                "kill kit: waiting {} ms for the kernel's cached task lists of {within} to expire",
+                wait.as_millis()
+            );
+            std::thread::sleep(wait);
+        }
+        let mut st = self.lock();
         let top = st.top.as_ref()?;
         if !within.is_within(top) {
             return None;
@@ -339,15 +493,22 @@ impl Armed {
         }
         let mut tasks = Vec::new();
         let mut pidfds = HashMap::new();
-        for (cg, f, dir) in st.cgroups.iter().filter(|(cg, _, _)| cg.is_within(within)) {
+        let now = Instant::now();
+        let State {
+            cgroups,
+            tasks: armed,
+            ..
+        } = &mut *st;
+        for k in cgroups.iter().filter(|k| k.cg.is_within(within)) {
+            let cg = &k.cg;
             // A child cgroup the kit has not seen (made since the last refresh) holds
             // tasks no kept list shows: a gap. Listed through the kept directory
             // (getdents from offset 0 needs no new kernel memory).
-            match subdirs(dir) {
+            match subdirs(&k.dir) {
                 Ok(names) => {
                     for name in names {
                         let child = cg.join(std::ffi::OsStr::from_bytes(&name));
-                        if !st.cgroups.iter().any(|(c, _, _)| *c == child) {
+                        if !cgroups.iter().any(|c| c.cg == child) {
                             gap(
                                 format!("the cgroup {child} appeared since the agent last looked"),
                                 false,
@@ -357,29 +518,40 @@ impl Armed {
                 }
                 Err(e) if is_gone(&e) || e.raw_os_error() == Some(libc::ENODEV) => continue,
                 Err(e) => gap(
-                    format!("{cg}: listing its children: {e}"),
+                    format!("{cg}/cgroup.procs: listing its children: {e}"),
                     e.raw_os_error() == Some(libc::ENOMEM),
                 ),
             }
-            let text = match read_kept(f) {
-                Ok(t) => t,
-                Err(e) if is_gone(&e) || e.raw_os_error() == Some(libc::ENODEV) => continue,
-                Err(e) => {
+            let pids = if let Some(pids) = resolved.get(cg) {
+                pids.clone()
+            } else {
+                if k.cached && now.duration_since(k.read_at) < LIST_CACHE {
                     gap(
-                        format!("{cg}/cgroup.procs: {e}"),
-                        e.raw_os_error() == Some(libc::ENOMEM),
+                        format!("{cg}/cgroup.procs: the kernel's cached list may be out of date (read again too soon)"),
+                        false,
                     );
                     continue;
                 }
+                match read_kept(&k.procs) {
+                    Ok(t) => parse_pids(&t),
+                    Err(e) if is_gone(&e) || e.raw_os_error() == Some(libc::ENODEV) => continue,
+                    Err(e) => {
+                        gap(
+                            format!("{cg}/cgroup.procs: {e}"),
+                            e.raw_os_error() == Some(libc::ENOMEM),
+                        );
+                        continue;
+                    }
+                }
             };
-            for pid in parse_pids(&text) {
+            for pid in pids {
                 if pid <= 1 || pid == self_pid {
                     continue;
                 }
                 // Not armed, or armed as a process that has exited since (the PID was
                 // reused): a task the kit does not know.
-                let armed = st.tasks.get(&pid).and_then(|e| e.now().map(|n| (e, n)));
-                let Some((e, (pages, adj))) = armed else {
+                let known = armed.get(&pid).and_then(|e| e.now().map(|n| (e, n)));
+                let Some((e, (pages, adj))) = known else {
                     // Not armed: appeared since the last refresh. Read live if the
                     // kernel lets it (outside the wall it does).
                     victim::take_gaps();
@@ -403,13 +575,35 @@ impl Armed {
                     }
                     continue;
                 };
+                // Where the task is now, by its own kept `/proc/PID/cgroup`: never
+                // offered for a kill in a cgroup it has left.
+                let now_in = match e.cgroup_now(ctl) {
+                    Ok(c) => c,
+                    Err(why) => {
+                        gap(format!("pid {pid} in {cg}: {why}"), false);
+                        continue;
+                    }
+                };
+                if !now_in.is_within(within) {
+                    gap(
+                        format!("pid {pid} is listed in {cg} but is in {now_in} now (the task lists are out of date)"),
+                        false,
+                    );
+                    continue;
+                }
                 let mut t = e.task.clone();
                 t.rss_bytes = pages.saturating_mul(crate::loan::kernel_page_size());
                 t.oom_score_adj = adj;
-                t.cgroup = cg.clone();
+                t.cgroup = now_in;
                 pidfds.insert(pid, e.pidfd.clone());
                 tasks.push(t);
             }
+        }
+        for k in cgroups
+            .iter_mut()
+            .filter(|k| k.cg.is_within(within) && !resolved.contains_key(&k.cg))
+        {
+            k.read_at = Instant::now();
         }
         Some(Listing {
             tasks,
@@ -419,7 +613,64 @@ impl Armed {
     }
 }
 
+impl Kept {
+    /// v1, at the wall: the armed processes of this cgroup, when its `tasks` list (read
+    /// through the kept descriptor, fresh unless the agent read it within
+    /// [`LIST_CACHE`]) holds exactly their threads and the agent's. None when it cannot
+    /// tell: no `tasks` kept, read too recently, a read failed, or a thread it does not
+    /// account for (a task that joined since, or a thread moved on its own): the
+    /// caller then reads `cgroup.procs`.
+    fn threads_known(&mut self, armed: &HashMap<i32, Entry>, self_pid: i32) -> Option<Vec<i32>> {
+        let f = self.tasks.as_ref()?;
+        if self.tasks_read_at.elapsed() < LIST_CACHE {
+            return None;
+        }
+        let text = read_kept(f);
+        self.tasks_read_at = Instant::now();
+        let tids = parse_pids(&text.ok()?);
+        let mut known = Vec::new();
+        let mut threads = 0u64;
+        for &tid in &tids {
+            if tid == self_pid {
+                threads += own_threads()?;
+            } else if let Some(e) = armed.get(&tid) {
+                threads += e.threads()?;
+                known.push(tid);
+            }
+        }
+        (threads == tids.len() as u64).then_some(known)
+    }
+}
+
+/// The agent's own thread count (`Threads` is fixed once its pool started; read from
+/// `/proc/self/stat` through a descriptor opened once).
+fn own_threads() -> Option<u64> {
+    static SELF_STAT: std::sync::OnceLock<Option<File>> = std::sync::OnceLock::new();
+    let f = SELF_STAT
+        .get_or_init(|| {
+            let f = File::open("/proc/self/stat").ok()?;
+            let _ = read_kept(&f);
+            Some(f)
+        })
+        .as_ref()?;
+    parse_stat_threads(&read_kept(f).ok()?)
+}
+
+/// `num_threads` (field 20) of a `/proc/PID/stat` line.
+pub fn parse_stat_threads(s: &str) -> Option<u64> {
+    let close = s.rfind(')')?;
+    s.get(close + 1..)?.split_whitespace().nth(17)?.parse().ok()
+}
+
 impl Entry {
+    /// Its thread count now, through the kept `stat`; None once it has exited.
+    fn threads(&self) -> Option<u64> {
+        let text = read_kept(&self.stat).ok()?;
+        let (_, start) = parse_stat_rss(&text)?;
+        (start == self.task.start_ticks).then_some(())?;
+        parse_stat_threads(&text)
+    }
+
     /// RSS in pages and oom_score_adj now, read through the kept files; None once the
     /// process has exited (its kept files answer ESRCH or nothing). An unreadable
     /// oom_score_adj counts as shielded.
@@ -433,6 +684,14 @@ impl Entry {
             .and_then(|s| s.trim().parse::<i64>().ok())
             .unwrap_or(victim::SHIELDED);
         Some((pages, adj))
+    }
+
+    /// The memory cgroup the task is in now, read through its kept `/proc/PID/cgroup`.
+    fn cgroup_now(&self, ctl: &dyn Controller) -> Result<CgroupPath, String> {
+        let text = read_kept_bytes(&self.cgroup).map_err(|e| format!("/proc/PID/cgroup: {e}"))?;
+        crate::cgroup::parse::proc_memory_cgroup_bytes(&text)
+            .and_then(|p| ctl.hierarchy().from_proc_path(p))
+            .ok_or_else(|| "its memory cgroup cannot be told from /proc/PID/cgroup".to_string())
     }
 
     fn alive(&self) -> bool {
@@ -510,7 +769,9 @@ fn arm_task(proc_root: &Path, pid: i32, cg: &CgroupPath) -> Result<Option<Entry>
         Err(e) if is_gone(&e) => Ok(None),
         Err(e) => Err(format!("{}: {e}", dir.join(name).display())),
     };
-    let (Some(stat), Some(adj)) = (open("stat")?, open("oom_score_adj")?) else {
+    let (Some(stat), Some(adj), Some(cgroup)) =
+        (open("stat")?, open("oom_score_adj")?, open("cgroup")?)
+    else {
         return Ok(None);
     };
     // Opened after the pidfd: the same start time in the kept file proves that the
@@ -530,12 +791,15 @@ fn arm_task(proc_root: &Path, pid: i32, cg: &CgroupPath) -> Result<Option<Entry>
         Some((_, start)) if start == task.start_ticks => {}
         _ => return Ok(None),
     }
+    // Read once now, so that the read at the wall finds its buffer there.
     let _ = read_kept(&adj);
+    let _ = read_kept_bytes(&cgroup);
     Ok(Some(Entry {
         task,
         pidfd: Arc::new(pidfd),
         stat,
         adj,
+        cgroup,
     }))
 }
 

@@ -94,13 +94,19 @@ pub fn parse_line(text: &str) -> Option<Line> {
 }
 
 /// True when the kernel's printed memcg path `printed` (from the root of the v1
-/// hierarchy, or of the cgroup namespace it prints in) names the directory `dir`.
+/// hierarchy) names the cgroup whose path, as `/proc/PID/cgroup` shows it, is `dir`
+/// ([`crate::cgroup::Hierarchy::proc_path`]; not its directory under the mount: a
+/// cgroup named like the mount's last components would match it).
 pub fn names(dir: &Path, printed: &str) -> bool {
     let rel = printed.trim_start_matches('/');
-    !rel.is_empty() && dir.ends_with(rel)
+    let ours = dir.strip_prefix("/").unwrap_or(dir);
+    // The printed path is the whole path from the hierarchy's root; the agent's may be
+    // shorter (in a cgroup namespace). The printed one must end with all of ours: a
+    // shorter printed path ("/app" for ours "/pod/app") is another cgroup.
+    !rel.is_empty() && ours.components().next().is_some() && Path::new(rel).ends_with(ours)
 }
 
-/// The victims in `lines` of an OOM of the memory cgroup at `dir`: a `Killed` line whose
+/// The victims in `lines` of an OOM of the memory cgroup `dir` (see [`names`]): a `Killed` line whose
 /// pid a summary naming `dir` as `oom_memcg` announced. Also returns how many kills in
 /// `lines` could not be attributed to any cgroup (their summary was rate-limited away).
 pub fn victims(lines: &[Line], dir: &Path) -> (Vec<Victim>, usize) {
@@ -302,7 +308,7 @@ mod tests {
             .iter()
             .map(|r| parse_line(record(r).unwrap().1).unwrap())
             .collect();
-        let dir = Path::new("/sys/fs/cgroup/memory/process_api/97b6/z-memsw2-8583");
+        let dir = Path::new("/process_api/97b6/z-memsw2-8583");
         let (v, unknown) = victims(&lines, dir);
         assert_eq!(unknown, 0);
         assert_eq!(
@@ -316,12 +322,29 @@ mod tests {
         // Another cgroup's OOM (a child, a sibling) is not ours.
         let (v, unknown) = victims(&lines, &dir.join("app"));
         assert!(v.is_empty() && unknown == 0);
-        let (v, _) = victims(&lines, Path::new("/sys/fs/cgroup/memory/z-memsw2-8583x"));
+        let (v, _) = victims(&lines, Path::new("/z-memsw2-8583x"));
         assert!(v.is_empty());
+        // Nor is a cgroup whose path is longer than the printed one, with the same end
+        // (ours /pod/z-memsw2-8583 against the kernel's /97b6/z-memsw2-8583, or a
+        // deeper one), nor one named like the mount point's components.
+        let (v, _) = victims(&lines, Path::new("/x/process_api/97b6/z-memsw2-8583"));
+        assert!(v.is_empty());
+        let (v, _) = victims(&lines, Path::new("/pod/z-memsw2-8583"));
+        assert!(v.is_empty());
+        // In a cgroup namespace the agent's path is the end of the printed one.
+        let (v, _) = victims(&lines, Path::new("/97b6/z-memsw2-8583"));
+        assert_eq!(v.len(), 1);
         // A kill whose summary was rate-limited away is counted, never guessed.
         let (v, unknown) = victims(&lines[1..], dir);
         assert!(v.is_empty());
         assert_eq!(unknown, 1);
         assert!(!names(dir, "/"));
+        assert!(!names(Path::new("/"), "/pod"));
+        // A shorter printed path is another cgroup: the kernel's own OOM in a
+        // top-level "/app" is not one of "/pod/app" (the v1 hand-off would end early,
+        // put oom_kill_disable back before the kernel killed in its cgroup, and name
+        // the other cgroup's task as its victim).
+        assert!(!names(Path::new("/pod/app"), "/app"));
+        assert!(names(Path::new("/pod/app"), "/pod/app"));
     }
 }

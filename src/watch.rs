@@ -1171,6 +1171,7 @@ impl Watcher {
                 }
             }
         }
+        self.follow_own_cgroup();
         self.refresh_kit();
         self.shared
             .metrics
@@ -1180,6 +1181,35 @@ impl Watcher {
             self.status_sig = sig;
             self.write_status(true);
         }
+    }
+
+    /// Follows the agent's own memory cgroup when someone moved it after start (its PID
+    /// written into another `cgroup.procs`): a raise of it writes the limit first,
+    /// `kill_all` never writes `cgroup.kill` of a cgroup holding it, and the kill kit
+    /// arms its new cgroup. A read that fails (at its wall) keeps what was known.
+    fn follow_own_cgroup(&mut self) {
+        let env = &self.shared.env;
+        let Ok(text) = std::fs::read(env.proc_root.join("self/cgroup")) else {
+            return;
+        };
+        let h = env.ctl.hierarchy();
+        let now =
+            crate::cgroup::parse::proc_memory_cgroup_bytes(&text).and_then(|p| h.from_proc_path(p));
+        let was = env.loans.own_cgroup();
+        if now == was {
+            return;
+        }
+        log::warn!(
+            "the agent's memory cgroup is now {} (was {}): following it",
+            now.as_ref()
+                .map_or("outside the hierarchy".to_string(), |c| c.to_string()),
+            was.as_ref()
+                .map_or("outside the hierarchy".to_string(), |c| c.to_string()),
+        );
+        if let Some(c) = &now {
+            env.ctl.prepare(c);
+        }
+        env.loans.set_own_cgroup(now);
     }
 
     /// The kill kit's subtree: the highest watched cgroup that holds the agent and

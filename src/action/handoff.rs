@@ -29,6 +29,7 @@
 //! v2 the hold's own journal covers it: a restart holds the cgroup again.
 
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -117,6 +118,29 @@ fn wait_for_kill(
             return Waited::TimedOut;
         }
         std::thread::sleep(POLL);
+    }
+}
+
+/// The cgroup's path as the kernel's OOM summaries in `/dev/kmsg` print it (see
+/// [`kmsg::names`]).
+fn kmsg_path(env: &Env, cg: &CgroupPath) -> PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    let p = env.ctl.hierarchy().proc_path(cg);
+    PathBuf::from(std::ffi::OsStr::from_bytes(p.as_bytes()))
+}
+
+/// False when the cgroup at `cg`'s path is not the one whose identity was `then` (it
+/// was removed, or removed and made again): a write-back must not go there. True when
+/// it is, or when that cannot be told (no identity then, or a stat that fails now: at
+/// the wall of a cgroup the agent shares it can).
+fn same_cgroup(env: &Env, cg: &CgroupPath, then: Option<&Identity>) -> bool {
+    let Some(then) = then else {
+        return true;
+    };
+    match env.ctl.hierarchy().identity(cg) {
+        Ok(Some(now)) => now == *then,
+        Ok(None) => false,
+        Err(_) => true,
     }
 }
 
@@ -211,11 +235,14 @@ fn v1(env: &Env, ctx: &StepCtx, timeout: Duration) -> Report {
             .with("oom_kill", state.oom_kill)
             .with("timeout_ms", timeout.as_millis() as u64);
     }
-    let dir = env.ctl.hierarchy().dir(cg);
+    let dir = kmsg_path(env, cg);
+    // Which cgroup this is: the write-back never goes to another one made since under
+    // the same name.
+    let identity = env.ctl.hierarchy().identity(cg).ok().flatten();
     let record = env
         .loans
         .state_dir()
-        .map(|d| Record::write(&d, cg, env.ctl.hierarchy().identity(cg).ok().flatten()));
+        .map(|d| Record::write(&d, cg, identity.clone()));
     let mark = kmsg::mark();
     let start = Instant::now();
     let handed = env.ctl.set_oom_kill_disable(cg, false);
@@ -252,14 +279,39 @@ fn v1(env: &Env, ctx: &StepCtx, timeout: Duration) -> Report {
         Err(_) => Waited::NotHanded,
     };
     let waited_ms = start.elapsed().as_millis() as u64;
-    // Always, whatever happened: the operator's setting back.
-    let back = retried(|| env.ctl.set_oom_kill_disable(cg, true).map(|_| ()));
+    // Always, whatever happened: the operator's setting back, but only to the same
+    // cgroup. The write goes by the path's descriptor (kept, or re-opened and kept
+    // again once the watcher saw the path anew), so a cgroup removed meanwhile and
+    // made again under its name would get it: it is not the operator's, and 1 there
+    // would leave it with no OOM killer at all. The one removed took the setting with
+    // it.
+    let mut replaced = false;
+    let back = retried(|| {
+        if !same_cgroup(env, cg, identity.as_ref()) {
+            replaced = true;
+            return Ok(());
+        }
+        env.ctl.set_oom_kill_disable(cg, true).map(|_| ())
+    });
+    if replaced {
+        log::info!(
+            "{cg}: removed during the hand-off (or made again since): oom_kill_disable not written back"
+        );
+    }
     let after = oom_kills(env, cg).unwrap_or(state.oom_kill);
     let counted = after.saturating_sub(state.oom_kill);
     r = r
         .with("oom_kill_counter_delta", counted)
         .with("waited_ms", waited_ms);
     match &back {
+        Ok(_) if replaced => {
+            r = r
+                .with("oom_kill_disable_restored", false)
+                .with("cgroup_gone", true);
+            if let Some(Ok(rec)) = &record {
+                rec.remove();
+            }
+        }
         Ok(_) => {
             r = r.with("oom_kill_disable_restored", true);
             if let Some(Ok(rec)) = &record {
@@ -366,7 +418,8 @@ fn v2(env: &Env, ctx: &StepCtx, timeout: Duration) -> Report {
             .with("file", "memory.events")
             .with("oom_kill", before);
     }
-    let dir = env.ctl.hierarchy().dir(cg);
+    let dir = kmsg_path(env, cg);
+    let identity = env.ctl.hierarchy().identity(cg).ok().flatten();
     let lifted = Limits {
         high: Some(u64::MAX),
         ..cur
@@ -384,14 +437,26 @@ fn v2(env: &Env, ctx: &StepCtx, timeout: Duration) -> Report {
             Err(_) => Waited::NotHanded,
         };
         let waited_ms = start.elapsed().as_millis() as u64;
-        let back = retried(|| env.ctl.set_limits(cg, lifted, cur));
+        // Only to the same cgroup (see v1): one made again under its name is not
+        // the one whose hold was lifted.
+        let mut replaced = false;
+        let back = retried(|| {
+            if !same_cgroup(env, cg, identity.as_ref()) {
+                replaced = true;
+                return Ok(());
+            }
+            env.ctl.set_limits(cg, lifted, cur)
+        });
         let after = oom_kills(env, cg).unwrap_or(before);
         let counted = after.saturating_sub(before);
         let mut r = fields(base(Outcome::Done, None))
             .with("oom_kill_before", before)
             .with("oom_kill_counter_delta", counted)
             .with("waited_ms", waited_ms)
-            .with("high_restored", back.is_ok());
+            .with("high_restored", back.is_ok() && !replaced);
+        if replaced {
+            r = r.with("cgroup_gone", true);
+        }
         if let Err(e) = &back {
             log::error!(
                 "{cg}: cannot put memory.high {high} back after {WRITE_BACK_TRIES} tries ({e}): the workload is held at memory.max only"
@@ -446,10 +511,13 @@ impl Record {
             identity,
         })
         .map_err(|e| e.to_string())?;
+        // Never through a symbolic link planted in its place (the agent runs as root:
+        // following one would truncate whatever it names).
         std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .and_then(|mut f| f.write_all(&body))
             .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -651,12 +719,66 @@ mod tests {
         );
     }
 
+    /// The cgroup is removed and made again under its name while the hand-off waits:
+    /// the new one's memory.high is not written (it is not the cgroup whose hold was
+    /// lifted).
+    #[test]
+    fn v2_puts_no_hold_on_a_cgroup_made_again_under_the_same_name() {
+        let p = policy();
+        let (t, env, cg) = v2_env("67108864\n", "50331648\n");
+        let dir = t.path().join("app");
+        let swap = {
+            let dir = dir.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(20));
+                // Renamed away (its inode stays taken), then made again.
+                std::fs::rename(&dir, dir.with_file_name("app-old")).unwrap();
+                std::fs::create_dir(&dir).unwrap();
+                for (f, v) in [
+                    ("memory.max", "max\n"),
+                    ("memory.high", "max\n"),
+                    ("memory.current", "0\n"),
+                    ("memory.events", "low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\n"),
+                ] {
+                    std::fs::write(dir.join(f), v).unwrap();
+                }
+            })
+        };
+        let r = kernel_oom_kill(
+            &env,
+            &testing::ctx(&cg, &p, false),
+            Duration::from_millis(150),
+        );
+        swap.join().unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.join("memory.high")).unwrap(),
+            "max\n",
+            "written to the new cgroup: {r:?}"
+        );
+        assert_eq!(r.fields["high_restored"], false, "{r:?}");
+        assert_eq!(r.fields["cgroup_gone"], true, "{r:?}");
+    }
+
     #[test]
     fn a_kernel_kill_counts_as_sigkilled_even_without_a_pid() {
         let r = base(Outcome::Done, None).with("oom_kills", 2u64);
         assert_eq!(r.sigkilled(), 2);
         let r = base(Outcome::Failed, None).with("oom_kills", 0u64);
         assert_eq!(r.sigkilled(), 0);
+    }
+
+    /// A symbolic link planted where a hand-off writes its record is not followed (the
+    /// agent is root: it would truncate the file the link names).
+    #[test]
+    fn the_crash_record_is_never_written_through_a_symlink() {
+        let state = tempfile::tempdir().unwrap();
+        let cg = CgroupPath::new("/pod");
+        let precious = state.path().join("precious");
+        std::fs::write(&precious, "keep me").unwrap();
+        std::os::unix::fs::symlink(&precious, record_path(state.path(), &cg)).unwrap();
+        let r = Record::write(state.path(), &cg, None);
+        assert!(r.is_err(), "written through the link");
+        assert_eq!(std::fs::read_to_string(&precious).unwrap(), "keep me");
     }
 
     #[test]

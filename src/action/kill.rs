@@ -85,7 +85,10 @@ enum Source {
 impl Source {
     fn of(env: &Env, ctx: &StepCtx) -> Source {
         if env.loans.inside(ctx.cgroup) {
-            if let Some(l) = env.armed.listing(&env.proc_root, ctx.cgroup, env.self_pid) {
+            if let Some(l) =
+                env.armed
+                    .listing(env.ctl.as_ref(), &env.proc_root, ctx.cgroup, env.self_pid)
+            {
                 return Source::Armed(l);
             }
         }
@@ -578,11 +581,21 @@ mod tests {
         let proc_root = t.path().join("proc");
         assert!(env
             .armed
-            .listing(&proc_root, &CgroupPath::new("/other"), env.self_pid)
+            .listing(
+                env.ctl.as_ref(),
+                &proc_root,
+                &CgroupPath::new("/other"),
+                env.self_pid
+            )
             .is_none());
         let l = env
             .armed
-            .listing(&proc_root, &CgroupPath::new("/cg"), env.self_pid)
+            .listing(
+                env.ctl.as_ref(),
+                &proc_root,
+                &CgroupPath::new("/cg"),
+                env.self_pid,
+            )
             .unwrap();
         assert!(!l.gaps.any(), "{:?}", l.gaps);
         // The fake stat file still reads (it is a copy), but the pidfd is dead: the
@@ -592,6 +605,46 @@ mod tests {
         let ctx = testing::ctx(&cg, &set.policies()[0], false);
         let r = signal_victim(&env, &ctx, &largest(), libc::SIGKILL, None);
         assert_eq!(r.outcome, Outcome::Skipped, "{r:?}");
+    }
+
+    /// A task the kit armed in the shared cgroup whose own `/proc/PID/cgroup` says it
+    /// is elsewhere now (it left after the lists were read, or the lists are the
+    /// kernel's cached ones) is never signalled, and the kill refuses: a list that is
+    /// not what it is now may also miss the task that grows.
+    #[test]
+    fn a_task_that_left_the_shared_cgroup_is_not_signalled_and_the_kill_refuses() {
+        let t = tempfile::tempdir().unwrap();
+        let mut left = sleeper();
+        let lp = left.id() as i32;
+        let proc_root = t.path().join("proc");
+        fake_proc(&proc_root, lp, 0);
+        let env = shared_env(t.path(), &[lp]);
+        assert_eq!(env.armed.summary().0, 1, "the task was not armed");
+        // It moves out; the task list still shows it.
+        std::fs::write(
+            proc_root.join(lp.to_string()).join("cgroup"),
+            "5:memory:/elsewhere\n0::/elsewhere\n",
+        )
+        .unwrap();
+        let set = PolicySet::embedded_default();
+        let cg = CgroupPath::new("/cg");
+        let ctx = testing::ctx(&cg, &set.policies()[0], false);
+        let r = signal_victim(&env, &ctx, &largest(), libc::SIGKILL, None);
+        let alive = matches!(left.try_wait(), Ok(None));
+        let _ = left.kill();
+        let _ = left.wait();
+        assert!(alive, "a task outside the cgroup was killed: {r:?}");
+        assert_eq!(r.outcome, Outcome::Skipped, "{r:?}");
+        let err = r.error.clone().unwrap_or_default();
+        assert!(err.contains("/elsewhere"), "{r:?}");
+        let r = kill_all(&env, &ctx);
+        assert!(
+            r.fields
+                .get("pids")
+                .and_then(|p| p.as_array())
+                .is_none_or(|p| p.is_empty()),
+            "{r:?}"
+        );
     }
 
     /// A child cgroup made in the shared cgroup since the kit was armed may hold the
@@ -644,7 +697,12 @@ mod tests {
         std::fs::write(&stat_path, &newer).unwrap();
         let l = env
             .armed
-            .listing(&proc_root, &CgroupPath::new("/cg"), env.self_pid)
+            .listing(
+                env.ctl.as_ref(),
+                &proc_root,
+                &CgroupPath::new("/cg"),
+                env.self_pid,
+            )
             .unwrap();
         let _ = child.kill();
         let _ = child.wait();
