@@ -44,8 +44,8 @@ use crate::victim::{self, Gaps, Task};
 /// At most this many cgroups of the shared subtree are armed (two descriptors each:
 /// the task list and the directory, re-read at the wall for a child made since).
 pub const MAX_CGROUPS: usize = 64;
-/// At most this many tasks are armed (four descriptors each: a pidfd, and its `stat`,
-/// `oom_score_adj` and `cgroup` in `/proc`). A pod with more is
+/// At most this many tasks are armed (five descriptors each: a pidfd, and its `stat`,
+/// `oom_score_adj`, `cgroup` and `cmdline` in `/proc`). A pod with more is
 /// armed only in part, and a kill at its wall refuses (the listing has a gap).
 pub const MAX_TASKS: usize = 128;
 
@@ -122,6 +122,8 @@ struct Entry {
     adj: File,
     /// Its `/proc/PID/cgroup`, open and read once: where the task is at the wall.
     cgroup: File,
+    /// Its `/proc/PID/cmdline`, open: the command line at the wall (it may have exec'd).
+    cmdline: File,
 }
 
 /// The kit as `oomwake status` shows it.
@@ -551,7 +553,7 @@ impl Armed {
                 // Not armed, or armed as a process that has exited since (the PID was
                 // reused): a task the kit does not know.
                 let known = armed.get(&pid).and_then(|e| e.now().map(|n| (e, n)));
-                let Some((e, (pages, adj))) = known else {
+                let Some((e, now_facts)) = known else {
                     // Not armed: appeared since the last refresh. Read live if the
                     // kernel lets it (outside the wall it does).
                     victim::take_gaps();
@@ -592,8 +594,12 @@ impl Armed {
                     continue;
                 }
                 let mut t = e.task.clone();
-                t.rss_bytes = pages.saturating_mul(crate::loan::kernel_page_size());
-                t.oom_score_adj = adj;
+                t.rss_bytes = now_facts
+                    .pages
+                    .saturating_mul(crate::loan::kernel_page_size());
+                t.oom_score_adj = now_facts.adj;
+                t.comm = now_facts.comm;
+                t.cmdline = now_facts.cmdline;
                 t.cgroup = now_in;
                 pidfds.insert(pid, e.pidfd.clone());
                 tasks.push(t);
@@ -662,6 +668,14 @@ pub fn parse_stat_threads(s: &str) -> Option<u64> {
     s.get(close + 1..)?.split_whitespace().nth(17)?.parse().ok()
 }
 
+/// An armed task's facts as they are at the wall.
+struct Now {
+    pages: u64,
+    adj: i64,
+    comm: String,
+    cmdline: Option<String>,
+}
+
 impl Entry {
     /// Its thread count now, through the kept `stat`; None once it has exited.
     fn threads(&self) -> Option<u64> {
@@ -674,16 +688,30 @@ impl Entry {
     /// RSS in pages and oom_score_adj now, read through the kept files; None once the
     /// process has exited (its kept files answer ESRCH or nothing). An unreadable
     /// oom_score_adj counts as shielded.
-    fn now(&self) -> Option<(u64, i64)> {
-        let (pages, start) = parse_stat_rss(&read_kept(&self.stat).ok()?)?;
+    fn now(&self) -> Option<Now> {
+        let stat = read_kept(&self.stat).ok()?;
+        let (pages, start) = parse_stat_rss(&stat)?;
         if start != self.task.start_ticks {
             return None;
         }
+        let (comm, _) = victim::parse_stat(&stat)?;
         let adj = read_kept(&self.adj)
             .ok()
             .and_then(|s| s.trim().parse::<i64>().ok())
             .unwrap_or(victim::SHIELDED);
-        Some((pages, adj))
+        // The program may have changed since arming (a task armed while `runc init`
+        // or a shell was about to exec): the name and command line the policy's
+        // prefer/avoid rules match are the ones it has now. Unreadable: None, which
+        // ranks as avoided.
+        let cmdline = read_kept_bytes(&self.cmdline)
+            .ok()
+            .map(|b| victim::cmdline_text(&b));
+        Some(Now {
+            pages,
+            adj,
+            comm,
+            cmdline,
+        })
     }
 
     /// The memory cgroup the task is in now, read through its kept `/proc/PID/cgroup`.
@@ -769,9 +797,12 @@ fn arm_task(proc_root: &Path, pid: i32, cg: &CgroupPath) -> Result<Option<Entry>
         Err(e) if is_gone(&e) => Ok(None),
         Err(e) => Err(format!("{}: {e}", dir.join(name).display())),
     };
-    let (Some(stat), Some(adj), Some(cgroup)) =
-        (open("stat")?, open("oom_score_adj")?, open("cgroup")?)
-    else {
+    let (Some(stat), Some(adj), Some(cgroup), Some(cmdline)) = (
+        open("stat")?,
+        open("oom_score_adj")?,
+        open("cgroup")?,
+        open("cmdline")?,
+    ) else {
         return Ok(None);
     };
     // Opened after the pidfd: the same start time in the kept file proves that the
@@ -794,12 +825,14 @@ fn arm_task(proc_root: &Path, pid: i32, cg: &CgroupPath) -> Result<Option<Entry>
     // Read once now, so that the read at the wall finds its buffer there.
     let _ = read_kept(&adj);
     let _ = read_kept_bytes(&cgroup);
+    let _ = read_kept_bytes(&cmdline);
     Ok(Some(Entry {
         task,
         pidfd: Arc::new(pidfd),
         stat,
         adj,
         cgroup,
+        cmdline,
     }))
 }
 

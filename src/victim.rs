@@ -49,6 +49,13 @@ pub fn parse_status_rss(s: &str) -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// `/proc/PID/cmdline` as the policy's rules match it: arguments joined by spaces.
+pub fn cmdline_text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b)
+        .trim_end_matches('\0')
+        .replace('\0', " ")
+}
+
 /// Start ticks of a live process, to re-check identity after opening a pidfd.
 pub fn start_ticks(proc_root: &Path, pid: i32) -> Option<u64> {
     let path = proc_root.join(pid.to_string()).join("stat");
@@ -122,11 +129,9 @@ pub fn read_task(proc_root: &Path, pid: i32, cgroup: &CgroupPath) -> Option<Task
     };
     let (comm, start_ticks) = parse_stat(&read("stat")?)?;
     let rss_bytes = parse_status_rss(&read("status")?)?;
-    let cmdline = std::fs::read(dir.join("cmdline")).ok().map(|b| {
-        String::from_utf8_lossy(&b)
-            .trim_end_matches('\0')
-            .replace('\0', " ")
-    });
+    let cmdline = std::fs::read(dir.join("cmdline"))
+        .ok()
+        .map(|b| cmdline_text(&b));
     let num = |f: &str| read(f).and_then(|s| s.trim().parse().ok());
     Some(Task {
         pid,

@@ -672,6 +672,64 @@ mod tests {
         assert!(known_alive, "the known task was killed");
     }
 
+    /// A task armed while it was still about to exec (`runc init`, a shell) is chosen
+    /// by what it runs at the wall: its name and command line are read again there
+    /// through the kept files, so a `prefer` or `avoid` rule on the program it exec'd holds.
+    #[test]
+    fn the_kit_chooses_by_the_program_a_task_runs_now_not_the_one_it_was_armed_as() {
+        let t = tempfile::tempdir().unwrap();
+        let mut db = sleeper();
+        let mut other = sleeper();
+        let (dp, op) = (db.id() as i32, other.id() as i32);
+        let proc_root = t.path().join("proc");
+        fake_proc(&proc_root, dp, 0);
+        fake_proc(&proc_root, op, 0);
+        let env = shared_env(t.path(), &[dp, op]);
+        // After arming, `dp` execs the database: same process (start time), new comm
+        // and command line.
+        let stat_path = proc_root.join(format!("{dp}/stat"));
+        let real = std::fs::read_to_string(&stat_path).unwrap();
+        let (open, close) = (real.find('(').unwrap(), real.rfind(')').unwrap());
+        let exec = format!("{}(postgres{}", &real[..open], &real[close..]);
+        std::fs::write(&stat_path, exec).unwrap();
+        std::fs::write(
+            proc_root.join(format!("{dp}/cmdline")),
+            "postgres\0-D\0/db\0",
+        )
+        .unwrap();
+        let l = env
+            .armed
+            .listing(
+                env.ctl.as_ref(),
+                &proc_root,
+                &CgroupPath::new("/cg"),
+                env.self_pid,
+            )
+            .unwrap();
+        let listed = l.tasks.iter().find(|t| t.pid == dp).unwrap();
+        assert_eq!(listed.comm, "postgres");
+        assert_eq!(listed.cmdline.as_deref(), Some("postgres -D /db"));
+        // Without a rule the tie goes to the newer PID (`op`); a prefer rule on the
+        // program `dp` runs now picks `dp`.
+        let spec = crate::policy::VictimSpec {
+            order: crate::policy::VictimOrder::LargestRss,
+            prefer: vec![regex::Regex::new("^postgres -D").unwrap()],
+            avoid: Vec::new(),
+        };
+        let set = PolicySet::embedded_default();
+        let cg = CgroupPath::new("/cg");
+        let ctx = testing::ctx(&cg, &set.policies()[0], false);
+        let r = signal_victim(&env, &ctx, &spec, libc::SIGKILL, None);
+        let other_alive = matches!(other.try_wait(), Ok(None));
+        for c in [&mut db, &mut other] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        assert_eq!(r.fields["pid"], dp, "{r:?}");
+        assert_eq!(r.fields["comm"], "postgres", "{r:?}");
+        assert!(other_alive, "the other task was killed");
+    }
+
     /// A PID armed as one process and listed later as another (the first exited and
     /// the PID was reused) is not taken for the armed one: its kept files no longer
     /// describe it (a different start time here), so it is read anew.
