@@ -82,6 +82,10 @@ copy_with_libs() {
 copy_with_libs "$test_exe"
 copy_with_libs "$agent"
 copy_with_libs "$hog"
+# util-linux's prlimit and unshare: integration/hooks.rs starts the agent under them (the
+# open-file limit a hook inherits; the agent as PID 1 of a PID namespace).
+copy_with_libs "$(command -v prlimit)"
+copy_with_libs "$(command -v unshare)"
 # Files the tests find through CARGO_MANIFEST_DIR and CARGO_TARGET_TMPDIR.
 mkdir -p "$root$(pwd)/target/tmp"
 cp -r policies "$root$(pwd)/policies"
