@@ -355,7 +355,7 @@ impl Armed {
                     true
                 }
                 // Removed (ENODEV on a kernfs file): dropped.
-                Err(e) if is_gone(&e) || e.raw_os_error() == Some(libc::ENODEV) => false,
+                Err(e) if crate::cgroup::io_is_gone(&e) => false,
                 Err(e) => {
                     log::debug!("kill kit: {}: {e}", path.display());
                     all_read = false;
@@ -518,7 +518,7 @@ impl Armed {
                         }
                     }
                 }
-                Err(e) if is_gone(&e) || e.raw_os_error() == Some(libc::ENODEV) => continue,
+                Err(e) if crate::cgroup::io_is_gone(&e) => continue,
                 Err(e) => gap(
                     format!("{cg}/cgroup.procs: listing its children: {e}"),
                     e.raw_os_error() == Some(libc::ENOMEM),
@@ -536,7 +536,7 @@ impl Armed {
                 }
                 match read_kept(&k.procs) {
                     Ok(t) => parse_pids(&t),
-                    Err(e) if is_gone(&e) || e.raw_os_error() == Some(libc::ENODEV) => continue,
+                    Err(e) if crate::cgroup::io_is_gone(&e) => continue,
                     Err(e) => {
                         gap(
                             format!("{cg}/cgroup.procs: {e}"),

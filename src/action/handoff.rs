@@ -157,6 +157,27 @@ fn retried<E: ToString>(mut f: impl FnMut() -> Result<(), E>) -> Result<u32, Str
     Err(last)
 }
 
+/// Writes back what the hand-off changed, [`retried`], but only while `cg` is still the
+/// cgroup with `identity` (one made again under its name is not the one handed off).
+/// Returns the write's result and whether the cgroup was found replaced (nothing
+/// written then).
+fn put_back<E: ToString>(
+    env: &Env,
+    cg: &CgroupPath,
+    identity: Option<&crate::cgroup::Identity>,
+    mut write: impl FnMut() -> Result<(), E>,
+) -> (Result<u32, String>, bool) {
+    let mut replaced = false;
+    let back = retried(|| {
+        if !same_cgroup(env, cg, identity) {
+            replaced = true;
+            return Ok(());
+        }
+        write().map_err(|e| e.to_string())
+    });
+    (back, replaced)
+}
+
 /// The victims named by the kernel's log since `mark`, as audit fields; returns how
 /// many there are. `expect`: a kill happened or may have (wait a little for its line).
 fn name_victims(r: &mut Report, mark: Option<&kmsg::Mark>, dir: &Path, expect: u64) -> u64 {
@@ -285,12 +306,7 @@ fn v1(env: &Env, ctx: &StepCtx, timeout: Duration) -> Report {
     // made again under its name would get it: it is not the operator's, and 1 there
     // would leave it with no OOM killer at all. The one removed took the setting with
     // it.
-    let mut replaced = false;
-    let back = retried(|| {
-        if !same_cgroup(env, cg, identity.as_ref()) {
-            replaced = true;
-            return Ok(());
-        }
+    let (back, replaced) = put_back(env, cg, identity.as_ref(), || {
         env.ctl.set_oom_kill_disable(cg, true).map(|_| ())
     });
     if replaced {
@@ -439,12 +455,7 @@ fn v2(env: &Env, ctx: &StepCtx, timeout: Duration) -> Report {
         let waited_ms = start.elapsed().as_millis() as u64;
         // Only to the same cgroup (see v1): one made again under its name is not
         // the one whose hold was lifted.
-        let mut replaced = false;
-        let back = retried(|| {
-            if !same_cgroup(env, cg, identity.as_ref()) {
-                replaced = true;
-                return Ok(());
-            }
+        let (back, replaced) = put_back(env, cg, identity.as_ref(), || {
             env.ctl.set_limits(cg, lifted, cur)
         });
         let after = oom_kills(env, cg).unwrap_or(before);

@@ -49,7 +49,9 @@ pub enum CgroupError {
     Io { path: PathBuf, source: io::Error },
 }
 
-fn io_is_gone(e: &io::Error) -> bool {
+/// A cgroup file's error that means the cgroup is gone: ENOENT, or ENODEV from a kept
+/// kernfs descriptor whose cgroup was removed.
+pub(crate) fn io_is_gone(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENODEV)
 }
 
